@@ -1,0 +1,247 @@
+"""Generate letters-and-digits captchas in the style of the C# library Hei.Captcha.
+
+Usage:
+    python generate-captcha/generate.py                      # 100,000 captchas -> generate-captcha/output/
+    python generate-captcha/generate.py --count 2000 --seed 1 --output /tmp/heldout
+    python generate-captcha/generate.py --fonts ~/my-fonts   # add every .ttf of a folder to the font pool
+
+Writes NNNNN-CODE.png (index zero-padded to at least 5 digits, the code as drawn, mixed case), 120x50.
+The same --seed and --count give the same images whatever --workers is: every image draws from its own
+random generator seeded by (seed, index).
+"""
+import argparse
+import math
+import os
+import random
+import re
+import sys
+import time
+from functools import lru_cache
+from multiprocessing import Pool
+from pathlib import Path
+
+import matplotlib
+from PIL import Image, ImageDraw, ImageFilter, ImageFont
+from tqdm import tqdm
+
+# ---- Config ----
+WIDTH, HEIGHT = 120, 50
+DIGITS = "23456789"
+LETTERS = "".join(c for c in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ" if c not in "ijloILO")
+BACKGROUNDS = ["#FFFACD", "#FDF5E6", "#F0FFFF", "#BBFFFF", "#FAFAD2", "#FFE4E1", "#DCDCDC", "#F0E68C"]
+INKS = ["#00E5EE", "#000000", "#2F4F4F", "#43CD80", "#191970", "#006400", "#458B00", "#8B7765", "#CD5B45"]
+FONT_SCALE = (0.9, 1.37)     # font size relative to the character tile
+MAX_ANGLE = 45               # degrees, each tile rotated within +-MAX_ANGLE
+BLUR_RADIUS = 0.4
+N_CIRCLES = 15               # white circle outlines, radius 2..8 px
+STYLES = ("regular", "bold", "italic", "bolditalic")
+# matplotlib's TrueType families: style -> file (a missing style is drawn with a stroke or a shear)
+MPL_FAMILIES = {
+    "DejaVuSans": ("DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSans-Oblique.ttf", "DejaVuSans-BoldOblique.ttf"),
+    "DejaVuSansMono": ("DejaVuSansMono.ttf", "DejaVuSansMono-Bold.ttf", "DejaVuSansMono-Oblique.ttf",
+                       "DejaVuSansMono-BoldOblique.ttf"),
+    "DejaVuSerif": ("DejaVuSerif.ttf", "DejaVuSerif-Bold.ttf", "DejaVuSerif-Italic.ttf", "DejaVuSerif-BoldItalic.ttf"),
+    "STIXGeneral": ("STIXGeneral.ttf", "STIXGeneralBol.ttf", "STIXGeneralItalic.ttf", "STIXGeneralBolIta.ttf"),
+    "ComputerModernRoman": ("cmr10.ttf", "cmb10.ttf", "cmti10.ttf", None),
+    "ComputerModernSans": ("cmss10.ttf", None, None, None),
+    "ComputerModernTypewriter": ("cmtt10.ttf", None, None, None),
+}
+
+
+class UserError(Exception):
+    pass
+
+
+# ---- Fonts ----
+def font_pool(fonts_dir=None):
+    """List of families; each family is a tuple of 4 font paths (regular, bold, italic, bold italic) or None."""
+    mpl_dir = Path(matplotlib.get_data_path()) / "fonts" / "ttf"
+    pool = [tuple(str(mpl_dir / f) if f else None for f in files) for files in MPL_FAMILIES.values()]
+    if fonts_dir is not None:
+        extra = sorted(p for p in Path(fonts_dir).iterdir() if p.suffix.lower() == ".ttf")
+        usable = [p for p in extra if draws_all_characters(str(p))]
+        for p in sorted(set(extra) - set(usable)):
+            print(f"skipping font {p}: it cannot draw every captcha character", file=sys.stderr)
+        pool += [(str(p), None, None, None) for p in usable]
+    return pool
+
+
+def draws_all_characters(path):
+    try:
+        font = ImageFont.truetype(path, 32)
+        masks = {c: font.getmask(c).getbbox() for c in DIGITS + LETTERS}
+    except OSError:
+        return False
+    return all(box is not None for box in masks.values()) and len(set(map(str, masks.values()))) > 1
+
+
+@lru_cache(maxsize=None)
+def load_font(path, size):
+    return ImageFont.truetype(path, size)
+
+
+# ---- Drawing ----
+def random_code(rng, length):
+    return "".join(rng.choice(DIGITS) if rng.random() < 0.5 else rng.choice(LETTERS) for _ in range(length))
+
+
+def random_points(rng, n, w, h):
+    return [(rng.uniform(0, w), rng.uniform(0, h)) for _ in range(n)]
+
+
+def light_colour(rng):
+    """A light colour for the background polyline."""
+    return tuple(rng.randint(190, 240) for _ in range(3))
+
+
+def draw_background(rng):
+    img = Image.new("RGB", (WIDTH, HEIGHT), rng.choice(BACKGROUNDS))
+    # soft glow: a white ellipse, blurred, blended in
+    glow = Image.new("L", (WIDTH, HEIGHT), 0)
+    cx, cy = rng.uniform(0, WIDTH), rng.uniform(0, HEIGHT)
+    rx, ry = rng.uniform(20, 60), rng.uniform(10, 25)
+    ImageDraw.Draw(glow).ellipse((cx - rx, cy - ry, cx + rx, cy + ry), fill=rng.randint(60, 140))
+    glow = glow.filter(ImageFilter.BoxBlur(8))
+    img.paste((255, 255, 255), mask=glow)
+    ImageDraw.Draw(img).line(random_points(rng, 8, WIDTH, HEIGHT), fill=light_colour(rng), width=1)
+    return img
+
+
+def draw_character(rng, char, families, tile):
+    """One character on a transparent square canvas larger than its tile, with a polyline, rotated."""
+    family = rng.choice(families)
+    style = rng.randrange(len(STYLES))
+    path = family[style] or family[0]
+    size = max(8, round(tile * rng.uniform(*FONT_SCALE)))
+    font = load_font(path, size)
+    ink = rng.choice(INKS)
+    side = 2 * size
+    canvas = Image.new("RGBA", (side, side), (0, 0, 0, 0))
+    draw = ImageDraw.Draw(canvas)
+    stroke = 1 if family[style] is None and STYLES[style] in ("bold", "bolditalic") else 0
+    draw.text((side / 2, side / 2), char, font=font, fill=ink, anchor="mm", stroke_width=stroke, stroke_fill=ink)
+    offset = (side - tile) / 2
+    draw.line([(x + offset, y + offset) for x, y in random_points(rng, 6, tile, tile)], fill=ink, width=1)
+    if family[style] is None and STYLES[style] in ("italic", "bolditalic"):  # synthetic italic: shear
+        canvas = canvas.transform(canvas.size, Image.Transform.AFFINE, (1, 0.25, -0.125 * side, 0, 1, 0),
+                                  resample=Image.Resampling.BILINEAR)
+    return canvas.rotate(rng.uniform(-MAX_ANGLE, MAX_ANGLE), resample=Image.Resampling.BICUBIC)
+
+
+def draw_circles(rng, img):
+    """About N_CIRCLES white circle outlines that do not touch each other."""
+    draw = ImageDraw.Draw(img)
+    circles = []
+    for _ in range(N_CIRCLES * 4):
+        if len(circles) == N_CIRCLES:
+            break
+        r = rng.uniform(2, 8)
+        x, y = rng.uniform(0, WIDTH), rng.uniform(0, HEIGHT)
+        if all(math.hypot(x - cx, y - cy) > r + cr + 2 for cx, cy, cr in circles):
+            circles.append((x, y, r))
+            draw.ellipse((x - r, y - r, x + r, y + r), outline=(255, 255, 255), width=rng.choice((1, 1, 2)))
+
+
+def draw_captcha(rng, code, families):
+    img = draw_background(rng)
+    tile = min(WIDTH / len(code), HEIGHT)
+    for i, char in enumerate(code):
+        glyph = draw_character(rng, char, families, round(tile))
+        x = round(i * tile + tile / 2 - glyph.width / 2)
+        y = round(HEIGHT / 2 - glyph.height / 2)
+        img.paste(glyph, (x, y), glyph)
+    img = img.filter(ImageFilter.GaussianBlur(BLUR_RADIUS))
+    draw_circles(rng, img)
+    return img
+
+
+# ---- Workers ----
+_JOB = {}
+
+
+def init_worker(job):
+    _JOB.update(job)
+
+
+def generate_range(start_stop):
+    """Draw and save images start..stop-1; every image has its own generator seeded by (seed, index)."""
+    job = _JOB
+    for index in range(*start_stop):
+        rng = random.Random(f"hei-captcha:{job['seed']}:{index}")
+        code = random_code(rng, job["length"])
+        img = draw_captcha(rng, code, job["families"])
+        name = f"{index:0{job['digits']}d}-{code}.png"
+        tmp = Path(job["output"]) / f".{name}.tmp"
+        img.save(tmp, format="PNG", compress_level=1)
+        os.replace(tmp, Path(job["output"]) / name)
+    return start_stop[1] - start_stop[0]
+
+
+CAPTCHA_NAME = re.compile(r"^\d{5,}-[0-9A-Za-z]+\.png$")
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--count", type=int, default=100000, help="number of captchas")
+    p.add_argument("--output", default=str(Path(__file__).parent / "output"), help="output folder")
+    p.add_argument("--length", type=int, default=4, help="characters per captcha")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel processes")
+    p.add_argument("--fonts", default=None, help="folder of extra .ttf fonts added to the pool")
+    p.add_argument("--clean", action="store_true", help="delete captchas of an earlier run in --output first")
+    return p
+
+
+def run(args):
+    if args.count < 1:
+        raise UserError("--count must be at least 1")
+    if args.length < 1:
+        raise UserError("--length must be at least 1")
+    if args.workers < 1:
+        raise UserError("--workers must be at least 1")
+    if args.fonts is not None and not Path(args.fonts).is_dir():
+        raise UserError(f"--fonts {args.fonts}: folder not found")
+    families = font_pool(args.fonts)
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    old = [p for p in out.iterdir() if CAPTCHA_NAME.match(p.name)]
+    if old and not args.clean:
+        raise UserError(f"{out} already holds {len(old)} captchas; pass --clean to replace them "
+                        "or choose another --output")
+    for p in old:
+        p.unlink()
+    job = {"seed": args.seed, "length": args.length, "families": families, "output": str(out),
+           "digits": max(5, len(str(args.count - 1)))}
+    chunk = 200
+    ranges = [(s, min(s + chunk, args.count)) for s in range(0, args.count, chunk)]
+    start = time.perf_counter()
+    bar = tqdm(total=args.count, unit="img", disable=not sys.stderr.isatty(), file=sys.stderr)
+    if args.workers == 1:
+        init_worker(job)
+        for n in map(generate_range, ranges):
+            bar.update(n)
+    else:
+        with Pool(args.workers, initializer=init_worker, initargs=(job,)) as pool:
+            for n in pool.imap_unordered(generate_range, ranges):
+                bar.update(n)
+    bar.close()  # on Ctrl-C a worker may leave one hidden .tmp file; it is never read as a captcha
+    seconds = time.perf_counter() - start
+    print(f"wrote {args.count} captchas to {out} in {seconds:.1f}s ({args.count / seconds:.0f} images/s)")
+    return 0
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
