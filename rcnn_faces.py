@@ -1,0 +1,724 @@
+"""R-CNN face detector: selective search proposals + a ResNet-18-style crop classifier.
+
+Usage:
+    python rcnn_faces.py prepare [--image-dir DIR] [--csv FILE] [--data-dir data/rcnn_faces] [--workers N]
+    python rcnn_faces.py train   [--epochs N] [--patience N] [--device auto] [--resume]
+    python rcnn_faces.py eval    [IMAGE_OR_FOLDER ...] [--json] [--threshold X] [--output-dir DIR]
+
+Data layout: a folder of photos plus a Kaggle-style CSV with one row per face,
+`Name,width,height,xmin,ymin,xmax,ymax` (width/height optional), boxes in photo pixels.
+prepare runs selective search on a downscaled copy of each photo, labels the regions by IoU with the
+true boxes (face / background), cuts them out as uint8 crops and splits the photos 80/10/10 (all crops
+of a photo stay in one split). train fits the crop classifier and, at the end, runs the whole detector
+on the test photos (AP@0.5, recall, face-count RMSE). eval draws the detected faces.
+Result: see README (AP@0.5 on held-out photos, s/photo on a 2-core CPU).
+"""
+import argparse
+import csv
+import gzip
+import io
+import json
+import os
+import random
+import sys
+import time
+from collections import Counter, deque
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, UnidentifiedImageError
+from torchvision.models.resnet import BasicBlock
+from torchvision.ops import box_convert, box_iou, clip_boxes_to_image, nms, roi_align
+from tqdm import tqdm
+
+# ---- Config ----
+SCRIPT = Path(__file__).stem             # stored in model.pt and meta.json
+DATA_KIND = SCRIPT
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp"}
+SHARD_SIZE = 1000
+IMAGE_DIR = "784145_1347673_bundle_archive/train/image_data"  # the tutorial's paths
+CSV_PATH = "784145_1347673_bundle_archive/train/bbox_train.csv"
+CSV_COLUMNS = ["Name", "xmin", "ymin", "xmax", "ymax"]
+SEARCH_SIDE = 400        # selective search runs on a copy whose longest side is this (px)
+MAX_PROPOSALS = 2000     # the tutorial keeps the first 2000 regions
+MIN_BOX = 8              # proposals narrower/lower than this (original px) cannot be faces here
+ASPECT_RANGE = (0.4, 2.5)  # w/h of proposals kept; 98% of true faces are within 0.49..1.4
+DEDUP_IOU = 0.9          # near-identical proposals are scored once
+POS_IOU, NEG_IOU, BACKGROUNDS = 0.7, 0.3, 10  # tutorial labelling: face > 0.7, background < 0.3
+CROP_SIZE = 32
+WIDTH = 32               # channels of the first ResNet stage (torchvision's resnet18 uses 64)
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+THRESHOLD, NMS_IOU = 0.5, 0.3
+cv2.setNumThreads(1)     # parallelism comes from processes (prepare) or runs beside torch (eval)
+
+
+class UserError(Exception):
+    """A mistake of the user or bad input data: main() prints one line and exits with `status`."""
+
+    def __init__(self, message, status=1):
+        super().__init__(message)
+        self.status = status
+
+
+# ---- Data ----
+def load_image(path):
+    """Open any image (format decided by content, not extension) as RGB; alpha is composited onto white."""
+    with Image.open(path) as img:
+        img.seek(0)  # first frame of a GIF
+        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+            rgba = img.convert("RGBA")
+            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            return Image.alpha_composite(white, rgba).convert("RGB")
+        return img.convert("RGB")
+
+
+def image_to_tensor(img):
+    """PIL RGB image -> uint8 tensor 3,H,W."""
+    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+
+
+def save_shard(path, tensors):
+    """gzip(torch.save(tuple)) written atomically."""
+    buf = io.BytesIO()
+    torch.save(tuple(tensors), buf)
+    tmp = Path(str(path) + ".tmp")
+    with gzip.open(tmp, "wb", compresslevel=3) as f:
+        f.write(buf.getbuffer())
+    os.replace(tmp, path)
+
+
+def load_shard(path):
+    with gzip.open(path, "rb") as f:
+        return torch.load(io.BytesIO(f.read()), weights_only=True)
+
+
+def atomic_torch_save(obj, path):
+    tmp = Path(str(path) + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path, text):
+    tmp = Path(str(path) + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def list_images(folder):
+    """Image files below `folder` (recursive), sorted, by extension."""
+    return sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+
+
+def split_indices(n, seed, fractions=(0.8, 0.1, 0.1)):
+    """Deterministic train/val/test split of range(n): same n and seed -> same split."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    n_train, n_val = int(n * fractions[0]), int(n * fractions[1])
+    return perm[:n_train], perm[n_train:n_train + n_val], perm[n_train + n_val:]
+
+
+def write_split(data_dir, name, tensors):
+    """Write one split as shards `name.N.pt.gz`, N = 0.. (the last one may be short)."""
+    n = len(tensors[0])
+    for i, start in enumerate(range(0, max(n, 1), SHARD_SIZE)):  # an empty split still gets one shard
+        save_shard(Path(data_dir) / f"{name}.{i}.pt.gz", [t[start:start + SHARD_SIZE] for t in tensors])
+
+
+def read_split(data_dir, name):
+    """Read all shards of a split once and concatenate them (no per-epoch decompression)."""
+    paths = sorted(Path(data_dir).glob(f"{name}.*.pt.gz"), key=lambda p: int(p.name.split(".")[1]))
+    parts = [load_shard(p) for p in paths]
+    if not parts:
+        raise UserError(f"{data_dir}: no {name} shards; run `python {SCRIPT}.py prepare` first")
+    return tuple(torch.cat(ts) for ts in zip(*parts))
+
+
+def clear_prepared(data_dir):
+    """Remove shards of an earlier prepare so stale higher-numbered files are never read."""
+    for p in Path(data_dir).glob("*_set.*.pt.gz"):
+        p.unlink()
+
+
+def read_meta(data_dir):
+    path = Path(data_dir) / "meta.json"
+    if not path.exists():
+        raise UserError(f"{path} not found; run `python {SCRIPT}.py prepare --data-dir {data_dir}` first")
+    meta = json.loads(path.read_text())
+    if meta.get("kind") != DATA_KIND:
+        raise UserError(f"{data_dir} holds data prepared by {meta.get('script', 'another script')}.py, "
+                        f"not {SCRIPT}.py; use another --data-dir")
+    return meta
+
+
+def read_boxes_csv(path):
+    """CSV -> ({photo name: [(row number, x1, y1, x2, y2), ...]}, number of rows with non-numeric boxes)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: CSV not found; pass --csv with the Kaggle bbox_train.csv")
+    try:
+        df = pd.read_csv(path)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not a readable CSV ({str(e).splitlines()[0]})")
+    missing = [c for c in CSV_COLUMNS if c not in df.columns]
+    if missing:
+        raise UserError(f"{path}: missing column(s) {', '.join(missing)}; expected {','.join(CSV_COLUMNS)}")
+    coords = df[CSV_COLUMNS[1:]].apply(pd.to_numeric, errors="coerce")
+    valid = coords.notna().all(axis=1) & df["Name"].notna()
+    photos = {}
+    for row, name, box in zip(df.index[valid], df["Name"][valid], coords[valid].itertuples(index=False)):
+        photos.setdefault(str(name), []).append((int(row) + 2, *map(float, box)))  # +2: header, 1-based
+    return photos, int((~valid).sum())
+
+
+def propose(img, search_side, max_proposals=MAX_PROPOSALS):
+    """Selective search (fast mode) on a copy with longest side `search_side`; K,4 xyxy boxes in `img` pixels."""
+    rgb = img.permute(1, 2, 0).numpy()  # H,W,3
+    h, w = rgb.shape[:2]
+    scale = min(1.0, search_side / max(h, w))
+    bgr = np.ascontiguousarray(rgb[:, :, ::-1])
+    if scale < 1:
+        bgr = cv2.resize(bgr, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+    search = cv2.ximgproc.segmentation.createSelectiveSearchSegmentation()
+    search.setBaseImage(bgr)
+    search.switchToSelectiveSearchFast()
+    rects = torch.from_numpy(search.process()[:max_proposals].astype(np.float32)).reshape(-1, 4)
+    boxes = clip_boxes_to_image(box_convert(rects, "xywh", "xyxy") / scale, (h, w))
+    bw, bh = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    aspect = bw / bh.clamp(min=1e-6)
+    boxes = boxes[(bw >= MIN_BOX) & (bh >= MIN_BOX) & (aspect >= ASPECT_RANGE[0]) & (aspect <= ASPECT_RANGE[1])]
+    # nms with decreasing "scores" keeps the earlier of two near-identical regions, in proposal order
+    return boxes[nms(boxes, -torch.arange(len(boxes), dtype=torch.float32), DEDUP_IOU)]
+
+
+def crop_regions(img, boxes, crop_size):
+    """All regions of one photo at once: uint8 3,H,W + K,4 boxes -> uint8 K,3,S,S (bilinear, roi_align)."""
+    crops = roi_align(img[None].float(), [boxes.float()], output_size=crop_size, sampling_ratio=2, aligned=True)
+    return crops.round().clamp(0, 255).to(torch.uint8)
+
+
+def preprocess(crops, device):
+    """uint8 K,3,S,S crops -> normalised float on `device`; the only input path of train and eval."""
+    x = crops.to(device, non_blocking=True).float().div_(255)
+    mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(STD, device=device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def label_regions(proposals, truth, pos_iou, neg_iou, backgrounds, generator):
+    """Training regions of one photo: the true boxes and proposals with IoU > pos_iou are faces (1);
+    `backgrounds` random proposals with IoU < neg_iou for every true box are background (0).
+    Returns boxes K,4, labels K and each region's best IoU with a true box K."""
+    best = box_iou(proposals, truth).max(1).values if len(proposals) else torch.zeros(0)
+    faces = proposals[best > pos_iou]
+    candidates = (best < neg_iou).nonzero().flatten()
+    chosen = candidates[torch.randperm(len(candidates), generator=generator)[:backgrounds]]
+    boxes = torch.cat([truth, faces, proposals[chosen]])
+    labels = torch.cat([torch.ones(len(truth) + len(faces), dtype=torch.int64), torch.zeros(len(chosen), dtype=torch.int64)])
+    return boxes, labels, torch.cat([torch.ones(len(truth)), best[best > pos_iou], best[chosen]])
+
+
+def check_rows(rows, w, h):
+    """Split a photo's CSV rows into valid boxes (G,4) and [(reason, row number)] of skipped rows."""
+    good, bad = [], []
+    for row, x1, y1, x2, y2 in rows:
+        if x2 <= x1 or y2 <= y1:
+            bad.append(("zero-size box", row))
+        elif x1 < 0 or y1 < 0 or x2 > w or y2 > h:
+            bad.append(("box outside photo", row))
+        else:
+            good.append((x1, y1, x2, y2))
+    return torch.tensor(good, dtype=torch.float32).reshape(-1, 4), bad
+
+
+def init_worker():
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)
+
+
+def prepare_photo(job):
+    """Worker: one photo -> (crops uint8, labels, IoUs, true boxes, [(reason, row)]); runs in a process pool."""
+    path, rows, opts, seed = job
+    try:
+        img = image_to_tensor(load_image(path))
+    except (OSError, UnidentifiedImageError, ValueError) as e:
+        reason = "missing photo" if isinstance(e, FileNotFoundError) else "unreadable photo"
+        return None, None, None, None, [(reason, row) for row, *_ in rows]
+    truth, bad = check_rows(rows, img.shape[2], img.shape[1])
+    if not len(truth):
+        return None, None, None, None, bad
+    proposals = propose(img, opts["search_side"], opts["max_proposals"])
+    boxes, labels, ious = label_regions(proposals, truth, opts["pos_iou"], opts["neg_iou"], opts["backgrounds"],
+                                        torch.Generator().manual_seed(seed))
+    return crop_regions(img, boxes, opts["crop_size"]), labels, ious, truth, bad
+
+
+# ---- Model ----
+def build_model(width=WIDTH, crop_size=CROP_SIZE):
+    """ResNet-18 layout (4 stages x 2 torchvision BasicBlocks, widths w..8w) with a 3x3 stride-2 stem
+    for small crops (torchvision's 7x7 stem + max-pool leaves 8x8 of a 32x32 crop after two layers)."""
+    def stage(cin, cout, stride):
+        down = None if stride == 1 and cin == cout else nn.Sequential(
+            nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+        return nn.Sequential(BasicBlock(cin, cout, stride, down), BasicBlock(cout, cout))
+
+    w = width
+    return nn.Sequential(nn.Conv2d(3, w, 3, 2, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True),
+                         stage(w, w, 1), stage(w, 2 * w, 2), stage(2 * w, 4 * w, 2), stage(4 * w, 8 * w, 2),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8 * w, 2))
+
+
+# ---- Train / evaluate helpers ----
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device(name):
+    if name == "auto":
+        if torch.cuda.is_available():
+            name = "cuda"
+        elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            name = "mps"
+        else:
+            name = "cpu"
+    elif name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available; use --device cpu or auto", 2)
+    elif name == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device mps: MPS is not available; use --device cpu or auto", 2)
+    print(f"device: {name}", file=sys.stderr)
+    return torch.device(name)
+
+
+def progress(iterable=None, **kwargs):
+    """tqdm on stderr, hidden when stderr is not a terminal."""
+    return tqdm(iterable, disable=not sys.stderr.isatty(), file=sys.stderr, dynamic_ncols=True, **kwargs)
+
+
+def load_model_file(path):
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: model not found; train one with `python {SCRIPT}.py train` or pass --model")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # not a torch file, or one holding pickled code
+        raise UserError(f"{path}: not a model file of this suite ({type(e).__name__})")
+    if not isinstance(ckpt, dict) or ckpt.get("script") != SCRIPT:
+        other = ckpt.get("script") if isinstance(ckpt, dict) else None
+        raise UserError(f"{path}: model was trained by {other or 'another program'}"
+                        f"{'.py' if other else ''}, not {SCRIPT}.py")
+    return ckpt
+
+
+def save_history(data_dir, history, plot_keys):
+    """history.csv (one row per epoch) and history.png (saved, never shown)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = list(history[0].keys())
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=keys)
+    writer.writeheader()
+    writer.writerows(history)
+    atomic_write_text(Path(data_dir) / "history.csv", buf.getvalue())
+    epochs = [h["epoch"] for h in history]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key in plot_keys:
+        ax.plot(epochs, [h[key] for h in history], label=key)
+    ax.set_xlabel("epoch")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = Path(data_dir) / "history.tmp.png"
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, Path(data_dir) / "history.png")
+
+
+def autocast(device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def run_epoch(model, crops, labels, device, batch_size, optimizer=None, generator=None):
+    """One pass over crops; trains (with random horizontal flips) when an optimizer is given.
+    Returns (mean loss, balanced accuracy = mean of face and background accuracy, crops/s)."""
+    training = optimizer is not None
+    model.train(training)
+    order = torch.randperm(len(labels), generator=generator) if training else torch.arange(len(labels))
+    loss_sum, correct, start = 0.0, torch.zeros(2), time.time()
+    with torch.set_grad_enabled(training):
+        for i in progress(range(0, len(order), batch_size), desc="train" if training else "val", unit="batch"):
+            idx = order[i:i + batch_size]
+            x, y = preprocess(crops[idx], device), labels[idx].to(device)
+            if training:
+                flip = torch.rand(len(idx), generator=generator).to(device) < 0.5
+                x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+            with autocast(device):
+                loss = F.cross_entropy(logits := model(x).float(), y)
+            if training:
+                if not torch.isfinite(loss):
+                    raise UserError(f"non-finite training loss ({loss.item()}); try a lower --lr")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            loss_sum += loss.item() * len(idx)
+            correct += torch.bincount(y[logits.argmax(1) == y], minlength=2).cpu().float()
+    total = torch.bincount(labels, minlength=2).float()
+    present = total > 0
+    return (loss_sum / max(len(labels), 1), (correct[present] / total[present]).mean().item(),
+            len(labels) / max(time.time() - start, 1e-9))
+
+
+@torch.no_grad()
+def detect(model, img, proposals, crop_size, device, nms_iou, batch_size=512):
+    """Score every proposal (face probability), then NMS by score; no threshold here, so NMS never
+    depends on it. Returns boxes K,4 (xyxy, photo pixels) and scores K, best first."""
+    model.eval()
+    if not len(proposals):
+        return proposals, torch.zeros(0)
+    crops = crop_regions(img, proposals, crop_size)
+    scores = []
+    for i in range(0, len(crops), batch_size):
+        with autocast(device):
+            scores.append(model(preprocess(crops[i:i + batch_size], device)).float().softmax(1)[:, 1].cpu())
+    scores = torch.cat(scores)
+    keep = nms(proposals, scores, nms_iou)  # sorted by decreasing score
+    return proposals[keep], scores[keep]
+
+
+def iter_proposals(paths, search_side, lookahead):
+    """Yield (path, image uint8 3,H,W, proposals) or (path, exception, None) per input. Selective search of
+    the next `lookahead` photos runs in a thread (OpenCV releases the GIL) while torch scores this one."""
+    def work(path):
+        try:
+            img = image_to_tensor(load_image(path))
+        except (OSError, UnidentifiedImageError, ValueError) as e:  # missing, unreadable, not an image
+            return path, e, None
+        return path, img, propose(img, search_side)
+
+    with ThreadPoolExecutor(1) as pool:
+        pending = deque()
+        for path in paths:
+            pending.append(pool.submit(work, path))
+            if len(pending) > lookahead:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def average_precision(detections, truths, iou_threshold=0.5):
+    """VOC AP (all-point interpolation) over all photos. detections: [(boxes K,4, scores K)] per photo,
+    truths: [G,4] per photo. Each detection, by decreasing score, is a hit if its best-overlapping true
+    box has IoU >= threshold and was not matched before. Returns (AP, recall of all detections)."""
+    scores, hits = [], []
+    for (boxes, conf), truth in zip(detections, truths):
+        order = conf.argsort(descending=True)
+        iou = box_iou(boxes[order], truth) if len(truth) else torch.zeros(len(boxes), 0)
+        matched = torch.zeros(len(truth), dtype=torch.bool)
+        for row in iou:
+            best = int(row.argmax()) if len(truth) else -1
+            hit = best >= 0 and row[best] >= iou_threshold and not matched[best]
+            if hit:
+                matched[best] = True
+            hits.append(hit)
+        scores.append(conf[order])
+    n_true = sum(len(t) for t in truths)
+    if not hits or n_true == 0:
+        return 0.0, 0.0
+    hits = torch.tensor(hits, dtype=torch.float64)[torch.cat(scores).argsort(descending=True, stable=True)]
+    tp = hits.cumsum(0)
+    recall = torch.cat([torch.zeros(1), tp / n_true, torch.ones(1)]).double()
+    precision = torch.cat([torch.zeros(1), tp / torch.arange(1, len(hits) + 1), torch.zeros(1)]).double()
+    precision = precision.flip(0).cummax(0).values.flip(0)  # precision envelope
+    return float(((recall[1:] - recall[:-1]) * precision[1:]).sum()), float(tp[-1] / n_true)
+
+
+def detection_report(model, ckpt, photos, truths, device, threshold, nms_iou):
+    """Run the full detector on photos; AP@0.5 over all boxes, recall and count RMSE at `threshold`."""
+    detections, kept, start = [], [], time.time()
+    for (path, img, proposals), truth in zip(progress(iter_proposals(photos, ckpt["search_side"], 2),
+                                                      total=len(photos), desc="detect", unit="photo"), truths):
+        if proposals is None:
+            print(f"{path}: skipped ({img})", file=sys.stderr)
+            continue
+        detections.append(detect(model, img, proposals, ckpt["crop_size"], device, nms_iou))
+        kept.append(truth)
+    if not detections:
+        return None
+    ap, _ = average_precision(detections, kept)
+    _, recall = average_precision([(b[s >= threshold], s[s >= threshold]) for b, s in detections], kept)
+    counts = torch.tensor([float((s >= threshold).sum()) - len(t) for (_, s), t in zip(detections, kept)])
+    return {"photos": len(kept), "ap50": ap, "recall": recall, "count_rmse": counts.pow(2).mean().sqrt().item(),
+            "s_per_photo": (time.time() - start) / len(kept)}
+
+
+def draw_boxes(img, boxes, path):
+    """Annotated copy of the photo, written atomically as PNG."""
+    img = img.copy()
+    draw = ImageDraw.Draw(img)
+    for x1, y1, x2, y2 in boxes.tolist():
+        draw.rectangle([x1, y1, x2, y2], outline=(255, 0, 0), width=2)
+    tmp = Path(str(path) + ".tmp")
+    img.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+# ---- Commands ----
+def cmd_prepare(args):
+    image_dir, data_dir = Path(args.image_dir), Path(args.data_dir)
+    if not image_dir.is_dir():
+        raise UserError(f"{image_dir}: image folder not found; pass --image-dir")
+    rows_by_photo, non_numeric = read_boxes_csv(args.csv)
+    if not rows_by_photo:
+        raise UserError(f"{args.csv}: no rows with numeric boxes")
+    opts = {"search_side": args.search_side, "max_proposals": args.max_proposals, "pos_iou": args.pos_iou,
+            "neg_iou": args.neg_iou, "backgrounds": args.backgrounds, "crop_size": args.crop_size}
+    names = sorted(rows_by_photo)
+    jobs = [(str(image_dir / n), rows_by_photo[n], opts, args.seed * 1_000_003 + i) for i, n in enumerate(names)]
+    data_dir.mkdir(parents=True, exist_ok=True)
+    clear_prepared(data_dir)
+    start = time.time()
+    if args.workers > 1:
+        with ProcessPoolExecutor(args.workers, initializer=init_worker) as pool:
+            results = list(progress(pool.map(prepare_photo, jobs, chunksize=4), total=len(jobs), unit="photo"))
+    else:
+        results = [prepare_photo(job) for job in progress(jobs, unit="photo")]
+    seconds = time.time() - start
+    skipped, examples, kept = Counter(), {}, []
+    if non_numeric:
+        skipped["non-numeric box"] = non_numeric
+    for name, (crops, labels, ious, truth, bad) in zip(names, results):
+        for reason, row in bad:
+            skipped[reason] += 1
+            examples.setdefault(reason, []).append(f"{name} (row {row})")
+        if crops is None:
+            skipped["photo without a usable box"] += 1
+        else:
+            kept.append((name, crops, labels, ious, truth))
+    print(f"{len(kept)} photos kept of {len(names)}, {len(jobs) / seconds:.2f} photos/s "
+          f"(selective search at {args.search_side} px, {args.workers} workers)")
+    for reason, count in skipped.items():
+        print(f"skipped {count} x {reason}: {', '.join(examples.get(reason, [])[:3])}")
+    if not kept:
+        raise UserError(f"{args.csv}: no usable photo in {image_dir} (see the skipped counts above)")
+    counts, splits, truths = {}, {}, {}
+    for split, idx in zip(("training", "validating", "testing"), split_indices(len(kept), args.seed)):
+        photos = [kept[i] for i in sorted(idx)]
+        empty = (torch.zeros(0, 3, args.crop_size, args.crop_size, dtype=torch.uint8),
+                 torch.zeros(0, dtype=torch.int64), torch.zeros(0))
+        crops, labels, ious = (torch.cat(ts) for ts in zip(*[p[1:4] for p in photos])) if photos else empty
+        photo_idx = torch.cat([torch.full((len(p[2]),), j, dtype=torch.int32) for j, p in enumerate(photos)] +
+                              [torch.zeros(0, dtype=torch.int32)])
+        write_split(data_dir, f"{split}_set", (crops, labels, ious, photo_idx))
+        splits[split] = [p[0] for p in photos]
+        if split != "training":  # true boxes, so train can run the real detector on these photos
+            truths.update({p[0]: p[4].tolist() for p in photos})
+        counts[split] = {"photos": len(photos), "crops": len(labels), "faces": int(labels.sum())}
+        print(f"{split}: {len(photos)} photos, {len(labels)} crops ({int(labels.sum())} faces)")
+    meta = {"kind": DATA_KIND, "script": f"{SCRIPT}.py", "csv": str(Path(args.csv).resolve()),
+            "image_dir": str(image_dir.resolve()), "seed": args.seed, "options": opts, "counts": counts,
+            "skipped": dict(skipped), "skipped_examples": {k: v[:5] for k, v in examples.items()},
+            "photos_per_s": len(jobs) / seconds, "splits": splits, "boxes": truths}
+    atomic_write_text(data_dir / "meta.json", json.dumps(meta, indent=1))
+    return 0
+
+
+def cmd_train(args):
+    device = pick_device(args.device)
+    seed_everything(args.seed)
+    data_dir = Path(args.data_dir)
+    meta = read_meta(data_dir)
+    x_train, y_train, *_ = read_split(data_dir, "training_set")
+    x_val, y_val, *_ = read_split(data_dir, "validating_set")
+    if not len(y_train) or not len(y_val):
+        raise UserError(f"{data_dir}: too few photos for training and validation crops; prepare more photos")
+    model_args = {"width": args.width, "crop_size": meta["options"]["crop_size"]}
+    start_epoch, history, best, bad_epochs = 0, [], -1.0, 0
+    ckpt_path = data_dir / "checkpoint.pt"
+    if args.resume:
+        if not ckpt_path.exists():
+            raise UserError(f"{ckpt_path} not found; train without --resume first")
+        state = load_model_file(ckpt_path)
+        model_args = state["model_args"]
+    model = build_model(**model_args).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs)
+    if args.resume:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, history, best, bad_epochs = state["epoch"], state["history"], state["best_score"], state["bad_epochs"]
+        print(f"resumed after epoch {start_epoch}, best val balanced acc {best:.2%}")
+    print(f"{len(y_train)} training crops ({int(y_train.sum())} faces), {len(y_val)} validation crops")
+    config = {k: v for k, v in vars(args).items() if k != "func"}
+    for epoch in range(start_epoch, args.epochs):
+        if bad_epochs >= args.patience:
+            break
+        t0 = time.time()
+        gen = torch.Generator().manual_seed(args.seed * 1000 + epoch)
+        train_loss, train_acc, speed = run_epoch(model, x_train, y_train, device, args.batch_size, optimizer, gen)
+        val_loss, val_acc, _ = run_epoch(model, x_val, y_val, device, args.batch_size)
+        lr = optimizer.param_groups[0]["lr"]
+        scheduler.step()
+        improved = val_acc > best
+        best, bad_epochs = (val_acc, 0) if improved else (best, bad_epochs + 1)
+        history.append({"epoch": epoch + 1, "train_loss": train_loss, "train_bacc": train_acc, "val_loss": val_loss,
+                        "val_bacc": val_acc, "lr": lr, "seconds": time.time() - t0, "crops_per_s": speed})
+        if improved:
+            atomic_torch_save({"script": SCRIPT, "model": model.state_dict(), "model_args": model_args,
+                               "crop_size": model_args["crop_size"], "mean": list(MEAN), "std": list(STD),
+                               "search_side": meta["options"]["search_side"], "epoch": epoch + 1,
+                               "val_bacc": val_acc}, data_dir / "model.pt")
+        atomic_torch_save({"script": SCRIPT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                           "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "history": history,
+                           "best_score": best, "bad_epochs": bad_epochs, "model_args": model_args,
+                           "config": config}, ckpt_path)
+        save_history(data_dir, history, ["train_bacc", "val_bacc"])
+        print(f"epoch {epoch + 1}/{args.epochs}  train loss {train_loss:.4f} bacc {train_acc:.2%}  "
+              f"val loss {val_loss:.4f} bacc {val_acc:.2%}  lr {lr:.5f}  {time.time() - t0:.1f}s  "
+              f"{speed:.0f} crops/s{'  *' if improved else ''}", flush=True)
+    if bad_epochs >= args.patience:
+        print(f"early stop: no better validation score for {args.patience} epochs")
+    ckpt = load_model_file(data_dir / "model.pt")
+    model = build_model(**ckpt["model_args"]).to(device)
+    model.load_state_dict(ckpt["model"])
+    names = meta["splits"]["testing"]
+    report = detection_report(model, ckpt, [str(Path(meta["image_dir"]) / n) for n in names],
+                              [torch.tensor(meta["boxes"][n]).reshape(-1, 4) for n in names],
+                              device, args.threshold, args.nms_iou)
+    if report is None:
+        print("test photos: none readable, no detection score")
+    else:
+        print(f"test photos: {report['photos']}  AP@0.5 {report['ap50']:.3f}  recall {report['recall']:.3f}  "
+              f"count RMSE {report['count_rmse']:.2f} (threshold {args.threshold})  {report['s_per_photo']:.2f} s/photo")
+    return 0
+
+
+def iter_eval_inputs(paths):
+    """Yield image paths: from arguments (files or folders), else piped stdin, else the interactive prompt."""
+    if paths:
+        for p in paths:
+            if Path(p).is_dir():
+                yield from (str(q) for q in list_images(p))
+            else:
+                yield p
+    elif sys.stdin.isatty():
+        while True:
+            try:
+                line = input("Image path: ").strip()
+            except (EOFError, KeyboardInterrupt):
+                print(file=sys.stderr)
+                return
+            if line:
+                yield line
+    else:
+        for line in sys.stdin:
+            if line.strip():
+                yield line.strip()
+
+
+def cmd_eval(args):
+    device = pick_device(args.device)
+    ckpt = load_model_file(args.model or Path(args.data_dir) / "model.pt")
+    model = build_model(**ckpt["model_args"]).to(device)
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    if args.output_dir:
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    search_side = args.search_side or ckpt["search_side"]
+    failed = False
+    for path, img, proposals in iter_proposals(iter_eval_inputs(args.images), search_side, 2 if args.images else 0):
+        if proposals is None:
+            failed = True
+            e = img
+            reason = f"cannot read image: {e.strerror or e}" if isinstance(e, OSError) else f"cannot read image: {e}"
+            if args.json:
+                print(json.dumps({"image": path, "error": reason}), flush=True)
+            else:
+                print(f"{path}: {reason}", file=sys.stderr)
+            continue
+        boxes, scores = detect(model, img, proposals, ckpt["crop_size"], device, args.nms_iou)
+        keep = scores >= args.threshold
+        boxes, scores = boxes[keep].round().int(), scores[keep]
+        out = Path(args.output_dir) / f"{Path(path).stem}.png" if args.output_dir else Path(args.output)
+        draw_boxes(Image.fromarray(img.permute(1, 2, 0).numpy()), boxes, out)
+        found = [{"x": x1, "y": y1, "w": x2 - x1, "h": y2 - y1, "score": round(s, 4)}
+                 for (x1, y1, x2, y2), s in zip(boxes.tolist(), scores.tolist())]
+        if args.json:
+            print(json.dumps({"image": path, "boxes": found, "output": str(out)}), flush=True)
+        else:
+            for b in found:
+                print(f"{b['x']} {b['y']} {b['w']} {b['h']}")
+            print(f"saved to {out}", flush=True)
+    return 1 if failed else 0
+
+
+def build_parser():
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--data-dir", default=f"data/{SCRIPT}", help="prepared batches, model and history")
+    device = argparse.ArgumentParser(add_help=False)
+    device.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
+                        help="auto: cuda if available, else mps, else cpu")
+    seed = argparse.ArgumentParser(add_help=False)
+    seed.add_argument("--seed", type=int, default=0, help="split and training seed")
+    detection = argparse.ArgumentParser(add_help=False)
+    detection.add_argument("--threshold", type=float, default=THRESHOLD, help="keep boxes with face probability >= X")
+    detection.add_argument("--nms-iou", type=float, default=NMS_IOU, help="NMS: drop a box overlapping a better one by IoU > X")
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=fmt)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{prepare,train,eval}")
+    p = sub.add_parser("prepare", parents=[common, seed], formatter_class=fmt, help="photos -> labelled region crops")
+    p.add_argument("--image-dir", default=IMAGE_DIR, help="folder of source photos")
+    p.add_argument("--csv", default=CSV_PATH, help="face boxes: Name,xmin,ymin,xmax,ymax (one row per face)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel selective-search processes")
+    p.add_argument("--search-side", type=int, default=SEARCH_SIDE, help="longest side (px) of the copy searched for regions")
+    p.add_argument("--max-proposals", type=int, default=MAX_PROPOSALS, help="first N selective-search regions per photo")
+    p.add_argument("--pos-iou", type=float, default=POS_IOU, help="region is a face if IoU with a true box > X")
+    p.add_argument("--neg-iou", type=float, default=NEG_IOU, help="region is background if IoU with every true box < X")
+    p.add_argument("--backgrounds", type=int, default=BACKGROUNDS, help="background regions per photo")
+    p.add_argument("--crop-size", type=int, default=CROP_SIZE, help="crops are resized to S x S")
+    p.set_defaults(func=cmd_prepare)
+    p = sub.add_parser("train", parents=[common, device, seed, detection], formatter_class=fmt,
+                       help="train the crop classifier with early stopping, then score the detector on test photos")
+    p.add_argument("--epochs", type=int, default=100, help="maximum epochs")
+    p.add_argument("--patience", type=int, default=20, help="stop after N epochs without a better validation score")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--width", type=int, default=WIDTH, help="channels of the first ResNet stage (64 = resnet18)")
+    p.add_argument("--resume", action="store_true", help="continue from DATA_DIR/checkpoint.pt")
+    p.set_defaults(func=cmd_train)
+    p = sub.add_parser("eval", parents=[common, device, detection], formatter_class=fmt, help="detect faces in photos")
+    p.add_argument("images", nargs="*", metavar="IMAGE", help="image files or folders; none: read paths from stdin")
+    p.add_argument("--model", default=None, help="model file (default: DATA_DIR/model.pt)")
+    p.add_argument("--json", action="store_true", help="one JSON object per image on stdout")
+    p.add_argument("--output", default="img_output.png", help="annotated image (one input image)")
+    p.add_argument("--output-dir", default=None, help="write DIR/<image name>.png per input image instead of --output")
+    p.add_argument("--search-side", type=int, default=None, help="selective search size (default: as in training)")
+    p.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.status
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # e.g. `eval ... | head`
+        sys.stderr.close()
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
