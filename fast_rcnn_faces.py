@@ -1,0 +1,827 @@
+"""Fast R-CNN face detector: one shared feature map per photo, RoI Align over all proposals, box regression.
+
+Usage:
+    python fast_rcnn_faces.py prepare [--image-dir DIR] [--csv FILE] [--data-dir DIR] [--size 384]
+    python fast_rcnn_faces.py train   [--epochs N] [--batch-size N] [--device auto] [--resume]
+    python fast_rcnn_faces.py eval    [IMAGE_OR_FOLDER ...] [--threshold 0.5] [--output-dir DIR] [--json]
+
+Data layout: photos in --image-dir and a Kaggle-style CSV (--csv) with one row per face:
+`Name,width,height,xmin,ymin,xmax,ymax` (width/height optional; boxes in pixels of the photo).
+Each photo is letterboxed (black borders) to SIZE x SIZE; proposals are selective search on a small copy
+of the photo plus a fixed multi-scale grid of square-ish windows (small faces are missed by selective search).
+Result: see the README section (AP@0.5 on test photos, 2-core CPU).
+"""
+import argparse
+import csv
+import gzip
+import io
+import json
+import math
+import os
+import random
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from functools import lru_cache
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, UnidentifiedImageError
+from torchvision.models.resnet import BasicBlock
+from torchvision.ops import box_convert, box_iou, clip_boxes_to_image, nms, remove_small_boxes, roi_align
+from tqdm import tqdm
+
+# ---- Config ----
+SCRIPT = Path(__file__).stem             # stored in model.pt
+DATA_KIND = SCRIPT                       # stored in meta.json
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp"}
+SHARD_SIZE = 500
+IMAGE_DIR = "784145_1347673_bundle_archive/train/image_data"
+CSV_PATH = "784145_1347673_bundle_archive/train/bbox_train.csv"
+SIZE = (384, 256)                        # letterbox width x height: a 612x408 photo fills it exactly
+SS_SIDE = 200                            # selective search runs on a copy with this longest side
+SS_PROPOSALS = 300                       # selective search regions kept per photo
+WINDOW_SIZES = (16, 24, 32, 48, 64, 96, 128, 192, 256)  # dense windows (letterbox pixels), step = size / 2
+WINDOW_RATIO = 1.2                       # window height / width (faces are slightly taller than wide)
+POS_IOU, NEG_IOU = 0.5, 0.4              # proposal labelling: face >= POS_IOU, background < NEG_IOU
+ROIS_PER_PHOTO, POS_FRACTION = 64, 0.25
+STRIDE = 8                               # feature map stride
+BOX_WEIGHTS = (10.0, 10.0, 5.0, 5.0)     # offset scaling, as torchvision's BoxCoder
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+REQUIRED_COLUMNS = ["Name", "xmin", "ymin", "xmax", "ymax"]
+
+
+class UserError(Exception):
+    """A mistake of the user or bad input data: main() prints one line and exits with `status`."""
+
+    def __init__(self, message, status=1):
+        super().__init__(message)
+        self.status = status
+
+
+# ---- Data ----
+def load_image(path):
+    """Open any image (format decided by content, not extension) as RGB; alpha is composited onto white."""
+    with Image.open(path) as img:
+        img.seek(0)  # first frame of a GIF
+        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+            rgba = img.convert("RGBA")
+            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            return Image.alpha_composite(white, rgba).convert("RGB")
+        return img.convert("RGB")
+
+
+def image_to_tensor(img):
+    """PIL RGB image -> uint8 tensor 3,H,W."""
+    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+
+
+def save_shard(path, tensors):
+    """gzip(torch.save(tuple)) written atomically."""
+    buf = io.BytesIO()
+    torch.save(tuple(tensors), buf)
+    tmp = Path(str(path) + ".tmp")
+    with gzip.open(tmp, "wb", compresslevel=3) as f:
+        f.write(buf.getbuffer())
+    os.replace(tmp, path)
+
+
+def load_shard(path):
+    with gzip.open(path, "rb") as f:
+        return torch.load(io.BytesIO(f.read()), weights_only=True)
+
+
+def atomic_torch_save(obj, path):
+    tmp = Path(str(path) + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path, text):
+    tmp = Path(str(path) + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def list_images(folder):
+    """Image files below `folder` (recursive), sorted, by extension."""
+    return sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+
+
+def split_indices(n, seed, fractions=(0.8, 0.1, 0.1)):
+    """Deterministic train/val/test split of range(n): same n and seed -> same split."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    n_train, n_val = int(n * fractions[0]), int(n * fractions[1])
+    return perm[:n_train], perm[n_train:n_train + n_val], perm[n_train + n_val:]
+
+
+def write_split(data_dir, name, tensors):
+    """Write one split as shards `name.N.pt.gz`, N = 0.. (the last one may be short)."""
+    n = len(tensors[0])
+    for i, start in enumerate(range(0, n, SHARD_SIZE)):
+        save_shard(Path(data_dir) / f"{name}.{i}.pt.gz", [t[start:start + SHARD_SIZE] for t in tensors])
+
+
+def read_split(data_dir, name):
+    """Read all shards of a split once and concatenate them (no per-epoch decompression)."""
+    paths = sorted(Path(data_dir).glob(f"{name}.*.pt.gz"), key=lambda p: int(p.name.split(".")[1]))
+    parts = [load_shard(p) for p in paths]
+    if not parts:
+        raise UserError(f"{data_dir}: no {name} shards; run `python {SCRIPT}.py prepare` first")
+    return tuple(torch.cat(ts) for ts in zip(*parts))
+
+
+def clear_prepared(data_dir):
+    """Remove shards of an earlier prepare so stale higher-numbered files are never read."""
+    for p in Path(data_dir).glob("*_set.*.pt.gz"):
+        p.unlink()
+
+
+def read_meta(data_dir):
+    path = Path(data_dir) / "meta.json"
+    if not path.exists():
+        raise UserError(f"{path} not found; run `python {SCRIPT}.py prepare --data-dir {data_dir}` first")
+    meta = json.loads(path.read_text())
+    if meta.get("kind") != DATA_KIND:
+        raise UserError(f"{data_dir} holds data prepared by {meta.get('script', 'another script')}.py, "
+                        f"not {SCRIPT}.py; use another --data-dir")
+    return meta
+
+
+def read_face_csv(csv_path):
+    """CSV -> ({photo name: [[x1, y1, x2, y2], ...]}, {reason: [count, examples]}) for rows usable so far."""
+    if not Path(csv_path).is_file():
+        raise UserError(f"{csv_path}: CSV not found; pass --csv FILE (columns {','.join(REQUIRED_COLUMNS)})")
+    try:
+        df = pd.read_csv(csv_path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise UserError(f"{csv_path}: not a readable CSV ({str(e).splitlines()[0]})")
+    missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
+    if missing:
+        raise UserError(f"{csv_path}: missing column(s) {', '.join(missing)}; expected {','.join(REQUIRED_COLUMNS)}")
+    coords = df[REQUIRED_COLUMNS[1:]].apply(pd.to_numeric, errors="coerce")
+    boxes, skipped = {}, {}
+    for name, row in zip(df["Name"].astype(str), coords.itertuples(index=False)):
+        x1, y1, x2, y2 = row
+        if any(math.isnan(v) for v in row):
+            count_skip(skipped, "non-numeric box", name)
+        elif x2 <= x1 or y2 <= y1:
+            count_skip(skipped, "box of zero or negative size", f"{name} {x1:g},{y1:g},{x2:g},{y2:g}")
+        else:
+            boxes.setdefault(name, []).append([float(x1), float(y1), float(x2), float(y2)])
+    return boxes, skipped
+
+
+def count_skip(skipped, reason, example, n=1):
+    entry = skipped.setdefault(reason, [0, []])
+    entry[0] += n
+    if len(entry[1]) < 3:
+        entry[1].append(example)
+
+
+def letterbox_geometry(width, height, size):
+    """Resized width, height and offsets that put a width x height photo in the middle of size = (W, H)."""
+    scale = min(size[0] / width, size[1] / height)
+    new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
+    return new_w, new_h, (size[0] - new_w) // 2, (size[1] - new_h) // 2
+
+
+def to_letterbox(boxes, width, height, size):
+    """Boxes in photo pixels -> boxes in letterbox pixels."""
+    new_w, new_h, pad_x, pad_y = letterbox_geometry(width, height, size)
+    scale = boxes.new_tensor([new_w / width, new_h / height] * 2)
+    return boxes * scale + boxes.new_tensor([pad_x, pad_y] * 2)
+
+
+def from_letterbox(boxes, width, height, size):
+    """Boxes in letterbox pixels -> boxes in photo pixels, clipped to the photo."""
+    new_w, new_h, pad_x, pad_y = letterbox_geometry(width, height, size)
+    scale = boxes.new_tensor([new_w / width, new_h / height] * 2)
+    return clip_boxes_to_image((boxes - boxes.new_tensor([pad_x, pad_y] * 2)) / scale, (height, width))
+
+
+def letterbox_image(img, size):
+    """PIL photo -> uint8 3,H,W (size = (W, H)) with the resized photo centred on black."""
+    new_w, new_h, pad_x, pad_y = letterbox_geometry(img.width, img.height, size)
+    canvas = Image.new("RGB", tuple(size))
+    canvas.paste(img.resize((new_w, new_h), Image.BILINEAR), (pad_x, pad_y))
+    return image_to_tensor(canvas)
+
+
+def selective_search(img, size, side, limit):
+    """Selective search (fast mode) on a copy with longest side `side`; boxes in letterbox pixels."""
+    scale = side / max(img.width, img.height)
+    small = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.BILINEAR)
+    search = cv2.ximgproc.segmentation.createSelectiveSearchSegmentation()
+    search.setBaseImage(np.ascontiguousarray(np.asarray(small)[:, :, ::-1]))  # RGB -> BGR, as cv2.imread
+    search.switchToSelectiveSearchFast()
+    rects = torch.as_tensor(search.process()[:limit], dtype=torch.float32).reshape(-1, 4)
+    boxes = box_convert(rects, "xywh", "xyxy") * torch.tensor([img.width / small.width, img.height / small.height] * 2)
+    return to_letterbox(boxes, img.width, img.height, size)
+
+
+@lru_cache(maxsize=64)
+def dense_windows(new_w, new_h, pad_x, pad_y):
+    """Multi-scale grid of windows covering the photo area of the letterbox (step = half a window)."""
+    out = []
+    for w in WINDOW_SIZES:
+        h = w * WINDOW_RATIO
+        nx = max(1, math.ceil((new_w - w) / (w / 2)) + 1)
+        ny = max(1, math.ceil((new_h - h) / (w / 2)) + 1)
+        xs = torch.linspace(0, max(new_w - w, 0), nx) + pad_x
+        ys = torch.linspace(0, max(new_h - h, 0), ny) + pad_y
+        y, x = torch.meshgrid(ys, xs, indexing="ij")
+        out.append(torch.stack([x, y, x + w, y + h], -1).reshape(-1, 4))
+    return torch.cat(out)
+
+
+def photo_proposals(ss_boxes, width, height, size):
+    """All proposals of a photo in letterbox pixels: its selective search regions + the dense windows."""
+    geometry = letterbox_geometry(int(width), int(height), size)
+    return torch.cat([ss_boxes, dense_windows(*geometry)])
+
+
+def prepare_photo(task):
+    """Worker: (path, boxes, size, ss_side, limit) -> dict with tensors, or {"error": reason}."""
+    path, boxes, size, ss_side, limit = task
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)
+    try:
+        img = load_image(path)
+    except (OSError, UnidentifiedImageError, ValueError) as e:
+        return {"error": "missing or unreadable photo", "detail": f"{Path(path).name}: {e}"}
+    boxes = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+    inside = (boxes[:, 0] >= 0) & (boxes[:, 1] >= 0) & (boxes[:, 2] <= img.width) & (boxes[:, 3] <= img.height)
+    ss = selective_search(img, size, ss_side, limit)
+    return {"image": letterbox_image(img, size), "gt": to_letterbox(boxes[inside], img.width, img.height, size),
+            "ss": ss[remove_small_boxes(ss, 4.0)],
+            "hw": torch.tensor([img.width, img.height]), "outside": boxes[~inside].tolist()}
+
+
+def pad_stack(tensors, length):
+    """List of K_i,4 tensors -> N,length,4 (zero padded) and the counts N."""
+    out = torch.zeros(len(tensors), length, 4)
+    for i, t in enumerate(tensors):
+        out[i, :len(t)] = t
+    return out, torch.tensor([len(t) for t in tensors])
+
+
+def unpad(boxes, counts):
+    return [b[:int(n)] for b, n in zip(boxes, counts)]
+
+
+def preprocess(images):
+    """uint8 B,3,H,W -> normalised float: the only input transform train and eval both use."""
+    mean = images.new_tensor(MEAN, dtype=torch.float32).view(1, 3, 1, 1)
+    std = images.new_tensor(STD, dtype=torch.float32).view(1, 3, 1, 1)
+    return (images.float() / 255 - mean) / std
+
+
+def encode_offsets(boxes, proposals):
+    """Target offsets that move `proposals` onto `boxes` (centre shift / size, log size ratio)."""
+    pw, ph = proposals[:, 2] - proposals[:, 0], proposals[:, 3] - proposals[:, 1]
+    bw, bh = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    dx = (boxes[:, 0] + bw / 2 - proposals[:, 0] - pw / 2) / pw
+    dy = (boxes[:, 1] + bh / 2 - proposals[:, 1] - ph / 2) / ph
+    return torch.stack([dx, dy, torch.log(bw / pw), torch.log(bh / ph)], 1) * boxes.new_tensor(BOX_WEIGHTS)
+
+
+def decode_offsets(offsets, proposals):
+    """Inverse of encode_offsets."""
+    d = offsets / offsets.new_tensor(BOX_WEIGHTS)
+    pw, ph = proposals[:, 2] - proposals[:, 0], proposals[:, 3] - proposals[:, 1]
+    cx, cy = proposals[:, 0] + pw / 2 + d[:, 0] * pw, proposals[:, 1] + ph / 2 + d[:, 1] * ph
+    w, h = pw * torch.exp(d[:, 2].clamp(max=4)), ph * torch.exp(d[:, 3].clamp(max=4))
+    return torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 1)
+
+
+# ---- Model ----
+def stage(c_in, c_out, stride, blocks):
+    """ResNet stage of BasicBlocks (torchvision's block), the first one changing stride/channels."""
+    down = None
+    if stride != 1 or c_in != c_out:
+        down = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+    return nn.Sequential(BasicBlock(c_in, c_out, stride, down), *[BasicBlock(c_out, c_out) for _ in range(blocks - 1)])
+
+
+class FastRCNN(nn.Module):
+    """Small ResNet trunk (stride 16) with a stride-8 merged map, RoI Align, then class and box heads."""
+
+    def __init__(self, width=32, roi_size=6, hidden=256):
+        super().__init__()
+        self.roi_size = roi_size
+        conv = lambda c_in, c_out: [nn.Conv2d(c_in, c_out, 3, 2, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+        self.stem = nn.Sequential(*conv(3, width * 3 // 4), *conv(width * 3 // 4, width))  # stride 4
+        self.layer2 = stage(width, 2 * width, 2, 2)                                                   # stride 8
+        self.layer3 = stage(2 * width, 4 * width, 2, 2)                                               # stride 16
+        self.lateral2 = nn.Conv2d(2 * width, 2 * width, 1)
+        self.lateral3 = nn.Conv2d(4 * width, 2 * width, 1)
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(2 * width * roi_size ** 2, hidden), nn.ReLU(inplace=True),
+                                  nn.Linear(hidden, hidden), nn.ReLU(inplace=True))
+        self.classify = nn.Linear(hidden, 2)   # background, face
+        self.regress = nn.Linear(hidden, 4)    # dx, dy, dw, dh
+        nn.init.normal_(self.regress.weight, std=0.001)
+        nn.init.zeros_(self.regress.bias)
+
+    def features(self, x):                                  # B,3,H,W normalised
+        x = x.contiguous(memory_format=torch.channels_last)  # about 2x faster convolutions on CPU
+        c2 = self.layer2(self.stem(x))                      # B,2w,H/8,W/8
+        c3 = self.layer3(c2)                                # B,4w,H/16,W/16
+        return self.lateral2(c2) + F.interpolate(self.lateral3(c3), size=c2.shape[-2:], mode="nearest")
+
+    def classify_rois(self, features, rois):
+        """rois: list (one per photo) of K_i,4 boxes in letterbox pixels -> logits K,2 and offsets K,4."""
+        pooled = roi_align(features, rois, self.roi_size, spatial_scale=1 / STRIDE, sampling_ratio=2, aligned=True)
+        hidden = self.head(pooled)                          # K,hidden
+        return self.classify(hidden), self.regress(hidden)
+
+
+# ---- Train / evaluate helpers ----
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device(name):
+    if name == "auto":
+        if torch.cuda.is_available():
+            name = "cuda"
+        elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            name = "mps"
+        else:
+            name = "cpu"
+    elif name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available; use --device cpu or auto", 2)
+    elif name == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device mps: MPS is not available; use --device cpu or auto", 2)
+    print(f"device: {name}", file=sys.stderr)
+    return torch.device(name)
+
+
+def progress(iterable=None, **kwargs):
+    """tqdm on stderr, hidden when stderr is not a terminal."""
+    return tqdm(iterable, disable=not sys.stderr.isatty(), file=sys.stderr, dynamic_ncols=True, **kwargs)
+
+
+def load_model_file(path):
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: model not found; train one with `python {SCRIPT}.py train` or pass --model")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # not a torch file, or one holding pickled code
+        raise UserError(f"{path}: not a model file of this suite ({type(e).__name__})")
+    if not isinstance(ckpt, dict) or ckpt.get("script") != SCRIPT:
+        other = ckpt.get("script") if isinstance(ckpt, dict) else None
+        raise UserError(f"{path}: model was trained by {other or 'another program'}"
+                        f"{'.py' if other else ''}, not {SCRIPT}.py")
+    return ckpt
+
+
+def save_history(data_dir, history, plot_keys):
+    """history.csv (one row per epoch) and history.png (saved, never shown)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = list(history[0].keys())
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=keys)
+    writer.writeheader()
+    writer.writerows(history)
+    atomic_write_text(Path(data_dir) / "history.csv", buf.getvalue())
+    epochs = [h["epoch"] for h in history]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key in plot_keys:
+        ax.plot(epochs, [h[key] for h in history], label=key)
+    ax.set_xlabel("epoch")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = Path(data_dir) / "history.tmp.png"
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, Path(data_dir) / "history.png")
+
+
+def sample_rois(proposals, gt, generator, n_rois=ROIS_PER_PHOTO, pos_fraction=POS_FRACTION):
+    """IoU labelling of one photo's proposals (+ its true boxes): up to n_rois*pos_fraction faces, rest background.
+
+    Returns rois K,4, labels K (1 face, 0 background), target offsets K,4 (meaningful where label is 1)."""
+    candidates = torch.cat([proposals, gt])
+    iou = box_iou(candidates, gt) if len(gt) else candidates.new_zeros(len(candidates), 1)
+    best, match = iou.max(1)
+    pos, neg = torch.where(best >= POS_IOU)[0], torch.where(best < NEG_IOU)[0]
+    pos = pos[torch.randperm(len(pos), generator=generator)[:round(n_rois * pos_fraction)]]
+    neg = neg[torch.randperm(len(neg), generator=generator)[:n_rois - len(pos)]]
+    keep = torch.cat([pos, neg])
+    labels = torch.cat([torch.ones(len(pos), dtype=torch.long), torch.zeros(len(neg), dtype=torch.long)])
+    targets = torch.zeros(len(keep), 4)
+    if len(pos):
+        targets[:len(pos)] = encode_offsets(gt[match[pos]], candidates[pos])
+    return candidates[keep], labels, targets
+
+
+def detection_loss(logits, offsets, labels, targets):
+    """Cross-entropy on faces + cross-entropy on background (separately averaged, so background does not
+    swamp faces) + smooth L1 on face offsets. An empty group adds 0 instead of NaN."""
+    pos, neg = labels == 1, labels == 0
+    zero = logits.sum() * 0
+    face = F.cross_entropy(logits[pos], labels[pos]) if pos.any() else zero
+    background = F.cross_entropy(logits[neg], labels[neg]) if neg.any() else zero
+    box = F.smooth_l1_loss(offsets[pos], targets[pos], beta=1 / 9) if pos.any() else zero
+    return face + background + box
+
+
+def flip_batch(images, gts, props, size):
+    """Horizontal flip of letterboxed photos and their boxes (training augmentation)."""
+    flip = lambda b: torch.stack([size[0] - b[:, 2], b[:, 1], size[0] - b[:, 0], b[:, 3]], 1)
+    return images.flip(-1), [flip(g) for g in gts], [flip(p) for p in props]
+
+
+def run_epoch(model, data, idx, device, batch_size, optimizer=None, generator=None, size=SIZE):
+    """One pass over photos `idx` on sampled RoIs: loss, balanced label accuracy, mean |offset error|."""
+    images, gts, props = data
+    model.train(optimizer is not None)
+    totals = torch.zeros(6)  # loss*n, n, correct faces, faces, correct background, background ; + offset
+    offset_err, offset_n = 0.0, 0
+    bar = progress(total=len(idx), desc="train" if optimizer else "val", unit="photo")
+    with torch.set_grad_enabled(optimizer is not None):
+        for start in range(0, len(idx), batch_size):
+            b = idx[start:start + batch_size]
+            x, g, p = images[b], [gts[i] for i in b], [props[i] for i in b]
+            if optimizer is not None and torch.rand(1, generator=generator).item() < 0.5:
+                x, g, p = flip_batch(x, g, p, size)
+            rois, labels, targets = zip(*(sample_rois(pi, gi, generator) for pi, gi in zip(p, g)))
+            labels, targets = torch.cat(labels).to(device), torch.cat(targets).to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                logits, offsets = model.classify_rois(model.features(preprocess(x.to(device))),
+                                                      [r.to(device) for r in rois])
+            logits, offsets = logits.float(), offsets.float()
+            loss = detection_loss(logits, offsets, labels, targets)
+            if not math.isfinite(loss.item()):
+                raise UserError(f"loss is {loss.item()}; lower --lr", 1)
+            if optimizer is not None:
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            hit = logits.argmax(1) == labels
+            totals += torch.tensor([loss.item() * len(b), len(b), (hit & (labels == 1)).sum().item(),
+                                    (labels == 1).sum().item(), (hit & (labels == 0)).sum().item(),
+                                    (labels == 0).sum().item()])
+            offset_err += (offsets[labels == 1] - targets[labels == 1]).abs().sum().item() / 4
+            offset_n += (labels == 1).sum().item()
+            bar.update(len(b))
+    bar.close()
+    bacc = (totals[2] / totals[3].clamp(min=1) + totals[4] / totals[5].clamp(min=1)).item() / 2
+    return {"loss": (totals[0] / totals[1]).item(), "bacc": bacc, "offset": offset_err / max(offset_n, 1)}
+
+
+@torch.no_grad()
+def detect(model, images, props, sizes, device, nms_iou, regress=True, batch_size=8):
+    """Score all proposals of letterboxed photos; per photo boxes in photo pixels and face probabilities,
+    best first, after NMS by score (no score threshold here, so NMS never depends on it)."""
+    model.eval()
+    results = []
+    size = (images.shape[-1], images.shape[-2])
+    for start in range(0, len(images), batch_size):
+        x = preprocess(images[start:start + batch_size].to(device))
+        rois = [p.to(device) for p in props[start:start + batch_size]]
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits, offsets = model.classify_rois(model.features(x), rois)
+        scores = logits.float().softmax(1)[:, 1].cpu().split([len(r) for r in rois])
+        offsets = offsets.float().cpu().split([len(r) for r in rois])
+        for roi, score, offset, (w, h) in zip(rois, scores, offsets, sizes[start:start + batch_size].tolist()):
+            boxes = decode_offsets(offset, roi.cpu()) if regress else roi.cpu()
+            boxes = from_letterbox(clip_boxes_to_image(boxes, (size[1], size[0])), w, h, size)
+            valid = torch.where((boxes[:, 2] > boxes[:, 0] + 1) & (boxes[:, 3] > boxes[:, 1] + 1))[0]
+            keep = valid[nms(boxes[valid], score[valid], nms_iou)]
+            results.append((boxes[keep], score[keep]))
+    return results
+
+
+def detection_scores(dets, gts, threshold, iou=0.5):
+    """VOC AP at IoU 0.5 (all-point interpolation) over all photos, recall and face-count RMSE at `threshold`."""
+    scores, hits, n_gt, sq_err = [], [], 0, 0.0
+    for (boxes, score), gt in zip(dets, gts):
+        n_gt += len(gt)
+        sq_err += ((score >= threshold).sum().item() - len(gt)) ** 2
+        taken = torch.zeros(len(gt), dtype=torch.bool)
+        overlaps = box_iou(boxes, gt) if len(gt) and len(boxes) else torch.zeros(len(boxes), 0)
+        for k in score.argsort(descending=True).tolist():  # greedy, best score first, each face matched once
+            j = overlaps[k].argmax().item() if overlaps.shape[1] else -1
+            hit = j >= 0 and overlaps[k, j] >= iou and not taken[j]
+            if hit:
+                taken[j] = True
+            scores.append(score[k].item())
+            hits.append(hit)
+    order = np.argsort(-np.array(scores), kind="stable")
+    hits = np.array(hits, dtype=float)[order]
+    tp, fp = np.cumsum(hits), np.cumsum(1 - hits)
+    recall = tp / max(n_gt, 1)
+    precision = tp / np.maximum(tp + fp, 1e-9)
+    mrec, mpre = np.concatenate([[0], recall, [1]]), np.concatenate([[0], precision, [0]])
+    mpre = np.maximum.accumulate(mpre[::-1])[::-1]
+    ap = float(np.sum((mrec[1:] - mrec[:-1]) * mpre[1:]))
+    above = np.array(scores)[order] >= threshold
+    return {"ap50": ap, "recall": float(hits[above].sum() / max(n_gt, 1)),
+            "count_rmse": math.sqrt(sq_err / max(len(gts), 1))}
+
+
+def load_prepared(data_dir, name, size):
+    """One split: uint8 images N,3,S,S, list of true boxes, list of proposals (selective search + windows), sizes N,2."""
+    images, gt, n_gt, ss, n_ss, sizes = read_split(data_dir, name)
+    props = [photo_proposals(s, w, h, size) for s, (w, h) in zip(unpad(ss, n_ss), sizes.tolist())]
+    return images, unpad(gt, n_gt), props, sizes
+
+
+def photo_boxes(split, size):
+    """True boxes of a loaded split back in photo pixels."""
+    return [from_letterbox(g, w, h, size) for g, (w, h) in zip(split[1], split[3].tolist())]
+
+
+# ---- Commands ----
+def cmd_prepare(args):
+    image_dir, data_dir = Path(args.image_dir), Path(args.data_dir)
+    if not image_dir.is_dir():
+        raise UserError(f"{image_dir}: image folder not found; pass --image-dir DIR")
+    boxes, skipped = read_face_csv(args.csv)
+    if not boxes:
+        raise UserError(f"{args.csv}: no usable face rows")
+    data_dir.mkdir(parents=True, exist_ok=True)
+    clear_prepared(data_dir)
+    names = sorted(boxes)
+    tasks = [(str(image_dir / n), boxes[n], args.size, args.ss_side, args.proposals) for n in names]
+    t0 = time.time()
+    bar = progress(total=len(tasks), desc="prepare", unit="photo")
+    if args.workers > 1:
+        pool = ProcessPoolExecutor(args.workers)
+        results = pool.map(prepare_photo, tasks, chunksize=8)
+    else:
+        pool, results = None, map(prepare_photo, tasks)
+    kept = {}
+    try:
+        for name, res in zip(names, results):
+            bar.update()
+            if "error" in res:
+                count_skip(skipped, res["error"], res["detail"], len(boxes[name]))
+                continue
+            for box in res["outside"]:
+                count_skip(skipped, "box outside the photo", f"{name} {','.join(f'{v:g}' for v in box)}")
+            if len(res["gt"]):
+                kept[name] = res
+            else:
+                count_skip(skipped, "photo without a usable box", name, 0)
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+    seconds = time.time() - t0
+    n_faces = sum(len(r["gt"]) for r in kept.values())
+    print(f"kept {len(kept)} photos with {n_faces} faces ({len(kept) / seconds:.1f} photos/s)")
+    for reason, (n, examples) in skipped.items():
+        print(f"skipped {n} row(s): {reason}, e.g. {'; '.join(examples)}")
+    if not kept:
+        raise UserError(f"{args.csv}: no usable photo with a valid face box in {image_dir}")
+    kept_names = sorted(kept)
+    max_gt = max(len(r["gt"]) for r in kept.values())
+    max_ss = max(1, max(len(r["ss"]) for r in kept.values()))
+    splits = dict(zip(["training_set", "validating_set", "testing_set"], split_indices(len(kept_names), args.seed)))
+    for split, idx in splits.items():
+        rows = [kept[kept_names[i]] for i in sorted(idx)]
+        if not rows:
+            continue
+        images = torch.stack([r["image"] for r in rows])
+        gt, n_gt = pad_stack([r["gt"] for r in rows], max_gt)
+        ss, n_ss = pad_stack([r["ss"] for r in rows], max_ss)
+        write_split(data_dir, split, [images, gt, n_gt, ss, n_ss, torch.stack([r["hw"] for r in rows])])
+    meta = {"kind": DATA_KIND, "script": f"{SCRIPT}.py", "image_dir": str(image_dir), "csv": str(args.csv),
+            "size": args.size, "ss_side": args.ss_side, "proposals": args.proposals, "seed": args.seed,
+            "photos": len(kept), "faces": n_faces, "skipped": {k: v[0] for k, v in skipped.items()},
+            "split": {k: [kept_names[i] for i in sorted(v)] for k, v in splits.items()}}
+    atomic_write_text(data_dir / "meta.json", json.dumps(meta, indent=1))
+    print(", ".join(f"{k}: {len(v)} photos" for k, v in meta["split"].items()) + f" -> {data_dir}")
+    return 0
+
+
+def model_file(model, args, meta, score):
+    return {"script": SCRIPT, "model": model.state_dict(), "model_args": {"width": args.width},
+            "size": meta["size"], "ss_side": meta["ss_side"], "proposals": meta["proposals"],
+            "mean": list(MEAN), "std": list(STD), "val_ap50": score}
+
+
+def cmd_train(args):
+    data_dir = Path(args.data_dir)
+    meta = read_meta(data_dir)
+    device = pick_device(args.device)
+    seed_everything(args.seed)
+    size = meta["size"]
+    train, val = load_prepared(data_dir, "training_set", size), load_prepared(data_dir, "validating_set", size)
+    model = FastRCNN(args.width).to(device, memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs)
+    start, history, best, bad = 0, [], -1.0, 0
+    if args.resume:
+        path = data_dir / "checkpoint.pt"
+        if not path.exists():
+            raise UserError(f"{path} not found; train without --resume first")
+        ckpt = load_model_file(path)
+        model = FastRCNN(**ckpt["model_args"]).to(device, memory_format=torch.channels_last)
+        model.load_state_dict(ckpt["model"])
+        optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=ckpt["config"]["epochs"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        start, history, best, bad = ckpt["epoch"], ckpt["history"], ckpt["best_score"], ckpt["bad_epochs"]
+        print(f"resuming after epoch {start}", file=sys.stderr)
+    generator = torch.Generator().manual_seed(args.seed + start)
+    config = {k: v for k, v in vars(args).items() if k != "func"}
+    for epoch in range(start + 1, args.epochs + 1):
+        if bad >= args.patience:
+            break
+        t0 = time.time()
+        order = torch.randperm(len(train[0]), generator=generator)
+        tr = run_epoch(model, train[:3], order, device, args.batch_size, optimizer, generator, size)
+        scheduler.step()
+        train_s = time.time() - t0
+        va = run_epoch(model, val[:3], torch.arange(len(val[0])), device, args.batch_size,
+                       generator=torch.Generator().manual_seed(0), size=size)
+        score = detection_scores(detect(model, val[0], val[2], val[3], device, args.nms_iou), photo_boxes(val, size), 0.5)
+        improved = score["ap50"] > best
+        best, bad = (score["ap50"], 0) if improved else (best, bad + 1)
+        history.append({"epoch": epoch, "train_loss": tr["loss"], "train_bacc": tr["bacc"], "train_offset": tr["offset"],
+                        "val_loss": va["loss"], "val_bacc": va["bacc"], "val_offset": va["offset"],
+                        "val_ap50": score["ap50"], "lr": optimizer.param_groups[0]["lr"], "seconds": time.time() - t0})
+        print(f"epoch {epoch}/{args.epochs}  train loss {tr['loss']:.3f} bacc {tr['bacc']:.2%} offset {tr['offset']:.3f}"
+              f"  val loss {va['loss']:.3f} bacc {va['bacc']:.2%} offset {va['offset']:.3f} AP50 {score['ap50']:.3f}"
+              f"  lr {history[-1]['lr']:.5f}  {time.time() - t0:.1f}s  {len(order) / train_s:.1f} photo/s"
+              f"{'  *' if improved else ''}", flush=True)
+        if improved:
+            atomic_torch_save(model_file(model, args, meta, best), data_dir / "model.pt")
+        atomic_torch_save({"script": SCRIPT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                           "scheduler": scheduler.state_dict(), "epoch": epoch, "history": history,
+                           "best_score": best, "bad_epochs": bad, "model_args": {"width": args.width},
+                           "config": config}, data_dir / "checkpoint.pt")
+        save_history(data_dir, history, ["train_loss", "val_loss", "val_bacc", "val_ap50"])
+    if not (data_dir / "model.pt").exists():
+        raise UserError(f"{data_dir}: no epoch finished; nothing to evaluate")
+    best_model = load_model_file(data_dir / "model.pt")
+    model.load_state_dict(best_model["model"])
+    test = load_prepared(data_dir, "testing_set", size) if list(data_dir.glob("testing_set.*.pt.gz")) else None
+    if test is None:
+        print("no test photos; skipping the detection score")
+        return 0
+    t0 = time.time()
+    dets = detect(model, test[0], test[2], test[3], device, args.nms_iou)
+    score = detection_scores(dets, photo_boxes(test, size), 0.5)
+    print(f"test photos {len(test[0])}: AP50 {score['ap50']:.3f}  recall {score['recall']:.3f}  "
+          f"face-count RMSE {score['count_rmse']:.2f} (threshold 0.5)  {(time.time() - t0) / len(test[0]):.3f} s/photo")
+    return 0
+
+
+def draw_boxes(img, boxes, scores, path):
+    img = img.copy()
+    draw = ImageDraw.Draw(img)
+    for (x1, y1, x2, y2), s in zip(boxes.tolist(), scores.tolist()):
+        draw.rectangle([x1, y1, x2, y2], outline=(255, 0, 0), width=2)
+        draw.text((x1 + 2, y1 + 1), f"{s:.2f}", fill=(255, 0, 0))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+
+
+def cmd_eval(args):
+    device = pick_device(args.device)
+    ckpt = load_model_file(args.model or Path(args.data_dir) / "model.pt")
+    model = FastRCNN(**ckpt["model_args"])
+    model.load_state_dict(ckpt["model"])
+    model.to(device, memory_format=torch.channels_last).eval()
+    size = ckpt["size"]
+    failed = False
+    for path in iter_eval_inputs(args.images):
+        try:
+            img = load_image(path)
+        except (OSError, UnidentifiedImageError, ValueError) as e:  # missing, unreadable, not an image
+            failed = True
+            reason = f"cannot read image: {e.strerror or e}" if isinstance(e, OSError) else f"cannot read image: {e}"
+            if args.json:
+                print(json.dumps({"image": path, "error": reason}), flush=True)
+            else:
+                print(f"{path}: {reason}", file=sys.stderr)
+            continue
+        props = photo_proposals(selective_search(img, size, ckpt["ss_side"], ckpt["proposals"]), img.width, img.height, size)
+        (boxes, scores), = detect(model, letterbox_image(img, size)[None], [props], torch.tensor([[img.width, img.height]]),
+                                  device, args.nms_iou, regress=not args.no_regress)
+        keep = scores >= args.threshold
+        boxes, scores = boxes[keep], scores[keep]
+        out = Path(args.output_dir) / f"{Path(path).stem}.png" if args.output_dir else Path(args.output)
+        draw_boxes(img, boxes, scores, out)
+        xywh = box_convert(boxes, "xyxy", "xywh").round().int().tolist()
+        if args.json:
+            print(json.dumps({"image": path, "boxes": [{"x": x, "y": y, "w": w, "h": h, "score": round(s, 4)}
+                                                       for (x, y, w, h), s in zip(xywh, scores.tolist())],
+                              "output": str(out)}), flush=True)
+        else:
+            print(f"{path}: {len(xywh)} face(s)")
+            for (x, y, w, h), s in zip(xywh, scores.tolist()):
+                print(f"{x} {y} {w} {h}  {s:.2f}")
+            print(f"saved to {out}", flush=True)
+    return 1 if failed else 0
+
+
+def iter_eval_inputs(paths):
+    """Yield image paths: from arguments (files or folders), else piped stdin, else the interactive prompt."""
+    if paths:
+        for p in paths:
+            if Path(p).is_dir():
+                yield from (str(q) for q in list_images(p))
+            else:
+                yield p
+    elif sys.stdin.isatty():
+        while True:
+            try:
+                line = input("Image path: ").strip()
+            except (EOFError, KeyboardInterrupt):
+                print(file=sys.stderr)
+                return
+            if line:
+                yield line
+    else:
+        for line in sys.stdin:
+            if line.strip():
+                yield line.strip()
+
+
+def parse_size(text):
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected WIDTHxHEIGHT, e.g. 384x256")
+    if min(w, h) < 32:
+        raise argparse.ArgumentTypeError(f"{text!r}: width and height must be at least 32")
+    return w, h
+
+
+def build_parser():
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--data-dir", default=f"data/{SCRIPT}", help="prepared batches, model and history")
+    device = argparse.ArgumentParser(add_help=False)
+    device.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
+                        help="auto: cuda if available, else mps, else cpu")
+    device.add_argument("--nms-iou", type=float, default=0.3, help="non-maximum suppression IoU")
+    seed = argparse.ArgumentParser(add_help=False)
+    seed.add_argument("--seed", type=int, default=0, help="split and training seed")
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=fmt)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{prepare,train,eval}")
+    p = sub.add_parser("prepare", parents=[common, seed], formatter_class=fmt, help="photos -> tensor batches")
+    p.add_argument("--image-dir", default=IMAGE_DIR, help="folder of source photos")
+    p.add_argument("--csv", default=CSV_PATH, help="CSV with Name,xmin,ymin,xmax,ymax (one row per face)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel decoding / selective search")
+    p.add_argument("--size", type=parse_size, default=SIZE, help="letterbox WIDTHxHEIGHT in pixels")
+    p.add_argument("--ss-side", type=int, default=SS_SIDE, help="selective search on a copy with this longest side")
+    p.add_argument("--proposals", type=int, default=SS_PROPOSALS, help="selective search regions kept per photo")
+    p.set_defaults(func=cmd_prepare)
+    p = sub.add_parser("train", parents=[common, device, seed], formatter_class=fmt, help="train with early stopping")
+    p.add_argument("--epochs", type=int, default=30, help="maximum epochs")
+    p.add_argument("--patience", type=int, default=20, help="stop after N epochs without a better validation AP50")
+    p.add_argument("--batch-size", type=int, default=8, help="photos per batch")
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--width", type=int, default=24, help="backbone channels of the first stage")
+    p.add_argument("--resume", action="store_true", help="continue from DATA_DIR/checkpoint.pt")
+    p.set_defaults(func=cmd_train)
+    p = sub.add_parser("eval", parents=[common, device], formatter_class=fmt, help="detect faces in photos")
+    p.add_argument("images", nargs="*", metavar="IMAGE", help="image files or folders; none: read paths from stdin")
+    p.add_argument("--model", default=None, help="model file (default: DATA_DIR/model.pt)")
+    p.add_argument("--threshold", type=float, default=0.5, help="keep boxes with face probability >= this")
+    p.add_argument("--output", default="img_output.png", help="annotated image")
+    p.add_argument("--output-dir", default=None, help="write DIR/<image name>.png per image instead of --output")
+    p.add_argument("--no-regress", action="store_true", help="show proposals before box correction")
+    p.add_argument("--json", action="store_true", help="one JSON object per image on stdout")
+    p.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.status
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # e.g. `eval ... | head`
+        sys.stderr.close()
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
