@@ -402,6 +402,8 @@ def iter_proposals(paths, search_side, lookahead):
             return path, e, None
         return path, img, propose(img, search_side)
 
+    if lookahead:  # one core searches the next photos, the others run the network
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
     with ThreadPoolExecutor(1) as pool:
         pending = deque()
         for path in paths:

@@ -1,0 +1,213 @@
+"""rcnn_faces.py end to end on a few dozen real photos (symlinked into tmp dirs), plus unit checks."""
+import csv
+import importlib.util
+import json
+import re
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import FACES_DIR, ROOT, assert_one_line_error, run
+
+SCRIPT = "rcnn_faces.py"
+N_PHOTOS = 30
+SEARCH_SIDE = 200  # small selective-search copy keeps the tests fast
+
+
+def load_module():
+    spec = importlib.util.spec_from_file_location("rcnn_faces", ROOT / SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def faces(tmp_path_factory):
+    """Photo folder + CSV: N_PHOTOS good photos (few faces each), then bad rows of every kind."""
+    if not (FACES_DIR / "bbox_train.csv").exists():
+        pytest.skip(f"{FACES_DIR} not found")
+    root = tmp_path_factory.mktemp("faces")
+    img_dir = root / "images"
+    img_dir.mkdir()
+    with open(FACES_DIR / "bbox_train.csv") as f:
+        rows = list(csv.DictReader(f))
+    by_photo = {}
+    for r in rows:
+        by_photo.setdefault(r["Name"], []).append(r)
+    names = [n for n in sorted(by_photo) if len(by_photo[n]) <= 4][:N_PHOTOS + 1]
+    for n in names:
+        (img_dir / n).symlink_to(FACES_DIR / "image_data" / n)
+    good, all_bad = names[:N_PHOTOS], names[N_PHOTOS]
+    out = [r for n in good for r in by_photo[n]]
+    first = dict(by_photo[good[0]][0])
+    out.append({**first, "xmax": first["xmin"]})                               # zero-size box
+    out.append({**first, "xmin": "500", "xmax": str(int(first["width"]) + 40)})  # outside the photo
+    out.append({**first, "ymin": "abc"})                                      # non-numeric
+    out.append({**first, "Name": "missing.jpg"})                              # photo not in the folder
+    out.append({**first, "Name": "broken.jpg"})                               # unreadable photo
+    (img_dir / "broken.jpg").write_bytes(b"this is not a jpeg")
+    bad_only = dict(by_photo[all_bad][0])
+    out.append({**bad_only, "ymax": bad_only["ymin"]})                        # its only row is bad
+    csv_path = root / "boxes.csv"
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
+        writer.writeheader()
+        writer.writerows(out)
+    n_boxes = {n: len(by_photo[n]) for n in good}
+    return {"root": root, "img_dir": img_dir, "csv": csv_path, "good": good, "all_bad": all_bad, "n_boxes": n_boxes}
+
+
+@pytest.fixture(scope="module")
+def prepared(faces):
+    data = faces["root"] / "data"
+    proc = run(SCRIPT, "prepare", "--image-dir", faces["img_dir"], "--csv", faces["csv"], "--data-dir", data,
+               "--workers", 2, "--search-side", SEARCH_SIDE)
+    assert proc.returncode == 0, proc.stderr
+    return data, proc
+
+
+@pytest.fixture(scope="module")
+def trained(prepared):
+    data, _ = prepared
+    proc = run(SCRIPT, "train", "--data-dir", data, "--epochs", 1, "--batch-size", 64, "--width", 8, "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    return data, proc
+
+
+def test_prepare_counts_skips_and_split_by_photo(faces, prepared):
+    data, proc = prepared
+    meta = json.loads((data / "meta.json").read_text())
+    assert meta["kind"] == "rcnn_faces" and meta["script"] == "rcnn_faces.py"
+    assert meta["skipped"] == {"non-numeric box": 1, "zero-size box": 2, "box outside photo": 1,
+                               "missing photo": 1, "unreadable photo": 1, "photo without a usable box": 3}
+    assert f"{N_PHOTOS} photos kept of {N_PHOTOS + 3}" in proc.stdout
+    assert "missing.jpg" in proc.stdout and "broken.jpg" in proc.stdout and faces["all_bad"] in proc.stdout
+    splits = meta["splits"]
+    assert [len(splits[s]) for s in ("training", "validating", "testing")] == [24, 3, 3]
+    assert sorted(splits["training"] + splits["validating"] + splits["testing"]) == faces["good"]  # disjoint, complete
+    assert set(meta["boxes"]) == set(splits["validating"] + splits["testing"])
+    mod = load_module()
+    for split in ("training", "validating", "testing"):
+        crops, labels, ious, photo = mod.read_split(data, f"{split}_set")
+        assert crops.dtype == torch.uint8 and crops.shape[1:] == (3, 32, 32)
+        assert len(crops) == len(labels) == len(ious) == len(photo) == meta["counts"][split]["crops"]
+        assert sorted(set(photo.tolist())) == list(range(len(splits[split])))  # every photo has crops
+        n_true = sum(faces["n_boxes"][n] for n in splits[split])
+        assert int((ious == 1).sum()) >= n_true  # every valid true box is a face crop
+        assert (ious[labels == 1] > 0.7).all() and (ious[labels == 0] < 0.3).all()
+        assert int((labels == 0).sum()) <= 10 * len(splits[split])  # background quota per photo
+
+
+def test_bad_csv_files(faces, tmp_path):
+    common = ["--image-dir", faces["img_dir"], "--data-dir", tmp_path / "d"]
+    line = assert_one_line_error(run(SCRIPT, "prepare", "--csv", tmp_path / "nope.csv", *common), 1)
+    assert "nope.csv" in line
+    bad = tmp_path / "cols.csv"
+    bad.write_text("Name,x,y,xmax,ymax\na.jpg,1,2,3,4\n")
+    line = assert_one_line_error(run(SCRIPT, "prepare", "--csv", bad, *common), 1)
+    assert "xmin" in line and "ymin" in line and "xmax" not in line.split("expected")[0]
+    line = assert_one_line_error(run(SCRIPT, "prepare", "--csv", faces["csv"], "--image-dir", tmp_path / "no_dir",
+                                     "--data-dir", tmp_path / "d"), 1)
+    assert "no_dir" in line
+
+
+def test_train_one_epoch_and_resume(trained):
+    data, proc = trained
+    assert re.search(r"^epoch 1/1  train loss [\d.]+ bacc [\d.]+%  val loss [\d.]+ bacc [\d.]+%.* crops/s  \*$",
+                     proc.stdout, re.M), proc.stdout
+    m = re.search(r"^test photos: 3  AP@0.5 ([\d.]+)  recall ([\d.]+)  count RMSE ([\d.]+)", proc.stdout, re.M)
+    assert m and 0 <= float(m.group(1)) <= 1 and 0 <= float(m.group(2)) <= 1, proc.stdout
+    for name in ("model.pt", "checkpoint.pt", "history.csv", "history.png"):
+        assert (data / name).exists()
+    model = torch.load(data / "model.pt", weights_only=True)
+    assert model["script"] == "rcnn_faces" and model["search_side"] == SEARCH_SIDE and model["model_args"]["width"] == 8
+    proc = run(SCRIPT, "train", "--data-dir", data, "--epochs", 2, "--batch-size", 64, "--resume", "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    assert "resumed after epoch 1" in proc.stdout and re.search(r"^epoch 2/2 ", proc.stdout, re.M)
+    assert len((data / "history.csv").read_text().splitlines()) == 3  # header + 2 epochs
+
+
+def test_eval_human_output_and_image(faces, trained, tmp_path):
+    data, _ = trained
+    photo = faces["img_dir"] / faces["good"][0]
+    out = tmp_path / "annotated.png"
+    proc = run(SCRIPT, "eval", photo, "--data-dir", data, "--output", out, "--threshold", 0, "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[-1] == f"saved to {out}"
+    assert lines[:-1] and all(re.fullmatch(r"-?\d+ -?\d+ \d+ \d+", line) for line in lines[:-1]), lines
+    with Image.open(out) as img, Image.open(photo) as src:
+        assert img.format == "PNG" and img.size == src.size
+
+
+def test_eval_json_output_dir_and_bad_image(faces, trained, tmp_path):
+    data, _ = trained
+    photos = [faces["img_dir"] / n for n in faces["good"][:3]]
+    broken = faces["img_dir"] / "broken.jpg"
+    out_dir = tmp_path / "annotated"
+    args = ["--data-dir", data, "--json", "--output-dir", out_dir, "--device", "cpu"]
+    proc = run(SCRIPT, "eval", *photos, broken, *args, "--threshold", 0)
+    assert proc.returncode == 1, proc.stderr
+    results = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [r["image"] for r in results] == [str(p) for p in photos + [broken]]
+    assert "cannot read image" in results[-1]["error"]
+    for r, photo in zip(results, photos):
+        assert r["output"] == str(out_dir / f"{photo.stem}.png") and (out_dir / f"{photo.stem}.png").exists()
+        with Image.open(photo) as img:
+            w, h = img.size
+        scores = [b["score"] for b in r["boxes"]]
+        assert r["boxes"] and scores == sorted(scores, reverse=True) and all(0 <= s <= 1 for s in scores)
+        assert all(b["x"] >= 0 and b["y"] >= 0 and b["x"] + b["w"] <= w and b["y"] + b["h"] <= h for b in r["boxes"])
+    # NMS runs before the threshold: a higher threshold only drops boxes from the end of the list
+    proc = run(SCRIPT, "eval", photos[0], *args, "--threshold", 0.5)
+    high = json.loads(proc.stdout)["boxes"]
+    assert high == [b for b in results[0]["boxes"] if b["score"] >= 0.5]
+    proc = run(SCRIPT, "eval", "--data-dir", data, "--json", "--output", tmp_path / "x.png", "--device", "cpu",
+               stdin=f"{photos[1]}\n\n")  # piped stdin: one path per line
+    assert proc.returncode == 0 and json.loads(proc.stdout)["image"] == str(photos[1])
+
+
+def test_eval_missing_and_foreign_model(faces, trained, tmp_path):
+    photo = faces["img_dir"] / faces["good"][0]
+    line = assert_one_line_error(run(SCRIPT, "eval", photo, "--model", tmp_path / "none.pt", "--device", "cpu"), 1)
+    assert "none.pt" in line and "not found" in line
+    foreign = tmp_path / "fast.pt"
+    torch.save({"script": "fast_rcnn_faces", "model": {}}, foreign)
+    line = assert_one_line_error(run(SCRIPT, "eval", photo, "--model", foreign, "--device", "cpu"), 1)
+    assert "fast_rcnn_faces.py" in line
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "meta.json").write_text(json.dumps({"kind": "fast_rcnn_faces", "script": "fast_rcnn_faces.py"}))
+    line = assert_one_line_error(run(SCRIPT, "train", "--data-dir", other, "--device", "cpu"), 1)
+    assert "fast_rcnn_faces.py" in line
+    line = assert_one_line_error(run(SCRIPT, "train", "--data-dir", tmp_path / "nothing", "--device", "cpu"), 1)
+    assert "prepare" in line
+
+
+def test_average_precision_hand_computed():
+    mod = load_module()
+    truths = [torch.tensor([[0., 0, 10, 10], [20, 20, 30, 30]]), torch.tensor([[0., 0, 10, 10]])]
+    detections = [(torch.tensor([[0., 0, 10, 10], [1, 1, 10, 10], [50, 50, 60, 60]]), torch.tensor([0.9, 0.8, 0.7])),
+                  (torch.tensor([[0., 0, 10, 10]]), torch.tensor([0.6]))]
+    # ranked: TP, FP (duplicate), FP, TP; recall 1/3 at precision 1, then 2/3 at precision 0.5
+    ap, recall = mod.average_precision(detections, truths)
+    assert ap == pytest.approx(1 / 3 * 1 + 1 / 3 * 0.5) and recall == pytest.approx(2 / 3)
+    assert mod.average_precision(detections, truths, iou_threshold=0.9)[0] == pytest.approx(0.5)
+    perfect = [(t, torch.linspace(1, 0.5, len(t))) for t in truths]
+    assert mod.average_precision(perfect, truths) == (pytest.approx(1.0), pytest.approx(1.0))
+
+
+def test_iou_labeller_and_crops():
+    mod = load_module()
+    truth = torch.tensor([[0., 0, 10, 10]])
+    proposals = torch.tensor([[0., 0, 10, 10], [0, 0, 10, 8], [0, 0, 10, 5], [50, 50, 60, 60], [0, 0, 10, 2]])
+    boxes, labels, ious = mod.label_regions(proposals, truth, 0.7, 0.3, 1, torch.Generator().manual_seed(0))
+    assert labels.tolist() == [1, 1, 1, 0]  # true box, IoU 1.0, IoU 0.8; IoU 0.5 unused; 1 of 2 backgrounds
+    assert torch.equal(boxes[:3], torch.cat([truth, proposals[:2]]))
+    assert ious[:3].tolist() == pytest.approx([1.0, 1.0, 0.8]) and ious[3] < 0.3
+    img = torch.zeros(3, 40, 60, dtype=torch.uint8)
+    img[:, 10:20, 30:40] = 200
+    crops = mod.crop_regions(img, torch.tensor([[30., 10, 40, 20], [0, 0, 10, 10]]), 16)
+    assert crops.shape == (2, 3, 16, 16) and crops.dtype == torch.uint8
+    assert crops[0, :, 2:-2, 2:-2].min() == 200 and crops[1].max() == 0
