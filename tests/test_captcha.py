@@ -1,0 +1,413 @@
+"""captcha pipeline end to end: generate -> prepare -> train -> eval, plus bad input."""
+import importlib.util
+import io
+import json
+import os
+import pty
+import re
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import ROOT, assert_one_line_error, run
+
+GENERATE = "generate-captcha/generate.py"
+N_CAPTCHAS = 400
+
+
+def load_module(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def tmp(tmp_path_factory):
+    return tmp_path_factory.mktemp("captcha")
+
+
+@pytest.fixture(scope="module")
+def generated(tmp):
+    out = tmp / "generated"
+    proc = run(GENERATE, "--count", N_CAPTCHAS, "--output", out, "--workers", 2, "--seed", 3)
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r"\d+ images/s", proc.stdout)
+    return out
+
+
+@pytest.fixture(scope="module")
+def image_dir(tmp, generated):
+    """The generated captchas plus images and files a real folder may hold, good and bad."""
+    folder = tmp / "images"
+    shutil.copytree(generated, folder)
+    first = sorted(generated.iterdir())[0]
+    img = Image.open(first).convert("RGB")
+    img.convert("RGBA").save(folder / "90000-rgba.png")              # RGBA: kept
+    img.save(folder / "90001-g1f5.png", format="GIF")                  # GIF bytes in a .png: kept
+    img.convert("L").save(folder / "90002-gray.jpg")                   # grayscale JPEG: kept
+    (folder / "90003-abcd.png").write_text("not an image")             # unreadable: skipped
+    img.save(folder / "90004-abcde.png")                               # 5 characters: skipped
+    img.save(folder / "90005-ab_d.png")                                # '_' not in the charset: skipped
+    img.save(folder / "nocode.png")                                    # no code in the name: skipped
+    (folder / "notes.txt").write_text("hello")                         # not an image file: skipped
+    return folder
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp, image_dir):
+    data = tmp / "data"
+    proc = run("captcha.py", "prepare", "--image-dir", image_dir, "--data-dir", data, "--workers", 2)
+    assert proc.returncode == 0, proc.stderr
+    return data, proc
+
+
+@pytest.fixture(scope="module")
+def trained(prepared):
+    data, _ = prepared
+    proc = run("captcha.py", "train", "--data-dir", data, "--epochs", 2, "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    return data, proc
+
+
+# ---- generator ----
+def test_generator_names_sizes_and_determinism(tmp, generated):
+    names = sorted(p.name for p in generated.iterdir())
+    assert len(names) == N_CAPTCHAS
+    assert all(re.fullmatch(r"\d{5}-[2-9a-hkmnp-zA-HJKMNP-Z]{4}\.png", n) for n in names), names[:5]
+    assert [int(n[:5]) for n in names] == list(range(N_CAPTCHAS))
+    for p in sorted(generated.iterdir())[:20]:
+        assert Image.open(p).size == (120, 50)
+    codes = "".join(n[6:10] for n in names)
+    digits = sum(c.isdigit() for c in codes) / len(codes)
+    assert 0.4 < digits < 0.6  # a digit with probability 1/2
+
+    one = tmp / "one_worker"
+    assert run(GENERATE, "--count", 50, "--output", one, "--workers", 1, "--seed", 3).returncode == 0
+    for p in sorted(one.iterdir()):
+        assert (generated / p.name).read_bytes() == p.read_bytes()
+    other = tmp / "other_seed"
+    assert run(GENERATE, "--count", 50, "--output", other, "--seed", 4).returncode == 0
+    assert {p.name for p in other.iterdir()} != {p.name for p in one.iterdir()}
+
+
+def test_generator_refuses_to_mix_runs(tmp, generated):
+    out = tmp / "mixed"
+    assert run(GENERATE, "--count", 5, "--output", out).returncode == 0
+    assert_one_line_error(run(GENERATE, "--count", 3, "--output", out, "--seed", 1), 2)
+    assert run(GENERATE, "--count", 3, "--output", out, "--seed", 1, "--clean").returncode == 0
+    assert len(list(out.iterdir())) == 3
+
+
+@pytest.mark.parametrize("args", [["--count", "0"], ["--length", "0"], ["--fonts", "/nonexistent/fonts"]])
+def test_generator_bad_options(tmp, args):
+    line = assert_one_line_error(run(GENERATE, "--output", tmp / "bad", *args), 2)
+    assert line.startswith("error:")
+
+
+def test_generator_length_and_extra_fonts(tmp):
+    fonts = tmp / "fonts"
+    fonts.mkdir()
+    import matplotlib
+    shutil.copy(os.path.join(matplotlib.get_data_path(), "fonts", "ttf", "DejaVuSans.ttf"), fonts / "extra.ttf")
+    (fonts / "broken.ttf").write_text("not a font")
+    out = tmp / "len6"
+    proc = run(GENERATE, "--count", 10, "--length", 6, "--output", out, "--fonts", fonts)
+    assert proc.returncode == 0, proc.stderr
+    assert "broken.ttf" in proc.stderr
+    assert all(re.fullmatch(r"\d{5}-\w{6}\.png", p.name) for p in out.iterdir())
+
+
+# ---- prepare ----
+def test_prepare_counts_skips_and_meta(prepared):
+    data, proc = prepared
+    meta = json.loads((data / "meta.json").read_text())
+    assert meta["kept"] == N_CAPTCHAS + 3 and meta["skipped"] == 5
+    assert meta["charset"] == "0123456789abcdefghijklmnopqrstuvwxyz" and meta["length"] == 4
+    assert sum(meta["counts"].values()) == meta["kept"]
+    assert meta["counts"]["training_set"] == int(0.8 * meta["kept"])
+    for reason in ("unreadable image", "code of length 5", "outside the charset", "no code in the name",
+                   "not an image file"):
+        assert reason in proc.stdout, (reason, proc.stdout)
+    assert f"{N_CAPTCHAS + 3} images kept, 5 skipped" in proc.stdout
+
+
+def test_prepare_storage_is_uint8_chw_in_batches_of_1000(prepared):
+    data, _ = prepared
+    mod = load_module("captcha")
+    x, y = mod.read_split(data, "training_set")
+    assert x.dtype == torch.uint8 and tuple(x.shape[1:]) == (3, 40, 96)
+    assert y.dtype == torch.long and y.shape == (len(x), 4)
+    assert sorted(p.name for p in data.glob("*.pt.gz")) == [
+        "testing_set.0.pt.gz", "training_set.0.pt.gz", "validating_set.0.pt.gz"]
+
+
+def test_prepare_split_is_deterministic(tmp, image_dir, prepared):
+    data, _ = prepared
+    mod = load_module("captcha")
+    again, other = tmp / "again", tmp / "other"
+    assert run("captcha.py", "prepare", "--image-dir", image_dir, "--data-dir", again, "--workers", 1).returncode == 0
+    assert run("captcha.py", "prepare", "--image-dir", image_dir, "--data-dir", other, "--seed", 1).returncode == 0
+    for name in ("training_set", "validating_set", "testing_set"):
+        a, b = mod.read_split(data, name), mod.read_split(again, name)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(mod.read_split(data, "testing_set")[1], mod.read_split(other, "testing_set")[1])
+
+
+def test_prepare_removes_stale_batches(tmp, image_dir):
+    data = tmp / "stale"
+    data.mkdir()
+    (data / "training_set.7.pt.gz").write_bytes(b"stale")
+    assert run("captcha.py", "prepare", "--image-dir", image_dir, "--data-dir", data).returncode == 0
+    assert not (data / "training_set.7.pt.gz").exists()
+
+
+def test_prepare_case_sensitive_and_custom_charset(tmp, generated):
+    data = tmp / "case"
+    proc = run("captcha.py", "prepare", "--image-dir", generated, "--data-dir", data, "--case-sensitive",
+               "--charset", "A-Za-z0-9")
+    assert proc.returncode == 0, proc.stderr
+    meta = json.loads((data / "meta.json").read_text())
+    assert meta["kept"] == N_CAPTCHAS and len(meta["charset"]) == 62
+    digits = tmp / "digits"
+    proc = run("captcha.py", "prepare", "--image-dir", generated, "--data-dir", digits, "--charset", "0-9")
+    meta = json.loads((digits / "meta.json").read_text())
+    assert meta["kept"] + meta["skipped"] == N_CAPTCHAS
+    assert meta["kept"] == sum(all(c.isdigit() for c in p.name[6:10]) for p in generated.iterdir())
+
+
+def test_parse_code_unit():
+    mod = load_module("captcha")
+    regex = re.compile(mod.LABEL_REGEX)
+    lower = mod.resolve_charset("a-z0-9", False)
+    assert mod.parse_code("00001-8cA6.png", regex, lower, 4, False) == ("8ca6", None)
+    assert mod.parse_code("my-prefix-8cA6.jpg", regex, lower, 4, False) == ("8ca6", None)
+    assert mod.parse_code("00001-8cA6.png", regex, lower, 4, True)[0] is None  # 'A' not in a-z0-9
+    both = mod.resolve_charset("A-Za-z0-9", True)
+    assert mod.parse_code("00001-8cA6.png", regex, both, 4, True) == ("8cA6", None)
+    assert mod.parse_code("00001-8ca.png", regex, lower, 4, False)[0] is None
+    assert mod.parse_code("8ca6.png", regex, lower, 4, False)[0] is None
+
+
+def test_load_image_modes(tmp):
+    mod = load_module("captcha")
+    rgba = Image.new("RGBA", (20, 10), (255, 0, 0, 0))  # fully transparent -> white
+    rgba.save(tmp / "t.png")
+    img = mod.load_image(tmp / "t.png")
+    assert img.mode == "RGB" and img.getpixel((0, 0)) == (255, 255, 255)
+    Image.new("P", (20, 10)).save(tmp / "p.gif")
+    t = mod.to_input(mod.load_image(tmp / "p.gif"), (40, 96))
+    assert t.dtype == torch.uint8 and tuple(t.shape) == (3, 40, 96)
+
+
+# ---- train ----
+def test_train_writes_model_history_and_scores(trained):
+    data, proc = trained
+    assert re.search(r"epoch 1/2 .*train loss .*val loss .*acc .*img/s", proc.stdout)
+    assert re.search(r"test \(\d+ images.*exact-match \d+\.\d+%, per-character \d+\.\d+%", proc.stdout)
+    for name in ("model.pt", "checkpoint.pt", "history.csv", "history.png"):
+        assert (data / name).exists(), name
+    assert not list(data.glob("*.tmp"))
+    rows = (data / "history.csv").read_text().splitlines()
+    assert len(rows) == 3 and rows[0].startswith("epoch,train_loss,train_acc,val_loss,val_acc")
+    model = torch.load(data / "model.pt", weights_only=True)
+    assert model["script"] == "captcha" and model["charset"] == "0123456789abcdefghijklmnopqrstuvwxyz"
+    assert model["length"] == 4 and list(model["image_size"]) == [40, 96]
+
+
+def test_network_learns():
+    """The model, loss, augmentation and optimizer together learn to read drawn digits (> 80% exact)."""
+    mod = load_module("captcha")
+    from PIL import ImageDraw, ImageFont
+    font = ImageFont.load_default(size=30)
+    gen = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 10, (64, 4), generator=gen)
+    images = []
+    for code in y.tolist():
+        img = Image.new("RGB", (96, 40), "white")
+        for i, c in enumerate(code):
+            ImageDraw.Draw(img).text((4 + 23 * i, 4), str(c), font=font, fill="black")
+        images.append(mod.image_to_tensor(img))
+    x = torch.stack(images)
+    model = mod.build_model({"n_classes": 36, "length": 4, "image_size": [40, 96]}, torch.device("cpu"))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    for _ in range(25):
+        mod.run_epoch(model, x, y, torch.device("cpu"), 16, optimizer, scheduler, gen)
+    loss, exact, chars = mod.run_epoch(model, x, y, torch.device("cpu"), 64)
+    assert chars > 0.9 and exact > 0.8, (loss, exact, chars)
+
+
+def test_resume_after_interrupt(tmp, prepared):
+    """Ctrl-C after the first epoch leaves whole files; --resume finishes the schedule."""
+    src, _ = prepared
+    data = tmp / "resume"
+    shutil.copytree(src, data, ignore=shutil.ignore_patterns("model.pt", "checkpoint.pt", "history.*"))
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "captcha.py"), "train", "--data-dir", str(data),
+                             "--epochs", "3", "--device", "cpu"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    for line in proc.stdout:
+        if line.startswith("epoch 1/3"):
+            proc.send_signal(signal.SIGINT)
+            break
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err
+    assert not list(data.glob("*.tmp"))
+    ckpt = torch.load(data / "checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] in (1, 2)
+    done = ckpt["epoch"]
+    proc = run("captcha.py", "train", "--data-dir", data, "--epochs", 3, "--device", "cpu", "--resume")
+    assert proc.returncode == 0, proc.stderr
+    assert f"resumed from {data / 'checkpoint.pt'} after epoch {done}" in proc.stdout
+    assert "epoch 3/3" in proc.stdout and f"epoch {done}/3" not in proc.stdout
+    assert len((data / "history.csv").read_text().splitlines()) == 4
+    line = assert_one_line_error(
+        run("captcha.py", "train", "--data-dir", data, "--epochs", 5, "--device", "cpu", "--resume"), 2)
+    assert "--epochs 3" in line
+
+
+def test_early_stopping_counts_patience_epochs(tmp, prepared):
+    src, _ = prepared
+    data = tmp / "patience"
+    shutil.copytree(src, data, ignore=shutil.ignore_patterns("model.pt", "checkpoint.pt", "history.*"))
+    proc = run("captcha.py", "train", "--data-dir", data, "--epochs", 6, "--patience", 1, "--lr", 1e-9,
+               "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    epochs = re.findall(r"^epoch (\d+)/6", proc.stdout, re.M)
+    history = (data / "history.csv").read_text().splitlines()[1:]
+    best = max(range(len(history)), key=lambda i: (float(history[i].split(",")[4]), -i))
+    assert len(epochs) == best + 2  # one epoch without improvement, then stop
+    assert "early stop" in proc.stdout
+
+
+# ---- eval ----
+def eval_json(trained, *args, stdin=None):
+    data, _ = trained
+    proc = run("captcha.py", "eval", "--data-dir", data, "--json", *args, stdin=stdin)
+    return proc, [json.loads(line) for line in proc.stdout.splitlines()]
+
+
+def test_eval_argument_human_output(trained, generated):
+    data, _ = trained
+    image = sorted(generated.iterdir())[0]
+    proc = run("captcha.py", "eval", "--data-dir", data, image)
+    assert proc.returncode == 0, proc.stderr
+    assert re.fullmatch(rf"{re.escape(str(image))}  code: [0-9a-z]{{4}}  confidence \d\.\d\d "
+                        r"\(per position( \d\.\d\d){4}\)", proc.stdout.strip())
+
+
+def test_eval_folder_json(trained, generated):
+    proc, rows = eval_json(trained, generated)
+    assert proc.returncode == 0, proc.stderr
+    assert [r["image"] for r in rows] == [str(p) for p in sorted(generated.iterdir())]
+    for r in rows:
+        assert set(r) == {"image", "code", "confidence"}
+        assert re.fullmatch(r"[0-9a-z]{4}", r["code"]) and 0 <= r["confidence"] <= 1
+
+
+def test_eval_stdin_and_bad_image(trained, generated, image_dir):
+    good = [str(p) for p in sorted(generated.iterdir())[:2]]
+    stdin = "\n".join([good[0], str(image_dir / "90003-abcd.png"), "/nonexistent.png", "", good[1]]) + "\n"
+    proc, rows = eval_json(trained, stdin=stdin)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert [r["image"] for r in rows] == [good[0], str(image_dir / "90003-abcd.png"), "/nonexistent.png", good[1]]
+    assert "code" in rows[0] and "code" in rows[3]
+    assert rows[1]["error"].startswith("cannot read image") and rows[2]["error"].startswith("cannot read image")
+
+
+def test_eval_reads_modes_and_formats(trained, image_dir):
+    proc, rows = eval_json(trained, image_dir / "90000-rgba.png", image_dir / "90001-g1f5.png",
+                           image_dir / "90002-gray.jpg")
+    assert proc.returncode == 0 and len(rows) == 3 and all("code" in r for r in rows)
+
+
+def test_eval_interactive_prompt_until_eof(trained, generated):
+    data, _ = trained
+    image = sorted(generated.iterdir())[0]
+    pid, fd = pty.fork()
+    if pid == 0:  # child: the eval loop on a terminal
+        os.execv(sys.executable, [sys.executable, str(ROOT / "captcha.py"), "eval", "--data-dir", str(data)])
+    output = b""
+
+    def read_until(marker, count, timeout=60):
+        nonlocal output
+        end = time.time() + timeout
+        while output.count(marker) < count and time.time() < end:
+            if select.select([fd], [], [], 0.5)[0]:
+                try:
+                    output += os.read(fd, 4096)
+                except OSError:
+                    break
+
+    read_until(b"Image path: ", 1)
+    os.write(fd, f"{image}\n".encode())
+    read_until(b"Image path: ", 2)
+    os.write(fd, b"\n")          # an empty line prompts again
+    read_until(b"Image path: ", 3)
+    os.write(fd, b"\x04")        # Ctrl-D: end of file
+    read_until(b"\x00", 1, timeout=30)
+    _, status = os.waitpid(pid, 0)
+    text = output.decode(errors="replace")
+    assert os.WEXITSTATUS(status) == 0, text
+    assert re.search(r"code: [0-9a-z]{4}  confidence", text), text
+    assert text.count("Image path: ") == 3 and "error" not in text
+
+
+# ---- bad input ----
+def test_prepare_missing_and_empty_folder(tmp):
+    line = assert_one_line_error(run("captcha.py", "prepare", "--image-dir", tmp / "missing",
+                                     "--data-dir", tmp / "d1"), 1)
+    assert "missing" in line
+    (tmp / "empty").mkdir()
+    line = assert_one_line_error(run("captcha.py", "prepare", "--image-dir", tmp / "empty",
+                                     "--data-dir", tmp / "d2"), 1)
+    assert "empty" in line
+
+
+def test_prepare_nothing_usable(tmp):
+    folder = tmp / "bad_only"
+    folder.mkdir()
+    (folder / "00001-abcd.png").write_text("text, not an image")
+    Image.new("RGB", (120, 50)).save(folder / "00002-abcdef.png")
+    proc = run("captcha.py", "prepare", "--image-dir", folder, "--data-dir", tmp / "d3")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "no usable captcha image" in proc.stderr
+    assert not (tmp / "d3" / "meta.json").exists()
+
+
+def test_missing_model_and_models_of_other_scripts(tmp, trained, generated):
+    image = sorted(generated.iterdir())[0]
+    line = assert_one_line_error(run("captcha.py", "eval", "--model", tmp / "none.pt", image), 1)
+    assert "none.pt" in line and "not found" in line
+    torch.save({"script": "cifar_lenet", "model": {}}, tmp / "cifar.pt")
+    line = assert_one_line_error(run("captcha.py", "eval", "--model", tmp / "cifar.pt", image), 1)
+    assert "cifar_lenet.py" in line
+    (tmp / "junk.pt").write_bytes(b"junk")
+    assert_one_line_error(run("captcha.py", "eval", "--model", tmp / "junk.pt", image), 1)
+
+
+def test_train_without_or_with_foreign_data(tmp):
+    line = assert_one_line_error(run("captcha.py", "train", "--data-dir", tmp / "nothing"), 1)
+    assert "prepare" in line
+    foreign = tmp / "foreign"
+    foreign.mkdir()
+    (foreign / "meta.json").write_text(json.dumps({"kind": "cifar", "script": "cifar_resnet"}))
+    line = assert_one_line_error(run("captcha.py", "train", "--data-dir", foreign), 1)
+    assert "cifar_resnet.py" in line
+
+
+def test_help_and_usage_errors():
+    for args in ([], ["prepare"], ["train"], ["eval"]):
+        proc = run("captcha.py", *args, "--help")
+        assert proc.returncode == 0 and "usage:" in proc.stdout
+    proc = run("captcha.py")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert run("captcha.py", "train", "--device", "tpu").returncode == 2
