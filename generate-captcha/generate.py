@@ -217,15 +217,21 @@ def run(args):
     ranges = [(s, min(s + chunk, args.count)) for s in range(0, args.count, chunk)]
     start = time.perf_counter()
     bar = tqdm(total=args.count, unit="img", disable=not sys.stderr.isatty(), file=sys.stderr)
-    if args.workers == 1:
-        init_worker(job)
-        for n in map(generate_range, ranges):
-            bar.update(n)
-    else:
-        with Pool(args.workers, initializer=init_worker, initargs=(job,)) as pool:
-            for n in pool.imap_unordered(generate_range, ranges):
+    try:
+        if args.workers == 1:
+            init_worker(job)
+            for n in map(generate_range, ranges):
                 bar.update(n)
-    bar.close()  # on Ctrl-C a worker may leave one hidden .tmp file; it is never read as a captcha
+        else:
+            with Pool(args.workers, initializer=init_worker, initargs=(job,)) as pool:
+                for n in pool.imap_unordered(generate_range, ranges):
+                    bar.update(n)
+    except KeyboardInterrupt:  # every written image is whole (temp file, then rename); drop the temp files
+        for tmp in out.glob(".*.png.tmp"):
+            tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        bar.close()
     seconds = time.perf_counter() - start
     print(f"wrote {args.count} captchas to {out} in {seconds:.1f}s ({args.count / seconds:.0f} images/s)")
     return 0
