@@ -21,6 +21,7 @@ import re
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from functools import partial
 from pathlib import Path
 
@@ -406,10 +407,13 @@ def cmd_prepare(args):
             results.append(decode(p))
             bar.update()
     else:
-        with ProcessPoolExecutor(args.workers) as pool:
-            for r in pool.map(decode, paths, chunksize=256):
-                results.append(r)
-                bar.update()
+        try:
+            with ProcessPoolExecutor(args.workers) as pool:
+                for r in pool.map(decode, paths, chunksize=256):
+                    results.append(r)
+                    bar.update()
+        except BrokenProcessPool:
+            raise UserError("a decoding process died (out of memory?); run prepare again with --workers 1")
     bar.close()
 
     images, codes = [], []

@@ -93,14 +93,14 @@ def main():
     p.add_argument("--epochs", type=int, default=40, help="train --epochs (length of the lr schedule)")
     p.add_argument("--workdir", default=str(ROOT / "benchmarks" / "out" / "captcha"))
     p.add_argument("--tutorial-batches", type=int, default=10)
-    p.add_argument("--reuse", action="store_true", help="reuse generated and prepared data in --workdir")
+    p.add_argument("--reuse", action="store_true", help="reuse generated captchas and prepared data found in --workdir")
     args, extra = p.parse_known_args()
     work = Path(args.workdir)
     train_dir, heldout_dir, data = work / "train", work / "heldout", work / "data"
+    for folder, count, seed in ((train_dir, args.train_count, 0), (heldout_dir, args.heldout_count, 12345)):
+        if not (args.reuse and folder.is_dir() and len(list(folder.glob("*.png"))) == count):
+            sh("generate-captcha/generate.py", "--count", count, "--output", folder, "--seed", seed, "--clean")
     if not (args.reuse and (data / "meta.json").exists()):
-        sh("generate-captcha/generate.py", "--count", args.train_count, "--output", train_dir, "--seed", 0, "--clean")
-        sh("generate-captcha/generate.py", "--count", args.heldout_count, "--output", heldout_dir, "--seed", 12345,
-           "--clean")
         sh("captcha.py", "prepare", "--image-dir", train_dir, "--data-dir", data)
     for name in ("model.pt", "checkpoint.pt"):
         (data / name).unlink(missing_ok=True)
