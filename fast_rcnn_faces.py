@@ -171,7 +171,7 @@ def read_face_csv(csv_path):
         if any(math.isnan(v) for v in row):
             count_skip(skipped, "non-numeric box", name)
         elif x2 <= x1 or y2 <= y1:
-            count_skip(skipped, "box of zero or negative size", f"{name} {x1:g},{y1:g},{x2:g},{y2:g}")
+            count_skip(skipped, "zero-size box", f"{name} {x1:g},{y1:g},{x2:g},{y2:g}")
         else:
             boxes.setdefault(name, []).append([float(x1), float(y1), float(x2), float(y2)])
     return boxes, skipped
@@ -237,7 +237,9 @@ def dense_windows(new_w, new_h, pad_x, pad_y):
         ys = torch.linspace(0, max(new_h - h, 0), ny) + pad_y
         y, x = torch.meshgrid(ys, xs, indexing="ij")
         out.append(torch.stack([x, y, x + w, y + h], -1).reshape(-1, 4))
-    return torch.cat(out)
+    limit = torch.tensor([pad_x, pad_y, pad_x + new_w, pad_y + new_h], dtype=torch.float32)
+    boxes = torch.min(torch.max(torch.cat(out), limit[:2].repeat(2)), limit[2:].repeat(2))  # clip to the photo
+    return torch.unique(boxes, dim=0)
 
 
 def photo_proposals(ss_boxes, width, height, size):
@@ -254,7 +256,8 @@ def prepare_photo(task):
     try:
         img = load_image(path)
     except (OSError, UnidentifiedImageError, ValueError) as e:
-        return {"error": "missing or unreadable photo", "detail": f"{Path(path).name}: {e}"}
+        reason = "missing photo" if isinstance(e, FileNotFoundError) else "unreadable photo"
+        return {"error": reason, "detail": Path(path).name}
     boxes = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
     inside = (boxes[:, 0] >= 0) & (boxes[:, 1] >= 0) & (boxes[:, 2] <= img.width) & (boxes[:, 3] <= img.height)
     ss = selective_search(img, size, ss_side, limit)
@@ -573,11 +576,11 @@ def cmd_prepare(args):
                 count_skip(skipped, res["error"], res["detail"], len(boxes[name]))
                 continue
             for box in res["outside"]:
-                count_skip(skipped, "box outside the photo", f"{name} {','.join(f'{v:g}' for v in box)}")
+                count_skip(skipped, "box outside photo", f"{name} {','.join(f'{v:g}' for v in box)}")
             if len(res["gt"]):
                 kept[name] = res
             else:
-                count_skip(skipped, "photo without a usable box", name, 0)
+                count_skip(skipped, "photo without a usable box", name)
     finally:
         bar.close()
         if pool is not None:
@@ -601,12 +604,15 @@ def cmd_prepare(args):
         gt, n_gt = pad_stack([r["gt"] for r in rows], max_gt)
         ss, n_ss = pad_stack([r["ss"] for r in rows], max_ss)
         write_split(data_dir, split, [images, gt, n_gt, ss, n_ss, torch.stack([r["hw"] for r in rows])])
-    meta = {"kind": DATA_KIND, "script": f"{SCRIPT}.py", "image_dir": str(image_dir), "csv": str(args.csv),
-            "size": args.size, "ss_side": args.ss_side, "proposals": args.proposals, "seed": args.seed,
-            "photos": len(kept), "faces": n_faces, "skipped": {k: v[0] for k, v in skipped.items()},
-            "split": {k: [kept_names[i] for i in sorted(v)] for k, v in splits.items()}}
+    meta = {"kind": DATA_KIND, "script": f"{SCRIPT}.py", "csv": str(Path(args.csv).resolve()),
+            "image_dir": str(image_dir.resolve()), "seed": args.seed, "size": list(args.size),
+            "ss_side": args.ss_side, "proposals": args.proposals,
+            "options": {"size": list(args.size), "ss_side": args.ss_side, "proposals": args.proposals},
+            "photos": len(kept), "faces": n_faces, "photos_per_s": len(tasks) / seconds,
+            "skipped": {k: v[0] for k, v in skipped.items()}, "skipped_examples": {k: v[1] for k, v in skipped.items()},
+            "splits": {k.split("_")[0]: [kept_names[i] for i in sorted(v)] for k, v in splits.items()}}
     atomic_write_text(data_dir / "meta.json", json.dumps(meta, indent=1))
-    print(", ".join(f"{k}: {len(v)} photos" for k, v in meta["split"].items()) + f" -> {data_dir}")
+    print(", ".join(f"{k}: {len(v)} photos" for k, v in meta["splits"].items()) + f" -> {data_dir}")
     return 0
 
 
@@ -619,6 +625,8 @@ def model_file(model, args, meta, score):
 def cmd_train(args):
     data_dir = Path(args.data_dir)
     meta = read_meta(data_dir)
+    if args.resume and not (data_dir / "checkpoint.pt").exists():
+        raise UserError(f"{data_dir / 'checkpoint.pt'} not found; train without --resume first")
     device = pick_device(args.device)
     seed_everything(args.seed)
     size = meta["size"]
@@ -628,10 +636,7 @@ def cmd_train(args):
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs)
     start, history, best, bad = 0, [], -1.0, 0
     if args.resume:
-        path = data_dir / "checkpoint.pt"
-        if not path.exists():
-            raise UserError(f"{path} not found; train without --resume first")
-        ckpt = load_model_file(path)
+        ckpt = load_model_file(data_dir / "checkpoint.pt")
         model = FastRCNN(**ckpt["model_args"]).to(device, memory_format=torch.channels_last)
         model.load_state_dict(ckpt["model"])
         optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
@@ -648,6 +653,7 @@ def cmd_train(args):
         t0 = time.time()
         order = torch.randperm(len(train[0]), generator=generator)
         tr = run_epoch(model, train[:3], order, device, args.batch_size, optimizer, generator, size)
+        lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
         train_s = time.time() - t0
         va = run_epoch(model, val[:3], torch.arange(len(val[0])), device, args.batch_size,
@@ -657,7 +663,7 @@ def cmd_train(args):
         best, bad = (score["ap50"], 0) if improved else (best, bad + 1)
         history.append({"epoch": epoch, "train_loss": tr["loss"], "train_bacc": tr["bacc"], "train_offset": tr["offset"],
                         "val_loss": va["loss"], "val_bacc": va["bacc"], "val_offset": va["offset"],
-                        "val_ap50": score["ap50"], "lr": optimizer.param_groups[0]["lr"], "seconds": time.time() - t0})
+                        "val_ap50": score["ap50"], "lr": lr, "seconds": time.time() - t0})
         print(f"epoch {epoch}/{args.epochs}  train loss {tr['loss']:.3f} bacc {tr['bacc']:.2%} offset {tr['offset']:.3f}"
               f"  val loss {va['loss']:.3f} bacc {va['bacc']:.2%} offset {va['offset']:.3f} AP50 {score['ap50']:.3f}"
               f"  lr {history[-1]['lr']:.5f}  {time.time() - t0:.1f}s  {len(order) / train_s:.1f} photo/s"
@@ -669,6 +675,8 @@ def cmd_train(args):
                            "best_score": best, "bad_epochs": bad, "model_args": {"width": args.width},
                            "config": config}, data_dir / "checkpoint.pt")
         save_history(data_dir, history, ["train_loss", "val_loss", "val_bacc", "val_ap50"])
+    if bad >= args.patience:
+        print(f"early stop: no better validation AP50 for {args.patience} epochs")
     if not (data_dir / "model.pt").exists():
         raise UserError(f"{data_dir}: no epoch finished; nothing to evaluate")
     best_model = load_model_file(data_dir / "model.pt")
@@ -686,13 +694,15 @@ def cmd_train(args):
 
 
 def draw_boxes(img, boxes, scores, path):
+    """Annotated copy of the photo (boxes and face probabilities), written atomically as PNG."""
     img = img.copy()
     draw = ImageDraw.Draw(img)
     for (x1, y1, x2, y2), s in zip(boxes.tolist(), scores.tolist()):
         draw.rectangle([x1, y1, x2, y2], outline=(255, 0, 0), width=2)
         draw.text((x1 + 2, y1 + 1), f"{s:.2f}", fill=(255, 0, 0))
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
+    tmp = Path(str(path) + ".tmp")
+    img.save(tmp, format="PNG")
+    os.replace(tmp, path)
 
 
 def cmd_eval(args):
@@ -702,6 +712,8 @@ def cmd_eval(args):
     model.load_state_dict(ckpt["model"])
     model.to(device, memory_format=torch.channels_last).eval()
     size = ckpt["size"]
+    if args.output_dir:
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     failed = False
     for path in iter_eval_inputs(args.images):
         try:
@@ -718,18 +730,16 @@ def cmd_eval(args):
         (boxes, scores), = detect(model, letterbox_image(img, size)[None], [props], torch.tensor([[img.width, img.height]]),
                                   device, args.nms_iou, regress=not args.no_regress)
         keep = scores >= args.threshold
-        boxes, scores = boxes[keep], scores[keep]
+        boxes, scores = boxes[keep].round().int(), scores[keep]
         out = Path(args.output_dir) / f"{Path(path).stem}.png" if args.output_dir else Path(args.output)
         draw_boxes(img, boxes, scores, out)
-        xywh = box_convert(boxes, "xyxy", "xywh").round().int().tolist()
+        found = [{"x": x1, "y": y1, "w": x2 - x1, "h": y2 - y1, "score": round(s, 4)}
+                 for (x1, y1, x2, y2), s in zip(boxes.tolist(), scores.tolist())]
         if args.json:
-            print(json.dumps({"image": path, "boxes": [{"x": x, "y": y, "w": w, "h": h, "score": round(s, 4)}
-                                                       for (x, y, w, h), s in zip(xywh, scores.tolist())],
-                              "output": str(out)}), flush=True)
+            print(json.dumps({"image": path, "boxes": found, "output": str(out)}), flush=True)
         else:
-            print(f"{path}: {len(xywh)} face(s)")
-            for (x, y, w, h), s in zip(xywh, scores.tolist()):
-                print(f"{x} {y} {w} {h}  {s:.2f}")
+            for b in found:
+                print(f"{b['x']} {b['y']} {b['w']} {b['h']}")
             print(f"saved to {out}", flush=True)
     return 1 if failed else 0
 

@@ -1,0 +1,238 @@
+"""fast_rcnn_faces.py: unit checks (letterbox, offsets, RoI shapes, loss, AP) and end to end on 36 real photos."""
+import importlib.util
+import json
+import math
+from types import SimpleNamespace
+
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from conftest import FACES_DIR, ROOT, assert_one_line_error, run
+
+SCRIPT = "fast_rcnn_faces.py"
+N_PHOTOS = 36
+
+
+@pytest.fixture(scope="module")
+def frc():
+    spec = importlib.util.spec_from_file_location("fast_rcnn_faces", ROOT / SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# ---- unit checks ----
+@pytest.mark.parametrize("photo", [(612, 408), (345, 612), (500, 500)])
+def test_letterbox_round_trip(frc, photo):
+    """A box drawn into the photo lands where to_letterbox says, and maps back within 1-2 px."""
+    w, h = photo
+    box = torch.tensor([[w * 0.3, h * 0.4, w * 0.3 + 60, h * 0.4 + 70]]).round()
+    img = Image.new("RGB", photo, (0, 0, 128))
+    img.paste((255, 255, 255), tuple(int(v) for v in box[0].tolist()))
+    size = (384, 256)
+    lb = frc.letterbox_image(img, size)
+    assert lb.shape == (3, 256, 384) and lb.dtype == torch.uint8
+    white = (lb[0] > 200).nonzero()
+    found = torch.tensor([white[:, 1].min(), white[:, 0].min(), white[:, 1].max() + 1, white[:, 0].max() + 1]).float()
+    mapped = frc.to_letterbox(box, w, h, size)
+    assert (found - mapped[0]).abs().max() <= 1.5, (found, mapped)
+    assert (frc.from_letterbox(found[None], w, h, size) - box).abs().max() <= 2.5
+    assert (frc.from_letterbox(mapped, w, h, size) - box).abs().max() <= 1e-3
+    new_w, new_h, pad_x, pad_y = frc.letterbox_geometry(w, h, size)
+    assert (new_w == 384 or new_h == 256) and pad_x >= 0 and pad_y >= 0
+
+
+def test_offsets_round_trip(frc):
+    gen = torch.Generator().manual_seed(0)
+    props = torch.rand(50, 2, generator=gen) * 300
+    props = torch.cat([props, props + 10 + torch.rand(50, 2, generator=gen) * 100], 1)
+    boxes = props + torch.randn(50, 4, generator=gen) * 5
+    offsets = frc.encode_offsets(boxes, props)
+    assert torch.allclose(frc.decode_offsets(offsets, props), boxes, atol=1e-3)
+    assert frc.encode_offsets(props, props).abs().max() < 1e-5
+
+
+def test_roi_extraction_shapes(frc):
+    model = frc.FastRCNN(width=8).eval()
+    with torch.no_grad():
+        feats = model.features(torch.randn(2, 3, 256, 384))
+        assert feats.shape == (2, 16, 256 // frc.STRIDE, 384 // frc.STRIDE)
+        rois = [torch.tensor([[0., 0, 40, 40], [10, 20, 200, 250], [300, 100, 380, 200]]), torch.tensor([[5., 5, 25, 30]])]
+        logits, offsets = model.classify_rois(feats, rois)
+    assert logits.shape == (4, 2) and offsets.shape == (4, 4)
+    props = frc.photo_proposals(torch.tensor([[1., 2, 30, 40]]), 612, 408, (384, 256))
+    assert props.shape[1] == 4 and len(props) > 1000
+    assert props[:, 0].min() >= 0 and props[:, 2].max() <= 384 + 1e-3 and props[:, 3].max() <= 256 + 1e-3
+
+
+def test_loss_without_positives_or_background_is_finite(frc):
+    model = frc.FastRCNN(width=8)
+    feats = model.features(torch.randn(1, 3, 64, 64))
+    logits, offsets = model.classify_rois(feats, [torch.tensor([[0., 0, 30, 30], [10, 10, 50, 50]])])
+    for labels in ([0, 0], [1, 1]):
+        labels = torch.tensor(labels)
+        loss = frc.detection_loss(logits, offsets, labels, torch.zeros(2, 4))
+        assert math.isfinite(loss.item())
+        loss.backward(retain_graph=True)
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    # a photo without any true box: only background, no NaN offsets
+    rois, labels, targets = frc.sample_rois(torch.tensor([[0., 0, 30, 30], [5, 5, 40, 40]]), torch.zeros(0, 4),
+                                            torch.Generator().manual_seed(0))
+    assert labels.tolist() == [0, 0] and torch.isfinite(targets).all()
+
+
+def test_sample_rois_labels_by_iou(frc):
+    gt = torch.tensor([[100., 100, 150, 160]])
+    props = torch.tensor([[100., 100, 150, 160], [102, 101, 152, 158], [0, 0, 40, 40], [120, 130, 170, 190]])
+    rois, labels, targets = frc.sample_rois(props, gt, torch.Generator().manual_seed(0))
+    ious = frc.box_iou(rois, gt)[:, 0]
+    assert (ious[labels == 1] >= frc.POS_IOU).all() and (ious[labels == 0] < frc.NEG_IOU).all()
+    assert labels.sum() == 3 and (labels == 0).sum() == 2  # 2 close proposals + the true box; 2 backgrounds
+    decoded = frc.decode_offsets(targets[labels == 1], rois[labels == 1])
+    assert torch.allclose(decoded, gt.expand_as(decoded), atol=1e-3)
+
+
+def test_detection_scores_by_hand(frc):
+    gt = [torch.tensor([[0., 0, 10, 10], [20, 20, 30, 30]])]
+    perfect = [(gt[0].clone(), torch.tensor([0.9, 0.8]))]
+    assert frc.detection_scores(perfect, gt, 0.5)["ap50"] == pytest.approx(1.0)
+    # a false positive ranked first: precision 1/2 at recall 1/2, 2/3 at recall 1 -> envelope 2/3 -> AP 2/3
+    dets = [(torch.tensor([[50., 50, 60, 60], [0, 0, 10, 10], [20, 20, 30, 30], [0, 0, 10, 11]]),
+             torch.tensor([0.9, 0.8, 0.7, 0.6]))]
+    s = frc.detection_scores(dets, gt, 0.75)
+    assert s["ap50"] == pytest.approx(2 / 3) and s["recall"] == pytest.approx(0.5)
+    assert s["count_rmse"] == pytest.approx(0.0)  # 2 boxes >= 0.75 for 2 faces (the duplicate is below)
+
+
+# ---- end to end on real photos ----
+@pytest.fixture(scope="module")
+def faces(tmp_path_factory, shared_datasets):
+    root = tmp_path_factory.mktemp("fast_rcnn_faces")
+    img_dir = root / "photos"
+    img_dir.mkdir()
+    df = pd.read_csv(FACES_DIR / "bbox_train.csv")
+    names = sorted(df["Name"].unique())[:N_PHOTOS]
+    for n in names:
+        (img_dir / n).symlink_to(FACES_DIR / "image_data" / n)
+    (img_dir / "broken.jpg").write_bytes(b"not a jpeg")
+    rows = df[df["Name"].isin(names)]
+    bad = pd.DataFrame([
+        {"Name": names[0], "width": 612, "height": 408, "xmin": "abc", "ymin": 1, "xmax": 20, "ymax": 20},
+        {"Name": names[1], "width": 612, "height": 408, "xmin": 50, "ymin": 50, "xmax": 50, "ymax": 90},
+        {"Name": names[2], "width": 612, "height": 408, "xmin": 10, "ymin": 10, "xmax": 5000, "ymax": 40},
+        {"Name": "missing.jpg", "width": 612, "height": 408, "xmin": 1, "ymin": 1, "xmax": 20, "ymax": 20},
+        {"Name": "broken.jpg", "width": 612, "height": 408, "xmin": 1, "ymin": 1, "xmax": 20, "ymax": 20},
+    ])
+    csv_path = root / "faces.csv"
+    pd.concat([rows, bad]).to_csv(csv_path, index=False)
+    data = root / "data"
+    prep = run(SCRIPT, "prepare", "--image-dir", img_dir, "--csv", csv_path, "--data-dir", data, "--workers", 2)
+    assert prep.returncode == 0, prep.stderr
+    train = run(SCRIPT, "train", "--data-dir", data, "--epochs", 1, "--device", "cpu", "--batch-size", 4)
+    assert train.returncode == 0, train.stderr
+    return SimpleNamespace(root=root, img_dir=img_dir, csv=csv_path, data=data, prep=prep, train=train,
+                           names=names, rows=rows, photos=[img_dir / n for n in names[:2]])
+
+
+def test_prepare_counts_and_split_by_photo(faces, frc):
+    assert f"kept {N_PHOTOS} photos with {len(faces.rows)} faces" in faces.prep.stdout
+    meta = json.loads((faces.data / "meta.json").read_text())
+    assert meta["kind"] == "fast_rcnn_faces" and meta["script"] == SCRIPT
+    assert meta["skipped"] == {"non-numeric box": 1, "zero-size box": 1, "box outside photo": 1,
+                               "missing photo": 1, "unreadable photo": 1}
+    for reason in meta["skipped"]:
+        assert f"skipped 1 row(s): {reason}" in faces.prep.stdout
+    splits = meta["splits"]
+    train, val, test = (frc.split_indices(N_PHOTOS, 0))
+    assert splits["training"] == sorted(faces.names[i] for i in train)
+    assert splits["validating"] == sorted(faces.names[i] for i in val)
+    assert splits["testing"] == sorted(faces.names[i] for i in test)
+    assert [len(v) for v in splits.values()] == [28, 3, 5]
+    images, gt, n_gt, ss, n_ss, sizes = frc.read_split(faces.data, "testing_set")
+    assert images.dtype == torch.uint8 and images.shape == (5, 3, 256, 384)
+    expected = [len(faces.rows[faces.rows["Name"] == n]) for n in splits["testing"]]
+    assert n_gt.tolist() == expected and (n_ss > 0).all()
+
+
+def test_train_one_epoch(faces, frc):
+    out = faces.train.stdout
+    assert "epoch 1/1  train loss" in out and "AP50" in out, out
+    assert "test photos 5: AP50" in out
+    history = (faces.data / "history.csv").read_text().splitlines()
+    assert len(history) == 2 and "val_ap50" in history[0]
+    assert (faces.data / "history.png").stat().st_size > 0
+    model = torch.load(faces.data / "model.pt", weights_only=True)
+    assert model["script"] == "fast_rcnn_faces" and model["size"] == [384, 256]
+    ckpt = torch.load(faces.data / "checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] == 1 and len(ckpt["history"]) == 1 and ckpt["config"]["epochs"] == 1
+    assert all(math.isfinite(float(v)) for v in history[1].split(","))
+
+
+def test_resume(faces):
+    proc = run(SCRIPT, "train", "--data-dir", faces.data, "--epochs", 1, "--device", "cpu", "--resume")
+    assert proc.returncode == 0, proc.stderr
+    assert "resuming after epoch 1" in proc.stderr and "epoch 2" not in proc.stdout
+
+
+def test_eval_json_and_output_dir(faces):
+    outdir = faces.root / "annotated"
+    args = ["eval", "--data-dir", faces.data, "--json", "--threshold", "0.05", "--output-dir", outdir, "--device", "cpu"]
+    proc = run(SCRIPT, *args, *faces.photos, faces.img_dir / "broken.jpg")
+    assert proc.returncode == 1, proc.stderr  # one unreadable image
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert len(lines) == 3 and "error" in lines[2] and lines[2]["image"].endswith("broken.jpg")
+    for line, photo in zip(lines, faces.photos):
+        assert line["image"] == str(photo) and line["output"] == str(outdir / f"{photo.stem}.png")
+        assert Image.open(line["output"]).size == Image.open(photo).size
+        w, h = Image.open(photo).size
+        scores = [b["score"] for b in line["boxes"]]
+        assert scores == sorted(scores, reverse=True) and all(0.05 <= s <= 1 for s in scores)
+        for b in line["boxes"]:
+            assert b["x"] >= 0 and b["y"] >= 0 and b["x"] + b["w"] <= w and b["y"] + b["h"] <= h
+    # NMS never depends on the threshold: a higher threshold keeps exactly the higher-scored boxes
+    high = run(SCRIPT, *args[:4], "--threshold", "0.3", *args[6:], faces.photos[0])
+    kept = json.loads(high.stdout)["boxes"]
+    assert kept == [b for b in lines[0]["boxes"] if b["score"] >= 0.3]
+
+
+def test_eval_human_output_stdin_and_no_regress(faces):
+    out = faces.root / "single.png"
+    proc = run(SCRIPT, "eval", "--data-dir", faces.data, "--output", out, "--threshold", "0.05", "--device", "cpu",
+               stdin=f"{faces.photos[0]}\n")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[-1] == f"saved to {out}" and out.exists()
+    assert all(len(line.split()) == 4 and all(v.lstrip("-").isdigit() for v in line.split()) for line in lines[:-1])
+    raw = run(SCRIPT, "eval", "--data-dir", faces.data, "--output", out, "--no-regress", "--json", "--device", "cpu",
+              faces.photos[0])
+    assert raw.returncode == 0 and "boxes" in json.loads(raw.stdout)
+
+
+def test_bad_input(faces, tmp_path):
+    def error(*args, status=1):
+        return assert_one_line_error(run(SCRIPT, *args), status)
+
+    assert "CSV not found" in error("prepare", "--image-dir", faces.img_dir, "--csv", tmp_path / "no.csv",
+                                    "--data-dir", tmp_path / "d")
+    no_cols = tmp_path / "cols.csv"
+    no_cols.write_text("Name,x1,ymin,xmax,ymax\na.jpg,1,2,3,4\n")
+    assert "xmin" in error("prepare", "--image-dir", faces.img_dir, "--csv", no_cols, "--data-dir", tmp_path / "d")
+    all_bad = tmp_path / "bad.csv"
+    all_bad.write_text("Name,xmin,ymin,xmax,ymax\nmissing.jpg,1,2,30,40\n" + f"{faces.names[0]},5,5,5,9\n")
+    assert "no usable photo" in error("prepare", "--image-dir", faces.img_dir, "--csv", all_bad, "--data-dir", tmp_path / "d")
+    assert "image folder not found" in error("prepare", "--image-dir", tmp_path / "nope", "--csv", faces.csv,
+                                             "--data-dir", tmp_path / "d")
+    assert "model not found" in error("eval", "--data-dir", tmp_path, faces.photos[0])
+    torch.save({"script": "rcnn_faces", "model": {}}, tmp_path / "other.pt")
+    assert "rcnn_faces.py" in error("eval", "--model", tmp_path / "other.pt", faces.photos[0])
+    (tmp_path / "meta.json").write_text(json.dumps({"kind": "rcnn_faces", "script": "rcnn_faces.py"}))
+    assert "rcnn_faces.py" in error("train", "--data-dir", tmp_path, "--device", "cpu")
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / "meta.json").write_text((faces.data / "meta.json").read_text())
+    assert "checkpoint.pt not found" in error("train", "--data-dir", fresh, "--resume", "--device", "cpu")
+    assert "no training_set shards" in error("train", "--data-dir", fresh, "--device", "cpu")
+    usage = run(SCRIPT, "prepare", "--size", "384")
+    assert usage.returncode == 2 and "WIDTHxHEIGHT" in usage.stderr
