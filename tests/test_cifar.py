@@ -1,0 +1,320 @@
+"""End-to-end tests of cifar_lenet.py and cifar_resnet.py on a few hundred real CIFAR-10 images.
+
+Two source folders are built in a temporary directory from ../shared/datasets/cifar10:
+- `names`: the tutorial's layout, labels.txt + train/NNNNN_label.jpg + test/NNNNN_label.jpg, plus files that
+  must be skipped (corrupt, unknown label, no label) and odd images that must be kept (grayscale, RGBA, any size);
+- `folders`: one folder per class (3 classes, ImageFolder layout).
+"""
+import gzip
+import importlib.util
+import io
+import json
+import re
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import CIFAR_DIR, ROOT, assert_one_line_error, run
+
+LENET, RESNET = "cifar_lenet.py", "cifar_resnet.py"
+LABELS = (CIFAR_DIR / "labels.txt").read_text().split() if CIFAR_DIR.exists() else []
+TOP_LINE = re.compile(r"^(\S+): (\d+\.\d\d)%$")
+N_TRAIN, N_TEST = 270, 30           # names layout: images in train/ and test/
+FOLDER_CLASSES, PER_CLASS = ("airplane", "automobile", "frog"), 60
+
+pytestmark = pytest.mark.skipif(not CIFAR_DIR.exists(), reason=f"{CIFAR_DIR} not found")
+
+
+def load_module(script):
+    spec = importlib.util.spec_from_file_location(script[:-3], ROOT / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def read_shards(data_dir, name):
+    parts = []
+    for path in sorted(data_dir.glob(f"{name}.*.pt.gz")):
+        with gzip.open(path, "rb") as f:
+            parts.append(torch.load(io.BytesIO(f.read()), weights_only=True))
+    return tuple(torch.cat(ts) for ts in zip(*parts))
+
+
+def link(src, dst):
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.symlink_to(src)
+
+
+@pytest.fixture(scope="module")
+def names_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("names")
+    shutil.copy(CIFAR_DIR / "labels.txt", root / "labels.txt")
+    files = sorted((CIFAR_DIR / "train").iterdir())[:N_TRAIN + N_TEST]
+    for i, src in enumerate(files):
+        link(src, root / ("train" if i < N_TRAIN else "test") / src.name)
+    (root / "train" / "90000_cat.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")   # corrupt
+    link(files[0], root / "train" / "90001_unicorn.jpg")                                     # label not in list
+    link(files[1], root / "train" / "nolabel.jpg")                                           # no label in name
+    Image.new("L", (50, 41), 128).save(root / "train" / "90002_dog.png")                      # grayscale, 50x41
+    Image.new("RGBA", (64, 64), (255, 0, 0, 100)).save(root / "train" / "90003_cat.png")      # RGBA
+    return root
+
+
+@pytest.fixture(scope="module")
+def folders_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("folders")
+    for label in FOLDER_CLASSES:
+        for src in sorted((CIFAR_DIR / "train").glob(f"*_{label}.jpg"))[:PER_CLASS]:
+            link(src, root / label / src.name)
+    return root
+
+
+@pytest.fixture(scope="module")
+def names_data(names_dir, tmp_path_factory):
+    data = tmp_path_factory.mktemp("names_data")
+    proc = run(LENET, "prepare", "--image-dir", names_dir, "--data-dir", data, "--workers", 2)
+    assert proc.returncode == 0, proc.stderr
+    return data, proc
+
+
+@pytest.fixture(scope="module")
+def folders_data(folders_dir, tmp_path_factory):
+    data = tmp_path_factory.mktemp("folders_data")
+    proc = run(LENET, "prepare", "--image-dir", folders_dir, "--data-dir", data, "--workers", 1)
+    assert proc.returncode == 0, proc.stderr
+    return data
+
+
+@pytest.fixture(scope="module")
+def lenet_trained(names_data):
+    """Two epochs of LeNet on the names data, then one more with --resume."""
+    data, _ = names_data
+    first = run(LENET, "train", "--data-dir", data, "--epochs", 2, "--device", "cpu")
+    assert first.returncode == 0, first.stderr
+    history_after_first = (data / "history.csv").read_text()
+    resumed = run(LENET, "train", "--data-dir", data, "--epochs", 3, "--device", "cpu", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    return data, first, resumed, history_after_first
+
+
+@pytest.fixture(scope="module")
+def resnet_trained(folders_data, tmp_path_factory):
+    """One epoch of ResNet-18 on a copy of the data that cifar_lenet.py prepared (same format)."""
+    data = tmp_path_factory.mktemp("resnet_data")
+    for path in folders_data.glob("*"):
+        if path.name == "meta.json" or path.name.endswith(".pt.gz"):
+            shutil.copy(path, data / path.name)
+    proc = run(RESNET, "train", "--data-dir", data, "--epochs", 1, "--batch-size", 64, "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    return data, proc
+
+
+# ---- prepare ----
+def test_prepare_counts_and_skips(names_data):
+    data, proc = names_data
+    n = N_TRAIN + N_TEST + 2        # + grayscale and RGBA images
+    assert f"kept {n} images" in proc.stdout
+    assert "skipped 3" in proc.stdout
+    for reason in ("1 unreadable", "1 unknown label", "1 no label"):
+        assert reason in proc.stdout
+    assert "'unicorn' is not in the label list" in proc.stdout
+    meta = json.loads((data / "meta.json").read_text())
+    assert meta["kind"] == "cifar" and meta["script"] == "cifar_lenet"
+    assert meta["labels"] == LABELS
+    assert sum(meta["counts"].values()) == n and meta["skipped"] == 3
+    assert meta["counts"]["training_set"] == int(n * 0.8) and meta["counts"]["validating_set"] == int(n * 0.1)
+    images, labels = read_shards(data, "training_set")
+    assert images.dtype == torch.uint8 and images.shape[1:] == (3, 32, 32) and len(images) == len(labels)
+    assert 0 <= labels.min() and labels.max() < len(LABELS)
+    assert all(0.2 < m < 0.8 for m in meta["mean"]) and all(0.1 < s < 0.5 for s in meta["std"])
+
+
+def test_prepare_class_folders(folders_data):
+    meta = json.loads((folders_data / "meta.json").read_text())
+    assert meta["labels"] == sorted(FOLDER_CLASSES)
+    assert sum(meta["counts"].values()) == len(FOLDER_CLASSES) * PER_CLASS and meta["skipped"] == 0
+    _, labels = read_shards(folders_data, "training_set")
+    assert set(labels.tolist()) == {0, 1, 2}
+
+
+def test_split_is_deterministic(folders_dir, folders_data, tmp_path):
+    same = run(RESNET, "prepare", "--image-dir", folders_dir, "--data-dir", tmp_path / "same", "--workers", 2)
+    other = run(RESNET, "prepare", "--image-dir", folders_dir, "--data-dir", tmp_path / "other", "--seed", 1)
+    assert same.returncode == 0 and other.returncode == 0, (same.stderr, other.stderr)
+    for name in ("training_set", "validating_set", "testing_set"):
+        a, b = read_shards(folders_data, name), read_shards(tmp_path / "same", name)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])   # workers 1 vs 2, other script: same data
+    assert not torch.equal(read_shards(folders_data, "validating_set")[0],
+                           read_shards(tmp_path / "other", "validating_set")[0])
+
+
+def test_prepare_test_dir(names_dir, tmp_path):
+    proc = run(LENET, "prepare", "--image-dir", names_dir, "--test-dir", names_dir / "test",
+               "--data-dir", tmp_path, "--workers", 1)
+    assert proc.returncode == 0, proc.stderr
+    counts = json.loads((tmp_path / "meta.json").read_text())["counts"]
+    assert counts["testing_set"] == N_TEST                   # the separate folder, nothing else
+    assert counts["training_set"] + counts["validating_set"] == N_TRAIN + 2   # test/ is not read twice
+    assert counts["validating_set"] == int((N_TRAIN + 2) * 0.1)
+
+
+def test_read_image_any_mode_and_size(tmp_path):
+    module = load_module(LENET)
+    for mode, size in (("L", (7, 90)), ("RGBA", (40, 30)), ("P", (33, 33)), ("RGB", (32, 32))):
+        Image.new(mode, size).save(tmp_path / f"x_{mode}.png")
+        x = module.read_image(tmp_path / f"x_{mode}.png")
+        assert x.dtype == torch.uint8 and x.shape == (3, 32, 32)
+
+
+def test_augment_is_a_padded_crop_or_flip():
+    module = load_module(RESNET)
+    torch.manual_seed(0)
+    images = torch.randint(1, 256, (64, 3, 32, 32), dtype=torch.uint8)
+    out = module.augment(images)
+    assert out.dtype == torch.uint8 and out.shape == images.shape
+    padded = torch.nn.functional.pad(images, (4, 4, 4, 4))
+    flips = 0
+    for i in range(len(images)):
+        windows = [(padded[i, :, y:y + 32, x:x + 32], f) for y in range(9) for x in range(9) for f in (0, 1)]
+        matches = [f for w, f in windows if torch.equal(out[i], w.flip(2) if f else w)]
+        assert matches, f"image {i} is no crop/flip of its padded original"
+        flips += matches[0]
+    assert 10 < flips < 54                                   # about half are flipped
+    x = module.preprocess(images, [0.5] * 3, [0.25] * 3)
+    assert x.dtype == torch.float32 and abs(x.mean().item()) < 0.1
+
+
+# ---- train ----
+def test_train_lenet_writes_everything(lenet_trained):
+    data, first, _, history = lenet_trained
+    assert len(re.findall(r"^epoch \d/2  train loss [\d.]+ acc [\d.]+%  val loss [\d.]+ acc [\d.]+%  lr [\d.]+  "
+                          r"[\d.]+s  \d+ img/s", first.stdout, re.M)) == 2
+    assert re.search(r"^test \(\d+ images\): top-1 [\d.]+%  top-3 [\d.]+%$", first.stdout, re.M)
+    for label in LABELS:                                       # the per-class table
+        assert re.search(rf"^{label}\s+\d+\s+[\d.]+%$", first.stdout, re.M)
+    for name in ("model.pt", "checkpoint.pt", "history.csv", "history.png", "confusion.png"):
+        assert (data / name).stat().st_size > 0
+    assert len(history.splitlines()) == 3                      # header + 2 epochs
+    assert not list(data.glob("*.tmp"))
+
+
+def test_resume_continues(lenet_trained):
+    data, _, resumed, _ = lenet_trained
+    assert "resuming after epoch 2" in resumed.stdout
+    assert re.search(r"^epoch 3/3 ", resumed.stdout, re.M) and not re.search(r"^epoch [12]/", resumed.stdout, re.M)
+    assert len((data / "history.csv").read_text().splitlines()) == 4
+    ckpt = torch.load(data / "checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] == 3 and ckpt["script"] == "cifar_lenet" and len(ckpt["history"]) == 3
+
+
+def test_lenet_learns_above_chance(folders_data, tmp_path):
+    for path in folders_data.glob("*"):
+        if path.name == "meta.json" or path.name.endswith(".pt.gz"):
+            shutil.copy(path, tmp_path / path.name)
+    proc = run(LENET, "train", "--data-dir", tmp_path, "--epochs", 10, "--batch-size", 32, "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    top1 = float(re.search(r"top-1 ([\d.]+)%", proc.stdout).group(1))
+    assert top1 > 55, proc.stdout                             # 3 classes: chance is 33%
+
+
+def test_train_resnet_on_shared_data(resnet_trained):
+    data, proc = resnet_trained
+    assert re.search(r"^epoch 1/1  train loss", proc.stdout, re.M) and "top-3" in proc.stdout
+    model = torch.load(data / "model.pt", weights_only=True)
+    assert model["script"] == "cifar_resnet" and model["labels"] == sorted(FOLDER_CLASSES)
+    assert model["model"]["conv1.weight"].shape == (64, 3, 3, 3)   # CIFAR stem
+    assert (data / "confusion.png").exists() and (data / "history.png").exists()
+
+
+def test_resume_without_checkpoint(folders_data, tmp_path):
+    shutil.copy(folders_data / "meta.json", tmp_path / "meta.json")
+    line = assert_one_line_error(run(LENET, "train", "--data-dir", tmp_path, "--resume", "--device", "cpu"), 1)
+    assert "checkpoint.pt" in line
+
+
+# ---- eval ----
+def parse_human(stdout):
+    """{path: [(label, percent), ...]} from the non-interactive human output."""
+    result, current = {}, None
+    for line in stdout.splitlines():
+        m = TOP_LINE.match(line)
+        if m:
+            result[current].append((m.group(1), float(m.group(2))))
+        else:
+            current = line
+            result[current] = []
+    return result
+
+
+def test_eval_human_and_json_agree(lenet_trained, names_dir):
+    data = lenet_trained[0]
+    images = [str(p) for p in sorted((names_dir / "test").iterdir())[:3]] + [str(names_dir / "train/90002_dog.png")]
+    human = run(LENET, "eval", "--data-dir", data, "--device", "cpu", *images)
+    assert human.returncode == 0, human.stderr
+    tops = parse_human(human.stdout)
+    assert list(tops) == images
+    as_json = run(LENET, "eval", "--data-dir", data, "--device", "cpu", "--json", *images)
+    assert as_json.returncode == 0, as_json.stderr
+    lines = [json.loads(line) for line in as_json.stdout.splitlines()]
+    assert [obj["image"] for obj in lines] == images
+    for obj in lines:
+        top = obj["top"]
+        assert len(top) == 5 and all(t["label"] in LABELS for t in top)
+        probs = [t["probability"] for t in top]
+        assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1.0001
+        human_top = tops[obj["image"]]
+        assert [name for name, _ in human_top] == [t["label"] for t in top]
+        assert abs(human_top[0][1] - 100 * probs[0]) < 0.01
+
+
+def test_eval_stdin_folder_and_bad_image(lenet_trained, names_dir):
+    data = lenet_trained[0]
+    good = sorted((names_dir / "test").iterdir())[:2]
+    stdin = f"{good[0]}\n\n{names_dir / 'train/90000_cat.png'}\n{names_dir / 'missing.png'}\n{good[1]}\n"
+    proc = run(LENET, "eval", "--data-dir", data, "--device", "cpu", "--json", stdin=stdin)
+    assert proc.returncode == 1                                # two images failed, the run went on
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [("top" in obj, "error" in obj) for obj in lines] == [(True, False), (False, True), (False, True),
+                                                               (True, False)]
+    folder = run(LENET, "eval", "--data-dir", data, "--device", "cpu", "--json", names_dir / "test")
+    assert folder.returncode == 0, folder.stderr
+    assert len(folder.stdout.splitlines()) == N_TEST
+    human = run(LENET, "eval", "--data-dir", data, "--device", "cpu", stdin=f"{good[0]}\n")
+    assert human.returncode == 0 and len(parse_human(human.stdout)[str(good[0])]) == 5
+
+
+def test_eval_model_from_another_script(lenet_trained, resnet_trained):
+    line = assert_one_line_error(run(LENET, "eval", "--model", resnet_trained[0] / "model.pt", "--device", "cpu",
+                                     stdin=""), 1)
+    assert "cifar_resnet" in line
+    line = assert_one_line_error(run(RESNET, "eval", "--data-dir", lenet_trained[0], "--device", "cpu"), 1)
+    assert "cifar_lenet" in line
+
+
+# ---- bad input ----
+@pytest.mark.parametrize("case", ["missing labels.txt", "empty folder", "no images", "missing folder"])
+def test_prepare_bad_input(case, tmp_path, names_dir):
+    src = tmp_path / "src"
+    src.mkdir()
+    if case == "missing labels.txt":       # N_label files but no labels.txt and no class folders
+        for p in sorted((names_dir / "train").iterdir())[:5]:
+            link(p, src / p.name)
+    elif case == "no images":              # labels.txt but nothing usable
+        shutil.copy(names_dir / "labels.txt", src / "labels.txt")
+        (src / "01_cat.jpg").write_bytes(b"garbage")
+    elif case == "missing folder":
+        src = tmp_path / "nope"
+    line = assert_one_line_error(run(LENET, "prepare", "--image-dir", src, "--data-dir", tmp_path / "d",
+                                     "--workers", 1), 1)
+    assert str(src) in line
+
+
+def test_data_from_another_script(tmp_path):
+    (tmp_path / "meta.json").write_text(json.dumps({"kind": "captcha", "script": "captcha"}))
+    line = assert_one_line_error(run(RESNET, "train", "--data-dir", tmp_path, "--device", "cpu"), 1)
+    assert "captcha.py" in line
+    line = assert_one_line_error(run(LENET, "eval", "--data-dir", tmp_path / "none", "--device", "cpu"), 1)
+    assert "model.pt" in line
