@@ -112,9 +112,10 @@ def parse_code(name, regex, charset, length, case_sensitive):
 
 
 def decode_file(path, image_size):
-    """Worker: path -> (uint8 tensor, None) or (None, reason)."""
+    """Worker: path -> (uint8 array 3,H,W, None) or (None, reason). Numpy, not torch: a tensor sent back from
+    a worker process holds a file descriptor open, and thousands of them exhaust the process's limit."""
     try:
-        return to_input(load_image(path), image_size), None
+        return to_input(load_image(path), image_size).numpy(), None
     except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
         return None, f"unreadable image ({type(e).__name__})"
 
@@ -417,11 +418,11 @@ def cmd_prepare(args):
     bar.close()
 
     images, codes = [], []
-    for (p, code), (tensor, reason) in zip(labelled, results):
+    for (p, code), (array, reason) in zip(labelled, results):
         if reason:
             skipped.setdefault(reason, []).append(p.name)
         else:
-            images.append(tensor)
+            images.append(array)
             codes.append([charset.index(c) for c in code])
     n_skipped = sum(map(len, skipped.values()))
     print(f"{image_dir}: {len(images)} images kept, {n_skipped} skipped")
@@ -430,7 +431,7 @@ def cmd_prepare(args):
     if not images:
         raise UserError(f"{image_dir}: no usable captcha image (expected names like 00001-{'a' * args.length}.png)")
 
-    x = torch.stack(images)  # N,3,H,W uint8
+    x = torch.from_numpy(np.stack(images))  # N,3,H,W uint8
     y = torch.tensor(codes, dtype=torch.long)  # N,L
     data_dir.mkdir(parents=True, exist_ok=True)
     clear_prepared(data_dir)
