@@ -5,6 +5,7 @@ import json
 import os
 import pty
 import re
+import resource
 import select
 import shutil
 import signal
@@ -61,10 +62,18 @@ def image_dir(tmp, generated):
     return folder
 
 
+def limit_open_files():
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+
+
 @pytest.fixture(scope="module")
 def prepared(tmp, image_dir):
+    """Prepared with 2 decoding processes and at most 256 open files (fewer than images: what a worker
+    sends back must not hold a file descriptor)."""
     data = tmp / "data"
-    proc = run("captcha.py", "prepare", "--image-dir", image_dir, "--data-dir", data, "--workers", 2)
+    proc = subprocess.run([sys.executable, str(ROOT / "captcha.py"), "prepare", "--image-dir", str(image_dir),
+                           "--data-dir", str(data), "--workers", "2"], capture_output=True, text=True,
+                          cwd=ROOT, preexec_fn=limit_open_files, timeout=600)
     assert proc.returncode == 0, proc.stderr
     return data, proc
 
