@@ -477,12 +477,12 @@ def cmd_train(args):
             raise UserError(f"{ckpt_path}: checkpoint of {ckpt.get('script')}.py, not {SCRIPT}.py")
         if ckpt["model_args"] != model_args:
             raise UserError(f"{ckpt_path}: checkpoint does not match the prepared data; train without --resume")
-        if ckpt["config"]["epochs"] != args.epochs:  # the one-cycle schedule is laid out over --epochs
-            raise UserError(f"{ckpt_path} continues a {ckpt['config']['epochs']}-epoch schedule; "
-                            f"resume with --epochs {ckpt['config']['epochs']}", 2)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
+        if ckpt["scheduler"]["total_steps"] == scheduler.total_steps:
+            scheduler.load_state_dict(ckpt["scheduler"])
+        else:  # --epochs or --batch-size changed: the same schedule shape over the new length, from here on
+            scheduler.last_epoch = ckpt["scheduler"]["last_epoch"]
         history, best, bad_epochs, first_epoch = ckpt["history"], ckpt["best_score"], ckpt["bad_epochs"], ckpt["epoch"] + 1
         print(f"resumed from {ckpt_path} after epoch {ckpt['epoch']} (best val exact-match {best:.2%})")
     generator = torch.Generator(device=device).manual_seed(args.seed + first_epoch)
