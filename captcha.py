@@ -569,7 +569,10 @@ def cmd_eval(args):
     charset, image_size = ckpt["charset"], tuple(ckpt["image_size"])
     interactive = not args.images and sys.stdin.isatty()
     failed = False
-    for path in iter_eval_inputs(args.images):
+    paths = iter_eval_inputs(args.images)
+    if args.images:  # files and folders: a known count, so a progress bar (shown on a terminal only)
+        paths = progress(list(paths), unit="img", desc="eval", leave=False)
+    for path in paths:
         try:
             x = to_input(load_image(path), image_size)
         except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
