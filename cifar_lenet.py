@@ -52,6 +52,7 @@ LR = 4e-3
 WEIGHT_DECAY = 5e-4
 LABEL_SMOOTHING = 0.0
 MEMORY_FORMAT = torch.contiguous_format  # no gain from channels_last for so few channels
+CPU_BF16 = False         # LeNet's layers are too small for bf16 to pay off on a CPU
 
 
 class UserError(Exception):
@@ -288,7 +289,8 @@ def build_model(num_classes):
 
 def make_optimizer(model, args, steps):
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=steps, pct_start=0.2)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, pct_start=0.2,
+                                                    total_steps=max(steps, 8))  # tiny runs: no 0-step phase
     return optimizer, scheduler
 
 
@@ -316,8 +318,11 @@ def pick_device(name):
 
 
 def autocast(device):
-    """bf16 mixed precision on CUDA; a no-op elsewhere."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    """bf16 mixed precision on CUDA, and on a CPU with native bf16 instructions if CPU_BF16; else a no-op."""
+    names = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")   # torch.cpu helpers; missing -> False
+    native = any(getattr(torch.cpu, name, lambda: False)() for name in names)
+    enabled = device.type == "cuda" or (device.type == "cpu" and CPU_BF16 and native)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
 def progress(iterable=None, **kwargs):
@@ -500,7 +505,7 @@ def cmd_train(args):
     if ckpt:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        if ckpt["scheduler"]["total_steps"] == steps:
+        if ckpt["scheduler"]["total_steps"] == scheduler.total_steps:
             scheduler.load_state_dict(ckpt["scheduler"])
         else:  # --epochs or --batch-size changed: the same schedule shape over the new length, from here on
             scheduler.last_epoch = ckpt["scheduler"]["last_epoch"]

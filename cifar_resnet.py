@@ -55,6 +55,7 @@ LR = 0.2
 WEIGHT_DECAY = 5e-4
 LABEL_SMOOTHING = 0.1
 MEMORY_FORMAT = torch.channels_last      # faster convolutions with cuDNN (bf16) and oneDNN (CPU)
+CPU_BF16 = True          # bf16 autocast on CPUs with native bf16 (AVX512-BF16/AMX): ~2x faster
 
 
 class UserError(Exception):
@@ -278,7 +279,8 @@ def build_model(num_classes):
 def make_optimizer(model, args, steps):
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True,
                                 weight_decay=args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=steps, pct_start=0.25)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, pct_start=0.25,
+                                                    total_steps=max(steps, 8))  # tiny runs: no 0-step phase
     return optimizer, scheduler
 
 
@@ -306,8 +308,11 @@ def pick_device(name):
 
 
 def autocast(device):
-    """bf16 mixed precision on CUDA; a no-op elsewhere."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    """bf16 mixed precision on CUDA, and on a CPU with native bf16 instructions if CPU_BF16; else a no-op."""
+    names = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")   # torch.cpu helpers; missing -> False
+    native = any(getattr(torch.cpu, name, lambda: False)() for name in names)
+    enabled = device.type == "cuda" or (device.type == "cpu" and CPU_BF16 and native)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
 def progress(iterable=None, **kwargs):
@@ -490,7 +495,7 @@ def cmd_train(args):
     if ckpt:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        if ckpt["scheduler"]["total_steps"] == steps:
+        if ckpt["scheduler"]["total_steps"] == scheduler.total_steps:
             scheduler.load_state_dict(ckpt["scheduler"])
         else:  # --epochs or --batch-size changed: the same schedule shape over the new length, from here on
             scheduler.last_epoch = ckpt["scheduler"]["last_epoch"]

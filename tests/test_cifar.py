@@ -12,7 +12,6 @@ import json
 import re
 import shutil
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image

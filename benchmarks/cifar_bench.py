@@ -1,0 +1,187 @@
+"""Training speed and accuracy of cifar_lenet.py and cifar_resnet.py versus the tutorial's training loop.
+
+Usage:
+    python cifar_lenet.py prepare --image-dir cifar --data-dir data/cifar_lenet     # once
+    python benchmarks/cifar_bench.py --data-dir data/cifar_lenet [--nets lenet,resnet] [--images 4000]
+        [--speed-epochs 2] [--acc-epochs 0] [--val-images 1000] [--threads N] [--device auto]
+
+Speed: images/s of one training epoch over the first --images training images, per network:
+  tutorial  the tutorial's loop: float32 C,W,H batches of 1000 images re-read from gz files every epoch,
+            mini-batches of 100, Adam 1e-3, default memory format, no augmentation;
+  script    the script's own train_one_epoch: the uint8 split in memory (on the device), random crop + flip
+            on whole batches, its batch size, optimizer and memory format.
+  The two run alternately (tutorial, script, tutorial, script, ...) so a busy shared machine hurts both.
+  Also printed: the one-time cost of loading the whole prepared data, as a share of one full epoch.
+Accuracy: --acc-epochs N trains each network N epochs on the first --images training images, with the
+  script's recipe (one-cycle schedule over N epochs) and with the tutorial's recipe, and prints the
+  validation top-1 of both after every epoch (first --val-images images of the validation split).
+"""
+import argparse
+import gzip
+import importlib.util
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = {"lenet": "cifar_lenet.py", "resnet": "cifar_resnet.py"}
+TUTORIAL_SHARD, TUTORIAL_BATCH = 1000, 100
+
+
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / SCRIPTS[name])
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def write_tutorial_shards(images, labels, folder):
+    """The tutorial's files: float32 in [0, 1], C,W,H order (its transpose), gzip of torch.save, 1000 a file."""
+    for i, start in enumerate(range(0, len(labels), TUTORIAL_SHARD)):
+        x = images[start:start + TUTORIAL_SHARD].float().div(255).transpose(2, 3).contiguous()
+        with gzip.open(folder / f"{i}.pt.gz", "wb") as f:
+            torch.save((x, labels[start:start + TUTORIAL_SHARD]), f)
+
+
+def tutorial_epoch(model, optimizer, folder, device):
+    """One epoch of the tutorial's loop: every file decompressed again, mini-batches of 100."""
+    model.train()
+    loss_fn = nn.CrossEntropyLoss()
+    for path in sorted(folder.glob("*.pt.gz"), key=lambda p: int(p.name.split(".")[0])):
+        with gzip.open(path, "rb") as f:
+            x, y = torch.load(f, weights_only=True)
+        for start in range(0, len(y), TUTORIAL_BATCH):
+            out = model(x[start:start + TUTORIAL_BATCH].to(device))
+            loss = loss_fn(out, y[start:start + TUTORIAL_BATCH].to(device))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    sync(device)
+
+
+@torch.no_grad()
+def tutorial_accuracy(model, images, labels, device):
+    model.eval()
+    x = images.float().div(255).transpose(2, 3)
+    logits = torch.cat([model(x[i:i + 500].to(device)).cpu() for i in range(0, len(labels), 500)])
+    return (logits.argmax(1) == labels).float().mean().item()
+
+
+def script_setup(module, num_classes, n, epochs, device):
+    """Model, optimizer, scheduler and loss exactly as the script's train command builds them."""
+    model = module.build_model(num_classes).to(device, memory_format=module.MEMORY_FORMAT)
+    recipe = argparse.Namespace(lr=module.LR, weight_decay=module.WEIGHT_DECAY)
+    optimizer, scheduler = module.make_optimizer(model, recipe, epochs * math.ceil(n / module.BATCH_SIZE))
+    return model, optimizer, scheduler, nn.CrossEntropyLoss(label_smoothing=module.LABEL_SMOOTHING)
+
+
+def timed(fn, device):
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def bench_speed(name, module, train, norm, num_classes, args, device, tmp, full_n, load_seconds):
+    images, labels = train
+    n = len(labels)
+    folder = tmp / name
+    folder.mkdir()
+    write_tutorial_shards(images, labels, folder)
+    torch.manual_seed(args.seed)
+    tut_model = module.build_model(num_classes).to(device)
+    tut_opt = torch.optim.Adam(tut_model.parameters(), lr=1e-3)
+    model, optimizer, scheduler, loss_fn = script_setup(module, num_classes, n, args.speed_epochs, device)
+    data = (images.to(device), labels.to(device))
+    tut_times, our_times = [], []
+    for epoch in range(1, args.speed_epochs + 1):
+        tut_times.append(timed(lambda: tutorial_epoch(tut_model, tut_opt, folder, device), device))
+        our_times.append(timed(lambda: module.train_one_epoch(model, data, norm, optimizer, scheduler, loss_fn,
+                                                              module.BATCH_SIZE, name), device))
+        print(f"{name} speed epoch {epoch}: tutorial {n / tut_times[-1]:.0f} img/s ({tut_times[-1]:.1f}s)  "
+              f"script {n / our_times[-1]:.0f} img/s ({our_times[-1]:.1f}s)  "
+              f"ratio {tut_times[-1] / our_times[-1]:.2f}x", flush=True)
+    tut, ours = n * len(tut_times) / sum(tut_times), n * len(our_times) / sum(our_times)
+    print(f"{name} SPEED over {args.speed_epochs} epochs of {n} images: tutorial {tut:.0f} img/s, "
+          f"script {ours:.0f} img/s, ratio {ours / tut:.2f}x; one full epoch of {full_n} images: "
+          f"tutorial ~{full_n / tut:.0f}s, script ~{full_n / ours:.0f}s; loading the whole prepared data once "
+          f"({load_seconds:.1f}s) = {100 * load_seconds / (full_n / ours):.1f}% of a script epoch", flush=True)
+
+
+def bench_accuracy(name, module, train, val, norm, num_classes, args, device, tmp):
+    images, labels = train
+    torch.manual_seed(args.seed)
+    model, optimizer, scheduler, loss_fn = script_setup(module, num_classes, len(labels), args.acc_epochs, device)
+    torch.manual_seed(args.seed)
+    tut_model = module.build_model(num_classes).to(device)
+    tut_opt = torch.optim.Adam(tut_model.parameters(), lr=1e-3)
+    folder = tmp / f"{name}_acc"
+    folder.mkdir()
+    write_tutorial_shards(images, labels, folder)
+    data, val_dev = (images.to(device), labels.to(device)), (val[0].to(device), val[1].to(device))
+    for epoch in range(1, args.acc_epochs + 1):
+        seconds = timed(lambda: module.train_one_epoch(model, data, norm, optimizer, scheduler, loss_fn,
+                                                       module.BATCH_SIZE, name), device)
+        ours = module.evaluate(model, val_dev, norm, loss_fn, 500)[1]
+        tut_seconds = timed(lambda: tutorial_epoch(tut_model, tut_opt, folder, device), device)
+        tut = tutorial_accuracy(tut_model, *val, device)
+        print(f"{name} ACC epoch {epoch}/{args.acc_epochs}: val top-1 script {ours:.2%} ({seconds:.0f}s)  "
+              f"tutorial {tut:.2%} ({tut_seconds:.0f}s)", flush=True)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--data-dir", default="data/cifar_lenet", help="data prepared by either CIFAR script")
+    parser.add_argument("--nets", default="lenet,resnet", help="comma-separated: lenet, resnet")
+    parser.add_argument("--images", type=int, default=4000, help="training images per epoch (0: all)")
+    parser.add_argument("--val-images", type=int, default=1000, help="validation images for accuracy (0: all)")
+    parser.add_argument("--speed-epochs", type=int, default=2, help="timed epochs of each loop (0: skip)")
+    parser.add_argument("--acc-epochs", type=int, default=0, help="epochs of the accuracy comparison (0: skip)")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--fp32", action="store_true", help="no bf16 autocast on the CPU (scripts' CPU_BF16 off)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    modules = {name: load_script(name) for name in args.nets.split(",")}
+    for module in modules.values():
+        module.CPU_BF16 = module.CPU_BF16 and not args.fp32
+    first = next(iter(modules.values()))
+    device = first.pick_device(args.device)
+    meta = first.read_meta(args.data_dir)
+    t0 = time.perf_counter()
+    full_train = first.read_split(args.data_dir, "training_set")
+    val = first.read_split(args.data_dir, "validating_set")
+    load_seconds = time.perf_counter() - t0
+    limit = args.images or len(full_train[1])
+    train = tuple(t[:limit] for t in full_train)
+    val = tuple(t[:args.val_images or len(val[1])] for t in val)
+    norm, num_classes = (meta["mean"], meta["std"]), len(meta["labels"])
+    print(f"{torch.__version__}, {device}, {torch.get_num_threads()} threads, "
+          f"CPU bf16 {'/'.join(f'{k} {m.CPU_BF16}' for k, m in modules.items())}; {len(train[1])} training "
+          f"images per epoch (of {len(full_train[1])}), {len(val[1])} validation images", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, module in modules.items():
+            if args.speed_epochs:
+                bench_speed(name, module, train, norm, num_classes, args, device, Path(tmp), len(full_train[1]),
+                            load_seconds)
+            if args.acc_epochs:
+                bench_accuracy(name, module, train, val, norm, num_classes, args, device, Path(tmp))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
