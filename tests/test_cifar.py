@@ -160,6 +160,18 @@ def test_prepare_test_dir(names_dir, tmp_path):
     assert counts["validating_set"] == int((N_TRAIN + 2) * 0.1)
 
 
+def test_shards_hold_only_their_own_images(tmp_path):
+    module = load_module(LENET)
+    images = torch.randint(0, 256, (2500, 3, 32, 32), dtype=torch.uint8)
+    module.write_split(tmp_path, "training_set", (images, torch.arange(2500)))
+    sizes = []
+    for path in sorted(tmp_path.glob("training_set.*.pt.gz")):
+        with gzip.open(path, "rb") as f:
+            sizes.append(len(f.read()))
+    assert len(sizes) == 3 and sum(sizes) < 1.05 * images.numel() * 1.1    # a slice saved alone, not its storage
+    assert torch.equal(module.read_split(tmp_path, "training_set")[0], images)
+
+
 def test_read_image_any_mode_and_size(tmp_path):
     module = load_module(LENET)
     for mode, size in (("L", (7, 90)), ("RGBA", (40, 30)), ("P", (33, 33)), ("RGB", (32, 32))):
