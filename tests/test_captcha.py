@@ -158,6 +158,19 @@ def test_prepare_storage_is_uint8_chw_in_batches_of_1000(prepared):
         "testing_set.0.pt.gz", "training_set.0.pt.gz", "validating_set.0.pt.gz"]
 
 
+def test_shards_hold_only_their_own_images(tmp):
+    mod = load_module("captcha")
+    folder = tmp / "shards"
+    folder.mkdir()
+    x, y = torch.randint(0, 256, (2500, 3, 8, 8), dtype=torch.uint8), torch.arange(2500)
+    mod.write_split(folder, "training_set", (x, y))
+    sizes = [(folder / f"training_set.{i}.pt.gz").stat().st_size for i in range(3)]
+    assert sizes[2] < 0.6 * sizes[0]  # 500 images, not the whole split
+    assert len(mod.load_shard(folder / "training_set.2.pt.gz")[0]) == 500
+    back = mod.read_split(folder, "training_set")
+    assert torch.equal(back[0], x) and torch.equal(back[1], y)
+
+
 def test_prepare_split_is_deterministic(tmp, image_dir, prepared):
     data, _ = prepared
     mod = load_module("captcha")
