@@ -124,7 +124,8 @@ def write_split(data_dir, name, tensors):
     """Write one split as shards `name.N.pt.gz`, N = 0.. (the last one may be short)."""
     n = len(tensors[0])
     for i, start in enumerate(range(0, n, SHARD_SIZE)):
-        save_shard(Path(data_dir) / f"{name}.{i}.pt.gz", [t[start:start + SHARD_SIZE] for t in tensors])
+        # clone: torch.save of a slice view would write the whole underlying tensor into every shard
+        save_shard(Path(data_dir) / f"{name}.{i}.pt.gz", [t[start:start + SHARD_SIZE].clone() for t in tensors])
 
 
 def read_split(data_dir, name):

@@ -13,6 +13,7 @@ Both scripts split sorted photo names with the same seed, so they see the same v
 import argparse
 import json
 import math
+import re
 import subprocess
 import sys
 import time
@@ -50,7 +51,7 @@ def scores(lines, truth, count_threshold):
         taken = torch.zeros(len(gt), dtype=torch.bool)
         for k in conf.argsort(descending=True).tolist():
             j = int(iou[k].argmax()) if len(gt) else -1
-            hit = j >= 0 and iou[k, j] >= 0.5 and not taken[j]
+            hit = bool(j >= 0 and iou[k, j] >= 0.5 and not taken[j])
             if hit:
                 taken[j] = True
             ranked.append((float(conf[k]), hit))
@@ -68,7 +69,7 @@ def scores(lines, truth, count_threshold):
     for i in range(len(precision) - 2, -1, -1):
         precision[i] = max(precision[i], precision[i + 1])
     ap = sum((recall[i + 1] - recall[i]) * precision[i + 1] for i in range(len(recall) - 1))
-    return {"ap50": ap, "recall": hits_above / max(n_true, 1), "count_rmse": math.sqrt(sq / max(len(lines), 1))}
+    return {"ap50": float(ap), "recall": hits_above / max(n_true, 1), "count_rmse": math.sqrt(sq / max(len(lines), 1))}
 
 
 def subset(args, work):
@@ -105,9 +106,11 @@ def bench(key, args, photos, csv_path, truth):
             return None
         history = pd.read_csv(Path(data) / "history.csv")
         n_train = len(json.loads((Path(data) / "meta.json").read_text())["splits"]["training"])
-        row["train s/epoch"] = history["seconds"].mean()
-        row["train photos/s"] = n_train / history["seconds"].mean()
-        print(proc.stdout.strip().splitlines()[-1])
+        row["train s/epoch (incl. validation)"] = history["seconds"].mean()
+        row["train photos/s (incl. validation)"] = n_train / history["seconds"].mean()
+        speeds = re.findall(r"([\d.]+ (?:photo|crops)/s)", proc.stdout)
+        row["training pass speed (last epoch)"] = speeds[-1] if speeds else "?"
+        print(f"{script}: {proc.stdout.strip().splitlines()[-1]}")
     meta = json.loads((Path(data) / "meta.json").read_text())
     names = meta["splits"]["validating"][:args.eval_photos]
     images = [Path(meta["image_dir"]) / n for n in names]
@@ -144,6 +147,7 @@ def main():
     table = pd.DataFrame(rows).set_index("script").T
     print(f"\nmachine: {torch.get_num_threads()} torch threads, CPU; {args.photos} photos, {args.epochs} epochs")
     print(table.to_string(float_format=lambda v: f"{v:.3f}"))
+    print("(eval s/photo: eval wall time minus the start-up of an eval with no image, / photos)")
     if len(rows) == 2 and "eval s/photo" in rows[0] and rows[1]["eval s/photo"] > 0:
         print(f"fast_rcnn eval speed-up over rcnn: {rows[0]['eval s/photo'] / rows[1]['eval s/photo']:.1f}x")
     return 0
