@@ -633,6 +633,8 @@ def cmd_eval(args):
     model.eval()
     if args.output_dir:
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    elif not Path(args.output).resolve().parent.is_dir():
+        raise UserError(f"--output {args.output}: folder {Path(args.output).parent} does not exist", 2)
     search_side = args.search_side or ckpt["search_side"]
     failed = False
     for path, img, proposals in iter_proposals(iter_eval_inputs(args.images), search_side, 2 if args.images else 0):
