@@ -128,16 +128,18 @@ def bench_accuracy(name, module, train, val, norm, num_classes, args, device, tm
     tut_opt = torch.optim.Adam(tut_model.parameters(), lr=1e-3)
     folder = tmp / f"{name}_acc"
     folder.mkdir()
-    write_tutorial_shards(images, labels, folder)
+    if not args.no_tutorial_acc:
+        write_tutorial_shards(images, labels, folder)
     data, val_dev = (images.to(device), labels.to(device)), (val[0].to(device), val[1].to(device))
     for epoch in range(1, args.acc_epochs + 1):
         seconds = timed(lambda: module.train_one_epoch(model, data, norm, optimizer, scheduler, loss_fn,
                                                        module.BATCH_SIZE, name), device)
         ours = module.evaluate(model, val_dev, norm, loss_fn, 500)[1]
-        tut_seconds = timed(lambda: tutorial_epoch(tut_model, tut_opt, folder, device), device)
-        tut = tutorial_accuracy(tut_model, *val, device)
-        print(f"{name} ACC epoch {epoch}/{args.acc_epochs}: val top-1 script {ours:.2%} ({seconds:.0f}s)  "
-              f"tutorial {tut:.2%} ({tut_seconds:.0f}s)", flush=True)
+        line = f"{name} ACC epoch {epoch}/{args.acc_epochs}: val top-1 script {ours:.2%} ({seconds:.0f}s)"
+        if not args.no_tutorial_acc:
+            tut_seconds = timed(lambda: tutorial_epoch(tut_model, tut_opt, folder, device), device)
+            line += f"  tutorial {tutorial_accuracy(tut_model, *val, device):.2%} ({tut_seconds:.0f}s)"
+        print(line, flush=True)
 
 
 def main():
@@ -152,6 +154,7 @@ def main():
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-tutorial-acc", action="store_true", help="accuracy of the script's recipe only")
     parser.add_argument("--fp32", action="store_true", help="no bf16 autocast on the CPU (scripts' CPU_BF16 off)")
     args = parser.parse_args()
     if args.threads:

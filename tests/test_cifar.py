@@ -9,8 +9,11 @@ import gzip
 import importlib.util
 import io
 import json
+import os
 import re
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -295,6 +298,25 @@ def test_eval_stdin_folder_and_bad_image(lenet_trained, names_dir):
     assert len(folder.stdout.splitlines()) == N_TEST
     human = run(LENET, "eval", "--data-dir", data, "--device", "cpu", stdin=f"{good[0]}\n")
     assert human.returncode == 0 and len(parse_human(human.stdout)[str(good[0])]) == 5
+
+
+def test_eval_interactive_prompt(lenet_trained, names_dir):
+    """stdin is a terminal: the tutorial's prompt, an empty line prompts again, Ctrl-D ends with status 0."""
+    image = sorted((names_dir / "test").iterdir())[0]
+    master, slave = os.openpty()
+    proc = subprocess.Popen([sys.executable, str(ROOT / LENET), "eval", "--data-dir", str(lenet_trained[0]),
+                             "--device", "cpu"], stdin=slave, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=ROOT)
+    os.close(slave)
+    os.write(master, f"{image}\n\n".encode() + b"\x04")   # a path, an empty line, end of input
+    try:
+        out, err = proc.communicate(timeout=120)
+    finally:
+        os.close(master)
+    assert proc.returncode == 0, err
+    assert out.count("Image path: ") == 3 and "Traceback" not in err
+    lines = out.replace("Image path: ", "\n").splitlines()
+    assert len([line for line in lines if TOP_LINE.match(line)]) == 5 and str(image) not in out   # no path header
 
 
 def test_eval_model_from_another_script(lenet_trained, resnet_trained):
