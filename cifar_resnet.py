@@ -110,15 +110,15 @@ def preprocess(images, mean, std):
 
 def augment(images):
     """Random crop (zero padding of PAD pixels) and random horizontal flip of a whole uint8 batch B,3,H,W, on
-    its own device: one gather with a per-image window; a flip just reads the window's columns backwards."""
+    its own device: two gathers (rows, then columns) of a per-image window; a flip reads the columns backwards."""
     b, c, h, w = images.shape
     dev = images.device
     padded = F.pad(images, (PAD, PAD, PAD, PAD))                                        # B,3,H+8,W+8
     rows = torch.randint(0, 2 * PAD + 1, (b, 1), device=dev) + torch.arange(h, device=dev)   # B,H
     cols = torch.randint(0, 2 * PAD + 1, (b, 1), device=dev) + torch.arange(w, device=dev)   # B,W
     cols = torch.where(torch.rand(b, 1, device=dev) < 0.5, cols.flip(1), cols)
-    return padded[torch.arange(b, device=dev).view(b, 1, 1, 1), torch.arange(c, device=dev).view(1, c, 1, 1),
-                  rows.view(b, 1, h, 1), cols.view(b, 1, 1, w)]
+    x = padded.gather(2, rows.view(b, 1, h, 1).expand(b, c, h, w + 2 * PAD))               # B,3,H,W+8
+    return x.gather(3, cols.view(b, 1, 1, w).expand(b, c, h, w))                            # B,3,H,W
 
 
 def read_label_list(path):
@@ -494,6 +494,9 @@ def cmd_train(args):
     loss_fn = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
     history, best_score, bad_epochs, start = [], -1.0, 0, 1
     if ckpt:
+        if ckpt["model_args"] != model_args:
+            raise UserError(f"{data_dir / 'checkpoint.pt'} was trained on other data ({ckpt['model_args']}, now "
+                            f"{model_args}); train without --resume")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         if ckpt["scheduler"]["total_steps"] == scheduler.total_steps:

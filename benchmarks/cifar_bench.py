@@ -10,7 +10,8 @@ Speed: images/s of one training epoch over the first --images training images, p
             mini-batches of 100, Adam 1e-3, default memory format, no augmentation;
   script    the script's own train_one_epoch: the uint8 split in memory (on the device), random crop + flip
             on whole batches, its batch size, optimizer and memory format.
-  The two run alternately (tutorial, script, tutorial, script, ...) so a busy shared machine hurts both.
+  The two run alternately on chunks of --chunk images (tutorial, script, tutorial, script, ...; the tutorial's
+  files then hold --chunk images when that is under 1000), so a busy shared machine hurts both alike.
   Also printed: the one-time cost of loading the whole prepared data, as a share of one full epoch.
 Accuracy: --acc-epochs N trains each network N epochs on the first --images training images, with the
   script's recipe (one-cycle schedule over N epochs) and with the tutorial's recipe, and prints the
@@ -45,19 +46,20 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def write_tutorial_shards(images, labels, folder):
+def write_tutorial_shards(images, labels, folder, size=TUTORIAL_SHARD):
     """The tutorial's files: float32 in [0, 1], C,W,H order (its transpose), gzip of torch.save, 1000 a file."""
-    for i, start in enumerate(range(0, len(labels), TUTORIAL_SHARD)):
-        x = images[start:start + TUTORIAL_SHARD].float().div(255).transpose(2, 3).contiguous()
+    for i, start in enumerate(range(0, len(labels), size)):
+        x = images[start:start + size].float().div(255).transpose(2, 3).contiguous()
         with gzip.open(folder / f"{i}.pt.gz", "wb") as f:
-            torch.save((x, labels[start:start + TUTORIAL_SHARD]), f)
+            torch.save((x, labels[start:start + size].clone()), f)
+    return sorted(folder.glob("*.pt.gz"), key=lambda p: int(p.name.split(".")[0]))
 
 
-def tutorial_epoch(model, optimizer, folder, device):
-    """One epoch of the tutorial's loop: every file decompressed again, mini-batches of 100."""
+def tutorial_epoch(model, optimizer, paths, device):
+    """The tutorial's loop over some of its files: each file decompressed again, mini-batches of 100."""
     model.train()
     loss_fn = nn.CrossEntropyLoss()
-    for path in sorted(folder.glob("*.pt.gz"), key=lambda p: int(p.name.split(".")[0])):
+    for path in paths:
         with gzip.open(path, "rb") as f:
             x, y = torch.load(f, weights_only=True)
         for start in range(0, len(y), TUTORIAL_BATCH):
@@ -77,11 +79,11 @@ def tutorial_accuracy(model, images, labels, device):
     return (logits.argmax(1) == labels).float().mean().item()
 
 
-def script_setup(module, num_classes, n, epochs, device):
+def script_setup(module, num_classes, steps, device):
     """Model, optimizer, scheduler and loss exactly as the script's train command builds them."""
     model = module.build_model(num_classes).to(device, memory_format=module.MEMORY_FORMAT)
     recipe = argparse.Namespace(lr=module.LR, weight_decay=module.WEIGHT_DECAY)
-    optimizer, scheduler = module.make_optimizer(model, recipe, epochs * math.ceil(n / module.BATCH_SIZE))
+    optimizer, scheduler = module.make_optimizer(model, recipe, steps)
     return model, optimizer, scheduler, nn.CrossEntropyLoss(label_smoothing=module.LABEL_SMOOTHING)
 
 
@@ -98,17 +100,26 @@ def bench_speed(name, module, train, norm, num_classes, args, device, tmp, full_
     n = len(labels)
     folder = tmp / name
     folder.mkdir()
-    write_tutorial_shards(images, labels, folder)
+    chunk = args.chunk if args.chunk < TUTORIAL_SHARD else args.chunk // TUTORIAL_SHARD * TUTORIAL_SHARD
+    files = write_tutorial_shards(images, labels, folder, min(chunk, TUTORIAL_SHARD))
+    per_chunk = max(1, chunk // TUTORIAL_SHARD)
+    starts = range(0, n, chunk)
     torch.manual_seed(args.seed)
     tut_model = module.build_model(num_classes).to(device)
     tut_opt = torch.optim.Adam(tut_model.parameters(), lr=1e-3)
-    model, optimizer, scheduler, loss_fn = script_setup(module, num_classes, n, args.speed_epochs, device)
+    steps = args.speed_epochs * sum(math.ceil(min(chunk, n - s) / module.BATCH_SIZE) for s in starts)
+    model, optimizer, scheduler, loss_fn = script_setup(module, num_classes, steps, device)
     data = (images.to(device), labels.to(device))
     tut_times, our_times = [], []
     for epoch in range(1, args.speed_epochs + 1):
-        tut_times.append(timed(lambda: tutorial_epoch(tut_model, tut_opt, folder, device), device))
-        our_times.append(timed(lambda: module.train_one_epoch(model, data, norm, optimizer, scheduler, loss_fn,
-                                                              module.BATCH_SIZE, name), device))
+        tut_times.append(0.0)
+        our_times.append(0.0)
+        for i, start in enumerate(starts):
+            part = tuple(t[start:start + chunk] for t in data)
+            tut_times[-1] += timed(lambda: tutorial_epoch(tut_model, tut_opt, files[i * per_chunk:(i + 1) * per_chunk],
+                                                          device), device)
+            our_times[-1] += timed(lambda: module.train_one_epoch(model, part, norm, optimizer, scheduler, loss_fn,
+                                                                  module.BATCH_SIZE, name), device)
         print(f"{name} speed epoch {epoch}: tutorial {n / tut_times[-1]:.0f} img/s ({tut_times[-1]:.1f}s)  "
               f"script {n / our_times[-1]:.0f} img/s ({our_times[-1]:.1f}s)  "
               f"ratio {tut_times[-1] / our_times[-1]:.2f}x", flush=True)
@@ -122,14 +133,14 @@ def bench_speed(name, module, train, norm, num_classes, args, device, tmp, full_
 def bench_accuracy(name, module, train, val, norm, num_classes, args, device, tmp):
     images, labels = train
     torch.manual_seed(args.seed)
-    model, optimizer, scheduler, loss_fn = script_setup(module, num_classes, len(labels), args.acc_epochs, device)
+    steps = args.acc_epochs * math.ceil(len(labels) / module.BATCH_SIZE)
+    model, optimizer, scheduler, loss_fn = script_setup(module, num_classes, steps, device)
     torch.manual_seed(args.seed)
     tut_model = module.build_model(num_classes).to(device)
     tut_opt = torch.optim.Adam(tut_model.parameters(), lr=1e-3)
     folder = tmp / f"{name}_acc"
     folder.mkdir()
-    if not args.no_tutorial_acc:
-        write_tutorial_shards(images, labels, folder)
+    files = [] if args.no_tutorial_acc else write_tutorial_shards(images, labels, folder)
     data, val_dev = (images.to(device), labels.to(device)), (val[0].to(device), val[1].to(device))
     for epoch in range(1, args.acc_epochs + 1):
         seconds = timed(lambda: module.train_one_epoch(model, data, norm, optimizer, scheduler, loss_fn,
@@ -137,7 +148,7 @@ def bench_accuracy(name, module, train, val, norm, num_classes, args, device, tm
         ours = module.evaluate(model, val_dev, norm, loss_fn, 500)[1]
         line = f"{name} ACC epoch {epoch}/{args.acc_epochs}: val top-1 script {ours:.2%} ({seconds:.0f}s)"
         if not args.no_tutorial_acc:
-            tut_seconds = timed(lambda: tutorial_epoch(tut_model, tut_opt, folder, device), device)
+            tut_seconds = timed(lambda: tutorial_epoch(tut_model, tut_opt, files, device), device)
             line += f"  tutorial {tutorial_accuracy(tut_model, *val, device):.2%} ({tut_seconds:.0f}s)"
         print(line, flush=True)
 
@@ -150,6 +161,7 @@ def main():
     parser.add_argument("--images", type=int, default=4000, help="training images per epoch (0: all)")
     parser.add_argument("--val-images", type=int, default=1000, help="validation images for accuracy (0: all)")
     parser.add_argument("--speed-epochs", type=int, default=2, help="timed epochs of each loop (0: skip)")
+    parser.add_argument("--chunk", type=int, default=2000, help="images per alternation of the two timed loops")
     parser.add_argument("--acc-epochs", type=int, default=0, help="epochs of the accuracy comparison (0: skip)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
