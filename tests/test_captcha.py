@@ -247,6 +247,7 @@ def test_train_writes_model_history_and_scores(trained):
 def test_network_learns():
     """The model, loss, augmentation and optimizer together learn to read drawn digits (> 80% exact)."""
     mod = load_module("captcha")
+    torch.manual_seed(0)
     from PIL import ImageDraw, ImageFont
     font = ImageFont.load_default(size=30)
     gen = torch.Generator().manual_seed(0)
@@ -261,7 +262,7 @@ def test_network_learns():
     model = mod.build_model({"n_classes": 36, "length": 4, "image_size": [40, 96]}, torch.device("cpu"))
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    for _ in range(25):
+    for _ in range(45):
         mod.run_epoch(model, x, y, torch.device("cpu"), 16, optimizer, scheduler, gen)
     loss, exact, chars = mod.run_epoch(model, x, y, torch.device("cpu"), 64)
     assert chars > 0.9 and exact > 0.8, (loss, exact, chars)
