@@ -48,6 +48,7 @@ SS_SIDE = 200                            # selective search runs on a copy with 
 SS_PROPOSALS = 300                       # selective search regions kept per photo
 WINDOW_SIZES = (16, 24, 32, 48, 64, 96, 128, 192, 256)  # dense windows (letterbox pixels), step = size / 2
 WINDOW_RATIO = 1.2                       # window height / width (faces are slightly taller than wide)
+THRESHOLD = 0.25                         # calibrated face probability; minimises the validation count RMSE
 POS_IOU, NEG_IOU = 0.5, 0.4              # proposal labelling: face >= POS_IOU, background < NEG_IOU
 ROIS_PER_PHOTO, POS_FRACTION = 64, 0.25
 STRIDE = 8                               # feature map stride
@@ -488,9 +489,10 @@ def run_epoch(model, data, idx, device, batch_size, optimizer=None, generator=No
 
 
 @torch.no_grad()
-def detect(model, images, props, sizes, device, nms_iou, regress=True, batch_size=8):
+def detect(model, images, props, sizes, device, nms_iou, regress=True, calibration=(1.0, 0.0), batch_size=8):
     """Score all proposals of letterboxed photos; per photo boxes in photo pixels and face probabilities,
-    best first, after NMS by score (no score threshold here, so NMS never depends on it)."""
+    best first, after NMS by score (no score threshold here, so NMS never depends on it).
+    Score = sigmoid(a * log-odds + b) with calibration (a, b): (1, 0) is the network's softmax."""
     model.eval()
     results = []
     size = (images.shape[-1], images.shape[-2])
@@ -499,7 +501,8 @@ def detect(model, images, props, sizes, device, nms_iou, regress=True, batch_siz
         rois = [p.to(device) for p in props[start:start + batch_size]]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             logits, offsets = model.classify_rois(model.features(x), rois)
-        scores = logits.float().softmax(1)[:, 1].cpu().split([len(r) for r in rois])
+        log_odds = (logits[:, 1] - logits[:, 0]).float().cpu()
+        scores = torch.sigmoid(calibration[0] * log_odds + calibration[1]).split([len(r) for r in rois])
         offsets = offsets.float().cpu().split([len(r) for r in rois])
         for roi, score, offset, (w, h) in zip(rois, scores, offsets, sizes[start:start + batch_size].tolist()):
             boxes = decode_offsets(offset, roi.cpu()) if regress else roi.cpu()
@@ -510,21 +513,51 @@ def detect(model, images, props, sizes, device, nms_iou, regress=True, batch_siz
     return results
 
 
-def detection_scores(dets, gts, threshold, iou=0.5):
-    """VOC AP at IoU 0.5 (all-point interpolation) over all photos, recall and face-count RMSE at `threshold`."""
-    scores, hits, n_gt, sq_err = [], [], 0, 0.0
+def match_detections(dets, gts, iou=0.5):
+    """VOC matching per photo: by decreasing score, a box is correct if its best-overlapping true box has
+    IoU >= iou and was not matched before. Returns (scores, hits) over all photos."""
+    scores, hits = [], []
     for (boxes, score), gt in zip(dets, gts):
-        n_gt += len(gt)
-        sq_err += ((score >= threshold).sum().item() - len(gt)) ** 2
         taken = torch.zeros(len(gt), dtype=torch.bool)
         overlaps = box_iou(boxes, gt) if len(gt) and len(boxes) else torch.zeros(len(boxes), 0)
-        for k in score.argsort(descending=True).tolist():  # greedy, best score first, each face matched once
+        for k in score.argsort(descending=True).tolist():
             j = overlaps[k].argmax().item() if overlaps.shape[1] else -1
             hit = j >= 0 and overlaps[k, j] >= iou and not taken[j]
             if hit:
                 taken[j] = True
             scores.append(score[k].item())
             hits.append(hit)
+    return scores, hits
+
+
+def fit_calibration(dets, gts, minimum=20):
+    """Platt scaling on validation detections: (a, b) such that sigmoid(a * log-odds + b) is the chance that a
+    box is a correct detection. The network's own softmax is far too sure (training sees 25% faces, eval
+    scores ~3,000 regions per photo), so --threshold 0.5 would count many false faces. Ranking (AP) and NMS
+    are unchanged: the map is monotonic. Returns None with too few correct or wrong detections."""
+    scores, hits = match_detections(dets, gts)
+    y = torch.tensor(hits, dtype=torch.float32)
+    if y.sum() < minimum or (1 - y).sum() < minimum:
+        return None
+    z = torch.logit(torch.tensor(scores).clamp(1e-6, 1 - 1e-6))
+    ab = torch.tensor([1.0, 0.0], requires_grad=True)
+    optimizer = torch.optim.LBFGS([ab], max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.binary_cross_entropy_with_logits(ab[0] * z + ab[1], y)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return [float(v) for v in ab.detach()] if ab[0] > 0 else None
+
+
+def detection_scores(dets, gts, threshold, iou=0.5):
+    """VOC AP at IoU 0.5 (all-point interpolation) over all photos, recall and face-count RMSE at `threshold`."""
+    n_gt = sum(len(gt) for gt in gts)
+    sq_err = sum(((score >= threshold).sum().item() - len(gt)) ** 2 for (_, score), gt in zip(dets, gts))
+    scores, hits = match_detections(dets, gts, iou)
     order = np.argsort(-np.array(scores), kind="stable")
     hits = np.array(hits, dtype=float)[order]
     tp, fp = np.cumsum(hits), np.cumsum(1 - hits)
@@ -590,7 +623,7 @@ def cmd_prepare(args):
     n_faces = sum(len(r["gt"]) for r in kept.values())
     print(f"kept {len(kept)} photos with {n_faces} faces ({len(kept) / seconds:.1f} photos/s)")
     for reason, (n, examples) in skipped.items():
-        print(f"skipped {n} row(s): {reason}, e.g. {'; '.join(examples)}")
+        print(f"skipped {n} x {reason}: {', '.join(examples)}")
     if not kept:
         raise UserError(f"{args.csv}: no usable photo with a valid face box in {image_dir}")
     kept_names = sorted(kept)
@@ -682,12 +715,19 @@ def cmd_train(args):
         raise UserError(f"{data_dir}: no epoch finished; nothing to evaluate")
     best_model = load_model_file(data_dir / "model.pt")
     model.load_state_dict(best_model["model"])
+    calibration = fit_calibration(detect(model, val[0], val[2], val[3], device, args.nms_iou), photo_boxes(val, size))
+    if calibration is None:
+        print("too few correct/wrong validation detections to calibrate the scores; softmax scores kept")
+    else:
+        best_model["calibration"] = calibration
+        atomic_torch_save(best_model, data_dir / "model.pt")
+        print(f"scores calibrated on validation photos: sigmoid({calibration[0]:.3f} * log-odds + {calibration[1]:.3f})")
     test = load_prepared(data_dir, "testing_set", size) if list(data_dir.glob("testing_set.*.pt.gz")) else None
     if test is None:
         print("no test photos; skipping the detection score")
         return 0
     t0 = time.time()
-    dets = detect(model, test[0], test[2], test[3], device, args.nms_iou)
+    dets = detect(model, test[0], test[2], test[3], device, args.nms_iou, calibration=calibration or (1.0, 0.0))
     score = detection_scores(dets, photo_boxes(test, size), 0.5)
     print(f"test photos {len(test[0])}: AP50 {score['ap50']:.3f}  recall {score['recall']:.3f}  "
           f"face-count RMSE {score['count_rmse']:.2f} (threshold 0.5)  {(time.time() - t0) / len(test[0]):.3f} s/photo")
@@ -729,7 +769,8 @@ def cmd_eval(args):
             continue
         props = photo_proposals(selective_search(img, size, ckpt["ss_side"], ckpt["proposals"]), img.width, img.height, size)
         (boxes, scores), = detect(model, letterbox_image(img, size)[None], [props], torch.tensor([[img.width, img.height]]),
-                                  device, args.nms_iou, regress=not args.no_regress)
+                                  device, args.nms_iou, regress=not args.no_regress,
+                                  calibration=ckpt.get("calibration", (1.0, 0.0)))
         keep = scores >= args.threshold
         boxes, scores = boxes[keep].round().int(), scores[keep]
         out = Path(args.output_dir) / f"{Path(path).stem}.png" if args.output_dir else Path(args.output)
@@ -810,7 +851,7 @@ def build_parser():
     p = sub.add_parser("eval", parents=[common, device], formatter_class=fmt, help="detect faces in photos")
     p.add_argument("images", nargs="*", metavar="IMAGE", help="image files or folders; none: read paths from stdin")
     p.add_argument("--model", default=None, help="model file (default: DATA_DIR/model.pt)")
-    p.add_argument("--threshold", type=float, default=0.5, help="keep boxes with face probability >= this")
+    p.add_argument("--threshold", type=float, default=THRESHOLD, help="keep boxes with face probability >= this")
     p.add_argument("--output", default="img_output.png", help="annotated image")
     p.add_argument("--output-dir", default=None, help="write DIR/<image name>.png per image instead of --output")
     p.add_argument("--no-regress", action="store_true", help="show proposals before box correction")

@@ -106,6 +106,21 @@ def test_detection_scores_by_hand(frc):
     assert s["count_rmse"] == pytest.approx(0.0)  # 2 boxes >= 0.75 for 2 faces (the duplicate is below)
 
 
+def test_fit_calibration(frc):
+    """Platt scaling: the mean calibrated probability equals the fraction of correct boxes; monotonic."""
+    gen = torch.Generator().manual_seed(0)
+    xy = torch.arange(40, dtype=torch.float32)[:, None] * 50
+    gt = torch.cat([xy, torch.zeros(40, 1), xy + 20, torch.full((40, 1), 20.0)], 1)
+    wrong = gt + torch.tensor([0.0, 100, 0, 100])
+    scores = torch.cat([torch.rand(40, generator=gen) * 0.3 + 0.7, torch.rand(40, generator=gen) * 0.8 + 0.2])
+    dets = [(torch.cat([gt, wrong]), scores)]
+    a, b = frc.fit_calibration(dets, [gt])
+    p = torch.sigmoid(a * torch.logit(scores) + b)
+    assert a > 0 and abs(p.mean().item() - 0.5) < 0.01
+    assert p[:40].mean() > p[40:].mean() + 0.1 and (p.argsort() == scores.argsort()).all()
+    assert frc.fit_calibration([(gt[:5], scores[:5])], [gt]) is None  # too few wrong boxes to fit
+
+
 # ---- end to end on real photos ----
 @pytest.fixture(scope="module")
 def faces(tmp_path_factory, shared_datasets):
@@ -143,7 +158,7 @@ def test_prepare_counts_and_split_by_photo(faces, frc):
     assert meta["skipped"] == {"non-numeric box": 1, "zero-size box": 1, "box outside photo": 1,
                                "missing photo": 1, "unreadable photo": 1}
     for reason in meta["skipped"]:
-        assert f"skipped 1 row(s): {reason}" in faces.prep.stdout
+        assert f"skipped 1 x {reason}: " in faces.prep.stdout
     splits = meta["splits"]
     train, val, test = (frc.split_indices(N_PHOTOS, 0))
     assert splits["training"] == sorted(faces.names[i] for i in train)
