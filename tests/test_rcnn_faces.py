@@ -62,7 +62,7 @@ def faces(tmp_path_factory):
 def prepared(faces):
     data = faces["root"] / "data"
     proc = run(SCRIPT, "prepare", "--image-dir", faces["img_dir"], "--csv", faces["csv"], "--data-dir", data,
-               "--workers", 2, "--search-side", SEARCH_SIDE)
+               "--workers", 2, "--search-side", SEARCH_SIDE, "--pos-iou", 0.7, "--backgrounds", 10)
     assert proc.returncode == 0, proc.stderr
     return data, proc
 
