@@ -145,7 +145,8 @@ def main():
     if not rows:
         return 1
     table = pd.DataFrame(rows).set_index("script").T
-    print(f"\nmachine: {torch.get_num_threads()} torch threads, CPU; {args.photos} photos, {args.epochs} epochs")
+    trained = "models reused" if args.rcnn_data_dir and args.fast_data_dir else f"{args.photos} photos, {args.epochs} epochs"
+    print(f"\nmachine: {torch.get_num_threads()} torch threads, CPU; {trained}; {args.eval_photos} validation photos")
     print(table.to_string(float_format=lambda v: f"{v:.3f}"))
     print("(eval s/photo: eval wall time minus the start-up of an eval with no image, / photos)")
     if len(rows) == 2 and "eval s/photo" in rows[0] and rows[1]["eval s/photo"] > 0:
