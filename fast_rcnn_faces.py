@@ -1,9 +1,9 @@
 """Fast R-CNN face detector: one shared feature map per photo, RoI Align over all proposals, box regression.
 
 Usage:
-    python fast_rcnn_faces.py prepare [--image-dir DIR] [--csv FILE] [--data-dir DIR] [--size 384]
+    python fast_rcnn_faces.py prepare [--image-dir DIR] [--csv FILE] [--data-dir DIR] [--size 384x256]
     python fast_rcnn_faces.py train   [--epochs N] [--batch-size N] [--device auto] [--resume]
-    python fast_rcnn_faces.py eval    [IMAGE_OR_FOLDER ...] [--threshold 0.5] [--output-dir DIR] [--json]
+    python fast_rcnn_faces.py eval    [IMAGE_OR_FOLDER ...] [--threshold 0.25] [--output-dir DIR] [--json]
 
 Data layout: photos in --image-dir and a Kaggle-style CSV (--csv) with one row per face:
 `Name,width,height,xmin,ymin,xmax,ymax` (width/height optional; boxes in pixels of the photo).
