@@ -12,7 +12,7 @@ true boxes (face / background), cuts them out as uint8 crops and splits the phot
 of a photo stay in one split). train fits the crop classifier and, at the end, runs the whole detector
 on the test photos (AP@0.5, recall, face-count RMSE). eval draws the detected faces.
 Result (2,000-photo Kaggle set, trained 4 epochs on 1,600 photos, scored on the 200 validation photos,
-2-core shared CPU): AP@0.5 0.54, face-count RMSE 2.11 at threshold 0.95; eval 0.84 CPU-s per photo
+2-core shared CPU): AP@0.5 0.54, face-count RMSE 2.11 at threshold 0.95; eval 0.83 CPU-s per photo
 including selective search.
 """
 import argparse
