@@ -544,16 +544,16 @@ def cmd_train(args):
     seed_everything(args.seed)
     data_dir = Path(args.data_dir)
     meta = read_meta(data_dir)
+    ckpt_path = data_dir / "checkpoint.pt"
+    if args.resume and not ckpt_path.exists():
+        raise UserError(f"{ckpt_path} not found; train without --resume first")
     x_train, y_train, *_ = read_split(data_dir, "training_set")
     x_val, y_val, *_ = read_split(data_dir, "validating_set")
     if not len(y_train) or not len(y_val):
         raise UserError(f"{data_dir}: too few photos for training and validation crops; prepare more photos")
     model_args = {"width": args.width, "crop_size": meta["options"]["crop_size"]}
     start_epoch, history, best, bad_epochs = 0, [], -1.0, 0
-    ckpt_path = data_dir / "checkpoint.pt"
     if args.resume:
-        if not ckpt_path.exists():
-            raise UserError(f"{ckpt_path} not found; train without --resume first")
         state = load_model_file(ckpt_path)
         model_args = state["model_args"]
     model = build_model(**model_args).to(device)

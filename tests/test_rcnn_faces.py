@@ -183,6 +183,11 @@ def test_eval_missing_and_foreign_model(faces, trained, tmp_path):
     assert "fast_rcnn_faces.py" in line
     line = assert_one_line_error(run(SCRIPT, "train", "--data-dir", tmp_path / "nothing", "--device", "cpu"), 1)
     assert "prepare" in line
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / "meta.json").write_bytes((trained[0] / "meta.json").read_bytes())
+    line = assert_one_line_error(run(SCRIPT, "train", "--data-dir", fresh, "--resume", "--device", "cpu"), 1)
+    assert "checkpoint.pt" in line
     line = assert_one_line_error(run(SCRIPT, "eval", photo, "--data-dir", trained[0], "--output",
                                      tmp_path / "no_dir" / "x.png", "--device", "cpu"), 2)
     assert "no_dir" in line
