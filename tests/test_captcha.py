@@ -169,6 +169,8 @@ def test_shards_hold_only_their_own_images(tmp):
     assert len(mod.load_shard(folder / "training_set.2.pt.gz")[0]) == 500
     back = mod.read_split(folder, "training_set")
     assert torch.equal(back[0], x) and torch.equal(back[1], y)
+    mod.write_split(folder, "validating_set", (x[:0], y[:0]))  # an empty split reads back empty
+    assert len(mod.read_split(folder, "validating_set")[0]) == 0
 
 
 def test_prepare_split_is_deterministic(tmp, image_dir, prepared):
