@@ -277,10 +277,10 @@ def test_resume_after_interrupt(tmp, prepared):
     shutil.copytree(src, data, ignore=shutil.ignore_patterns("model.pt", "checkpoint.pt", "history.*"))
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen([sys.executable, str(ROOT / "captcha.py"), "train", "--data-dir", str(data),
-                             "--epochs", "3", "--device", "cpu"], stdout=subprocess.PIPE,
+                             "--epochs", "30", "--device", "cpu"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
-    for line in proc.stdout:
-        if line.startswith("epoch 1/3"):
+    for line in proc.stdout:  # 30 epochs: the run is still going when the signal lands
+        if line.startswith("epoch 1/30"):
             proc.send_signal(signal.SIGINT)
             break
     _, err = proc.communicate(timeout=120)
@@ -289,6 +289,7 @@ def test_resume_after_interrupt(tmp, prepared):
     ckpt = torch.load(data / "checkpoint.pt", weights_only=True)
     assert ckpt["epoch"] in (1, 2)
     done = ckpt["epoch"]
+    # a shorter --epochs on resume: the rest of the schedule shrinks to fit
     proc = run("captcha.py", "train", "--data-dir", data, "--epochs", 3, "--device", "cpu", "--resume")
     assert proc.returncode == 0, proc.stderr
     assert f"resumed from {data / 'checkpoint.pt'} after epoch {done}" in proc.stdout
