@@ -206,6 +206,25 @@ def test_average_precision_hand_computed():
     assert mod.average_precision(perfect, truths) == (pytest.approx(1.0), pytest.approx(1.0))
 
 
+def test_score_calibration_matches_hit_rate():
+    """Platt scaling maps over-confident softmax scores to the observed rate of correct detections."""
+    mod = load_module()
+    gen = torch.Generator().manual_seed(0)
+    truths, detections = [], []
+    for _ in range(40):  # per photo: 2 faces found (score ~0.999) and 8 false boxes (score ~0.99)
+        faces = torch.tensor([[0., 0, 10, 10], [20, 0, 30, 10]])
+        false = torch.rand(8, 1, generator=gen) * 100 + torch.tensor([[100., 100, 110, 110]])
+        scores = torch.cat([0.999 + 0.0005 * torch.rand(2, generator=gen), 0.99 + 0.005 * torch.rand(8, generator=gen)])
+        truths.append(faces)
+        detections.append((torch.cat([faces, false]), scores))
+    a, b = mod.fit_calibration(detections, truths)
+    calibrated = [(boxes, torch.sigmoid(a * torch.logit(s.double()) + b).float()) for boxes, s in detections]
+    everything = torch.cat([s for _, s in calibrated])
+    assert everything[:2].min() > 0.5 > everything[2:10].max()  # at 0.5: the 2 faces counted, not the 8
+    assert mod.average_precision(calibrated, truths)[0] == pytest.approx(mod.average_precision(detections, truths)[0])
+    assert mod.fit_calibration(detections[:2], truths[:2]) is None  # too few detections to fit
+
+
 def test_iou_labeller_and_crops():
     mod = load_module()
     truth = torch.tensor([[0., 0, 10, 10]])
