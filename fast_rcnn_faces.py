@@ -252,7 +252,8 @@ def photo_proposals(ss_boxes, width, height, size):
 
 
 def prepare_photo(task):
-    """Worker: (path, boxes, size, ss_side, limit) -> dict with tensors, or {"error": reason}."""
+    """Worker: (path, boxes, size, ss_side, limit) -> dict of numpy arrays, or {"error": reason}. Numpy, not
+    torch: a tensor sent from a worker process holds a file descriptor open, and thousands exhaust the limit."""
     path, boxes, size, ss_side, limit = task
     cv2.setNumThreads(1)
     torch.set_num_threads(1)
@@ -264,9 +265,10 @@ def prepare_photo(task):
     boxes = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
     inside = (boxes[:, 0] >= 0) & (boxes[:, 1] >= 0) & (boxes[:, 2] <= img.width) & (boxes[:, 3] <= img.height)
     ss = selective_search(img, size, ss_side, limit)
-    return {"image": letterbox_image(img, size), "gt": to_letterbox(boxes[inside], img.width, img.height, size),
-            "ss": ss[remove_small_boxes(ss, 4.0)],
-            "hw": torch.tensor([img.width, img.height]), "outside": boxes[~inside].tolist()}
+    return {"image": letterbox_image(img, size).numpy(),
+            "gt": to_letterbox(boxes[inside], img.width, img.height, size).numpy(),
+            "ss": ss[remove_small_boxes(ss, 4.0)].numpy(), "hw": np.array([img.width, img.height]),
+            "outside": boxes[~inside].tolist()}
 
 
 def pad_stack(tensors, length):
@@ -613,7 +615,7 @@ def cmd_prepare(args):
             for box in res["outside"]:
                 count_skip(skipped, "box outside photo", f"{name} {','.join(f'{v:g}' for v in box)}")
             if len(res["gt"]):
-                kept[name] = res
+                kept[name] = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in res.items()}
             else:
                 count_skip(skipped, "photo without a usable box", name)
     finally:

@@ -251,7 +251,9 @@ def init_worker():
 
 
 def prepare_photo(job):
-    """Worker: one photo -> (crops uint8, labels, IoUs, true boxes, [(reason, row)]); runs in a process pool."""
+    """Worker: one photo -> (crops uint8, labels, IoUs, true boxes, [(reason, row)]); runs in a process pool.
+    Arrays go back as numpy: a tensor sent from a worker process holds a file descriptor open, and thousands
+    of them exhaust the process's limit."""
     path, rows, opts, seed = job
     try:
         img = image_to_tensor(load_image(path))
@@ -264,7 +266,7 @@ def prepare_photo(job):
     proposals = propose(img, opts["search_side"], opts["max_proposals"])
     boxes, labels, ious = label_regions(proposals, truth, opts["pos_iou"], opts["neg_iou"], opts["backgrounds"],
                                         torch.Generator().manual_seed(seed))
-    return crop_regions(img, boxes, opts["crop_size"]), labels, ious, truth, bad
+    return crop_regions(img, boxes, opts["crop_size"]).numpy(), labels.numpy(), ious.numpy(), truth.numpy(), bad
 
 
 # ---- Model ----
@@ -549,7 +551,7 @@ def cmd_prepare(args):
         if crops is None:
             skipped["photo without a usable box"] += 1
         else:
-            kept.append((name, crops, labels, ious, truth))
+            kept.append((name, *map(torch.from_numpy, (crops, labels, ious, truth))))
     print(f"{len(kept)} photos kept of {len(names)}, {len(jobs) / seconds:.2f} photos/s "
           f"(selective search at {args.search_side} px, {args.workers} workers)")
     for reason, count in skipped.items():
