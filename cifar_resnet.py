@@ -577,7 +577,10 @@ def cmd_eval(args):
     labels, norm = ckpt["labels"], (ckpt["mean"], ckpt["std"])
     interactive = not args.images and sys.stdin.isatty()
     failed = False
-    for path in iter_eval_inputs(args.images):
+    paths = iter_eval_inputs(args.images)
+    if args.images:  # files and folders: a known count, so a progress bar (shown on a terminal only)
+        paths = progress(list(paths), unit="img", desc="eval", leave=False)
+    for path in paths:
         try:
             x = read_image(path)[None].to(device)   # 1,3,32,32 uint8
         except (OSError, UnidentifiedImageError, ValueError) as e:  # missing, unreadable, not an image

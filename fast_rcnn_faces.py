@@ -759,7 +759,10 @@ def cmd_eval(args):
     if args.output_dir:
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     failed = False
-    for path in iter_eval_inputs(args.images):
+    paths = iter_eval_inputs(args.images)
+    if args.images:  # files and folders: a known count, so a progress bar (shown on a terminal only)
+        paths = progress(list(paths), unit="img", desc="eval", leave=False)
+    for path in paths:
         try:
             img = load_image(path)
         except (OSError, UnidentifiedImageError, ValueError) as e:  # missing, unreadable, not an image

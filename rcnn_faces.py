@@ -697,7 +697,10 @@ def cmd_eval(args):
         raise UserError(f"--output {args.output}: folder {Path(args.output).parent} does not exist", 2)
     search_side = args.search_side or ckpt["search_side"]
     failed = False
-    for path, img, proposals in iter_proposals(iter_eval_inputs(args.images), search_side, 2 if args.images else 0):
+    paths = iter_eval_inputs(args.images)
+    if args.images:  # files and folders: a known count, so a progress bar (shown on a terminal only)
+        paths = progress(list(paths), unit="img", desc="eval", leave=False)
+    for path, img, proposals in iter_proposals(paths, search_side, 2 if args.images else 0):
         if proposals is None:
             failed = True
             e = img
