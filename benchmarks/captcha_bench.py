@@ -35,7 +35,8 @@ def train_with_budget(data, epochs, minutes, extra):
     cmd = [sys.executable, "captcha.py", "train", "--data-dir", str(data), "--epochs", str(epochs), *extra]
     print("$", " ".join(cmd[1:]), flush=True)
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT)
+    # SIGINT back to its default in the child: a background job's children start with it ignored
+    proc = subprocess.Popen(cmd, cwd=ROOT, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         proc.wait(timeout=minutes * 60)
     except subprocess.TimeoutExpired:

@@ -278,7 +278,9 @@ def test_resume_after_interrupt(tmp, prepared):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen([sys.executable, str(ROOT / "captcha.py"), "train", "--data-dir", str(data),
                              "--epochs", "30", "--device", "cpu"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # a background
+    # job's children start with SIGINT ignored, and Python then installs no KeyboardInterrupt handler
     for line in proc.stdout:  # 30 epochs: the run is still going when the signal lands
         if line.startswith("epoch 1/30"):
             proc.send_signal(signal.SIGINT)
