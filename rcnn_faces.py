@@ -134,8 +134,8 @@ def split_indices(n, seed, fractions=(0.8, 0.1, 0.1)):
 def write_split(data_dir, name, tensors):
     """Write one split as shards `name.N.pt.gz`, N = 0.. (the last one may be short)."""
     n = len(tensors[0])
-    for i, start in enumerate(range(0, max(n, 1), SHARD_SIZE)):  # an empty split still gets one shard
-        # clone: torch.save of a slice would store the whole underlying tensor in every shard
+    for i, start in enumerate(range(0, max(n, 1), SHARD_SIZE)):  # an empty split still gets one (empty) shard
+        # clone: torch.save of a slice writes its whole storage
         save_shard(Path(data_dir) / f"{name}.{i}.pt.gz", [t[start:start + SHARD_SIZE].clone() for t in tensors])
 
 
