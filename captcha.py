@@ -4,6 +4,7 @@ Usage:
     python captcha.py prepare [--image-dir generate-captcha/output] [--charset a-z0-9] [--length 4]
     python captcha.py train   [--epochs N] [--device auto] [--resume]
     python captcha.py eval    [IMAGE_OR_FOLDER ...] [--json]
+    torchrun --standalone --nproc_per_node=N captcha.py train [...]   # DDP over N processes/GPUs (README.md)
 
 Data: a folder of images named PREFIX-CODE.ext (png, jpg, jpeg, gif, bmp, webp; the file content decides
 the format), e.g. `00042-8cA6.png`. Codes are lower-cased unless --case-sensitive; names whose code has the
@@ -11,9 +12,11 @@ wrong length or characters outside --charset are skipped and counted.
 Result: see README.md (held-out exact-match accuracy, images/s, machine).
 """
 import argparse
+import contextlib
 import csv
 import gzip
 import io
+import itertools
 import json
 import os
 import random
@@ -27,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
@@ -49,6 +53,7 @@ LABEL_REGEX = r"^.*-([^-]+)\.[^.]+$"       # PREFIX-CODE.ext: the code is after 
 # A captcha character is ~30 px wide at 120x50; 40x96 keeps strokes 1-2 px wide and a stride-2 stem
 # makes the network cheaper than the tutorial's while it sees 3x more pixels.
 IMAGE_SIZE = (40, 96)
+CPU_BF16 = False         # bf16 autocast on the CPU: measured slower than fp32 for this network
 
 
 class UserError(Exception):
@@ -124,10 +129,8 @@ def save_shard(path, tensors):
     """gzip(torch.save(tuple)) written atomically."""
     buf = io.BytesIO()
     torch.save(tuple(tensors), buf)
-    tmp = Path(str(path) + ".tmp")
-    with gzip.open(tmp, "wb", compresslevel=3) as f:
+    with atomic_path(path) as tmp, gzip.open(tmp, "wb", compresslevel=3) as f:
         f.write(buf.getbuffer())
-    os.replace(tmp, path)
 
 
 def load_shard(path):
@@ -135,16 +138,27 @@ def load_shard(path):
         return torch.load(io.BytesIO(f.read()), weights_only=True)
 
 
+@contextlib.contextmanager
+def atomic_path(path):
+    """A temporary name next to `path` to write to: renamed to `path` when the block ends, removed when it fails or
+    is interrupted, so `path` is always either the old file or the whole new one."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.stem}.tmp{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def atomic_torch_save(obj, path):
-    tmp = Path(str(path) + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def atomic_write_text(path, text):
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
 
 
 def list_images(folder):
@@ -250,7 +264,7 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
-def pick_device(name):
+def pick_device(name, quiet=False):
     if name == "auto":
         if torch.cuda.is_available():
             name = "cuda"
@@ -262,13 +276,15 @@ def pick_device(name):
         raise UserError("--device cuda: no CUDA device is available; use --device cpu or auto", 2)
     elif name == "mps" and not torch.backends.mps.is_available():
         raise UserError("--device mps: MPS is not available; use --device cpu or auto", 2)
-    print(f"device: {name}", file=sys.stderr)
+    if not quiet:
+        print(f"device: {name}", file=sys.stderr)
     return torch.device(name)
 
 
 def progress(iterable=None, **kwargs):
-    """tqdm on stderr, hidden when stderr is not a terminal."""
-    return tqdm(iterable, disable=not sys.stderr.isatty(), file=sys.stderr, dynamic_ncols=True, **kwargs)
+    """tqdm on stderr, hidden when stderr is not a terminal and in processes other than the main one."""
+    return tqdm(iterable, disable=not (sys.stderr.isatty() and main_process()), file=sys.stderr,
+                dynamic_ncols=True, **kwargs)
 
 
 def augment(x, generator):
@@ -288,35 +304,29 @@ def augment(x, generator):
     return (out + 1).contiguous(memory_format=torch.channels_last)
 
 
-def autocast(device):
-    """bf16 autocast on CUDA; a no-op elsewhere (fp32 on CPU is faster than emulated bf16 here)."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
-def run_epoch(model, x, y, device, batch_size, optimizer=None, scheduler=None, generator=None):
-    """One pass over uint8 images x (N,3,H,W) and codes y (N,L). Trains when an optimizer is given.
-    Returns sample-weighted mean loss, exact-match accuracy and per-character accuracy."""
+def run_epoch(model, x, y, device, batches, dtype, optimizer=None, scheduler=None, scaler=None, generator=None):
+    """One pass over uint8 images x (N,3,H,W) and codes y (N,L) in the given index batches. Trains when an
+    optimizer is given. Returns sample-weighted mean loss, exact-match and per-character accuracy, and the count."""
     train = optimizer is not None
     model.train(train)
-    n = len(x)
-    order = torch.randperm(n, generator=generator, device=device) if train else torch.arange(n, device=device)
+    n = sum(len(idx) for idx in batches)
     total_loss = torch.zeros((), device=device)
     exact = torch.zeros((), device=device, dtype=torch.long)
     chars = torch.zeros((), device=device, dtype=torch.long)
     bar = progress(total=n, unit="img", leave=False, desc="train" if train else "eval")
     with torch.set_grad_enabled(train):
-        for start in range(0, n, batch_size):
-            idx = order[start:start + batch_size]
+        for idx in batches:
             xb, yb = x[idx], y[idx]
             inputs = augment(xb, generator) if train else preprocess(xb)
-            with autocast(device):
+            with autocast(device, dtype):
                 logits = model(inputs)
                 loss = F.cross_entropy(logits.flatten(0, 1).float(), yb.flatten(),
                                        label_smoothing=0.1 if train else 0.0)
             if train:
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
                 scheduler.step()
             correct = logits.argmax(-1) == yb
             total_loss += loss.detach() * len(idx)
@@ -324,7 +334,13 @@ def run_epoch(model, x, y, device, batch_size, optimizer=None, scheduler=None, g
             chars += correct.sum()
             bar.update(len(idx))
     bar.close()
-    return total_loss.item() / n, exact.item() / n, chars.item() / (n * y.shape[1])
+    m = max(n, 1)
+    return total_loss.item() / m, exact.item() / m, chars.item() / (m * y.shape[1]), n
+
+
+def in_order(n, batch_size, device):
+    """Index batches over range(n) in order (evaluation)."""
+    return list(torch.arange(n, device=device).split(batch_size))
 
 
 def save_history(data_dir, history, plot_keys):
@@ -347,10 +363,9 @@ def save_history(data_dir, history, plot_keys):
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = Path(data_dir) / "history.tmp.png"
-    fig.savefig(tmp)
+    with atomic_path(Path(data_dir) / "history.png") as tmp:
+        fig.savefig(tmp)
     plt.close(fig)
-    os.replace(tmp, Path(data_dir) / "history.png")
 
 
 def load_model_file(path):
@@ -371,6 +386,165 @@ def load_model_file(path):
 def build_model(model_args, device):
     model = CaptchaNet(**{**model_args, "image_size": tuple(model_args["image_size"])})
     return model.to(device, memory_format=torch.channels_last)
+
+
+# ---- Scale out and observe: torchrun, mixed precision, TensorBoard, runs.csv, --grid (same in every script) ----
+def main_process():
+    """True in a plain run and in torchrun's rank 0: the one process that prints and writes files."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def setup_distributed(device_name):
+    """The training device. Under torchrun (WORLD_SIZE > 1) also join the process group: nccl on CUDA with one
+    GPU per local rank, gloo on the CPU; ranks other than 0 print nothing on stdout."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = pick_device(device_name, quiet=not main_process())
+    if world == 1 or dist.is_initialized():
+        return device
+    if not main_process():
+        sys.stdout = open(os.devnull, "w")
+    if device.type == "cuda":
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if local_rank >= torch.cuda.device_count():
+            raise UserError(f"torchrun: local rank {local_rank} but {torch.cuda.device_count()} CUDA devices on this "
+                            f"node; lower --nproc_per_node", 2)
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    elif device.type != "cpu":
+        raise UserError(f"torchrun: --device {device.type} is not supported; use cuda or cpu", 2)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                            device_id=device if device.type == "cuda" else None)
+    print(f"torchrun: {world} processes, backend {dist.get_backend()}")
+    return device
+
+
+def rank_and_world():
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def epoch_batches(n, batch_size, seed, epoch, device):
+    """This process's index batches of one epoch. A permutation seeded by (seed, epoch), the same in every process,
+    is cut into global batches of `batch_size`; under torchrun each process takes every world-th index of each batch
+    (a last batch shorter than the world is topped up from the start), so all take the same number of steps."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    rank, world = rank_and_world()
+    batches = []
+    for start in range(0, n, batch_size):
+        idx = perm[start:start + batch_size]
+        if len(idx) < world:
+            idx = torch.cat([idx, perm[:world - len(idx)]])
+        batches.append(idx[rank::world].to(device))
+    return batches
+
+
+def shard(items):
+    """This process's share of a validation split (every world-th item; all of it in one process)."""
+    rank, world = rank_and_world()
+    return items[rank::world]
+
+
+def sum_over_processes(values, device):
+    """Sums of per-process numbers over all processes (the numbers themselves in one process)."""
+    if not dist.is_initialized():
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def mean_over_processes(values, count, device):
+    """Count-weighted means of per-process means over all processes (unchanged in one process), so every
+    process sees the same numbers and takes the same early-stopping decision."""
+    *sums, total = sum_over_processes([*(v * count if count else 0.0 for v in values), count], device)
+    return [v / max(total, 1) for v in sums]
+
+
+def wrap_model(model, device, sync_bn):
+    """DistributedDataParallel under torchrun (optionally with synchronised BatchNorm); the model itself else."""
+    if not dist.is_initialized():
+        return model
+    if sync_bn:
+        if device.type != "cuda":
+            raise UserError("--sync-bn needs CUDA (torch's SyncBatchNorm does not run on the CPU)", 2)
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def amp_dtype(device, amp=True):
+    """The autocast dtype: with --amp, bf16 on CUDA where supported, else fp16 (trained with a GradScaler); on a
+    CPU bf16 only if CPU_BF16 (measured faster for this model) and the CPU has native bf16 instructions;
+    None (fp32) otherwise."""
+    if not amp:
+        return None
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    names = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")   # torch.cpu helpers; missing -> False
+    if device.type == "cpu" and CPU_BF16 and any(getattr(torch.cpu, name, lambda: False)() for name in names):
+        return torch.bfloat16
+    return None
+
+
+def autocast(device, dtype):
+    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+
+def open_tensorboard(logdir):
+    """A SummaryWriter for --tensorboard DIR (None in processes other than the main one). tensorboard is an
+    optional package: without it this option fails with one line saying how to install it."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard", 2)
+    return SummaryWriter(str(logdir)) if main_process() else None
+
+
+def log_epoch(writer, row, model, every):
+    """TensorBoard: every number of the history row as a scalar; weight histograms every `every` epochs."""
+    if writer is None:
+        return
+    epoch = row["epoch"]
+    for key, value in row.items():
+        if key != "epoch":
+            writer.add_scalar(key, value, epoch)
+    if every and epoch % every == 0:
+        for name, p in model.named_parameters():
+            writer.add_histogram(name, p.detach().float().cpu(), epoch)
+    writer.flush()
+
+
+def append_run(data_dir, row):
+    """Append one row to DATA_DIR/runs.csv (columns: the union over all rows), rewritten atomically."""
+    path = Path(data_dir) / "runs.csv"
+    rows = list(csv.DictReader(path.open(newline=""))) if path.exists() else []
+    rows.append(row)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for r in rows for k in r)), restval="")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
+
+
+def grid_runs(args, parser):
+    """[(name, args)] for every combination of the --grid KEY=V1,V2 options (one unnamed run without --grid)."""
+    axes = []
+    for item in args.grid or []:
+        key, _, values = item.partition("=")
+        action = parser._option_string_actions.get(f"--{key}")
+        if not values or action is None or action.nargs == 0 or action.dest in ("grid", "data_dir", "resume"):
+            raise UserError(f"--grid {item}: expected OPTION=V1,V2,... with OPTION a train option that takes a value "
+                            f"(e.g. --grid lr=0.01,0.001)", 2)
+        try:
+            converted = [(action.type or str)(v) for v in values.split(",")]
+        except ValueError:
+            raise UserError(f"--grid {item}: not a valid value for --{key}", 2)
+        axes.append([(key, action.dest, text, value) for text, value in zip(values.split(","), converted)])
+    runs = []
+    for combo in itertools.product(*axes):
+        run_args = argparse.Namespace(**vars(args))
+        for _, dest, _, value in combo:
+            setattr(run_args, dest, value)
+        runs.append(("_".join(f"{key}={text}" for key, _, text, _ in combo), run_args))
+    return runs
 
 
 # ---- Commands ----
@@ -457,16 +631,21 @@ def cmd_prepare(args):
     return 0
 
 
-def cmd_train(args):
+def train(args, device, out_dir, tb_dir):
+    """One training run on DATA_DIR's prepared data; model, checkpoint and history go to out_dir."""
     data_dir = Path(args.data_dir)
     meta = read_meta(data_dir)
-    device = pick_device(args.device)
-    seed_everything(args.seed)
+    rank, world = rank_and_world()
+    if main_process():
+        out_dir.mkdir(parents=True, exist_ok=True)
+    seed_everything(args.seed + rank)   # DDP copies rank 0's initial weights to every process
+    writer = open_tensorboard(tb_dir) if tb_dir else None
     x_train, y_train = (t.to(device) for t in read_split(data_dir, "training_set"))
     x_val, y_val = (t.to(device) for t in read_split(data_dir, "validating_set"))
     if len(x_val) == 0:  # tiny data sets: validate on the training split rather than divide by zero
         print("warning: empty validation split; validating on the training split", file=sys.stderr)
         x_val, y_val = x_train, y_train
+    x_val, y_val = shard(x_val), shard(y_val)
     model_args = {"n_classes": len(meta["charset"]), "length": meta["length"], "image_size": meta["image_size"]}
     model = build_model(model_args, device)
     # AdamW + one-cycle: reaches a given accuracy in far fewer epochs than the tutorial's constant-lr Adam
@@ -475,72 +654,124 @@ def cmd_train(args):
     steps_per_epoch = (len(x_train) + args.batch_size - 1) // args.batch_size
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, epochs=args.epochs,
                                                     steps_per_epoch=steps_per_epoch, pct_start=0.15)
+    dtype = amp_dtype(device, args.amp)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     history, best, bad_epochs, first_epoch = [], -1.0, 0, 1
-    ckpt_path, model_path = data_dir / "checkpoint.pt", data_dir / "model.pt"
+    ckpt_path, model_path = out_dir / "checkpoint.pt", out_dir / "model.pt"
     if args.resume:
         if not ckpt_path.exists():
             raise UserError(f"{ckpt_path} not found; train without --resume first")
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
-        if ckpt.get("script") != SCRIPT:
-            raise UserError(f"{ckpt_path}: checkpoint of {ckpt.get('script')}.py, not {SCRIPT}.py")
+        ckpt = load_model_file(ckpt_path)
         if ckpt["model_args"] != model_args:
             raise UserError(f"{ckpt_path}: checkpoint does not match the prepared data; train without --resume")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
         if ckpt["scheduler"]["total_steps"] == scheduler.total_steps:
             scheduler.load_state_dict(ckpt["scheduler"])
         else:  # --epochs or --batch-size changed: the same schedule shape over the new length, from here on
             scheduler.last_epoch = ckpt["scheduler"]["last_epoch"]
         history, best, bad_epochs, first_epoch = ckpt["history"], ckpt["best_score"], ckpt["bad_epochs"], ckpt["epoch"] + 1
         print(f"resumed from {ckpt_path} after epoch {ckpt['epoch']} (best val exact-match {best:.2%})")
-    generator = torch.Generator(device=device).manual_seed(args.seed + first_epoch)
-    print(f"train {len(x_train)}, validate {len(x_val)} images of {tuple(meta['image_size'])}, "
-          f"charset {meta['charset']!r}, length {meta['length']}")
+    generator = torch.Generator(device=device).manual_seed(args.seed + first_epoch + 7919 * rank)
+    step_model = wrap_model(model, device, args.sync_bn)
+    print(f"train {len(x_train)}, validate {len(y_val) * world} images of {tuple(meta['image_size'])}, "
+          f"charset {meta['charset']!r}, length {meta['length']}, precision {dtype or torch.float32}")
+    if writer:
+        writer.add_images("inputs", x_train[:32], 0)
 
     for epoch in range(first_epoch, args.epochs + 1):
         if bad_epochs >= args.patience:
             break
         start = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
-        train_loss, train_acc, _ = run_epoch(model, x_train, y_train, device, args.batch_size, optimizer,
-                                             scheduler, generator)
+        batches = epoch_batches(len(x_train), args.batch_size, args.seed, epoch, device)
+        *train_stats, n = run_epoch(step_model, x_train, y_train, device, batches, dtype, optimizer, scheduler,
+                                    scaler, generator)
+        train_loss, train_acc, _ = mean_over_processes(train_stats, n, device)
         train_seconds = time.perf_counter() - start
         if not np.isfinite(train_loss):
             raise UserError(f"epoch {epoch}: training loss is {train_loss}; lower --lr", 1)
-        val_loss, val_acc, val_char = run_epoch(model, x_val, y_val, device, 4 * args.batch_size)
+        *val_stats, n = run_epoch(model, x_val, y_val, device, in_order(len(y_val), 4 * args.batch_size, device), dtype)
+        val_loss, val_acc, val_char = mean_over_processes(val_stats, n, device)
         seconds = time.perf_counter() - start
         improved = val_acc > best
         best, bad_epochs = (val_acc, 0) if improved else (best, bad_epochs + 1)
         history.append({"epoch": epoch, "train_loss": round(train_loss, 5), "train_acc": round(train_acc, 5),
                         "val_loss": round(val_loss, 5), "val_acc": round(val_acc, 5),
-                        "val_char_acc": round(val_char, 5), "lr": lr, "seconds": round(seconds, 2),
-                        "images_per_s": round(len(x_train) / train_seconds, 1)})
-        if improved:
-            atomic_torch_save({"script": SCRIPT, "model": model.state_dict(), "model_args": model_args,
-                               "charset": meta["charset"], "length": meta["length"],
-                               "image_size": meta["image_size"], "case_sensitive": meta["case_sensitive"],
-                               "epoch": epoch, "val_acc": val_acc}, model_path)
-        atomic_torch_save({"script": SCRIPT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                           "scheduler": scheduler.state_dict(), "epoch": epoch, "history": history,
-                           "best_score": best, "bad_epochs": bad_epochs, "model_args": model_args,
-                           "config": {k: v for k, v in vars(args).items() if k != "func"}}, ckpt_path)
-        save_history(data_dir, history, ["train_acc", "val_acc", "val_char_acc"])
+                        "val_char_acc": round(val_char, 5), "lr": lr, "steps": len(batches),
+                        "seconds": round(seconds, 2), "images_per_s": round(len(x_train) / train_seconds, 1)})
+        if main_process():   # the epoch is saved before its line is printed
+            log_epoch(writer, history[-1], model, args.histogram_every)
+            if improved:
+                atomic_torch_save({"script": SCRIPT, "model": model.state_dict(), "model_args": model_args,
+                                   "charset": meta["charset"], "length": meta["length"],
+                                   "image_size": meta["image_size"], "case_sensitive": meta["case_sensitive"],
+                                   "epoch": epoch, "val_acc": val_acc}, model_path)
+            atomic_torch_save({"script": SCRIPT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                               "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
+                               "history": history, "best_score": best, "bad_epochs": bad_epochs,
+                               "model_args": model_args,
+                               "config": {k: v for k, v in vars(args).items() if k not in ("func", "train_parser")}},
+                              ckpt_path)
+            save_history(out_dir, history, ["train_acc", "val_acc", "val_char_acc"])
         print(f"epoch {epoch}/{args.epochs}  train loss {train_loss:.4f} acc {train_acc:.2%}  "
               f"val loss {val_loss:.4f} acc {val_acc:.2%} (chars {val_char:.2%})  lr {lr:.5f}  "
               f"{seconds:.1f}s  {len(x_train) / train_seconds:.0f} img/s{'  *' if improved else ''}", flush=True)
+    if writer:
+        writer.close()
     if bad_epochs >= args.patience:
         print(f"early stop: no better validation exact-match for {args.patience} epochs")
-
+    result = {"epochs_run": len(history), "best_val": round(best, 6), "test": float("nan"), "metric": "exact-match"}
+    if not main_process():
+        return result
     if not model_path.exists():
         raise UserError(f"{model_path} was not written (no epoch ran); raise --epochs")
     best_model = load_model_file(model_path)
     model.load_state_dict(best_model["model"])
     x_test, y_test = (t.to(device) for t in read_split(data_dir, "testing_set"))
     if len(x_test):
-        _, test_acc, test_char = run_epoch(model, x_test, y_test, device, 4 * args.batch_size)
+        _, test_acc, test_char, _ = run_epoch(model, x_test, y_test, device,
+                                              in_order(len(x_test), 4 * args.batch_size, device), dtype)
+        result["test"] = round(test_acc, 6)
         print(f"test ({len(x_test)} images, best model of epoch {best_model['epoch']}): "
               f"exact-match {test_acc:.2%}, per-character {test_char:.2%}")
-    print(f"saved {model_path}, {data_dir / 'history.csv'}, {data_dir / 'history.png'}")
+    print(f"saved {model_path}, {out_dir / 'history.csv'}, {out_dir / 'history.png'}")
+    return result
+
+
+def cmd_train(args):
+    """Train once, or once per --grid combination (each in DATA_DIR/grid/NAME/); one runs.csv row per run."""
+    device = setup_distributed(args.device)
+    data_dir = Path(args.data_dir)
+    runs = grid_runs(args, args.train_parser)
+    table = []
+    try:
+        for name, run_args in runs:
+            out_dir = data_dir / "grid" / name if name else data_dir
+            tb_dir = args.tensorboard and Path(args.tensorboard) / name
+            if name:
+                print(f"\n== grid run {name}: {out_dir}")
+            started, t0 = time.strftime("%Y-%m-%d %H:%M:%S"), time.time()
+            result = train(run_args, device, out_dir, tb_dir)
+            options = {k: v for k, v in vars(run_args).items() if k not in ("command", "func", "train_parser", "grid")}
+            row = {"start": started, "tag": "/".join(filter(None, (run_args.tag, name))), "run_dir": str(out_dir),
+                   **result, "seconds": round(time.time() - t0, 1), "device": str(device),
+                   "world_size": rank_and_world()[1]}
+            row |= {k: v for k, v in options.items() if k not in row}
+            if main_process():
+                append_run(data_dir, row)
+            table.append(row)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if len(table) > 1:
+        print(f"\n{'run':<40}{'epochs':>7}{'best val':>10}{'test':>8}{'seconds':>9}")
+        for row in sorted(table, key=lambda r: -r["best_val"]):
+            print(f"{row['tag']:<40}{row['epochs_run']:>7}{row['best_val']:>10.4f}{row['test']:>8.4f}"
+                  f"{row['seconds']:>9.0f}")
+        print(f"best validation score: {max(table, key=lambda r: r['best_val'])['run_dir']}/model.pt")
     return 0
 
 
@@ -591,7 +822,7 @@ def cmd_eval(args):
             else:
                 print(f"{path}: {reason}", file=sys.stderr)
             continue
-        with autocast(device):
+        with autocast(device, amp_dtype(device)):
             probs = model(preprocess(x[None].to(device))).float().softmax(-1)[0]  # L,K
         p, idx = probs.max(-1)
         code = "".join(charset[i] for i in idx.tolist())
@@ -634,7 +865,8 @@ def build_parser():
     p.add_argument("--batch-size", type=int, default=128, help="mini-batch size")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of the one-cycle schedule")
     p.add_argument("--resume", action="store_true", help="continue from DATA_DIR/checkpoint.pt")
-    p.set_defaults(func=cmd_train)
+    add_scale_options(p)
+    p.set_defaults(func=cmd_train, train_parser=p)
     p = sub.add_parser("eval", parents=[common, device], formatter_class=fmt, help="read captcha images")
     p.add_argument("images", nargs="*", metavar="IMAGE", help="image files or folders; none: read paths from stdin")
     p.add_argument("--model", default=None, help="model file (default: DATA_DIR/model.pt)")
@@ -643,12 +875,29 @@ def build_parser():
     return parser
 
 
+def add_scale_options(p):
+    """Options of every train command for torchrun, mixed precision, TensorBoard and run tables."""
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
+                   help="mixed precision: bf16 on CUDA where supported, else fp16 with loss scaling; the CPU uses "
+                        "bf16 only where measured faster")
+    p.add_argument("--sync-bn", action="store_true", help="under torchrun on CUDA: synchronise BatchNorm statistics")
+    p.add_argument("--tensorboard", metavar="DIR", default=None,
+                   help="write TensorBoard logs to DIR (needs `pip install tensorboard`)")
+    p.add_argument("--histogram-every", type=int, default=5, metavar="N",
+                   help="with --tensorboard: weight histograms every N epochs (0: never)")
+    p.add_argument("--tag", default="", help="a label for this run in DATA_DIR/runs.csv")
+    p.add_argument("--grid", action="append", metavar="OPTION=V1,V2",
+                   help="run every combination of these option values, each in DATA_DIR/grid/NAME/ "
+                        "(repeatable, e.g. --grid lr=0.01,0.001 --grid batch-size=128,256)")
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if main_process():   # under torchrun every process meets the same error: one line is enough
+            print(f"error: {e}", file=sys.stderr)
         return e.status
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)

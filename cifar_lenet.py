@@ -4,6 +4,7 @@ Usage:
     python cifar_lenet.py prepare [--image-dir cifar/] [--test-dir DIR] [--labels FILE] [--workers N]
     python cifar_lenet.py train   [--epochs N] [--batch-size N] [--lr X] [--device auto] [--resume]
     python cifar_lenet.py eval    [IMAGE_OR_FOLDER ...] [--json] [--model PATH]
+    torchrun --standalone --nproc_per_node=N cifar_lenet.py train [...]   # DDP over N processes/GPUs (README.md)
 
 Data layout (auto-detected by prepare; --labels FILE overrides the label list):
     DIR/labels.txt and DIR/**/N_label.ext     the tutorial's CIFAR archive (cifar/train/2598_cat.png)
@@ -19,6 +20,7 @@ import contextlib
 import csv
 import gzip
 import io
+import itertools
 import json
 import math
 import os
@@ -31,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
@@ -196,10 +199,8 @@ def save_shard(path, tensors):
     """gzip(torch.save(tuple)) written atomically."""
     buf = io.BytesIO()
     torch.save(tuple(tensors), buf)
-    tmp = Path(str(path) + ".tmp")
-    with gzip.open(tmp, "wb", compresslevel=3) as f:
+    with atomic_path(path) as tmp, gzip.open(tmp, "wb", compresslevel=3) as f:
         f.write(buf.getbuffer())
-    os.replace(tmp, path)
 
 
 def load_shard(path):
@@ -207,16 +208,27 @@ def load_shard(path):
         return torch.load(io.BytesIO(f.read()), weights_only=True)
 
 
+@contextlib.contextmanager
+def atomic_path(path):
+    """A temporary name next to `path` to write to: renamed to `path` when the block ends, removed when it fails or
+    is interrupted, so `path` is always either the old file or the whole new one."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.stem}.tmp{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def atomic_torch_save(obj, path):
-    tmp = Path(str(path) + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def atomic_write_text(path, text):
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
 
 
 def list_images(folder):
@@ -303,7 +315,7 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
-def pick_device(name):
+def pick_device(name, quiet=False):
     if name == "auto":
         if torch.cuda.is_available():
             name = "cuda"
@@ -315,56 +327,49 @@ def pick_device(name):
         raise UserError("--device cuda: no CUDA device is available; use --device cpu or auto", 2)
     elif name == "mps" and not torch.backends.mps.is_available():
         raise UserError("--device mps: MPS is not available; use --device cpu or auto", 2)
-    print(f"device: {name}", file=sys.stderr)
+    if not quiet:
+        print(f"device: {name}", file=sys.stderr)
     return torch.device(name)
 
 
-def autocast(device):
-    """bf16 mixed precision on CUDA, and on a CPU with native bf16 instructions if CPU_BF16; else a no-op."""
-    names = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")   # torch.cpu helpers; missing -> False
-    native = any(getattr(torch.cpu, name, lambda: False)() for name in names)
-    enabled = device.type == "cuda" or (device.type == "cpu" and CPU_BF16 and native)
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
-
-
 def progress(iterable=None, **kwargs):
-    """tqdm on stderr, hidden when stderr is not a terminal."""
-    return tqdm(iterable, disable=not sys.stderr.isatty(), file=sys.stderr, dynamic_ncols=True, **kwargs)
+    """tqdm on stderr, hidden when stderr is not a terminal and in processes other than the main one."""
+    return tqdm(iterable, disable=not (sys.stderr.isatty() and main_process()), file=sys.stderr,
+                dynamic_ncols=True, **kwargs)
 
 
-def train_one_epoch(model, data, norm, optimizer, scheduler, loss_fn, batch_size, desc):
-    """One pass over the training split in random mini-batches; returns (loss, top-1) weighted by sample."""
+def train_one_epoch(model, data, norm, optimizer, scheduler, scaler, loss_fn, batches, dtype, desc):
+    """One pass over this process's index `batches` of the training split; returns (loss, top-1, images)."""
     images, labels = data
     model.train()
-    n, device = len(labels), labels.device
+    device = labels.device
     total_loss, correct = torch.zeros((), device=device), torch.zeros((), device=device)
-    perm = torch.randperm(n, device=device)
+    n = sum(len(idx) for idx in batches)
     with progress(total=n, desc=desc, unit="img", leave=False) as bar:
-        for start in range(0, n, batch_size):
-            idx = perm[start:start + batch_size]
+        for idx in batches:
             x, y = preprocess(augment(images[idx]), *norm), labels[idx]
-            with autocast(device):
+            with autocast(device, dtype):
                 out = model(x)
                 loss = loss_fn(out, y)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
             scheduler.step()
             total_loss += loss.detach() * len(idx)   # summed on the device: no sync per batch
             correct += (out.argmax(1) == y).sum()
             bar.update(len(idx))
-    loss = total_loss.item() / n
-    if not math.isfinite(loss):
-        raise UserError(f"training loss is {loss}; lower --lr")
-    return loss, correct.item() / n
+    return total_loss.item() / max(n, 1), correct.item() / max(n, 1), n
 
 
 @torch.no_grad()
-def evaluate(model, data, norm, loss_fn, batch_size):
+def evaluate(model, data, norm, loss_fn, batch_size, dtype):
     """(loss, top-1, logits N,K) over a whole split, sample-weighted, without augmentation."""
     images, labels = data
     model.eval()
-    with autocast(labels.device):
+    if not len(labels):
+        return 0.0, 0.0, torch.zeros(0, device=labels.device)
+    with autocast(labels.device, dtype):
         logits = torch.cat([model(preprocess(images[i:i + batch_size], *norm)).float()
                             for i in range(0, len(labels), batch_size)])
     return loss_fn(logits, labels).item(), (logits.argmax(1) == labels).float().mean().item(), logits
@@ -405,10 +410,9 @@ def save_history(data_dir, history, plot_keys):
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = Path(data_dir) / "history.tmp.png"
-    fig.savefig(tmp)
+    with atomic_path(Path(data_dir) / "history.png") as tmp:
+        fig.savefig(tmp)
     plt.close(fig)
-    os.replace(tmp, Path(data_dir) / "history.png")
 
 
 def report_test(data_dir, labels, test_labels, logits):
@@ -436,10 +440,169 @@ def report_test(data_dir, labels, test_labels, logits):
     for (i, j), v in np.ndenumerate(confusion.numpy()):
         ax.text(j, i, v, ha="center", va="center", fontsize=7)
     fig.tight_layout()
-    tmp = Path(data_dir) / "confusion.tmp.png"
-    fig.savefig(tmp)
+    with atomic_path(Path(data_dir) / "confusion.png") as tmp:
+        fig.savefig(tmp)
     plt.close(fig)
-    os.replace(tmp, Path(data_dir) / "confusion.png")
+    return top1
+
+
+# ---- Scale out and observe: torchrun, mixed precision, TensorBoard, runs.csv, --grid (same in every script) ----
+def main_process():
+    """True in a plain run and in torchrun's rank 0: the one process that prints and writes files."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def setup_distributed(device_name):
+    """The training device. Under torchrun (WORLD_SIZE > 1) also join the process group: nccl on CUDA with one
+    GPU per local rank, gloo on the CPU; ranks other than 0 print nothing on stdout."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = pick_device(device_name, quiet=not main_process())
+    if world == 1 or dist.is_initialized():
+        return device
+    if not main_process():
+        sys.stdout = open(os.devnull, "w")
+    if device.type == "cuda":
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if local_rank >= torch.cuda.device_count():
+            raise UserError(f"torchrun: local rank {local_rank} but {torch.cuda.device_count()} CUDA devices on this "
+                            f"node; lower --nproc_per_node", 2)
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    elif device.type != "cpu":
+        raise UserError(f"torchrun: --device {device.type} is not supported; use cuda or cpu", 2)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                            device_id=device if device.type == "cuda" else None)
+    print(f"torchrun: {world} processes, backend {dist.get_backend()}")
+    return device
+
+
+def rank_and_world():
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def epoch_batches(n, batch_size, seed, epoch, device):
+    """This process's index batches of one epoch. A permutation seeded by (seed, epoch), the same in every process,
+    is cut into global batches of `batch_size`; under torchrun each process takes every world-th index of each batch
+    (a last batch shorter than the world is topped up from the start), so all take the same number of steps."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    rank, world = rank_and_world()
+    batches = []
+    for start in range(0, n, batch_size):
+        idx = perm[start:start + batch_size]
+        if len(idx) < world:
+            idx = torch.cat([idx, perm[:world - len(idx)]])
+        batches.append(idx[rank::world].to(device))
+    return batches
+
+
+def shard(items):
+    """This process's share of a validation split (every world-th item; all of it in one process)."""
+    rank, world = rank_and_world()
+    return items[rank::world]
+
+
+def sum_over_processes(values, device):
+    """Sums of per-process numbers over all processes (the numbers themselves in one process)."""
+    if not dist.is_initialized():
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def mean_over_processes(values, count, device):
+    """Count-weighted means of per-process means over all processes (unchanged in one process), so every
+    process sees the same numbers and takes the same early-stopping decision."""
+    *sums, total = sum_over_processes([*(v * count if count else 0.0 for v in values), count], device)
+    return [v / max(total, 1) for v in sums]
+
+
+def wrap_model(model, device, sync_bn):
+    """DistributedDataParallel under torchrun (optionally with synchronised BatchNorm); the model itself else."""
+    if not dist.is_initialized():
+        return model
+    if sync_bn:
+        if device.type != "cuda":
+            raise UserError("--sync-bn needs CUDA (torch's SyncBatchNorm does not run on the CPU)", 2)
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def amp_dtype(device, amp=True):
+    """The autocast dtype: with --amp, bf16 on CUDA where supported, else fp16 (trained with a GradScaler); on a
+    CPU bf16 only if CPU_BF16 (measured faster for this model) and the CPU has native bf16 instructions;
+    None (fp32) otherwise."""
+    if not amp:
+        return None
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    names = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")   # torch.cpu helpers; missing -> False
+    if device.type == "cpu" and CPU_BF16 and any(getattr(torch.cpu, name, lambda: False)() for name in names):
+        return torch.bfloat16
+    return None
+
+
+def autocast(device, dtype):
+    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+
+def open_tensorboard(logdir):
+    """A SummaryWriter for --tensorboard DIR (None in processes other than the main one). tensorboard is an
+    optional package: without it this option fails with one line saying how to install it."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard", 2)
+    return SummaryWriter(str(logdir)) if main_process() else None
+
+
+def log_epoch(writer, row, model, every):
+    """TensorBoard: every number of the history row as a scalar; weight histograms every `every` epochs."""
+    if writer is None:
+        return
+    epoch = row["epoch"]
+    for key, value in row.items():
+        if key != "epoch":
+            writer.add_scalar(key, value, epoch)
+    if every and epoch % every == 0:
+        for name, p in model.named_parameters():
+            writer.add_histogram(name, p.detach().float().cpu(), epoch)
+    writer.flush()
+
+
+def append_run(data_dir, row):
+    """Append one row to DATA_DIR/runs.csv (columns: the union over all rows), rewritten atomically."""
+    path = Path(data_dir) / "runs.csv"
+    rows = list(csv.DictReader(path.open(newline=""))) if path.exists() else []
+    rows.append(row)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for r in rows for k in r)), restval="")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
+
+
+def grid_runs(args, parser):
+    """[(name, args)] for every combination of the --grid KEY=V1,V2 options (one unnamed run without --grid)."""
+    axes = []
+    for item in args.grid or []:
+        key, _, values = item.partition("=")
+        action = parser._option_string_actions.get(f"--{key}")
+        if not values or action is None or action.nargs == 0 or action.dest in ("grid", "data_dir", "resume"):
+            raise UserError(f"--grid {item}: expected OPTION=V1,V2,... with OPTION a train option that takes a value "
+                            f"(e.g. --grid lr=0.01,0.001)", 2)
+        try:
+            converted = [(action.type or str)(v) for v in values.split(",")]
+        except ValueError:
+            raise UserError(f"--grid {item}: not a valid value for --{key}", 2)
+        axes.append([(key, action.dest, text, value) for text, value in zip(values.split(","), converted)])
+    runs = []
+    for combo in itertools.product(*axes):
+        run_args = argparse.Namespace(**vars(args))
+        for _, dest, _, value in combo:
+            setattr(run_args, dest, value)
+        runs.append(("_".join(f"{key}={text}" for key, _, text, _ in combo), run_args))
+    return runs
 
 
 # ---- Commands ----
@@ -484,32 +647,40 @@ def cmd_prepare(args):
     return 0
 
 
-def cmd_train(args):
+def train(args, device, out_dir, tb_dir):
+    """One training run on DATA_DIR's prepared data; model, checkpoint and history go to out_dir."""
     data_dir = Path(args.data_dir)
     meta = read_meta(data_dir)
-    device = pick_device(args.device)
-    seed_everything(args.seed)
+    rank, world = rank_and_world()
+    if main_process():
+        out_dir.mkdir(parents=True, exist_ok=True)
+    seed_everything(args.seed + rank)   # augmentation differs per process; DDP copies rank 0's initial weights
+    writer = open_tensorboard(tb_dir) if tb_dir else None
     ckpt = None
     if args.resume:
-        path = data_dir / "checkpoint.pt"
+        path = out_dir / "checkpoint.pt"
         if not path.exists():
             raise UserError(f"{path} not found: nothing to resume; train without --resume")
         ckpt = load_model_file(path)
     # The whole split lives on the device as uint8 (a 50k CIFAR split is 150 MB); batches are index slices.
-    train, val, test = (tuple(t.to(device) for t in read_split(data_dir, name)) for name in SPLITS)
+    train_set, val, test = (tuple(t.to(device) for t in read_split(data_dir, name)) for name in SPLITS)
     labels, norm = meta["labels"], (meta["mean"], meta["std"])
     model_args = {"num_classes": len(labels)}
     model = build_model(**model_args).to(device, memory_format=MEMORY_FORMAT)
-    steps = args.epochs * math.ceil(len(train[1]) / args.batch_size)
+    steps = args.epochs * math.ceil(len(train_set[1]) / args.batch_size)
     optimizer, scheduler = make_optimizer(model, args, steps)
+    dtype = amp_dtype(device, args.amp)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
     history, best_score, bad_epochs, start = [], -1.0, 0, 1
     if ckpt:
         if ckpt["model_args"] != model_args:
-            raise UserError(f"{data_dir / 'checkpoint.pt'} was trained on other data ({ckpt['model_args']}, now "
+            raise UserError(f"{out_dir / 'checkpoint.pt'} was trained on other data ({ckpt['model_args']}, now "
                             f"{model_args}); train without --resume")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
         if ckpt["scheduler"]["total_steps"] == scheduler.total_steps:
             scheduler.load_state_dict(ckpt["scheduler"])
         else:  # --epochs or --batch-size changed: the same schedule shape over the new length, from here on
@@ -517,41 +688,93 @@ def cmd_train(args):
         history, best_score, bad_epochs = ckpt["history"], ckpt["best_score"], ckpt["bad_epochs"]
         start = ckpt["epoch"] + 1
         print(f"resuming after epoch {ckpt['epoch']} (best val acc {best_score:.2%})")
-    step_model = torch.compile(model) if args.compile else model
-    config = {k: v for k, v in vars(args).items() if k != "func"}
-    print(f"{SCRIPT}: {len(train[1])} train / {len(val[1])} val / {len(test[1])} test images, "
-          f"{sum(p.numel() for p in model.parameters()):,} parameters")
+    eval_model = torch.compile(model) if args.compile else model
+    step_model = wrap_model(eval_model, device, args.sync_bn)
+    config = {k: v for k, v in vars(args).items() if k not in ("func", "train_parser")}
+    print(f"{SCRIPT}: {len(train_set[1])} train / {len(val[1])} val / {len(test[1])} test images, "
+          f"{sum(p.numel() for p in model.parameters()):,} parameters, precision {dtype or torch.float32}")
+    if writer:
+        writer.add_images("inputs", augment(train_set[0][:32]), 0)
+    val_shard = tuple(shard(t) for t in val)
     for epoch in range(start, args.epochs + 1):
         if bad_epochs >= args.patience:
             break
         t0 = time.perf_counter()
         lr = scheduler.get_last_lr()[0]
-        train_loss, train_acc = train_one_epoch(step_model, train, norm, optimizer, scheduler, loss_fn,
-                                                args.batch_size, f"epoch {epoch}")
+        batches = epoch_batches(len(train_set[1]), args.batch_size, args.seed, epoch, device)
+        train_loss, train_acc, n = train_one_epoch(step_model, train_set, norm, optimizer, scheduler, scaler, loss_fn,
+                                                   batches, dtype, f"epoch {epoch}")
+        train_loss, train_acc = mean_over_processes([train_loss, train_acc], n, device)
+        if not math.isfinite(train_loss):
+            raise UserError(f"training loss is {train_loss}; lower --lr")
         seconds = time.perf_counter() - t0
-        val_loss, val_acc, _ = evaluate(step_model, val, norm, loss_fn, 2 * args.batch_size)
+        val_loss, val_acc, _ = evaluate(eval_model, val_shard, norm, loss_fn, 2 * args.batch_size, dtype)
+        val_loss, val_acc = mean_over_processes([val_loss, val_acc], len(val_shard[1]), device)
         improved = val_acc > best_score
         best_score, bad_epochs = (val_acc, 0) if improved else (best_score, bad_epochs + 1)
         history.append({"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss,
-                        "val_acc": val_acc, "lr": lr, "seconds": seconds, "img_per_s": len(train[1]) / seconds})
+                        "val_acc": val_acc, "lr": lr, "steps": len(batches), "seconds": seconds,
+                        "img_per_s": len(train_set[1]) / seconds})
+        if main_process():   # the epoch is saved before its line is printed
+            log_epoch(writer, history[-1], model, args.histogram_every)
+            if improved:
+                atomic_torch_save({"script": SCRIPT, "model": model.state_dict(), "model_args": model_args,
+                                   "labels": labels, "image_size": IMAGE_SIZE, "mean": norm[0], "std": norm[1],
+                                   "epoch": epoch, "val_acc": val_acc}, out_dir / "model.pt")
+            atomic_torch_save({"script": SCRIPT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                               "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
+                               "history": history, "best_score": best_score, "bad_epochs": bad_epochs,
+                               "model_args": model_args, "config": config}, out_dir / "checkpoint.pt")
+            save_history(out_dir, history, ["train_acc", "val_acc"])
         print(f"epoch {epoch}/{args.epochs}  train loss {train_loss:.3f} acc {train_acc:.2%}  "
               f"val loss {val_loss:.3f} acc {val_acc:.2%}  lr {lr:.5f}  {seconds:.1f}s  "
-              f"{len(train[1]) / seconds:.0f} img/s{'  *' if improved else ''}", flush=True)
-        if improved:
-            atomic_torch_save({"script": SCRIPT, "model": model.state_dict(), "model_args": model_args,
-                               "labels": labels, "image_size": IMAGE_SIZE, "mean": norm[0], "std": norm[1],
-                               "epoch": epoch, "val_acc": val_acc}, data_dir / "model.pt")
-        atomic_torch_save({"script": SCRIPT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                           "scheduler": scheduler.state_dict(), "epoch": epoch, "history": history,
-                           "best_score": best_score, "bad_epochs": bad_epochs, "model_args": model_args,
-                           "config": config}, data_dir / "checkpoint.pt")
-        save_history(data_dir, history, ["train_acc", "val_acc"])
+              f"{len(train_set[1]) / seconds:.0f} img/s{'  *' if improved else ''}", flush=True)
+    if writer:
+        writer.close()
     if bad_epochs >= args.patience:
         print(f"early stop: no better validation accuracy for {bad_epochs} epochs")
-    best = load_model_file(data_dir / "model.pt")
+    result = {"epochs_run": len(history), "best_val": round(best_score, 6), "test": float("nan"), "metric": "top-1"}
+    if not main_process():
+        return result
+    best = load_model_file(out_dir / "model.pt")
     model.load_state_dict(best["model"])
     print(f"best model: epoch {best['epoch']}, val acc {best['val_acc']:.2%}")
-    report_test(data_dir, labels, test[1].cpu(), evaluate(model, test, norm, loss_fn, 2 * args.batch_size)[2].cpu())
+    logits = evaluate(model, test, norm, loss_fn, 2 * args.batch_size, dtype)[2]
+    result["test"] = round(report_test(out_dir, labels, test[1].cpu(), logits.cpu()), 6)
+    return result
+
+
+def cmd_train(args):
+    """Train once, or once per --grid combination (each in DATA_DIR/grid/NAME/); one runs.csv row per run."""
+    device = setup_distributed(args.device)
+    data_dir = Path(args.data_dir)
+    runs = grid_runs(args, args.train_parser)
+    table = []
+    try:
+        for name, run_args in runs:
+            out_dir = data_dir / "grid" / name if name else data_dir
+            tb_dir = args.tensorboard and Path(args.tensorboard) / name
+            if name:
+                print(f"\n== grid run {name}: {out_dir}")
+            started, t0 = time.strftime("%Y-%m-%d %H:%M:%S"), time.time()
+            result = train(run_args, device, out_dir, tb_dir)
+            options = {k: v for k, v in vars(run_args).items() if k not in ("command", "func", "train_parser", "grid")}
+            row = {"start": started, "tag": "/".join(filter(None, (run_args.tag, name))), "run_dir": str(out_dir),
+                   **result, "seconds": round(time.time() - t0, 1), "device": str(device),
+                   "world_size": rank_and_world()[1]}
+            row |= {k: v for k, v in options.items() if k not in row}
+            if main_process():
+                append_run(data_dir, row)
+            table.append(row)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if len(table) > 1:
+        print(f"\n{'run':<40}{'epochs':>7}{'best val':>10}{'test':>8}{'seconds':>9}")
+        for row in sorted(table, key=lambda r: -r["best_val"]):
+            print(f"{row['tag']:<40}{row['epochs_run']:>7}{row['best_val']:>10.4f}{row['test']:>8.4f}"
+                  f"{row['seconds']:>9.0f}")
+        print(f"best validation score: {max(table, key=lambda r: r['best_val'])['run_dir']}/model.pt")
     return 0
 
 
@@ -602,7 +825,7 @@ def cmd_eval(args):
             else:
                 print(f"{path}: {reason}", file=sys.stderr)
             continue
-        with autocast(device):
+        with autocast(device, amp_dtype(device)):
             probs = model(preprocess(x, *norm)).float().softmax(1)[0].cpu()
         top = probs.topk(min(5, len(labels)))
         best = [(labels[i], p) for p, i in zip(top.values.tolist(), top.indices.tolist())]
@@ -642,7 +865,8 @@ def build_parser():
     p.add_argument("--label-smoothing", type=float, default=LABEL_SMOOTHING, help="of the training loss")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (helps most on CUDA)")
     p.add_argument("--resume", action="store_true", help="continue from DATA_DIR/checkpoint.pt")
-    p.set_defaults(func=cmd_train)
+    add_scale_options(p)
+    p.set_defaults(func=cmd_train, train_parser=p)
     p = sub.add_parser("eval", parents=[common, device], formatter_class=fmt, help="predict images")
     p.add_argument("images", nargs="*", metavar="IMAGE", help="image files or folders; none: read paths from stdin")
     p.add_argument("--model", default=None, help="model file (default: DATA_DIR/model.pt)")
@@ -651,12 +875,29 @@ def build_parser():
     return parser
 
 
+def add_scale_options(p):
+    """Options of every train command for torchrun, mixed precision, TensorBoard and run tables."""
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
+                   help="mixed precision: bf16 on CUDA where supported, else fp16 with loss scaling; the CPU uses "
+                        "bf16 only where measured faster")
+    p.add_argument("--sync-bn", action="store_true", help="under torchrun on CUDA: synchronise BatchNorm statistics")
+    p.add_argument("--tensorboard", metavar="DIR", default=None,
+                   help="write TensorBoard logs to DIR (needs `pip install tensorboard`)")
+    p.add_argument("--histogram-every", type=int, default=5, metavar="N",
+                   help="with --tensorboard: weight histograms every N epochs (0: never)")
+    p.add_argument("--tag", default="", help="a label for this run in DATA_DIR/runs.csv")
+    p.add_argument("--grid", action="append", metavar="OPTION=V1,V2",
+                   help="run every combination of these option values, each in DATA_DIR/grid/NAME/ "
+                        "(repeatable, e.g. --grid lr=0.01,0.001 --grid batch-size=128,256)")
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if main_process():   # under torchrun every process meets the same error: one line is enough
+            print(f"error: {e}", file=sys.stderr)
         return e.status
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)

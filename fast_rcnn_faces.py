@@ -4,6 +4,7 @@ Usage:
     python fast_rcnn_faces.py prepare [--image-dir DIR] [--csv FILE] [--data-dir DIR] [--size 384x256]
     python fast_rcnn_faces.py train   [--epochs N] [--batch-size N] [--device auto] [--resume]
     python fast_rcnn_faces.py eval    [IMAGE_OR_FOLDER ...] [--threshold 0.25] [--output-dir DIR] [--json]
+    torchrun --standalone --nproc_per_node=N fast_rcnn_faces.py train [...]   # DDP over N processes/GPUs (README.md)
 
 Data layout: photos in --image-dir and a Kaggle-style CSV (--csv) with one row per face:
 `Name,width,height,xmin,ymin,xmax,ymax` (width/height optional; boxes in pixels of the photo).
@@ -13,9 +14,11 @@ Result: AP@0.5 0.761, recall 0.753 and face-count RMSE 1.68 (threshold 0.25) on 
 (1,600 training photos, ~3-4 min per epoch on a shared 2-core CPU, one seed).
 """
 import argparse
+import contextlib
 import csv
 import gzip
 import io
+import itertools
 import json
 import math
 import os
@@ -30,6 +33,7 @@ import cv2
 import numpy as np
 import pandas as pd
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, UnidentifiedImageError
@@ -56,6 +60,7 @@ STRIDE = 8                               # feature map stride
 BOX_WEIGHTS = (10.0, 10.0, 5.0, 5.0)     # offset scaling, as torchvision's BoxCoder
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 REQUIRED_COLUMNS = ["Name", "xmin", "ymin", "xmax", "ymax"]
+CPU_BF16 = False                         # bf16 autocast on the CPU: not measured faster here; fp32
 
 
 class UserError(Exception):
@@ -87,10 +92,8 @@ def save_shard(path, tensors):
     """gzip(torch.save(tuple)) written atomically."""
     buf = io.BytesIO()
     torch.save(tuple(tensors), buf)
-    tmp = Path(str(path) + ".tmp")
-    with gzip.open(tmp, "wb", compresslevel=3) as f:
+    with atomic_path(path) as tmp, gzip.open(tmp, "wb", compresslevel=3) as f:
         f.write(buf.getbuffer())
-    os.replace(tmp, path)
 
 
 def load_shard(path):
@@ -98,16 +101,27 @@ def load_shard(path):
         return torch.load(io.BytesIO(f.read()), weights_only=True)
 
 
+@contextlib.contextmanager
+def atomic_path(path):
+    """A temporary name next to `path` to write to: renamed to `path` when the block ends, removed when it fails or
+    is interrupted, so `path` is always either the old file or the whole new one."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.stem}.tmp{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def atomic_torch_save(obj, path):
-    tmp = Path(str(path) + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def atomic_write_text(path, text):
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
 
 
 def list_images(folder):
@@ -348,6 +362,9 @@ class FastRCNN(nn.Module):
         hidden = self.head(pooled)                          # K,hidden
         return self.classify(hidden), self.regress(hidden)
 
+    def forward(self, x, rois):  # the training step's call (DistributedDataParallel wraps forward)
+        return self.classify_rois(self.features(x), rois)
+
 
 # ---- Train / evaluate helpers ----
 def seed_everything(seed):
@@ -356,7 +373,7 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
-def pick_device(name):
+def pick_device(name, quiet=False):
     if name == "auto":
         if torch.cuda.is_available():
             name = "cuda"
@@ -368,13 +385,15 @@ def pick_device(name):
         raise UserError("--device cuda: no CUDA device is available; use --device cpu or auto", 2)
     elif name == "mps" and not torch.backends.mps.is_available():
         raise UserError("--device mps: MPS is not available; use --device cpu or auto", 2)
-    print(f"device: {name}", file=sys.stderr)
+    if not quiet:
+        print(f"device: {name}", file=sys.stderr)
     return torch.device(name)
 
 
 def progress(iterable=None, **kwargs):
-    """tqdm on stderr, hidden when stderr is not a terminal."""
-    return tqdm(iterable, disable=not sys.stderr.isatty(), file=sys.stderr, dynamic_ncols=True, **kwargs)
+    """tqdm on stderr, hidden when stderr is not a terminal and in processes other than the main one."""
+    return tqdm(iterable, disable=not (sys.stderr.isatty() and main_process()), file=sys.stderr,
+                dynamic_ncols=True, **kwargs)
 
 
 def load_model_file(path):
@@ -412,10 +431,9 @@ def save_history(data_dir, history, plot_keys):
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = Path(data_dir) / "history.tmp.png"
-    fig.savefig(tmp)
+    with atomic_path(Path(data_dir) / "history.png") as tmp:
+        fig.savefig(tmp)
     plt.close(fig)
-    os.replace(tmp, Path(data_dir) / "history.png")
 
 
 def sample_rois(proposals, gt, generator, n_rois=ROIS_PER_PHOTO, pos_fraction=POS_FRACTION):
@@ -453,42 +471,41 @@ def flip_batch(images, gts, props, size):
     return images.flip(-1), [flip(g) for g in gts], [flip(p) for p in props]
 
 
-def run_epoch(model, data, idx, device, batch_size, optimizer=None, generator=None, size=SIZE):
-    """One pass over photos `idx` on sampled RoIs: loss, balanced label accuracy, mean |offset error|."""
+def run_epoch(model, data, batches, device, dtype, optimizer=None, scaler=None, generator=None, size=SIZE):
+    """One pass over the photo index `batches` on sampled RoIs; the numbers are summed over all processes:
+    loss, balanced label accuracy, mean |offset error|."""
     images, gts, props = data
     model.train(optimizer is not None)
-    totals = torch.zeros(6)  # loss*n, n, correct faces, faces, correct background, background ; + offset
-    offset_err, offset_n = 0.0, 0
-    bar = progress(total=len(idx), desc="train" if optimizer else "val", unit="photo")
+    totals = torch.zeros(8)  # loss*n, n, correct faces, faces, correct background, background, offset error, faces
+    bar = progress(total=sum(len(b) for b in batches), desc="train" if optimizer else "val", unit="photo")
     with torch.set_grad_enabled(optimizer is not None):
-        for start in range(0, len(idx), batch_size):
-            b = idx[start:start + batch_size]
+        for b in batches:
             x, g, p = images[b], [gts[i] for i in b], [props[i] for i in b]
             if optimizer is not None and torch.rand(1, generator=generator).item() < 0.5:
                 x, g, p = flip_batch(x, g, p, size)
             rois, labels, targets = zip(*(sample_rois(pi, gi, generator) for pi, gi in zip(p, g)))
             labels, targets = torch.cat(labels).to(device), torch.cat(targets).to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                logits, offsets = model.classify_rois(model.features(preprocess(x.to(device))),
-                                                      [r.to(device) for r in rois])
+            with autocast(device, dtype):
+                logits, offsets = model(preprocess(x.to(device)), [r.to(device) for r in rois])
             logits, offsets = logits.float(), offsets.float()
             loss = detection_loss(logits, offsets, labels, targets)
             if not math.isfinite(loss.item()):
                 raise UserError(f"loss is {loss.item()}; lower --lr", 1)
             if optimizer is not None:
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-            hit = logits.argmax(1) == labels
-            totals += torch.tensor([loss.item() * len(b), len(b), (hit & (labels == 1)).sum().item(),
-                                    (labels == 1).sum().item(), (hit & (labels == 0)).sum().item(),
-                                    (labels == 0).sum().item()])
-            offset_err += (offsets[labels == 1] - targets[labels == 1]).abs().sum().item() / 4
-            offset_n += (labels == 1).sum().item()
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            hit, face = logits.argmax(1) == labels, labels == 1
+            totals += torch.tensor([loss.item() * len(b), len(b), (hit & face).sum().item(), face.sum().item(),
+                                    (hit & ~face).sum().item(), (~face).sum().item(),
+                                    (offsets[face] - targets[face]).abs().sum().item() / 4, face.sum().item()])
             bar.update(len(b))
     bar.close()
+    totals = torch.tensor(sum_over_processes(totals.tolist(), device))
     bacc = (totals[2] / totals[3].clamp(min=1) + totals[4] / totals[5].clamp(min=1)).item() / 2
-    return {"loss": (totals[0] / totals[1]).item(), "bacc": bacc, "offset": offset_err / max(offset_n, 1)}
+    return {"loss": (totals[0] / totals[1].clamp(min=1)).item(), "bacc": bacc,
+            "offset": (totals[6] / totals[7].clamp(min=1)).item()}
 
 
 @torch.no_grad()
@@ -502,8 +519,8 @@ def detect(model, images, props, sizes, device, nms_iou, regress=True, calibrati
     for start in range(0, len(images), batch_size):
         x = preprocess(images[start:start + batch_size].to(device))
         rois = [p.to(device) for p in props[start:start + batch_size]]
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            logits, offsets = model.classify_rois(model.features(x), rois)
+        with autocast(device, amp_dtype(device)):
+            logits, offsets = model(x, rois)
         log_odds = (logits[:, 1] - logits[:, 0]).float().cpu()
         scores = torch.sigmoid(calibration[0] * log_odds + calibration[1]).split([len(r) for r in rois])
         offsets = offsets.float().cpu().split([len(r) for r in rois])
@@ -586,6 +603,165 @@ def photo_boxes(split, size):
     return [from_letterbox(g, w, h, size) for g, (w, h) in zip(split[1], split[3].tolist())]
 
 
+# ---- Scale out and observe: torchrun, mixed precision, TensorBoard, runs.csv, --grid (same in every script) ----
+def main_process():
+    """True in a plain run and in torchrun's rank 0: the one process that prints and writes files."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def setup_distributed(device_name):
+    """The training device. Under torchrun (WORLD_SIZE > 1) also join the process group: nccl on CUDA with one
+    GPU per local rank, gloo on the CPU; ranks other than 0 print nothing on stdout."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = pick_device(device_name, quiet=not main_process())
+    if world == 1 or dist.is_initialized():
+        return device
+    if not main_process():
+        sys.stdout = open(os.devnull, "w")
+    if device.type == "cuda":
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if local_rank >= torch.cuda.device_count():
+            raise UserError(f"torchrun: local rank {local_rank} but {torch.cuda.device_count()} CUDA devices on this "
+                            f"node; lower --nproc_per_node", 2)
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    elif device.type != "cpu":
+        raise UserError(f"torchrun: --device {device.type} is not supported; use cuda or cpu", 2)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                            device_id=device if device.type == "cuda" else None)
+    print(f"torchrun: {world} processes, backend {dist.get_backend()}")
+    return device
+
+
+def rank_and_world():
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def epoch_batches(n, batch_size, seed, epoch, device):
+    """This process's index batches of one epoch. A permutation seeded by (seed, epoch), the same in every process,
+    is cut into global batches of `batch_size`; under torchrun each process takes every world-th index of each batch
+    (a last batch shorter than the world is topped up from the start), so all take the same number of steps."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    rank, world = rank_and_world()
+    batches = []
+    for start in range(0, n, batch_size):
+        idx = perm[start:start + batch_size]
+        if len(idx) < world:
+            idx = torch.cat([idx, perm[:world - len(idx)]])
+        batches.append(idx[rank::world].to(device))
+    return batches
+
+
+def shard(items):
+    """This process's share of a validation split (every world-th item; all of it in one process)."""
+    rank, world = rank_and_world()
+    return items[rank::world]
+
+
+def sum_over_processes(values, device):
+    """Sums of per-process numbers over all processes (the numbers themselves in one process)."""
+    if not dist.is_initialized():
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def mean_over_processes(values, count, device):
+    """Count-weighted means of per-process means over all processes (unchanged in one process), so every
+    process sees the same numbers and takes the same early-stopping decision."""
+    *sums, total = sum_over_processes([*(v * count if count else 0.0 for v in values), count], device)
+    return [v / max(total, 1) for v in sums]
+
+
+def wrap_model(model, device, sync_bn):
+    """DistributedDataParallel under torchrun (optionally with synchronised BatchNorm); the model itself else."""
+    if not dist.is_initialized():
+        return model
+    if sync_bn:
+        if device.type != "cuda":
+            raise UserError("--sync-bn needs CUDA (torch's SyncBatchNorm does not run on the CPU)", 2)
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def amp_dtype(device, amp=True):
+    """The autocast dtype: with --amp, bf16 on CUDA where supported, else fp16 (trained with a GradScaler); on a
+    CPU bf16 only if CPU_BF16 (measured faster for this model) and the CPU has native bf16 instructions;
+    None (fp32) otherwise."""
+    if not amp:
+        return None
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    names = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")   # torch.cpu helpers; missing -> False
+    if device.type == "cpu" and CPU_BF16 and any(getattr(torch.cpu, name, lambda: False)() for name in names):
+        return torch.bfloat16
+    return None
+
+
+def autocast(device, dtype):
+    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+
+def open_tensorboard(logdir):
+    """A SummaryWriter for --tensorboard DIR (None in processes other than the main one). tensorboard is an
+    optional package: without it this option fails with one line saying how to install it."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard", 2)
+    return SummaryWriter(str(logdir)) if main_process() else None
+
+
+def log_epoch(writer, row, model, every):
+    """TensorBoard: every number of the history row as a scalar; weight histograms every `every` epochs."""
+    if writer is None:
+        return
+    epoch = row["epoch"]
+    for key, value in row.items():
+        if key != "epoch":
+            writer.add_scalar(key, value, epoch)
+    if every and epoch % every == 0:
+        for name, p in model.named_parameters():
+            writer.add_histogram(name, p.detach().float().cpu(), epoch)
+    writer.flush()
+
+
+def append_run(data_dir, row):
+    """Append one row to DATA_DIR/runs.csv (columns: the union over all rows), rewritten atomically."""
+    path = Path(data_dir) / "runs.csv"
+    rows = list(csv.DictReader(path.open(newline=""))) if path.exists() else []
+    rows.append(row)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for r in rows for k in r)), restval="")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
+
+
+def grid_runs(args, parser):
+    """[(name, args)] for every combination of the --grid KEY=V1,V2 options (one unnamed run without --grid)."""
+    axes = []
+    for item in args.grid or []:
+        key, _, values = item.partition("=")
+        action = parser._option_string_actions.get(f"--{key}")
+        if not values or action is None or action.nargs == 0 or action.dest in ("grid", "data_dir", "resume"):
+            raise UserError(f"--grid {item}: expected OPTION=V1,V2,... with OPTION a train option that takes a value "
+                            f"(e.g. --grid lr=0.01,0.001)", 2)
+        try:
+            converted = [(action.type or str)(v) for v in values.split(",")]
+        except ValueError:
+            raise UserError(f"--grid {item}: not a valid value for --{key}", 2)
+        axes.append([(key, action.dest, text, value) for text, value in zip(values.split(","), converted)])
+    runs = []
+    for combo in itertools.product(*axes):
+        run_args = argparse.Namespace(**vars(args))
+        for _, dest, _, value in combo:
+            setattr(run_args, dest, value)
+        runs.append(("_".join(f"{key}={text}" for key, _, text, _ in combo), run_args))
+    return runs
+
+
 # ---- Commands ----
 def cmd_prepare(args):
     image_dir, data_dir = Path(args.image_dir), Path(args.data_dir)
@@ -659,81 +835,140 @@ def model_file(model, args, meta, score):
             "mean": list(MEAN), "std": list(STD), "val_ap50": score}
 
 
-def cmd_train(args):
+def train(args, device, out_dir, tb_dir):
+    """One training run on DATA_DIR's prepared photos; model, checkpoint and history go to out_dir."""
     data_dir = Path(args.data_dir)
     meta = read_meta(data_dir)
-    if args.resume and not (data_dir / "checkpoint.pt").exists():
-        raise UserError(f"{data_dir / 'checkpoint.pt'} not found; train without --resume first")
-    device = pick_device(args.device)
+    rank, world = rank_and_world()
+    if main_process():
+        out_dir.mkdir(parents=True, exist_ok=True)
+    if args.resume and not (out_dir / "checkpoint.pt").exists():
+        raise UserError(f"{out_dir / 'checkpoint.pt'} not found; train without --resume first")
+    writer = open_tensorboard(tb_dir) if tb_dir else None
     seed_everything(args.seed)
     size = meta["size"]
     train, val = load_prepared(data_dir, "training_set", size), load_prepared(data_dir, "validating_set", size)
     model = FastRCNN(args.width).to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs)
+    dtype = amp_dtype(device, args.amp)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     start, history, best, bad = 0, [], -1.0, 0
     if args.resume:
-        ckpt = load_model_file(data_dir / "checkpoint.pt")
+        ckpt = load_model_file(out_dir / "checkpoint.pt")
         model = FastRCNN(**ckpt["model_args"]).to(device, memory_format=torch.channels_last)
         model.load_state_dict(ckpt["model"])
         optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=ckpt["config"]["epochs"])
         scheduler.load_state_dict(ckpt["scheduler"])
+        if ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
         start, history, best, bad = ckpt["epoch"], ckpt["history"], ckpt["best_score"], ckpt["bad_epochs"]
         print(f"resuming after epoch {start}", file=sys.stderr)
-    generator = torch.Generator().manual_seed(args.seed + start)
-    config = {k: v for k, v in vars(args).items() if k != "func"}
+    step_model = wrap_model(model, device, args.sync_bn)
+    generator = torch.Generator().manual_seed(args.seed + start + 7919 * rank)   # RoI samples and flips
+    config = {k: v for k, v in vars(args).items() if k not in ("func", "train_parser")}
+    print(f"{len(train[0])} training / {len(val[0])} validation photos, precision {dtype or torch.float32}")
+    if writer:
+        writer.add_images("inputs", train[0][:8], 0)
+    val_batches = list(shard(torch.arange(len(val[0]))).split(args.batch_size))
     for epoch in range(start + 1, args.epochs + 1):
         if bad >= args.patience:
             break
         t0 = time.time()
-        order = torch.randperm(len(train[0]), generator=generator)
-        tr = run_epoch(model, train[:3], order, device, args.batch_size, optimizer, generator, size)
+        batches = epoch_batches(len(train[0]), args.batch_size, args.seed, epoch, "cpu")
+        tr = run_epoch(step_model, train[:3], batches, device, dtype, optimizer, scaler, generator, size)
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
         train_s = time.time() - t0
-        va = run_epoch(model, val[:3], torch.arange(len(val[0])), device, args.batch_size,
-                       generator=torch.Generator().manual_seed(0), size=size)
+        va = run_epoch(model, val[:3], val_batches, device, dtype, generator=torch.Generator().manual_seed(0),
+                       size=size)
+        # AP needs every photo's detections: each process scores the whole validation split; the mean keeps
+        # all processes on the same decision
         score = detection_scores(detect(model, val[0], val[2], val[3], device, args.nms_iou), photo_boxes(val, size), 0.5)
-        improved = score["ap50"] > best
-        best, bad = (score["ap50"], 0) if improved else (best, bad + 1)
+        ap50 = mean_over_processes([score["ap50"]], 1, device)[0]
+        improved = ap50 > best
+        best, bad = (ap50, 0) if improved else (best, bad + 1)
         history.append({"epoch": epoch, "train_loss": tr["loss"], "train_bacc": tr["bacc"], "train_offset": tr["offset"],
                         "val_loss": va["loss"], "val_bacc": va["bacc"], "val_offset": va["offset"],
-                        "val_ap50": score["ap50"], "lr": lr, "seconds": time.time() - t0})
+                        "val_ap50": ap50, "lr": lr, "steps": len(batches), "seconds": time.time() - t0,
+                        "photos_per_s": len(train[0]) / train_s})
+        if main_process():   # the epoch is saved before its line is printed
+            log_epoch(writer, history[-1], model, args.histogram_every)
+            if improved:
+                atomic_torch_save(model_file(model, args, meta, best), out_dir / "model.pt")
+            atomic_torch_save({"script": SCRIPT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                               "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
+                               "history": history, "best_score": best, "bad_epochs": bad,
+                               "model_args": {"width": args.width}, "config": config}, out_dir / "checkpoint.pt")
+            save_history(out_dir, history, ["train_loss", "val_loss", "val_bacc", "val_ap50"])
         print(f"epoch {epoch}/{args.epochs}  train loss {tr['loss']:.3f} bacc {tr['bacc']:.2%} offset {tr['offset']:.3f}"
-              f"  val loss {va['loss']:.3f} bacc {va['bacc']:.2%} offset {va['offset']:.3f} AP50 {score['ap50']:.3f}"
-              f"  lr {history[-1]['lr']:.5f}  {time.time() - t0:.1f}s  {len(order) / train_s:.1f} photo/s"
+              f"  val loss {va['loss']:.3f} bacc {va['bacc']:.2%} offset {va['offset']:.3f} AP50 {ap50:.3f}"
+              f"  lr {history[-1]['lr']:.5f}  {time.time() - t0:.1f}s  {len(train[0]) / train_s:.1f} photo/s"
               f"{'  *' if improved else ''}", flush=True)
-        if improved:
-            atomic_torch_save(model_file(model, args, meta, best), data_dir / "model.pt")
-        atomic_torch_save({"script": SCRIPT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                           "scheduler": scheduler.state_dict(), "epoch": epoch, "history": history,
-                           "best_score": best, "bad_epochs": bad, "model_args": {"width": args.width},
-                           "config": config}, data_dir / "checkpoint.pt")
-        save_history(data_dir, history, ["train_loss", "val_loss", "val_bacc", "val_ap50"])
+    if writer:
+        writer.close()
     if bad >= args.patience:
         print(f"early stop: no better validation AP50 for {args.patience} epochs")
-    if not (data_dir / "model.pt").exists():
-        raise UserError(f"{data_dir}: no epoch finished; nothing to evaluate")
-    best_model = load_model_file(data_dir / "model.pt")
+    result = {"epochs_run": len(history), "best_val": round(best, 6), "test": float("nan"), "metric": "AP@0.5"}
+    if not main_process():
+        return result
+    if not (out_dir / "model.pt").exists():
+        raise UserError(f"{out_dir}: no epoch finished; nothing to evaluate")
+    best_model = load_model_file(out_dir / "model.pt")
     model.load_state_dict(best_model["model"])
     calibration = fit_calibration(detect(model, val[0], val[2], val[3], device, args.nms_iou), photo_boxes(val, size))
     if calibration is None:
         print("too few correct/wrong validation detections to calibrate the scores; softmax scores kept")
     else:
         best_model["calibration"] = calibration
-        atomic_torch_save(best_model, data_dir / "model.pt")
+        atomic_torch_save(best_model, out_dir / "model.pt")
         print(f"scores calibrated on validation photos: sigmoid({calibration[0]:.3f} * log-odds + {calibration[1]:.3f})")
     test = load_prepared(data_dir, "testing_set", size) if list(data_dir.glob("testing_set.*.pt.gz")) else None
     if test is None:
         print("no test photos; skipping the detection score")
-        return 0
+        return result
     t0 = time.time()
     dets = detect(model, test[0], test[2], test[3], device, args.nms_iou, calibration=calibration or (1.0, 0.0))
     score = detection_scores(dets, photo_boxes(test, size), 0.5)
+    result["test"] = round(score["ap50"], 6)
     print(f"test photos {len(test[0])}: AP50 {score['ap50']:.3f}  recall {score['recall']:.3f}  "
           f"face-count RMSE {score['count_rmse']:.2f} (threshold 0.5)  {(time.time() - t0) / len(test[0]):.3f} s/photo")
+    return result
+
+
+def cmd_train(args):
+    """Train once, or once per --grid combination (each in DATA_DIR/grid/NAME/); one runs.csv row per run."""
+    device = setup_distributed(args.device)
+    data_dir = Path(args.data_dir)
+    runs = grid_runs(args, args.train_parser)
+    table = []
+    try:
+        for name, run_args in runs:
+            out_dir = data_dir / "grid" / name if name else data_dir
+            tb_dir = args.tensorboard and Path(args.tensorboard) / name
+            if name:
+                print(f"\n== grid run {name}: {out_dir}")
+            started, t0 = time.strftime("%Y-%m-%d %H:%M:%S"), time.time()
+            result = train(run_args, device, out_dir, tb_dir)
+            options = {k: v for k, v in vars(run_args).items() if k not in ("command", "func", "train_parser", "grid")}
+            row = {"start": started, "tag": "/".join(filter(None, (run_args.tag, name))), "run_dir": str(out_dir),
+                   **result, "seconds": round(time.time() - t0, 1), "device": str(device),
+                   "world_size": rank_and_world()[1]}
+            row |= {k: v for k, v in options.items() if k not in row}
+            if main_process():
+                append_run(data_dir, row)
+            table.append(row)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if len(table) > 1:
+        print(f"\n{'run':<40}{'epochs':>7}{'best val':>10}{'test':>8}{'seconds':>9}")
+        for row in sorted(table, key=lambda r: -r["best_val"]):
+            print(f"{row['tag']:<40}{row['epochs_run']:>7}{row['best_val']:>10.4f}{row['test']:>8.4f}"
+                  f"{row['seconds']:>9.0f}")
+        print(f"best validation score: {max(table, key=lambda r: r['best_val'])['run_dir']}/model.pt")
     return 0
 
 
@@ -744,9 +979,8 @@ def draw_boxes(img, boxes, scores, path):
     for (x1, y1, x2, y2), s in zip(boxes.tolist(), scores.tolist()):
         draw.rectangle([x1, y1, x2, y2], outline=(255, 0, 0), width=2)
         draw.text((x1 + 2, y1 + 1), f"{s:.2f}", fill=(255, 0, 0))
-    tmp = Path(str(path) + ".tmp")
-    img.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        img.save(tmp, format="PNG")
 
 
 def cmd_eval(args):
@@ -853,7 +1087,8 @@ def build_parser():
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--width", type=int, default=24, help="backbone channels of the first stage")
     p.add_argument("--resume", action="store_true", help="continue from DATA_DIR/checkpoint.pt")
-    p.set_defaults(func=cmd_train)
+    add_scale_options(p)
+    p.set_defaults(func=cmd_train, train_parser=p)
     p = sub.add_parser("eval", parents=[common, device], formatter_class=fmt, help="detect faces in photos")
     p.add_argument("images", nargs="*", metavar="IMAGE", help="image files or folders; none: read paths from stdin")
     p.add_argument("--model", default=None, help="model file (default: DATA_DIR/model.pt)")
@@ -866,12 +1101,29 @@ def build_parser():
     return parser
 
 
+def add_scale_options(p):
+    """Options of every train command for torchrun, mixed precision, TensorBoard and run tables."""
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
+                   help="mixed precision: bf16 on CUDA where supported, else fp16 with loss scaling; the CPU uses "
+                        "bf16 only where measured faster")
+    p.add_argument("--sync-bn", action="store_true", help="under torchrun on CUDA: synchronise BatchNorm statistics")
+    p.add_argument("--tensorboard", metavar="DIR", default=None,
+                   help="write TensorBoard logs to DIR (needs `pip install tensorboard`)")
+    p.add_argument("--histogram-every", type=int, default=5, metavar="N",
+                   help="with --tensorboard: weight histograms every N epochs (0: never)")
+    p.add_argument("--tag", default="", help="a label for this run in DATA_DIR/runs.csv")
+    p.add_argument("--grid", action="append", metavar="OPTION=V1,V2",
+                   help="run every combination of these option values, each in DATA_DIR/grid/NAME/ "
+                        "(repeatable, e.g. --grid lr=0.01,0.001 --grid batch-size=128,256)")
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if main_process():   # under torchrun every process meets the same error: one line is enough
+            print(f"error: {e}", file=sys.stderr)
         return e.status
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)

@@ -4,6 +4,7 @@ Usage:
     python rcnn_faces.py prepare [--image-dir DIR] [--csv FILE] [--data-dir data/rcnn_faces] [--workers N]
     python rcnn_faces.py train   [--epochs N] [--patience N] [--device auto] [--resume]
     python rcnn_faces.py eval    [IMAGE_OR_FOLDER ...] [--json] [--threshold X] [--output-dir DIR]
+    torchrun --standalone --nproc_per_node=N rcnn_faces.py train [...]   # DDP over N processes/GPUs (README.md)
 
 Data layout: a folder of photos plus a Kaggle-style CSV with one row per face,
 `Name,width,height,xmin,ymin,xmax,ymax` (width/height optional), boxes in photo pixels.
@@ -16,9 +17,11 @@ Result (2,000-photo Kaggle set, trained 4 epochs on 1,600 photos, scored on the 
 including selective search.
 """
 import argparse
+import contextlib
 import csv
 import gzip
 import io
+import itertools
 import json
 import os
 import random
@@ -32,6 +35,7 @@ import cv2
 import numpy as np
 import pandas as pd
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, UnidentifiedImageError
@@ -58,6 +62,7 @@ DEDUP_IOU = 0.9          # near-identical proposals are scored once
 # gives the tutorial's labelling.
 POS_IOU, NEG_IOU, BACKGROUNDS = 0.5, 0.3, 30
 CROP_SIZE = 32
+CPU_BF16 = False         # bf16 autocast on the CPU: not measured faster for this network; fp32
 WIDTH = 16               # channels of the first ResNet stage (torchvision's resnet18 uses 64); 16 scores
                          # a photo's ~770 regions in 0.25 CPU-s, 32 takes about 3x as long
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -96,10 +101,8 @@ def save_shard(path, tensors):
     """gzip(torch.save(tuple)) written atomically."""
     buf = io.BytesIO()
     torch.save(tuple(tensors), buf)
-    tmp = Path(str(path) + ".tmp")
-    with gzip.open(tmp, "wb", compresslevel=3) as f:
+    with atomic_path(path) as tmp, gzip.open(tmp, "wb", compresslevel=3) as f:
         f.write(buf.getbuffer())
-    os.replace(tmp, path)
 
 
 def load_shard(path):
@@ -107,16 +110,27 @@ def load_shard(path):
         return torch.load(io.BytesIO(f.read()), weights_only=True)
 
 
+@contextlib.contextmanager
+def atomic_path(path):
+    """A temporary name next to `path` to write to: renamed to `path` when the block ends, removed when it fails or
+    is interrupted, so `path` is always either the old file or the whole new one."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.stem}.tmp{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def atomic_torch_save(obj, path):
-    tmp = Path(str(path) + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def atomic_write_text(path, text):
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
 
 
 def list_images(folder):
@@ -291,7 +305,7 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
-def pick_device(name):
+def pick_device(name, quiet=False):
     if name == "auto":
         if torch.cuda.is_available():
             name = "cuda"
@@ -303,13 +317,15 @@ def pick_device(name):
         raise UserError("--device cuda: no CUDA device is available; use --device cpu or auto", 2)
     elif name == "mps" and not torch.backends.mps.is_available():
         raise UserError("--device mps: MPS is not available; use --device cpu or auto", 2)
-    print(f"device: {name}", file=sys.stderr)
+    if not quiet:
+        print(f"device: {name}", file=sys.stderr)
     return torch.device(name)
 
 
 def progress(iterable=None, **kwargs):
-    """tqdm on stderr, hidden when stderr is not a terminal."""
-    return tqdm(iterable, disable=not sys.stderr.isatty(), file=sys.stderr, dynamic_ncols=True, **kwargs)
+    """tqdm on stderr, hidden when stderr is not a terminal and in processes other than the main one."""
+    return tqdm(iterable, disable=not (sys.stderr.isatty() and main_process()), file=sys.stderr,
+                dynamic_ncols=True, **kwargs)
 
 
 def load_model_file(path):
@@ -347,44 +363,46 @@ def save_history(data_dir, history, plot_keys):
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = Path(data_dir) / "history.tmp.png"
-    fig.savefig(tmp)
+    with atomic_path(Path(data_dir) / "history.png") as tmp:
+        fig.savefig(tmp)
     plt.close(fig)
-    os.replace(tmp, Path(data_dir) / "history.png")
 
 
-def autocast(device):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
-def run_epoch(model, crops, labels, device, batch_size, optimizer=None, generator=None):
-    """One pass over crops; trains (with random horizontal flips) when an optimizer is given.
-    Returns (mean loss, balanced accuracy = mean of face and background accuracy, crops/s)."""
+def run_epoch(model, crops, labels, device, batches, dtype, optimizer=None, scaler=None, generator=None):
+    """One pass over crops in the given index batches; trains (with random horizontal flips) when an optimizer
+    is given. Returns sums over all processes: [loss * crops, correct backgrounds, correct faces, backgrounds,
+    faces], and crops/s of this process."""
     training = optimizer is not None
     model.train(training)
-    order = torch.randperm(len(labels), generator=generator) if training else torch.arange(len(labels))
     loss_sum, correct, start = 0.0, torch.zeros(2), time.time()
     with torch.set_grad_enabled(training):
-        for i in progress(range(0, len(order), batch_size), desc="train" if training else "val", unit="batch"):
-            idx = order[i:i + batch_size]
+        for idx in progress(batches, desc="train" if training else "val", unit="batch"):
             x, y = preprocess(crops[idx], device), labels[idx].to(device)
             if training:
                 flip = torch.rand(len(idx), generator=generator).to(device) < 0.5
                 x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
-            with autocast(device):
+            with autocast(device, dtype):
                 loss = F.cross_entropy(logits := model(x).float(), y)
             if training:
                 if not torch.isfinite(loss):
                     raise UserError(f"non-finite training loss ({loss.item()}); try a lower --lr")
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
             loss_sum += loss.item() * len(idx)
             correct += torch.bincount(y[logits.argmax(1) == y], minlength=2).cpu().float()
-    total = torch.bincount(labels, minlength=2).float()
+    n = sum(len(idx) for idx in batches)
+    total = torch.bincount(labels[torch.cat(batches)] if batches else labels[:0], minlength=2).float()
+    speed = n / max(time.time() - start, 1e-9)
+    return sum_over_processes([loss_sum, *correct.tolist(), *total.tolist()], device), speed
+
+
+def crop_scores(sums):
+    """(mean loss, balanced accuracy = mean of face and background accuracy) from run_epoch's sums."""
+    loss_sum, correct, total = sums[0], torch.tensor(sums[1:3]), torch.tensor(sums[3:5])
     present = total > 0
-    return (loss_sum / max(len(labels), 1), (correct[present] / total[present]).mean().item(),
-            len(labels) / max(time.time() - start, 1e-9))
+    return loss_sum / max(total.sum().item(), 1), (correct[present] / total[present]).mean().item()
 
 
 @torch.no_grad()
@@ -398,7 +416,7 @@ def detect(model, img, proposals, crop_size, device, nms_iou, calibration=(1.0, 
     crops = crop_regions(img, proposals, crop_size)
     log_odds = []
     for i in range(0, len(crops), batch_size):
-        with autocast(device):
+        with autocast(device, amp_dtype(device)):
             logits = model(preprocess(crops[i:i + batch_size], device)).float()
         log_odds.append((logits[:, 1] - logits[:, 0]).cpu())
     scores = torch.sigmoid(calibration[0] * torch.cat(log_odds) + calibration[1])
@@ -515,9 +533,167 @@ def draw_boxes(img, boxes, path):
     draw = ImageDraw.Draw(img)
     for x1, y1, x2, y2 in boxes.tolist():
         draw.rectangle([x1, y1, x2, y2], outline=(255, 0, 0), width=2)
-    tmp = Path(str(path) + ".tmp")
-    img.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        img.save(tmp, format="PNG")
+
+
+# ---- Scale out and observe: torchrun, mixed precision, TensorBoard, runs.csv, --grid (same in every script) ----
+def main_process():
+    """True in a plain run and in torchrun's rank 0: the one process that prints and writes files."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def setup_distributed(device_name):
+    """The training device. Under torchrun (WORLD_SIZE > 1) also join the process group: nccl on CUDA with one
+    GPU per local rank, gloo on the CPU; ranks other than 0 print nothing on stdout."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = pick_device(device_name, quiet=not main_process())
+    if world == 1 or dist.is_initialized():
+        return device
+    if not main_process():
+        sys.stdout = open(os.devnull, "w")
+    if device.type == "cuda":
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if local_rank >= torch.cuda.device_count():
+            raise UserError(f"torchrun: local rank {local_rank} but {torch.cuda.device_count()} CUDA devices on this "
+                            f"node; lower --nproc_per_node", 2)
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    elif device.type != "cpu":
+        raise UserError(f"torchrun: --device {device.type} is not supported; use cuda or cpu", 2)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                            device_id=device if device.type == "cuda" else None)
+    print(f"torchrun: {world} processes, backend {dist.get_backend()}")
+    return device
+
+
+def rank_and_world():
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def epoch_batches(n, batch_size, seed, epoch, device):
+    """This process's index batches of one epoch. A permutation seeded by (seed, epoch), the same in every process,
+    is cut into global batches of `batch_size`; under torchrun each process takes every world-th index of each batch
+    (a last batch shorter than the world is topped up from the start), so all take the same number of steps."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    rank, world = rank_and_world()
+    batches = []
+    for start in range(0, n, batch_size):
+        idx = perm[start:start + batch_size]
+        if len(idx) < world:
+            idx = torch.cat([idx, perm[:world - len(idx)]])
+        batches.append(idx[rank::world].to(device))
+    return batches
+
+
+def shard(items):
+    """This process's share of a validation split (every world-th item; all of it in one process)."""
+    rank, world = rank_and_world()
+    return items[rank::world]
+
+
+def sum_over_processes(values, device):
+    """Sums of per-process numbers over all processes (the numbers themselves in one process)."""
+    if not dist.is_initialized():
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def mean_over_processes(values, count, device):
+    """Count-weighted means of per-process means over all processes (unchanged in one process), so every
+    process sees the same numbers and takes the same early-stopping decision."""
+    *sums, total = sum_over_processes([*(v * count if count else 0.0 for v in values), count], device)
+    return [v / max(total, 1) for v in sums]
+
+
+def wrap_model(model, device, sync_bn):
+    """DistributedDataParallel under torchrun (optionally with synchronised BatchNorm); the model itself else."""
+    if not dist.is_initialized():
+        return model
+    if sync_bn:
+        if device.type != "cuda":
+            raise UserError("--sync-bn needs CUDA (torch's SyncBatchNorm does not run on the CPU)", 2)
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def amp_dtype(device, amp=True):
+    """The autocast dtype: with --amp, bf16 on CUDA where supported, else fp16 (trained with a GradScaler); on a
+    CPU bf16 only if CPU_BF16 (measured faster for this model) and the CPU has native bf16 instructions;
+    None (fp32) otherwise."""
+    if not amp:
+        return None
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    names = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")   # torch.cpu helpers; missing -> False
+    if device.type == "cpu" and CPU_BF16 and any(getattr(torch.cpu, name, lambda: False)() for name in names):
+        return torch.bfloat16
+    return None
+
+
+def autocast(device, dtype):
+    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+
+def open_tensorboard(logdir):
+    """A SummaryWriter for --tensorboard DIR (None in processes other than the main one). tensorboard is an
+    optional package: without it this option fails with one line saying how to install it."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard", 2)
+    return SummaryWriter(str(logdir)) if main_process() else None
+
+
+def log_epoch(writer, row, model, every):
+    """TensorBoard: every number of the history row as a scalar; weight histograms every `every` epochs."""
+    if writer is None:
+        return
+    epoch = row["epoch"]
+    for key, value in row.items():
+        if key != "epoch":
+            writer.add_scalar(key, value, epoch)
+    if every and epoch % every == 0:
+        for name, p in model.named_parameters():
+            writer.add_histogram(name, p.detach().float().cpu(), epoch)
+    writer.flush()
+
+
+def append_run(data_dir, row):
+    """Append one row to DATA_DIR/runs.csv (columns: the union over all rows), rewritten atomically."""
+    path = Path(data_dir) / "runs.csv"
+    rows = list(csv.DictReader(path.open(newline=""))) if path.exists() else []
+    rows.append(row)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for r in rows for k in r)), restval="")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
+
+
+def grid_runs(args, parser):
+    """[(name, args)] for every combination of the --grid KEY=V1,V2 options (one unnamed run without --grid)."""
+    axes = []
+    for item in args.grid or []:
+        key, _, values = item.partition("=")
+        action = parser._option_string_actions.get(f"--{key}")
+        if not values or action is None or action.nargs == 0 or action.dest in ("grid", "data_dir", "resume"):
+            raise UserError(f"--grid {item}: expected OPTION=V1,V2,... with OPTION a train option that takes a value "
+                            f"(e.g. --grid lr=0.01,0.001)", 2)
+        try:
+            converted = [(action.type or str)(v) for v in values.split(",")]
+        except ValueError:
+            raise UserError(f"--grid {item}: not a valid value for --{key}", 2)
+        axes.append([(key, action.dest, text, value) for text, value in zip(values.split(","), converted)])
+    runs = []
+    for combo in itertools.product(*axes):
+        run_args = argparse.Namespace(**vars(args))
+        for _, dest, _, value in combo:
+            setattr(run_args, dest, value)
+        runs.append(("_".join(f"{key}={text}" for key, _, text, _ in combo), run_args))
+    return runs
 
 
 # ---- Commands ----
@@ -580,12 +756,16 @@ def cmd_prepare(args):
     return 0
 
 
-def cmd_train(args):
-    device = pick_device(args.device)
+def train(args, device, out_dir, tb_dir):
+    """One training run on DATA_DIR's prepared crops; model, checkpoint and history go to out_dir."""
     seed_everything(args.seed)
     data_dir = Path(args.data_dir)
     meta = read_meta(data_dir)
-    ckpt_path = data_dir / "checkpoint.pt"
+    rank, world = rank_and_world()
+    if main_process():
+        out_dir.mkdir(parents=True, exist_ok=True)
+    writer = open_tensorboard(tb_dir) if tb_dir else None
+    ckpt_path = out_dir / "checkpoint.pt"
     if args.resume and not ckpt_path.exists():
         raise UserError(f"{ckpt_path} not found; train without --resume first")
     x_train, y_train, *_ = read_split(data_dir, "training_set")
@@ -600,43 +780,63 @@ def cmd_train(args):
     model = build_model(**model_args).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs)
+    dtype = amp_dtype(device, args.amp)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     if args.resume:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         start_epoch, history, best, bad_epochs = state["epoch"], state["history"], state["best_score"], state["bad_epochs"]
         print(f"resumed after epoch {start_epoch}, best val balanced acc {best:.2%}")
-    print(f"{len(y_train)} training crops ({int(y_train.sum())} faces), {len(y_val)} validation crops")
-    config = {k: v for k, v in vars(args).items() if k != "func"}
+    step_model = wrap_model(model, device, args.sync_bn)
+    print(f"{len(y_train)} training crops ({int(y_train.sum())} faces), {len(y_val)} validation crops, "
+          f"precision {dtype or torch.float32}")
+    if writer:
+        writer.add_images("inputs", x_train[:32], 0)
+    config = {k: v for k, v in vars(args).items() if k not in ("func", "train_parser")}
+    val_batches = list(shard(torch.arange(len(y_val))).split(args.batch_size))
     for epoch in range(start_epoch, args.epochs):
         if bad_epochs >= args.patience:
             break
         t0 = time.time()
-        gen = torch.Generator().manual_seed(args.seed * 1000 + epoch)
-        train_loss, train_acc, speed = run_epoch(model, x_train, y_train, device, args.batch_size, optimizer, gen)
-        val_loss, val_acc, _ = run_epoch(model, x_val, y_val, device, args.batch_size)
+        gen = torch.Generator().manual_seed(args.seed * 1000 + epoch + 7919 * rank)   # flips differ per process
+        batches = epoch_batches(len(y_train), args.batch_size, args.seed, epoch, "cpu")
+        sums, speed = run_epoch(step_model, x_train, y_train, device, batches, dtype, optimizer, scaler, gen)
+        train_loss, train_acc = crop_scores(sums)
+        val_loss, val_acc = crop_scores(run_epoch(model, x_val, y_val, device, val_batches, dtype)[0])
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
         improved = val_acc > best
         best, bad_epochs = (val_acc, 0) if improved else (best, bad_epochs + 1)
         history.append({"epoch": epoch + 1, "train_loss": train_loss, "train_bacc": train_acc, "val_loss": val_loss,
-                        "val_bacc": val_acc, "lr": lr, "seconds": time.time() - t0, "crops_per_s": speed})
-        if improved:
-            atomic_torch_save({"script": SCRIPT, "model": model.state_dict(), "model_args": model_args,
-                               "crop_size": model_args["crop_size"], "mean": list(MEAN), "std": list(STD),
-                               "search_side": meta["options"]["search_side"], "epoch": epoch + 1,
-                               "val_bacc": val_acc}, data_dir / "model.pt")
-        atomic_torch_save({"script": SCRIPT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                           "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "history": history,
-                           "best_score": best, "bad_epochs": bad_epochs, "model_args": model_args,
-                           "config": config}, ckpt_path)
-        save_history(data_dir, history, ["train_bacc", "val_bacc"])
+                        "val_bacc": val_acc, "lr": lr, "steps": len(batches), "seconds": time.time() - t0,
+                        "crops_per_s": speed * world})
+        if main_process():   # the epoch is saved before its line is printed
+            log_epoch(writer, history[-1], model, args.histogram_every)
+            if improved:
+                atomic_torch_save({"script": SCRIPT, "model": model.state_dict(), "model_args": model_args,
+                                   "crop_size": model_args["crop_size"], "mean": list(MEAN), "std": list(STD),
+                                   "search_side": meta["options"]["search_side"], "epoch": epoch + 1,
+                                   "val_bacc": val_acc}, out_dir / "model.pt")
+            atomic_torch_save({"script": SCRIPT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                               "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch + 1,
+                               "history": history, "best_score": best, "bad_epochs": bad_epochs,
+                               "model_args": model_args, "config": config}, ckpt_path)
+            save_history(out_dir, history, ["train_bacc", "val_bacc"])
         print(f"epoch {epoch + 1}/{args.epochs}  train loss {train_loss:.4f} bacc {train_acc:.2%}  "
               f"val loss {val_loss:.4f} bacc {val_acc:.2%}  lr {lr:.5f}  {time.time() - t0:.1f}s  "
-              f"{speed:.0f} crops/s{'  *' if improved else ''}", flush=True)
+              f"{speed * world:.0f} crops/s{'  *' if improved else ''}", flush=True)
+    if writer:
+        writer.close()
     if bad_epochs >= args.patience:
         print(f"early stop: no better validation score for {args.patience} epochs")
-    ckpt = load_model_file(data_dir / "model.pt")
+    result = {"epochs_run": len(history), "best_val": round(best, 6), "test": float("nan"),
+              "metric": "val: crop balanced accuracy; test: AP@0.5"}
+    if not main_process():
+        return result
+    ckpt = load_model_file(out_dir / "model.pt")
     model = build_model(**ckpt["model_args"]).to(device)
     model.load_state_dict(ckpt["model"])
 
@@ -650,15 +850,50 @@ def cmd_train(args):
         print("too few correct/wrong validation detections to calibrate the scores; softmax scores kept")
     else:
         ckpt["calibration"] = calibration
-        atomic_torch_save(ckpt, data_dir / "model.pt")
+        atomic_torch_save(ckpt, out_dir / "model.pt")
         print(f"scores calibrated on validation photos: sigmoid({calibration[0]:.3f} * log-odds + {calibration[1]:.3f})")
     detections, kept, seconds = run_detector(model, ckpt, *photos("testing"), device, args.nms_iou)
     report = detection_report(detections, kept, args.threshold)
+    result["test"] = round(report["ap50"], 6) if report else float("nan")
     if report is None:
         print("test photos: none readable, no detection score")
     else:
         print(f"test photos: {report['photos']}  AP@0.5 {report['ap50']:.3f}  recall {report['recall']:.3f}  "
               f"count RMSE {report['count_rmse']:.2f} (threshold {args.threshold})  {seconds:.2f} s/photo")
+    return result
+
+
+def cmd_train(args):
+    """Train once, or once per --grid combination (each in DATA_DIR/grid/NAME/); one runs.csv row per run."""
+    device = setup_distributed(args.device)
+    data_dir = Path(args.data_dir)
+    runs = grid_runs(args, args.train_parser)
+    table = []
+    try:
+        for name, run_args in runs:
+            out_dir = data_dir / "grid" / name if name else data_dir
+            tb_dir = args.tensorboard and Path(args.tensorboard) / name
+            if name:
+                print(f"\n== grid run {name}: {out_dir}")
+            started, t0 = time.strftime("%Y-%m-%d %H:%M:%S"), time.time()
+            result = train(run_args, device, out_dir, tb_dir)
+            options = {k: v for k, v in vars(run_args).items() if k not in ("command", "func", "train_parser", "grid")}
+            row = {"start": started, "tag": "/".join(filter(None, (run_args.tag, name))), "run_dir": str(out_dir),
+                   **result, "seconds": round(time.time() - t0, 1), "device": str(device),
+                   "world_size": rank_and_world()[1]}
+            row |= {k: v for k, v in options.items() if k not in row}
+            if main_process():
+                append_run(data_dir, row)
+            table.append(row)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if len(table) > 1:
+        print(f"\n{'run':<40}{'epochs':>7}{'best val':>10}{'test':>8}{'seconds':>9}")
+        for row in sorted(table, key=lambda r: -r["best_val"]):
+            print(f"{row['tag']:<40}{row['epochs_run']:>7}{row['best_val']:>10.4f}{row['test']:>8.4f}"
+                  f"{row['seconds']:>9.0f}")
+        print(f"best validation score: {max(table, key=lambda r: r['best_val'])['run_dir']}/model.pt")
     return 0
 
 
@@ -761,7 +996,8 @@ def build_parser():
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--width", type=int, default=WIDTH, help="channels of the first ResNet stage (64 = resnet18)")
     p.add_argument("--resume", action="store_true", help="continue from DATA_DIR/checkpoint.pt")
-    p.set_defaults(func=cmd_train)
+    add_scale_options(p)
+    p.set_defaults(func=cmd_train, train_parser=p)
     p = sub.add_parser("eval", parents=[common, device, detection], formatter_class=fmt, help="detect faces in photos")
     p.add_argument("images", nargs="*", metavar="IMAGE", help="image files or folders; none: read paths from stdin")
     p.add_argument("--model", default=None, help="model file (default: DATA_DIR/model.pt)")
@@ -773,12 +1009,29 @@ def build_parser():
     return parser
 
 
+def add_scale_options(p):
+    """Options of every train command for torchrun, mixed precision, TensorBoard and run tables."""
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
+                   help="mixed precision: bf16 on CUDA where supported, else fp16 with loss scaling; the CPU uses "
+                        "bf16 only where measured faster")
+    p.add_argument("--sync-bn", action="store_true", help="under torchrun on CUDA: synchronise BatchNorm statistics")
+    p.add_argument("--tensorboard", metavar="DIR", default=None,
+                   help="write TensorBoard logs to DIR (needs `pip install tensorboard`)")
+    p.add_argument("--histogram-every", type=int, default=5, metavar="N",
+                   help="with --tensorboard: weight histograms every N epochs (0: never)")
+    p.add_argument("--tag", default="", help="a label for this run in DATA_DIR/runs.csv")
+    p.add_argument("--grid", action="append", metavar="OPTION=V1,V2",
+                   help="run every combination of these option values, each in DATA_DIR/grid/NAME/ "
+                        "(repeatable, e.g. --grid lr=0.01,0.001 --grid batch-size=128,256)")
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if main_process():   # under torchrun every process meets the same error: one line is enough
+            print(f"error: {e}", file=sys.stderr)
         return e.status
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)

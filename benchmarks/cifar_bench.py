@@ -118,8 +118,8 @@ def bench_speed(name, module, train, norm, num_classes, args, device, tmp, full_
             part = tuple(t[start:start + chunk] for t in data)
             tut_times[-1] += timed(lambda: tutorial_epoch(tut_model, tut_opt, files[i * per_chunk:(i + 1) * per_chunk],
                                                           device), device)
-            our_times[-1] += timed(lambda: module.train_one_epoch(model, part, norm, optimizer, scheduler, loss_fn,
-                                                                  module.BATCH_SIZE, name), device)
+            our_times[-1] += timed(lambda: script_epoch(module, model, part, norm, optimizer, scheduler, loss_fn,
+                                                        device, name), device)
         print(f"{name} speed epoch {epoch}: tutorial {n / tut_times[-1]:.0f} img/s ({tut_times[-1]:.1f}s)  "
               f"script {n / our_times[-1]:.0f} img/s ({our_times[-1]:.1f}s)  "
               f"ratio {tut_times[-1] / our_times[-1]:.2f}x", flush=True)
@@ -128,6 +128,14 @@ def bench_speed(name, module, train, norm, num_classes, args, device, tmp, full_
           f"script {ours:.0f} img/s, ratio {ours / tut:.2f}x; one full epoch of {full_n} images: "
           f"tutorial ~{full_n / tut:.0f}s, script ~{full_n / ours:.0f}s; loading the whole prepared data once "
           f"({load_seconds:.1f}s) = {100 * load_seconds / (full_n / ours):.1f}% of a script epoch", flush=True)
+
+
+def script_epoch(module, model, data, norm, optimizer, scheduler, loss_fn, device, name):
+    """One epoch of the script's own training loop (one process, its default precision)."""
+    batches = list(torch.randperm(len(data[1]), device=device).split(module.BATCH_SIZE))
+    scaler = torch.amp.GradScaler(device.type, enabled=False)
+    return module.train_one_epoch(model, data, norm, optimizer, scheduler, scaler, loss_fn, batches,
+                                  module.amp_dtype(device), name)
 
 
 def bench_accuracy(name, module, train, val, norm, num_classes, args, device, tmp):
@@ -143,9 +151,9 @@ def bench_accuracy(name, module, train, val, norm, num_classes, args, device, tm
     files = [] if args.no_tutorial_acc else write_tutorial_shards(images, labels, folder)
     data, val_dev = (images.to(device), labels.to(device)), (val[0].to(device), val[1].to(device))
     for epoch in range(1, args.acc_epochs + 1):
-        seconds = timed(lambda: module.train_one_epoch(model, data, norm, optimizer, scheduler, loss_fn,
-                                                       module.BATCH_SIZE, name), device)
-        ours = module.evaluate(model, val_dev, norm, loss_fn, 500)[1]
+        seconds = timed(lambda: script_epoch(module, model, data, norm, optimizer, scheduler, loss_fn, device, name),
+                        device)
+        ours = module.evaluate(model, val_dev, norm, loss_fn, 500, module.amp_dtype(device))[1]
         line = f"{name} ACC epoch {epoch}/{args.acc_epochs}: val top-1 script {ours:.2%} ({seconds:.0f}s)"
         if not args.no_tutorial_acc:
             tut_seconds = timed(lambda: tutorial_epoch(tut_model, tut_opt, files, device), device)

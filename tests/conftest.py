@@ -19,6 +19,14 @@ def run(script, *args, stdin=None, timeout=600, cwd=None):
                           capture_output=True, text=True, timeout=timeout, cwd=cwd or ROOT, env=env)
 
 
+def torchrun(script, *args, nproc=2, timeout=300, env=None):
+    """`torchrun --standalone --nproc_per_node=N SCRIPT args...` (a free port, so runs never collide)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONWARNINGS="ignore", **(env or {}))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(ROOT / script), *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+
+
 def assert_one_line_error(proc, status):
     """A user's mistake: the given exit status, one line on stderr, no traceback."""
     assert proc.returncode == status, (proc.returncode, proc.stdout, proc.stderr)

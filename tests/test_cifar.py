@@ -213,7 +213,7 @@ def test_train_lenet_writes_everything(lenet_trained):
     for name in ("model.pt", "checkpoint.pt", "history.csv", "history.png", "confusion.png"):
         assert (data / name).stat().st_size > 0
     assert len(history.splitlines()) == 3                      # header + 2 epochs
-    assert not list(data.glob("*.tmp"))
+    assert not list(data.glob("*.tmp*"))
 
 
 def test_resume_continues(lenet_trained):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import FACES_DIR, ROOT, assert_one_line_error, run
+from conftest import FACES_DIR, ROOT, assert_one_line_error, run, torchrun
 
 SCRIPT = "rcnn_faces.py"
 N_PHOTOS = 30
@@ -238,3 +238,44 @@ def test_iou_labeller_and_crops():
     crops = mod.crop_regions(img, torch.tensor([[30., 10, 40, 20], [0, 0, 10, 10]]), 16)
     assert crops.shape == (2, 3, 16, 16) and crops.dtype == torch.uint8
     assert crops[0, :, 2:-2, 2:-2].min() == 200 and crops[1].max() == 0
+
+
+def test_torchrun_two_processes(trained, tmp_path):
+    """DDP on the CPU (gloo): the same steps per epoch as one process, one model that plain eval loads."""
+    source = trained[0]
+    data = tmp_path / "ddp"
+    data.mkdir()
+    for path in source.iterdir():
+        if path.name == "meta.json" or path.name.endswith(".pt.gz"):
+            (data / path.name).write_bytes(path.read_bytes())
+    proc = torchrun(SCRIPT, "train", "--data-dir", data, "--epochs", 1, "--batch-size", 64, "--width", 8, "--device", "cpu")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "torchrun: 2 processes, backend gloo" in proc.stdout
+    assert sum(line.startswith("epoch 1/1") for line in proc.stdout.splitlines()) == 1
+    one = next(csv.DictReader((source / "history.csv").open()))
+    two = list(csv.DictReader((data / "history.csv").open()))
+    assert len(two) == 1 and two[0]["steps"] == one["steps"]
+    assert [row["world_size"] for row in csv.DictReader((data / "runs.csv").open())] == ["2"]
+    state = torch.load(data / "model.pt", weights_only=True)["model"]
+    assert not any(key.startswith("module.") for key in state)
+    photo = sorted((FACES_DIR / "image_data").iterdir())[0]
+    ev = run(SCRIPT, "eval", photo, "--data-dir", data, "--json", "--output", tmp_path / "out.png", "--device", "cpu")
+    assert ev.returncode == 0, ev.stderr
+    assert "boxes" in json.loads(ev.stdout.splitlines()[0])
+
+
+def test_run_epoch_balanced_accuracy_by_hand():
+    """A classifier that always answers "face": every face right, every background wrong -> balanced accuracy 1/2,
+    whatever the class sizes (plain accuracy would be 1/4 here)."""
+    mod = load_module()
+
+    class AlwaysFace(torch.nn.Module):
+        def forward(self, x):
+            return torch.tensor([[0.0, 5.0]]).expand(len(x), 2)
+
+    crops, labels = torch.zeros(8, 3, 4, 4, dtype=torch.uint8), torch.tensor([0, 0, 0, 1, 0, 0, 0, 1])
+    batches = list(torch.arange(8).split(3))
+    sums, _ = mod.run_epoch(AlwaysFace(), crops, labels, torch.device("cpu"), batches, None)
+    assert sums[1:] == [0.0, 2.0, 6.0, 2.0]            # correct backgrounds, correct faces, backgrounds, faces
+    loss, bacc = mod.crop_scores(sums)
+    assert bacc == pytest.approx(0.5) and loss > 0

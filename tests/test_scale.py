@@ -1,0 +1,238 @@
+"""Scale-out and observation options of every train command: torchrun (gloo on the CPU), --amp, --tensorboard,
+DATA_DIR/runs.csv, --tag and --grid. Run end to end on a few hundred generated captchas and CIFAR-10 images."""
+import csv
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import CIFAR_DIR, ROOT, assert_one_line_error, run, torchrun
+
+SCRIPTS = ["captcha.py", "cifar_lenet.py"]
+
+
+def load_module(script):
+    spec = importlib.util.spec_from_file_location(script[:-3], ROOT / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def history(data):
+    return list(csv.DictReader((data / "history.csv").open()))
+
+
+def runs(data):
+    return list(csv.DictReader((data / "runs.csv").open()))
+
+
+def copy_prepared(src, dst):
+    dst.mkdir(parents=True)
+    for path in src.iterdir():
+        if path.name == "meta.json" or path.name.endswith(".pt.gz"):
+            shutil.copy(path, dst / path.name)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """Prepared data of each script: 300 generated captchas, 300 CIFAR-10 images."""
+    root = tmp_path_factory.mktemp("scale")
+    out = {}
+    proc = run("generate-captcha/generate.py", "--count", 300, "--output", root / "captchas", "--workers", 2)
+    assert proc.returncode == 0, proc.stderr
+    proc = run("captcha.py", "prepare", "--image-dir", root / "captchas", "--data-dir", root / "captcha", "--workers", 2)
+    assert proc.returncode == 0, proc.stderr
+    out["captcha.py"] = root / "captcha"
+    if CIFAR_DIR.exists():
+        src = root / "cifar_src"
+        (src / "train").mkdir(parents=True)
+        shutil.copy(CIFAR_DIR / "labels.txt", src / "labels.txt")
+        for path in sorted((CIFAR_DIR / "train").iterdir())[:300]:
+            (src / "train" / path.name).symlink_to(path)
+        proc = run("cifar_lenet.py", "prepare", "--image-dir", src, "--data-dir", root / "cifar", "--workers", 2)
+        assert proc.returncode == 0, proc.stderr
+        out["cifar_lenet.py"] = root / "cifar"
+    return root, out
+
+
+def data_of(prepared, script, name):
+    root, out = prepared
+    if script not in out:
+        pytest.skip(f"{CIFAR_DIR} not found")
+    return copy_prepared(out[script], root / name)
+
+
+# ---- torchrun ----
+def test_epoch_batches_shard_each_global_batch():
+    """Two processes split every global batch of one process into disjoint halves, with the same step count."""
+    module = load_module("cifar_lenet.py")
+    n, batch = 103, 20
+    module.rank_and_world = lambda: (0, 1)
+    single = module.epoch_batches(n, batch, 0, 1, "cpu")
+    ranks = []
+    for rank in range(2):
+        module.rank_and_world = lambda rank=rank: (rank, 2)
+        ranks.append(module.epoch_batches(n, batch, 0, 1, "cpu"))
+    assert len(single) == len(ranks[0]) == len(ranks[1]) == 6
+    for whole, a, b in zip(single, *ranks):
+        assert not set(a.tolist()) & set(b.tolist())
+        assert sorted(a.tolist() + b.tolist()) == sorted(whole.tolist())
+    module.rank_and_world = lambda: (0, 1)
+    assert torch.equal(torch.cat(single).sort().values, torch.arange(n))              # a permutation
+    assert not torch.equal(torch.cat(module.epoch_batches(n, batch, 0, 2, "cpu")), torch.cat(single))  # per epoch
+    module.rank_and_world = lambda rank=1: (rank, 4)
+    assert all(len(idx) >= 1 for idx in module.epoch_batches(n, batch, 0, 1, "cpu"))  # short last batch topped up
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_torchrun_matches_one_process_and_writes_one_model(prepared, script):
+    single, multi = data_of(prepared, script, f"{script}-1"), data_of(prepared, script, f"{script}-2")
+    args = ["train", "--epochs", 2, "--batch-size", 50, "--device", "cpu"]
+    one = run(script, *args, "--data-dir", single)
+    assert one.returncode == 0, one.stderr
+    two = torchrun(script, *args, "--data-dir", multi)
+    assert two.returncode == 0, two.stdout + two.stderr
+    assert "torchrun: 2 processes, backend gloo" in two.stdout
+    # the same number of optimisation steps per epoch as one process with the same global batch
+    steps = [int(row["steps"]) for row in history(single)]
+    assert steps == [int(row["steps"]) for row in history(multi)] == [5, 5]   # 240 training images / 50
+    # only rank 0 prints and writes: each epoch line once, one model, nothing half-written
+    assert sum(line.startswith("epoch 2/2") for line in two.stdout.splitlines()) == 1
+    assert two.stderr.count("device: cpu") == 1
+    written = sorted(p.name for p in multi.iterdir() if not p.name.endswith(".pt.gz"))
+    assert written == sorted(["checkpoint.pt", "history.csv", "history.png", "meta.json", "model.pt", "runs.csv"]
+                             + (["confusion.png"] if script != "captcha.py" else []))
+    assert [row["world_size"] for row in runs(multi)] == ["2"]
+    state = torch.load(multi / "model.pt", weights_only=True)["model"]
+    assert not any(key.startswith("module.") for key in state)
+    ev = run(script, "eval", "--data-dir", multi, "--json", "--device", "cpu",
+             *sorted(p for p in (prepared[0] / "captchas").iterdir())[:3]) if script == "captcha.py" else \
+        run(script, "eval", "--data-dir", multi, "--json", "--device", "cpu", *sorted(CIFAR_DIR.glob("train/*"))[:3])
+    assert ev.returncode == 0, ev.stderr
+    assert len([json.loads(line) for line in ev.stdout.splitlines()]) == 3
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_torchrun_ranks_agree_on_early_stop(prepared, script):
+    """lr 0: validation never improves after epoch 1, so with patience 2 every process must stop after epoch 3
+    (a process that stopped alone would leave the other waiting in a collective and fail the run)."""
+    data = data_of(prepared, script, f"{script}-stop")
+    proc = torchrun(script, "train", "--data-dir", data, "--epochs", 8, "--patience", 2, "--lr", 0,
+                    "--batch-size", 50, "--device", "cpu", timeout=240)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "early stop" in proc.stdout
+    assert [int(row["epoch"]) for row in history(data)] == [1, 2, 3]
+    assert runs(data)[-1]["epochs_run"] == "3"
+
+
+def test_torchrun_resume(prepared):
+    script = "cifar_lenet.py" if "cifar_lenet.py" in prepared[1] else "captcha.py"
+    data = data_of(prepared, script, "resume")
+    first = torchrun(script, "train", "--data-dir", data, "--epochs", 2, "--batch-size", 50, "--device", "cpu")
+    assert first.returncode == 0, first.stdout + first.stderr
+    before = history(data)
+    resumed = torchrun(script, "train", "--data-dir", data, "--epochs", 3, "--batch-size", 50, "--device", "cpu",
+                       "--resume")
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "resum" in resumed.stdout
+    after = history(data)
+    assert [row["epoch"] for row in after] == ["1", "2", "3"]
+    assert after[:2] == before
+    assert [row["epochs_run"] for row in runs(data)] == ["2", "3"]
+
+
+# ---- runs.csv, --tag, --grid ----
+def test_runs_csv_row_per_train(prepared):
+    data = data_of(prepared, "captcha.py", "runs")
+    for tag in ("first", "second"):
+        proc = run("captcha.py", "train", "--data-dir", data, "--epochs", 1, "--batch-size", 64, "--device", "cpu",
+                   "--tag", tag)
+        assert proc.returncode == 0, proc.stderr
+    rows = runs(data)
+    assert [row["tag"] for row in rows] == ["first", "second"]
+    for row in rows:
+        assert row["epochs_run"] == "1" and row["world_size"] == "1" and row["device"] == "cpu"
+        assert 0 <= float(row["best_val"]) <= 1 and 0 <= float(row["test"]) <= 1 and float(row["seconds"]) > 0
+        assert row["batch_size"] == "64" and row["lr"] == "0.003" and row["start"][:2] == "20"
+    history_acc = max(float(r["val_acc"]) for r in history(data))
+    assert float(rows[-1]["best_val"]) == pytest.approx(history_acc, abs=1e-5)
+
+
+def test_grid_runs_every_combination(prepared):
+    data = data_of(prepared, "captcha.py", "grid")
+    proc = run("captcha.py", "train", "--data-dir", data, "--epochs", 1, "--device", "cpu",
+               "--grid", "lr=0.003,0.001", "--grid", "batch-size=64,128")
+    assert proc.returncode == 0, proc.stderr
+    names = ["lr=0.003_batch-size=64", "lr=0.003_batch-size=128", "lr=0.001_batch-size=64", "lr=0.001_batch-size=128"]
+    for name in names:
+        assert (data / "grid" / name / "model.pt").exists() and (data / "grid" / name / "history.csv").exists()
+    assert not (data / "model.pt").exists()
+    rows = runs(data)
+    assert [row["tag"] for row in rows] == names
+    assert [(row["lr"], row["batch_size"]) for row in rows] == [("0.003", "64"), ("0.003", "128"),
+                                                                ("0.001", "64"), ("0.001", "128")]
+    table = proc.stdout[proc.stdout.index("best val"):].splitlines()[1:5]
+    printed = [line.split()[0] for line in table]
+    assert sorted(printed) == sorted(names)
+    scores = [float(line.split()[2]) for line in table]
+    assert scores == sorted(scores, reverse=True)          # sorted by best validation score
+
+
+@pytest.mark.parametrize("grid", ["nope=1,2", "lr", "lr=abc", "resume=1"])
+def test_grid_bad_option(prepared, grid):
+    data = data_of(prepared, "captcha.py", f"badgrid-{grid.replace('=', '_')}")
+    line = assert_one_line_error(run("captcha.py", "train", "--data-dir", data, "--device", "cpu", "--grid", grid), 2)
+    assert "--grid" in line
+
+
+# ---- --tensorboard and --amp ----
+def test_tensorboard_writes_event_files(prepared, tmp_path):
+    pytest.importorskip("tensorboard")
+    data = data_of(prepared, "captcha.py", "tb")
+    proc = run("captcha.py", "train", "--data-dir", data, "--epochs", 2, "--batch-size", 64, "--device", "cpu",
+               "--tensorboard", tmp_path / "tb", "--histogram-every", 1)
+    assert proc.returncode == 0, proc.stderr
+    events = list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    assert len(events) == 1
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(events[0]), size_guidance={"histograms": 0, "images": 0}).Reload()
+    tags = acc.Tags()
+    assert {"train_loss", "val_acc", "lr", "images_per_s"} <= set(tags["scalars"])
+    assert [e.step for e in acc.Scalars("val_acc")] == [1, 2]
+    assert tags["images"] and tags["histograms"]
+
+
+def test_tensorboard_missing_is_one_line(prepared, tmp_path):
+    """Without the tensorboard package the option fails with one line; without the option nothing changes."""
+    hide = tmp_path / "hide" / "tensorboard"
+    hide.mkdir(parents=True)
+    (hide / "__init__.py").write_text("raise ImportError('tensorboard is not installed')\n")
+    data = data_of(prepared, "captcha.py", "notb")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path / "hide"), PYTHONWARNINGS="ignore")
+    base = [sys.executable, str(ROOT / "captcha.py"), "train", "--data-dir", str(data), "--epochs", "1",
+            "--device", "cpu"]
+    proc = subprocess.run(base + ["--tensorboard", str(tmp_path / "tb")], capture_output=True, text=True, env=env,
+                          cwd=ROOT, timeout=300)
+    line = assert_one_line_error(proc, 2)
+    assert "pip install tensorboard" in line
+    assert not (data / "model.pt").exists() and not (tmp_path / "tb").exists()
+    proc = subprocess.run(base, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_amp_switch(prepared):
+    module = load_module("captcha.py")
+    cpu = torch.device("cpu")
+    assert module.amp_dtype(cpu, amp=False) is None
+    assert module.amp_dtype(cpu) is None                    # CPU_BF16 is off for captcha.py: fp32 measured faster
+    data = data_of(prepared, "captcha.py", "amp")
+    proc = run("captcha.py", "train", "--data-dir", data, "--epochs", 1, "--device", "cpu", "--no-amp")
+    assert proc.returncode == 0, proc.stderr
+    assert "precision torch.float32" in proc.stdout
+    assert runs(data)[-1]["amp"] == "False"
