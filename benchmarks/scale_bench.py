@@ -53,7 +53,8 @@ def train(args, prepared, work, nproc, amp):
     cmd = [*launcher, str(ROOT / args.script), "train", "--data-dir", str(data), "--epochs", str(args.epochs),
            "--batch-size", str(args.batch_size), "--device", args.device, "--patience", str(args.epochs),
            "--amp" if amp == "on" else "--no-amp"]
-    print("$", " ".join(cmd[1:] if nproc == 1 else ["torchrun", *cmd[3:]]), flush=True)
+    shown = ["python", *cmd[1:]] if nproc == 1 else ["torchrun", *cmd[3:]]
+    print("$", " ".join(shown).replace(f"{ROOT}/", ""), flush=True)
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
                           env=dict(os.environ, PYTHONWARNINGS="ignore"))
     if proc.returncode:
