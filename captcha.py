@@ -14,6 +14,7 @@ Result: see README.md (held-out exact-match accuracy, images/s, machine).
 import argparse
 import contextlib
 import csv
+import datetime
 import gzip
 import io
 import itertools
@@ -405,14 +406,17 @@ def setup_distributed(device_name):
         sys.stdout = open(os.devnull, "w")
     if device.type == "cuda":
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        if local_rank >= torch.cuda.device_count():
-            raise UserError(f"torchrun: local rank {local_rank} but {torch.cuda.device_count()} CUDA devices on this "
-                            f"node; lower --nproc_per_node", 2)
+        if local_rank >= torch.cuda.device_count():  # met by ranks > 0 only: every rank reports it
+            error = UserError(f"torchrun: local rank {local_rank} but {torch.cuda.device_count()} CUDA devices on "
+                              f"this node; lower --nproc_per_node", 2)
+            error.all_ranks = True
+            raise error
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     elif device.type != "cpu":
         raise UserError(f"torchrun: --device {device.type} is not supported; use cuda or cpu", 2)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+    # a long timeout: in a --grid, the other ranks wait while rank 0 scores the test split of the previous run
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=2),
                             device_id=device if device.type == "cuda" else None)
     print(f"torchrun: {world} processes, backend {dist.get_backend()}")
     return device
@@ -426,8 +430,11 @@ def epoch_batches(n, batch_size, seed, epoch, device):
     """This process's index batches of one epoch. A permutation seeded by (seed, epoch), the same in every process,
     is cut into global batches of `batch_size`; under torchrun each process takes every world-th index of each batch
     (a last batch shorter than the world is topped up from the start), so all take the same number of steps."""
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
     rank, world = rank_and_world()
+    if min(n, batch_size) < world:
+        raise UserError(f"{world} processes need a --batch-size and a training split of at least {world} "
+                        f"(now {batch_size} and {n})", 2)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
     batches = []
     for start in range(0, n, batch_size):
         idx = perm[start:start + batch_size]
@@ -459,6 +466,14 @@ def mean_over_processes(values, count, device):
     return [v / max(total, 1) for v in sums]
 
 
+def sync_buffers(model):
+    """Rank 0's BatchNorm running statistics in every process before validation (DDP copies them only at the
+    start of each training step, so each process's last local batch is still in its own)."""
+    if dist.is_initialized():
+        for buffer in model.buffers():
+            dist.broadcast(buffer, 0)
+
+
 def wrap_model(model, device, sync_bn):
     """DistributedDataParallel under torchrun (optionally with synchronised BatchNorm); the model itself else."""
     if not dist.is_initialized():
@@ -476,8 +491,8 @@ def amp_dtype(device, amp=True):
     None (fp32) otherwise."""
     if not amp:
         return None
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cuda":  # native bf16 from compute capability 8 (Ampere) on; older GPUs would emulate it
+        return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
     names = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")   # torch.cpu helpers; missing -> False
     if device.type == "cpu" and CPU_BF16 and any(getattr(torch.cpu, name, lambda: False)() for name in names):
         return torch.bfloat16
@@ -515,7 +530,10 @@ def log_epoch(writer, row, model, every):
 def append_run(data_dir, row):
     """Append one row to DATA_DIR/runs.csv (columns: the union over all rows), rewritten atomically."""
     path = Path(data_dir) / "runs.csv"
-    rows = list(csv.DictReader(path.open(newline=""))) if path.exists() else []
+    rows = []
+    if path.exists():
+        with path.open(newline="") as f:
+            rows = list(csv.DictReader(f))
     rows.append(row)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for r in rows for k in r)), restval="")
@@ -530,13 +548,16 @@ def grid_runs(args, parser):
     for item in args.grid or []:
         key, _, values = item.partition("=")
         action = parser._option_string_actions.get(f"--{key}")
-        if not values or action is None or action.nargs == 0 or action.dest in ("grid", "data_dir", "resume"):
+        fixed = ("grid", "data_dir", "resume", "device", "tensorboard")   # one per command line
+        if not values or action is None or action.nargs == 0 or action.dest in fixed:
             raise UserError(f"--grid {item}: expected OPTION=V1,V2,... with OPTION a train option that takes a value "
                             f"(e.g. --grid lr=0.01,0.001)", 2)
         try:
             converted = [(action.type or str)(v) for v in values.split(",")]
         except ValueError:
             raise UserError(f"--grid {item}: not a valid value for --{key}", 2)
+        if action.choices and any(v not in action.choices for v in converted):
+            raise UserError(f"--grid {item}: --{key} takes one of {', '.join(map(str, action.choices))}", 2)
         axes.append([(key, action.dest, text, value) for text, value in zip(values.split(","), converted)])
     runs = []
     for combo in itertools.product(*axes):
@@ -643,8 +664,10 @@ def train(args, device, out_dir, tb_dir):
     x_train, y_train = (t.to(device) for t in read_split(data_dir, "training_set"))
     x_val, y_val = (t.to(device) for t in read_split(data_dir, "validating_set"))
     if len(x_val) == 0:  # tiny data sets: validate on the training split rather than divide by zero
-        print("warning: empty validation split; validating on the training split", file=sys.stderr)
+        if main_process():
+            print("warning: empty validation split; validating on the training split", file=sys.stderr)
         x_val, y_val = x_train, y_train
+    n_val = len(y_val)
     x_val, y_val = shard(x_val), shard(y_val)
     model_args = {"n_classes": len(meta["charset"]), "length": meta["length"], "image_size": meta["image_size"]}
     model = build_model(model_args, device)
@@ -676,7 +699,7 @@ def train(args, device, out_dir, tb_dir):
         print(f"resumed from {ckpt_path} after epoch {ckpt['epoch']} (best val exact-match {best:.2%})")
     generator = torch.Generator(device=device).manual_seed(args.seed + first_epoch + 7919 * rank)
     step_model = wrap_model(model, device, args.sync_bn)
-    print(f"train {len(x_train)}, validate {len(y_val) * world} images of {tuple(meta['image_size'])}, "
+    print(f"train {len(x_train)}, validate {n_val} images of {tuple(meta['image_size'])}, "
           f"charset {meta['charset']!r}, length {meta['length']}, precision {dtype or torch.float32}")
     if writer:
         writer.add_images("inputs", x_train[:32], 0)
@@ -693,6 +716,7 @@ def train(args, device, out_dir, tb_dir):
         train_seconds = time.perf_counter() - start
         if not np.isfinite(train_loss):
             raise UserError(f"epoch {epoch}: training loss is {train_loss}; lower --lr", 1)
+        sync_buffers(model)
         *val_stats, n = run_epoch(model, x_val, y_val, device, in_order(len(y_val), 4 * args.batch_size, device), dtype)
         val_loss, val_acc, val_char = mean_over_processes(val_stats, n, device)
         seconds = time.perf_counter() - start
@@ -743,9 +767,9 @@ def train(args, device, out_dir, tb_dir):
 
 def cmd_train(args):
     """Train once, or once per --grid combination (each in DATA_DIR/grid/NAME/); one runs.csv row per run."""
+    runs = grid_runs(args, args.train_parser)
     device = setup_distributed(args.device)
     data_dir = Path(args.data_dir)
-    runs = grid_runs(args, args.train_parser)
     table = []
     try:
         for name, run_args in runs:
@@ -896,11 +920,12 @@ def main(argv=None):
     try:
         return args.func(args)
     except UserError as e:
-        if main_process():   # under torchrun every process meets the same error: one line is enough
+        if main_process() or getattr(e, "all_ranks", False):   # under torchrun: one line, not one per process
             print(f"error: {e}", file=sys.stderr)
         return e.status
     except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
+        if main_process():
+            print("\ninterrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # e.g. `eval ... | head`
         sys.stderr.close()

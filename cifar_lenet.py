@@ -18,6 +18,7 @@ defaults (30 epochs, ~29 s each on a shared 2-core CPU, 1 thread); the tutorial'
 import argparse
 import contextlib
 import csv
+import datetime
 import gzip
 import io
 import itertools
@@ -463,14 +464,17 @@ def setup_distributed(device_name):
         sys.stdout = open(os.devnull, "w")
     if device.type == "cuda":
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        if local_rank >= torch.cuda.device_count():
-            raise UserError(f"torchrun: local rank {local_rank} but {torch.cuda.device_count()} CUDA devices on this "
-                            f"node; lower --nproc_per_node", 2)
+        if local_rank >= torch.cuda.device_count():  # met by ranks > 0 only: every rank reports it
+            error = UserError(f"torchrun: local rank {local_rank} but {torch.cuda.device_count()} CUDA devices on "
+                              f"this node; lower --nproc_per_node", 2)
+            error.all_ranks = True
+            raise error
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     elif device.type != "cpu":
         raise UserError(f"torchrun: --device {device.type} is not supported; use cuda or cpu", 2)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+    # a long timeout: in a --grid, the other ranks wait while rank 0 scores the test split of the previous run
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=2),
                             device_id=device if device.type == "cuda" else None)
     print(f"torchrun: {world} processes, backend {dist.get_backend()}")
     return device
@@ -484,8 +488,11 @@ def epoch_batches(n, batch_size, seed, epoch, device):
     """This process's index batches of one epoch. A permutation seeded by (seed, epoch), the same in every process,
     is cut into global batches of `batch_size`; under torchrun each process takes every world-th index of each batch
     (a last batch shorter than the world is topped up from the start), so all take the same number of steps."""
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
     rank, world = rank_and_world()
+    if min(n, batch_size) < world:
+        raise UserError(f"{world} processes need a --batch-size and a training split of at least {world} "
+                        f"(now {batch_size} and {n})", 2)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
     batches = []
     for start in range(0, n, batch_size):
         idx = perm[start:start + batch_size]
@@ -517,6 +524,14 @@ def mean_over_processes(values, count, device):
     return [v / max(total, 1) for v in sums]
 
 
+def sync_buffers(model):
+    """Rank 0's BatchNorm running statistics in every process before validation (DDP copies them only at the
+    start of each training step, so each process's last local batch is still in its own)."""
+    if dist.is_initialized():
+        for buffer in model.buffers():
+            dist.broadcast(buffer, 0)
+
+
 def wrap_model(model, device, sync_bn):
     """DistributedDataParallel under torchrun (optionally with synchronised BatchNorm); the model itself else."""
     if not dist.is_initialized():
@@ -534,8 +549,8 @@ def amp_dtype(device, amp=True):
     None (fp32) otherwise."""
     if not amp:
         return None
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cuda":  # native bf16 from compute capability 8 (Ampere) on; older GPUs would emulate it
+        return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
     names = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")   # torch.cpu helpers; missing -> False
     if device.type == "cpu" and CPU_BF16 and any(getattr(torch.cpu, name, lambda: False)() for name in names):
         return torch.bfloat16
@@ -573,7 +588,10 @@ def log_epoch(writer, row, model, every):
 def append_run(data_dir, row):
     """Append one row to DATA_DIR/runs.csv (columns: the union over all rows), rewritten atomically."""
     path = Path(data_dir) / "runs.csv"
-    rows = list(csv.DictReader(path.open(newline=""))) if path.exists() else []
+    rows = []
+    if path.exists():
+        with path.open(newline="") as f:
+            rows = list(csv.DictReader(f))
     rows.append(row)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for r in rows for k in r)), restval="")
@@ -588,13 +606,16 @@ def grid_runs(args, parser):
     for item in args.grid or []:
         key, _, values = item.partition("=")
         action = parser._option_string_actions.get(f"--{key}")
-        if not values or action is None or action.nargs == 0 or action.dest in ("grid", "data_dir", "resume"):
+        fixed = ("grid", "data_dir", "resume", "device", "tensorboard")   # one per command line
+        if not values or action is None or action.nargs == 0 or action.dest in fixed:
             raise UserError(f"--grid {item}: expected OPTION=V1,V2,... with OPTION a train option that takes a value "
                             f"(e.g. --grid lr=0.01,0.001)", 2)
         try:
             converted = [(action.type or str)(v) for v in values.split(",")]
         except ValueError:
             raise UserError(f"--grid {item}: not a valid value for --{key}", 2)
+        if action.choices and any(v not in action.choices for v in converted):
+            raise UserError(f"--grid {item}: --{key} takes one of {', '.join(map(str, action.choices))}", 2)
         axes.append([(key, action.dest, text, value) for text, value in zip(values.split(","), converted)])
     runs = []
     for combo in itertools.product(*axes):
@@ -688,13 +709,14 @@ def train(args, device, out_dir, tb_dir):
         history, best_score, bad_epochs = ckpt["history"], ckpt["best_score"], ckpt["bad_epochs"]
         start = ckpt["epoch"] + 1
         print(f"resuming after epoch {ckpt['epoch']} (best val acc {best_score:.2%})")
-    eval_model = torch.compile(model) if args.compile else model
-    step_model = wrap_model(eval_model, device, args.sync_bn)
+    net = wrap_model(model, device, args.sync_bn)
+    step_model = torch.compile(net) if args.compile else net
+    eval_model = step_model if net is model else (torch.compile(model) if args.compile else model)
     config = {k: v for k, v in vars(args).items() if k not in ("func", "train_parser")}
     print(f"{SCRIPT}: {len(train_set[1])} train / {len(val[1])} val / {len(test[1])} test images, "
           f"{sum(p.numel() for p in model.parameters()):,} parameters, precision {dtype or torch.float32}")
     if writer:
-        writer.add_images("inputs", augment(train_set[0][:32]), 0)
+        writer.add_images("inputs", train_set[0][:32], 0)
     val_shard = tuple(shard(t) for t in val)
     for epoch in range(start, args.epochs + 1):
         if bad_epochs >= args.patience:
@@ -708,6 +730,7 @@ def train(args, device, out_dir, tb_dir):
         if not math.isfinite(train_loss):
             raise UserError(f"training loss is {train_loss}; lower --lr")
         seconds = time.perf_counter() - t0
+        sync_buffers(model)
         val_loss, val_acc, _ = evaluate(eval_model, val_shard, norm, loss_fn, 2 * args.batch_size, dtype)
         val_loss, val_acc = mean_over_processes([val_loss, val_acc], len(val_shard[1]), device)
         improved = val_acc > best_score
@@ -746,9 +769,9 @@ def train(args, device, out_dir, tb_dir):
 
 def cmd_train(args):
     """Train once, or once per --grid combination (each in DATA_DIR/grid/NAME/); one runs.csv row per run."""
+    runs = grid_runs(args, args.train_parser)
     device = setup_distributed(args.device)
     data_dir = Path(args.data_dir)
-    runs = grid_runs(args, args.train_parser)
     table = []
     try:
         for name, run_args in runs:
@@ -896,11 +919,12 @@ def main(argv=None):
     try:
         return args.func(args)
     except UserError as e:
-        if main_process():   # under torchrun every process meets the same error: one line is enough
+        if main_process() or getattr(e, "all_ranks", False):   # under torchrun: one line, not one per process
             print(f"error: {e}", file=sys.stderr)
         return e.status
     except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
+        if main_process():
+            print("\ninterrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # e.g. `eval ... | head`
         sys.stderr.close()

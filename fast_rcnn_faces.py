@@ -16,6 +16,7 @@ Result: AP@0.5 0.761, recall 0.753 and face-count RMSE 1.68 (threshold 0.25) on 
 import argparse
 import contextlib
 import csv
+import datetime
 import gzip
 import io
 import itertools
@@ -489,8 +490,6 @@ def run_epoch(model, data, batches, device, dtype, optimizer=None, scaler=None, 
                 logits, offsets = model(preprocess(x.to(device)), [r.to(device) for r in rois])
             logits, offsets = logits.float(), offsets.float()
             loss = detection_loss(logits, offsets, labels, targets)
-            if not math.isfinite(loss.item()):
-                raise UserError(f"loss is {loss.item()}; lower --lr", 1)
             if optimizer is not None:
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
@@ -509,7 +508,8 @@ def run_epoch(model, data, batches, device, dtype, optimizer=None, scaler=None, 
 
 
 @torch.no_grad()
-def detect(model, images, props, sizes, device, nms_iou, regress=True, calibration=(1.0, 0.0), batch_size=8):
+def detect(model, images, props, sizes, device, nms_iou, regress=True, calibration=(1.0, 0.0), batch_size=8,
+           amp=True):
     """Score all proposals of letterboxed photos; per photo boxes in photo pixels and face probabilities,
     best first, after NMS by score (no score threshold here, so NMS never depends on it).
     Score = sigmoid(a * log-odds + b) with calibration (a, b): (1, 0) is the network's softmax."""
@@ -519,7 +519,7 @@ def detect(model, images, props, sizes, device, nms_iou, regress=True, calibrati
     for start in range(0, len(images), batch_size):
         x = preprocess(images[start:start + batch_size].to(device))
         rois = [p.to(device) for p in props[start:start + batch_size]]
-        with autocast(device, amp_dtype(device)):
+        with autocast(device, amp_dtype(device, amp)):
             logits, offsets = model(x, rois)
         log_odds = (logits[:, 1] - logits[:, 0]).float().cpu()
         scores = torch.sigmoid(calibration[0] * log_odds + calibration[1]).split([len(r) for r in rois])
@@ -620,14 +620,17 @@ def setup_distributed(device_name):
         sys.stdout = open(os.devnull, "w")
     if device.type == "cuda":
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        if local_rank >= torch.cuda.device_count():
-            raise UserError(f"torchrun: local rank {local_rank} but {torch.cuda.device_count()} CUDA devices on this "
-                            f"node; lower --nproc_per_node", 2)
+        if local_rank >= torch.cuda.device_count():  # met by ranks > 0 only: every rank reports it
+            error = UserError(f"torchrun: local rank {local_rank} but {torch.cuda.device_count()} CUDA devices on "
+                              f"this node; lower --nproc_per_node", 2)
+            error.all_ranks = True
+            raise error
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     elif device.type != "cpu":
         raise UserError(f"torchrun: --device {device.type} is not supported; use cuda or cpu", 2)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+    # a long timeout: in a --grid, the other ranks wait while rank 0 scores the test split of the previous run
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=2),
                             device_id=device if device.type == "cuda" else None)
     print(f"torchrun: {world} processes, backend {dist.get_backend()}")
     return device
@@ -641,8 +644,11 @@ def epoch_batches(n, batch_size, seed, epoch, device):
     """This process's index batches of one epoch. A permutation seeded by (seed, epoch), the same in every process,
     is cut into global batches of `batch_size`; under torchrun each process takes every world-th index of each batch
     (a last batch shorter than the world is topped up from the start), so all take the same number of steps."""
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
     rank, world = rank_and_world()
+    if min(n, batch_size) < world:
+        raise UserError(f"{world} processes need a --batch-size and a training split of at least {world} "
+                        f"(now {batch_size} and {n})", 2)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
     batches = []
     for start in range(0, n, batch_size):
         idx = perm[start:start + batch_size]
@@ -674,6 +680,14 @@ def mean_over_processes(values, count, device):
     return [v / max(total, 1) for v in sums]
 
 
+def sync_buffers(model):
+    """Rank 0's BatchNorm running statistics in every process before validation (DDP copies them only at the
+    start of each training step, so each process's last local batch is still in its own)."""
+    if dist.is_initialized():
+        for buffer in model.buffers():
+            dist.broadcast(buffer, 0)
+
+
 def wrap_model(model, device, sync_bn):
     """DistributedDataParallel under torchrun (optionally with synchronised BatchNorm); the model itself else."""
     if not dist.is_initialized():
@@ -691,8 +705,8 @@ def amp_dtype(device, amp=True):
     None (fp32) otherwise."""
     if not amp:
         return None
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cuda":  # native bf16 from compute capability 8 (Ampere) on; older GPUs would emulate it
+        return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
     names = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")   # torch.cpu helpers; missing -> False
     if device.type == "cpu" and CPU_BF16 and any(getattr(torch.cpu, name, lambda: False)() for name in names):
         return torch.bfloat16
@@ -730,7 +744,10 @@ def log_epoch(writer, row, model, every):
 def append_run(data_dir, row):
     """Append one row to DATA_DIR/runs.csv (columns: the union over all rows), rewritten atomically."""
     path = Path(data_dir) / "runs.csv"
-    rows = list(csv.DictReader(path.open(newline=""))) if path.exists() else []
+    rows = []
+    if path.exists():
+        with path.open(newline="") as f:
+            rows = list(csv.DictReader(f))
     rows.append(row)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for r in rows for k in r)), restval="")
@@ -745,13 +762,16 @@ def grid_runs(args, parser):
     for item in args.grid or []:
         key, _, values = item.partition("=")
         action = parser._option_string_actions.get(f"--{key}")
-        if not values or action is None or action.nargs == 0 or action.dest in ("grid", "data_dir", "resume"):
+        fixed = ("grid", "data_dir", "resume", "device", "tensorboard")   # one per command line
+        if not values or action is None or action.nargs == 0 or action.dest in fixed:
             raise UserError(f"--grid {item}: expected OPTION=V1,V2,... with OPTION a train option that takes a value "
                             f"(e.g. --grid lr=0.01,0.001)", 2)
         try:
             converted = [(action.type or str)(v) for v in values.split(",")]
         except ValueError:
             raise UserError(f"--grid {item}: not a valid value for --{key}", 2)
+        if action.choices and any(v not in action.choices for v in converted):
+            raise UserError(f"--grid {item}: --{key} takes one of {', '.join(map(str, action.choices))}", 2)
         axes.append([(key, action.dest, text, value) for text, value in zip(values.split(","), converted)])
     runs = []
     for combo in itertools.product(*axes):
@@ -879,14 +899,18 @@ def train(args, device, out_dir, tb_dir):
         t0 = time.time()
         batches = epoch_batches(len(train[0]), args.batch_size, args.seed, epoch, "cpu")
         tr = run_epoch(step_model, train[:3], batches, device, dtype, optimizer, scaler, generator, size)
+        if not math.isfinite(tr["loss"]):   # checked on the summed loss, so every process stops together
+            raise UserError(f"loss is {tr['loss']}; lower --lr", 1)
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
         train_s = time.time() - t0
+        sync_buffers(model)
         va = run_epoch(model, val[:3], val_batches, device, dtype, generator=torch.Generator().manual_seed(0),
                        size=size)
         # AP needs every photo's detections: each process scores the whole validation split; the mean keeps
         # all processes on the same decision
-        score = detection_scores(detect(model, val[0], val[2], val[3], device, args.nms_iou), photo_boxes(val, size), 0.5)
+        score = detection_scores(detect(model, val[0], val[2], val[3], device, args.nms_iou, amp=args.amp),
+                                 photo_boxes(val, size), 0.5)
         ap50 = mean_over_processes([score["ap50"]], 1, device)[0]
         improved = ap50 > best
         best, bad = (ap50, 0) if improved else (best, bad + 1)
@@ -918,7 +942,8 @@ def train(args, device, out_dir, tb_dir):
         raise UserError(f"{out_dir}: no epoch finished; nothing to evaluate")
     best_model = load_model_file(out_dir / "model.pt")
     model.load_state_dict(best_model["model"])
-    calibration = fit_calibration(detect(model, val[0], val[2], val[3], device, args.nms_iou), photo_boxes(val, size))
+    calibration = fit_calibration(detect(model, val[0], val[2], val[3], device, args.nms_iou, amp=args.amp),
+                                  photo_boxes(val, size))
     if calibration is None:
         print("too few correct/wrong validation detections to calibrate the scores; softmax scores kept")
     else:
@@ -930,7 +955,8 @@ def train(args, device, out_dir, tb_dir):
         print("no test photos; skipping the detection score")
         return result
     t0 = time.time()
-    dets = detect(model, test[0], test[2], test[3], device, args.nms_iou, calibration=calibration or (1.0, 0.0))
+    dets = detect(model, test[0], test[2], test[3], device, args.nms_iou, calibration=calibration or (1.0, 0.0),
+                  amp=args.amp)
     score = detection_scores(dets, photo_boxes(test, size), 0.5)
     result["test"] = round(score["ap50"], 6)
     print(f"test photos {len(test[0])}: AP50 {score['ap50']:.3f}  recall {score['recall']:.3f}  "
@@ -940,9 +966,9 @@ def train(args, device, out_dir, tb_dir):
 
 def cmd_train(args):
     """Train once, or once per --grid combination (each in DATA_DIR/grid/NAME/); one runs.csv row per run."""
+    runs = grid_runs(args, args.train_parser)
     device = setup_distributed(args.device)
     data_dir = Path(args.data_dir)
-    runs = grid_runs(args, args.train_parser)
     table = []
     try:
         for name, run_args in runs:
@@ -1122,11 +1148,12 @@ def main(argv=None):
     try:
         return args.func(args)
     except UserError as e:
-        if main_process():   # under torchrun every process meets the same error: one line is enough
+        if main_process() or getattr(e, "all_ranks", False):   # under torchrun: one line, not one per process
             print(f"error: {e}", file=sys.stderr)
         return e.status
     except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
+        if main_process():
+            print("\ninterrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # e.g. `eval ... | head`
         sys.stderr.close()

@@ -19,10 +19,12 @@ including selective search.
 import argparse
 import contextlib
 import csv
+import datetime
 import gzip
 import io
 import itertools
 import json
+import math
 import os
 import random
 import sys
@@ -384,8 +386,6 @@ def run_epoch(model, crops, labels, device, batches, dtype, optimizer=None, scal
             with autocast(device, dtype):
                 loss = F.cross_entropy(logits := model(x).float(), y)
             if training:
-                if not torch.isfinite(loss):
-                    raise UserError(f"non-finite training loss ({loss.item()}); try a lower --lr")
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
@@ -406,7 +406,7 @@ def crop_scores(sums):
 
 
 @torch.no_grad()
-def detect(model, img, proposals, crop_size, device, nms_iou, calibration=(1.0, 0.0), batch_size=512):
+def detect(model, img, proposals, crop_size, device, nms_iou, calibration=(1.0, 0.0), batch_size=512, amp=True):
     """Score every proposal, then NMS by score; no threshold here, so NMS never depends on it. Score =
     sigmoid(a * log-odds + b) with calibration (a, b); (1, 0) is the classifier's softmax. Returns boxes K,4
     (xyxy, photo pixels) and scores K, best first."""
@@ -416,7 +416,7 @@ def detect(model, img, proposals, crop_size, device, nms_iou, calibration=(1.0, 
     crops = crop_regions(img, proposals, crop_size)
     log_odds = []
     for i in range(0, len(crops), batch_size):
-        with autocast(device, amp_dtype(device)):
+        with autocast(device, amp_dtype(device, amp)):
             logits = model(preprocess(crops[i:i + batch_size], device)).float()
         log_odds.append((logits[:, 1] - logits[:, 0]).cpu())
     scores = torch.sigmoid(calibration[0] * torch.cat(log_odds) + calibration[1])
@@ -503,7 +503,7 @@ def average_precision(detections, truths, iou_threshold=0.5):
     return float(((recall[1:] - recall[:-1]) * precision[1:]).sum()), float(tp[-1] / n_true)
 
 
-def run_detector(model, ckpt, photos, truths, device, nms_iou):
+def run_detector(model, ckpt, photos, truths, device, nms_iou, amp=True):
     """The full detector on photos -> (detections, truths of the readable photos, seconds per photo)."""
     detections, kept, start = [], [], time.time()
     for (path, img, proposals), truth in zip(progress(iter_proposals(photos, ckpt["search_side"], 2),
@@ -512,7 +512,7 @@ def run_detector(model, ckpt, photos, truths, device, nms_iou):
             print(f"{path}: skipped ({img})", file=sys.stderr)
             continue
         detections.append(detect(model, img, proposals, ckpt["crop_size"], device, nms_iou,
-                                 ckpt.get("calibration", (1.0, 0.0))))
+                                 ckpt.get("calibration", (1.0, 0.0)), amp=amp))
         kept.append(truth)
     return detections, kept, (time.time() - start) / max(len(kept), 1)
 
@@ -554,14 +554,17 @@ def setup_distributed(device_name):
         sys.stdout = open(os.devnull, "w")
     if device.type == "cuda":
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        if local_rank >= torch.cuda.device_count():
-            raise UserError(f"torchrun: local rank {local_rank} but {torch.cuda.device_count()} CUDA devices on this "
-                            f"node; lower --nproc_per_node", 2)
+        if local_rank >= torch.cuda.device_count():  # met by ranks > 0 only: every rank reports it
+            error = UserError(f"torchrun: local rank {local_rank} but {torch.cuda.device_count()} CUDA devices on "
+                              f"this node; lower --nproc_per_node", 2)
+            error.all_ranks = True
+            raise error
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     elif device.type != "cpu":
         raise UserError(f"torchrun: --device {device.type} is not supported; use cuda or cpu", 2)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+    # a long timeout: in a --grid, the other ranks wait while rank 0 scores the test split of the previous run
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=2),
                             device_id=device if device.type == "cuda" else None)
     print(f"torchrun: {world} processes, backend {dist.get_backend()}")
     return device
@@ -575,8 +578,11 @@ def epoch_batches(n, batch_size, seed, epoch, device):
     """This process's index batches of one epoch. A permutation seeded by (seed, epoch), the same in every process,
     is cut into global batches of `batch_size`; under torchrun each process takes every world-th index of each batch
     (a last batch shorter than the world is topped up from the start), so all take the same number of steps."""
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
     rank, world = rank_and_world()
+    if min(n, batch_size) < world:
+        raise UserError(f"{world} processes need a --batch-size and a training split of at least {world} "
+                        f"(now {batch_size} and {n})", 2)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
     batches = []
     for start in range(0, n, batch_size):
         idx = perm[start:start + batch_size]
@@ -608,6 +614,14 @@ def mean_over_processes(values, count, device):
     return [v / max(total, 1) for v in sums]
 
 
+def sync_buffers(model):
+    """Rank 0's BatchNorm running statistics in every process before validation (DDP copies them only at the
+    start of each training step, so each process's last local batch is still in its own)."""
+    if dist.is_initialized():
+        for buffer in model.buffers():
+            dist.broadcast(buffer, 0)
+
+
 def wrap_model(model, device, sync_bn):
     """DistributedDataParallel under torchrun (optionally with synchronised BatchNorm); the model itself else."""
     if not dist.is_initialized():
@@ -625,8 +639,8 @@ def amp_dtype(device, amp=True):
     None (fp32) otherwise."""
     if not amp:
         return None
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cuda":  # native bf16 from compute capability 8 (Ampere) on; older GPUs would emulate it
+        return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
     names = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")   # torch.cpu helpers; missing -> False
     if device.type == "cpu" and CPU_BF16 and any(getattr(torch.cpu, name, lambda: False)() for name in names):
         return torch.bfloat16
@@ -664,7 +678,10 @@ def log_epoch(writer, row, model, every):
 def append_run(data_dir, row):
     """Append one row to DATA_DIR/runs.csv (columns: the union over all rows), rewritten atomically."""
     path = Path(data_dir) / "runs.csv"
-    rows = list(csv.DictReader(path.open(newline=""))) if path.exists() else []
+    rows = []
+    if path.exists():
+        with path.open(newline="") as f:
+            rows = list(csv.DictReader(f))
     rows.append(row)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for r in rows for k in r)), restval="")
@@ -679,13 +696,16 @@ def grid_runs(args, parser):
     for item in args.grid or []:
         key, _, values = item.partition("=")
         action = parser._option_string_actions.get(f"--{key}")
-        if not values or action is None or action.nargs == 0 or action.dest in ("grid", "data_dir", "resume"):
+        fixed = ("grid", "data_dir", "resume", "device", "tensorboard")   # one per command line
+        if not values or action is None or action.nargs == 0 or action.dest in fixed:
             raise UserError(f"--grid {item}: expected OPTION=V1,V2,... with OPTION a train option that takes a value "
                             f"(e.g. --grid lr=0.01,0.001)", 2)
         try:
             converted = [(action.type or str)(v) for v in values.split(",")]
         except ValueError:
             raise UserError(f"--grid {item}: not a valid value for --{key}", 2)
+        if action.choices and any(v not in action.choices for v in converted):
+            raise UserError(f"--grid {item}: --{key} takes one of {', '.join(map(str, action.choices))}", 2)
         axes.append([(key, action.dest, text, value) for text, value in zip(values.split(","), converted)])
     runs = []
     for combo in itertools.product(*axes):
@@ -805,6 +825,9 @@ def train(args, device, out_dir, tb_dir):
         batches = epoch_batches(len(y_train), args.batch_size, args.seed, epoch, "cpu")
         sums, speed = run_epoch(step_model, x_train, y_train, device, batches, dtype, optimizer, scaler, gen)
         train_loss, train_acc = crop_scores(sums)
+        if not math.isfinite(train_loss):   # checked on the summed loss, so every process stops together
+            raise UserError(f"non-finite training loss ({train_loss}); try a lower --lr")
+        sync_buffers(model)
         val_loss, val_acc = crop_scores(run_epoch(model, x_val, y_val, device, val_batches, dtype)[0])
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
@@ -845,14 +868,14 @@ def train(args, device, out_dir, tb_dir):
         return [str(Path(meta["image_dir"]) / n) for n in names], [torch.tensor(meta["boxes"][n]).reshape(-1, 4)
                                                                     for n in names]
 
-    calibration = fit_calibration(*run_detector(model, ckpt, *photos("validating"), device, args.nms_iou)[:2])
+    calibration = fit_calibration(*run_detector(model, ckpt, *photos("validating"), device, args.nms_iou, args.amp)[:2])
     if calibration is None:
         print("too few correct/wrong validation detections to calibrate the scores; softmax scores kept")
     else:
         ckpt["calibration"] = calibration
         atomic_torch_save(ckpt, out_dir / "model.pt")
         print(f"scores calibrated on validation photos: sigmoid({calibration[0]:.3f} * log-odds + {calibration[1]:.3f})")
-    detections, kept, seconds = run_detector(model, ckpt, *photos("testing"), device, args.nms_iou)
+    detections, kept, seconds = run_detector(model, ckpt, *photos("testing"), device, args.nms_iou, args.amp)
     report = detection_report(detections, kept, args.threshold)
     result["test"] = round(report["ap50"], 6) if report else float("nan")
     if report is None:
@@ -865,9 +888,9 @@ def train(args, device, out_dir, tb_dir):
 
 def cmd_train(args):
     """Train once, or once per --grid combination (each in DATA_DIR/grid/NAME/); one runs.csv row per run."""
+    runs = grid_runs(args, args.train_parser)
     device = setup_distributed(args.device)
     data_dir = Path(args.data_dir)
-    runs = grid_runs(args, args.train_parser)
     table = []
     try:
         for name, run_args in runs:
@@ -1030,11 +1053,12 @@ def main(argv=None):
     try:
         return args.func(args)
     except UserError as e:
-        if main_process():   # under torchrun every process meets the same error: one line is enough
+        if main_process() or getattr(e, "all_ranks", False):   # under torchrun: one line, not one per process
             print(f"error: {e}", file=sys.stderr)
         return e.status
     except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
+        if main_process():
+            print("\ninterrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # e.g. `eval ... | head`
         sys.stderr.close()

@@ -131,6 +131,15 @@ def test_torchrun_ranks_agree_on_early_stop(prepared, script):
     assert runs(data)[-1]["epochs_run"] == "3"
 
 
+def test_torchrun_needs_a_batch_per_process(prepared):
+    data = data_of(prepared, "captcha.py", "tiny-batch")
+    proc = torchrun("captcha.py", "train", "--data-dir", data, "--epochs", 1, "--batch-size", 1, "--device", "cpu")
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: 2 processes need a --batch-size and a training split of at least 2 (now 1 and 240)"]
+    assert not (data / "model.pt").exists()
+
+
 def test_torchrun_resume(prepared):
     script = "cifar_lenet.py" if "cifar_lenet.py" in prepared[1] else "captcha.py"
     data = data_of(prepared, script, "resume")
@@ -184,7 +193,7 @@ def test_grid_runs_every_combination(prepared):
     assert scores == sorted(scores, reverse=True)          # sorted by best validation score
 
 
-@pytest.mark.parametrize("grid", ["nope=1,2", "lr", "lr=abc", "resume=1"])
+@pytest.mark.parametrize("grid", ["nope=1,2", "lr", "lr=abc", "resume=1", "device=cpu,cuda", "amp=1"])
 def test_grid_bad_option(prepared, grid):
     data = data_of(prepared, "captcha.py", f"badgrid-{grid.replace('=', '_')}")
     line = assert_one_line_error(run("captcha.py", "train", "--data-dir", data, "--device", "cpu", "--grid", grid), 2)
