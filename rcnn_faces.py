@@ -908,6 +908,8 @@ def cmd_train(args):
             if main_process():
                 append_run(data_dir, row)
             table.append(row)
+        if dist.is_initialized():
+            dist.barrier()   # leave together: rank 0 may still be scoring the test split
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
