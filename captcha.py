@@ -888,7 +888,7 @@ def build_parser():
     p = sub.add_parser("train", parents=[common, device, seed], formatter_class=fmt, help="train with early stopping")
     p.add_argument("--epochs", type=int, default=60, help="maximum epochs (also the length of the lr schedule)")
     p.add_argument("--patience", type=int, default=20, help="stop after N epochs without a better validation score")
-    p.add_argument("--batch-size", type=int, default=128, help="mini-batch size")
+    p.add_argument("--batch-size", type=int, default=128, help="mini-batch size (under torchrun: the global batch)")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of the one-cycle schedule")
     p.add_argument("--resume", action="store_true", help="continue from DATA_DIR/checkpoint.pt")
     add_scale_options(p)

@@ -874,7 +874,8 @@ def build_parser():
     p = sub.add_parser("train", parents=[common, device, seed], formatter_class=fmt, help="train with early stopping")
     p.add_argument("--epochs", type=int, default=EPOCHS, help="maximum epochs (also the length of the lr schedule)")
     p.add_argument("--patience", type=int, default=20, help="stop after N epochs without a better validation score")
-    p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="training mini-batch size")
+    p.add_argument("--batch-size", type=int, default=BATCH_SIZE,
+                   help="training mini-batch size (under torchrun: the global batch)")
     p.add_argument("--lr", type=float, default=LR, help="peak learning rate of the one-cycle schedule")
     p.add_argument("--weight-decay", type=float, default=WEIGHT_DECAY, help="optimizer weight decay")
     p.add_argument("--label-smoothing", type=float, default=LABEL_SMOOTHING, help="of the training loss")

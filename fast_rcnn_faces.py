@@ -1111,7 +1111,7 @@ def build_parser():
     p = sub.add_parser("train", parents=[common, device, seed], formatter_class=fmt, help="train with early stopping")
     p.add_argument("--epochs", type=int, default=30, help="maximum epochs")
     p.add_argument("--patience", type=int, default=20, help="stop after N epochs without a better validation AP50")
-    p.add_argument("--batch-size", type=int, default=8, help="photos per batch")
+    p.add_argument("--batch-size", type=int, default=8, help="photos per batch (under torchrun: the global batch)")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--width", type=int, default=24, help="backbone channels of the first stage")
     p.add_argument("--resume", action="store_true", help="continue from DATA_DIR/checkpoint.pt")

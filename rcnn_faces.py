@@ -1017,7 +1017,7 @@ def build_parser():
                        help="train the crop classifier with early stopping, then score the detector on test photos")
     p.add_argument("--epochs", type=int, default=100, help="maximum epochs")
     p.add_argument("--patience", type=int, default=20, help="stop after N epochs without a better validation score")
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=128, help="crops per batch (under torchrun: the global batch)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--width", type=int, default=WIDTH, help="channels of the first ResNet stage (64 = resnet18)")
     p.add_argument("--resume", action="store_true", help="continue from DATA_DIR/checkpoint.pt")
