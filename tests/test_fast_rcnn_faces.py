@@ -1,5 +1,4 @@
 """fast_rcnn_faces.py: unit checks (letterbox, offsets, RoI shapes, loss, AP) and end to end on 36 real photos."""
-import csv
 import importlib.util
 import json
 import math
@@ -10,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import FACES_DIR, ROOT, assert_one_line_error, run, torchrun
+from conftest import FACES_DIR, ROOT, assert_one_line_error, check_face_torchrun, run
 
 SCRIPT = "fast_rcnn_faces.py"
 N_PHOTOS = 36
@@ -256,23 +255,4 @@ def test_bad_input(faces, tmp_path):
 
 def test_torchrun_two_processes(faces, tmp_path):
     """DDP on the CPU (gloo): the same steps per epoch as one process, one model that plain eval loads."""
-    source = faces.data
-    data = tmp_path / "ddp"
-    data.mkdir()
-    for path in source.iterdir():
-        if path.name == "meta.json" or path.name.endswith(".pt.gz"):
-            (data / path.name).write_bytes(path.read_bytes())
-    proc = torchrun(SCRIPT, "train", "--data-dir", data, "--epochs", 1, "--batch-size", 4, "--device", "cpu")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "torchrun: 2 processes, backend gloo" in proc.stdout
-    assert sum(line.startswith("epoch 1/1") for line in proc.stdout.splitlines()) == 1
-    one = next(csv.DictReader((source / "history.csv").open()))
-    two = list(csv.DictReader((data / "history.csv").open()))
-    assert len(two) == 1 and two[0]["steps"] == one["steps"]
-    assert [row["world_size"] for row in csv.DictReader((data / "runs.csv").open())] == ["2"]
-    state = torch.load(data / "model.pt", weights_only=True)["model"]
-    assert not any(key.startswith("module.") for key in state)
-    photo = sorted((FACES_DIR / "image_data").iterdir())[0]
-    ev = run(SCRIPT, "eval", photo, "--data-dir", data, "--json", "--output", tmp_path / "out.png", "--device", "cpu")
-    assert ev.returncode == 0, ev.stderr
-    assert "boxes" in json.loads(ev.stdout.splitlines()[0])
+    check_face_torchrun(SCRIPT, faces.data, tmp_path, "--batch-size", 4)
