@@ -440,8 +440,8 @@ def epoch_batches(n, batch_size, seed, epoch, device):
         idx = perm[start:start + batch_size]
         if len(idx) < world:
             idx = torch.cat([idx, perm[:world - len(idx)]])
-        batches.append(idx[rank::world].to(device))
-    return batches
+        batches.append(idx[rank::world])
+    return list(torch.cat(batches).to(device).split([len(idx) for idx in batches]))   # one copy to the device
 
 
 def shard(items):
@@ -656,7 +656,7 @@ def train(args, device, out_dir, tb_dir):
     """One training run on DATA_DIR's prepared data; model, checkpoint and history go to out_dir."""
     data_dir = Path(args.data_dir)
     meta = read_meta(data_dir)
-    rank, world = rank_and_world()
+    rank = rank_and_world()[0]
     if main_process():
         out_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(args.seed + rank)   # DDP copies rank 0's initial weights to every process
@@ -704,6 +704,7 @@ def train(args, device, out_dir, tb_dir):
     if writer:
         writer.add_images("inputs", x_train[:32], 0)
 
+    val_batches = in_order(len(y_val), 4 * args.batch_size, device)
     for epoch in range(first_epoch, args.epochs + 1):
         if bad_epochs >= args.patience:
             break
@@ -717,7 +718,7 @@ def train(args, device, out_dir, tb_dir):
         if not np.isfinite(train_loss):
             raise UserError(f"epoch {epoch}: training loss is {train_loss}; lower --lr", 1)
         sync_buffers(model)
-        *val_stats, n = run_epoch(model, x_val, y_val, device, in_order(len(y_val), 4 * args.batch_size, device), dtype)
+        *val_stats, n = run_epoch(model, x_val, y_val, device, val_batches, dtype)
         val_loss, val_acc, val_char = mean_over_processes(val_stats, n, device)
         seconds = time.perf_counter() - start
         improved = val_acc > best
@@ -831,6 +832,7 @@ def cmd_eval(args):
     model = build_model(ckpt["model_args"], device)
     model.load_state_dict(ckpt["model"])
     model.eval()
+    dtype = amp_dtype(device)
     charset, image_size = ckpt["charset"], tuple(ckpt["image_size"])
     interactive = not args.images and sys.stdin.isatty()
     failed = False
@@ -848,7 +850,7 @@ def cmd_eval(args):
             else:
                 print(f"{path}: {reason}", file=sys.stderr)
             continue
-        with autocast(device, amp_dtype(device)):
+        with autocast(device, dtype):
             probs = model(preprocess(x[None].to(device))).float().softmax(-1)[0]  # L,K
         p, idx = probs.max(-1)
         code = "".join(charset[i] for i in idx.tolist())

@@ -488,8 +488,8 @@ def epoch_batches(n, batch_size, seed, epoch, device):
         idx = perm[start:start + batch_size]
         if len(idx) < world:
             idx = torch.cat([idx, perm[:world - len(idx)]])
-        batches.append(idx[rank::world].to(device))
-    return batches
+        batches.append(idx[rank::world])
+    return list(torch.cat(batches).to(device).split([len(idx) for idx in batches]))   # one copy to the device
 
 
 def shard(items):
@@ -662,7 +662,7 @@ def train(args, device, out_dir, tb_dir):
     """One training run on DATA_DIR's prepared data; model, checkpoint and history go to out_dir."""
     data_dir = Path(args.data_dir)
     meta = read_meta(data_dir)
-    rank, world = rank_and_world()
+    rank = rank_and_world()[0]
     if main_process():
         out_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(args.seed + rank)   # augmentation differs per process; DDP copies rank 0's initial weights
@@ -823,6 +823,7 @@ def cmd_eval(args):
     model = build_model(**ckpt["model_args"])
     model.load_state_dict(ckpt["model"])
     model.to(device, memory_format=MEMORY_FORMAT).eval()
+    dtype = amp_dtype(device)
     labels, norm = ckpt["labels"], (ckpt["mean"], ckpt["std"])
     interactive = not args.images and sys.stdin.isatty()
     failed = False
@@ -840,7 +841,7 @@ def cmd_eval(args):
             else:
                 print(f"{path}: {reason}", file=sys.stderr)
             continue
-        with autocast(device, amp_dtype(device)):
+        with autocast(device, dtype):
             probs = model(preprocess(x, *norm)).float().softmax(1)[0].cpu()
         top = probs.topk(min(5, len(labels)))
         best = [(labels[i], p) for p, i in zip(top.values.tolist(), top.indices.tolist())]

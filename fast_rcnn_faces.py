@@ -477,7 +477,8 @@ def run_epoch(model, data, batches, device, dtype, optimizer=None, scaler=None, 
     loss, balanced label accuracy, mean |offset error|."""
     images, gts, props = data
     model.train(optimizer is not None)
-    totals = torch.zeros(8)  # loss*n, n, correct faces, faces, correct background, background, offset error, faces
+    # loss*n, n, correct faces, faces, correct background, background, offset error, faces; on the device: no sync
+    totals = torch.zeros(8, device=device)
     bar = progress(total=sum(len(b) for b in batches), desc="train" if optimizer else "val", unit="photo")
     with torch.set_grad_enabled(optimizer is not None):
         for b in batches:
@@ -496,12 +497,12 @@ def run_epoch(model, data, batches, device, dtype, optimizer=None, scaler=None, 
                 scaler.step(optimizer)
                 scaler.update()
             hit, face = logits.argmax(1) == labels, labels == 1
-            totals += torch.tensor([loss.item() * len(b), len(b), (hit & face).sum().item(), face.sum().item(),
-                                    (hit & ~face).sum().item(), (~face).sum().item(),
-                                    (offsets[face] - targets[face]).abs().sum().item() / 4, face.sum().item()])
+            totals += torch.stack([loss.detach() * len(b), loss.new_tensor(len(b)), (hit & face).sum(), face.sum(),
+                                   (hit & ~face).sum(), (~face).sum(), (offsets[face] - targets[face]).abs().sum() / 4,
+                                   face.sum()]).float()
             bar.update(len(b))
     bar.close()
-    totals = torch.tensor(sum_over_processes(totals.tolist(), device))
+    totals = torch.tensor(sum_over_processes(totals.tolist(), device))   # one sync per epoch
     bacc = (totals[2] / totals[3].clamp(min=1) + totals[4] / totals[5].clamp(min=1)).item() / 2
     return {"loss": (totals[0] / totals[1].clamp(min=1)).item(), "bacc": bacc,
             "offset": (totals[6] / totals[7].clamp(min=1)).item()}
@@ -654,8 +655,8 @@ def epoch_batches(n, batch_size, seed, epoch, device):
         idx = perm[start:start + batch_size]
         if len(idx) < world:
             idx = torch.cat([idx, perm[:world - len(idx)]])
-        batches.append(idx[rank::world].to(device))
-    return batches
+        batches.append(idx[rank::world])
+    return list(torch.cat(batches).to(device).split([len(idx) for idx in batches]))   # one copy to the device
 
 
 def shard(items):
@@ -859,7 +860,7 @@ def train(args, device, out_dir, tb_dir):
     """One training run on DATA_DIR's prepared photos; model, checkpoint and history go to out_dir."""
     data_dir = Path(args.data_dir)
     meta = read_meta(data_dir)
-    rank, world = rank_and_world()
+    rank = rank_and_world()[0]
     if main_process():
         out_dir.mkdir(parents=True, exist_ok=True)
     if args.resume and not (out_dir / "checkpoint.pt").exists():

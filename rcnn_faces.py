@@ -376,7 +376,7 @@ def run_epoch(model, crops, labels, device, batches, dtype, optimizer=None, scal
     faces], and crops/s of this process."""
     training = optimizer is not None
     model.train(training)
-    loss_sum, correct, start = 0.0, torch.zeros(2), time.time()
+    loss_sum, correct, start = torch.zeros((), device=device), torch.zeros(2, device=device), time.time()
     with torch.set_grad_enabled(training):
         for idx in progress(batches, desc="train" if training else "val", unit="batch"):
             x, y = preprocess(crops[idx], device), labels[idx].to(device)
@@ -390,12 +390,12 @@ def run_epoch(model, crops, labels, device, batches, dtype, optimizer=None, scal
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
                 scaler.update()
-            loss_sum += loss.item() * len(idx)
-            correct += torch.bincount(y[logits.argmax(1) == y], minlength=2).cpu().float()
+            loss_sum += loss.detach() * len(idx)   # summed on the device: no sync per batch
+            correct += torch.bincount(y[logits.argmax(1) == y], minlength=2)
     n = sum(len(idx) for idx in batches)
     total = torch.bincount(labels[torch.cat(batches)] if batches else labels[:0], minlength=2).float()
     speed = n / max(time.time() - start, 1e-9)
-    return sum_over_processes([loss_sum, *correct.tolist(), *total.tolist()], device), speed
+    return sum_over_processes([loss_sum.item(), *correct.tolist(), *total.tolist()], device), speed
 
 
 def crop_scores(sums):
@@ -588,8 +588,8 @@ def epoch_batches(n, batch_size, seed, epoch, device):
         idx = perm[start:start + batch_size]
         if len(idx) < world:
             idx = torch.cat([idx, perm[:world - len(idx)]])
-        batches.append(idx[rank::world].to(device))
-    return batches
+        batches.append(idx[rank::world])
+    return list(torch.cat(batches).to(device).split([len(idx) for idx in batches]))   # one copy to the device
 
 
 def shard(items):
