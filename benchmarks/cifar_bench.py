@@ -16,11 +16,22 @@ Speed: images/s of one training epoch over the first --images training images, p
 Accuracy: --acc-epochs N trains each network N epochs on the first --images training images, with the
   script's recipe (one-cycle schedule over N epochs) and with the tutorial's recipe, and prints the
   validation top-1 of both after every epoch (first --val-images images of the validation split).
+Time to accuracy: --time-to runs the real command `cifar_resnet.py train --epochs N` (default recipe; --epochs,
+  default 5; --train-arg passes more train options) on a copy of the prepared data in --workdir (all of it
+  unless --images/--val-images are given) and prints the validation top-1 after every epoch with the minutes
+  since the start, then a table and the first epoch at or above --target (default 90%):
+      python benchmarks/cifar_bench.py --data-dir data/cifar_resnet --time-to --epochs 5
 """
 import argparse
+import csv
 import gzip
 import importlib.util
+import json
 import math
+import os
+import re
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -161,13 +172,78 @@ def bench_accuracy(name, module, train, val, norm, num_classes, args, device, tm
         print(line, flush=True)
 
 
+def time_to_data(args, module, work):
+    """The prepared data for --time-to in work/data: links to all of it, or the first --images training and
+    --val-images validation (and as many test) images written with the script's own write_split."""
+    src, data = Path(args.data_dir), work / "data"
+    shutil.rmtree(data, ignore_errors=True)
+    data.mkdir(parents=True)
+    if not (src / "meta.json").exists():
+        sys.exit(f"error: {src}/meta.json not found; run `python cifar_resnet.py prepare --data-dir {src}` first")
+    if not args.images and not args.val_images:
+        for path in src.iterdir():
+            if path.name == "meta.json" or path.name.endswith(".pt.gz"):
+                (data / path.name).symlink_to(path.resolve())
+        return data
+    meta = json.loads((src / "meta.json").read_text())
+    limits = {"training_set": args.images, "validating_set": args.val_images, "testing_set": args.val_images}
+    for name, limit in limits.items():
+        tensors = module.read_split(src, name)
+        tensors = tuple(t[:limit or len(t)] for t in tensors)
+        module.write_split(data, name, tensors)
+        meta.setdefault("counts", {})[name] = len(tensors[1])
+    (data / "meta.json").write_text(json.dumps(meta, indent=1))
+    return data
+
+
+def time_to(args):
+    """cifar_resnet.py train --epochs N, default recipe: validation top-1 after every epoch and the minutes."""
+    work = Path(args.workdir)
+    data = time_to_data(args, load_script("resnet"), work)
+    cmd = [sys.executable, str(ROOT / SCRIPTS["resnet"]), "train", "--data-dir", str(data), "--epochs",
+           str(args.epochs), "--device", args.device, "--seed", str(args.seed), *args.train_arg]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
+    print("$", " ".join(cmd).replace(f"{ROOT}/", "").replace(sys.executable, "python"), flush=True)
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+    minutes = {}
+    for line in proc.stdout:
+        m = re.match(r"epoch (\d+)/\d+ .* val loss \S+ acc ([\d.]+)%", line)
+        if m:
+            minutes[int(m.group(1))] = (time.perf_counter() - t0) / 60
+            print(f"TIME-TO epoch {m.group(1)}/{args.epochs}: val top-1 {float(m.group(2)):.2f}%  "
+                  f"{minutes[int(m.group(1))]:.1f} min since start", flush=True)
+        elif line.startswith(("test (", "best model", "cifar_resnet:")):
+            print(line.rstrip(), flush=True)
+    if proc.wait():
+        sys.exit(f"error: train exited with status {proc.returncode}")
+    with open(data / "history.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    print(f"\n{'epoch':>5}  {'val top-1':>9}  {'train s':>8}  {'img/s':>7}  {'minutes':>7}")
+    for row in rows:
+        e = int(row["epoch"])
+        print(f"{e:>5}  {float(row['val_acc']):>9.2%}  {float(row['seconds']):>8.0f}  "
+              f"{float(row.get('img_per_s') or 0):>7.0f}  {minutes.get(e, float('nan')):>7.1f}")
+    hit = next((row for row in rows if float(row["val_acc"]) >= args.target), None)
+    total = (time.perf_counter() - t0) / 60
+    print(f"TIME-TO {args.target:.0%}: " + (f"epoch {hit['epoch']}, {minutes.get(int(hit['epoch']), total):.1f} min"
+                                              if hit else f"not reached in {len(rows)} epochs") +
+          f" ({len(rows)} epochs, {total:.1f} min in all, --device {args.device}"
+          f"{f', OMP_NUM_THREADS={args.threads}' if args.threads else ''})")
+    return 0
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--data-dir", default="data/cifar_lenet", help="data prepared by either CIFAR script")
     parser.add_argument("--nets", default="lenet,resnet", help="comma-separated: lenet, resnet")
-    parser.add_argument("--images", type=int, default=4000, help="training images per epoch (0: all)")
-    parser.add_argument("--val-images", type=int, default=1000, help="validation images for accuracy (0: all)")
+    parser.add_argument("--images", type=int, default=None,
+                        help="training images per epoch (0: all; default 4000, with --time-to all)")
+    parser.add_argument("--val-images", type=int, default=None,
+                        help="validation images for accuracy (0: all; default 1000, with --time-to all)")
     parser.add_argument("--speed-epochs", type=int, default=2, help="timed epochs of each loop (0: skip)")
     parser.add_argument("--chunk", type=int, default=2000, help="images per alternation of the two timed loops")
     parser.add_argument("--acc-epochs", type=int, default=0, help="epochs of the accuracy comparison (0: skip)")
@@ -176,7 +252,20 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-tutorial-acc", action="store_true", help="accuracy of the script's recipe only")
     parser.add_argument("--fp32", action="store_true", help="no bf16 autocast on the CPU (scripts' CPU_BF16 off)")
+    parser.add_argument("--time-to", action="store_true",
+                        help="run `cifar_resnet.py train --epochs N` (default recipe) and print the validation top-1 "
+                             "after every epoch with the minutes since the start")
+    parser.add_argument("--epochs", type=int, default=5, help="with --time-to: train --epochs")
+    parser.add_argument("--target", type=float, default=0.90, help="with --time-to: report the first epoch at this")
+    parser.add_argument("--train-arg", action="append", default=[], metavar="ARG",
+                        help="with --time-to: one more train argument, e.g. --train-arg=--lr=0.4 (repeatable)")
+    parser.add_argument("--workdir", default=str(ROOT / "benchmarks" / "out" / "time-to"),
+                        help="with --time-to: the run's copy of the data, model and history")
     args = parser.parse_args()
+    if args.time_to:
+        return time_to(args)
+    args.images = 4000 if args.images is None else args.images
+    args.val_images = 1000 if args.val_images is None else args.val_images
     if args.threads:
         torch.set_num_threads(args.threads)
     modules = {name: load_script(name) for name in args.nets.split(",")}
