@@ -1,13 +1,20 @@
 """Shared test helpers: run a suite script end to end in a subprocess."""
+import contextlib
 import csv
+import functools
+import importlib.util
+import io
 import json
 import os
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "datasets"
@@ -68,3 +75,85 @@ def shared_datasets():
     if not SHARED.exists():
         pytest.skip(f"{SHARED} not found")
     return SHARED
+
+
+# ---- hostile input (test_hostile.py and the hostile cases of each script's tests) ----
+@functools.lru_cache(maxsize=None)
+def load_script(script):
+    """A suite script imported as a module (once per session), to call its functions or its main() in-process."""
+    spec = importlib.util.spec_from_file_location(Path(script).stem, ROOT / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_main(script, *args, stdin=""):
+    """`script.main(args)` in this process, for commands that must stop before any real work (no interpreter start,
+    so dozens of cases cost little): a CompletedProcess with the exit status, stdout and stderr, as `run` gives."""
+    out, err, real_stdin = io.StringIO(), io.StringIO(), sys.stdin
+    sys.stdin = io.StringIO(stdin)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                status = load_script(script).main([str(a) for a in args])
+            except SystemExit as e:  # argparse
+                status = e.code
+    finally:
+        sys.stdin = real_stdin
+    return subprocess.CompletedProcess(args, status, out.getvalue(), err.getvalue())
+
+
+def run_warnings_shown(script, *args, timeout=600):
+    """`run` with Python's warnings left on, to check that stderr holds nothing but what the script prints."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
+    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, env=dict(env, PYTHONUNBUFFERED="1"))
+
+
+def png_declaring(path, width, height):
+    """A PNG of a few dozen bytes whose header declares width x height pixels: a decompression bomb."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)   # 8-bit RGB
+    Path(path).write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                           + chunk(b"IEND", b""))
+    return Path(path)
+
+
+def hostile_images(folder):
+    """Files that are no usable image, each of another kind: [(path, words expected in its error)]."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    jpeg = io.BytesIO()
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(jpeg, "JPEG")
+    (folder / "truncated.jpg").write_bytes(jpeg.getvalue()[:200])
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "text.png").write_text("not an image\n")
+    os.mkfifo(folder / "fifo.png")
+    (folder / "loop.png").symlink_to("loop.png")
+    return [(png_declaring(folder / "bomb.png", 15000, 15000), "pixels"),    # PIL's DecompressionBombError
+            (png_declaring(folder / "warns.png", 10000, 10000), "pixels"),   # PIL's DecompressionBombWarning
+            (png_declaring(folder / "big.png", 9000, 8000), "pixels"),       # over the script's MAX_PIXELS only
+            (folder / "truncated.jpg", "cannot read"), (folder / "empty.png", "not an image"),
+            (folder / "text.png", "not an image"), (folder / "fifo.png", "not a file"),
+            (folder / "loop.png", "not a file"), (folder / "missing.png", "no such file")]
+
+
+def odd_images(folder):
+    """Images of unusual modes and shapes that every script must read: [path]."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.new("I;16", (40, 30), 3000).save(folder / "gray16.png")
+    Image.new("CMYK", (40, 30), (0, 100, 0, 0)).save(folder / "cmyk.jpg")
+    Image.new("LA", (40, 30), (90, 120)).save(folder / "gray_alpha.png")
+    Image.new("RGB", (3, 200), (10, 200, 10)).save(folder / "thin.png")
+    first, second = Image.new("P", (40, 30), 1), Image.new("P", (50, 50), 2)
+    first.save(folder / "animated.gif", save_all=True, append_images=[second])
+    return sorted(folder.iterdir())
+
+
+def tree_bytes(folder):
+    """{relative path: bytes} of every file below `folder` (to check that nothing changed)."""
+    folder = Path(folder)
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
