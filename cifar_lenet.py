@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import csv
 import datetime
+import errno
 import gzip
 import io
 import itertools
@@ -26,11 +27,21 @@ import json
 import math
 import os
 import random
+import secrets
+import shlex
+import shutil
+import signal
 import sys
 import time
+import warnings
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+
+try:
+    import fcntl  # DATA_DIR lock (lock_data_dir); not on Windows
+except ImportError:
+    fcntl = None
 
 import numpy as np
 import torch
@@ -48,6 +59,10 @@ SHARD_SIZE = 1000
 SPLITS = ("training_set", "validating_set", "testing_set")
 IMAGE_DIR = "cifar"
 IMAGE_SIZE = 32
+MAX_PIXELS = 40_000_000                 # bigger images (decompression bombs) are refused before decoding
+SHARD_SPEC = ((torch.uint8, (3, IMAGE_SIZE, IMAGE_SIZE)), (torch.int64, ()))   # images, label indices
+META_KEYS = {"labels": list, "mean": list, "std": list}   # what train reads from meta.json
+MODEL_KEYS = ("model", "model_args", "labels", "mean", "std")   # what eval reads from model.pt
 PAD = 4                                  # random crop: zero padding of 4 pixels, then a 32x32 window
 # Recipe. LeNet is small and underfits CIFAR-10, so: AdamW with a one-cycle schedule, light weight decay,
 # no label smoothing; crop + flip augmentation and per-channel normalisation do most of the work.
@@ -70,14 +85,32 @@ class UserError(Exception):
 
 # ---- Data ----
 def load_image(path):
-    """Open any image (format decided by content, not extension) as RGB; alpha is composited onto white."""
-    with Image.open(path) as img:
-        img.seek(0)  # first frame of a GIF
-        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-            rgba = img.convert("RGBA")
-            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            return Image.alpha_composite(white, rgba).convert("RGB")
-        return img.convert("RGB")
+    """Open any image (format decided by content, not extension) as RGB; alpha is composited onto white. Every failure
+    is a UserError with a one-line reason: missing, not a file, not an image, damaged, or more than MAX_PIXELS pixels
+    (a decompression bomb: a small file that would decode to gigabytes), refused from its header before decoding."""
+    try:
+        if not os.path.isfile(path):
+            raise UserError("no such file" if not os.path.lexists(path) else "not a file")
+        with warnings.catch_warnings():  # PIL's own bomb warning becomes an error here, not a line on stderr
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                if img.width * img.height > MAX_PIXELS:
+                    raise UserError(f"{img.width}x{img.height} pixels, over the limit of {MAX_PIXELS:,} (MAX_PIXELS)")
+                img.seek(0)  # first frame of a GIF
+                if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+                    rgba = img.convert("RGBA")
+                    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                    return Image.alpha_composite(white, rgba).convert("RGB")
+                return img.convert("RGB")
+    except UserError:
+        raise
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+        raise UserError(f"over the limit of {MAX_PIXELS:,} pixels (MAX_PIXELS)")
+    except UnidentifiedImageError:
+        raise UserError("not an image, or a format PIL cannot read")
+    except Exception as e:  # any decoder error of any format: truncated, damaged, unsupported mode, ...
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip() or type(e).__name__
+        raise UserError(reason.splitlines()[0][:200])
 
 
 def image_to_tensor(img):
@@ -97,8 +130,8 @@ def decode(path):
     """Prepare worker: path -> (uint8 array 3,32,32, None), or (None, reason) for a file that cannot be read."""
     try:
         return read_image(path).numpy(), None
-    except Exception as e:  # any decoder error of any format: the file is skipped and counted
-        return None, f"{type(e).__name__}: {e}".splitlines()[0]
+    except UserError as e:  # missing, not an image, damaged, too many pixels: skipped and counted
+        return None, str(e)
 
 
 def preprocess(images, mean, std):
@@ -123,7 +156,7 @@ def augment(images):
 
 
 def read_label_list(path):
-    labels = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    labels = [line.strip() for line in read_text(path).splitlines() if line.strip()]
     if not labels:
         raise UserError(f"{path}: no labels in it (one label per line)")
     if len(set(labels)) != len(labels):
@@ -174,9 +207,13 @@ def decode_images(kept, workers, desc):
     """Decode the kept files in parallel -> (uint8 N,3,32,32, int64 N, [(path, why skipped)])."""
     paths = [p for p, _ in kept]
     chunk = max(1, min(256, len(paths) // (4 * max(workers, 1))))
-    with ProcessPoolExecutor(workers) if workers > 1 else contextlib.nullcontext() as pool:
+    pool = ProcessPoolExecutor(workers, initializer=start_worker) if workers > 1 else None
+    try:
         results = pool.map(decode, paths, chunksize=chunk) if pool else map(decode, paths)
         results = list(progress(results, total=len(paths), desc=desc, unit="img"))
+    finally:
+        if pool:
+            pool.shutdown(cancel_futures=True)  # Ctrl-C: queued images are dropped, not decoded first
     good = [i for i, (array, _) in enumerate(results) if array is not None]
     skipped = [(paths[i], "unreadable", why) for i, (array, why) in enumerate(results) if array is None]
     images = torch.from_numpy(np.stack([results[i][0] for i in good])) if good else torch.zeros(0, 3, 32, 32,
@@ -197,24 +234,39 @@ def channel_stats(images):
 
 
 def save_shard(path, tensors):
-    """gzip(torch.save(tuple)) written atomically."""
+    """gzip(torch.save(tuple)) written atomically, with no file name or time in the gzip header: the same tensors
+    give the same bytes."""
     buf = io.BytesIO()
     torch.save(tuple(tensors), buf)
-    with atomic_path(path) as tmp, gzip.open(tmp, "wb", compresslevel=3) as f:
-        f.write(buf.getbuffer())
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(gzip.compress(buf.getbuffer(), compresslevel=3, mtime=0))
 
 
 def load_shard(path):
-    with gzip.open(path, "rb") as f:
-        return torch.load(io.BytesIO(f.read()), weights_only=True)
+    """A shard: the tuple of tensors of SHARD_SPEC (dtype, and size after the first dimension with None for any), all
+    of one length, loaded with weights_only=True (no pickled code runs). A truncated, damaged or foreign file is a
+    UserError naming it."""
+    try:
+        with gzip.open(path, "rb") as f:
+            tensors = torch.load(io.BytesIO(f.read()), weights_only=True)
+    except Exception as e:  # EOFError (truncated), BadGzipFile, not a torch file, pickled code, ...
+        raise UserError(f"{path}: damaged or not a shard ({type(e).__name__}); run `python {SCRIPT}.py prepare` again")
+    fits = isinstance(tensors, tuple) and len(tensors) == len(SHARD_SPEC) and all(
+        isinstance(t, torch.Tensor) and t.dtype == dtype and t.dim() == len(shape) + 1 and len(t) == len(tensors[0])
+        and all(s is None or s == n for s, n in zip(shape, t.shape[1:]))
+        for t, (dtype, shape) in zip(tensors, SHARD_SPEC))
+    if not fits:
+        raise UserError(f"{path}: not a shard of {SCRIPT}.py's prepared data; run `python {SCRIPT}.py prepare` again")
+    return tensors
 
 
 @contextlib.contextmanager
 def atomic_path(path):
-    """A temporary name next to `path` to write to: renamed to `path` when the block ends, removed when it fails or
-    is interrupted, so `path` is always either the old file or the whole new one."""
+    """A temporary name next to `path`, unique to this write (NAME.tmp-PID-RANDOM.EXT): renamed to `path` when the
+    block ends, removed when it fails or is interrupted, so `path` is always either the old file or the whole new
+    one, whatever else writes next to it."""
     path = Path(path)
-    tmp = path.with_name(f"{path.stem}.tmp{path.suffix}")
+    tmp = path.with_name(f"{path.stem}.tmp-{os.getpid()}-{secrets.token_hex(4)}{path.suffix}")
     try:
         yield tmp
         os.replace(tmp, path)
@@ -229,7 +281,7 @@ def atomic_torch_save(obj, path):
 
 def atomic_write_text(path, text):
     with atomic_path(path) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")
 
 
 def list_images(folder):
@@ -254,28 +306,118 @@ def write_split(data_dir, name, tensors):
 
 def read_split(data_dir, name):
     """Read all shards of a split once and concatenate them (no per-epoch decompression)."""
-    paths = sorted(Path(data_dir).glob(f"{name}.*.pt.gz"), key=lambda p: int(p.name.split(".")[1]))
+    paths = sorted((p for p in Path(data_dir).glob(f"{name}.*.pt.gz") if p.name.split(".")[1].isdigit()),
+                   key=lambda p: int(p.name.split(".")[1]))
     parts = [load_shard(p) for p in paths]
     if not parts:
         raise UserError(f"{data_dir}: no {name} shards; run `python {SCRIPT}.py prepare` first")
-    return tuple(torch.cat(ts) for ts in zip(*parts))
+    try:
+        return tuple(torch.cat(ts) for ts in zip(*parts))
+    except RuntimeError:  # shards of different sizes: files of two prepares
+        raise UserError(f"{data_dir}: {name} shards of different prepares; run `python {SCRIPT}.py prepare` again")
 
 
-def clear_prepared(data_dir):
-    """Remove shards of an earlier prepare so stale higher-numbered files are never read."""
-    for p in Path(data_dir).glob("*_set.*.pt.gz"):
-        p.unlink()
+def read_text(path):
+    """A UTF-8 text file (a BOM is allowed) as str; unreadable or not UTF-8 is a UserError naming it."""
+    try:
+        return Path(path).read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8")
+    except OSError as e:
+        raise UserError(f"{path}: cannot read it ({e.strerror or e})")
 
 
 def read_meta(data_dir):
+    """DATA_DIR/meta.json as prepare wrote it: JSON of this kind of data with every key of META_KEYS ("a.b": key b in
+    a) of its type. Anything else is a UserError that asks to prepare again."""
     path = Path(data_dir) / "meta.json"
     if not path.exists():
         raise UserError(f"{path} not found; run `python {SCRIPT}.py prepare --data-dir {data_dir}` first")
-    meta = json.loads(path.read_text())
+    again = f"run `python {SCRIPT}.py prepare --data-dir {data_dir}` again"
+    try:
+        meta = json.loads(read_text(path))
+    except (ValueError, RecursionError) as e:
+        raise UserError(f"{path}: not valid JSON ({str(e)[:100]}); {again}")
+    if not isinstance(meta, dict):
+        raise UserError(f"{path}: not a meta.json of this suite; {again}")
     if meta.get("kind") != DATA_KIND:
-        raise UserError(f"{data_dir} holds data prepared by {meta.get('script', 'another script')}.py, "
-                        f"not {SCRIPT}.py; use another --data-dir")
+        other = str(meta.get("script", "another script")).removesuffix(".py")
+        raise UserError(f"{data_dir} holds data prepared by {other}.py, not {SCRIPT}.py; use another --data-dir")
+    for key, kind in META_KEYS.items():
+        value = meta
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if not isinstance(value, kind):
+            raise UserError(f"{path}: {key!r} is missing or not a {kind.__name__}; {again}")
     return meta
+
+
+@contextlib.contextmanager
+def staging_dir(data_dir):
+    """A new empty folder next to DATA_DIR (DATA_DIR.prepare-PID-RANDOM; inside DATA_DIR when its parent is read-only
+    or another file system, where a rename into DATA_DIR would not be atomic) to build prepared data in. Removed when
+    the block ends, unless a swap cut short left the old data in its previous/ (swap_prepared). Folders of killed
+    runs are removed first: the caller holds DATA_DIR's lock, so no other prepare uses them."""
+    data_dir = Path(os.path.abspath(data_dir))
+    parent = data_dir.parent
+    if not os.access(parent, os.W_OK) or os.stat(parent).st_dev != os.stat(data_dir).st_dev:
+        parent = data_dir
+    prefix = f"{data_dir.name}.prepare-"
+    with contextlib.suppress(OSError):
+        for old in parent.iterdir():
+            if old.name.startswith(prefix) and old.is_dir() and not (old / "previous").exists():
+                shutil.rmtree(old, ignore_errors=True)
+    staged = parent / f"{prefix}{os.getpid()}-{secrets.token_hex(4)}"
+    staged.mkdir()
+    try:
+        yield staged
+    finally:
+        if (staged / "previous").exists():
+            print(f"the earlier prepared data of {data_dir} is in {staged / 'previous'}", file=sys.stderr)
+        else:
+            shutil.rmtree(staged, ignore_errors=True)
+
+
+def swap_prepared(staged, data_dir):
+    """Move the shards and meta.json built in `staged` into DATA_DIR in place of the old ones; every other file there
+    (model.pt, checkpoint.pt, history, runs.csv) stays. Renames on one file system, so each file is whole, old or new;
+    the old meta.json goes aside first and the new one comes last, so a meta.json never sits beside shards of another
+    prepare; an error or Ctrl-C before the end puts the old files back."""
+    data_dir = Path(data_dir)
+    previous = staged / "previous"
+    previous.mkdir()
+    moved, placed = [], []
+    try:
+        for path in [data_dir / "meta.json", *sorted(data_dir.glob("*_set.*.pt.gz"))]:
+            if path.exists():
+                moved.append(path)
+                os.replace(path, previous / path.name)
+        for path in [*sorted(staged.glob("*_set.*.pt.gz")), staged / "meta.json"]:
+            placed.append(data_dir / path.name)
+            os.replace(path, data_dir / path.name)
+    except BaseException:
+        for path in placed:
+            path.unlink(missing_ok=True)
+        for path in reversed(moved):
+            if (previous / path.name).exists():
+                os.replace(previous / path.name, path)
+        with contextlib.suppress(OSError):  # not empty if a file could not go back: staging_dir keeps it then
+            previous.rmdir()
+        raise
+    previous.rename(staged / "replaced")  # the old files, removed with `staged`
+
+
+def save_prepared(data_dir, splits, meta):
+    """Write the splits ({name: tensors}) as shards and `meta` as meta.json into a new folder, then swap them into
+    DATA_DIR: an error or Ctrl-C before the swap is done leaves the earlier prepared data as it was."""
+    try:
+        with staging_dir(data_dir) as staged:
+            for name, tensors in splits.items():
+                write_split(staged, name, tensors)
+            atomic_write_text(staged / "meta.json", json.dumps(meta, indent=1))
+            swap_prepared(staged, data_dir)
+    except OSError as e:  # a full disk, a folder made read-only meanwhile, ...
+        raise UserError(f"{data_dir}: cannot write the prepared data ({e.strerror or e}); the earlier data are kept")
 
 
 # ---- Model ----
@@ -376,7 +518,13 @@ def evaluate(model, data, norm, loss_fn, batch_size, dtype):
     return loss_fn(logits, labels).item(), (logits.argmax(1) == labels).float().mean().item(), logits
 
 
-def load_model_file(path):
+CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "epoch", "history", "best_score", "bad_epochs", "model_args")
+
+
+def load_model_file(path, keys=None):
+    """model.pt (or, with keys=CHECKPOINT_KEYS, checkpoint.pt) of this script, loaded on the CPU with
+    weights_only=True; it must hold `keys` (default MODEL_KEYS: what eval needs). A missing, foreign, damaged or
+    incomplete file is a UserError naming it."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: model not found; train one with `python {SCRIPT}.py train` or pass --model")
@@ -388,6 +536,11 @@ def load_model_file(path):
         other = ckpt.get("script") if isinstance(ckpt, dict) else None
         raise UserError(f"{path}: model was trained by {other or 'another program'}"
                         f"{'.py' if other else ''}, not {SCRIPT}.py")
+    missing = [key for key in keys or MODEL_KEYS if key not in ckpt]
+    if missing and keys is None and "optimizer" in ckpt:
+        raise UserError(f"{path}: a training checkpoint (what train --resume reads), not a model; pass model.pt")
+    if missing:
+        raise UserError(f"{path}: incomplete, no {', '.join(missing)}; train again")
     return ckpt
 
 
@@ -590,8 +743,10 @@ def append_run(data_dir, row):
     path = Path(data_dir) / "runs.csv"
     rows = []
     if path.exists():
-        with path.open(newline="") as f:
-            rows = list(csv.DictReader(f))
+        try:
+            rows = list(csv.DictReader(io.StringIO(read_text(path))))
+        except csv.Error as e:
+            raise UserError(f"{path}: not a CSV ({e}); move it away (this run's model is saved)")
     rows.append(row)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for r in rows for k in r)), restval="")
@@ -612,8 +767,8 @@ def grid_runs(args, parser):
                             f"(e.g. --grid lr=0.01,0.001)", 2)
         try:
             converted = [(action.type or str)(v) for v in values.split(",")]
-        except ValueError:
-            raise UserError(f"--grid {item}: not a valid value for --{key}", 2)
+        except (ValueError, argparse.ArgumentTypeError) as e:
+            raise UserError(f"--grid {item}: not a valid value for --{key} ({e})", 2)
         if action.choices and any(v not in action.choices for v in converted):
             raise UserError(f"--grid {item}: --{key} takes one of {', '.join(map(str, action.choices))}", 2)
         axes.append([(key, action.dest, text, value) for text, value in zip(values.split(","), converted)])
@@ -626,6 +781,111 @@ def grid_runs(args, parser):
     return runs
 
 
+def parse_number(text, kind, low, high=None):
+    """argparse type helper: `text` as a finite int or float from `low` to `high`; anything else is an
+    ArgumentTypeError, so argparse stops with one line and status 2 before any work."""
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {'a whole number' if kind is int else 'a number'}")
+    if (kind is float and not math.isfinite(value)) or value < low or (high is not None and value > high):
+        raise argparse.ArgumentTypeError(f"{text!r} is out of range: it must be at least {low}"
+                                         + (f" and at most {high}" if high is not None else ""))
+    return value
+
+
+def positive_int(text):
+    return parse_number(text, int, 1)
+
+
+def nonneg_int(text):
+    return parse_number(text, int, 0)
+
+
+def nonneg_float(text):
+    return parse_number(text, float, 0)
+
+
+def probability(text):
+    return parse_number(text, float, 0, 1)
+
+
+def seed_int(text):
+    return parse_number(text, int, 0, 2 ** 31 - 1)  # numpy takes 32-bit seeds; torchrun adds the rank
+
+
+def worker_count(text):
+    return parse_number(text, int, 1, 256)
+
+
+@contextlib.contextmanager
+def lock_data_dir(data_dir, create):
+    """Hold DATA_DIR for one command (prepare, train): an exclusive fcntl.flock on DATA_DIR/.lock, which names its
+    holder (pid and command line), so a second command on the same folder fails at once with one line naming it.
+    The file goes when the command ends (a command that opened it just before checks that it locked the file still
+    there). DATA_DIR must be a writable folder, checked here before any work; `create` makes it, else a missing one
+    is left to the command to report. Under torchrun rank 0 holds it for all ranks (they meet rank 0 in
+    init_process_group before reading anything). Without fcntl (Windows) nothing is locked."""
+    data_dir = Path(data_dir)
+    if data_dir.exists() and not data_dir.is_dir():
+        raise UserError(f"--data-dir {data_dir}: a file, not a folder; pass a folder", 2)
+    if create:
+        try:
+            data_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"--data-dir {data_dir}: cannot create it ({e.strerror or e})", 2)
+    if not main_process() or fcntl is None or not data_dir.is_dir():
+        yield
+        return
+    path = data_dir / ".lock"
+    f = None
+    while f is None:  # until the file locked is the one at `path`: a holder may remove it just after we open it
+        try:
+            if not os.access(data_dir, os.W_OK | os.X_OK):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+            f = open(os.open(path, os.O_RDWR | os.O_CREAT, 0o644), "r+", encoding="utf-8", errors="replace")
+        except OSError as e:
+            raise UserError(f"--data-dir {data_dir}: not writable ({e.strerror or e}); pass a folder you can write "
+                            f"to", 2)
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = (f.read().strip().splitlines() or ["another process"])[0][:300]
+            f.close()
+            if isinstance(e, BlockingIOError):
+                raise UserError(f"{data_dir} is in use by {holder}; wait until it ends or pass another --data-dir")
+            raise UserError(f"--data-dir {data_dir}: cannot lock {path} ({e.strerror or e})")
+        try:
+            ours = os.path.samestat(os.stat(path), os.fstat(f.fileno()))
+        except OSError:
+            ours = False
+        if not ours:
+            f.close()
+            f = None
+    with f:
+        f.truncate()
+        f.write(f"pid {os.getpid()} ({shlex.join(sys.argv)})\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)  # still locked here: the next command makes a new file
+
+
+def start_worker():
+    """Start of each process of a prepare pool: one thread (the pool is the parallelism), and Ctrl-C left to the main
+    process, which stops the pool: no traceback from every worker."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    torch.set_num_threads(1)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a usage mistake in one line (`error: PROG: MESSAGE (see PROG --help)`), status 2."""
+
+    def error(self, message):
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 # ---- Commands ----
 def cmd_prepare(args):
     image_dir = Path(args.image_dir)
@@ -634,9 +894,6 @@ def cmd_prepare(args):
         if folder is not None and not folder.is_dir():
             raise UserError(f"{flag} {folder}: folder not found")
     labels = find_labels(image_dir, args.labels)
-    data_dir = Path(args.data_dir)
-    data_dir.mkdir(parents=True, exist_ok=True)
-    clear_prepared(data_dir)
     sources = {"train": (image_dir, test_dir)} | ({"test": (test_dir, None)} if test_dir else {})
     decoded, skipped = {}, []
     for name, (folder, exclude) in sources.items():
@@ -658,13 +915,11 @@ def cmd_prepare(args):
     if min(counts.values()) == 0:
         raise UserError(f"{image_dir}: too few usable images for a train/validation/test split "
                         f"({', '.join(f'{k} {v}' for k, v in counts.items())}); need at least 10 labelled images")
-    for name, tensors in splits.items():
-        write_split(data_dir, name, tensors)
     mean, std = channel_stats(splits[SPLITS[0]][0])
     meta = {"kind": DATA_KIND, "script": SCRIPT, "image_dir": str(image_dir), "test_dir": test_dir and str(test_dir),
             "labels": labels, "image_size": IMAGE_SIZE, "mean": mean, "std": std, "seed": args.seed,
             "counts": counts, "skipped": len(skipped), "skipped_by_reason": Counter(s[1] for s in skipped)}
-    atomic_write_text(data_dir / "meta.json", json.dumps(meta, indent=1))
+    save_prepared(args.data_dir, splits, meta)
     return 0
 
 
@@ -682,10 +937,13 @@ def train(args, device, out_dir, tb_dir):
         path = out_dir / "checkpoint.pt"
         if not path.exists():
             raise UserError(f"{path} not found: nothing to resume; train without --resume")
-        ckpt = load_model_file(path)
+        ckpt = load_model_file(path, CHECKPOINT_KEYS)
     # The whole split lives on the device as uint8 (a 50k CIFAR split is 150 MB); batches are index slices.
     train_set, val, test = (tuple(t.to(device) for t in read_split(data_dir, name)) for name in SPLITS)
     labels, norm = meta["labels"], (meta["mean"], meta["std"])
+    if any(len(y) and (y.min() < 0 or y.max() >= len(labels)) for _, y in (train_set, val, test)):
+        raise UserError(f"{data_dir}: the shards hold label numbers beyond the {len(labels)} labels of meta.json; "
+                        f"run `python {SCRIPT}.py prepare` again")
     model_args = {"num_classes": len(labels)}
     model = build_model(**model_args).to(device, memory_format=MEMORY_FORMAT)
     steps = args.epochs * math.ceil(len(train_set[1]) / args.batch_size)
@@ -695,19 +953,23 @@ def train(args, device, out_dir, tb_dir):
     loss_fn = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
     history, best_score, bad_epochs, start = [], -1.0, 0, 1
     if ckpt:
-        if ckpt["model_args"] != model_args:
-            raise UserError(f"{out_dir / 'checkpoint.pt'} was trained on other data ({ckpt['model_args']}, now "
-                            f"{model_args}); train without --resume")
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        if ckpt["scheduler"]["total_steps"] == scheduler.total_steps:
-            scheduler.load_state_dict(ckpt["scheduler"])
-        else:  # --epochs or --batch-size changed: the same schedule shape over the new length, from here on
-            scheduler.last_epoch = ckpt["scheduler"]["last_epoch"]
-        history, best_score, bad_epochs = ckpt["history"], ckpt["best_score"], ckpt["bad_epochs"]
-        start = ckpt["epoch"] + 1
+        try:
+            if ckpt["model_args"] != model_args:
+                raise UserError(f"{out_dir / 'checkpoint.pt'} was trained on other data ({ckpt['model_args']}, now "
+                                f"{model_args}); train without --resume")
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            if ckpt.get("scaler"):
+                scaler.load_state_dict(ckpt["scaler"])
+            if ckpt["scheduler"]["total_steps"] == scheduler.total_steps:
+                scheduler.load_state_dict(ckpt["scheduler"])
+            else:  # --epochs or --batch-size changed: the same schedule shape over the new length, from here on
+                scheduler.last_epoch = ckpt["scheduler"]["last_epoch"]
+            history, best_score, bad_epochs = ckpt["history"], ckpt["best_score"], ckpt["bad_epochs"]
+            start = ckpt["epoch"] + 1
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:  # a checkpoint.pt of another version
+            raise UserError(f"{out_dir / 'checkpoint.pt'}: does not fit this run ({type(e).__name__}); train "
+                            f"without --resume")
         print(f"resuming after epoch {ckpt['epoch']} (best val acc {best_score:.2%})")
     net = wrap_model(model, device, args.sync_bn)
     step_model = torch.compile(net) if args.compile else net
@@ -804,11 +1066,15 @@ def cmd_train(args):
 
 
 def iter_eval_inputs(paths):
-    """Yield image paths: from arguments (files or folders), else piped stdin, else the interactive prompt."""
+    """Yield image paths: from arguments (files or folders), else piped stdin, else the interactive prompt. A folder
+    without images is a UserError (nothing to do is a mistake, not a success)."""
     if paths:
         for p in paths:
             if Path(p).is_dir():
-                yield from (str(q) for q in list_images(p))
+                images = list_images(p)
+                if not images:
+                    raise UserError(f"{p}: no images in this folder (extensions {', '.join(sorted(IMAGE_EXTS))})")
+                yield from (str(q) for q in images)
             else:
                 yield p
     elif sys.stdin.isatty():
@@ -829,9 +1095,13 @@ def iter_eval_inputs(paths):
 @torch.no_grad()
 def cmd_eval(args):
     device = pick_device(args.device)
-    ckpt = load_model_file(args.model or Path(args.data_dir) / "model.pt")
-    model = build_model(**ckpt["model_args"])
-    model.load_state_dict(ckpt["model"])
+    path = args.model or Path(args.data_dir) / "model.pt"
+    ckpt = load_model_file(path)
+    try:
+        model = build_model(**ckpt["model_args"])
+        model.load_state_dict(ckpt["model"])
+    except (TypeError, ValueError, RuntimeError) as e:  # weights of another network
+        raise UserError(f"{path}: its weights do not fit {SCRIPT}.py's network ({type(e).__name__})")
     model.to(device, memory_format=MEMORY_FORMAT).eval()
     dtype = amp_dtype(device)
     labels, norm = ckpt["labels"], (ckpt["mean"], ckpt["std"])
@@ -843,9 +1113,9 @@ def cmd_eval(args):
     for path in paths:
         try:
             x = read_image(path)[None].to(device)   # 1,3,32,32 uint8
-        except (OSError, UnidentifiedImageError, ValueError) as e:  # missing, unreadable, not an image
+        except UserError as e:  # missing, not an image, damaged, too many pixels
             failed = True
-            reason = f"cannot read image: {e.strerror or e}" if isinstance(e, OSError) else f"cannot read image: {e}"
+            reason = f"cannot read image: {e}"
             if args.json:
                 print(json.dumps({"image": path, "error": reason}), flush=True)
             else:
@@ -871,31 +1141,35 @@ def build_parser():
     device.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
                         help="auto: cuda if available, else mps, else cpu")
     seed = argparse.ArgumentParser(add_help=False)
-    seed.add_argument("--seed", type=int, default=0, help="split and training seed")
+    seed.add_argument("--seed", type=seed_int, default=0, help="split and training seed")
     fmt = argparse.ArgumentDefaultsHelpFormatter
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=fmt)
+    parser = OneLineParser(description=__doc__.split("\n")[0], formatter_class=fmt)
     sub = parser.add_subparsers(dest="command", required=True, metavar="{prepare,train,eval}")
     p = sub.add_parser("prepare", parents=[common, seed], formatter_class=fmt, help="images -> tensor batches")
-    p.add_argument("--image-dir", default=IMAGE_DIR, help="labels.txt + N_label images, or one folder per class")
+    p.add_argument("--image-dir", default=IMAGE_DIR, help="labels.txt + N_label images, or one folder per class; "
+                   f"images over {MAX_PIXELS:,} pixels are skipped")
     p.add_argument("--labels", default=None, help="label list file (default: IMAGE_DIR/labels.txt or folder names)")
     p.add_argument("--test-dir", default=None, help="take the test split from this folder (e.g. cifar/test)")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel decoding processes")
+    p.add_argument("--workers", type=worker_count, default=os.cpu_count() or 1, help="parallel decoding processes")
     p.set_defaults(func=cmd_prepare)
     p = sub.add_parser("train", parents=[common, device, seed], formatter_class=fmt, help="train with early stopping")
-    p.add_argument("--epochs", type=int, default=EPOCHS, help="maximum epochs (also the length of the lr schedule)")
-    p.add_argument("--patience", type=int, default=20, help="stop after N epochs without a better validation score")
-    p.add_argument("--batch-size", type=int, default=BATCH_SIZE,
+    p.add_argument("--epochs", type=positive_int, default=EPOCHS,
+                   help="maximum epochs (also the length of the lr schedule)")
+    p.add_argument("--patience", type=positive_int, default=20,
+                   help="stop after N epochs without a better validation score")
+    p.add_argument("--batch-size", type=positive_int, default=BATCH_SIZE,
                    help="training mini-batch size (under torchrun: the global batch)")
-    p.add_argument("--lr", type=float, default=LR, help="peak learning rate of the one-cycle schedule")
-    p.add_argument("--weight-decay", type=float, default=WEIGHT_DECAY, help="optimizer weight decay")
-    p.add_argument("--label-smoothing", type=float, default=LABEL_SMOOTHING, help="of the training loss")
+    p.add_argument("--lr", type=nonneg_float, default=LR, help="peak learning rate of the one-cycle schedule")
+    p.add_argument("--weight-decay", type=nonneg_float, default=WEIGHT_DECAY, help="optimizer weight decay")
+    p.add_argument("--label-smoothing", type=probability, default=LABEL_SMOOTHING, help="of the training loss")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (helps most on CUDA)")
     p.add_argument("--resume", action="store_true", help="continue from DATA_DIR/checkpoint.pt")
     add_scale_options(p)
     p.set_defaults(func=cmd_train, train_parser=p)
     p = sub.add_parser("eval", parents=[common, device], formatter_class=fmt, help="predict images")
-    p.add_argument("images", nargs="*", metavar="IMAGE", help="image files or folders; none: read paths from stdin")
+    p.add_argument("images", nargs="*", metavar="IMAGE", help="image files or folders; none: read paths from stdin; "
+                   f"images over {MAX_PIXELS:,} pixels are refused")
     p.add_argument("--model", default=None, help="model file (default: DATA_DIR/model.pt)")
     p.add_argument("--json", action="store_true", help="one JSON object per image on stdout")
     p.set_defaults(func=cmd_eval)
@@ -910,7 +1184,7 @@ def add_scale_options(p):
     p.add_argument("--sync-bn", action="store_true", help="under torchrun on CUDA: synchronise BatchNorm statistics")
     p.add_argument("--tensorboard", metavar="DIR", default=None,
                    help="write TensorBoard logs to DIR (needs `pip install tensorboard`)")
-    p.add_argument("--histogram-every", type=int, default=5, metavar="N",
+    p.add_argument("--histogram-every", type=nonneg_int, default=5, metavar="N",
                    help="with --tensorboard: weight histograms every N epochs (0: never)")
     p.add_argument("--tag", default="", help="a label for this run in DATA_DIR/runs.csv")
     p.add_argument("--grid", action="append", metavar="OPTION=V1,V2",
@@ -921,7 +1195,9 @@ def add_scale_options(p):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        writes = args.command in ("prepare", "train")   # one at a time per DATA_DIR (lock_data_dir)
+        with lock_data_dir(args.data_dir, args.command == "prepare") if writes else contextlib.nullcontext():
+            return args.func(args)
     except UserError as e:
         if main_process() or getattr(e, "all_ranks", False):   # under torchrun: one line, not one per process
             print(f"error: {e}", file=sys.stderr)

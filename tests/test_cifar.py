@@ -2,7 +2,8 @@
 
 Two source folders are built in a temporary directory from ../shared/datasets/cifar10:
 - `names`: the tutorial's layout, labels.txt + train/NNNNN_label.jpg + test/NNNNN_label.jpg, plus files that
-  must be skipped (corrupt, unknown label, no label) and odd images that must be kept (grayscale, RGBA, any size);
+  must be skipped (corrupt, decompression bomb, unknown label, no label) and odd images that must be kept
+  (grayscale, RGBA, any size);
 - `folders`: one folder per class (3 classes, ImageFolder layout).
 """
 import gzip
@@ -19,7 +20,8 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import CIFAR_DIR, ROOT, assert_one_line_error, run
+from conftest import (CIFAR_DIR, ROOT, assert_one_line_error, hostile_images, odd_images, png_declaring, run, run_main,
+                      run_warnings_shown)
 
 LENET, RESNET = "cifar_lenet.py", "cifar_resnet.py"
 LABELS = (CIFAR_DIR / "labels.txt").read_text().split() if CIFAR_DIR.exists() else []
@@ -62,6 +64,7 @@ def names_dir(tmp_path_factory):
     link(files[1], root / "train" / "nolabel.jpg")                                           # no label in name
     Image.new("L", (50, 41), 128).save(root / "train" / "90002_dog.png")                      # grayscale, 50x41
     Image.new("RGBA", (64, 64), (255, 0, 0, 100)).save(root / "train" / "90003_cat.png")      # RGBA
+    png_declaring(root / "train" / "90004_cat.png", 15000, 15000)                              # a bomb
     return root
 
 
@@ -119,14 +122,14 @@ def test_prepare_counts_and_skips(names_data):
     data, proc = names_data
     n = N_TRAIN + N_TEST + 2        # + grayscale and RGBA images
     assert f"kept {n} images" in proc.stdout
-    assert "skipped 3" in proc.stdout
-    for reason in ("1 unreadable", "1 unknown label", "1 no label"):
+    assert "skipped 4" in proc.stdout
+    for reason in ("2 unreadable", "1 unknown label", "1 no label"):
         assert reason in proc.stdout
     assert "'unicorn' is not in the label list" in proc.stdout
     meta = json.loads((data / "meta.json").read_text())
     assert meta["kind"] == "cifar" and meta["script"] == "cifar_lenet"
     assert meta["labels"] == LABELS
-    assert sum(meta["counts"].values()) == n and meta["skipped"] == 3
+    assert sum(meta["counts"].values()) == n and meta["skipped"] == 4
     assert meta["counts"]["training_set"] == int(n * 0.8) and meta["counts"]["validating_set"] == int(n * 0.1)
     images, labels = read_shards(data, "training_set")
     assert images.dtype == torch.uint8 and images.shape[1:] == (3, 32, 32) and len(images) == len(labels)
@@ -350,3 +353,90 @@ def test_data_from_another_script(tmp_path):
     assert "captcha.py" in line
     line = assert_one_line_error(run(LENET, "eval", "--data-dir", tmp_path / "none", "--device", "cpu"), 1)
     assert "model.pt" in line
+
+
+# ---- hostile input ----
+def test_eval_hostile_and_odd_images_in_one_run(lenet_trained, tmp_path):
+    """Bombs, broken files, a FIFO, a symlink loop: one error object each and the run goes on; images of odd modes
+    and shapes are read; stderr holds no warning and no traceback."""
+    bad = hostile_images(tmp_path / "bad")
+    odd = odd_images(tmp_path / "odd")
+    proc = run_warnings_shown(LENET, "eval", "--data-dir", lenet_trained[0], "--json", "--device", "cpu",
+                              *odd, *[path for path, _ in bad])
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.splitlines() == ["device: cpu"]
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [obj["image"] for obj in lines] == [str(p) for p in odd] + [str(path) for path, _ in bad]
+    assert all(len(obj["top"]) == 5 for obj in lines[:len(odd)])
+    for obj, (_, words) in zip(lines[len(odd):], bad):
+        assert obj["error"].startswith("cannot read image: ") and words in obj["error"], obj
+
+
+def test_eval_refusals(lenet_trained, tmp_path):
+    data = lenet_trained[0]
+    image = sorted((CIFAR_DIR / "train").iterdir())[0]
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no image here")
+    line = assert_one_line_error(run_main(LENET, "eval", "--data-dir", data, "--device", "cpu", tmp_path / "empty"), 1)
+    assert "no images" in line and str(tmp_path / "empty") in line
+    line = assert_one_line_error(run_main(LENET, "eval", "--model", data / "checkpoint.pt", image), 1)
+    assert "checkpoint" in line and "model.pt" in line
+    line = assert_one_line_error(run_main(LENET, "eval", "--model", tmp_path, "--device", "cpu", image), 1)
+    assert str(tmp_path) in line
+    torch.save({"script": "cifar_lenet", "model": {}}, tmp_path / "incomplete.pt")
+    line = assert_one_line_error(run_main(LENET, "eval", "--model", tmp_path / "incomplete.pt", image), 1)
+    assert "incomplete" in line and "labels" in line
+    model = torch.load(data / "model.pt", weights_only=True)
+    torch.save({**model, "model_args": {"num_classes": 3}}, tmp_path / "other_net.pt")
+    line = assert_one_line_error(run_main(LENET, "eval", "--model", tmp_path / "other_net.pt", image), 1)
+    assert "do not fit" in line
+
+
+class NotATensor:
+    pass
+
+
+def test_train_refuses_damaged_prepared_data(names_data, tmp_path):
+    """Each damage to meta.json or a shard: one line naming the file, before any training."""
+    source = names_data[0]
+    meta = json.loads((source / "meta.json").read_text())
+    shard = (source / "training_set.0.pt.gz").read_bytes()
+
+    def gz(obj):
+        buf = io.BytesIO()
+        torch.save(obj, buf)
+        return gzip.compress(buf.getvalue())
+
+    cases = {  # file -> (new content, words of the error)
+        "truncated shard": ("training_set.0.pt.gz", shard[:len(shard) // 2], "damaged"),
+        "not gzip": ("training_set.0.pt.gz", b"PK\x03\x04 a zip, not a shard", "damaged"),
+        "gzip of junk": ("training_set.0.pt.gz", gzip.compress(b"junk" * 100), "damaged"),
+        "pickled object": ("training_set.0.pt.gz", gz((NotATensor(),)), "damaged"),
+        "a dict": ("training_set.0.pt.gz", gz({"images": torch.zeros(2)}), "not a shard"),
+        "other image size": ("training_set.0.pt.gz", gz((torch.zeros(4, 3, 33, 33, dtype=torch.uint8),
+                                                          torch.zeros(4, dtype=torch.int64))), "not a shard"),
+        "labels beyond meta": ("meta.json", json.dumps({**meta, "labels": meta["labels"][:2]}).encode(), "label"),
+        "invalid JSON": ("meta.json", b'{"kind": "cifar", ', "not valid JSON"),
+        "JSON list": ("meta.json", b"[]", "not a meta.json"),
+        "missing key": ("meta.json", json.dumps({k: v for k, v in meta.items() if k != "mean"}).encode(), "'mean'"),
+        "key of wrong type": ("meta.json", json.dumps({**meta, "labels": "cat dog"}).encode(), "'labels'"),
+        "not UTF-8": ("meta.json", json.dumps(meta).encode().replace(b'"kind"', b'"k\xe9nd"'), "not UTF-8"),
+    }
+    for case, (name, content, words) in cases.items():
+        data = tmp_path / case.replace(" ", "_")
+        data.mkdir()
+        for path in source.iterdir():
+            if path.name == "meta.json" or path.name.endswith(".pt.gz"):
+                shutil.copy(path, data / path.name)
+        (data / name).write_bytes(content)
+        line = assert_one_line_error(run_main(LENET, "train", "--data-dir", data, "--epochs", 1, "--device", "cpu"), 1)
+        assert words in line and str(data) in line, (case, line)
+        assert not (data / "model.pt").exists()
+
+
+def test_prepare_label_file_not_utf8(names_dir, tmp_path):
+    labels = tmp_path / "labels.txt"
+    labels.write_bytes("chat\nchien\nb\xe9b\xe9\n".encode("latin-1"))
+    line = assert_one_line_error(run_main(LENET, "prepare", "--image-dir", names_dir, "--labels", labels,
+                                          "--data-dir", tmp_path / "d", "--workers", 1), 1)
+    assert str(labels) in line and "UTF-8" in line
