@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import csv
 import datetime
+import errno
 import gzip
 import io
 import itertools
@@ -24,11 +25,21 @@ import json
 import math
 import os
 import random
+import secrets
+import shlex
+import shutil
+import signal
 import sys
 import time
+import warnings
 from concurrent.futures import ProcessPoolExecutor
 from functools import lru_cache
 from pathlib import Path
+
+try:
+    import fcntl  # DATA_DIR lock (lock_data_dir); not on Windows
+except ImportError:
+    fcntl = None
 
 import cv2
 import numpy as np
@@ -61,6 +72,12 @@ STRIDE = 8                               # feature map stride
 BOX_WEIGHTS = (10.0, 10.0, 5.0, 5.0)     # offset scaling, as torchvision's BoxCoder
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 REQUIRED_COLUMNS = ["Name", "xmin", "ymin", "xmax", "ymax"]
+MAX_PIXELS = 25_000_000                  # bigger photos (decompression bombs) are refused before decoding
+# letterboxed photos, true boxes (padded) and their counts, selective search boxes (padded) and counts, photo sizes
+SHARD_SPEC = ((torch.uint8, (3, None, None)), (torch.float32, (None, 4)), (torch.int64, ()),
+              (torch.float32, (None, 4)), (torch.int64, ()), (torch.int64, (2,)))
+META_KEYS = {"size": list, "ss_side": int, "proposals": int}                # what train reads from meta.json
+MODEL_KEYS = ("model", "model_args", "size", "ss_side", "proposals")        # what eval reads from model.pt
 CPU_BF16 = False                         # bf16 autocast on the CPU: not measured faster here; fp32
 
 
@@ -74,14 +91,32 @@ class UserError(Exception):
 
 # ---- Data ----
 def load_image(path):
-    """Open any image (format decided by content, not extension) as RGB; alpha is composited onto white."""
-    with Image.open(path) as img:
-        img.seek(0)  # first frame of a GIF
-        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-            rgba = img.convert("RGBA")
-            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            return Image.alpha_composite(white, rgba).convert("RGB")
-        return img.convert("RGB")
+    """Open any image (format decided by content, not extension) as RGB; alpha is composited onto white. Every failure
+    is a UserError with a one-line reason: missing, not a file, not an image, damaged, or more than MAX_PIXELS pixels
+    (a decompression bomb: a small file that would decode to gigabytes), refused from its header before decoding."""
+    try:
+        if not os.path.isfile(path):
+            raise UserError("no such file" if not os.path.lexists(path) else "not a file")
+        with warnings.catch_warnings():  # PIL's own bomb warning becomes an error here, not a line on stderr
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                if img.width * img.height > MAX_PIXELS:
+                    raise UserError(f"{img.width}x{img.height} pixels, over the limit of {MAX_PIXELS:,} (MAX_PIXELS)")
+                img.seek(0)  # first frame of a GIF
+                if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+                    rgba = img.convert("RGBA")
+                    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                    return Image.alpha_composite(white, rgba).convert("RGB")
+                return img.convert("RGB")
+    except UserError:
+        raise
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+        raise UserError(f"over the limit of {MAX_PIXELS:,} pixels (MAX_PIXELS)")
+    except UnidentifiedImageError:
+        raise UserError("not an image, or a format PIL cannot read")
+    except Exception as e:  # any decoder error of any format: truncated, damaged, unsupported mode, ...
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip() or type(e).__name__
+        raise UserError(reason.splitlines()[0][:200])
 
 
 def image_to_tensor(img):
@@ -90,24 +125,39 @@ def image_to_tensor(img):
 
 
 def save_shard(path, tensors):
-    """gzip(torch.save(tuple)) written atomically."""
+    """gzip(torch.save(tuple)) written atomically, with no file name or time in the gzip header: the same tensors
+    give the same bytes."""
     buf = io.BytesIO()
     torch.save(tuple(tensors), buf)
-    with atomic_path(path) as tmp, gzip.open(tmp, "wb", compresslevel=3) as f:
-        f.write(buf.getbuffer())
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(gzip.compress(buf.getbuffer(), compresslevel=3, mtime=0))
 
 
 def load_shard(path):
-    with gzip.open(path, "rb") as f:
-        return torch.load(io.BytesIO(f.read()), weights_only=True)
+    """A shard: the tuple of tensors of SHARD_SPEC (dtype, and size after the first dimension with None for any), all
+    of one length, loaded with weights_only=True (no pickled code runs). A truncated, damaged or foreign file is a
+    UserError naming it."""
+    try:
+        with gzip.open(path, "rb") as f:
+            tensors = torch.load(io.BytesIO(f.read()), weights_only=True)
+    except Exception as e:  # EOFError (truncated), BadGzipFile, not a torch file, pickled code, ...
+        raise UserError(f"{path}: damaged or not a shard ({type(e).__name__}); run `python {SCRIPT}.py prepare` again")
+    fits = isinstance(tensors, tuple) and len(tensors) == len(SHARD_SPEC) and all(
+        isinstance(t, torch.Tensor) and t.dtype == dtype and t.dim() == len(shape) + 1 and len(t) == len(tensors[0])
+        and all(s is None or s == n for s, n in zip(shape, t.shape[1:]))
+        for t, (dtype, shape) in zip(tensors, SHARD_SPEC))
+    if not fits:
+        raise UserError(f"{path}: not a shard of {SCRIPT}.py's prepared data; run `python {SCRIPT}.py prepare` again")
+    return tensors
 
 
 @contextlib.contextmanager
 def atomic_path(path):
-    """A temporary name next to `path` to write to: renamed to `path` when the block ends, removed when it fails or
-    is interrupted, so `path` is always either the old file or the whole new one."""
+    """A temporary name next to `path`, unique to this write (NAME.tmp-PID-RANDOM.EXT): renamed to `path` when the
+    block ends, removed when it fails or is interrupted, so `path` is always either the old file or the whole new
+    one, whatever else writes next to it."""
     path = Path(path)
-    tmp = path.with_name(f"{path.stem}.tmp{path.suffix}")
+    tmp = path.with_name(f"{path.stem}.tmp-{os.getpid()}-{secrets.token_hex(4)}{path.suffix}")
     try:
         yield tmp
         os.replace(tmp, path)
@@ -122,7 +172,7 @@ def atomic_torch_save(obj, path):
 
 def atomic_write_text(path, text):
     with atomic_path(path) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")
 
 
 def list_images(folder):
@@ -147,44 +197,137 @@ def write_split(data_dir, name, tensors):
 
 def read_split(data_dir, name):
     """Read all shards of a split once and concatenate them (no per-epoch decompression)."""
-    paths = sorted(Path(data_dir).glob(f"{name}.*.pt.gz"), key=lambda p: int(p.name.split(".")[1]))
+    paths = sorted((p for p in Path(data_dir).glob(f"{name}.*.pt.gz") if p.name.split(".")[1].isdigit()),
+                   key=lambda p: int(p.name.split(".")[1]))
     parts = [load_shard(p) for p in paths]
     if not parts:
         raise UserError(f"{data_dir}: no {name} shards; run `python {SCRIPT}.py prepare` first")
-    return tuple(torch.cat(ts) for ts in zip(*parts))
+    try:
+        return tuple(torch.cat(ts) for ts in zip(*parts))
+    except RuntimeError:  # shards of different sizes: files of two prepares
+        raise UserError(f"{data_dir}: {name} shards of different prepares; run `python {SCRIPT}.py prepare` again")
 
 
-def clear_prepared(data_dir):
-    """Remove shards of an earlier prepare so stale higher-numbered files are never read."""
-    for p in Path(data_dir).glob("*_set.*.pt.gz"):
-        p.unlink()
+def read_text(path):
+    """A UTF-8 text file (a BOM is allowed) as str; unreadable or not UTF-8 is a UserError naming it."""
+    try:
+        return Path(path).read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8")
+    except OSError as e:
+        raise UserError(f"{path}: cannot read it ({e.strerror or e})")
 
 
 def read_meta(data_dir):
+    """DATA_DIR/meta.json as prepare wrote it: JSON of this kind of data with every key of META_KEYS ("a.b": key b in
+    a) of its type. Anything else is a UserError that asks to prepare again."""
     path = Path(data_dir) / "meta.json"
     if not path.exists():
         raise UserError(f"{path} not found; run `python {SCRIPT}.py prepare --data-dir {data_dir}` first")
-    meta = json.loads(path.read_text())
+    again = f"run `python {SCRIPT}.py prepare --data-dir {data_dir}` again"
+    try:
+        meta = json.loads(read_text(path))
+    except (ValueError, RecursionError) as e:
+        raise UserError(f"{path}: not valid JSON ({str(e)[:100]}); {again}")
+    if not isinstance(meta, dict):
+        raise UserError(f"{path}: not a meta.json of this suite; {again}")
     if meta.get("kind") != DATA_KIND:
-        raise UserError(f"{data_dir} holds data prepared by {meta.get('script', 'another script')}.py, "
-                        f"not {SCRIPT}.py; use another --data-dir")
+        other = str(meta.get("script", "another script")).removesuffix(".py")
+        raise UserError(f"{data_dir} holds data prepared by {other}.py, not {SCRIPT}.py; use another --data-dir")
+    for key, kind in META_KEYS.items():
+        value = meta
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if not isinstance(value, kind):
+            raise UserError(f"{path}: {key!r} is missing or not a {kind.__name__}; {again}")
     return meta
 
 
+@contextlib.contextmanager
+def staging_dir(data_dir):
+    """A new empty folder next to DATA_DIR (DATA_DIR.prepare-PID-RANDOM; inside DATA_DIR when its parent is read-only
+    or another file system, where a rename into DATA_DIR would not be atomic) to build prepared data in. Removed when
+    the block ends, unless a swap cut short left the old data in its previous/ (swap_prepared). Folders of killed
+    runs are removed first: the caller holds DATA_DIR's lock, so no other prepare uses them."""
+    data_dir = Path(os.path.abspath(data_dir))
+    parent = data_dir.parent
+    if not os.access(parent, os.W_OK) or os.stat(parent).st_dev != os.stat(data_dir).st_dev:
+        parent = data_dir
+    prefix = f"{data_dir.name}.prepare-"
+    with contextlib.suppress(OSError):
+        for old in parent.iterdir():
+            if old.name.startswith(prefix) and old.is_dir() and not (old / "previous").exists():
+                shutil.rmtree(old, ignore_errors=True)
+    staged = parent / f"{prefix}{os.getpid()}-{secrets.token_hex(4)}"
+    staged.mkdir()
+    try:
+        yield staged
+    finally:
+        if (staged / "previous").exists():
+            print(f"the earlier prepared data of {data_dir} is in {staged / 'previous'}", file=sys.stderr)
+        else:
+            shutil.rmtree(staged, ignore_errors=True)
+
+
+def swap_prepared(staged, data_dir):
+    """Move the shards and meta.json built in `staged` into DATA_DIR in place of the old ones; every other file there
+    (model.pt, checkpoint.pt, history, runs.csv) stays. Renames on one file system, so each file is whole, old or new;
+    the old meta.json goes aside first and the new one comes last, so a meta.json never sits beside shards of another
+    prepare; an error or Ctrl-C before the end puts the old files back."""
+    data_dir = Path(data_dir)
+    previous = staged / "previous"
+    previous.mkdir()
+    moved, placed = [], []
+    try:
+        for path in [data_dir / "meta.json", *sorted(data_dir.glob("*_set.*.pt.gz"))]:
+            if path.exists():
+                moved.append(path)
+                os.replace(path, previous / path.name)
+        for path in [*sorted(staged.glob("*_set.*.pt.gz")), staged / "meta.json"]:
+            placed.append(data_dir / path.name)
+            os.replace(path, data_dir / path.name)
+    except BaseException:
+        for path in placed:
+            path.unlink(missing_ok=True)
+        for path in reversed(moved):
+            if (previous / path.name).exists():
+                os.replace(previous / path.name, path)
+        with contextlib.suppress(OSError):  # not empty if a file could not go back: staging_dir keeps it then
+            previous.rmdir()
+        raise
+    previous.rename(staged / "replaced")  # the old files, removed with `staged`
+
+
+def save_prepared(data_dir, splits, meta):
+    """Write the splits ({name: tensors}) as shards and `meta` as meta.json into a new folder, then swap them into
+    DATA_DIR: an error or Ctrl-C before the swap is done leaves the earlier prepared data as it was."""
+    try:
+        with staging_dir(data_dir) as staged:
+            for name, tensors in splits.items():
+                write_split(staged, name, tensors)
+            atomic_write_text(staged / "meta.json", json.dumps(meta, indent=1))
+            swap_prepared(staged, data_dir)
+    except OSError as e:  # a full disk, a folder made read-only meanwhile, ...
+        raise UserError(f"{data_dir}: cannot write the prepared data ({e.strerror or e}); the earlier data are kept")
+
+
 def read_face_csv(csv_path):
-    """CSV -> ({photo name: [[x1, y1, x2, y2], ...]}, {reason: [count, examples]}) for rows usable so far."""
+    """CSV -> ({photo name: [[x1, y1, x2, y2], ...]}, {reason: [count, examples]}) for rows usable so far. Names are
+    kept as written (an empty one too: photo_path judges them); a file that is not a UTF-8 CSV is a UserError."""
     if not Path(csv_path).is_file():
         raise UserError(f"{csv_path}: CSV not found; pass --csv FILE (columns {','.join(REQUIRED_COLUMNS)})")
     try:
-        df = pd.read_csv(csv_path)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise UserError(f"{csv_path}: not a readable CSV ({str(e).splitlines()[0]})")
+        df = pd.read_csv(csv_path, dtype=str, keep_default_na=False, encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{csv_path}: not UTF-8 text (byte {e.start}); save it as UTF-8")
+    except (ValueError, OSError) as e:  # pandas' ParserError and EmptyDataError are ValueErrors
+        raise UserError(f"{csv_path}: not a readable CSV ({(str(e).splitlines() or [type(e).__name__])[0]})")
     missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
     if missing:
         raise UserError(f"{csv_path}: missing column(s) {', '.join(missing)}; expected {','.join(REQUIRED_COLUMNS)}")
     coords = df[REQUIRED_COLUMNS[1:]].apply(pd.to_numeric, errors="coerce")
     boxes, skipped = {}, {}
-    for name, row in zip(df["Name"].astype(str), coords.itertuples(index=False)):
+    for name, row in zip(df["Name"], coords.itertuples(index=False)):
         x1, y1, x2, y2 = row
         if any(math.isnan(v) for v in row):
             count_skip(skipped, "non-numeric box", name)
@@ -193,6 +336,23 @@ def read_face_csv(csv_path):
         else:
             boxes.setdefault(name, []).append([float(x1), float(y1), float(x2), float(y2)])
     return boxes, skipped
+
+
+def photo_path(image_dir, name):
+    """(path, None) for the photo file that a CSV Name means, or (None, reason). A Name must lead to a file inside
+    --image-dir (subfolders are fine): empty names, absolute paths, '..' and symlinks out of the folder are refused,
+    so no CSV makes prepare or train read a file elsewhere."""
+    if not name.strip():
+        return None, "empty Name"
+    try:
+        root = Path(image_dir).resolve()
+        path = (root / name).resolve()
+        inside = not Path(name).is_absolute() and ".." not in Path(name).parts and path.is_relative_to(root)
+        if inside and path.is_file():
+            return path, None
+    except (OSError, ValueError, RuntimeError):  # a NUL byte, a name too long, a symlink loop
+        return None, "unusable Name"
+    return None, "missing photo" if inside else "Name outside --image-dir"
 
 
 def count_skip(skipped, reason, example, n=1):
@@ -274,9 +434,8 @@ def prepare_photo(task):
     torch.set_num_threads(1)
     try:
         img = load_image(path)
-    except (OSError, UnidentifiedImageError, ValueError) as e:
-        reason = "missing photo" if isinstance(e, FileNotFoundError) else "unreadable photo"
-        return {"error": reason, "detail": Path(path).name}
+    except UserError as e:  # not an image, damaged, too many pixels
+        return {"error": "unreadable photo", "detail": f"{Path(path).name} ({e})"}
     boxes = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
     inside = (boxes[:, 0] >= 0) & (boxes[:, 1] >= 0) & (boxes[:, 2] <= img.width) & (boxes[:, 3] <= img.height)
     ss = selective_search(img, size, ss_side, limit)
@@ -397,7 +556,13 @@ def progress(iterable=None, **kwargs):
                 dynamic_ncols=True, **kwargs)
 
 
-def load_model_file(path):
+CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "epoch", "history", "best_score", "bad_epochs", "model_args")
+
+
+def load_model_file(path, keys=None):
+    """model.pt (or, with keys=CHECKPOINT_KEYS, checkpoint.pt) of this script, loaded on the CPU with
+    weights_only=True; it must hold `keys` (default MODEL_KEYS: what eval needs). A missing, foreign, damaged or
+    incomplete file is a UserError naming it."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: model not found; train one with `python {SCRIPT}.py train` or pass --model")
@@ -409,6 +574,11 @@ def load_model_file(path):
         other = ckpt.get("script") if isinstance(ckpt, dict) else None
         raise UserError(f"{path}: model was trained by {other or 'another program'}"
                         f"{'.py' if other else ''}, not {SCRIPT}.py")
+    missing = [key for key in keys or MODEL_KEYS if key not in ckpt]
+    if missing and keys is None and "optimizer" in ckpt:
+        raise UserError(f"{path}: a training checkpoint (what train --resume reads), not a model; pass model.pt")
+    if missing:
+        raise UserError(f"{path}: incomplete, no {', '.join(missing)}; train again")
     return ckpt
 
 
@@ -747,8 +917,10 @@ def append_run(data_dir, row):
     path = Path(data_dir) / "runs.csv"
     rows = []
     if path.exists():
-        with path.open(newline="") as f:
-            rows = list(csv.DictReader(f))
+        try:
+            rows = list(csv.DictReader(io.StringIO(read_text(path))))
+        except csv.Error as e:
+            raise UserError(f"{path}: not a CSV ({e}); move it away (this run's model is saved)")
     rows.append(row)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for r in rows for k in r)), restval="")
@@ -769,8 +941,8 @@ def grid_runs(args, parser):
                             f"(e.g. --grid lr=0.01,0.001)", 2)
         try:
             converted = [(action.type or str)(v) for v in values.split(",")]
-        except ValueError:
-            raise UserError(f"--grid {item}: not a valid value for --{key}", 2)
+        except (ValueError, argparse.ArgumentTypeError) as e:
+            raise UserError(f"--grid {item}: not a valid value for --{key} ({e})", 2)
         if action.choices and any(v not in action.choices for v in converted):
             raise UserError(f"--grid {item}: --{key} takes one of {', '.join(map(str, action.choices))}", 2)
         axes.append([(key, action.dest, text, value) for text, value in zip(values.split(","), converted)])
@@ -783,6 +955,111 @@ def grid_runs(args, parser):
     return runs
 
 
+def parse_number(text, kind, low, high=None):
+    """argparse type helper: `text` as a finite int or float from `low` to `high`; anything else is an
+    ArgumentTypeError, so argparse stops with one line and status 2 before any work."""
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {'a whole number' if kind is int else 'a number'}")
+    if (kind is float and not math.isfinite(value)) or value < low or (high is not None and value > high):
+        raise argparse.ArgumentTypeError(f"{text!r} is out of range: it must be at least {low}"
+                                         + (f" and at most {high}" if high is not None else ""))
+    return value
+
+
+def positive_int(text):
+    return parse_number(text, int, 1)
+
+
+def nonneg_int(text):
+    return parse_number(text, int, 0)
+
+
+def nonneg_float(text):
+    return parse_number(text, float, 0)
+
+
+def probability(text):
+    return parse_number(text, float, 0, 1)
+
+
+def seed_int(text):
+    return parse_number(text, int, 0, 2 ** 31 - 1)  # numpy takes 32-bit seeds; torchrun adds the rank
+
+
+def worker_count(text):
+    return parse_number(text, int, 1, 256)
+
+
+@contextlib.contextmanager
+def lock_data_dir(data_dir, create):
+    """Hold DATA_DIR for one command (prepare, train): an exclusive fcntl.flock on DATA_DIR/.lock, which names its
+    holder (pid and command line), so a second command on the same folder fails at once with one line naming it.
+    The file goes when the command ends (a command that opened it just before checks that it locked the file still
+    there). DATA_DIR must be a writable folder, checked here before any work; `create` makes it, else a missing one
+    is left to the command to report. Under torchrun rank 0 holds it for all ranks (they meet rank 0 in
+    init_process_group before reading anything). Without fcntl (Windows) nothing is locked."""
+    data_dir = Path(data_dir)
+    if data_dir.exists() and not data_dir.is_dir():
+        raise UserError(f"--data-dir {data_dir}: a file, not a folder; pass a folder", 2)
+    if create:
+        try:
+            data_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"--data-dir {data_dir}: cannot create it ({e.strerror or e})", 2)
+    if not main_process() or fcntl is None or not data_dir.is_dir():
+        yield
+        return
+    path = data_dir / ".lock"
+    f = None
+    while f is None:  # until the file locked is the one at `path`: a holder may remove it just after we open it
+        try:
+            if not os.access(data_dir, os.W_OK | os.X_OK):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+            f = open(os.open(path, os.O_RDWR | os.O_CREAT, 0o644), "r+", encoding="utf-8", errors="replace")
+        except OSError as e:
+            raise UserError(f"--data-dir {data_dir}: not writable ({e.strerror or e}); pass a folder you can write "
+                            f"to", 2)
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = (f.read().strip().splitlines() or ["another process"])[0][:300]
+            f.close()
+            if isinstance(e, BlockingIOError):
+                raise UserError(f"{data_dir} is in use by {holder}; wait until it ends or pass another --data-dir")
+            raise UserError(f"--data-dir {data_dir}: cannot lock {path} ({e.strerror or e})")
+        try:
+            ours = os.path.samestat(os.stat(path), os.fstat(f.fileno()))
+        except OSError:
+            ours = False
+        if not ours:
+            f.close()
+            f = None
+    with f:
+        f.truncate()
+        f.write(f"pid {os.getpid()} ({shlex.join(sys.argv)})\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)  # still locked here: the next command makes a new file
+
+
+def start_worker():
+    """Start of each process of a prepare pool: one thread (the pool is the parallelism), and Ctrl-C left to the main
+    process, which stops the pool: no traceback from every worker."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    torch.set_num_threads(1)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a usage mistake in one line (`error: PROG: MESSAGE (see PROG --help)`), status 2."""
+
+    def error(self, message):
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 # ---- Commands ----
 def cmd_prepare(args):
     image_dir, data_dir = Path(args.image_dir), Path(args.data_dir)
@@ -791,14 +1068,18 @@ def cmd_prepare(args):
     boxes, skipped = read_face_csv(args.csv)
     if not boxes:
         raise UserError(f"{args.csv}: no usable face rows")
-    data_dir.mkdir(parents=True, exist_ok=True)
-    clear_prepared(data_dir)
-    names = sorted(boxes)
-    tasks = [(str(image_dir / n), boxes[n], args.size, args.ss_side, args.proposals) for n in names]
+    names, tasks = [], []
+    for name in sorted(boxes):
+        path, why = photo_path(image_dir, name)
+        if path is None:   # missing, or outside --image-dir: never opened
+            count_skip(skipped, why, name or repr(name), len(boxes[name]))
+        else:
+            names.append(name)
+            tasks.append((str(path), boxes[name], args.size, args.ss_side, args.proposals))
     t0 = time.time()
     bar = progress(total=len(tasks), desc="prepare", unit="photo")
     if args.workers > 1:
-        pool = ProcessPoolExecutor(args.workers)
+        pool = ProcessPoolExecutor(args.workers, initializer=start_worker)
         results = pool.map(prepare_photo, tasks, chunksize=8)
     else:
         pool, results = None, map(prepare_photo, tasks)
@@ -819,7 +1100,7 @@ def cmd_prepare(args):
         bar.close()
         if pool is not None:
             pool.shutdown(cancel_futures=True)
-    seconds = time.time() - t0
+    seconds = max(time.time() - t0, 1e-9)
     n_faces = sum(len(r["gt"]) for r in kept.values())
     print(f"kept {len(kept)} photos with {n_faces} faces ({len(kept) / seconds:.1f} photos/s)")
     for reason, (n, examples) in skipped.items():
@@ -830,6 +1111,7 @@ def cmd_prepare(args):
     max_gt = max(len(r["gt"]) for r in kept.values())
     max_ss = max(1, max(len(r["ss"]) for r in kept.values()))
     splits = dict(zip(["training_set", "validating_set", "testing_set"], split_indices(len(kept_names), args.seed)))
+    shards = {}
     for split, idx in splits.items():
         rows = [kept[kept_names[i]] for i in sorted(idx)]
         if not rows:
@@ -837,7 +1119,7 @@ def cmd_prepare(args):
         images = torch.stack([r["image"] for r in rows])
         gt, n_gt = pad_stack([r["gt"] for r in rows], max_gt)
         ss, n_ss = pad_stack([r["ss"] for r in rows], max_ss)
-        write_split(data_dir, split, [images, gt, n_gt, ss, n_ss, torch.stack([r["hw"] for r in rows])])
+        shards[split] = [images, gt, n_gt, ss, n_ss, torch.stack([r["hw"] for r in rows])]
     meta = {"kind": DATA_KIND, "script": f"{SCRIPT}.py", "csv": str(Path(args.csv).resolve()),
             "image_dir": str(image_dir.resolve()), "seed": args.seed, "size": list(args.size),
             "ss_side": args.ss_side, "proposals": args.proposals,
@@ -845,7 +1127,7 @@ def cmd_prepare(args):
             "photos": len(kept), "faces": n_faces, "photos_per_s": len(tasks) / seconds,
             "skipped": {k: v[0] for k, v in skipped.items()}, "skipped_examples": {k: v[1] for k, v in skipped.items()},
             "splits": {k.split("_")[0]: [kept_names[i] for i in sorted(v)] for k, v in splits.items()}}
-    atomic_write_text(data_dir / "meta.json", json.dumps(meta, indent=1))
+    save_prepared(data_dir, shards, meta)
     print(", ".join(f"{k}: {len(v)} photos" for k, v in meta["splits"].items()) + f" -> {data_dir}")
     return 0
 
@@ -876,15 +1158,19 @@ def train(args, device, out_dir, tb_dir):
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     start, history, best, bad = 0, [], -1.0, 0
     if args.resume:
-        ckpt = load_model_file(out_dir / "checkpoint.pt")
-        model = FastRCNN(**ckpt["model_args"]).to(device, memory_format=torch.channels_last)
-        model.load_state_dict(ckpt["model"])
-        optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=ckpt["config"]["epochs"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        if ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
+        ckpt = load_model_file(out_dir / "checkpoint.pt", CHECKPOINT_KEYS)
+        try:
+            model = FastRCNN(**ckpt["model_args"]).to(device, memory_format=torch.channels_last)
+            model.load_state_dict(ckpt["model"])
+            optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=ckpt["config"]["epochs"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+            if ckpt.get("scaler"):
+                scaler.load_state_dict(ckpt["scaler"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:  # a checkpoint.pt of another version
+            raise UserError(f"{out_dir / 'checkpoint.pt'}: does not fit this run ({type(e).__name__}); train "
+                            f"without --resume")
         start, history, best, bad = ckpt["epoch"], ckpt["history"], ckpt["best_score"], ckpt["bad_epochs"]
         print(f"resuming after epoch {start}", file=sys.stderr)
     step_model = wrap_model(model, device, args.sync_bn)
@@ -1008,29 +1294,83 @@ def draw_boxes(img, boxes, scores, path):
     for (x1, y1, x2, y2), s in zip(boxes.tolist(), scores.tolist()):
         draw.rectangle([x1, y1, x2, y2], outline=(255, 0, 0), width=2)
         draw.text((x1 + 2, y1 + 1), f"{s:.2f}", fill=(255, 0, 0))
-    with atomic_path(path) as tmp:
-        img.save(tmp, format="PNG")
+    try:
+        with atomic_path(path) as tmp:
+            img.save(tmp, format="PNG")
+    except OSError as e:
+        raise UserError(f"{path}: cannot write the annotated image ({e.strerror or e})")
+
+
+class OutputFiles:
+    """Where eval writes the annotated images: --output, or DIR/<image name>.png with --output-dir, numbered
+    NAME-2.png, NAME-3.png, ... past files this run wrote or reads, so two inputs of one name never overwrite each
+    other and no input image is overwritten. Checked before any work: --output-dir is created; --output must be a
+    file in an existing folder and takes one image (the interactive prompt rewrites it, as the tutorial did)."""
+
+    def __init__(self, args, inputs):
+        self.output, self.output_dir = Path(args.output), args.output_dir and Path(args.output_dir)
+        self.interactive = not inputs and sys.stdin.isatty()
+        self.inputs, self.written = {os.path.realpath(p) for p in inputs}, set()
+        if self.output_dir:
+            try:
+                self.output_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise UserError(f"--output-dir {self.output_dir}: cannot create it ({e.strerror or e})", 2)
+        elif self.output.is_dir() or not self.output.resolve().parent.is_dir():
+            raise UserError(f"--output {self.output}: not a file in an existing folder; create the folder or pass "
+                            f"--output-dir DIR", 2)
+        elif len(inputs) > 1:
+            raise UserError(f"--output {self.output} takes one image, not {len(inputs)} (each would overwrite the one "
+                            f"before); pass --output-dir DIR", 2)
+
+    def path_for(self, image):
+        """The file for the annotated copy of `image`; a UserError when --output cannot take it."""
+        self.inputs.add(os.path.realpath(image))
+        if self.output_dir:
+            stem, n = Path(image).stem, 1
+            out = self.output_dir / f"{stem}.png"
+            while os.path.realpath(out) in self.inputs | self.written:
+                n += 1
+                out = self.output_dir / f"{stem}-{n}.png"
+        else:
+            out = self.output
+            if os.path.realpath(out) in self.inputs:
+                raise UserError(f"--output {out} is an input image; pass another --output")
+            if os.path.realpath(out) in self.written and not self.interactive:
+                raise UserError(f"--output {out} holds the result of an earlier image; pass --output-dir DIR for "
+                                f"several images")
+        self.written.add(os.path.realpath(out))
+        return out
 
 
 def cmd_eval(args):
     device = pick_device(args.device)
-    ckpt = load_model_file(args.model or Path(args.data_dir) / "model.pt")
-    model = FastRCNN(**ckpt["model_args"])
-    model.load_state_dict(ckpt["model"])
+    inputs = list(iter_eval_inputs(args.images)) if args.images else []
+    outputs = OutputFiles(args, inputs)
+    model_path = args.model or Path(args.data_dir) / "model.pt"
+    ckpt = load_model_file(model_path)
+    try:
+        model = FastRCNN(**ckpt["model_args"])
+        model.load_state_dict(ckpt["model"])
+    except (TypeError, ValueError, RuntimeError) as e:  # weights of another network
+        raise UserError(f"{model_path}: its weights do not fit {SCRIPT}.py's network ({type(e).__name__})")
     model.to(device, memory_format=torch.channels_last).eval()
     size = ckpt["size"]
-    if args.output_dir:
-        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     failed = False
-    paths = iter_eval_inputs(args.images)
-    if args.images:  # files and folders: a known count, so a progress bar (shown on a terminal only)
-        paths = progress(list(paths), unit="img", desc="eval", leave=False)
+    # files and folders: a known count, so a progress bar (shown on a terminal only)
+    paths = progress(inputs, unit="img", desc="eval", leave=False) if args.images else iter_eval_inputs(None)
     for path in paths:
         try:
-            img = load_image(path)
-        except (OSError, UnidentifiedImageError, ValueError) as e:  # missing, unreadable, not an image
+            img, reason = load_image(path), None
+        except UserError as e:  # missing, not an image, damaged, too many pixels
+            reason = f"cannot read image: {e}"
+        if reason is None:
+            try:
+                out = outputs.path_for(path)
+            except UserError as e:
+                reason = str(e)
+        if reason:
             failed = True
-            reason = f"cannot read image: {e.strerror or e}" if isinstance(e, OSError) else f"cannot read image: {e}"
             if args.json:
                 print(json.dumps({"image": path, "error": reason}), flush=True)
             else:
@@ -1042,7 +1382,6 @@ def cmd_eval(args):
                                   calibration=ckpt.get("calibration", (1.0, 0.0)))
         keep = scores >= args.threshold
         boxes, scores = boxes[keep].round().int(), scores[keep]
-        out = Path(args.output_dir) / f"{Path(path).stem}.png" if args.output_dir else Path(args.output)
         draw_boxes(img, boxes, scores, out)
         found = [{"x": x1, "y": y1, "w": x2 - x1, "h": y2 - y1, "score": round(s, 4)}
                  for (x1, y1, x2, y2), s in zip(boxes.tolist(), scores.tolist())]
@@ -1056,11 +1395,15 @@ def cmd_eval(args):
 
 
 def iter_eval_inputs(paths):
-    """Yield image paths: from arguments (files or folders), else piped stdin, else the interactive prompt."""
+    """Yield image paths: from arguments (files or folders), else piped stdin, else the interactive prompt. A folder
+    without images is a UserError (nothing to do is a mistake, not a success)."""
     if paths:
         for p in paths:
             if Path(p).is_dir():
-                yield from (str(q) for q in list_images(p))
+                images = list_images(p)
+                if not images:
+                    raise UserError(f"{p}: no images in this folder (extensions {', '.join(sorted(IMAGE_EXTS))})")
+                yield from (str(q) for q in images)
             else:
                 yield p
     elif sys.stdin.isatty():
@@ -1083,8 +1426,8 @@ def parse_size(text):
         w, h = (int(v) for v in text.lower().split("x"))
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: expected WIDTHxHEIGHT, e.g. 384x256")
-    if min(w, h) < 32:
-        raise argparse.ArgumentTypeError(f"{text!r}: width and height must be at least 32")
+    if min(w, h) < 32 or max(w, h) > 4096:
+        raise argparse.ArgumentTypeError(f"{text!r}: width and height must be from 32 to 4096")
     return w, h
 
 
@@ -1094,36 +1437,47 @@ def build_parser():
     device = argparse.ArgumentParser(add_help=False)
     device.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
                         help="auto: cuda if available, else mps, else cpu")
-    device.add_argument("--nms-iou", type=float, default=0.3, help="non-maximum suppression IoU")
+    device.add_argument("--nms-iou", type=probability, default=0.3, help="non-maximum suppression IoU")
     seed = argparse.ArgumentParser(add_help=False)
-    seed.add_argument("--seed", type=int, default=0, help="split and training seed")
+    seed.add_argument("--seed", type=seed_int, default=0, help="split and training seed")
     fmt = argparse.ArgumentDefaultsHelpFormatter
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=fmt)
+    parser = OneLineParser(description=__doc__.split("\n")[0], formatter_class=fmt)
     sub = parser.add_subparsers(dest="command", required=True, metavar="{prepare,train,eval}")
     p = sub.add_parser("prepare", parents=[common, seed], formatter_class=fmt, help="photos -> tensor batches")
-    p.add_argument("--image-dir", default=IMAGE_DIR, help="folder of source photos")
-    p.add_argument("--csv", default=CSV_PATH, help="CSV with Name,xmin,ymin,xmax,ymax (one row per face)")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel decoding / selective search")
+    p.add_argument("--image-dir", default=IMAGE_DIR, help="folder of source photos; photos over "
+                   f"{MAX_PIXELS:,} pixels are skipped")
+    p.add_argument("--csv", default=CSV_PATH, help="CSV with Name,xmin,ymin,xmax,ymax (one row per face); a Name must "
+                   "lead to a file inside --image-dir (subfolders are fine; '..', absolute paths and symlinks out of "
+                   "it are skipped)")
+    p.add_argument("--workers", type=worker_count, default=os.cpu_count() or 1,
+                   help="parallel decoding / selective search")
     p.add_argument("--size", type=parse_size, default=SIZE, help="letterbox WIDTHxHEIGHT in pixels")
-    p.add_argument("--ss-side", type=int, default=SS_SIDE, help="selective search on a copy with this longest side")
-    p.add_argument("--proposals", type=int, default=SS_PROPOSALS, help="selective search regions kept per photo")
+    p.add_argument("--ss-side", type=positive_int, default=SS_SIDE,
+                   help="selective search on a copy with this longest side")
+    p.add_argument("--proposals", type=nonneg_int, default=SS_PROPOSALS, help="selective search regions kept per photo")
     p.set_defaults(func=cmd_prepare)
     p = sub.add_parser("train", parents=[common, device, seed], formatter_class=fmt, help="train with early stopping")
-    p.add_argument("--epochs", type=int, default=30, help="maximum epochs")
-    p.add_argument("--patience", type=int, default=20, help="stop after N epochs without a better validation AP50")
-    p.add_argument("--batch-size", type=int, default=8, help="photos per batch (under torchrun: the global batch)")
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--width", type=int, default=24, help="backbone channels of the first stage")
+    p.add_argument("--epochs", type=positive_int, default=30, help="maximum epochs")
+    p.add_argument("--patience", type=positive_int, default=20,
+                   help="stop after N epochs without a better validation AP50")
+    p.add_argument("--batch-size", type=positive_int, default=8,
+                   help="photos per batch (under torchrun: the global batch)")
+    p.add_argument("--lr", type=nonneg_float, default=2e-3)
+    p.add_argument("--width", type=positive_int, default=24, help="backbone channels of the first stage")
     p.add_argument("--resume", action="store_true", help="continue from DATA_DIR/checkpoint.pt")
     add_scale_options(p)
     p.set_defaults(func=cmd_train, train_parser=p)
     p = sub.add_parser("eval", parents=[common, device], formatter_class=fmt, help="detect faces in photos")
-    p.add_argument("images", nargs="*", metavar="IMAGE", help="image files or folders; none: read paths from stdin")
+    p.add_argument("images", nargs="*", metavar="IMAGE", help="image files or folders; none: read paths from stdin; "
+                   f"images over {MAX_PIXELS:,} pixels are refused")
     p.add_argument("--model", default=None, help="model file (default: DATA_DIR/model.pt)")
-    p.add_argument("--threshold", type=float, default=THRESHOLD, help="keep boxes with face probability >= this")
-    p.add_argument("--output", default="img_output.png", help="annotated image")
-    p.add_argument("--output-dir", default=None, help="write DIR/<image name>.png per image instead of --output")
+    p.add_argument("--threshold", type=probability, default=THRESHOLD, help="keep boxes with face probability >= this")
+    p.add_argument("--output", default="img_output.png",
+                   help="annotated image of one input image, in an existing folder (the interactive prompt rewrites "
+                        "it for each image)")
+    p.add_argument("--output-dir", default=None, help="write DIR/<image name>.png per image instead of --output "
+                   "(DIR is created; a second image of the same name gets NAME-2.png)")
     p.add_argument("--no-regress", action="store_true", help="show proposals before box correction")
     p.add_argument("--json", action="store_true", help="one JSON object per image on stdout")
     p.set_defaults(func=cmd_eval)
@@ -1138,7 +1492,7 @@ def add_scale_options(p):
     p.add_argument("--sync-bn", action="store_true", help="under torchrun on CUDA: synchronise BatchNorm statistics")
     p.add_argument("--tensorboard", metavar="DIR", default=None,
                    help="write TensorBoard logs to DIR (needs `pip install tensorboard`)")
-    p.add_argument("--histogram-every", type=int, default=5, metavar="N",
+    p.add_argument("--histogram-every", type=nonneg_int, default=5, metavar="N",
                    help="with --tensorboard: weight histograms every N epochs (0: never)")
     p.add_argument("--tag", default="", help="a label for this run in DATA_DIR/runs.csv")
     p.add_argument("--grid", action="append", metavar="OPTION=V1,V2",
@@ -1149,7 +1503,9 @@ def add_scale_options(p):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        writes = args.command in ("prepare", "train")   # one at a time per DATA_DIR (lock_data_dir)
+        with lock_data_dir(args.data_dir, args.command == "prepare") if writes else contextlib.nullcontext():
+            return args.func(args)
     except UserError as e:
         if main_process() or getattr(e, "all_ranks", False):   # under torchrun: one line, not one per process
             print(f"error: {e}", file=sys.stderr)

@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import csv
 import datetime
+import errno
 import gzip
 import io
 import itertools
@@ -27,11 +28,21 @@ import json
 import math
 import os
 import random
+import secrets
+import shlex
+import shutil
+import signal
 import sys
 import time
+import warnings
 from collections import Counter, deque
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
+
+try:
+    import fcntl  # DATA_DIR lock (lock_data_dir); not on Windows
+except ImportError:
+    fcntl = None
 
 import cv2
 import numpy as np
@@ -53,6 +64,8 @@ SHARD_SIZE = 1000
 IMAGE_DIR = "784145_1347673_bundle_archive/train/image_data"  # the tutorial's paths
 CSV_PATH = "784145_1347673_bundle_archive/train/bbox_train.csv"
 CSV_COLUMNS = ["Name", "xmin", "ymin", "xmax", "ymax"]
+MAX_PIXELS = 25_000_000  # bigger photos (decompression bombs) are refused before decoding; the float copy that
+                         # crop_regions makes of a photo takes 12 bytes per pixel
 SEARCH_SIDE = 400        # selective search runs on a copy whose longest side is this (px)
 MAX_PROPOSALS = 2000     # the tutorial keeps the first 2000 regions
 MIN_BOX = 8              # proposals narrower/lower than this (original px) cannot be faces here
@@ -72,6 +85,11 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # the detector misses small faces, so a low threshold makes up the count)
 THRESHOLD, NMS_IOU = 0.1, 0.3
 cv2.setNumThreads(1)     # parallelism comes from processes (prepare) or runs beside torch (eval)
+# crops uint8, labels (1 = face), IoU with the best true box, photo index within the split
+SHARD_SPEC = ((torch.uint8, (3, None, None)), (torch.int64, ()), (torch.float32, ()), (torch.int32, ()))
+META_KEYS = {"options.crop_size": int, "options.search_side": int, "image_dir": str, "splits.validating": list,
+             "splits.testing": list, "boxes": dict}                   # what train reads from meta.json
+MODEL_KEYS = ("model", "model_args", "crop_size", "search_side")       # what eval reads from model.pt
 
 
 class UserError(Exception):
@@ -84,14 +102,32 @@ class UserError(Exception):
 
 # ---- Data ----
 def load_image(path):
-    """Open any image (format decided by content, not extension) as RGB; alpha is composited onto white."""
-    with Image.open(path) as img:
-        img.seek(0)  # first frame of a GIF
-        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-            rgba = img.convert("RGBA")
-            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            return Image.alpha_composite(white, rgba).convert("RGB")
-        return img.convert("RGB")
+    """Open any image (format decided by content, not extension) as RGB; alpha is composited onto white. Every failure
+    is a UserError with a one-line reason: missing, not a file, not an image, damaged, or more than MAX_PIXELS pixels
+    (a decompression bomb: a small file that would decode to gigabytes), refused from its header before decoding."""
+    try:
+        if not os.path.isfile(path):
+            raise UserError("no such file" if not os.path.lexists(path) else "not a file")
+        with warnings.catch_warnings():  # PIL's own bomb warning becomes an error here, not a line on stderr
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                if img.width * img.height > MAX_PIXELS:
+                    raise UserError(f"{img.width}x{img.height} pixels, over the limit of {MAX_PIXELS:,} (MAX_PIXELS)")
+                img.seek(0)  # first frame of a GIF
+                if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+                    rgba = img.convert("RGBA")
+                    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                    return Image.alpha_composite(white, rgba).convert("RGB")
+                return img.convert("RGB")
+    except UserError:
+        raise
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+        raise UserError(f"over the limit of {MAX_PIXELS:,} pixels (MAX_PIXELS)")
+    except UnidentifiedImageError:
+        raise UserError("not an image, or a format PIL cannot read")
+    except Exception as e:  # any decoder error of any format: truncated, damaged, unsupported mode, ...
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip() or type(e).__name__
+        raise UserError(reason.splitlines()[0][:200])
 
 
 def image_to_tensor(img):
@@ -100,24 +136,39 @@ def image_to_tensor(img):
 
 
 def save_shard(path, tensors):
-    """gzip(torch.save(tuple)) written atomically."""
+    """gzip(torch.save(tuple)) written atomically, with no file name or time in the gzip header: the same tensors
+    give the same bytes."""
     buf = io.BytesIO()
     torch.save(tuple(tensors), buf)
-    with atomic_path(path) as tmp, gzip.open(tmp, "wb", compresslevel=3) as f:
-        f.write(buf.getbuffer())
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(gzip.compress(buf.getbuffer(), compresslevel=3, mtime=0))
 
 
 def load_shard(path):
-    with gzip.open(path, "rb") as f:
-        return torch.load(io.BytesIO(f.read()), weights_only=True)
+    """A shard: the tuple of tensors of SHARD_SPEC (dtype, and size after the first dimension with None for any), all
+    of one length, loaded with weights_only=True (no pickled code runs). A truncated, damaged or foreign file is a
+    UserError naming it."""
+    try:
+        with gzip.open(path, "rb") as f:
+            tensors = torch.load(io.BytesIO(f.read()), weights_only=True)
+    except Exception as e:  # EOFError (truncated), BadGzipFile, not a torch file, pickled code, ...
+        raise UserError(f"{path}: damaged or not a shard ({type(e).__name__}); run `python {SCRIPT}.py prepare` again")
+    fits = isinstance(tensors, tuple) and len(tensors) == len(SHARD_SPEC) and all(
+        isinstance(t, torch.Tensor) and t.dtype == dtype and t.dim() == len(shape) + 1 and len(t) == len(tensors[0])
+        and all(s is None or s == n for s, n in zip(shape, t.shape[1:]))
+        for t, (dtype, shape) in zip(tensors, SHARD_SPEC))
+    if not fits:
+        raise UserError(f"{path}: not a shard of {SCRIPT}.py's prepared data; run `python {SCRIPT}.py prepare` again")
+    return tensors
 
 
 @contextlib.contextmanager
 def atomic_path(path):
-    """A temporary name next to `path` to write to: renamed to `path` when the block ends, removed when it fails or
-    is interrupted, so `path` is always either the old file or the whole new one."""
+    """A temporary name next to `path`, unique to this write (NAME.tmp-PID-RANDOM.EXT): renamed to `path` when the
+    block ends, removed when it fails or is interrupted, so `path` is always either the old file or the whole new
+    one, whatever else writes next to it."""
     path = Path(path)
-    tmp = path.with_name(f"{path.stem}.tmp{path.suffix}")
+    tmp = path.with_name(f"{path.stem}.tmp-{os.getpid()}-{secrets.token_hex(4)}{path.suffix}")
     try:
         yield tmp
         os.replace(tmp, path)
@@ -132,7 +183,7 @@ def atomic_torch_save(obj, path):
 
 def atomic_write_text(path, text):
     with atomic_path(path) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")
 
 
 def list_images(folder):
@@ -157,48 +208,158 @@ def write_split(data_dir, name, tensors):
 
 def read_split(data_dir, name):
     """Read all shards of a split once and concatenate them (no per-epoch decompression)."""
-    paths = sorted(Path(data_dir).glob(f"{name}.*.pt.gz"), key=lambda p: int(p.name.split(".")[1]))
+    paths = sorted((p for p in Path(data_dir).glob(f"{name}.*.pt.gz") if p.name.split(".")[1].isdigit()),
+                   key=lambda p: int(p.name.split(".")[1]))
     parts = [load_shard(p) for p in paths]
     if not parts:
         raise UserError(f"{data_dir}: no {name} shards; run `python {SCRIPT}.py prepare` first")
-    return tuple(torch.cat(ts) for ts in zip(*parts))
+    try:
+        return tuple(torch.cat(ts) for ts in zip(*parts))
+    except RuntimeError:  # shards of different sizes: files of two prepares
+        raise UserError(f"{data_dir}: {name} shards of different prepares; run `python {SCRIPT}.py prepare` again")
 
 
-def clear_prepared(data_dir):
-    """Remove shards of an earlier prepare so stale higher-numbered files are never read."""
-    for p in Path(data_dir).glob("*_set.*.pt.gz"):
-        p.unlink()
+def read_text(path):
+    """A UTF-8 text file (a BOM is allowed) as str; unreadable or not UTF-8 is a UserError naming it."""
+    try:
+        return Path(path).read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8")
+    except OSError as e:
+        raise UserError(f"{path}: cannot read it ({e.strerror or e})")
 
 
 def read_meta(data_dir):
+    """DATA_DIR/meta.json as prepare wrote it: JSON of this kind of data with every key of META_KEYS ("a.b": key b in
+    a) of its type. Anything else is a UserError that asks to prepare again."""
     path = Path(data_dir) / "meta.json"
     if not path.exists():
         raise UserError(f"{path} not found; run `python {SCRIPT}.py prepare --data-dir {data_dir}` first")
-    meta = json.loads(path.read_text())
+    again = f"run `python {SCRIPT}.py prepare --data-dir {data_dir}` again"
+    try:
+        meta = json.loads(read_text(path))
+    except (ValueError, RecursionError) as e:
+        raise UserError(f"{path}: not valid JSON ({str(e)[:100]}); {again}")
+    if not isinstance(meta, dict):
+        raise UserError(f"{path}: not a meta.json of this suite; {again}")
     if meta.get("kind") != DATA_KIND:
-        raise UserError(f"{data_dir} holds data prepared by {meta.get('script', 'another script')}.py, "
-                        f"not {SCRIPT}.py; use another --data-dir")
+        other = str(meta.get("script", "another script")).removesuffix(".py")
+        raise UserError(f"{data_dir} holds data prepared by {other}.py, not {SCRIPT}.py; use another --data-dir")
+    for key, kind in META_KEYS.items():
+        value = meta
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if not isinstance(value, kind):
+            raise UserError(f"{path}: {key!r} is missing or not a {kind.__name__}; {again}")
     return meta
 
 
+@contextlib.contextmanager
+def staging_dir(data_dir):
+    """A new empty folder next to DATA_DIR (DATA_DIR.prepare-PID-RANDOM; inside DATA_DIR when its parent is read-only
+    or another file system, where a rename into DATA_DIR would not be atomic) to build prepared data in. Removed when
+    the block ends, unless a swap cut short left the old data in its previous/ (swap_prepared). Folders of killed
+    runs are removed first: the caller holds DATA_DIR's lock, so no other prepare uses them."""
+    data_dir = Path(os.path.abspath(data_dir))
+    parent = data_dir.parent
+    if not os.access(parent, os.W_OK) or os.stat(parent).st_dev != os.stat(data_dir).st_dev:
+        parent = data_dir
+    prefix = f"{data_dir.name}.prepare-"
+    with contextlib.suppress(OSError):
+        for old in parent.iterdir():
+            if old.name.startswith(prefix) and old.is_dir() and not (old / "previous").exists():
+                shutil.rmtree(old, ignore_errors=True)
+    staged = parent / f"{prefix}{os.getpid()}-{secrets.token_hex(4)}"
+    staged.mkdir()
+    try:
+        yield staged
+    finally:
+        if (staged / "previous").exists():
+            print(f"the earlier prepared data of {data_dir} is in {staged / 'previous'}", file=sys.stderr)
+        else:
+            shutil.rmtree(staged, ignore_errors=True)
+
+
+def swap_prepared(staged, data_dir):
+    """Move the shards and meta.json built in `staged` into DATA_DIR in place of the old ones; every other file there
+    (model.pt, checkpoint.pt, history, runs.csv) stays. Renames on one file system, so each file is whole, old or new;
+    the old meta.json goes aside first and the new one comes last, so a meta.json never sits beside shards of another
+    prepare; an error or Ctrl-C before the end puts the old files back."""
+    data_dir = Path(data_dir)
+    previous = staged / "previous"
+    previous.mkdir()
+    moved, placed = [], []
+    try:
+        for path in [data_dir / "meta.json", *sorted(data_dir.glob("*_set.*.pt.gz"))]:
+            if path.exists():
+                moved.append(path)
+                os.replace(path, previous / path.name)
+        for path in [*sorted(staged.glob("*_set.*.pt.gz")), staged / "meta.json"]:
+            placed.append(data_dir / path.name)
+            os.replace(path, data_dir / path.name)
+    except BaseException:
+        for path in placed:
+            path.unlink(missing_ok=True)
+        for path in reversed(moved):
+            if (previous / path.name).exists():
+                os.replace(previous / path.name, path)
+        with contextlib.suppress(OSError):  # not empty if a file could not go back: staging_dir keeps it then
+            previous.rmdir()
+        raise
+    previous.rename(staged / "replaced")  # the old files, removed with `staged`
+
+
+def save_prepared(data_dir, splits, meta):
+    """Write the splits ({name: tensors}) as shards and `meta` as meta.json into a new folder, then swap them into
+    DATA_DIR: an error or Ctrl-C before the swap is done leaves the earlier prepared data as it was."""
+    try:
+        with staging_dir(data_dir) as staged:
+            for name, tensors in splits.items():
+                write_split(staged, name, tensors)
+            atomic_write_text(staged / "meta.json", json.dumps(meta, indent=1))
+            swap_prepared(staged, data_dir)
+    except OSError as e:  # a full disk, a folder made read-only meanwhile, ...
+        raise UserError(f"{data_dir}: cannot write the prepared data ({e.strerror or e}); the earlier data are kept")
+
+
 def read_boxes_csv(path):
-    """CSV -> ({photo name: [(row number, x1, y1, x2, y2), ...]}, number of rows with non-numeric boxes)."""
+    """CSV -> ({photo name: [(row number, x1, y1, x2, y2), ...]}, number of rows with non-numeric boxes). Names are
+    kept as written (an empty one too: photo_path judges them); a file that is not a UTF-8 CSV is a UserError."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: CSV not found; pass --csv with the Kaggle bbox_train.csv")
     try:
-        df = pd.read_csv(path)
-    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not a readable CSV ({str(e).splitlines()[0]})")
+        df = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8")
+    except (ValueError, OSError) as e:  # pandas' ParserError and EmptyDataError are ValueErrors
+        raise UserError(f"{path}: not a readable CSV ({(str(e).splitlines() or [type(e).__name__])[0]})")
     missing = [c for c in CSV_COLUMNS if c not in df.columns]
     if missing:
         raise UserError(f"{path}: missing column(s) {', '.join(missing)}; expected {','.join(CSV_COLUMNS)}")
     coords = df[CSV_COLUMNS[1:]].apply(pd.to_numeric, errors="coerce")
-    valid = coords.notna().all(axis=1) & df["Name"].notna()
+    valid = coords.notna().all(axis=1)
     photos = {}
     for row, name, box in zip(df.index[valid], df["Name"][valid], coords[valid].itertuples(index=False)):
         photos.setdefault(str(name), []).append((int(row) + 2, *map(float, box)))  # +2: header, 1-based
     return photos, int((~valid).sum())
+
+
+def photo_path(image_dir, name):
+    """(path, None) for the photo file that a CSV Name means, or (None, reason). A Name must lead to a file inside
+    --image-dir (subfolders are fine): empty names, absolute paths, '..' and symlinks out of the folder are refused,
+    so no CSV makes prepare or train read a file elsewhere."""
+    if not name.strip():
+        return None, "empty Name"
+    try:
+        root = Path(image_dir).resolve()
+        path = (root / name).resolve()
+        inside = not Path(name).is_absolute() and ".." not in Path(name).parts and path.is_relative_to(root)
+        if inside and path.is_file():
+            return path, None
+    except (OSError, ValueError, RuntimeError):  # a NUL byte, a name too long, a symlink loop
+        return None, "unusable Name"
+    return None, "missing photo" if inside else "Name outside --image-dir"
 
 
 def propose(img, search_side, max_proposals=MAX_PROPOSALS):
@@ -249,33 +410,27 @@ def label_regions(proposals, truth, pos_iou, neg_iou, backgrounds, generator):
 
 
 def check_rows(rows, w, h):
-    """Split a photo's CSV rows into valid boxes (G,4) and [(reason, row number)] of skipped rows."""
+    """Split a photo's CSV rows into valid boxes (G,4) and [(reason, "row N")] of skipped rows."""
     good, bad = [], []
     for row, x1, y1, x2, y2 in rows:
         if x2 <= x1 or y2 <= y1:
-            bad.append(("zero-size box", row))
+            bad.append(("zero-size box", f"row {row}"))
         elif x1 < 0 or y1 < 0 or x2 > w or y2 > h:
-            bad.append(("box outside photo", row))
+            bad.append(("box outside photo", f"row {row}"))
         else:
             good.append((x1, y1, x2, y2))
     return torch.tensor(good, dtype=torch.float32).reshape(-1, 4), bad
 
 
-def init_worker():
-    torch.set_num_threads(1)
-    cv2.setNumThreads(1)
-
-
 def prepare_photo(job):
-    """Worker: one photo -> (crops uint8, labels, IoUs, true boxes, [(reason, row)]); runs in a process pool.
+    """Worker: one photo -> (crops uint8, labels, IoUs, true boxes, [(reason, note)]); runs in a process pool.
     Arrays go back as numpy: a tensor sent from a worker process holds a file descriptor open, and thousands
     of them exhaust the process's limit."""
     path, rows, opts, seed = job
     try:
         img = image_to_tensor(load_image(path))
-    except (OSError, UnidentifiedImageError, ValueError) as e:
-        reason = "missing photo" if isinstance(e, FileNotFoundError) else "unreadable photo"
-        return None, None, None, None, [(reason, row) for row, *_ in rows]
+    except UserError as e:  # not an image, damaged, too many pixels
+        return None, None, None, None, [("unreadable photo", f"row {row}: {e}") for row, *_ in rows]
     truth, bad = check_rows(rows, img.shape[2], img.shape[1])
     if not len(truth):
         return None, None, None, None, bad
@@ -330,7 +485,13 @@ def progress(iterable=None, **kwargs):
                 dynamic_ncols=True, **kwargs)
 
 
-def load_model_file(path):
+CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "epoch", "history", "best_score", "bad_epochs", "model_args")
+
+
+def load_model_file(path, keys=None):
+    """model.pt (or, with keys=CHECKPOINT_KEYS, checkpoint.pt) of this script, loaded on the CPU with
+    weights_only=True; it must hold `keys` (default MODEL_KEYS: what eval needs). A missing, foreign, damaged or
+    incomplete file is a UserError naming it."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: model not found; train one with `python {SCRIPT}.py train` or pass --model")
@@ -342,6 +503,11 @@ def load_model_file(path):
         other = ckpt.get("script") if isinstance(ckpt, dict) else None
         raise UserError(f"{path}: model was trained by {other or 'another program'}"
                         f"{'.py' if other else ''}, not {SCRIPT}.py")
+    missing = [key for key in keys or MODEL_KEYS if key not in ckpt]
+    if missing and keys is None and "optimizer" in ckpt:
+        raise UserError(f"{path}: a training checkpoint (what train --resume reads), not a model; pass model.pt")
+    if missing:
+        raise UserError(f"{path}: incomplete, no {', '.join(missing)}; train again")
     return ckpt
 
 
@@ -430,9 +596,9 @@ def iter_proposals(paths, search_side, lookahead):
     def work(path):
         try:
             img = image_to_tensor(load_image(path))
-        except (OSError, UnidentifiedImageError, ValueError) as e:  # missing, unreadable, not an image
+            return path, img, propose(img, search_side)
+        except (UserError, cv2.error) as e:  # missing, not an image, damaged, too many pixels
             return path, e, None
-        return path, img, propose(img, search_side)
 
     if lookahead:  # one core searches the next photos, the others run the network
         torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
@@ -533,8 +699,11 @@ def draw_boxes(img, boxes, path):
     draw = ImageDraw.Draw(img)
     for x1, y1, x2, y2 in boxes.tolist():
         draw.rectangle([x1, y1, x2, y2], outline=(255, 0, 0), width=2)
-    with atomic_path(path) as tmp:
-        img.save(tmp, format="PNG")
+    try:
+        with atomic_path(path) as tmp:
+            img.save(tmp, format="PNG")
+    except OSError as e:
+        raise UserError(f"{path}: cannot write the annotated image ({e.strerror or e})")
 
 
 # ---- Scale out and observe: torchrun, mixed precision, TensorBoard, runs.csv, --grid (same in every script) ----
@@ -680,8 +849,10 @@ def append_run(data_dir, row):
     path = Path(data_dir) / "runs.csv"
     rows = []
     if path.exists():
-        with path.open(newline="") as f:
-            rows = list(csv.DictReader(f))
+        try:
+            rows = list(csv.DictReader(io.StringIO(read_text(path))))
+        except csv.Error as e:
+            raise UserError(f"{path}: not a CSV ({e}); move it away (this run's model is saved)")
     rows.append(row)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for r in rows for k in r)), restval="")
@@ -702,8 +873,8 @@ def grid_runs(args, parser):
                             f"(e.g. --grid lr=0.01,0.001)", 2)
         try:
             converted = [(action.type or str)(v) for v in values.split(",")]
-        except ValueError:
-            raise UserError(f"--grid {item}: not a valid value for --{key}", 2)
+        except (ValueError, argparse.ArgumentTypeError) as e:
+            raise UserError(f"--grid {item}: not a valid value for --{key} ({e})", 2)
         if action.choices and any(v not in action.choices for v in converted):
             raise UserError(f"--grid {item}: --{key} takes one of {', '.join(map(str, action.choices))}", 2)
         axes.append([(key, action.dest, text, value) for text, value in zip(values.split(","), converted)])
@@ -716,45 +887,158 @@ def grid_runs(args, parser):
     return runs
 
 
+def parse_number(text, kind, low, high=None):
+    """argparse type helper: `text` as a finite int or float from `low` to `high`; anything else is an
+    ArgumentTypeError, so argparse stops with one line and status 2 before any work."""
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {'a whole number' if kind is int else 'a number'}")
+    if (kind is float and not math.isfinite(value)) or value < low or (high is not None and value > high):
+        raise argparse.ArgumentTypeError(f"{text!r} is out of range: it must be at least {low}"
+                                         + (f" and at most {high}" if high is not None else ""))
+    return value
+
+
+def positive_int(text):
+    return parse_number(text, int, 1)
+
+
+def nonneg_int(text):
+    return parse_number(text, int, 0)
+
+
+def nonneg_float(text):
+    return parse_number(text, float, 0)
+
+
+def probability(text):
+    return parse_number(text, float, 0, 1)
+
+
+def seed_int(text):
+    return parse_number(text, int, 0, 2 ** 31 - 1)  # numpy takes 32-bit seeds; torchrun adds the rank
+
+
+def worker_count(text):
+    return parse_number(text, int, 1, 256)
+
+
+@contextlib.contextmanager
+def lock_data_dir(data_dir, create):
+    """Hold DATA_DIR for one command (prepare, train): an exclusive fcntl.flock on DATA_DIR/.lock, which names its
+    holder (pid and command line), so a second command on the same folder fails at once with one line naming it.
+    The file goes when the command ends (a command that opened it just before checks that it locked the file still
+    there). DATA_DIR must be a writable folder, checked here before any work; `create` makes it, else a missing one
+    is left to the command to report. Under torchrun rank 0 holds it for all ranks (they meet rank 0 in
+    init_process_group before reading anything). Without fcntl (Windows) nothing is locked."""
+    data_dir = Path(data_dir)
+    if data_dir.exists() and not data_dir.is_dir():
+        raise UserError(f"--data-dir {data_dir}: a file, not a folder; pass a folder", 2)
+    if create:
+        try:
+            data_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"--data-dir {data_dir}: cannot create it ({e.strerror or e})", 2)
+    if not main_process() or fcntl is None or not data_dir.is_dir():
+        yield
+        return
+    path = data_dir / ".lock"
+    f = None
+    while f is None:  # until the file locked is the one at `path`: a holder may remove it just after we open it
+        try:
+            if not os.access(data_dir, os.W_OK | os.X_OK):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+            f = open(os.open(path, os.O_RDWR | os.O_CREAT, 0o644), "r+", encoding="utf-8", errors="replace")
+        except OSError as e:
+            raise UserError(f"--data-dir {data_dir}: not writable ({e.strerror or e}); pass a folder you can write "
+                            f"to", 2)
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = (f.read().strip().splitlines() or ["another process"])[0][:300]
+            f.close()
+            if isinstance(e, BlockingIOError):
+                raise UserError(f"{data_dir} is in use by {holder}; wait until it ends or pass another --data-dir")
+            raise UserError(f"--data-dir {data_dir}: cannot lock {path} ({e.strerror or e})")
+        try:
+            ours = os.path.samestat(os.stat(path), os.fstat(f.fileno()))
+        except OSError:
+            ours = False
+        if not ours:
+            f.close()
+            f = None
+    with f:
+        f.truncate()
+        f.write(f"pid {os.getpid()} ({shlex.join(sys.argv)})\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)  # still locked here: the next command makes a new file
+
+
+def start_worker():
+    """Start of each process of a prepare pool: one thread (the pool is the parallelism), and Ctrl-C left to the main
+    process, which stops the pool: no traceback from every worker."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    torch.set_num_threads(1)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a usage mistake in one line (`error: PROG: MESSAGE (see PROG --help)`), status 2."""
+
+    def error(self, message):
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 # ---- Commands ----
 def cmd_prepare(args):
-    image_dir, data_dir = Path(args.image_dir), Path(args.data_dir)
+    image_dir = Path(args.image_dir)
     if not image_dir.is_dir():
         raise UserError(f"{image_dir}: image folder not found; pass --image-dir")
     rows_by_photo, non_numeric = read_boxes_csv(args.csv)
     if not rows_by_photo:
         raise UserError(f"{args.csv}: no rows with numeric boxes")
+    if args.neg_iou > args.pos_iou:
+        raise UserError(f"--neg-iou {args.neg_iou} is above --pos-iou {args.pos_iou}: a region would be both", 2)
     opts = {"search_side": args.search_side, "max_proposals": args.max_proposals, "pos_iou": args.pos_iou,
             "neg_iou": args.neg_iou, "backgrounds": args.backgrounds, "crop_size": args.crop_size}
-    names = sorted(rows_by_photo)
-    jobs = [(str(image_dir / n), rows_by_photo[n], opts, args.seed * 1_000_003 + i) for i, n in enumerate(names)]
-    data_dir.mkdir(parents=True, exist_ok=True)
-    clear_prepared(data_dir)
+    names, results, jobs = sorted(rows_by_photo), {}, []
+    for i, name in enumerate(names):
+        path, why = photo_path(image_dir, name)
+        if path is None:   # missing, or outside --image-dir: never opened
+            results[name] = (None, None, None, None, [(why, f"row {row}") for row, *_ in rows_by_photo[name]])
+        else:
+            jobs.append((str(path), rows_by_photo[name], opts, args.seed * 1_000_003 + i))
     start = time.time()
-    if args.workers > 1:
-        with ProcessPoolExecutor(args.workers, initializer=init_worker) as pool:
-            results = list(progress(pool.map(prepare_photo, jobs, chunksize=4), total=len(jobs), unit="photo"))
-    else:
-        results = [prepare_photo(job) for job in progress(jobs, unit="photo")]
+    pool = ProcessPoolExecutor(args.workers, initializer=start_worker) if args.workers > 1 else None
+    try:
+        done = pool.map(prepare_photo, jobs, chunksize=4) if pool else map(prepare_photo, jobs)
+        results.update(zip([n for n in names if n not in results], progress(done, total=len(jobs), unit="photo")))
+    finally:
+        if pool:
+            pool.shutdown(cancel_futures=True)  # Ctrl-C: queued photos are dropped, not searched first
     seconds = time.time() - start
     skipped, examples, kept = Counter(), {}, []
     if non_numeric:
         skipped["non-numeric box"] = non_numeric
-    for name, (crops, labels, ious, truth, bad) in zip(names, results):
-        for reason, row in bad:
+    for name in names:
+        crops, labels, ious, truth, bad = results[name]
+        for reason, note in bad:
             skipped[reason] += 1
-            examples.setdefault(reason, []).append(f"{name} (row {row})")
+            examples.setdefault(reason, []).append(f"{name} ({note})")
         if crops is None:
             skipped["photo without a usable box"] += 1
         else:
             kept.append((name, *map(torch.from_numpy, (crops, labels, ious, truth))))
-    print(f"{len(kept)} photos kept of {len(names)}, {len(jobs) / seconds:.2f} photos/s "
+    print(f"{len(kept)} photos kept of {len(names)}, {len(jobs) / max(seconds, 1e-9):.2f} photos/s "
           f"(selective search at {args.search_side} px, {args.workers} workers)")
     for reason, count in skipped.items():
         print(f"skipped {count} x {reason}: {', '.join(examples.get(reason, [])[:3])}")
     if not kept:
         raise UserError(f"{args.csv}: no usable photo in {image_dir} (see the skipped counts above)")
-    counts, splits, truths = {}, {}, {}
+    counts, splits, truths, shards = {}, {}, {}, {}
     for split, idx in zip(("training", "validating", "testing"), split_indices(len(kept), args.seed)):
         photos = [kept[i] for i in sorted(idx)]
         empty = (torch.zeros(0, 3, args.crop_size, args.crop_size, dtype=torch.uint8),
@@ -762,7 +1046,7 @@ def cmd_prepare(args):
         crops, labels, ious = (torch.cat(ts) for ts in zip(*[p[1:4] for p in photos])) if photos else empty
         photo_idx = torch.cat([torch.full((len(p[2]),), j, dtype=torch.int32) for j, p in enumerate(photos)] +
                               [torch.zeros(0, dtype=torch.int32)])
-        write_split(data_dir, f"{split}_set", (crops, labels, ious, photo_idx))
+        shards[f"{split}_set"] = (crops, labels, ious, photo_idx)
         splits[split] = [p[0] for p in photos]
         if split != "training":  # true boxes, so train can run the real detector on these photos
             truths.update({p[0]: p[4].tolist() for p in photos})
@@ -771,8 +1055,8 @@ def cmd_prepare(args):
     meta = {"kind": DATA_KIND, "script": f"{SCRIPT}.py", "csv": str(Path(args.csv).resolve()),
             "image_dir": str(image_dir.resolve()), "seed": args.seed, "options": opts, "counts": counts,
             "skipped": dict(skipped), "skipped_examples": {k: v[:5] for k, v in examples.items()},
-            "photos_per_s": len(jobs) / seconds, "splits": splits, "boxes": truths}
-    atomic_write_text(data_dir / "meta.json", json.dumps(meta, indent=1))
+            "photos_per_s": len(jobs) / max(seconds, 1e-9), "splits": splits, "boxes": truths}
+    save_prepared(args.data_dir, shards, meta)
     return 0
 
 
@@ -795,7 +1079,7 @@ def train(args, device, out_dir, tb_dir):
     model_args = {"width": args.width, "crop_size": meta["options"]["crop_size"]}
     start_epoch, history, best, bad_epochs = 0, [], -1.0, 0
     if args.resume:
-        state = load_model_file(ckpt_path)
+        state = load_model_file(ckpt_path, CHECKPOINT_KEYS)
         model_args = state["model_args"]
     model = build_model(**model_args).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
@@ -803,11 +1087,14 @@ def train(args, device, out_dir, tb_dir):
     dtype = amp_dtype(device, args.amp)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     if args.resume:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
+        try:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            if state.get("scaler"):
+                scaler.load_state_dict(state["scaler"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:  # a checkpoint.pt of another version
+            raise UserError(f"{ckpt_path}: does not fit this run ({type(e).__name__}); train without --resume")
         start_epoch, history, best, bad_epochs = state["epoch"], state["history"], state["best_score"], state["bad_epochs"]
         print(f"resumed after epoch {start_epoch}, best val balanced acc {best:.2%}")
     step_model = wrap_model(model, device, args.sync_bn)
@@ -864,9 +1151,15 @@ def train(args, device, out_dir, tb_dir):
     model.load_state_dict(ckpt["model"])
 
     def photos(split):
-        names = meta["splits"][split]
-        return [str(Path(meta["image_dir"]) / n) for n in names], [torch.tensor(meta["boxes"][n]).reshape(-1, 4)
-                                                                    for n in names]
+        """Paths and true boxes of a split's photos that are still in the image folder (photo_path)."""
+        found = []
+        for name in meta["splits"][split]:
+            path, why = photo_path(meta["image_dir"], name)
+            if path is None:
+                print(f"{name}: skipped ({why})", file=sys.stderr)
+            else:
+                found.append((str(path), torch.tensor(meta["boxes"][name]).reshape(-1, 4)))
+        return [p for p, _ in found], [boxes for _, boxes in found]
 
     calibration = fit_calibration(*run_detector(model, ckpt, *photos("validating"), device, args.nms_iou, args.amp)[:2])
     if calibration is None:
@@ -923,11 +1216,15 @@ def cmd_train(args):
 
 
 def iter_eval_inputs(paths):
-    """Yield image paths: from arguments (files or folders), else piped stdin, else the interactive prompt."""
+    """Yield image paths: from arguments (files or folders), else piped stdin, else the interactive prompt. A folder
+    without images is a UserError (nothing to do is a mistake, not a success)."""
     if paths:
         for p in paths:
             if Path(p).is_dir():
-                yield from (str(q) for q in list_images(p))
+                images = list_images(p)
+                if not images:
+                    raise UserError(f"{p}: no images in this folder (extensions {', '.join(sorted(IMAGE_EXTS))})")
+                yield from (str(q) for q in images)
             else:
                 yield p
     elif sys.stdin.isatty():
@@ -945,26 +1242,73 @@ def iter_eval_inputs(paths):
                 yield line.strip()
 
 
+class OutputFiles:
+    """Where eval writes the annotated images: --output, or DIR/<image name>.png with --output-dir, numbered
+    NAME-2.png, NAME-3.png, ... past files this run wrote or reads, so two inputs of one name never overwrite each
+    other and no input image is overwritten. Checked before any work: --output-dir is created; --output must be a
+    file in an existing folder and takes one image (the interactive prompt rewrites it, as the tutorial did)."""
+
+    def __init__(self, args, inputs):
+        self.output, self.output_dir = Path(args.output), args.output_dir and Path(args.output_dir)
+        self.interactive = not inputs and sys.stdin.isatty()
+        self.inputs, self.written = {os.path.realpath(p) for p in inputs}, set()
+        if self.output_dir:
+            try:
+                self.output_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise UserError(f"--output-dir {self.output_dir}: cannot create it ({e.strerror or e})", 2)
+        elif self.output.is_dir() or not self.output.resolve().parent.is_dir():
+            raise UserError(f"--output {self.output}: not a file in an existing folder; create the folder or pass "
+                            f"--output-dir DIR", 2)
+        elif len(inputs) > 1:
+            raise UserError(f"--output {self.output} takes one image, not {len(inputs)} (each would overwrite the one "
+                            f"before); pass --output-dir DIR", 2)
+
+    def path_for(self, image):
+        """The file for the annotated copy of `image`; a UserError when --output cannot take it."""
+        self.inputs.add(os.path.realpath(image))
+        if self.output_dir:
+            stem, n = Path(image).stem, 1
+            out = self.output_dir / f"{stem}.png"
+            while os.path.realpath(out) in self.inputs | self.written:
+                n += 1
+                out = self.output_dir / f"{stem}-{n}.png"
+        else:
+            out = self.output
+            if os.path.realpath(out) in self.inputs:
+                raise UserError(f"--output {out} is an input image; pass another --output")
+            if os.path.realpath(out) in self.written and not self.interactive:
+                raise UserError(f"--output {out} holds the result of an earlier image; pass --output-dir DIR for "
+                                f"several images")
+        self.written.add(os.path.realpath(out))
+        return out
+
+
 def cmd_eval(args):
     device = pick_device(args.device)
-    ckpt = load_model_file(args.model or Path(args.data_dir) / "model.pt")
-    model = build_model(**ckpt["model_args"]).to(device)
-    model.load_state_dict(ckpt["model"])
+    inputs = list(iter_eval_inputs(args.images)) if args.images else []
+    outputs = OutputFiles(args, inputs)
+    model_path = args.model or Path(args.data_dir) / "model.pt"
+    ckpt = load_model_file(model_path)
+    try:
+        model = build_model(**ckpt["model_args"]).to(device)
+        model.load_state_dict(ckpt["model"])
+    except (TypeError, ValueError, RuntimeError) as e:  # weights of another network
+        raise UserError(f"{model_path}: its weights do not fit {SCRIPT}.py's network ({type(e).__name__})")
     model.eval()
-    if args.output_dir:
-        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-    elif not Path(args.output).resolve().parent.is_dir():
-        raise UserError(f"--output {args.output}: folder {Path(args.output).parent} does not exist", 2)
     search_side = args.search_side or ckpt["search_side"]
     failed = False
-    paths = iter_eval_inputs(args.images)
-    if args.images:  # files and folders: a known count, so a progress bar (shown on a terminal only)
-        paths = progress(list(paths), unit="img", desc="eval", leave=False)
+    # files and folders: a known count, so a progress bar (shown on a terminal only)
+    paths = progress(inputs, unit="img", desc="eval", leave=False) if args.images else iter_eval_inputs(None)
     for path, img, proposals in iter_proposals(paths, search_side, 2 if args.images else 0):
-        if proposals is None:
+        reason = f"cannot read image: {img}" if proposals is None else None
+        if reason is None:
+            try:
+                out = outputs.path_for(path)
+            except UserError as e:
+                reason = str(e)
+        if reason:
             failed = True
-            e = img
-            reason = f"cannot read image: {e.strerror or e}" if isinstance(e, OSError) else f"cannot read image: {e}"
             if args.json:
                 print(json.dumps({"image": path, "error": reason}), flush=True)
             else:
@@ -974,7 +1318,6 @@ def cmd_eval(args):
                                ckpt.get("calibration", (1.0, 0.0)))
         keep = scores >= args.threshold
         boxes, scores = boxes[keep].round().int(), scores[keep]
-        out = Path(args.output_dir) / f"{Path(path).stem}.png" if args.output_dir else Path(args.output)
         draw_boxes(Image.fromarray(img.permute(1, 2, 0).numpy()), boxes, out)
         found = [{"x": x1, "y": y1, "w": x2 - x1, "h": y2 - y1, "score": round(s, 4)}
                  for (x1, y1, x2, y2), s in zip(boxes.tolist(), scores.tolist())]
@@ -994,42 +1337,59 @@ def build_parser():
     device.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
                         help="auto: cuda if available, else mps, else cpu")
     seed = argparse.ArgumentParser(add_help=False)
-    seed.add_argument("--seed", type=int, default=0, help="split and training seed")
+    seed.add_argument("--seed", type=seed_int, default=0, help="split and training seed")
     detection = argparse.ArgumentParser(add_help=False)
-    detection.add_argument("--threshold", type=float, default=THRESHOLD, help="keep boxes with face probability >= X")
-    detection.add_argument("--nms-iou", type=float, default=NMS_IOU, help="NMS: drop a box overlapping a better one by IoU > X")
+    detection.add_argument("--threshold", type=probability, default=THRESHOLD,
+                           help="keep boxes with face probability >= X")
+    detection.add_argument("--nms-iou", type=probability, default=NMS_IOU,
+                           help="NMS: drop a box overlapping a better one by IoU > X")
     fmt = argparse.ArgumentDefaultsHelpFormatter
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=fmt)
+    parser = OneLineParser(description=__doc__.split("\n")[0], formatter_class=fmt)
     sub = parser.add_subparsers(dest="command", required=True, metavar="{prepare,train,eval}")
     p = sub.add_parser("prepare", parents=[common, seed], formatter_class=fmt, help="photos -> labelled region crops")
-    p.add_argument("--image-dir", default=IMAGE_DIR, help="folder of source photos")
-    p.add_argument("--csv", default=CSV_PATH, help="face boxes: Name,xmin,ymin,xmax,ymax (one row per face)")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel selective-search processes")
-    p.add_argument("--search-side", type=int, default=SEARCH_SIDE, help="longest side (px) of the copy searched for regions")
-    p.add_argument("--max-proposals", type=int, default=MAX_PROPOSALS, help="first N selective-search regions per photo")
-    p.add_argument("--pos-iou", type=float, default=POS_IOU, help="region is a face if IoU with a true box > X")
-    p.add_argument("--neg-iou", type=float, default=NEG_IOU, help="region is background if IoU with every true box < X")
-    p.add_argument("--backgrounds", type=int, default=BACKGROUNDS, help="background regions per photo")
-    p.add_argument("--crop-size", type=int, default=CROP_SIZE, help="crops are resized to S x S")
+    p.add_argument("--image-dir", default=IMAGE_DIR, help="folder of source photos; photos over "
+                   f"{MAX_PIXELS:,} pixels are skipped")
+    p.add_argument("--csv", default=CSV_PATH, help="face boxes: Name,xmin,ymin,xmax,ymax (one row per face); a Name "
+                   "must lead to a file inside --image-dir (subfolders are fine; '..', absolute paths and symlinks "
+                   "out of it are skipped)")
+    p.add_argument("--workers", type=worker_count, default=os.cpu_count() or 1,
+                   help="parallel selective-search processes")
+    p.add_argument("--search-side", type=positive_int, default=SEARCH_SIDE,
+                   help="longest side (px) of the copy searched for regions")
+    p.add_argument("--max-proposals", type=positive_int, default=MAX_PROPOSALS,
+                   help="first N selective-search regions per photo")
+    p.add_argument("--pos-iou", type=probability, default=POS_IOU, help="region is a face if IoU with a true box > X")
+    p.add_argument("--neg-iou", type=probability, default=NEG_IOU,
+                   help="region is background if IoU with every true box < X")
+    p.add_argument("--backgrounds", type=nonneg_int, default=BACKGROUNDS, help="background regions per photo")
+    p.add_argument("--crop-size", type=positive_int, default=CROP_SIZE, help="crops are resized to S x S")
     p.set_defaults(func=cmd_prepare)
     p = sub.add_parser("train", parents=[common, device, seed, detection], formatter_class=fmt,
                        help="train the crop classifier with early stopping, then score the detector on test photos")
-    p.add_argument("--epochs", type=int, default=100, help="maximum epochs")
-    p.add_argument("--patience", type=int, default=20, help="stop after N epochs without a better validation score")
-    p.add_argument("--batch-size", type=int, default=128, help="crops per batch (under torchrun: the global batch)")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--width", type=int, default=WIDTH, help="channels of the first ResNet stage (64 = resnet18)")
+    p.add_argument("--epochs", type=positive_int, default=100, help="maximum epochs")
+    p.add_argument("--patience", type=positive_int, default=20,
+                   help="stop after N epochs without a better validation score")
+    p.add_argument("--batch-size", type=positive_int, default=128,
+                   help="crops per batch (under torchrun: the global batch)")
+    p.add_argument("--lr", type=nonneg_float, default=1e-3)
+    p.add_argument("--width", type=positive_int, default=WIDTH,
+                   help="channels of the first ResNet stage (64 = resnet18)")
     p.add_argument("--resume", action="store_true", help="continue from DATA_DIR/checkpoint.pt")
     add_scale_options(p)
     p.set_defaults(func=cmd_train, train_parser=p)
     p = sub.add_parser("eval", parents=[common, device, detection], formatter_class=fmt, help="detect faces in photos")
-    p.add_argument("images", nargs="*", metavar="IMAGE", help="image files or folders; none: read paths from stdin")
+    p.add_argument("images", nargs="*", metavar="IMAGE", help="image files or folders; none: read paths from stdin; "
+                   f"images over {MAX_PIXELS:,} pixels are refused")
     p.add_argument("--model", default=None, help="model file (default: DATA_DIR/model.pt)")
     p.add_argument("--json", action="store_true", help="one JSON object per image on stdout")
-    p.add_argument("--output", default="img_output.png", help="annotated image (one input image)")
-    p.add_argument("--output-dir", default=None, help="write DIR/<image name>.png per input image instead of --output")
-    p.add_argument("--search-side", type=int, default=None, help="selective search size (default: as in training)")
+    p.add_argument("--output", default="img_output.png",
+                   help="annotated image of one input image, in an existing folder (the interactive prompt rewrites "
+                        "it for each image)")
+    p.add_argument("--output-dir", default=None, help="write DIR/<image name>.png per input image instead of --output "
+                   "(DIR is created; a second image of the same name gets NAME-2.png)")
+    p.add_argument("--search-side", type=positive_int, default=None,
+                   help="selective search size (default: as in training)")
     p.set_defaults(func=cmd_eval)
     return parser
 
@@ -1042,7 +1402,7 @@ def add_scale_options(p):
     p.add_argument("--sync-bn", action="store_true", help="under torchrun on CUDA: synchronise BatchNorm statistics")
     p.add_argument("--tensorboard", metavar="DIR", default=None,
                    help="write TensorBoard logs to DIR (needs `pip install tensorboard`)")
-    p.add_argument("--histogram-every", type=int, default=5, metavar="N",
+    p.add_argument("--histogram-every", type=nonneg_int, default=5, metavar="N",
                    help="with --tensorboard: weight histograms every N epochs (0: never)")
     p.add_argument("--tag", default="", help="a label for this run in DATA_DIR/runs.csv")
     p.add_argument("--grid", action="append", metavar="OPTION=V1,V2",
@@ -1053,7 +1413,9 @@ def add_scale_options(p):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        writes = args.command in ("prepare", "train")   # one at a time per DATA_DIR (lock_data_dir)
+        with lock_data_dir(args.data_dir, args.command == "prepare") if writes else contextlib.nullcontext():
+            return args.func(args)
     except UserError as e:
         if main_process() or getattr(e, "all_ranks", False):   # under torchrun: one line, not one per process
             print(f"error: {e}", file=sys.stderr)

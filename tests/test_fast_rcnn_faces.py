@@ -2,14 +2,18 @@
 import importlib.util
 import json
 import math
+import shutil
 from types import SimpleNamespace
+
+from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
 from PIL import Image
 
-from conftest import FACES_DIR, ROOT, assert_one_line_error, check_face_torchrun, run
+from conftest import (FACES_DIR, ROOT, assert_one_line_error, check_face_torchrun, hostile_images, odd_images,
+                      png_declaring, run, run_main, tree_bytes)
 
 SCRIPT = "fast_rcnn_faces.py"
 N_PHOTOS = 36
@@ -129,9 +133,15 @@ def faces(tmp_path_factory, shared_datasets):
     img_dir.mkdir()
     df = pd.read_csv(FACES_DIR / "bbox_train.csv")
     names = sorted(df["Name"].unique())[:N_PHOTOS]
-    for n in names:
-        (img_dir / n).symlink_to(FACES_DIR / "image_data" / n)
+    for n in names:   # copies: a symlink out of the folder is refused
+        shutil.copy(FACES_DIR / "image_data" / n, img_dir / n)
     (img_dir / "broken.jpg").write_bytes(b"not a jpeg")
+    (img_dir / "sub").mkdir()                        # a subfolder is fine (and "sub/..." still sorts last)
+    (img_dir / names[-1]).rename(img_dir / "sub" / names[-1])
+    df.loc[df["Name"] == names[-1], "Name"] = f"sub/{names[-1]}"
+    names[-1] = f"sub/{names[-1]}"
+    (img_dir / "escape.jpg").symlink_to(FACES_DIR / "image_data" / names[0])
+    png_declaring(img_dir / "bomb.png", 15000, 15000)
     rows = df[df["Name"].isin(names)]
     bad = pd.DataFrame([
         {"Name": names[0], "width": 612, "height": 408, "xmin": "abc", "ymin": 1, "xmax": 20, "ymax": 20},
@@ -139,6 +149,8 @@ def faces(tmp_path_factory, shared_datasets):
         {"Name": names[2], "width": 612, "height": 408, "xmin": 10, "ymin": 10, "xmax": 5000, "ymax": 40},
         {"Name": "missing.jpg", "width": 612, "height": 408, "xmin": 1, "ymin": 1, "xmax": 20, "ymax": 20},
         {"Name": "broken.jpg", "width": 612, "height": 408, "xmin": 1, "ymin": 1, "xmax": 20, "ymax": 20},
+        *[{"Name": name, "width": 612, "height": 408, "xmin": 1, "ymin": 1, "xmax": 20, "ymax": 20}
+          for name in (f"../{names[0]}", str(FACES_DIR / "image_data" / names[0]), "escape.jpg", "", "bomb.png")],
     ])
     csv_path = root / "faces.csv"
     pd.concat([rows, bad]).to_csv(csv_path, index=False)
@@ -156,9 +168,11 @@ def test_prepare_counts_and_split_by_photo(faces, frc):
     meta = json.loads((faces.data / "meta.json").read_text())
     assert meta["kind"] == "fast_rcnn_faces" and meta["script"] == SCRIPT
     assert meta["skipped"] == {"non-numeric box": 1, "zero-size box": 1, "box outside photo": 1,
-                               "missing photo": 1, "unreadable photo": 1}
-    for reason in meta["skipped"]:
-        assert f"skipped 1 x {reason}: " in faces.prep.stdout
+                               "missing photo": 1, "unreadable photo": 2, "Name outside --image-dir": 3,
+                               "empty Name": 1}
+    for reason, n in meta["skipped"].items():
+        assert f"skipped {n} x {reason}: " in faces.prep.stdout
+    assert "bomb.png (" in faces.prep.stdout and "pixels" in faces.prep.stdout
     splits = meta["splits"]
     train, val, test = (frc.split_indices(N_PHOTOS, 0))
     assert splits["training"] == sorted(faces.names[i] for i in train)
@@ -249,10 +263,63 @@ def test_bad_input(faces, tmp_path):
     (fresh / "meta.json").write_text((faces.data / "meta.json").read_text())
     assert "checkpoint.pt not found" in error("train", "--data-dir", fresh, "--resume", "--device", "cpu")
     assert "no training_set shards" in error("train", "--data-dir", fresh, "--device", "cpu")
-    usage = run(SCRIPT, "prepare", "--size", "384")
-    assert usage.returncode == 2 and "WIDTHxHEIGHT" in usage.stderr
+    assert "WIDTHxHEIGHT" in error("prepare", "--size", "384", status=2)   # argparse: one line too
 
 
 def test_torchrun_two_processes(faces, tmp_path):
     """DDP on the CPU (gloo): the same steps per epoch as one process, one model that plain eval loads."""
     check_face_torchrun(SCRIPT, faces.data, tmp_path, "--batch-size", 4)
+
+
+# ---- hostile input ----
+def test_eval_hostile_images_and_same_names(faces, tmp_path):
+    """Unreadable images are error objects and the run goes on; two photos of one name from two folders get two
+    files in --output-dir."""
+    same = []
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        same.append(Path(shutil.copy(faces.photos[0], tmp_path / folder / "photo.jpg")))
+    bad = hostile_images(tmp_path / "bad")
+    odd = odd_images(tmp_path / "odd")
+    out_dir = tmp_path / "annotated"
+    proc = run(SCRIPT, "eval", *same, *odd, *[p for p, _ in bad], "--data-dir", faces.data, "--json",
+               "--output-dir", out_dir, "--device", "cpu")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [obj["image"] for obj in lines] == [str(p) for p in [*same, *odd, *[p for p, _ in bad]]]
+    assert [obj["output"] for obj in lines[:2]] == [str(out_dir / "photo.png"), str(out_dir / "photo-2.png")]
+    assert all("boxes" in obj and Path(obj["output"]).exists() for obj in lines[:2 + len(odd)])
+    for obj, (_, words) in zip(lines[2 + len(odd):], bad):
+        assert obj["error"].startswith("cannot read image: ") and words in obj["error"], obj
+
+
+def test_eval_output_refusals(faces, tmp_path):
+    """--output takes one image and needs an existing folder: one line, status 2, before the model loads."""
+    line = assert_one_line_error(run_main(SCRIPT, "eval", *faces.photos, "--output", tmp_path / "x.png",
+                                          "--data-dir", faces.data), 2)
+    assert "takes one image, not 2" in line
+    line = assert_one_line_error(run_main(SCRIPT, "eval", faces.photos[0], "--output", tmp_path / "none" / "x.png",
+                                          "--data-dir", faces.data), 2)
+    assert "none" in line and "existing folder" in line
+    line = assert_one_line_error(run_main(SCRIPT, "eval", faces.photos[0], "--model", faces.data / "checkpoint.pt"), 1)
+    assert "checkpoint" in line
+
+
+def test_prepare_keeps_model_and_refuses_bad_csv(faces, tmp_path):
+    """prepare replaces shards and meta.json only; a CSV that is not UTF-8 is one line and changes nothing."""
+    data = tmp_path / "data"
+    shutil.copytree(faces.data, data)
+    kept = {k: v for k, v in tree_bytes(data).items() if not k.endswith(".pt.gz") and k != "meta.json"}
+    small = tmp_path / "small.csv"
+    faces.rows[faces.rows["Name"].isin(faces.names[:3])].to_csv(small, index=False)
+    args = ["prepare", "--image-dir", faces.img_dir, "--data-dir", data, "--workers", 1]
+    threads = torch.get_num_threads()
+    assert run_main(SCRIPT, *args, "--csv", small).returncode == 0
+    torch.set_num_threads(threads)   # the in-process worker set it to 1
+    after = tree_bytes(data)
+    assert all(after[k] == v for k, v in kept.items()) and json.loads(after["meta.json"])["photos"] == 3
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes("Name,xmin,ymin,xmax,ymax\nphoto\xe9.jpg,1,2,30,40\n".encode("latin-1"))
+    line = assert_one_line_error(run_main(SCRIPT, *args, "--csv", latin), 1)
+    assert str(latin) in line and "UTF-8" in line
+    assert tree_bytes(data) == after

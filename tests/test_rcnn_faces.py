@@ -1,14 +1,18 @@
-"""rcnn_faces.py end to end on a few dozen real photos (symlinked into tmp dirs), plus unit checks."""
+"""rcnn_faces.py end to end on a few dozen real photos (copied into tmp dirs), plus unit checks."""
 import csv
 import importlib.util
 import json
 import re
+import shutil
+
+from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
-from conftest import FACES_DIR, ROOT, assert_one_line_error, check_face_torchrun, run
+from conftest import (FACES_DIR, ROOT, assert_one_line_error, check_face_torchrun, hostile_images, odd_images,
+                      png_declaring, run, run_main, tree_bytes)
 
 SCRIPT = "rcnn_faces.py"
 N_PHOTOS = 30
@@ -24,7 +28,9 @@ def load_module():
 
 @pytest.fixture(scope="module")
 def faces(tmp_path_factory):
-    """Photo folder + CSV: N_PHOTOS good photos (few faces each), then bad rows of every kind."""
+    """Photo folder + CSV: N_PHOTOS good photos (few faces each, the last one in a subfolder), then bad rows of every
+    kind, hostile names among them (outside the folder, empty, a decompression bomb). Photos are copies: a symlink
+    out of the folder is refused."""
     if not (FACES_DIR / "bbox_train.csv").exists():
         pytest.skip(f"{FACES_DIR} not found")
     root = tmp_path_factory.mktemp("faces")
@@ -37,8 +43,14 @@ def faces(tmp_path_factory):
         by_photo.setdefault(r["Name"], []).append(r)
     names = [n for n in sorted(by_photo) if len(by_photo[n]) <= 4][:N_PHOTOS + 1]
     for n in names:
-        (img_dir / n).symlink_to(FACES_DIR / "image_data" / n)
+        shutil.copy(FACES_DIR / "image_data" / n, img_dir / n)
     good, all_bad = names[:N_PHOTOS], names[N_PHOTOS]
+    (img_dir / "sub").mkdir()                                                 # a subfolder is fine
+    (img_dir / good[-1]).rename(img_dir / "sub" / good[-1])
+    for r in by_photo[good[-1]]:
+        r["Name"] = f"sub/{good[-1]}"
+    by_photo[f"sub/{good[-1]}"] = by_photo.pop(good[-1])
+    good[-1] = f"sub/{good[-1]}"
     out = [r for n in good for r in by_photo[n]]
     first = dict(by_photo[good[0]][0])
     out.append({**first, "xmax": first["xmin"]})                               # zero-size box
@@ -47,6 +59,10 @@ def faces(tmp_path_factory):
     out.append({**first, "Name": "missing.jpg"})                              # photo not in the folder
     out.append({**first, "Name": "broken.jpg"})                               # unreadable photo
     (img_dir / "broken.jpg").write_bytes(b"this is not a jpeg")
+    (img_dir / "escape.jpg").symlink_to(FACES_DIR / "image_data" / good[0])
+    png_declaring(img_dir / "bomb.png", 15000, 15000)
+    for name in [f"../{good[0]}", str(FACES_DIR / "image_data" / good[0]), "escape.jpg", "", "bomb.png"]:
+        out.append({**first, "Name": name})                                   # 3 outside, empty, unreadable
     bad_only = dict(by_photo[all_bad][0])
     out.append({**bad_only, "ymax": bad_only["ymin"]})                        # its only row is bad
     csv_path = root / "boxes.csv"
@@ -80,12 +96,14 @@ def test_prepare_counts_skips_and_split_by_photo(faces, prepared):
     meta = json.loads((data / "meta.json").read_text())
     assert meta["kind"] == "rcnn_faces" and meta["script"] == "rcnn_faces.py"
     assert meta["skipped"] == {"non-numeric box": 1, "zero-size box": 2, "box outside photo": 1,
-                               "missing photo": 1, "unreadable photo": 1, "photo without a usable box": 3}
-    assert f"{N_PHOTOS} photos kept of {N_PHOTOS + 3}" in proc.stdout
+                               "missing photo": 1, "unreadable photo": 2, "Name outside --image-dir": 3,
+                               "empty Name": 1, "photo without a usable box": 8}
+    assert f"{N_PHOTOS} photos kept of {N_PHOTOS + 8}" in proc.stdout
+    assert "bomb.png (row" in proc.stdout and "pixels" in proc.stdout
     assert "missing.jpg" in proc.stdout and "broken.jpg" in proc.stdout and faces["all_bad"] in proc.stdout
     splits = meta["splits"]
     assert [len(splits[s]) for s in ("training", "validating", "testing")] == [24, 3, 3]
-    assert sorted(splits["training"] + splits["validating"] + splits["testing"]) == faces["good"]  # disjoint, complete
+    assert sorted(splits["training"] + splits["validating"] + splits["testing"]) == sorted(faces["good"])
     assert set(meta["boxes"]) == set(splits["validating"] + splits["testing"])
     mod = load_module()
     for split in ("training", "validating", "testing"):
@@ -260,3 +278,72 @@ def test_run_epoch_balanced_accuracy_by_hand():
     assert sums[1:] == [0.0, 2.0, 6.0, 2.0]            # correct backgrounds, correct faces, backgrounds, faces
     loss, bacc = mod.crop_scores(sums)
     assert bacc == pytest.approx(0.5) and loss > 0
+
+
+# ---- hostile input ----
+def test_eval_hostile_images_and_same_names(faces, trained, tmp_path):
+    """Unreadable images are error objects and the run goes on; two photos of one name from two folders (and an
+    image of another format with that name) get three files in --output-dir."""
+    photo = faces["img_dir"] / faces["good"][0]
+    same = []
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        same.append(Path(shutil.copy(photo, tmp_path / folder / "photo.jpg")))
+    Image.open(photo).save(tmp_path / "photo.png")
+    same.append(tmp_path / "photo.png")
+    bad = hostile_images(tmp_path / "bad")
+    odd = odd_images(tmp_path / "odd")
+    out_dir = tmp_path / "annotated"
+    proc = run(SCRIPT, "eval", *same, *odd, *[p for p, _ in bad], "--data-dir", trained[0], "--json",
+               "--output-dir", out_dir, "--threshold", 0.5, "--device", "cpu")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [obj["image"] for obj in lines] == [str(p) for p in [*same, *odd, *[p for p, _ in bad]]]
+    assert [obj["output"] for obj in lines[:3]] == [str(out_dir / f"photo{n}.png") for n in ("", "-2", "-3")]
+    assert all("boxes" in obj and Path(obj["output"]).exists() for obj in lines[:3 + len(odd)])
+    for obj, (_, words) in zip(lines[3 + len(odd):], bad):
+        assert obj["error"].startswith("cannot read image: ") and words in obj["error"], obj
+
+
+def test_eval_output_refusals(faces, trained, tmp_path):
+    """--output takes one image (a second one from stdin is an error object, the first result stays); a missing
+    folder, a folder as --output or a file as --output-dir: one line, status 2, before the model loads."""
+    photos = [faces["img_dir"] / n for n in faces["good"][:2]]
+    out = tmp_path / "out.png"
+    line = assert_one_line_error(run_main(SCRIPT, "eval", *photos, "--output", out, "--data-dir", trained[0]), 2)
+    assert "takes one image, not 2" in line and "--output-dir" in line
+    for option, value in [("--output", tmp_path / "none" / "x.png"), ("--output", tmp_path),
+                          ("--output-dir", faces["csv"])]:
+        line = assert_one_line_error(run_main(SCRIPT, "eval", photos[0], option, value, "--model", tmp_path), 2)
+        assert str(value) in line
+    line = assert_one_line_error(run_main(SCRIPT, "eval", tmp_path, "--data-dir", trained[0]), 1)
+    assert "no images" in line
+    line = assert_one_line_error(run_main(SCRIPT, "eval", photos[0], "--model", trained[0] / "checkpoint.pt"), 1)
+    assert "checkpoint" in line
+    proc = run_main(SCRIPT, "eval", "--output", out, "--json", "--data-dir", trained[0], "--device", "cpu",
+                    stdin=f"{photos[0]}\n{photos[1]}\n")
+    first, second = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert proc.returncode == 1 and first["output"] == str(out) and "earlier image" in second["error"]
+
+
+def test_prepare_keeps_model_and_refuses_bad_csv(faces, trained, tmp_path):
+    """prepare replaces shards and meta.json only; a CSV that is not UTF-8 or crossed IoU options are one line."""
+    data = tmp_path / "data"
+    shutil.copytree(trained[0], data)
+    kept = {k: v for k, v in tree_bytes(data).items() if not k.endswith(".pt.gz") and k != "meta.json"}
+    small = tmp_path / "small.csv"
+    rows = (faces["csv"].read_text().splitlines())
+    small.write_text("\n".join(rows[:1] + [r for r in rows if r.split(",")[0] in faces["good"][:3]]) + "\n")
+    args = ["prepare", "--image-dir", faces["img_dir"], "--data-dir", data, "--workers", 1, "--search-side", 100]
+    assert run_main(SCRIPT, *args, "--csv", small).returncode == 0
+    after = tree_bytes(data)
+    assert all(after[k] == v for k, v in kept.items())
+    counts = json.loads(after["meta.json"])["counts"]
+    assert sum(counts[split]["photos"] for split in ("training", "validating", "testing")) == 3
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes("Name,xmin,ymin,xmax,ymax\nphoto\xe9.jpg,1,2,30,40\n".encode("latin-1"))
+    line = assert_one_line_error(run_main(SCRIPT, *args, "--csv", latin), 1)
+    assert str(latin) in line and "UTF-8" in line
+    line = assert_one_line_error(run_main(SCRIPT, *args, "--csv", small, "--pos-iou", 0.3, "--neg-iou", 0.6), 2)
+    assert "--neg-iou" in line
+    assert tree_bytes(data) == after
