@@ -1,0 +1,289 @@
+"""Hostile and clumsy input, across cifar_lenet.py, cifar_resnet.py, rcnn_faces.py and fast_rcnn_faces.py:
+- the shared helpers are the same text in every script, and every read of user data goes through them;
+- every numeric option is checked by argparse: one line, status 2, nothing created;
+- --data-dir that is a file or not writable is refused before any work;
+- prepare and train hold DATA_DIR: a second command fails at once naming the first;
+- prepare swaps complete data in: an error or Ctrl-C at any point leaves the old files byte for byte.
+Commands that must stop before any work run in-process (conftest.run_main: the same main(), without the seconds of
+an interpreter start); the rest run as subprocesses (test_fast_rcnn_faces.py has a bad option through a real one).
+"""
+import ast
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import CIFAR_DIR, ROOT, assert_one_line_error, load_script, run_main, tree_bytes
+
+SCRIPTS = ["cifar_lenet.py", "cifar_resnet.py", "rcnn_faces.py", "fast_rcnn_faces.py"]
+FACES = ["rcnn_faces.py", "fast_rcnn_faces.py"]
+# helpers that must be the same text (compared as ASTs) in all four scripts, and in captcha.py once it has them
+SHARED = ["UserError", "load_image", "image_to_tensor", "save_shard", "load_shard", "atomic_path", "atomic_torch_save",
+          "atomic_write_text", "list_images", "write_split", "read_split", "read_text", "read_meta", "staging_dir",
+          "swap_prepared", "save_prepared", "seed_everything", "pick_device", "progress", "CHECKPOINT_KEYS",
+          "load_model_file", "save_history", "main_process", "setup_distributed", "rank_and_world", "epoch_batches",
+          "shard", "sum_over_processes", "mean_over_processes", "sync_buffers", "wrap_model", "amp_dtype", "autocast",
+          "open_tensorboard", "log_epoch", "append_run", "grid_runs", "parse_number", "positive_int", "nonneg_int",
+          "nonneg_float", "probability", "seed_int", "worker_count", "lock_data_dir",
+          "start_worker", "OneLineParser", "cmd_train", "iter_eval_inputs", "add_scale_options", "main"]
+FACE_SHARED = ["photo_path", "OutputFiles"]
+# every call that reads a file, and the only functions allowed to make it (they turn failures into UserError)
+READERS = {"open": {"setup_distributed", "lock_data_dir"}, "os.open": {"lock_data_dir"}, "Image.open": {"load_image"},
+           "gzip.open": {"load_shard"}, "torch.load": {"load_shard", "load_model_file"},
+           "pd.read_csv": {"read_boxes_csv", "read_face_csv"}, ".read_text": {"read_text"}, ".read_bytes": set(),
+           ".open": set(), "json.load": set(), "json.loads": {"read_meta"}, "np.load": set(), "cv2.imread": set(),
+           "csv.reader": set(), "csv.DictReader": {"append_run"}}
+
+
+def top_level(script):
+    """{name: AST node} of the top-level functions, classes and constants of a script."""
+    nodes = {}
+    for node in ast.parse((ROOT / script).read_text()).body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            nodes[node.name] = node
+        elif isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
+            nodes[node.targets[0].id] = node
+    return nodes
+
+
+def call_name(node):
+    """'open', 'torch.load', '.read_text' (a method of anything else) for a Call node."""
+    func = node.func
+    if isinstance(func, ast.Name):
+        return func.id
+    if isinstance(func, ast.Attribute):
+        return f"{func.value.id}.{func.attr}" if isinstance(func.value, ast.Name) else f".{func.attr}"
+    return ""
+
+
+# ---- one text, one way in ----
+@pytest.mark.parametrize("names,scripts", [(SHARED, SCRIPTS), (FACE_SHARED, FACES)], ids=["all", "faces"])
+def test_shared_helpers_are_one_text(names, scripts):
+    trees = {script: top_level(script) for script in scripts}
+    for name in names:
+        dumps = {script: ast.dump(trees[script][name]) for script in scripts if name in trees[script]}
+        assert len(dumps) == len(scripts), f"{name} missing in {set(scripts) - set(dumps)}"
+        assert len(set(dumps.values())) == 1, f"{name} differs between {scripts}"
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_files_are_read_only_by_the_reading_functions(script):
+    """The grep-able guarantee: open/Image.open/torch.load/gzip.open/read_csv/read_text/... of user data appear only
+    inside the few reading functions, which turn every failure into the one-line UserError."""
+    misplaced = []
+    for name, node in top_level(script).items():
+        for call in ast.walk(node):
+            if isinstance(call, ast.Call):
+                reader = call_name(call)
+                key = reader if reader in READERS or "." not in reader else "." + reader.split(".")[-1]
+                if key in READERS and name not in READERS[key]:
+                    misplaced.append(f"{reader} in {name} (line {call.lineno})")
+    assert not misplaced, misplaced
+
+
+# ---- options checked before any work ----
+COMMON_BAD = [["train", "--epochs", "0"], ["train", "--epochs", "2.5"], ["train", "--batch-size", "0"],
+              ["train", "--lr", "-1"], ["train", "--lr", "nan"], ["train", "--patience", "0"],
+              ["train", "--seed", "-1"], ["train", "--histogram-every", "-1"], ["prepare", "--workers", "0"],
+              ["prepare", "--workers", "100000"], ["prepare", "--seed", "abc"], ["eval", "--device", "tpu"]]
+SCRIPT_BAD = {
+    "cifar_lenet.py": [["train", "--label-smoothing", "1.5"], ["train", "--weight-decay", "-0.1"]],
+    "cifar_resnet.py": [["train", "--lr", "inf"]],
+    "rcnn_faces.py": [["prepare", "--pos-iou", "1.5"], ["prepare", "--neg-iou", "-0.1"],
+                      ["prepare", "--crop-size", "0"], ["prepare", "--search-side", "0"],
+                      ["prepare", "--max-proposals", "0"], ["prepare", "--backgrounds", "-1"],
+                      ["train", "--width", "0"], ["train", "--threshold", "2"], ["train", "--nms-iou", "-1"],
+                      ["eval", "--threshold", "1.01"], ["eval", "--search-side", "0"]],
+    "fast_rcnn_faces.py": [["prepare", "--size", "0x0"], ["prepare", "--size", "100000x100000"],
+                           ["prepare", "--ss-side", "0"], ["prepare", "--proposals", "-1"], ["train", "--width", "0"],
+                           ["train", "--nms-iou", "2"], ["eval", "--threshold", "-0.5"]],
+}
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_numeric_options_out_of_range(script, tmp_path):
+    for args in COMMON_BAD + SCRIPT_BAD[script]:
+        proc = run_main(script, *args, "--data-dir", tmp_path / "data")
+        line = assert_one_line_error(proc, 2)
+        assert line.startswith("error: ") and args[1] in line, (args, line)
+        assert not (tmp_path / "data").exists(), args
+    # --grid values go through the same checks
+    line = assert_one_line_error(run_main(script, "train", "--data-dir", tmp_path / "data", "--grid", "epochs=1,0"), 2)
+    assert "--grid epochs=1,0" in line and "at least 1" in line
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_data_dir_not_a_writable_folder(script, tmp_path):
+    a_file = tmp_path / "data"
+    a_file.write_text("not a folder")
+    for command in (["prepare", "--image-dir", tmp_path], ["train"]):
+        line = assert_one_line_error(run_main(script, *command, "--data-dir", a_file), 2)
+        assert str(a_file) in line and "not a folder" in line
+    assert a_file.read_text() == "not a folder"
+    if os.geteuid() == 0:
+        read_only = "/proc"  # root writes anywhere except where the kernel refuses
+    else:
+        read_only = tmp_path / "ro"
+        read_only.mkdir(mode=0o555)
+    for command in (["prepare", "--image-dir", tmp_path], ["train"]):
+        line = assert_one_line_error(run_main(script, *command, "--data-dir", read_only), 2)
+        assert "not writable" in line
+
+
+# ---- one command per DATA_DIR ----
+def synthetic_cifar(data_dir, n=64):
+    """A prepared CIFAR-style DATA_DIR of random images, written by the script's own save_prepared."""
+    module = load_script("cifar_lenet.py")
+    images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(n) % 3
+    meta = {"kind": "cifar", "script": "cifar_lenet", "labels": ["a", "b", "c"], "image_size": 32,
+            "mean": [0.5] * 3, "std": [0.25] * 3}
+    data_dir.mkdir()
+    module.save_prepared(data_dir, {name: (images, labels) for name in module.SPLITS}, meta)
+    return data_dir
+
+
+def test_second_command_on_a_data_dir_fails_at_once(tmp_path):
+    """train holds DATA_DIR: prepare and another train fail at once naming it; Ctrl-C ends train cleanly and the
+    lock goes with it."""
+    data = synthetic_cifar(tmp_path / "data")
+    cmd = [sys.executable, str(ROOT / "cifar_lenet.py"), "train", "--data-dir", str(data), "--epochs", "100000",
+           "--batch-size", "16", "--device", "cpu"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # see test_captcha
+    try:
+        deadline, holder = time.time() + 120, ""
+        while "train" not in holder and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.1)
+            holder = (data / ".lock").read_text() if (data / ".lock").exists() else ""
+        assert proc.poll() is None and f"pid {proc.pid} " in holder, proc.communicate()
+        before = tree_bytes(data)
+        for script, args in [("cifar_lenet.py", ["prepare", "--image-dir", tmp_path, "--workers", 1]),
+                             ("cifar_resnet.py", ["train", "--epochs", 1, "--device", "cpu"])]:
+            line = assert_one_line_error(run_main(script, *args, "--data-dir", data), 1)
+            assert f"in use by pid {proc.pid} " in line and "cifar_lenet.py train" in line
+        assert all(before[name] == data.joinpath(name).read_bytes() for name in before if name.endswith(".pt.gz"))
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err, err
+    assert not (data / ".lock").exists() and not list(data.glob("*.tmp*"))
+
+
+# ---- prepare: nothing lost ----
+@pytest.fixture(scope="module")
+def cifar_source(tmp_path_factory):
+    if not CIFAR_DIR.exists():
+        pytest.skip(f"{CIFAR_DIR} not found")
+    src = tmp_path_factory.mktemp("cifar_src")
+    shutil.copy(CIFAR_DIR / "labels.txt", src / "labels.txt")
+    (src / "train").mkdir()
+    for path in sorted((CIFAR_DIR / "train").iterdir())[:40]:
+        (src / "train" / path.name).symlink_to(path)
+    return src
+
+
+@pytest.fixture
+def prepared_with_model(cifar_source, tmp_path):
+    """DATA_DIR with prepared data and the files of a training run, which a prepare must leave alone."""
+    data = tmp_path / "data"
+    assert run_main("cifar_lenet.py", "prepare", "--image-dir", cifar_source, "--data-dir", data, "--workers", 1,
+                    "--seed", 5).returncode == 0
+    for name in ("model.pt", "checkpoint.pt", "history.csv", "runs.csv"):
+        (data / name).write_bytes(os.urandom(64))
+    return data
+
+
+def leftovers(data):
+    """Temporary folders and files of a prepare left next to or in DATA_DIR."""
+    return [p.name for p in [*data.parent.iterdir(), *data.iterdir()] if ".prepare-" in p.name or ".tmp" in p.name
+            or p.name == ".lock"]
+
+
+def test_prepare_interrupted_or_failing_at_every_rename(cifar_source, prepared_with_model, monkeypatch):
+    """Ctrl-C or a write error at each file rename of prepare (shards and meta.json into the new folder, old files
+    aside, new files in): the old data are as they were, byte for byte, and nothing is left behind; a complete
+    prepare replaces shards and meta.json and keeps the rest."""
+    data = prepared_with_model
+    before = tree_bytes(data)
+    args = ["prepare", "--image-dir", cifar_source, "--data-dir", data, "--workers", 1]
+    real_replace, calls = os.replace, []
+
+    def replace(src, dst):
+        calls.append(dst)
+        if len(calls) == fail_at:
+            raise failure
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    fail_at, failure = 0, None
+    assert run_main("cifar_lenet.py", *args, "--seed", 5).returncode == 0   # counts the renames (same data again)
+    renames = len(calls)
+    assert tree_bytes(data) == before and renames >= 10, calls   # 3 shards + meta, twice, and the old ones aside
+    for fail_at in range(1, renames + 1):
+        for failure in (KeyboardInterrupt(), OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))):
+            calls.clear()
+            proc = run_main("cifar_lenet.py", *args, "--seed", 1)
+            if isinstance(failure, KeyboardInterrupt):
+                assert proc.returncode == 130 and "interrupted" in proc.stderr, (fail_at, proc.stderr)
+            else:
+                assert "No space left" in assert_one_line_error(proc, 1)
+            assert tree_bytes(data) == before, (fail_at, calls[-1])
+            assert not leftovers(data), (fail_at, leftovers(data))
+    fail_at = 0
+    assert run_main("cifar_lenet.py", *args, "--seed", 1).returncode == 0
+    after = tree_bytes(data)
+    assert sorted(after) == sorted(before) and not leftovers(data)
+    assert all(after[name] == before[name] for name in ("model.pt", "checkpoint.pt", "history.csv", "runs.csv"))
+    assert json.loads(after["meta.json"])["seed"] == 1
+    assert after["training_set.0.pt.gz"] != before["training_set.0.pt.gz"]
+
+
+INTERRUPT_AT_RENAME = """
+import os, runpy, signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)   # a background job's child starts with SIGINT ignored
+real_replace, calls, at = os.replace, [], int(os.environ["INTERRUPT_AT_RENAME"])
+def replace(src, dst):
+    calls.append(dst)
+    if len(calls) == at:
+        signal.raise_signal(signal.SIGINT)   # Ctrl-C, delivered as to any process
+    return real_replace(src, dst)
+os.replace = replace
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_prepare_ctrl_c_mid_swap_end_to_end(cifar_source, prepared_with_model):
+    """A real SIGINT to a real prepare while it swaps (old shards aside, new ones half in): old data intact."""
+    data = prepared_with_model
+    before = tree_bytes(data)
+    env = dict(os.environ, INTERRUPT_AT_RENAME="10", PYTHONWARNINGS="ignore")
+    proc = subprocess.run([sys.executable, "-c", INTERRUPT_AT_RENAME, str(ROOT / "cifar_lenet.py"), "prepare",
+                           "--image-dir", str(cifar_source), "--data-dir", str(data), "--workers", "2", "--seed", "1"],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert proc.returncode == 130 and "interrupted" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert tree_bytes(data) == before and not leftovers(data)
+
+
+def test_staging_folders_of_killed_runs_are_cleared(prepared_with_model):
+    """A prepare killed with SIGKILL leaves its folder next to DATA_DIR: the next prepare removes it (it holds the
+    lock, so no other prepare is using it), unless it holds the old data of a swap cut short."""
+    data = prepared_with_model
+    stale = data.parent / f"{data.name}.prepare-999999-dead"
+    (stale / "junk").mkdir(parents=True)
+    kept = data.parent / f"{data.name}.prepare-999998-swap"
+    (kept / "previous").mkdir(parents=True)
+    module = load_script("cifar_lenet.py")
+    with module.staging_dir(data) as staged:
+        assert staged.parent == data.parent and staged.name.startswith(f"{data.name}.prepare-{os.getpid()}-")
+        assert not stale.exists() and kept.exists()
+    assert not staged.exists()
