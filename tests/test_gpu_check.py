@@ -60,8 +60,8 @@ def test_cpu_dry_run(tmp_path, shared_datasets):
                                                                                "faces": "ok"}
     steps = {s["step"]: s for s in report["steps"]}
     assert sorted(steps) == [1, 2, 3, 4, 5, 6, 7]
-    assert {n: s["status"] for n, s in steps.items()} == {1: "ok", 2: "skipped", 3: "ok", 4: "ok", 5: "ok", 6: "ok",
-                                                          7: "skipped"}
+    assert {n: s["status"] for n, s in steps.items()} == {1: "ok", 2: "skipped", 3: "skipped", 4: "ok", 5: "ok",
+                                                          6: "ok", 7: "skipped"}
     for n, key in ((1, "val_top1"), (4, "val_exact"), (5, "val_ap50")):
         epochs = steps[n]["epochs"]
         assert len(epochs) == 1 and epochs[0]["epoch"] == 1
@@ -69,15 +69,13 @@ def test_cpu_dry_run(tmp_path, shared_datasets):
         for r in steps[n]["runs"]:
             assert r["status"] == "ok" and is_number(r["wall_s"]) and r["device_printed"] == "cpu"
     assert steps[1]["train_images"] == 18 and steps[1]["val_images"] == 2
-    assert steps[3]["steps_per_epoch"] == steps[3]["steps_one_process"] == 1
-    assert steps[3]["checks"] == {"same steps per epoch as one process": True, "model.pt without module. prefix": True}
-    assert steps[3]["model"]["saved_on"] == ["cpu"]
     ev = steps[5]["eval"]
     assert ev["ok"] and ev["answers"] == 2 and is_number(ev["seconds_per_image"])
     models = steps[6]["models"]
     assert sorted(models) == ["captcha", "cifar_resnet", "fast_rcnn_faces"]
     for name, res in models.items():
         cpu = res["cpu"]
+        assert name == "fast_rcnn_faces" or res["model"] == {"saved_on": ["cpu"], "module_prefix": False}
         assert cpu["ok"] and cpu["device_printed"] == "cpu" and cpu["cuda_hidden"], (name, res)
         assert cpu["answers"] == cpu["images"] > 0 and cpu["errors"] == 0
     assert all(steps[6]["checks"].values())
