@@ -273,11 +273,14 @@ class Check:
         return self.deadline - now()
 
     # ---- running commands ----
-    def run(self, name, cmd, timeout, env=None, min_seconds=3.0):
+    def run(self, name, cmd, timeout, env=None, min_seconds=3.0, nice=False):
         """Run a command in its own process group; stop it with SIGINT (then SIGKILL) after `timeout` seconds or
-        at the global deadline. Returns a record with status ok / failed / timeout / not run, and its output."""
+        at the global deadline. Returns a record with status ok / failed / timeout / not run, and its output.
+        nice: at a lower CPU priority (background preparation beside a GPU step)."""
         timeout = min(timeout, self.left() - self.grace)
-        shown = " ".join(short(c) for c in cmd).replace(PY, "python")
+        if nice and shutil.which("nice"):
+            cmd = [shutil.which("nice"), "-n", "10", *cmd]
+        shown = " ".join(short(c) for c in cmd).replace(PY, "python").replace(str(shutil.which("nice")), "nice")
         rec = {"name": name, "cmd": shown, "status": "not run", "timeout_s": round(max(timeout, 0), 1)}
         if self.aborting or timeout < min_seconds:
             rec["reason"] = "interrupted" if self.aborting else f"no time left ({max(timeout, 0):.0f} s)"
@@ -512,11 +515,11 @@ class Check:
         images = self.work / f"captchas_{self.sizes['captchas']}"
         gen = self.run("generate captchas", self.python("generate-captcha/generate.py", "--count", self.sizes["captchas"],
                                                         "--output", images, "--seed", 0, "--clean"),
-                       self.part(until, [10]) - now())
+                       self.part(until, [10]) - now(), nice=not self.tiny)
         if gen["status"] != "ok":
             return [gen]
         return [gen, self.run("prepare captcha", self.python("captcha.py", "prepare", "--image-dir", images,
-                                                             "--data-dir", folder), until - now())]
+                                                             "--data-dir", folder), until - now(), nice=not self.tiny)]
 
     def face_csv(self, n):
         """The CSV rows of the first n photos (sorted names) that exist: prepare then reads only those photos,
@@ -538,7 +541,7 @@ class Check:
                                                                self.data / "faces" / "image_data", "--csv",
                                                                self.face_csv(n or self.sizes["faces"]),
                                                                "--data-dir", folder, "--workers", self.cores),
-                         until - now())]
+                         until - now(), nice=not self.tiny)]
 
     def make_rcnn(self, folder, until):
         return self.make_faces(folder, until, "rcnn_faces.py", self.sizes["rcnn_photos"])
@@ -1013,8 +1016,8 @@ class Check:
                     "gpu_memory_before_mib is the last sample before it started")
         self.result["measurement_notes"].append(
             "images/s and seconds per epoch are the scripts' own history.csv figures (training pass only for "
-            "cifar; captcha's seconds include validation); prepare of captchas and faces ran on the CPU in the "
-            "background during steps 1-3, which may slow their first epochs slightly")
+            "cifar; captcha's seconds include validation); captchas and faces were prepared on the CPU in the "
+            "background (nice 10) during steps 1-3, which may slow those steps slightly")
         background = None
 
         def start_background(budget):   # captchas and faces are prepared on the CPU while steps 1-3 use the GPU

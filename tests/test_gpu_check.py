@@ -1,5 +1,6 @@
-"""benchmarks/gpu_check.py: its CPU dry run on tiny real data (every step still works), its full GPU schedule on
-simulated scripts (steps 2, 3, 6, 7 and the budgets, which only a GPU run reaches), and its command timeouts."""
+"""benchmarks/gpu_check.py: its CPU dry run on tiny real data (steps 1, 4, 5, 6 still work with the scripts as
+they are), its full GPU schedule on simulated scripts (steps 2, 3 and 7, the device-versus-CPU evals and the time
+budgets, which only a GPU run reaches), and its command timeouts."""
 import argparse
 import csv
 import importlib.util
