@@ -1078,7 +1078,9 @@ class Check:
             rows.append((f"prepare {name}", p.get("status"), p.get("seconds"), "reused" if p.get("reused") else
                          json.dumps(p.get("counts"))[:70]))
         for st in r["steps"]:
-            rows.append((f"{st['step']}", st["status"], st.get("seconds"), self.summary(st)))
+            text = self.summary(st)
+            rows.append((f"{st['step']}", st["status"], st.get("seconds"), text[:117] + "..." if len(text) > 120
+                         else text))
         width = [max(len(str(row[i])) for row in rows) for i in range(3)]
         lines = [head, ""] + ["  ".join(str(c).ljust(width[i]) if i < 3 else str(c) for i, c in enumerate(row))
                               for row in rows]
@@ -1115,7 +1117,7 @@ class Check:
             if "compile_seconds_estimate" in st:
                 parts.append(f"compile ~{st['compile_seconds_estimate']} s")
             return ", ".join(parts) + mib(peak)
-        if n == 3:
+        if n == 3 and st.get("nproc_per_node"):
             return (f"{st.get('nproc_per_node')} process(es), process group {st.get('process_group_backend')}, steps {st.get('steps_per_epoch')} vs {st.get('steps_one_process')}"
                     f" one process, eval {'ok' if (st.get('eval') or {}).get('ok') else 'FAILED'}{mib(peak)}")
         if n == 5 and st.get("epochs"):
