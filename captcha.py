@@ -1,14 +1,16 @@
-"""Read 4-character captchas with a small ResNet: one softmax per code position.
+"""Read captchas of any length with a small ResNet: one softmax per code position, plus an end symbol.
 
 Usage:
-    python captcha.py prepare [--image-dir generate-captcha/output] [--charset a-z0-9] [--length 4]
+    python captcha.py prepare [--image-dir generate-captcha/output] [--labels FILE] [--charset auto] [--length auto]
     python captcha.py train   [--epochs N] [--device auto] [--resume]
     python captcha.py eval    [IMAGE_OR_FOLDER ...] [--json]
     torchrun --standalone --nproc_per_node=N captcha.py train [...]   # DDP over N processes/GPUs (README.md)
 
-Data: a folder of images named PREFIX-CODE.ext (png, jpg, jpeg, gif, bmp, webp; the file content decides
-the format), e.g. `00042-8cA6.png`. Codes are lower-cased unless --case-sensitive; names whose code has the
-wrong length or characters outside --charset are skipped and counted.
+Data: a folder of images (png, jpg, jpeg, gif, bmp, webp; the file content decides the format) named
+CODE.ext or PREFIX-CODE.ext (the code is the name after its last '-': `2b827.png`, `00042-8cA6.png`), or any
+names listed with their codes in a --labels file (CSV `file,code` or `file code` lines). Codes are lower-cased
+unless --case-sensitive; the charset is what the codes use (--charset auto) and codes of several lengths may
+be mixed (--length auto). Names whose code breaks a rule are skipped and counted.
 Result: see README.md (held-out exact-match accuracy, images/s, machine).
 """
 import argparse
@@ -42,18 +44,28 @@ SCRIPT = Path(__file__).stem
 DATA_KIND = SCRIPT
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp"}
 SHARD_SIZE = 1000
-CHARSETS = {  # --charset accepts one of these names or a literal string of characters
+CHARSETS = {  # --charset accepts auto (the characters of the codes), one of these names, or a literal string
     "a-z0-9": "0123456789abcdefghijklmnopqrstuvwxyz",
     "A-Za-z0-9": "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz",
     "0-9": "0123456789",
     "a-z": "abcdefghijklmnopqrstuvwxyz",
 }
-LENGTH = 4
-LABEL_REGEX = r"^.*-([^-]+)\.[^.]+$"       # PREFIX-CODE.ext: the code is after the last '-'
-# Input 40x96 (H,W). The tutorial resized to 24x56 and ran a full ResNet-18 on it at 45 images/s here.
-# A captcha character is ~30 px wide at 120x50; 40x96 keeps strokes 1-2 px wide and a stride-2 stem
-# makes the network cheaper than the tutorial's while it sees 3x more pixels.
-IMAGE_SIZE = (40, 96)
+LABEL_REGEX = r"^(?:.*-)?([^-]+)\.[^.]+$"   # the code: the file name after its last '-', or the whole stem
+MAX_LENGTH = 16           # longest code a model reads; longer codes are skipped
+MAX_LABELS_BYTES = 64 << 20   # a --labels file larger than this is refused
+LABEL_HEADERS = {"file", "filename", "file_name", "name", "image", "path"}   # first column of an optional header
+# Input 40 px high, as wide as the images' median aspect ratio (a multiple of 8): 40x96 for 120x50 captchas,
+# 40x160 for 200x50 ones. The tutorial resized to 24x56 and ran a full ResNet-18 on it at 45 images/s here;
+# 40 px keeps strokes 1-2 px wide, and a stride-2 stem makes the network cheaper than the tutorial's.
+IMAGE_HEIGHT = 40
+WIDTH_RANGE = (48, 256)
+ASPECT_SAMPLE = 200       # images whose size decides the width with --image-size auto
+# Split: validation and test each take 10% (at most 1,000 images); a set under 2,000 images keeps no test split
+# (its validation score is the estimate) so that a few hundred labels are not spent on testing.
+SPLIT_FRACTION, SPLIT_MAX, TEST_MIN_SET = 0.1, 1000, 2000
+# An epoch is at least EPOCH_SIZE training images: a small set is repeated (each copy augmented afresh), so the
+# schedule has enough optimizer steps and early stopping still judges whole epochs.
+EPOCH_SIZE = 5000
 CPU_BF16 = False         # bf16 autocast on the CPU: measured slower than fp32 for this network
 
 
@@ -94,6 +106,9 @@ def preprocess(x):
 
 
 def resolve_charset(name, case_sensitive):
+    """--charset NAME|STRING -> the characters, in order; None for auto (taken from the codes in prepare)."""
+    if name == "auto":
+        return None
     chars = CHARSETS.get(name, name)
     if not case_sensitive:
         chars = chars.lower()
@@ -103,18 +118,85 @@ def resolve_charset(name, case_sensitive):
     return chars
 
 
+def check_code(code, charset, length, case_sensitive):
+    """A code as written -> (code, None) or (None, reason). charset/length None: any (auto)."""
+    code = code.strip() if case_sensitive else code.strip().lower()
+    if not code:
+        return None, "empty code"
+    if any(c.isspace() or not c.isprintable() for c in code):
+        return None, "code with spaces or control characters"
+    if length is not None and len(code) != length:
+        return None, f"code of length {len(code)}, not {length}"
+    if len(code) > MAX_LENGTH:
+        return None, f"code longer than {MAX_LENGTH} characters"
+    bad = sorted(set(code) - set(charset)) if charset is not None else []
+    if bad:
+        return None, f"characters outside the charset: {''.join(bad)}"
+    return code, None
+
+
 def parse_code(name, regex, charset, length, case_sensitive):
     """File name -> (code, None) or (None, reason)."""
     match = regex.match(name)
     if not match:
         return None, "no code in the name"
-    code = match.group(1) if case_sensitive else match.group(1).lower()
-    if len(code) != length:
-        return None, f"code of length {len(code)}, not {length}"
-    bad = sorted(set(code) - set(charset))
-    if bad:
-        return None, f"characters outside the charset: {''.join(bad)}"
-    return code, None
+    return check_code(match.group(1), charset, length, case_sensitive)
+
+
+def read_labels(path, image_dir):
+    """--labels FILE -> ({image path: code as written}, {reason: [line numbers]}). CSV lines `file,code` or
+    whitespace-separated `file code` lines, an optional header; a file must resolve inside image_dir."""
+    path, root = Path(path), Path(image_dir).resolve()
+    try:
+        if path.stat().st_size > MAX_LABELS_BYTES:
+            raise UserError(f"--labels {path}: larger than {MAX_LABELS_BYTES >> 20} MB")
+        text = path.read_bytes().decode("utf-8-sig")
+    except FileNotFoundError:
+        raise UserError(f"--labels {path}: file not found")
+    except UnicodeDecodeError:
+        raise UserError(f"--labels {path}: not UTF-8 text; save it as UTF-8")
+    except OSError as e:
+        raise UserError(f"--labels {path}: cannot read ({e.strerror or e})")
+    lines = text.splitlines()
+    first = next((line for line in lines if line.strip()), "")
+    rows = csv.reader(lines) if "," in first else (line.split(None, 1) for line in lines)
+    labels, skipped = {}, {}
+    for number, row in enumerate(rows, 1):
+        row = [cell.strip() for cell in row]
+        if not any(row):
+            continue
+        if len(row) < 2 or not row[0] or not row[1]:
+            skipped.setdefault("line without a file name and a code", []).append(f"line {number}")
+            continue
+        if not labels and not skipped and row[0].lower() in LABEL_HEADERS:
+            continue   # a header line
+        target = (root / row[0]).resolve()
+        if not target.is_relative_to(root):
+            skipped.setdefault("file outside --image-dir", []).append(row[0])
+        elif target in labels:
+            skipped.setdefault("file listed twice (first code kept)", []).append(row[0])
+        else:
+            labels[target] = row[1]
+    return labels, skipped
+
+
+def length_text(lengths):
+    """[3, 4, 5] -> '3-5', [4] -> '4'."""
+    return str(lengths[0]) if len(lengths) == 1 else f"{lengths[0]}-{lengths[-1]}"
+
+
+def auto_image_size(paths):
+    """(IMAGE_HEIGHT, width) with the width from the median aspect ratio of up to ASPECT_SAMPLE images."""
+    step = max(1, len(paths) // ASPECT_SAMPLE)
+    ratios = []
+    for p in paths[::step]:
+        try:
+            with Image.open(p) as img:   # reads the header only
+                ratios.append(img.width / max(img.height, 1))
+        except (OSError, ValueError, Image.DecompressionBombError):
+            pass
+    ratio = float(np.median(ratios)) if ratios else 2.4
+    return IMAGE_HEIGHT, int(np.clip(round(IMAGE_HEIGHT * ratio / 8) * 8, *WIDTH_RANGE))
 
 
 def decode_file(path, image_size):
@@ -167,10 +249,20 @@ def list_images(folder):
     return sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
 
 
-def split_indices(n, seed, fractions=(0.8, 0.1, 0.1)):
-    """Deterministic train/val/test split of range(n): same n and seed -> same split."""
+def split_sizes(n, split):
+    """Images for (train, validation, test) out of n: --split auto (see SPLIT_FRACTION) or percentages T/V/T."""
+    if split == "auto":
+        n_val = min(max(round(SPLIT_FRACTION * n), 1), SPLIT_MAX) if n > 1 else 0
+        n_test = n_val if n >= TEST_MIN_SET else 0
+    else:
+        n_val, n_test = (round(n * p / 100) for p in split[1:])
+    return n - n_val - n_test, n_val, n_test
+
+
+def split_indices(n, seed, sizes):
+    """Deterministic train/val/test split of range(n) into the given sizes: same n and seed -> same split."""
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-    n_train, n_val = int(n * fractions[0]), int(n * fractions[1])
+    n_train, n_val, _ = sizes
     return perm[:n_train], perm[n_train:n_train + n_val], perm[n_train + n_val:]
 
 
@@ -228,9 +320,10 @@ class BasicBlock(nn.Module):
 
 class CaptchaNet(nn.Module):
     """ResNet-style trunk (a stride-2 stem, then 4 stages of basic blocks, each halving the resolution
-    after the first) -> feature map C,h,w -> one softmax over the charset per code position."""
+    after the first) -> feature map C,h,w -> one softmax per code position over the charset plus an end symbol
+    (the last class), which pads codes shorter than `length`."""
 
-    def __init__(self, n_classes, length, image_size=IMAGE_SIZE, widths=(32, 64, 128, 192), blocks=(1, 2, 2, 1)):
+    def __init__(self, n_classes, length, image_size, widths=(32, 64, 128, 192), blocks=(1, 2, 2, 1)):
         super().__init__()
         self.length, self.n_classes = length, n_classes
         self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 3, 2, 1, bias=False), nn.BatchNorm2d(widths[0]),
@@ -288,37 +381,53 @@ def progress(iterable=None, **kwargs):
                 dynamic_ncols=True, **kwargs)
 
 
-def augment(x, generator):
-    """Random affine jitter of a whole uint8 batch on its device: shift +-4 px, scale 0.9-1.1,
-    rotation +-5 degrees. Captchas of one generator sit at fixed places; this makes the reader robust to
-    other layouts and is what lets a small training set reach a high held-out accuracy."""
-    b = x.shape[0]
-    rand = torch.rand(b, 4, generator=generator, device=x.device) * 2 - 1  # B,4 in [-1, 1]
-    angle, scale = rand[:, 0] * (5 * np.pi / 180), 1 + 0.1 * rand[:, 1]
+def augment(x, generator, strength=1.0):
+    """Random distortions of a whole uint8 batch on its device, returned as preprocess() would return the batch:
+    affine jitter (shift +-4 px, scale 0.9-1.1, rotation +-5 degrees, shear +-0.15), a smooth elastic warp
+    (+-1.5 px), contrast and brightness, a thin random line across half of the images, and pixel noise.
+    `strength` scales every magnitude (0: none). Captchas of one generator sit at fixed places in one style;
+    this makes the reader robust to other layouts and is what lets a small training set generalise."""
+    b, _, h, w = x.shape
+    r = (torch.rand(b, 12, generator=generator, device=x.device) * 2 - 1) * strength  # B,12 in [-s, s]
+    angle, scale, shear = r[:, 0] * (5 * np.pi / 180), 1 + 0.1 * r[:, 1], 0.15 * r[:, 2]
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    h, w = x.shape[2:]
-    theta = torch.stack([torch.stack([cos, -sin * h / w, rand[:, 2] * 8 / w], 1),
-                         torch.stack([sin * w / h, cos, rand[:, 3] * 8 / h], 1)], 1)  # B,2,3
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    # pad with white-ish border (1.0 in [-1,1] space) by sampling the normalised image
-    out = F.grid_sample(preprocess(x) - 1, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    return (out + 1).contiguous(memory_format=torch.channels_last)
+    theta = torch.stack([torch.stack([cos, (shear - sin) * h / w, r[:, 3] * 8 / w], 1),
+                         torch.stack([sin * w / h, cos, r[:, 4] * 8 / h], 1)], 1)  # B,2,3
+    grid = F.affine_grid(theta, [b, 3, h, w], align_corners=False)            # B,H,W,2 in [-1, 1]
+    warp = torch.randn(b, 2, 3, 6, generator=generator, device=x.device) * (1.5 * strength)  # px, coarse
+    warp = F.interpolate(warp, size=(h, w), mode="bilinear", align_corners=True)
+    grid = grid + (warp * torch.tensor([2 / w, 2 / h], device=x.device)[:, None, None]).permute(0, 2, 3, 1)
+    # sampling the image shifted to [-2, 0] pads with 0, which is white (1.0) once shifted back
+    out = F.grid_sample(preprocess(x) - 1, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + 1
+    mean = out.mean((1, 2, 3), keepdim=True)
+    out = (out - mean) * (1 + 0.3 * r[:, 5, None, None, None]) + mean + 0.2 * r[:, 6, None, None, None]
+    # a thin line: the pixels within 0.7 px of a random line through the image, in a random grey
+    ys, xs = torch.meshgrid(torch.arange(h, device=x.device), torch.arange(w, device=x.device), indexing="ij")
+    angle = r[:, 7, None, None] * np.pi
+    dist = (xs - w / 2 - r[:, 8, None, None] * w / 2) * torch.sin(angle) - (ys - h / 2) * torch.cos(angle)
+    line = (dist.abs() < 0.7) & (r[:, 9, None, None] > 0)                      # B,H,W; about half the images
+    out = torch.where(line[:, None], r[:, 10, None, None, None], out)
+    out = out + torch.randn(out.shape, generator=generator, device=x.device) * (0.05 * r[:, 11].abs())[:, None, None, None]
+    return out.clamp(-1, 1).contiguous(memory_format=torch.channels_last)
 
 
-def run_epoch(model, x, y, device, batches, dtype, optimizer=None, scheduler=None, scaler=None, generator=None):
-    """One pass over uint8 images x (N,3,H,W) and codes y (N,L) in the given index batches. Trains when an
-    optimizer is given. Returns sample-weighted mean loss, exact-match and per-character accuracy, and the count."""
+def run_epoch(model, x, y, device, batches, dtype, optimizer=None, scheduler=None, scaler=None, generator=None,
+              strength=1.0):
+    """One pass over uint8 images x (N,3,H,W) and codes y (N,L, padded with the end symbol) in the given index
+    batches. Trains when an optimizer is given. Returns sample-weighted mean loss, exact-match and
+    per-character accuracy (over the codes' own characters), and the count."""
     train = optimizer is not None
     model.train(train)
     n = sum(len(idx) for idx in batches)
     total_loss = torch.zeros((), device=device)
     exact = torch.zeros((), device=device, dtype=torch.long)
     chars = torch.zeros((), device=device, dtype=torch.long)
+    n_chars = torch.zeros((), device=device, dtype=torch.long)
     bar = progress(total=n, unit="img", leave=False, desc="train" if train else "eval")
     with torch.set_grad_enabled(train):
         for idx in batches:
             xb, yb = x[idx], y[idx]
-            inputs = augment(xb, generator) if train else preprocess(xb)
+            inputs = augment(xb, generator, strength) if train else preprocess(xb)
             with autocast(device, dtype):
                 logits = model(inputs)
                 loss = F.cross_entropy(logits.flatten(0, 1).float(), yb.flatten(),
@@ -330,13 +439,67 @@ def run_epoch(model, x, y, device, batches, dtype, optimizer=None, scheduler=Non
                 scaler.update()
                 scheduler.step()
             correct = logits.argmax(-1) == yb
+            is_char = yb < logits.shape[-1] - 1          # not the end symbol
             total_loss += loss.detach() * len(idx)
             exact += correct.all(1).sum()
-            chars += correct.sum()
+            chars += (correct & is_char).sum()
+            n_chars += is_char.sum()
             bar.update(len(idx))
     bar.close()
     m = max(n, 1)
-    return total_loss.item() / m, exact.item() / m, chars.item() / (m * y.shape[1]), n
+    return total_loss.item() / m, exact.item() / m, chars.item() / max(n_chars.item(), 1), n
+
+
+@torch.no_grad()
+def read_codes(model, x, device, batch_size, dtype):
+    """uint8 images N,3,H,W -> (predicted classes N,L, log of the raw confidence N: the sum over positions of
+    the log-probability of the predicted class)."""
+    model.eval()
+    preds, scores = [], []
+    for idx in in_order(len(x), batch_size, device):
+        with autocast(device, dtype):
+            logp = model(preprocess(x[idx])).float().log_softmax(-1)
+        best, pred = logp.max(-1)
+        preds.append(pred)
+        scores.append(best.sum(1))
+    return torch.cat(preds), torch.cat(scores)
+
+
+def decode_code(classes, charset):
+    """Class indices of one image -> the code: its characters up to the first end symbol."""
+    code = []
+    for i in classes:
+        if i >= len(charset):
+            break
+        code.append(charset[i])
+    return "".join(code)
+
+
+def fit_calibration(scores, correct):
+    """Platt scaling: P(code right) = sigmoid(a * score + b), score the log raw confidence, fitted on the
+    validation codes. Platt's smoothed targets keep the fit finite when every code is right (or wrong)."""
+    scores, correct = scores.double().cpu(), correct.cpu()
+    n_right = correct.sum().item()
+    targets = torch.where(correct, (n_right + 1) / (n_right + 2), 1 / (len(correct) - n_right + 2)).double()
+    a, b = torch.ones((), dtype=torch.float64, requires_grad=True), torch.zeros((), dtype=torch.float64,
+                                                                                requires_grad=True)
+    optimizer = torch.optim.LBFGS([a, b], lr=0.5, max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.binary_cross_entropy_with_logits(a * scores + b, targets)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return {"a": max(a.item(), 0.0), "b": b.item()}
+
+
+def calibrated(scores, calibration):
+    """Log raw confidences -> probabilities that the codes are right (raw confidence without a calibration)."""
+    if not calibration:
+        return scores.exp()
+    return torch.sigmoid(calibration["a"] * scores + calibration["b"])
 
 
 def in_order(n, batch_size, device):
@@ -571,8 +734,6 @@ def grid_runs(args, parser):
 # ---- Commands ----
 def cmd_prepare(args):
     image_dir, data_dir = Path(args.image_dir), Path(args.data_dir)
-    if args.length < 1:
-        raise UserError("--length must be at least 1", 2)
     if args.workers < 1:
         raise UserError("--workers must be at least 1", 2)
     try:
@@ -585,25 +746,35 @@ def cmd_prepare(args):
         raise UserError(f"{image_dir}: image folder not found (generate captchas with "
                         "`python generate-captcha/generate.py` or pass --image-dir)")
     charset = resolve_charset(args.charset, args.case_sensitive)
+    length = None if args.length == "auto" else args.length
     files = sorted(p for p in image_dir.iterdir() if p.is_file() and not p.name.startswith("."))
     if not files:
         raise UserError(f"{image_dir}: the folder is empty")
 
     skipped = {}  # reason -> list of file names
     labelled = []
-    for p in files:
-        if p.suffix.lower() not in IMAGE_EXTS:
-            skipped.setdefault("not an image file", []).append(p.name)
-            continue
-        code, reason = parse_code(p.name, regex, charset, args.length, args.case_sensitive)
+    if args.labels:
+        listed, skipped = read_labels(args.labels, image_dir)
+        for p in files:
+            if p.resolve() not in listed and p.suffix.lower() in IMAGE_EXTS:
+                skipped.setdefault("image not in the labels file", []).append(p.name)
+        candidates = [(p, code, None) for p, code in listed.items()]
+    else:
+        candidates = [(p, *parse_code(p.name, regex, charset, length, args.case_sensitive)) for p in files]
+    for p, code, reason in candidates:
+        if args.labels:
+            code, reason = check_code(code, charset, length, args.case_sensitive)
+            reason = reason or (None if p.is_file() else "listed file not found")
+        elif p.suffix.lower() not in IMAGE_EXTS:
+            reason = "not an image file"
         if reason:
             skipped.setdefault(reason, []).append(p.name)
         else:
             labelled.append((p, code))
 
-    image_size = tuple(args.image_size)
-    decode = partial(decode_file, image_size=image_size)
     paths = [p for p, _ in labelled]
+    image_size = auto_image_size(paths) if args.image_size == "auto" else tuple(args.image_size)
+    decode = partial(decode_file, image_size=image_size)
     bar = progress(total=len(paths), unit="img", desc="prepare")
     results = []
     if args.workers == 1 or len(paths) < 200:
@@ -626,29 +797,40 @@ def cmd_prepare(args):
             skipped.setdefault(reason, []).append(p.name)
         else:
             images.append(array)
-            codes.append([charset.index(c) for c in code])
+            codes.append(code)
     n_skipped = sum(map(len, skipped.values()))
     print(f"{image_dir}: {len(images)} images kept, {n_skipped} skipped")
     for reason, names in sorted(skipped.items()):
         print(f"  skipped {len(names)}: {reason} (e.g. {', '.join(names[:3])})")
     if not images:
-        raise UserError(f"{image_dir}: no usable captcha image (expected names like 00001-{'a' * args.length}.png)")
+        raise UserError(f"{image_dir}: no usable captcha image (expected names like 2b827.png or "
+                        f"00001-2b827.png, or a --labels file)")
+    charset = charset or "".join(sorted(set("".join(codes))))
+    lengths = sorted({len(code) for code in codes})
+    end = len(charset)   # the end symbol: the class after the last character, padding every shorter code
+    print(f"charset {charset!r} ({len(charset)} characters), code length {length_text(lengths)}, "
+          f"input {image_size[0]}x{image_size[1]}")
 
     x = torch.from_numpy(np.stack(images))  # N,3,H,W uint8
-    y = torch.tensor(codes, dtype=torch.long)  # N,L
+    y = torch.full((len(codes), lengths[-1]), end, dtype=torch.long)  # N,L: character indices, then end symbols
+    for i, code in enumerate(codes):
+        y[i, :len(code)] = torch.tensor([charset.index(c) for c in code])
+    sizes = split_sizes(len(x), args.split)
     data_dir.mkdir(parents=True, exist_ok=True)
     clear_prepared(data_dir)
-    splits = dict(zip(("training_set", "validating_set", "testing_set"), split_indices(len(x), args.seed)))
+    splits = dict(zip(("training_set", "validating_set", "testing_set"), split_indices(len(x), args.seed, sizes)))
     for name, idx in splits.items():
         idx = torch.tensor(idx, dtype=torch.long)
         write_split(data_dir, name, (x[idx], y[idx]))
     meta = {"kind": DATA_KIND, "script": SCRIPT, "image_dir": str(image_dir), "image_size": list(image_size),
-            "charset": charset, "length": args.length, "case_sensitive": args.case_sensitive,
-            "label_regex": args.label_regex, "seed": args.seed, "kept": len(x), "skipped": n_skipped,
-            "skipped_by_reason": {k: len(v) for k, v in skipped.items()},
+            "charset": charset, "length": lengths[-1], "lengths": lengths, "case_sensitive": args.case_sensitive,
+            "labels": args.labels, "label_regex": None if args.labels else args.label_regex, "seed": args.seed,
+            "kept": len(x), "skipped": n_skipped, "skipped_by_reason": {k: len(v) for k, v in skipped.items()},
             "counts": {name: len(idx) for name, idx in splits.items()}}
     atomic_write_text(data_dir / "meta.json", json.dumps(meta, indent=2))
     print(f"wrote {data_dir}: " + ", ".join(f"{name} {len(idx)}" for name, idx in splits.items()))
+    if not sizes[2]:
+        print(f"no test split (fewer than {TEST_MIN_SET} images, or --split): train reports the validation score")
     return 0
 
 
@@ -669,12 +851,14 @@ def train(args, device, out_dir, tb_dir):
         x_val, y_val = x_train, y_train
     n_val = len(y_val)
     x_val, y_val = shard(x_val), shard(y_val)
-    model_args = {"n_classes": len(meta["charset"]), "length": meta["length"], "image_size": meta["image_size"]}
+    # one class per character plus the end symbol
+    model_args = {"n_classes": len(meta["charset"]) + 1, "length": meta["length"], "image_size": meta["image_size"]}
+    n_train, n_epoch = len(x_train), max(len(x_train), args.epoch_size)   # images per epoch: a small set repeats
     model = build_model(model_args, device)
     # AdamW + one-cycle: reaches a given accuracy in far fewer epochs than the tutorial's constant-lr Adam
     # (see benchmarks/captcha_bench.py); cross-entropy per position replaces BCE over the one-hot code.
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05)
-    steps_per_epoch = (len(x_train) + args.batch_size - 1) // args.batch_size
+    steps_per_epoch = (n_epoch + args.batch_size - 1) // args.batch_size
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, epochs=args.epochs,
                                                     steps_per_epoch=steps_per_epoch, pct_start=0.15)
     dtype = amp_dtype(device, args.amp)
@@ -699,8 +883,9 @@ def train(args, device, out_dir, tb_dir):
         print(f"resumed from {ckpt_path} after epoch {ckpt['epoch']} (best val exact-match {best:.2%})")
     generator = torch.Generator(device=device).manual_seed(args.seed + first_epoch + 7919 * rank)
     step_model = wrap_model(model, device, args.sync_bn)
-    print(f"train {len(x_train)}, validate {n_val} images of {tuple(meta['image_size'])}, "
-          f"charset {meta['charset']!r}, length {meta['length']}, precision {dtype or torch.float32}")
+    print(f"train {n_train} ({n_epoch} per epoch), validate {n_val} images of {tuple(meta['image_size'])}, "
+          f"charset {meta['charset']!r}, length {length_text(meta.get('lengths', [meta['length']]))}, "
+          f"precision {dtype or torch.float32}")
     if writer:
         writer.add_images("inputs", x_train[:32], 0)
 
@@ -710,9 +895,9 @@ def train(args, device, out_dir, tb_dir):
             break
         start = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
-        batches = epoch_batches(len(x_train), args.batch_size, args.seed, epoch, device)
+        batches = [idx % n_train for idx in epoch_batches(n_epoch, args.batch_size, args.seed, epoch, device)]
         *train_stats, n = run_epoch(step_model, x_train, y_train, device, batches, dtype, optimizer, scheduler,
-                                    scaler, generator)
+                                    scaler, generator, args.augment)
         train_loss, train_acc, _ = mean_over_processes(train_stats, n, device)
         train_seconds = time.perf_counter() - start
         if not np.isfinite(train_loss):
@@ -726,7 +911,7 @@ def train(args, device, out_dir, tb_dir):
         history.append({"epoch": epoch, "train_loss": round(train_loss, 5), "train_acc": round(train_acc, 5),
                         "val_loss": round(val_loss, 5), "val_acc": round(val_acc, 5),
                         "val_char_acc": round(val_char, 5), "lr": lr, "steps": len(batches),
-                        "seconds": round(seconds, 2), "images_per_s": round(len(x_train) / train_seconds, 1)})
+                        "seconds": round(seconds, 2), "images_per_s": round(n_epoch / train_seconds, 1)})
         if main_process():   # the epoch is saved before its line is printed
             log_epoch(writer, history[-1], model, args.histogram_every)
             if improved:
@@ -743,7 +928,7 @@ def train(args, device, out_dir, tb_dir):
             save_history(out_dir, history, ["train_acc", "val_acc", "val_char_acc"])
         print(f"epoch {epoch}/{args.epochs}  train loss {train_loss:.4f} acc {train_acc:.2%}  "
               f"val loss {val_loss:.4f} acc {val_acc:.2%} (chars {val_char:.2%})  lr {lr:.5f}  "
-              f"{seconds:.1f}s  {len(x_train) / train_seconds:.0f} img/s{'  *' if improved else ''}", flush=True)
+              f"{seconds:.1f}s  {n_epoch / train_seconds:.0f} img/s{'  *' if improved else ''}", flush=True)
     if writer:
         writer.close()
     if bad_epochs >= args.patience:
@@ -755,6 +940,16 @@ def train(args, device, out_dir, tb_dir):
         raise UserError(f"{model_path} was not written (no epoch ran); raise --epochs")
     best_model = load_model_file(model_path)
     model.load_state_dict(best_model["model"])
+    # calibrate the confidence on the whole validation split: P(code right) as a function of the raw confidence
+    x_val, y_val = (t.to(device) for t in read_split(data_dir, "validating_set"))
+    if len(x_val):
+        pred, scores = read_codes(model, x_val, device, 4 * args.batch_size, dtype)
+        right = (pred == y_val).all(1)
+        best_model["calibration"] = fit_calibration(scores, right)
+        atomic_torch_save(best_model, model_path)
+        confident = calibrated(scores, best_model["calibration"]) >= 0.9
+        print(f"confidence calibrated on {len(x_val)} validation codes: {confident.sum().item()} with confidence "
+              f">= 0.9" + (f", {right[confident].float().mean().item():.1%} of them right" if confident.any() else ""))
     x_test, y_test = (t.to(device) for t in read_split(data_dir, "testing_set"))
     if len(x_test):
         _, test_acc, test_char, _ = run_epoch(model, x_test, y_test, device,
@@ -762,6 +957,9 @@ def train(args, device, out_dir, tb_dir):
         result["test"] = round(test_acc, 6)
         print(f"test ({len(x_test)} images, best model of epoch {best_model['epoch']}): "
               f"exact-match {test_acc:.2%}, per-character {test_char:.2%}")
+    else:
+        print(f"no test split: validation exact-match {best:.2%} (best model of epoch {best_model['epoch']}) is the "
+              f"estimate, slightly optimistic as it chose the model")
     print(f"saved {model_path}, {out_dir / 'history.csv'}, {out_dir / 'history.png'}")
     return result
 
@@ -851,17 +1049,48 @@ def cmd_eval(args):
                 print(f"{path}: {reason}", file=sys.stderr)
             continue
         with autocast(device, dtype):
-            probs = model(preprocess(x[None].to(device))).float().softmax(-1)[0]  # L,K
-        p, idx = probs.max(-1)
-        code = "".join(charset[i] for i in idx.tolist())
-        confidence = p.prod().item()
+            logp = model(preprocess(x[None].to(device))).float().log_softmax(-1)[0]  # L,K
+        best, idx = logp.max(-1)
+        code = decode_code(idx.tolist(), charset)
+        confidence = calibrated(best.sum(), ckpt.get("calibration")).item()
         if args.json:
             print(json.dumps({"image": path, "code": code, "confidence": round(confidence, 4)}), flush=True)
         else:
-            per_position = " ".join(f"{v:.2f}" for v in p.tolist())
+            per_position = " ".join(f"{v:.2f}" for v in best[:len(code)].exp().tolist())
             prefix = "" if interactive else f"{path}  "
             print(f"{prefix}code: {code}  confidence {confidence:.2f} (per position {per_position})", flush=True)
     return 1 if failed else 0
+
+
+def length_arg(text):
+    """--length: auto or a number of characters."""
+    if text == "auto":
+        return text
+    if not text.isdigit() or not 1 <= int(text) <= MAX_LENGTH:
+        raise argparse.ArgumentTypeError(f"expected auto or a length from 1 to {MAX_LENGTH}, got {text!r}")
+    return int(text)
+
+
+def split_arg(text):
+    """--split: auto or TRAIN/VAL/TEST percentages that add up to 100."""
+    if text == "auto":
+        return text
+    parts = text.split("/")
+    if len(parts) != 3 or not all(p.isdigit() for p in parts) or sum(map(int, parts)) != 100 or int(parts[0]) < 1:
+        raise argparse.ArgumentTypeError(f"expected auto or three percentages adding up to 100 (e.g. 90/10/0), "
+                                         f"got {text!r}")
+    return tuple(map(int, parts))
+
+
+class ImageSizeAction(argparse.Action):
+    """--image-size auto | H W (each 16 to 1024 pixels)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if values == ["auto"]:
+            return setattr(namespace, self.dest, "auto")
+        if len(values) != 2 or not all(v.isdigit() and 16 <= int(v) <= 1024 for v in values):
+            parser.error(f"argument {option_string}: expected auto or H W, each from 16 to 1024 pixels")
+        setattr(namespace, self.dest, tuple(map(int, values)))
 
 
 def build_parser():
@@ -877,14 +1106,23 @@ def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=fmt)
     sub = parser.add_subparsers(dest="command", required=True, metavar="{prepare,train,eval}")
     p = sub.add_parser("prepare", parents=[common, seed], formatter_class=fmt, help="images -> tensor batches")
-    p.add_argument("--image-dir", default="generate-captcha/output", help="folder of PREFIX-CODE.ext images")
-    p.add_argument("--charset", default="a-z0-9",
-                   help=f"characters a code may hold: one of {', '.join(CHARSETS)} or a literal string")
+    p.add_argument("--image-dir", default="generate-captcha/output",
+                   help="folder of CODE.ext or PREFIX-CODE.ext images (or of the files a --labels file lists)")
+    p.add_argument("--labels", metavar="FILE", default=None,
+                   help="codes from FILE instead of file names: CSV lines `file,code` or `file code` lines "
+                        "(header optional; file names relative to --image-dir)")
+    p.add_argument("--charset", default="auto",
+                   help=f"characters a code may hold: auto (those the codes use), one of {', '.join(CHARSETS)}, "
+                        "or a literal string; codes with other characters are skipped")
     p.add_argument("--case-sensitive", action="store_true", help="keep the case of codes (default: lower-case)")
-    p.add_argument("--length", type=int, default=LENGTH, help="characters per code; other lengths are skipped")
+    p.add_argument("--length", type=length_arg, default="auto",
+                   help=f"characters per code: auto (every length up to {MAX_LENGTH}) or N (other lengths skipped)")
     p.add_argument("--label-regex", default=LABEL_REGEX, help="regex whose first group is the code in a file name")
-    p.add_argument("--image-size", type=int, nargs=2, default=IMAGE_SIZE, metavar=("H", "W"),
-                   help="model input size")
+    p.add_argument("--image-size", nargs="+", action=ImageSizeAction, default="auto", metavar="H W",
+                   help=f"model input size: auto ({IMAGE_HEIGHT} high, width from the images' aspect ratio) or H W")
+    p.add_argument("--split", type=split_arg, default="auto", metavar="auto|T/V/T",
+                   help=f"train/validation/test percentages, e.g. 90/10/0; auto: validation and test "
+                        f"{SPLIT_FRACTION:.0%}% each (at most {SPLIT_MAX}), no test split under {TEST_MIN_SET} images")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel decoding processes")
     p.set_defaults(func=cmd_prepare)
     p = sub.add_parser("train", parents=[common, device, seed], formatter_class=fmt, help="train with early stopping")
@@ -893,6 +1131,10 @@ def build_parser():
     p.add_argument("--batch-size", type=int, default=128, help="mini-batch size (under torchrun: the global batch)")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of the one-cycle schedule")
     p.add_argument("--resume", action="store_true", help="continue from DATA_DIR/checkpoint.pt")
+    p.add_argument("--epoch-size", type=int, default=EPOCH_SIZE, metavar="N",
+                   help="images per epoch at least (a smaller training split is repeated, augmented afresh)")
+    p.add_argument("--augment", type=float, default=1.0, metavar="X",
+                   help="strength of the random distortions while training (0: none, 1: the measured default)")
     add_scale_options(p)
     p.set_defaults(func=cmd_train, train_parser=p)
     p = sub.add_parser("eval", parents=[common, device], formatter_class=fmt, help="read captcha images")

@@ -2,6 +2,8 @@
 
     python benchmarks/captcha_bench.py                       # 20,000 train + 2,000 held-out, 60 minutes
     python benchmarks/captcha_bench.py --train-count 3000 --minutes 5 --epochs 10   # a quick look
+    python benchmarks/captcha_bench.py --train-count 1000 --style "--size 200x50 --palette dark --length 5-6"
+                                                             # few labels of another style
 
 Steps, all through the real commands: generate the training captchas (seed 0) and held-out captchas
 (another seed), `captcha.py prepare`, `captcha.py train` (stopped with Ctrl-C at the time budget, so the
@@ -73,10 +75,10 @@ def ours_images_per_s(n_batches, batch_size=128):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     device = torch.device("cpu")
-    model = mod.build_model({"n_classes": 36, "length": 4, "image_size": list(mod.IMAGE_SIZE)}, device)
+    model = mod.build_model({"n_classes": 37, "length": 4, "image_size": [40, 96]}, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    x = torch.randint(0, 256, (batch_size * (n_batches + 1), 3, *mod.IMAGE_SIZE), dtype=torch.uint8)
+    x = torch.randint(0, 256, (batch_size * (n_batches + 1), 3, 40, 96), dtype=torch.uint8)
     y = torch.randint(0, 36, (len(x), 4))
     gen = torch.Generator().manual_seed(0)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
@@ -97,23 +99,29 @@ def main():
     p.add_argument("--workdir", default=str(ROOT / "benchmarks" / "out" / "captcha"))
     p.add_argument("--tutorial-batches", type=int, default=10)
     p.add_argument("--reuse", action="store_true", help="reuse generated captchas and prepared data found in --workdir")
+    p.add_argument("--style", default="", help="generator options for training and held-out captchas alike")
+    p.add_argument("--prepare-args", default="", help="extra options of captcha.py prepare")
     args, extra = p.parse_known_args()
     work = Path(args.workdir)
     train_dir, heldout_dir, data = work / "train", work / "heldout", work / "data"
     for folder, count, seed in ((train_dir, args.train_count, 0), (heldout_dir, args.heldout_count, 12345)):
         if not (args.reuse and folder.is_dir() and len(list(folder.glob("*.png"))) == count):
-            sh("generate-captcha/generate.py", "--count", count, "--output", folder, "--seed", seed, "--clean")
+            sh("generate-captcha/generate.py", "--count", count, "--output", folder, "--seed", seed, "--clean",
+               *args.style.split())
     if not (args.reuse and (data / "meta.json").exists()):
-        sh("captcha.py", "prepare", "--image-dir", train_dir, "--data-dir", data)
+        sh("captcha.py", "prepare", "--image-dir", train_dir, "--data-dir", data, *args.prepare_args.split())
     for name in ("model.pt", "checkpoint.pt"):
         (data / name).unlink(missing_ok=True)
     seconds = train_with_budget(data, args.epochs, args.minutes, extra)
     out = subprocess.run([sys.executable, "captcha.py", "eval", "--json", "--data-dir", str(data), str(heldout_dir)],
                          cwd=ROOT, capture_output=True, text=True)
     rows = [json.loads(line) for line in out.stdout.splitlines()]
-    truth = [Path(r["image"]).stem.split("-")[-1].lower() for r in rows]
+    case_sensitive = "--case-sensitive" in args.prepare_args
+    truth = [Path(r["image"]).stem.split("-")[-1] for r in rows]
+    truth = truth if case_sensitive else [t.lower() for t in truth]
     exact = sum(r.get("code") == t for r, t in zip(rows, truth)) / len(rows)
-    chars = sum(a == b for r, t in zip(rows, truth) for a, b in zip(r.get("code", ""), t)) / (4 * len(rows))
+    chars = sum(a == b for r, t in zip(rows, truth) for a, b in zip(r.get("code", ""), t)) / sum(map(len, truth))
+    confident = [r.get("code") == t for r, t in zip(rows, truth) if r.get("confidence", 0) >= 0.9]
     history = (data / "history.csv").read_text().splitlines()
     header = history[0].split(",")
     last = dict(zip(header, history[-1].split(",")))
@@ -122,10 +130,14 @@ def main():
     ours_now = ours_images_per_s(args.tutorial_batches)
     print("\n==== captcha benchmark ====")
     print(f"machine: {os.cpu_count()} CPU cores, torch {torch.__version__}, threads {torch.get_num_threads()}")
-    print(f"training: {args.train_count} generated captchas (80% train split), {len(history) - 1} epochs "
-          f"in {seconds / 60:.1f} min (budget {args.minutes} min, schedule {args.epochs} epochs)")
+    meta = json.loads((data / "meta.json").read_text())
+    print(f"training: {args.train_count} generated captchas {args.style!r} ({meta['counts']['training_set']} in the "
+          f"train split), {len(history) - 1} epochs in {seconds / 60:.1f} min (budget {args.minutes} min, "
+          f"schedule {args.epochs} epochs)")
     print(f"last epoch: val exact-match {float(last['val_acc']):.2%}")
-    print(f"held-out ({len(rows)} captchas, seed 12345): exact-match {exact:.2%}, per-character {chars:.2%}")
+    print(f"held-out ({len(rows)} captchas, seed 12345): exact-match {exact:.2%}, per-character {chars:.2%}; "
+          f"{len(confident)} with confidence >= 0.9, {sum(confident) / max(len(confident), 1):.2%} of them right")
+    print(f"accuracy per training minute: {exact / (seconds / 60):.4f}")
     print(f"training images/s during the run: {ours:.0f}")
     print(f"training images/s, measured back to back: captcha.py {ours_now:.0f}, tutorial loop {tutorial:.0f} "
           f"(x{ours_now / tutorial:.1f})")

@@ -5,7 +5,9 @@ Usage:
     python generate-captcha/generate.py --count 2000 --seed 1 --output /tmp/heldout
     python generate-captcha/generate.py --fonts ~/my-fonts   # add every .ttf of a folder to the font pool
 
-Writes NNNNN-CODE.png (index zero-padded to at least 5 digits, the code as drawn, mixed case), 120x50.
+    python generate-captcha/generate.py --length 4-6 --size 200x50 --palette dark   # another style
+
+Writes NNNNN-CODE.png (index zero-padded to at least 5 digits, the code as drawn, mixed case), 120x50 by default.
 The same --seed and --count give the same images whatever --workers is: every image draws from its own
 random generator seeded by (seed, index).
 """
@@ -25,11 +27,15 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from tqdm import tqdm
 
 # ---- Config ----
-WIDTH, HEIGHT = 120, 50
+SIZE = (120, 50)
 DIGITS = "23456789"
 LETTERS = "".join(c for c in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ" if c not in "ijloILO")
-BACKGROUNDS = ["#FFFACD", "#FDF5E6", "#F0FFFF", "#BBFFFF", "#FAFAD2", "#FFE4E1", "#DCDCDC", "#F0E68C"]
-INKS = ["#00E5EE", "#000000", "#2F4F4F", "#43CD80", "#191970", "#006400", "#458B00", "#8B7765", "#CD5B45"]
+PALETTES = {  # name -> (background colours, ink colours)
+    "hei": (["#FFFACD", "#FDF5E6", "#F0FFFF", "#BBFFFF", "#FAFAD2", "#FFE4E1", "#DCDCDC", "#F0E68C"],
+            ["#00E5EE", "#000000", "#2F4F4F", "#43CD80", "#191970", "#006400", "#458B00", "#8B7765", "#CD5B45"]),
+    "dark": (["#1B1B2F", "#2C2C54", "#3D3D3D", "#14213D", "#2F3E46", "#3C1518"],
+             ["#FCA311", "#E5E5E5", "#8ECAE6", "#FFB4A2", "#B5E48C", "#F1FAEE"]),
+}
 FONT_SCALE = (0.9, 1.37)     # font size relative to the character tile
 MAX_ANGLE = 45               # degrees, each tile rotated within +-MAX_ANGLE
 BLUR_RADIUS = 0.4
@@ -94,27 +100,28 @@ def light_colour(rng):
     return tuple(rng.randint(190, 240) for _ in range(3))
 
 
-def draw_background(rng):
-    img = Image.new("RGB", (WIDTH, HEIGHT), rng.choice(BACKGROUNDS))
+def draw_background(rng, style):
+    (width, height), backgrounds = style["size"], style["palette"][0]
+    img = Image.new("RGB", (width, height), rng.choice(backgrounds))
     # soft glow: a white ellipse, blurred, blended in
-    glow = Image.new("L", (WIDTH, HEIGHT), 0)
-    cx, cy = rng.uniform(0, WIDTH), rng.uniform(0, HEIGHT)
+    glow = Image.new("L", (width, height), 0)
+    cx, cy = rng.uniform(0, width), rng.uniform(0, height)
     rx, ry = rng.uniform(20, 60), rng.uniform(10, 25)
     ImageDraw.Draw(glow).ellipse((cx - rx, cy - ry, cx + rx, cy + ry), fill=rng.randint(60, 140))
     glow = glow.filter(ImageFilter.BoxBlur(8))
     img.paste((255, 255, 255), mask=glow)
-    ImageDraw.Draw(img).line(random_points(rng, 8, WIDTH, HEIGHT), fill=light_colour(rng), width=1)
+    ImageDraw.Draw(img).line(random_points(rng, 8, width, height), fill=light_colour(rng), width=1)
     return img
 
 
-def draw_character(rng, char, families, tile):
+def draw_character(rng, char, families, tile, inks):
     """One character on a transparent square canvas larger than its tile, with a polyline, rotated."""
     family = rng.choice(families)
     style = rng.randrange(len(STYLES))
     path = family[style] or family[0]
     size = max(8, round(tile * rng.uniform(*FONT_SCALE)))
     font = load_font(path, size)
-    ink = rng.choice(INKS)
+    ink = rng.choice(inks)
     side = 2 * size
     canvas = Image.new("RGBA", (side, side), (0, 0, 0, 0))
     draw = ImageDraw.Draw(canvas)
@@ -130,25 +137,27 @@ def draw_character(rng, char, families, tile):
 
 def draw_circles(rng, img):
     """About N_CIRCLES white circle outlines that do not touch each other."""
+    width, height = img.size
     draw = ImageDraw.Draw(img)
     circles = []
     for _ in range(N_CIRCLES * 4):
         if len(circles) == N_CIRCLES:
             break
         r = rng.uniform(2, 8)
-        x, y = rng.uniform(0, WIDTH), rng.uniform(0, HEIGHT)
+        x, y = rng.uniform(0, width), rng.uniform(0, height)
         if all(math.hypot(x - cx, y - cy) > r + cr + 2 for cx, cy, cr in circles):
             circles.append((x, y, r))
             draw.ellipse((x - r, y - r, x + r, y + r), outline=(255, 255, 255), width=rng.choice((1, 1, 2)))
 
 
-def draw_captcha(rng, code, families):
-    img = draw_background(rng)
-    tile = min(WIDTH / len(code), HEIGHT)
+def draw_captcha(rng, code, families, style):
+    img = draw_background(rng, style)
+    width, height = style["size"]
+    tile = min(width / len(code), height)
     for i, char in enumerate(code):
-        glyph = draw_character(rng, char, families, round(tile))
+        glyph = draw_character(rng, char, families, round(tile), style["palette"][1])
         x = round(i * tile + tile / 2 - glyph.width / 2)
-        y = round(HEIGHT / 2 - glyph.height / 2)
+        y = round(height / 2 - glyph.height / 2)
         img.paste(glyph, (x, y), glyph)
     img = img.filter(ImageFilter.GaussianBlur(BLUR_RADIUS))
     draw_circles(rng, img)
@@ -168,8 +177,9 @@ def generate_range(start_stop):
     job = _JOB
     for index in range(*start_stop):
         rng = random.Random(f"hei-captcha:{job['seed']}:{index}")
-        code = random_code(rng, job["length"])
-        img = draw_captcha(rng, code, job["families"])
+        low, high = job["length"]
+        code = random_code(rng, low if low == high else rng.randint(low, high))
+        img = draw_captcha(rng, code, job["families"], job["style"])
         name = f"{index:0{job['digits']}d}-{code}.png"
         tmp = Path(job["output"]) / f".{name}.tmp"
         img.save(tmp, format="PNG", compress_level=1)
@@ -180,12 +190,36 @@ def generate_range(start_stop):
 CAPTCHA_NAME = re.compile(r"^\d{5,}-[0-9A-Za-z]+\.png$")
 
 
+def length_range(text):
+    """--length N or A-B -> (low, high), 1 <= low <= high <= 16."""
+    low, _, high = text.partition("-")
+    if not low.isdigit() or not (high or low).isdigit() or not 1 <= int(low) <= int(high or low) <= 16:
+        raise argparse.ArgumentTypeError(f"expected N or A-B with 1 <= A <= B <= 16, got {text!r}")
+    return int(low), int(high or low)
+
+
+def image_size(text):
+    """--size WxH -> (W, H), each from 16 to 1024 pixels."""
+    w, _, h = text.lower().partition("x")
+    if not (w.isdigit() and h.isdigit() and 16 <= int(w) <= 1024 and 16 <= int(h) <= 1024):
+        raise argparse.ArgumentTypeError(f"expected WxH such as 200x50 (16 to 1024 pixels each), got {text!r}")
+    return int(w), int(h)
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, like every other mistake
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+    p = Parser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--count", type=int, default=100000, help="number of captchas")
     p.add_argument("--output", default=str(Path(__file__).parent / "output"), help="output folder")
-    p.add_argument("--length", type=int, default=4, help="characters per captcha")
+    p.add_argument("--length", type=length_range, default=(4, 4), metavar="N|A-B",
+                   help="characters per captcha: N, or A-B for lengths drawn uniformly from A to B")
+    p.add_argument("--size", type=image_size, default=SIZE, metavar="WxH", help="image size in pixels")
+    p.add_argument("--palette", choices=sorted(PALETTES), default="hei", help="background and ink colours")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel processes")
     p.add_argument("--fonts", default=None, help="folder of extra .ttf fonts added to the pool")
@@ -196,8 +230,6 @@ def build_parser():
 def run(args):
     if args.count < 1:
         raise UserError("--count must be at least 1")
-    if args.length < 1:
-        raise UserError("--length must be at least 1")
     if args.workers < 1:
         raise UserError("--workers must be at least 1")
     if args.fonts is not None and not Path(args.fonts).is_dir():
@@ -212,6 +244,7 @@ def run(args):
     for p in old:
         p.unlink()
     job = {"seed": args.seed, "length": args.length, "families": families, "output": str(out),
+           "style": {"size": args.size, "palette": PALETTES[args.palette]},
            "digits": max(5, len(str(args.count - 1)))}
     chunk = 200
     ranges = [(s, min(s + chunk, args.count)) for s in range(0, args.count, chunk)]

@@ -1,4 +1,5 @@
 """captcha pipeline end to end: generate -> prepare -> train -> eval, plus bad input."""
+import csv
 import importlib.util
 import json
 import os
@@ -54,9 +55,9 @@ def image_dir(tmp, generated):
     img.save(folder / "90001-g1f5.png", format="GIF")                  # GIF bytes in a .png: kept
     img.convert("L").save(folder / "90002-gray.jpg")                   # grayscale JPEG: kept
     (folder / "90003-abcd.png").write_text("not an image")             # unreadable: skipped
-    img.save(folder / "90004-abcde.png")                               # 5 characters: skipped
-    img.save(folder / "90005-ab_d.png")                                # '_' not in the charset: skipped
-    img.save(folder / "nocode.png")                                    # no code in the name: skipped
+    img.save(folder / "90004-abcdefghijklmnopq.png")                   # 17 characters: skipped
+    img.save(folder / "90005-ab cd.png")                               # a space in the code: skipped
+    img.save(folder / "90006-.png")                                    # no code in the name: skipped
     (folder / "notes.txt").write_text("hello")                         # not an image file: skipped
     return folder
 
@@ -80,7 +81,7 @@ def prepared(tmp, image_dir):
 @pytest.fixture(scope="module")
 def trained(prepared):
     data, _ = prepared
-    proc = run("captcha.py", "train", "--data-dir", data, "--epochs", 2, "--device", "cpu")
+    proc = run("captcha.py", "train", "--data-dir", data, "--epochs", 2, "--epoch-size", 600, "--device", "cpu")
     assert proc.returncode == 0, proc.stderr
     return data, proc
 
@@ -138,11 +139,12 @@ def test_prepare_counts_skips_and_meta(prepared):
     data, proc = prepared
     meta = json.loads((data / "meta.json").read_text())
     assert meta["kept"] == N_CAPTCHAS + 3 and meta["skipped"] == 5
-    assert meta["charset"] == "0123456789abcdefghijklmnopqrstuvwxyz" and meta["length"] == 4
-    assert sum(meta["counts"].values()) == meta["kept"]
-    assert meta["counts"]["training_set"] == int(0.8 * meta["kept"])
-    for reason in ("unreadable image", "code of length 5", "outside the charset", "no code in the name",
-                   "not an image file"):
+    codes = [p.stem.split("-")[1].lower() for p in data.parent.joinpath("generated").iterdir()] + ["rgba", "g1f5", "gray"]
+    assert meta["charset"] == "".join(sorted(set("".join(codes))))   # --charset auto: what the codes use
+    assert meta["length"] == 4 and meta["lengths"] == [4] and meta["image_size"] == [40, 96]
+    assert meta["counts"] == {"training_set": 363, "validating_set": 40, "testing_set": 0}   # 10%, no test < 2,000
+    for reason in ("unreadable image", "code longer than 16 characters", "spaces or control characters",
+                   "no code in the name", "not an image file"):
         assert reason in proc.stdout, (reason, proc.stdout)
     assert f"{N_CAPTCHAS + 3} images kept, 5 skipped" in proc.stdout
 
@@ -181,7 +183,7 @@ def test_prepare_split_is_deterministic(tmp, image_dir, prepared):
     for name in ("training_set", "validating_set", "testing_set"):
         a, b = mod.read_split(data, name), mod.read_split(again, name)
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-    assert not torch.equal(mod.read_split(data, "testing_set")[1], mod.read_split(other, "testing_set")[1])
+    assert not torch.equal(mod.read_split(data, "validating_set")[1], mod.read_split(other, "validating_set")[1])
 
 
 def test_prepare_removes_stale_batches(tmp, image_dir):
@@ -216,7 +218,11 @@ def test_parse_code_unit():
     both = mod.resolve_charset("A-Za-z0-9", True)
     assert mod.parse_code("00001-8cA6.png", regex, both, 4, True) == ("8cA6", None)
     assert mod.parse_code("00001-8ca.png", regex, lower, 4, False)[0] is None
-    assert mod.parse_code("8ca6.png", regex, lower, 4, False)[0] is None
+    assert mod.parse_code("2b827.png", regex, lower, None, False) == ("2b827", None)   # no prefix: the whole stem
+    assert mod.parse_code("2B8_7.PNG", regex, None, None, True) == ("2B8_7", None)     # charset auto: any character
+    assert mod.parse_code("a-.png", regex, None, None, False)[1] == "no code in the name"
+    assert mod.parse_code("x" * 17 + ".png", regex, None, None, False)[1] == "code longer than 16 characters"
+    assert mod.resolve_charset("auto", False) is None
 
 
 def test_load_image_modes(tmp):
@@ -230,46 +236,208 @@ def test_load_image_modes(tmp):
     assert t.dtype == torch.uint8 and tuple(t.shape) == (3, 40, 96)
 
 
+# ---- captchas as people have them: no prefix, label files, several lengths, other shapes ----
+@pytest.fixture(scope="module")
+def wide(tmp):
+    """40 captchas of another style: 200x50, dark palette, 5 or 6 characters."""
+    out = tmp / "wide"
+    proc = run(GENERATE, "--count", 40, "--output", out, "--size", "200x50", "--palette", "dark", "--length", "5-6",
+               "--seed", 5, "--workers", 1)
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def no_prefix(tmp, wide):
+    """The wide captchas named CODE.png, prepared with the defaults."""
+    folder, data = tmp / "no_prefix", tmp / "no_prefix_data"
+    folder.mkdir()
+    for p in sorted(wide.iterdir()):
+        shutil.copy(p, folder / f"{p.stem.split('-')[1]}.png")
+    proc = run("captcha.py", "prepare", "--image-dir", folder, "--data-dir", data, "--workers", 1)
+    assert proc.returncode == 0, proc.stderr
+    return folder, data, proc
+
+
+def test_generator_length_range_size_and_palette(tmp, wide):
+    codes = [p.stem.split("-")[1] for p in wide.iterdir()]
+    assert {len(c) for c in codes} == {5, 6}
+    assert {Image.open(p).size for p in wide.iterdir()} == {(200, 50)}
+    pixels = Image.open(sorted(wide.iterdir())[0]).convert("L").getdata()
+    assert sum(pixels) / len(pixels) < 128            # a dark background
+    out = tmp / "len3to5"
+    assert run(GENERATE, "--count", 30, "--length", "3-5", "--output", out, "--workers", 1).returncode == 0
+    assert {len(p.stem.split("-")[1]) for p in out.iterdir()} == {3, 4, 5}
+    for bad in (["--length", "5-3"], ["--length", "17"], ["--size", "200"], ["--palette", "neon"]):
+        assert assert_one_line_error(run(GENERATE, "--output", tmp / "bad", *bad), 2).startswith("error:")
+
+
+def test_prepare_names_without_prefix_mixed_lengths_and_width(no_prefix):
+    folder, data, proc = no_prefix
+    meta = json.loads((data / "meta.json").read_text())
+    codes = sorted(p.stem.lower() for p in folder.iterdir())
+    assert meta["kept"] == 40 and meta["skipped"] == 0
+    assert meta["lengths"] == [5, 6] and meta["length"] == 6
+    assert meta["image_size"] == [40, 160]                 # 200x50 images keep their aspect ratio
+    assert meta["counts"] == {"training_set": 36, "validating_set": 4, "testing_set": 0}
+    assert "code length 5-6" in proc.stdout and "no test split" in proc.stdout
+    mod = load_module("captcha")
+    charset = meta["charset"]
+    read = []
+    for name in ("training_set", "validating_set"):
+        x, y = mod.read_split(data, name)
+        assert tuple(x.shape[1:]) == (3, 40, 160) and y.shape[1] == 6
+        read += [mod.decode_code(row, charset) for row in y.tolist()]
+        assert all(row[5] == len(charset) for row, code in zip(y.tolist(), read[-len(y):]) if len(code) == 5)
+    assert sorted(read) == codes                          # every code back, the 5-character ones end-padded
+
+
+def test_mixed_lengths_end_to_end(no_prefix):
+    """Train on codes of 5 and 6 characters; eval emits codes of at most 6 characters from the charset only."""
+    folder, data, _ = no_prefix
+    proc = run("captcha.py", "train", "--data-dir", data, "--epochs", 1, "--epoch-size", 0, "--batch-size", 12,
+               "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    assert "length 5-6" in proc.stdout
+    proc = run("captcha.py", "eval", "--data-dir", data, "--json", folder)
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    charset = json.loads((data / "meta.json").read_text())["charset"]
+    assert len(rows) == 40
+    assert all(len(r["code"]) <= 6 and set(r["code"]) <= set(charset) and 0 <= r["confidence"] <= 1 for r in rows)
+
+
+def test_prepare_labels_files(tmp, wide):
+    """--labels: CSV with a header or whitespace text; files outside the folder, missing, listed twice or not
+    listed, and lines without a code are skipped and counted; the codes come from the file."""
+    folder = tmp / "named"
+    folder.mkdir()
+    truth = {}
+    for i, p in enumerate(sorted(wide.iterdir())):
+        shutil.copy(p, folder / f"img{i:04d}.png")
+        truth[f"img{i:04d}.png"] = p.stem.split("-")[1]
+    shutil.copy(sorted(wide.iterdir())[0], tmp / "outside.png")
+    listed = sorted(truth)[:30]
+    lines = ["file,code"] + [f"{name},{truth[name]}" for name in listed]
+    lines += ["../outside.png,abcde", "missing.png,abcde", f"{listed[0]},zzzzz", "img0031.png,", f"{tmp}/outside.png,abcde"]
+    (tmp / "labels.csv").write_text("\n".join(lines) + "\n")
+    data = tmp / "named_csv"
+    proc = run("captcha.py", "prepare", "--image-dir", folder, "--data-dir", data, "--labels", tmp / "labels.csv",
+               "--workers", 1)
+    assert proc.returncode == 0, proc.stderr
+    meta = json.loads((data / "meta.json").read_text())
+    assert meta["kept"] == 30
+    assert meta["skipped_by_reason"] == {"file outside --image-dir": 2, "listed file not found": 1,
+                                         "file listed twice (first code kept)": 1,
+                                         "line without a file name and a code": 1, "image not in the labels file": 10}
+    mod = load_module("captcha")
+    codes = [mod.decode_code(row, meta["charset"]) for name in ("training_set", "validating_set")
+             for row in mod.read_split(data, name)[1].tolist()]
+    assert sorted(codes) == sorted(truth[name].lower() for name in listed)
+    # whitespace-separated text, no header, case kept
+    (tmp / "labels.txt").write_text("".join(f"{name}  {truth[name]}\n" for name in listed[:12]))
+    data = tmp / "named_txt"
+    proc = run("captcha.py", "prepare", "--image-dir", folder, "--data-dir", data, "--labels", tmp / "labels.txt",
+               "--case-sensitive", "--workers", 1)
+    assert proc.returncode == 0, proc.stderr
+    meta = json.loads((data / "meta.json").read_text())
+    assert meta["kept"] == 12 and set(meta["charset"]) == set("".join(truth[name] for name in listed[:12]))
+    # a labels file that is not UTF-8, or missing: one line
+    (tmp / "latin1.csv").write_bytes("file,code\nimg0000.png,caf\xe9\n".encode("latin-1"))
+    line = assert_one_line_error(run("captcha.py", "prepare", "--image-dir", folder, "--data-dir", tmp / "l1",
+                                     "--labels", tmp / "latin1.csv"), 1)
+    assert "UTF-8" in line and not (tmp / "l1").exists()
+    line = assert_one_line_error(run("captcha.py", "prepare", "--image-dir", folder, "--data-dir", tmp / "l2",
+                                     "--labels", tmp / "none.csv"), 1)
+    assert "none.csv" in line
+
+
+def test_calibration_unit():
+    """Platt scaling of the log raw confidence recovers a known relation, and among codes with a calibrated
+    confidence of 0.9 or more about 90% or more are right; a set where every code is right still fits."""
+    mod = load_module("captcha")
+    gen = torch.Generator().manual_seed(0)
+    scores = -torch.rand(4000, generator=gen) * 4
+    right = torch.rand(4000, generator=gen) < torch.sigmoid(2.5 * scores + 4.0)
+    fit = mod.fit_calibration(scores, right)
+    assert fit["a"] == pytest.approx(2.5, rel=0.25) and fit["b"] == pytest.approx(4.0, rel=0.25)
+    confident = mod.calibrated(scores, fit) >= 0.9
+    assert confident.sum() > 100 and right[confident].float().mean() >= 0.88
+    assert (mod.calibrated(scores, fit) <= scores.exp() + 0.5).all()
+    everything = mod.fit_calibration(scores[:50], torch.ones(50, dtype=torch.bool))
+    p = mod.calibrated(scores[:50], everything)
+    assert torch.isfinite(p).all() and (p < 1).all() and p.max() > 0.9
+
+
+def test_prepare_option_errors(tmp, capsys):
+    """Out-of-range options stop in the parser, before any work (in-process: no torch start per case)."""
+    mod = load_module("captcha")
+    parser = mod.build_parser()
+    for args in (["--length", "0"], ["--length", "17"], ["--split", "80/30/10"], ["--split", "0/50/50"],
+                 ["--image-size", "8", "96"], ["--image-size", "40"], ["--split", "a/b/c"]):
+        with pytest.raises(SystemExit) as exit_:
+            parser.parse_args(["prepare", *args])
+        assert exit_.value.code == 2 and "error:" in capsys.readouterr().err, args
+    ok = parser.parse_args(["prepare", "--length", "5", "--split", "90/10/0", "--image-size", "48", "160"])
+    assert (ok.length, ok.split, ok.image_size) == (5, (90, 10, 0), (48, 160))
+    assert mod.split_sizes(1000, "auto") == (900, 100, 0) and mod.split_sizes(20000, "auto") == (18000, 1000, 1000)
+    assert mod.split_sizes(1000, (90, 10, 0)) == (900, 100, 0) and mod.split_sizes(1, "auto") == (1, 0, 0)
+
+
 # ---- train ----
 def test_train_writes_model_history_and_scores(trained):
     data, proc = trained
     assert re.search(r"epoch 1/2 .*train loss .*val loss .*acc .*img/s", proc.stdout)
-    assert re.search(r"test \(\d+ images.*exact-match \d+\.\d+%, per-character \d+\.\d+%", proc.stdout)
+    assert re.search(r"no test split: validation exact-match \d+\.\d+%", proc.stdout)
     for name in ("model.pt", "checkpoint.pt", "history.csv", "history.png"):
         assert (data / name).exists(), name
     assert not list(data.glob("*.tmp*"))
-    rows = (data / "history.csv").read_text().splitlines()
-    assert len(rows) == 3 and rows[0].startswith("epoch,train_loss,train_acc,val_loss,val_acc")
+    rows = list(csv.DictReader((data / "history.csv").open()))
+    assert len(rows) == 2 and list(rows[0])[:5] == ["epoch", "train_loss", "train_acc", "val_loss", "val_acc"]
+    assert "train 363 (600 per epoch)" in proc.stdout and rows[0]["steps"] == "5"   # a small set repeats to 600
     model = torch.load(data / "model.pt", weights_only=True)
-    assert model["script"] == "captcha" and model["charset"] == "0123456789abcdefghijklmnopqrstuvwxyz"
+    meta = json.loads((data / "meta.json").read_text())
+    assert model["script"] == "captcha" and model["charset"] == meta["charset"]
     assert model["length"] == 4 and list(model["image_size"]) == [40, 96]
+    assert model["model_args"]["n_classes"] == len(meta["charset"]) + 1          # the end symbol
+    assert set(model["calibration"]) == {"a", "b"} and model["calibration"]["a"] >= 0
+    assert re.search(r"confidence calibrated on 40 validation codes", proc.stdout)
 
 
 def test_network_learns():
-    """The model, loss, augmentation and optimizer together learn to read drawn digits (> 80% exact)."""
+    """The model, loss, augmentation and optimizer together learn to read drawn digits of 2 to 4 characters
+    (> 80% exact): the end symbol (class 10) pads the shorter codes and ends them in decode_code."""
     mod = load_module("captcha")
     torch.manual_seed(0)
     from PIL import ImageDraw, ImageFont
     font = ImageFont.load_default(size=30)
     gen = torch.Generator().manual_seed(0)
     y = torch.randint(0, 10, (64, 4), generator=gen)
+    y[torch.arange(64) % 3 == 1, 3:] = 10     # a third of the codes 3 digits long, a third 2
+    y[torch.arange(64) % 3 == 2, 2:] = 10
     images = []
     for code in y.tolist():
         img = Image.new("RGB", (96, 40), "white")
         for i, c in enumerate(code):
-            ImageDraw.Draw(img).text((4 + 23 * i, 4), str(c), font=font, fill="black")
+            if c < 10:
+                ImageDraw.Draw(img).text((4 + 23 * i, 4), str(c), font=font, fill="black")
         images.append(mod.image_to_tensor(img))
     x = torch.stack(images)
-    model = mod.build_model({"n_classes": 36, "length": 4, "image_size": [40, 96]}, torch.device("cpu"))
+    model = mod.build_model({"n_classes": 11, "length": 4, "image_size": [40, 96]}, torch.device("cpu"))
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     cpu, scaler = torch.device("cpu"), torch.amp.GradScaler("cpu", enabled=False)
     for epoch in range(45):
         batches = list(torch.randperm(64, generator=gen).split(16))
-        mod.run_epoch(model, x, y, cpu, batches, None, optimizer, scheduler, scaler, gen)
+        mod.run_epoch(model, x, y, cpu, batches, None, optimizer, scheduler, scaler, gen, strength=0.5)
     loss, exact, chars, n = mod.run_epoch(model, x, y, cpu, mod.in_order(64, 64, cpu), None)
     assert n == 64
     assert chars > 0.9 and exact > 0.8, (loss, exact, chars)
+    pred, scores = mod.read_codes(model, x, cpu, 64, None)
+    codes = [mod.decode_code(p, "0123456789") for p in pred.tolist()]
+    truth = [mod.decode_code(t, "0123456789") for t in y.tolist()]
+    assert sorted(set(map(len, truth))) == [2, 3, 4] and sum(c == t for c, t in zip(codes, truth)) / 64 > 0.8
+    assert (scores <= 0).all()
 
 
 def test_resume_after_interrupt(tmp, prepared):
@@ -279,7 +447,7 @@ def test_resume_after_interrupt(tmp, prepared):
     shutil.copytree(src, data, ignore=shutil.ignore_patterns("model.pt", "checkpoint.pt", "history.*"))
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen([sys.executable, str(ROOT / "captcha.py"), "train", "--data-dir", str(data),
-                             "--epochs", "30", "--device", "cpu"], stdout=subprocess.PIPE,
+                             "--epochs", "30", "--epoch-size", "0", "--device", "cpu"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # a background
     # job's children start with SIGINT ignored, and Python then installs no KeyboardInterrupt handler
@@ -294,12 +462,14 @@ def test_resume_after_interrupt(tmp, prepared):
     assert ckpt["epoch"] in (1, 2)
     done = ckpt["epoch"]
     # a shorter --epochs on resume: the rest of the schedule shrinks to fit
-    proc = run("captcha.py", "train", "--data-dir", data, "--epochs", 3, "--device", "cpu", "--resume")
+    proc = run("captcha.py", "train", "--data-dir", data, "--epochs", 3, "--epoch-size", 0, "--device", "cpu",
+               "--resume")
     assert proc.returncode == 0, proc.stderr
     assert f"resumed from {data / 'checkpoint.pt'} after epoch {done}" in proc.stdout
     assert "epoch 3/3" in proc.stdout and f"epoch {done}/3" not in proc.stdout
     assert len((data / "history.csv").read_text().splitlines()) == 4
-    proc = run("captcha.py", "train", "--data-dir", data, "--epochs", 4, "--device", "cpu", "--resume")
+    proc = run("captcha.py", "train", "--data-dir", data, "--epochs", 4, "--epoch-size", 0, "--device", "cpu",
+               "--resume")
     assert proc.returncode == 0, proc.stderr
     assert re.findall(r"^epoch (\d+)/4", proc.stdout, re.M) == ["4"]
     assert len((data / "history.csv").read_text().splitlines()) == 5
@@ -310,7 +480,7 @@ def test_early_stopping_counts_patience_epochs(tmp, prepared):
     data = tmp / "patience"
     shutil.copytree(src, data, ignore=shutil.ignore_patterns("model.pt", "checkpoint.pt", "history.*"))
     proc = run("captcha.py", "train", "--data-dir", data, "--epochs", 6, "--patience", 1, "--lr", 1e-9,
-               "--device", "cpu")
+               "--epoch-size", 0, "--device", "cpu")
     assert proc.returncode == 0, proc.stderr
     epochs = re.findall(r"^epoch (\d+)/6", proc.stdout, re.M)
     history = (data / "history.csv").read_text().splitlines()[1:]
@@ -331,8 +501,9 @@ def test_eval_argument_human_output(trained, generated):
     image = sorted(generated.iterdir())[0]
     proc = run("captcha.py", "eval", "--data-dir", data, image)
     assert proc.returncode == 0, proc.stderr
-    assert re.fullmatch(rf"{re.escape(str(image))}  code: [0-9a-z]{{4}}  confidence \d\.\d\d "
-                        r"\(per position( \d\.\d\d){4}\)", proc.stdout.strip())
+    match = re.fullmatch(rf"{re.escape(str(image))}  code: ([0-9a-z]{{0,4}})  confidence \d\.\d\d "
+                         r"\(per position((?: \d\.\d\d)*)\)", proc.stdout.strip())
+    assert match and len(match[2].split()) == len(match[1]), proc.stdout
 
 
 def test_eval_folder_json(trained, generated):
@@ -341,7 +512,7 @@ def test_eval_folder_json(trained, generated):
     assert [r["image"] for r in rows] == [str(p) for p in sorted(generated.iterdir())]
     for r in rows:
         assert set(r) == {"image", "code", "confidence"}
-        assert re.fullmatch(r"[0-9a-z]{4}", r["code"]) and 0 <= r["confidence"] <= 1
+        assert re.fullmatch(r"[0-9a-z]{0,4}", r["code"]) and 0 <= r["confidence"] <= 1
 
 
 def test_eval_stdin_and_bad_image(trained, generated, image_dir):
@@ -388,7 +559,7 @@ def test_eval_interactive_prompt_until_eof(trained, generated):
     _, status = os.waitpid(pid, 0)
     text = output.decode(errors="replace")
     assert os.WEXITSTATUS(status) == 0, text
-    assert re.search(r"code: [0-9a-z]{4}  confidence", text), text
+    assert re.search(r"code: [0-9a-z]{0,4}  confidence", text), text
     assert text.count("Image path: ") == 3 and "error" not in text
 
 
@@ -407,7 +578,7 @@ def test_prepare_nothing_usable(tmp):
     folder = tmp / "bad_only"
     folder.mkdir()
     (folder / "00001-abcd.png").write_text("text, not an image")
-    Image.new("RGB", (120, 50)).save(folder / "00002-abcdef.png")
+    Image.new("RGB", (120, 50)).save(folder / "00002-abc def.png")
     proc = run("captcha.py", "prepare", "--image-dir", folder, "--data-dir", tmp / "d3")
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "no usable captcha image" in proc.stderr

@@ -11,9 +11,21 @@ import sys
 import pytest
 import torch
 
-from conftest import CIFAR_DIR, ROOT, assert_one_line_error, run, torchrun
+import conftest
+from conftest import CIFAR_DIR, ROOT, assert_one_line_error
 
 SCRIPTS = ["captcha.py", "cifar_lenet.py"]
+TRAIN_OPTIONS = {"captcha.py": ["--epoch-size", 0]}   # no repetition of the tiny training split
+
+
+def run(script, *args, **kwargs):
+    extra = TRAIN_OPTIONS.get(script, []) if args[:1] == ("train",) else []
+    return conftest.run(script, *args, *extra, **kwargs)
+
+
+def torchrun(script, *args, **kwargs):
+    extra = TRAIN_OPTIONS.get(script, []) if args[:1] == ("train",) else []
+    return conftest.torchrun(script, *args, *extra, **kwargs)
 
 
 def load_module(script):
@@ -46,7 +58,8 @@ def prepared(tmp_path_factory):
     out = {}
     proc = run("generate-captcha/generate.py", "--count", 300, "--output", root / "captchas", "--workers", 2)
     assert proc.returncode == 0, proc.stderr
-    proc = run("captcha.py", "prepare", "--image-dir", root / "captchas", "--data-dir", root / "captcha", "--workers", 2)
+    proc = run("captcha.py", "prepare", "--image-dir", root / "captchas", "--data-dir", root / "captcha", "--workers", 2,
+               "--split", "80/10/10")
     assert proc.returncode == 0, proc.stderr
     out["captcha.py"] = root / "captcha"
     if CIFAR_DIR.exists():
@@ -225,7 +238,7 @@ def test_tensorboard_missing_is_one_line(prepared, tmp_path):
     data = data_of(prepared, "captcha.py", "notb")
     env = dict(os.environ, PYTHONPATH=str(tmp_path / "hide"), PYTHONWARNINGS="ignore")
     base = [sys.executable, str(ROOT / "captcha.py"), "train", "--data-dir", str(data), "--epochs", "1",
-            "--device", "cpu"]
+            "--device", "cpu", "--epoch-size", "0"]
     proc = subprocess.run(base + ["--tensorboard", str(tmp_path / "tb")], capture_output=True, text=True, env=env,
                           cwd=ROOT, timeout=300)
     line = assert_one_line_error(proc, 2)
