@@ -17,19 +17,31 @@ import argparse
 import contextlib
 import csv
 import datetime
+import errno
 import gzip
 import io
 import itertools
 import json
+import math
 import os
 import random
 import re
+import secrets
+import shlex
+import shutil
+import signal
 import sys
 import time
+import warnings
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from functools import partial
 from pathlib import Path
+
+try:
+    import fcntl  # DATA_DIR lock (lock_data_dir); not on Windows
+except ImportError:
+    fcntl = None
 
 import numpy as np
 import torch
@@ -44,6 +56,11 @@ SCRIPT = Path(__file__).stem
 DATA_KIND = SCRIPT
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp"}
 SHARD_SIZE = 1000
+SPLITS = ("training_set", "validating_set", "testing_set")
+MAX_PIXELS = 16_000_000                 # bigger images (decompression bombs) are refused before decoding
+SHARD_SPEC = ((torch.uint8, (3, None, None)), (torch.int64, (None,)))   # images, codes (character indices, end)
+META_KEYS = {"charset": str, "image_size": list, "length": int, "case_sensitive": bool}   # what train reads
+MODEL_KEYS = ("model", "model_args", "charset", "image_size")   # what eval reads from model.pt
 CHARSETS = {  # --charset accepts auto (the characters of the codes), one of these names, or a literal string
     "a-z0-9": "0123456789abcdefghijklmnopqrstuvwxyz",
     "A-Za-z0-9": "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz",
@@ -79,14 +96,32 @@ class UserError(Exception):
 
 # ---- Data ----
 def load_image(path):
-    """Open any image (format decided by content, not extension) as RGB; alpha is composited onto white."""
-    with Image.open(path) as img:
-        img.seek(0)  # first frame of a GIF
-        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-            rgba = img.convert("RGBA")
-            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            return Image.alpha_composite(white, rgba).convert("RGB")
-        return img.convert("RGB")
+    """Open any image (format decided by content, not extension) as RGB; alpha is composited onto white. Every failure
+    is a UserError with a one-line reason: missing, not a file, not an image, damaged, or more than MAX_PIXELS pixels
+    (a decompression bomb: a small file that would decode to gigabytes), refused from its header before decoding."""
+    try:
+        if not os.path.isfile(path):
+            raise UserError("no such file" if not os.path.lexists(path) else "not a file")
+        with warnings.catch_warnings():  # PIL's own bomb warning becomes an error here, not a line on stderr
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                if img.width * img.height > MAX_PIXELS:
+                    raise UserError(f"{img.width}x{img.height} pixels, over the limit of {MAX_PIXELS:,} (MAX_PIXELS)")
+                img.seek(0)  # first frame of a GIF
+                if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+                    rgba = img.convert("RGBA")
+                    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                    return Image.alpha_composite(white, rgba).convert("RGB")
+                return img.convert("RGB")
+    except UserError:
+        raise
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+        raise UserError(f"over the limit of {MAX_PIXELS:,} pixels (MAX_PIXELS)")
+    except UnidentifiedImageError:
+        raise UserError("not an image, or a format PIL cannot read")
+    except Exception as e:  # any decoder error of any format: truncated, damaged, unsupported mode, ...
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip() or type(e).__name__
+        raise UserError(reason.splitlines()[0][:200])
 
 
 def image_to_tensor(img):
@@ -147,17 +182,11 @@ def read_labels(path, image_dir):
     """--labels FILE -> ({image path: code as written}, {reason: [line numbers]}). CSV lines `file,code` or
     whitespace-separated `file code` lines, an optional header; a file must resolve inside image_dir."""
     path, root = Path(path), Path(image_dir).resolve()
-    try:
-        if path.stat().st_size > MAX_LABELS_BYTES:
-            raise UserError(f"--labels {path}: larger than {MAX_LABELS_BYTES >> 20} MB")
-        text = path.read_bytes().decode("utf-8-sig")
-    except FileNotFoundError:
+    if not path.is_file():
         raise UserError(f"--labels {path}: file not found")
-    except UnicodeDecodeError:
-        raise UserError(f"--labels {path}: not UTF-8 text; save it as UTF-8")
-    except OSError as e:
-        raise UserError(f"--labels {path}: cannot read ({e.strerror or e})")
-    lines = text.splitlines()
+    if path.stat().st_size > MAX_LABELS_BYTES:
+        raise UserError(f"--labels {path}: larger than {MAX_LABELS_BYTES >> 20} MB")
+    lines = read_text(path).splitlines()
     first = next((line for line in lines if line.strip()), "")
     rows = csv.reader(lines) if "," in first else (line.split(None, 1) for line in lines)
     labels, skipped = {}, {}
@@ -191,9 +220,9 @@ def auto_image_size(paths):
     ratios = []
     for p in paths[::step]:
         try:
-            with Image.open(p) as img:   # reads the header only
-                ratios.append(img.width / max(img.height, 1))
-        except (OSError, ValueError, Image.DecompressionBombError):
+            width, height = load_image(p).size
+            ratios.append(width / max(height, 1))
+        except UserError:   # counted when prepare decodes it
             pass
     ratio = float(np.median(ratios)) if ratios else 2.4
     return IMAGE_HEIGHT, int(np.clip(round(IMAGE_HEIGHT * ratio / 8) * 8, *WIDTH_RANGE))
@@ -204,29 +233,44 @@ def decode_file(path, image_size):
     a worker process holds a file descriptor open, and thousands of them exhaust the process's limit."""
     try:
         return to_input(load_image(path), image_size).numpy(), None
-    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
-        return None, f"unreadable image ({type(e).__name__})"
+    except UserError as e:  # missing, not an image, damaged, too many pixels: skipped and counted
+        return None, str(e)
 
 
 def save_shard(path, tensors):
-    """gzip(torch.save(tuple)) written atomically."""
+    """gzip(torch.save(tuple)) written atomically, with no file name or time in the gzip header: the same tensors
+    give the same bytes."""
     buf = io.BytesIO()
     torch.save(tuple(tensors), buf)
-    with atomic_path(path) as tmp, gzip.open(tmp, "wb", compresslevel=3) as f:
-        f.write(buf.getbuffer())
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(gzip.compress(buf.getbuffer(), compresslevel=3, mtime=0))
 
 
 def load_shard(path):
-    with gzip.open(path, "rb") as f:
-        return torch.load(io.BytesIO(f.read()), weights_only=True)
+    """A shard: the tuple of tensors of SHARD_SPEC (dtype, and size after the first dimension with None for any), all
+    of one length, loaded with weights_only=True (no pickled code runs). A truncated, damaged or foreign file is a
+    UserError naming it."""
+    try:
+        with gzip.open(path, "rb") as f:
+            tensors = torch.load(io.BytesIO(f.read()), weights_only=True)
+    except Exception as e:  # EOFError (truncated), BadGzipFile, not a torch file, pickled code, ...
+        raise UserError(f"{path}: damaged or not a shard ({type(e).__name__}); run `python {SCRIPT}.py prepare` again")
+    fits = isinstance(tensors, tuple) and len(tensors) == len(SHARD_SPEC) and all(
+        isinstance(t, torch.Tensor) and t.dtype == dtype and t.dim() == len(shape) + 1 and len(t) == len(tensors[0])
+        and all(s is None or s == n for s, n in zip(shape, t.shape[1:]))
+        for t, (dtype, shape) in zip(tensors, SHARD_SPEC))
+    if not fits:
+        raise UserError(f"{path}: not a shard of {SCRIPT}.py's prepared data; run `python {SCRIPT}.py prepare` again")
+    return tensors
 
 
 @contextlib.contextmanager
 def atomic_path(path):
-    """A temporary name next to `path` to write to: renamed to `path` when the block ends, removed when it fails or
-    is interrupted, so `path` is always either the old file or the whole new one."""
+    """A temporary name next to `path`, unique to this write (NAME.tmp-PID-RANDOM.EXT): renamed to `path` when the
+    block ends, removed when it fails or is interrupted, so `path` is always either the old file or the whole new
+    one, whatever else writes next to it."""
     path = Path(path)
-    tmp = path.with_name(f"{path.stem}.tmp{path.suffix}")
+    tmp = path.with_name(f"{path.stem}.tmp-{os.getpid()}-{secrets.token_hex(4)}{path.suffix}")
     try:
         yield tmp
         os.replace(tmp, path)
@@ -241,7 +285,7 @@ def atomic_torch_save(obj, path):
 
 def atomic_write_text(path, text):
     with atomic_path(path) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")
 
 
 def list_images(folder):
@@ -276,28 +320,118 @@ def write_split(data_dir, name, tensors):
 
 def read_split(data_dir, name):
     """Read all shards of a split once and concatenate them (no per-epoch decompression)."""
-    paths = sorted(Path(data_dir).glob(f"{name}.*.pt.gz"), key=lambda p: int(p.name.split(".")[1]))
+    paths = sorted((p for p in Path(data_dir).glob(f"{name}.*.pt.gz") if p.name.split(".")[1].isdigit()),
+                   key=lambda p: int(p.name.split(".")[1]))
     parts = [load_shard(p) for p in paths]
     if not parts:
         raise UserError(f"{data_dir}: no {name} shards; run `python {SCRIPT}.py prepare` first")
-    return tuple(torch.cat(ts) for ts in zip(*parts))
+    try:
+        return tuple(torch.cat(ts) for ts in zip(*parts))
+    except RuntimeError:  # shards of different sizes: files of two prepares
+        raise UserError(f"{data_dir}: {name} shards of different prepares; run `python {SCRIPT}.py prepare` again")
 
 
-def clear_prepared(data_dir):
-    """Remove shards of an earlier prepare so stale higher-numbered files are never read."""
-    for p in Path(data_dir).glob("*_set.*.pt.gz"):
-        p.unlink()
+def read_text(path):
+    """A UTF-8 text file (a BOM is allowed) as str; unreadable or not UTF-8 is a UserError naming it."""
+    try:
+        return Path(path).read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8")
+    except OSError as e:
+        raise UserError(f"{path}: cannot read it ({e.strerror or e})")
 
 
 def read_meta(data_dir):
+    """DATA_DIR/meta.json as prepare wrote it: JSON of this kind of data with every key of META_KEYS ("a.b": key b in
+    a) of its type. Anything else is a UserError that asks to prepare again."""
     path = Path(data_dir) / "meta.json"
     if not path.exists():
         raise UserError(f"{path} not found; run `python {SCRIPT}.py prepare --data-dir {data_dir}` first")
-    meta = json.loads(path.read_text())
+    again = f"run `python {SCRIPT}.py prepare --data-dir {data_dir}` again"
+    try:
+        meta = json.loads(read_text(path))
+    except (ValueError, RecursionError) as e:
+        raise UserError(f"{path}: not valid JSON ({str(e)[:100]}); {again}")
+    if not isinstance(meta, dict):
+        raise UserError(f"{path}: not a meta.json of this suite; {again}")
     if meta.get("kind") != DATA_KIND:
-        raise UserError(f"{data_dir} holds data prepared by {meta.get('script', 'another script')}.py, "
-                        f"not {SCRIPT}.py; use another --data-dir")
+        other = str(meta.get("script", "another script")).removesuffix(".py")
+        raise UserError(f"{data_dir} holds data prepared by {other}.py, not {SCRIPT}.py; use another --data-dir")
+    for key, kind in META_KEYS.items():
+        value = meta
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if not isinstance(value, kind):
+            raise UserError(f"{path}: {key!r} is missing or not a {kind.__name__}; {again}")
     return meta
+
+
+@contextlib.contextmanager
+def staging_dir(data_dir):
+    """A new empty folder next to DATA_DIR (DATA_DIR.prepare-PID-RANDOM; inside DATA_DIR when its parent is read-only
+    or another file system, where a rename into DATA_DIR would not be atomic) to build prepared data in. Removed when
+    the block ends, unless a swap cut short left the old data in its previous/ (swap_prepared). Folders of killed
+    runs are removed first: the caller holds DATA_DIR's lock, so no other prepare uses them."""
+    data_dir = Path(os.path.abspath(data_dir))
+    parent = data_dir.parent
+    if not os.access(parent, os.W_OK) or os.stat(parent).st_dev != os.stat(data_dir).st_dev:
+        parent = data_dir
+    prefix = f"{data_dir.name}.prepare-"
+    with contextlib.suppress(OSError):
+        for old in parent.iterdir():
+            if old.name.startswith(prefix) and old.is_dir() and not (old / "previous").exists():
+                shutil.rmtree(old, ignore_errors=True)
+    staged = parent / f"{prefix}{os.getpid()}-{secrets.token_hex(4)}"
+    staged.mkdir()
+    try:
+        yield staged
+    finally:
+        if (staged / "previous").exists():
+            print(f"the earlier prepared data of {data_dir} is in {staged / 'previous'}", file=sys.stderr)
+        else:
+            shutil.rmtree(staged, ignore_errors=True)
+
+
+def swap_prepared(staged, data_dir):
+    """Move the shards and meta.json built in `staged` into DATA_DIR in place of the old ones; every other file there
+    (model.pt, checkpoint.pt, history, runs.csv) stays. Renames on one file system, so each file is whole, old or new;
+    the old meta.json goes aside first and the new one comes last, so a meta.json never sits beside shards of another
+    prepare; an error or Ctrl-C before the end puts the old files back."""
+    data_dir = Path(data_dir)
+    previous = staged / "previous"
+    previous.mkdir()
+    moved, placed = [], []
+    try:
+        for path in [data_dir / "meta.json", *sorted(data_dir.glob("*_set.*.pt.gz"))]:
+            if path.exists():
+                moved.append(path)
+                os.replace(path, previous / path.name)
+        for path in [*sorted(staged.glob("*_set.*.pt.gz")), staged / "meta.json"]:
+            placed.append(data_dir / path.name)
+            os.replace(path, data_dir / path.name)
+    except BaseException:
+        for path in placed:
+            path.unlink(missing_ok=True)
+        for path in reversed(moved):
+            if (previous / path.name).exists():
+                os.replace(previous / path.name, path)
+        with contextlib.suppress(OSError):  # not empty if a file could not go back: staging_dir keeps it then
+            previous.rmdir()
+        raise
+    previous.rename(staged / "replaced")  # the old files, removed with `staged`
+
+
+def save_prepared(data_dir, splits, meta):
+    """Write the splits ({name: tensors}) as shards and `meta` as meta.json into a new folder, then swap them into
+    DATA_DIR: an error or Ctrl-C before the swap is done leaves the earlier prepared data as it was."""
+    try:
+        with staging_dir(data_dir) as staged:
+            for name, tensors in splits.items():
+                write_split(staged, name, tensors)
+            atomic_write_text(staged / "meta.json", json.dumps(meta, indent=1))
+            swap_prepared(staged, data_dir)
+    except OSError as e:  # a full disk, a folder made read-only meanwhile, ...
+        raise UserError(f"{data_dir}: cannot write the prepared data ({e.strerror or e}); the earlier data are kept")
 
 
 # ---- Model ----
@@ -532,7 +666,13 @@ def save_history(data_dir, history, plot_keys):
     plt.close(fig)
 
 
-def load_model_file(path):
+CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "epoch", "history", "best_score", "bad_epochs", "model_args")
+
+
+def load_model_file(path, keys=None):
+    """model.pt (or, with keys=CHECKPOINT_KEYS, checkpoint.pt) of this script, loaded on the CPU with
+    weights_only=True; it must hold `keys` (default MODEL_KEYS: what eval needs). A missing, foreign, damaged or
+    incomplete file is a UserError naming it."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: model not found; train one with `python {SCRIPT}.py train` or pass --model")
@@ -544,6 +684,11 @@ def load_model_file(path):
         other = ckpt.get("script") if isinstance(ckpt, dict) else None
         raise UserError(f"{path}: model was trained by {other or 'another program'}"
                         f"{'.py' if other else ''}, not {SCRIPT}.py")
+    missing = [key for key in keys or MODEL_KEYS if key not in ckpt]
+    if missing and keys is None and "optimizer" in ckpt:
+        raise UserError(f"{path}: a training checkpoint (what train --resume reads), not a model; pass model.pt")
+    if missing:
+        raise UserError(f"{path}: incomplete, no {', '.join(missing)}; train again")
     return ckpt
 
 
@@ -695,8 +840,10 @@ def append_run(data_dir, row):
     path = Path(data_dir) / "runs.csv"
     rows = []
     if path.exists():
-        with path.open(newline="") as f:
-            rows = list(csv.DictReader(f))
+        try:
+            rows = list(csv.DictReader(io.StringIO(read_text(path))))
+        except csv.Error as e:
+            raise UserError(f"{path}: not a CSV ({e}); move it away (this run's model is saved)")
     rows.append(row)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for r in rows for k in r)), restval="")
@@ -717,8 +864,8 @@ def grid_runs(args, parser):
                             f"(e.g. --grid lr=0.01,0.001)", 2)
         try:
             converted = [(action.type or str)(v) for v in values.split(",")]
-        except ValueError:
-            raise UserError(f"--grid {item}: not a valid value for --{key}", 2)
+        except (ValueError, argparse.ArgumentTypeError) as e:
+            raise UserError(f"--grid {item}: not a valid value for --{key} ({e})", 2)
         if action.choices and any(v not in action.choices for v in converted):
             raise UserError(f"--grid {item}: --{key} takes one of {', '.join(map(str, action.choices))}", 2)
         axes.append([(key, action.dest, text, value) for text, value in zip(values.split(","), converted)])
@@ -731,17 +878,115 @@ def grid_runs(args, parser):
     return runs
 
 
+def parse_number(text, kind, low, high=None):
+    """argparse type helper: `text` as a finite int or float from `low` to `high`; anything else is an
+    ArgumentTypeError, so argparse stops with one line and status 2 before any work."""
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {'a whole number' if kind is int else 'a number'}")
+    if (kind is float and not math.isfinite(value)) or value < low or (high is not None and value > high):
+        raise argparse.ArgumentTypeError(f"{text!r} is out of range: it must be at least {low}"
+                                         + (f" and at most {high}" if high is not None else ""))
+    return value
+
+
+def positive_int(text):
+    return parse_number(text, int, 1)
+
+
+def nonneg_int(text):
+    return parse_number(text, int, 0)
+
+
+def nonneg_float(text):
+    return parse_number(text, float, 0)
+
+
+def probability(text):
+    return parse_number(text, float, 0, 1)
+
+
+def seed_int(text):
+    return parse_number(text, int, 0, 2 ** 31 - 1)  # numpy takes 32-bit seeds; torchrun adds the rank
+
+
+def worker_count(text):
+    return parse_number(text, int, 1, 256)
+
+
+@contextlib.contextmanager
+def lock_data_dir(data_dir, create):
+    """Hold DATA_DIR for one command (prepare, train): an exclusive fcntl.flock on DATA_DIR/.lock, which names its
+    holder (pid and command line), so a second command on the same folder fails at once with one line naming it.
+    The file goes when the command ends (a command that opened it just before checks that it locked the file still
+    there). DATA_DIR must be a writable folder, checked here before any work; `create` makes it, else a missing one
+    is left to the command to report. Under torchrun rank 0 holds it for all ranks (they meet rank 0 in
+    init_process_group before reading anything). Without fcntl (Windows) nothing is locked."""
+    data_dir = Path(data_dir)
+    if data_dir.exists() and not data_dir.is_dir():
+        raise UserError(f"--data-dir {data_dir}: a file, not a folder; pass a folder", 2)
+    if create:
+        try:
+            data_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"--data-dir {data_dir}: cannot create it ({e.strerror or e})", 2)
+    if not main_process() or fcntl is None or not data_dir.is_dir():
+        yield
+        return
+    path = data_dir / ".lock"
+    f = None
+    while f is None:  # until the file locked is the one at `path`: a holder may remove it just after we open it
+        try:
+            if not os.access(data_dir, os.W_OK | os.X_OK):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+            f = open(os.open(path, os.O_RDWR | os.O_CREAT, 0o644), "r+", encoding="utf-8", errors="replace")
+        except OSError as e:
+            raise UserError(f"--data-dir {data_dir}: not writable ({e.strerror or e}); pass a folder you can write "
+                            f"to", 2)
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = (f.read().strip().splitlines() or ["another process"])[0][:300]
+            f.close()
+            if isinstance(e, BlockingIOError):
+                raise UserError(f"{data_dir} is in use by {holder}; wait until it ends or pass another --data-dir")
+            raise UserError(f"--data-dir {data_dir}: cannot lock {path} ({e.strerror or e})")
+        try:
+            ours = os.path.samestat(os.stat(path), os.fstat(f.fileno()))
+        except OSError:
+            ours = False
+        if not ours:
+            f.close()
+            f = None
+    with f:
+        f.truncate()
+        f.write(f"pid {os.getpid()} ({shlex.join(sys.argv)})\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)  # still locked here: the next command makes a new file
+
+
+def start_worker():
+    """Start of each process of a prepare pool: one thread (the pool is the parallelism), and Ctrl-C left to the main
+    process, which stops the pool: no traceback from every worker."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    torch.set_num_threads(1)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a usage mistake in one line (`error: PROG: MESSAGE (see PROG --help)`), status 2."""
+
+    def error(self, message):
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 # ---- Commands ----
 def cmd_prepare(args):
-    image_dir, data_dir = Path(args.image_dir), Path(args.data_dir)
-    if args.workers < 1:
-        raise UserError("--workers must be at least 1", 2)
-    try:
-        regex = re.compile(args.label_regex)
-    except re.error as e:
-        raise UserError(f"--label-regex: {e}", 2)
-    if regex.groups < 1:
-        raise UserError("--label-regex needs one group that captures the code", 2)
+    image_dir = Path(args.image_dir)
+    regex = args.label_regex
     if not image_dir.is_dir():
         raise UserError(f"{image_dir}: image folder not found (generate captchas with "
                         "`python generate-captcha/generate.py` or pass --image-dir)")
@@ -783,7 +1028,7 @@ def cmd_prepare(args):
             bar.update()
     else:
         try:
-            with ProcessPoolExecutor(args.workers) as pool:
+            with ProcessPoolExecutor(args.workers, initializer=start_worker) as pool:
                 for r in pool.map(decode, paths, chunksize=256):
                     results.append(r)
                     bar.update()
@@ -816,19 +1061,18 @@ def cmd_prepare(args):
     for i, code in enumerate(codes):
         y[i, :len(code)] = torch.tensor([charset.index(c) for c in code])
     sizes = split_sizes(len(x), args.split)
-    data_dir.mkdir(parents=True, exist_ok=True)
-    clear_prepared(data_dir)
-    splits = dict(zip(("training_set", "validating_set", "testing_set"), split_indices(len(x), args.seed, sizes)))
-    for name, idx in splits.items():
+    splits = {}
+    for name, idx in zip(SPLITS, split_indices(len(x), args.seed, sizes)):
         idx = torch.tensor(idx, dtype=torch.long)
-        write_split(data_dir, name, (x[idx], y[idx]))
+        splits[name] = (x[idx], y[idx])
     meta = {"kind": DATA_KIND, "script": SCRIPT, "image_dir": str(image_dir), "image_size": list(image_size),
             "charset": charset, "length": lengths[-1], "lengths": lengths, "case_sensitive": args.case_sensitive,
-            "labels": args.labels, "label_regex": None if args.labels else args.label_regex, "seed": args.seed,
+            "labels": args.labels, "label_regex": None if args.labels else args.label_regex.pattern,
+            "seed": args.seed,
             "kept": len(x), "skipped": n_skipped, "skipped_by_reason": {k: len(v) for k, v in skipped.items()},
-            "counts": {name: len(idx) for name, idx in splits.items()}}
-    atomic_write_text(data_dir / "meta.json", json.dumps(meta, indent=2))
-    print(f"wrote {data_dir}: " + ", ".join(f"{name} {len(idx)}" for name, idx in splits.items()))
+            "counts": {name: len(y) for name, (_, y) in splits.items()}}
+    save_prepared(args.data_dir, splits, meta)
+    print(f"wrote {args.data_dir}: " + ", ".join(f"{name} {len(y)}" for name, (_, y) in splits.items()))
     if not sizes[2]:
         print(f"no test split (fewer than {TEST_MIN_SET} images, or --split): train reports the validation score")
     return 0
@@ -845,6 +1089,11 @@ def train(args, device, out_dir, tb_dir):
     writer = open_tensorboard(tb_dir) if tb_dir else None
     x_train, y_train = (t.to(device) for t in read_split(data_dir, "training_set"))
     x_val, y_val = (t.to(device) for t in read_split(data_dir, "validating_set"))
+    for x, y in ((x_train, y_train), (x_val, y_val)):
+        if list(x.shape[2:]) != meta["image_size"] or y.shape[1] != meta["length"] or (
+                len(y) and (y.min() < 0 or y.max() > len(meta["charset"]))):
+            raise UserError(f"{data_dir}: the shards do not match meta.json (image size, code length or charset); "
+                            f"run `python {SCRIPT}.py prepare` again")
     if len(x_val) == 0:  # tiny data sets: validate on the training split rather than divide by zero
         if main_process():
             print("warning: empty validation split; validating on the training split", file=sys.stderr)
@@ -867,19 +1116,24 @@ def train(args, device, out_dir, tb_dir):
     ckpt_path, model_path = out_dir / "checkpoint.pt", out_dir / "model.pt"
     if args.resume:
         if not ckpt_path.exists():
-            raise UserError(f"{ckpt_path} not found; train without --resume first")
-        ckpt = load_model_file(ckpt_path)
-        if ckpt["model_args"] != model_args:
-            raise UserError(f"{ckpt_path}: checkpoint does not match the prepared data; train without --resume")
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        if ckpt["scheduler"]["total_steps"] == scheduler.total_steps:
-            scheduler.load_state_dict(ckpt["scheduler"])
-        else:  # --epochs or --batch-size changed: the same schedule shape over the new length, from here on
-            scheduler.last_epoch = ckpt["scheduler"]["last_epoch"]
-        history, best, bad_epochs, first_epoch = ckpt["history"], ckpt["best_score"], ckpt["bad_epochs"], ckpt["epoch"] + 1
+            raise UserError(f"{ckpt_path} not found: nothing to resume; train without --resume")
+        ckpt = load_model_file(ckpt_path, CHECKPOINT_KEYS)
+        try:
+            if ckpt["model_args"] != model_args:
+                raise UserError(f"{ckpt_path} was trained on other data ({ckpt['model_args']}, now {model_args}); "
+                                f"train without --resume")
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            if ckpt.get("scaler"):
+                scaler.load_state_dict(ckpt["scaler"])
+            if ckpt["scheduler"]["total_steps"] == scheduler.total_steps:
+                scheduler.load_state_dict(ckpt["scheduler"])
+            else:  # --epochs or --batch-size changed: the same schedule shape over the new length, from here on
+                scheduler.last_epoch = ckpt["scheduler"]["last_epoch"]
+            history, best, bad_epochs = ckpt["history"], ckpt["best_score"], ckpt["bad_epochs"]
+            first_epoch = ckpt["epoch"] + 1
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:  # a checkpoint.pt of another version
+            raise UserError(f"{ckpt_path}: does not fit this run ({type(e).__name__}); train without --resume")
         print(f"resumed from {ckpt_path} after epoch {ckpt['epoch']} (best val exact-match {best:.2%})")
     generator = torch.Generator(device=device).manual_seed(args.seed + first_epoch + 7919 * rank)
     step_model = wrap_model(model, device, args.sync_bn)
@@ -1001,11 +1255,15 @@ def cmd_train(args):
 
 
 def iter_eval_inputs(paths):
-    """Yield image paths: from arguments (files or folders), else piped stdin, else the interactive prompt."""
+    """Yield image paths: from arguments (files or folders), else piped stdin, else the interactive prompt. A folder
+    without images is a UserError (nothing to do is a mistake, not a success)."""
     if paths:
         for p in paths:
             if Path(p).is_dir():
-                yield from (str(q) for q in list_images(p))
+                images = list_images(p)
+                if not images:
+                    raise UserError(f"{p}: no images in this folder (extensions {', '.join(sorted(IMAGE_EXTS))})")
+                yield from (str(q) for q in images)
             else:
                 yield p
     elif sys.stdin.isatty():
@@ -1026,9 +1284,13 @@ def iter_eval_inputs(paths):
 @torch.no_grad()
 def cmd_eval(args):
     device = pick_device(args.device)
-    ckpt = load_model_file(args.model or Path(args.data_dir) / "model.pt")
-    model = build_model(ckpt["model_args"], device)
-    model.load_state_dict(ckpt["model"])
+    path = args.model or Path(args.data_dir) / "model.pt"
+    ckpt = load_model_file(path)
+    try:
+        model = build_model(ckpt["model_args"], device)
+        model.load_state_dict(ckpt["model"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:  # weights of another network
+        raise UserError(f"{path}: its weights do not fit {SCRIPT}.py's network ({type(e).__name__})")
     model.eval()
     dtype = amp_dtype(device)
     charset, image_size = ckpt["charset"], tuple(ckpt["image_size"])
@@ -1040,9 +1302,9 @@ def cmd_eval(args):
     for path in paths:
         try:
             x = to_input(load_image(path), image_size)
-        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
+        except UserError as e:  # missing, not an image, damaged, too many pixels
             failed = True
-            reason = f"cannot read image: {e.strerror or e}" if isinstance(e, OSError) else f"cannot read image: {e}"
+            reason = f"cannot read image: {e}"
             if args.json:
                 print(json.dumps({"image": path, "error": reason}), flush=True)
             else:
@@ -1082,6 +1344,22 @@ def split_arg(text):
     return tuple(map(int, parts))
 
 
+def regex_arg(text):
+    """--label-regex: a regular expression with a group that captures the code."""
+    try:
+        regex = re.compile(text)
+    except re.error as e:
+        raise argparse.ArgumentTypeError(f"not a regular expression ({e})")
+    if regex.groups < 1:
+        raise argparse.ArgumentTypeError("needs one group (...) that captures the code")
+    return regex
+
+
+def augment_strength(text):
+    """--augment: 0 (none) to 3 (three times the measured default)."""
+    return parse_number(text, float, 0, 3)
+
+
 class ImageSizeAction(argparse.Action):
     """--image-size auto | H W (each 16 to 1024 pixels)."""
 
@@ -1100,14 +1378,15 @@ def build_parser():
     device.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
                         help="auto: cuda if available, else mps, else cpu")
     seed = argparse.ArgumentParser(add_help=False)
-    seed.add_argument("--seed", type=int, default=0, help="split and training seed")
+    seed.add_argument("--seed", type=seed_int, default=0, help="split and training seed")
     fmt = argparse.ArgumentDefaultsHelpFormatter
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=fmt)
+    parser = OneLineParser(description=__doc__.split("\n")[0], formatter_class=fmt)
     sub = parser.add_subparsers(dest="command", required=True, metavar="{prepare,train,eval}")
     p = sub.add_parser("prepare", parents=[common, seed], formatter_class=fmt, help="images -> tensor batches")
     p.add_argument("--image-dir", default="generate-captcha/output",
-                   help="folder of CODE.ext or PREFIX-CODE.ext images (or of the files a --labels file lists)")
+                   help="folder of CODE.ext or PREFIX-CODE.ext images (or of the files a --labels file lists); "
+                        f"images over {MAX_PIXELS:,} pixels are skipped")
     p.add_argument("--labels", metavar="FILE", default=None,
                    help="codes from FILE instead of file names: CSV lines `file,code` or `file code` lines "
                         "(header optional; file names relative to --image-dir)")
@@ -1117,28 +1396,33 @@ def build_parser():
     p.add_argument("--case-sensitive", action="store_true", help="keep the case of codes (default: lower-case)")
     p.add_argument("--length", type=length_arg, default="auto",
                    help=f"characters per code: auto (every length up to {MAX_LENGTH}) or N (other lengths skipped)")
-    p.add_argument("--label-regex", default=LABEL_REGEX, help="regex whose first group is the code in a file name")
+    p.add_argument("--label-regex", type=regex_arg, default=LABEL_REGEX,
+                   help="regex whose first group is the code in a file name")
     p.add_argument("--image-size", nargs="+", action=ImageSizeAction, default="auto", metavar="H W",
                    help=f"model input size: auto ({IMAGE_HEIGHT} high, width from the images' aspect ratio) or H W")
     p.add_argument("--split", type=split_arg, default="auto", metavar="auto|T/V/T",
                    help=f"train/validation/test percentages, e.g. 90/10/0; auto: validation and test "
                         f"{SPLIT_FRACTION:.0%}% each (at most {SPLIT_MAX}), no test split under {TEST_MIN_SET} images")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel decoding processes")
+    p.add_argument("--workers", type=worker_count, default=os.cpu_count() or 1, help="parallel decoding processes")
     p.set_defaults(func=cmd_prepare)
     p = sub.add_parser("train", parents=[common, device, seed], formatter_class=fmt, help="train with early stopping")
-    p.add_argument("--epochs", type=int, default=60, help="maximum epochs (also the length of the lr schedule)")
-    p.add_argument("--patience", type=int, default=20, help="stop after N epochs without a better validation score")
-    p.add_argument("--batch-size", type=int, default=128, help="mini-batch size (under torchrun: the global batch)")
-    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of the one-cycle schedule")
+    p.add_argument("--epochs", type=positive_int, default=60,
+                   help="maximum epochs (also the length of the lr schedule)")
+    p.add_argument("--patience", type=positive_int, default=20,
+                   help="stop after N epochs without a better validation score")
+    p.add_argument("--batch-size", type=positive_int, default=128,
+                   help="mini-batch size (under torchrun: the global batch)")
+    p.add_argument("--lr", type=nonneg_float, default=3e-3, help="peak learning rate of the one-cycle schedule")
     p.add_argument("--resume", action="store_true", help="continue from DATA_DIR/checkpoint.pt")
-    p.add_argument("--epoch-size", type=int, default=EPOCH_SIZE, metavar="N",
+    p.add_argument("--epoch-size", type=nonneg_int, default=EPOCH_SIZE, metavar="N",
                    help="images per epoch at least (a smaller training split is repeated, augmented afresh)")
-    p.add_argument("--augment", type=float, default=1.0, metavar="X",
+    p.add_argument("--augment", type=augment_strength, default=1.0, metavar="X",
                    help="strength of the random distortions while training (0: none, 1: the measured default)")
     add_scale_options(p)
     p.set_defaults(func=cmd_train, train_parser=p)
     p = sub.add_parser("eval", parents=[common, device], formatter_class=fmt, help="read captcha images")
-    p.add_argument("images", nargs="*", metavar="IMAGE", help="image files or folders; none: read paths from stdin")
+    p.add_argument("images", nargs="*", metavar="IMAGE", help="image files or folders; none: read paths from stdin; "
+                   f"images over {MAX_PIXELS:,} pixels are refused")
     p.add_argument("--model", default=None, help="model file (default: DATA_DIR/model.pt)")
     p.add_argument("--json", action="store_true", help="one JSON object per image on stdout")
     p.set_defaults(func=cmd_eval)
@@ -1153,7 +1437,7 @@ def add_scale_options(p):
     p.add_argument("--sync-bn", action="store_true", help="under torchrun on CUDA: synchronise BatchNorm statistics")
     p.add_argument("--tensorboard", metavar="DIR", default=None,
                    help="write TensorBoard logs to DIR (needs `pip install tensorboard`)")
-    p.add_argument("--histogram-every", type=int, default=5, metavar="N",
+    p.add_argument("--histogram-every", type=nonneg_int, default=5, metavar="N",
                    help="with --tensorboard: weight histograms every N epochs (0: never)")
     p.add_argument("--tag", default="", help="a label for this run in DATA_DIR/runs.csv")
     p.add_argument("--grid", action="append", metavar="OPTION=V1,V2",
@@ -1164,7 +1448,9 @@ def add_scale_options(p):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        writes = args.command in ("prepare", "train")   # one at a time per DATA_DIR (lock_data_dir)
+        with lock_data_dir(args.data_dir, args.command == "prepare") if writes else contextlib.nullcontext():
+            return args.func(args)
     except UserError as e:
         if main_process() or getattr(e, "all_ranks", False):   # under torchrun: one line, not one per process
             print(f"error: {e}", file=sys.stderr)

@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, assert_one_line_error, run
+from conftest import ROOT, assert_one_line_error, hostile_images, run, run_main, tree_bytes
 
 GENERATE = "generate-captcha/generate.py"
 N_CAPTCHAS = 400
@@ -346,7 +346,7 @@ def test_prepare_labels_files(tmp, wide):
     (tmp / "latin1.csv").write_bytes("file,code\nimg0000.png,caf\xe9\n".encode("latin-1"))
     line = assert_one_line_error(run("captcha.py", "prepare", "--image-dir", folder, "--data-dir", tmp / "l1",
                                      "--labels", tmp / "latin1.csv"), 1)
-    assert "UTF-8" in line and not (tmp / "l1").exists()
+    assert "UTF-8" in line and not (tmp / "l1" / "meta.json").exists()
     line = assert_one_line_error(run("captcha.py", "prepare", "--image-dir", folder, "--data-dir", tmp / "l2",
                                      "--labels", tmp / "none.csv"), 1)
     assert "none.csv" in line
@@ -604,6 +604,39 @@ def test_train_without_or_with_foreign_data(tmp):
     (foreign / "meta.json").write_text(json.dumps({"kind": "cifar", "script": "cifar_resnet"}))
     line = assert_one_line_error(run("captcha.py", "train", "--data-dir", foreign), 1)
     assert "cifar_resnet.py" in line
+
+
+def test_hostile_input_one_line_and_nothing_lost(tmp, trained):
+    """Unreadable images and decompression bombs are one error object each in eval and skipped in prepare; a
+    checkpoint, an empty folder, a damaged shard or meta.json are one line; a prepare that fails leaves DATA_DIR
+    byte for byte as it was (in-process: the same main(), no interpreter start per case)."""
+    src, _ = trained
+    bad = hostile_images(tmp / "hostile")
+    proc = run_main("captcha.py", "eval", "--data-dir", src, "--json", *(path for path, _ in bad))
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr and len(rows) == len(bad)
+    for row, (path, words) in zip(rows, bad):
+        assert row["image"] == str(path) and words in row["error"], row
+    line = assert_one_line_error(run_main("captcha.py", "eval", "--model", src / "checkpoint.pt", tmp / "x.png"), 1)
+    assert "checkpoint" in line
+    (tmp / "no_images").mkdir()
+    assert "no images" in assert_one_line_error(run_main("captcha.py", "eval", "--data-dir", src,
+                                                         tmp / "no_images"), 1)
+    data = tmp / "keep"
+    shutil.copytree(src, data)
+    before = tree_bytes(data)
+    line = assert_one_line_error(run_main("captcha.py", "prepare", "--image-dir", tmp / "hostile", "--data-dir", data,
+                                          "--workers", 1), 1)
+    assert "no usable captcha image" in line
+    assert tree_bytes(data) == before and not [p for p in tmp.iterdir() if ".prepare-" in p.name]
+    assert not (data / ".lock").exists()
+    shard = data / "training_set.0.pt.gz"
+    shard.write_bytes(before["training_set.0.pt.gz"][:100])
+    assert "damaged" in assert_one_line_error(run_main("captcha.py", "train", "--data-dir", data), 1)
+    (data / "meta.json").write_text("{not json")
+    assert "not valid JSON" in assert_one_line_error(run_main("captcha.py", "train", "--data-dir", data), 1)
+    (data / "meta.json").write_bytes(before["meta.json"].replace(b'"length"', b'"len"'))
+    assert "'length'" in assert_one_line_error(run_main("captcha.py", "train", "--data-dir", data), 1)
 
 
 def test_help_and_usage_errors():

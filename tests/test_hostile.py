@@ -1,4 +1,4 @@
-"""Hostile and clumsy input, across cifar_lenet.py, cifar_resnet.py, rcnn_faces.py and fast_rcnn_faces.py:
+"""Hostile and clumsy input, across captcha.py, cifar_lenet.py, cifar_resnet.py, rcnn_faces.py and fast_rcnn_faces.py:
 - the shared helpers are the same text in every script, and every read of user data goes through them;
 - every numeric option is checked by argparse: one line, status 2, nothing created;
 - --data-dir that is a file or not writable is refused before any work;
@@ -22,9 +22,9 @@ import torch
 
 from conftest import CIFAR_DIR, ROOT, assert_one_line_error, load_script, run_main, tree_bytes
 
-SCRIPTS = ["cifar_lenet.py", "cifar_resnet.py", "rcnn_faces.py", "fast_rcnn_faces.py"]
+SCRIPTS = ["captcha.py", "cifar_lenet.py", "cifar_resnet.py", "rcnn_faces.py", "fast_rcnn_faces.py"]
 FACES = ["rcnn_faces.py", "fast_rcnn_faces.py"]
-# helpers that must be the same text (compared as ASTs) in all four scripts, and in captcha.py once it has them
+# helpers that must be the same text (compared as ASTs) in all five scripts
 SHARED = ["UserError", "load_image", "image_to_tensor", "save_shard", "load_shard", "atomic_path", "atomic_torch_save",
           "atomic_write_text", "list_images", "write_split", "read_split", "read_text", "read_meta", "staging_dir",
           "swap_prepared", "save_prepared", "seed_everything", "pick_device", "progress", "CHECKPOINT_KEYS",
@@ -39,7 +39,7 @@ READERS = {"open": {"setup_distributed", "lock_data_dir"}, "os.open": {"lock_dat
            "gzip.open": {"load_shard"}, "torch.load": {"load_shard", "load_model_file"},
            "pd.read_csv": {"read_boxes_csv", "read_face_csv"}, ".read_text": {"read_text"}, ".read_bytes": set(),
            ".open": set(), "json.load": set(), "json.loads": {"read_meta"}, "np.load": set(), "cv2.imread": set(),
-           "csv.reader": set(), "csv.DictReader": {"append_run"}}
+           "csv.reader": {"read_labels"}, "csv.DictReader": {"append_run"}}   # read_labels: lines of read_text
 
 
 def top_level(script):
@@ -94,6 +94,9 @@ COMMON_BAD = [["train", "--epochs", "0"], ["train", "--epochs", "2.5"], ["train"
               ["train", "--seed", "-1"], ["train", "--histogram-every", "-1"], ["prepare", "--workers", "0"],
               ["prepare", "--workers", "100000"], ["prepare", "--seed", "abc"], ["eval", "--device", "tpu"]]
 SCRIPT_BAD = {
+    "captcha.py": [["train", "--epoch-size", "-1"], ["train", "--augment", "nan"], ["train", "--augment", "4"],
+                   ["prepare", "--length", "0"], ["prepare", "--split", "50/50/1"], ["prepare", "--label-regex", "("],
+                   ["prepare", "--label-regex", "[a-z]+"], ["prepare", "--image-size", "0", "0"]],
     "cifar_lenet.py": [["train", "--label-smoothing", "1.5"], ["train", "--weight-decay", "-0.1"]],
     "cifar_resnet.py": [["train", "--lr", "inf"]],
     "rcnn_faces.py": [["prepare", "--pos-iou", "1.5"], ["prepare", "--neg-iou", "-0.1"],
@@ -166,7 +169,8 @@ def test_second_command_on_a_data_dir_fails_at_once(tmp_path):
         assert proc.poll() is None and f"pid {proc.pid} " in holder, proc.communicate()
         before = tree_bytes(data)
         for script, args in [("cifar_lenet.py", ["prepare", "--image-dir", tmp_path, "--workers", 1]),
-                             ("cifar_resnet.py", ["train", "--epochs", 1, "--device", "cpu"])]:
+                             ("cifar_resnet.py", ["train", "--epochs", 1, "--device", "cpu"]),
+                             ("captcha.py", ["prepare", "--image-dir", tmp_path, "--workers", 1])]:
             line = assert_one_line_error(run_main(script, *args, "--data-dir", data), 1)
             assert f"in use by pid {proc.pid} " in line and "cifar_lenet.py train" in line
         assert all(before[name] == data.joinpath(name).read_bytes() for name in before if name.endswith(".pt.gz"))
