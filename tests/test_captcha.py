@@ -565,11 +565,11 @@ def test_eval_interactive_prompt_until_eof(trained, generated):
 
 # ---- bad input ----
 def test_prepare_missing_and_empty_folder(tmp):
-    line = assert_one_line_error(run("captcha.py", "prepare", "--image-dir", tmp / "missing",
+    line = assert_one_line_error(run_main("captcha.py", "prepare", "--image-dir", tmp / "missing",
                                      "--data-dir", tmp / "d1"), 1)
     assert "missing" in line
     (tmp / "empty").mkdir()
-    line = assert_one_line_error(run("captcha.py", "prepare", "--image-dir", tmp / "empty",
+    line = assert_one_line_error(run_main("captcha.py", "prepare", "--image-dir", tmp / "empty",
                                      "--data-dir", tmp / "d2"), 1)
     assert "empty" in line
 
@@ -587,22 +587,22 @@ def test_prepare_nothing_usable(tmp):
 
 def test_missing_model_and_models_of_other_scripts(tmp, trained, generated):
     image = sorted(generated.iterdir())[0]
-    line = assert_one_line_error(run("captcha.py", "eval", "--model", tmp / "none.pt", image), 1)
+    line = assert_one_line_error(run_main("captcha.py", "eval", "--model", tmp / "none.pt", image), 1)
     assert "none.pt" in line and "not found" in line
     torch.save({"script": "cifar_lenet", "model": {}}, tmp / "cifar.pt")
-    line = assert_one_line_error(run("captcha.py", "eval", "--model", tmp / "cifar.pt", image), 1)
+    line = assert_one_line_error(run_main("captcha.py", "eval", "--model", tmp / "cifar.pt", image), 1)
     assert "cifar_lenet.py" in line
     (tmp / "junk.pt").write_bytes(b"junk")
-    assert_one_line_error(run("captcha.py", "eval", "--model", tmp / "junk.pt", image), 1)
+    assert_one_line_error(run_main("captcha.py", "eval", "--model", tmp / "junk.pt", image), 1)
 
 
 def test_train_without_or_with_foreign_data(tmp):
-    line = assert_one_line_error(run("captcha.py", "train", "--data-dir", tmp / "nothing"), 1)
+    line = assert_one_line_error(run_main("captcha.py", "train", "--data-dir", tmp / "nothing"), 1)
     assert "prepare" in line
     foreign = tmp / "foreign"
     foreign.mkdir()
     (foreign / "meta.json").write_text(json.dumps({"kind": "cifar", "script": "cifar_resnet"}))
-    line = assert_one_line_error(run("captcha.py", "train", "--data-dir", foreign), 1)
+    line = assert_one_line_error(run_main("captcha.py", "train", "--data-dir", foreign), 1)
     assert "cifar_resnet.py" in line
 
 
@@ -641,8 +641,8 @@ def test_hostile_input_one_line_and_nothing_lost(tmp, trained):
 
 def test_help_and_usage_errors():
     for args in ([], ["prepare"], ["train"], ["eval"]):
-        proc = run("captcha.py", *args, "--help")
+        proc = run_main("captcha.py", *args, "--help")
         assert proc.returncode == 0 and "usage:" in proc.stdout
-    proc = run("captcha.py")
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert run("captcha.py", "train", "--device", "tpu").returncode == 2
+    assert "16,000,000" in run_main("captcha.py", "eval", "--help").stdout   # MAX_PIXELS, said in --help
+    assert "the following arguments are required" in assert_one_line_error(run("captcha.py"), 2)   # a real process
+    assert "tpu" in assert_one_line_error(run_main("captcha.py", "train", "--device", "tpu"), 2)

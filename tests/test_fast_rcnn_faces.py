@@ -240,8 +240,15 @@ def test_eval_human_output_stdin_and_no_regress(faces):
 
 
 def test_bad_input(faces, tmp_path):
+    """Each mistake is one line (in-process: the same main(), no interpreter start per case; the last case goes
+    through a real process)."""
+    threads = torch.get_num_threads()
+
     def error(*args, status=1):
-        return assert_one_line_error(run(SCRIPT, *args), status)
+        try:
+            return assert_one_line_error(run_main(SCRIPT, *args), status)
+        finally:
+            torch.set_num_threads(threads)   # an in-process prepare worker sets it to 1
 
     assert "CSV not found" in error("prepare", "--image-dir", faces.img_dir, "--csv", tmp_path / "no.csv",
                                     "--data-dir", tmp_path / "d")
@@ -263,7 +270,7 @@ def test_bad_input(faces, tmp_path):
     (fresh / "meta.json").write_text((faces.data / "meta.json").read_text())
     assert "checkpoint.pt not found" in error("train", "--data-dir", fresh, "--resume", "--device", "cpu")
     assert "no training_set shards" in error("train", "--data-dir", fresh, "--device", "cpu")
-    assert "WIDTHxHEIGHT" in error("prepare", "--size", "384", status=2)   # argparse: one line too
+    assert "WIDTHxHEIGHT" in assert_one_line_error(run(SCRIPT, "prepare", "--size", "384"), 2)   # argparse too
 
 
 def test_torchrun_two_processes(faces, tmp_path):

@@ -119,13 +119,13 @@ def test_prepare_counts_skips_and_split_by_photo(faces, prepared):
 
 def test_bad_csv_files(faces, tmp_path):
     common = ["--image-dir", faces["img_dir"], "--data-dir", tmp_path / "d"]
-    line = assert_one_line_error(run(SCRIPT, "prepare", "--csv", tmp_path / "nope.csv", *common), 1)
+    line = assert_one_line_error(run_main(SCRIPT, "prepare", "--csv", tmp_path / "nope.csv", *common), 1)
     assert "nope.csv" in line
     bad = tmp_path / "cols.csv"
     bad.write_text("Name,x,y,xmax,ymax\na.jpg,1,2,3,4\n")
-    line = assert_one_line_error(run(SCRIPT, "prepare", "--csv", bad, *common), 1)
+    line = assert_one_line_error(run_main(SCRIPT, "prepare", "--csv", bad, *common), 1)
     assert "xmin" in line and "ymin" in line and "xmax" not in line.split("expected")[0]
-    line = assert_one_line_error(run(SCRIPT, "prepare", "--csv", faces["csv"], "--image-dir", tmp_path / "no_dir",
+    line = assert_one_line_error(run_main(SCRIPT, "prepare", "--csv", faces["csv"], "--image-dir", tmp_path / "no_dir",
                                      "--data-dir", tmp_path / "d"), 1)
     assert "no_dir" in line
 
@@ -188,25 +188,25 @@ def test_eval_json_output_dir_and_bad_image(faces, trained, tmp_path):
 
 def test_eval_missing_and_foreign_model(faces, trained, tmp_path):
     photo = faces["img_dir"] / faces["good"][0]
-    line = assert_one_line_error(run(SCRIPT, "eval", photo, "--model", tmp_path / "none.pt", "--device", "cpu"), 1)
+    line = assert_one_line_error(run_main(SCRIPT, "eval", photo, "--model", tmp_path / "none.pt", "--device", "cpu"), 1)
     assert "none.pt" in line and "not found" in line
     foreign = tmp_path / "fast.pt"
     torch.save({"script": "fast_rcnn_faces", "model": {}}, foreign)
-    line = assert_one_line_error(run(SCRIPT, "eval", photo, "--model", foreign, "--device", "cpu"), 1)
+    line = assert_one_line_error(run_main(SCRIPT, "eval", photo, "--model", foreign, "--device", "cpu"), 1)
     assert "fast_rcnn_faces.py" in line
     other = tmp_path / "other"
     other.mkdir()
     (other / "meta.json").write_text(json.dumps({"kind": "fast_rcnn_faces", "script": "fast_rcnn_faces.py"}))
-    line = assert_one_line_error(run(SCRIPT, "train", "--data-dir", other, "--device", "cpu"), 1)
+    line = assert_one_line_error(run_main(SCRIPT, "train", "--data-dir", other, "--device", "cpu"), 1)
     assert "fast_rcnn_faces.py" in line
-    line = assert_one_line_error(run(SCRIPT, "train", "--data-dir", tmp_path / "nothing", "--device", "cpu"), 1)
+    line = assert_one_line_error(run_main(SCRIPT, "train", "--data-dir", tmp_path / "nothing", "--device", "cpu"), 1)
     assert "prepare" in line
     fresh = tmp_path / "fresh"
     fresh.mkdir()
     (fresh / "meta.json").write_bytes((trained[0] / "meta.json").read_bytes())
-    line = assert_one_line_error(run(SCRIPT, "train", "--data-dir", fresh, "--resume", "--device", "cpu"), 1)
+    line = assert_one_line_error(run_main(SCRIPT, "train", "--data-dir", fresh, "--resume", "--device", "cpu"), 1)
     assert "checkpoint.pt" in line
-    line = assert_one_line_error(run(SCRIPT, "eval", photo, "--data-dir", trained[0], "--output",
+    line = assert_one_line_error(run_main(SCRIPT, "eval", photo, "--data-dir", trained[0], "--output",
                                      tmp_path / "no_dir" / "x.png", "--device", "cpu"), 2)
     assert "no_dir" in line
 
