@@ -234,7 +234,7 @@ def decode_file(path, image_size):
     try:
         return to_input(load_image(path), image_size).numpy(), None
     except UserError as e:  # missing, not an image, damaged, too many pixels: skipped and counted
-        return None, str(e)
+        return None, f"unreadable image: {e}"
 
 
 def save_shard(path, tensors):

@@ -163,7 +163,7 @@ def test_shards_hold_only_their_own_images(tmp):
     mod = load_module("captcha")
     folder = tmp / "shards"
     folder.mkdir()
-    x, y = torch.randint(0, 256, (2500, 3, 8, 8), dtype=torch.uint8), torch.arange(2500)
+    x, y = torch.randint(0, 256, (2500, 3, 8, 8), dtype=torch.uint8), torch.arange(2500 * 4).view(2500, 4)
     mod.write_split(folder, "training_set", (x, y))
     sizes = [(folder / f"training_set.{i}.pt.gz").stat().st_size for i in range(3)]
     assert sizes[2] < 0.6 * sizes[0]  # 500 images, not the whole split
