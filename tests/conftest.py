@@ -6,9 +6,13 @@ import importlib.util
 import io
 import json
 import os
+import select
+import signal
+import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import zlib
 from pathlib import Path
 
@@ -23,10 +27,70 @@ FACES_DIR = SHARED / "faces"
 
 
 def run(script, *args, stdin=None, timeout=600, cwd=None):
-    """Run `python SCRIPT args...` from the repository root; returns the CompletedProcess (text)."""
+    """Run `python SCRIPT args...` from the repository root; returns the CompletedProcess (text). The command runs in
+    its own process, forked from a server that has imported torch already (tests/zygote.py): the same command, a
+    few seconds less each time. SUITE_TESTS_NO_FORK=1 starts a fresh interpreter for every command instead."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONWARNINGS="ignore")
-    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], input=stdin,
-                          capture_output=True, text=True, timeout=timeout, cwd=cwd or ROOT, env=env)
+    argv = [str(ROOT / script), *map(str, args)]
+    if os.environ.get("SUITE_TESTS_NO_FORK") != "1":
+        return ZYGOTE.run(argv, stdin, timeout, str(cwd or ROOT), env)
+    return subprocess.run([sys.executable, *argv], input=stdin, capture_output=True, text=True, timeout=timeout,
+                          cwd=cwd or ROOT, env=env)
+
+
+class Zygote:
+    """Client of tests/zygote.py: started on first use (again if it died or the environment changed since)."""
+
+    def __init__(self):
+        self.proc = self.sock = self.env = None
+
+    def start(self, env):
+        self.close()
+        self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "zygote.py"), str(theirs.fileno())],
+                                     pass_fds=[theirs.fileno()], cwd=ROOT, env=env, stdin=subprocess.DEVNULL)
+        theirs.close()
+        self.env = env
+
+    def close(self):
+        if self.proc is not None:
+            self.sock.close()  # the server reads an empty message and returns
+            self.proc.wait(timeout=30)
+            self.proc = None
+
+    def reply(self, timeout):
+        if not select.select([self.sock], [], [], timeout)[0]:
+            return None
+        message = self.sock.recv(1 << 16)
+        if not message:
+            raise RuntimeError("the fork server (tests/zygote.py) died")
+        return json.loads(message)
+
+    def run(self, argv, stdin, timeout, cwd, env):
+        imported_with = {k: v for k, v in env.items() if k != "PYTEST_CURRENT_TEST"}  # pytest sets it per test
+        if self.proc is None or self.proc.poll() is not None or imported_with != self.env:
+            self.start(imported_with)
+        with tempfile.TemporaryFile("w+b") as inp, tempfile.TemporaryFile("w+b") as out, \
+                tempfile.TemporaryFile("w+b") as err:
+            if stdin is not None:
+                inp.write(stdin.encode() if isinstance(stdin, str) else stdin)
+                inp.seek(0)
+            fds = [inp.fileno() if stdin is not None else 0, out.fileno(), err.fileno()]
+            socket.send_fds(self.sock, [json.dumps({"argv": argv, "cwd": cwd, "env": env}).encode()], fds)
+            pid = self.reply(30)["pid"]
+            done = self.reply(timeout)
+            if done is None:
+                os.kill(pid, signal.SIGKILL)
+                self.reply(30)
+            out.seek(0)
+            err.seek(0)
+            stdout, stderr = out.read().decode(errors="replace"), err.read().decode(errors="replace")
+        if done is None:
+            raise subprocess.TimeoutExpired(argv, timeout, stdout, stderr)
+        return subprocess.CompletedProcess([sys.executable, *argv], done["status"], stdout, stderr)
+
+
+ZYGOTE = Zygote()
 
 
 def torchrun(script, *args, nproc=2, timeout=300, env=None):

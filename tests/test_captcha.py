@@ -263,7 +263,7 @@ def test_generator_length_range_size_and_palette(tmp, wide):
     codes = [p.stem.split("-")[1] for p in wide.iterdir()]
     assert {len(c) for c in codes} == {5, 6}
     assert {Image.open(p).size for p in wide.iterdir()} == {(200, 50)}
-    pixels = Image.open(sorted(wide.iterdir())[0]).convert("L").getdata()
+    pixels = Image.open(sorted(wide.iterdir())[0]).convert("L").tobytes()
     assert sum(pixels) / len(pixels) < 128            # a dark background
     out = tmp / "len3to5"
     assert run(GENERATE, "--count", 30, "--length", "3-5", "--output", out, "--workers", 1).returncode == 0
