@@ -382,6 +382,10 @@ def test_prepare_option_errors(tmp, capsys):
     assert (ok.length, ok.split, ok.image_size) == (5, (90, 10, 0), (48, 160))
     assert mod.split_sizes(1000, "auto") == (900, 100, 0) and mod.split_sizes(20000, "auto") == (18000, 1000, 1000)
     assert mod.split_sizes(1000, (90, 10, 0)) == (900, 100, 0) and mod.split_sizes(1, "auto") == (1, 0, 0)
+    assert parser.parse_args(["train"]).augment == "auto" and parser.parse_args(["train", "--augment", "0"]).augment == 0
+    strengths = [mod.auto_augment(n) for n in (1, 500, 1000, 2000, 10000, 18000, 100000)]
+    assert strengths[:3] == [1, 1, 1] and strengths == sorted(strengths, reverse=True), strengths
+    assert 0.1 <= strengths[5] <= 0.12 and strengths[6] < 0.05, strengths
 
 
 # ---- train ----
@@ -395,6 +399,7 @@ def test_train_writes_model_history_and_scores(trained):
     rows = list(csv.DictReader((data / "history.csv").open()))
     assert len(rows) == 2 and list(rows[0])[:5] == ["epoch", "train_loss", "train_acc", "val_loss", "val_acc"]
     assert "train 363 (600 per epoch)" in proc.stdout and rows[0]["steps"] == "5"   # a small set repeats to 600
+    assert "augment 1, " in proc.stdout                       # --augment auto: full strength on a small set
     model = torch.load(data / "model.pt", weights_only=True)
     meta = json.loads((data / "meta.json").read_text())
     assert model["script"] == "captcha" and model["charset"] == meta["charset"]

@@ -94,7 +94,7 @@ COMMON_BAD = [["train", "--epochs", "0"], ["train", "--epochs", "2.5"], ["train"
               ["train", "--seed", "-1"], ["train", "--histogram-every", "-1"], ["prepare", "--workers", "0"],
               ["prepare", "--workers", "100000"], ["prepare", "--seed", "abc"], ["eval", "--device", "tpu"]]
 SCRIPT_BAD = {
-    "captcha.py": [["train", "--epoch-size", "-1"], ["train", "--augment", "nan"], ["train", "--augment", "4"],
+    "captcha.py": [["train", "--epoch-size", "-1"], ["train", "--augment", "nan"], ["train", "--augment", "4"], ["train", "--augment", "strong"],
                    ["prepare", "--length", "0"], ["prepare", "--split", "50/50/1"], ["prepare", "--label-regex", "("],
                    ["prepare", "--label-regex", "[a-z]+"], ["prepare", "--image-size", "0", "0"]],
     "cifar_lenet.py": [["train", "--label-smoothing", "1.5"], ["train", "--weight-decay", "-0.1"]],
