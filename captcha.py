@@ -1403,7 +1403,7 @@ def build_parser():
     p.add_argument("--charset", default="auto",
                    help=f"characters a code may hold: auto (those the codes use), one of {', '.join(CHARSETS)}, "
                         "or a literal string; codes with other characters are skipped")
-    p.add_argument("--case-sensitive", action="store_true", help="keep the case of codes (default: lower-case)")
+    p.add_argument("--case-sensitive", action="store_true", help="keep the case of codes (otherwise they are lower-cased)")
     p.add_argument("--length", type=length_arg, default="auto",
                    help=f"characters per code: auto (every length up to {MAX_LENGTH}) or N (other lengths skipped)")
     p.add_argument("--label-regex", type=regex_arg, default=LABEL_REGEX,
