@@ -81,103 +81,7 @@ MODEL_KEYS = ("model", "model_args", "size", "ss_side", "proposals")        # wh
 CPU_BF16 = False                         # bf16 autocast on the CPU: not measured faster here; fp32
 
 
-class UserError(Exception):
-    """A mistake of the user or bad input data: main() prints one line and exits with `status`."""
-
-    def __init__(self, message, status=1):
-        super().__init__(message)
-        self.status = status
-
-
 # ---- Data ----
-def load_image(path):
-    """Open any image (format decided by content, not extension) as RGB; alpha is composited onto white. Every failure
-    is a UserError with a one-line reason: missing, not a file, not an image, damaged, or more than MAX_PIXELS pixels
-    (a decompression bomb: a small file that would decode to gigabytes), refused from its header before decoding."""
-    try:
-        if not os.path.isfile(path):
-            raise UserError("no such file" if not os.path.lexists(path) else "not a file")
-        with warnings.catch_warnings():  # PIL's own bomb warning becomes an error here, not a line on stderr
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                if img.width * img.height > MAX_PIXELS:
-                    raise UserError(f"{img.width}x{img.height} pixels, over the limit of {MAX_PIXELS:,} (MAX_PIXELS)")
-                img.seek(0)  # first frame of a GIF
-                if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-                    rgba = img.convert("RGBA")
-                    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-                    return Image.alpha_composite(white, rgba).convert("RGB")
-                return img.convert("RGB")
-    except UserError:
-        raise
-    except (Image.DecompressionBombWarning, Image.DecompressionBombError):
-        raise UserError(f"over the limit of {MAX_PIXELS:,} pixels (MAX_PIXELS)")
-    except UnidentifiedImageError:
-        raise UserError("not an image, or a format PIL cannot read")
-    except Exception as e:  # any decoder error of any format: truncated, damaged, unsupported mode, ...
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip() or type(e).__name__
-        raise UserError(reason.splitlines()[0][:200])
-
-
-def image_to_tensor(img):
-    """PIL RGB image -> uint8 tensor 3,H,W."""
-    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).contiguous()
-
-
-def save_shard(path, tensors):
-    """gzip(torch.save(tuple)) written atomically, with no file name or time in the gzip header: the same tensors
-    give the same bytes."""
-    buf = io.BytesIO()
-    torch.save(tuple(tensors), buf)
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(gzip.compress(buf.getbuffer(), compresslevel=3, mtime=0))
-
-
-def load_shard(path):
-    """A shard: the tuple of tensors of SHARD_SPEC (dtype, and size after the first dimension with None for any), all
-    of one length, loaded with weights_only=True (no pickled code runs). A truncated, damaged or foreign file is a
-    UserError naming it."""
-    try:
-        with gzip.open(path, "rb") as f:
-            tensors = torch.load(io.BytesIO(f.read()), weights_only=True)
-    except Exception as e:  # EOFError (truncated), BadGzipFile, not a torch file, pickled code, ...
-        raise UserError(f"{path}: damaged or not a shard ({type(e).__name__}); run `python {SCRIPT}.py prepare` again")
-    fits = isinstance(tensors, tuple) and len(tensors) == len(SHARD_SPEC) and all(
-        isinstance(t, torch.Tensor) and t.dtype == dtype and t.dim() == len(shape) + 1 and len(t) == len(tensors[0])
-        and all(s is None or s == n for s, n in zip(shape, t.shape[1:]))
-        for t, (dtype, shape) in zip(tensors, SHARD_SPEC))
-    if not fits:
-        raise UserError(f"{path}: not a shard of {SCRIPT}.py's prepared data; run `python {SCRIPT}.py prepare` again")
-    return tensors
-
-
-@contextlib.contextmanager
-def atomic_path(path):
-    """A temporary name next to `path`, unique to this write (NAME.tmp-PID-RANDOM.EXT): renamed to `path` when the
-    block ends, removed when it fails or is interrupted, so `path` is always either the old file or the whole new
-    one, whatever else writes next to it."""
-    path = Path(path)
-    tmp = path.with_name(f"{path.stem}.tmp-{os.getpid()}-{secrets.token_hex(4)}{path.suffix}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def atomic_torch_save(obj, path):
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
-
-
-def atomic_write_text(path, text):
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-
-
-def list_images(folder):
-    """Image files below `folder` (recursive), sorted, by extension."""
-    return sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
 
 
 def split_indices(n, seed, fractions=(0.8, 0.1, 0.1)):
@@ -185,130 +89,6 @@ def split_indices(n, seed, fractions=(0.8, 0.1, 0.1)):
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     n_train, n_val = int(n * fractions[0]), int(n * fractions[1])
     return perm[:n_train], perm[n_train:n_train + n_val], perm[n_train + n_val:]
-
-
-def write_split(data_dir, name, tensors):
-    """Write one split as shards `name.N.pt.gz`, N = 0.. (the last one may be short)."""
-    n = len(tensors[0])
-    for i, start in enumerate(range(0, max(n, 1), SHARD_SIZE)):  # an empty split still gets one (empty) shard
-        # clone: torch.save of a slice writes its whole storage
-        save_shard(Path(data_dir) / f"{name}.{i}.pt.gz", [t[start:start + SHARD_SIZE].clone() for t in tensors])
-
-
-def read_split(data_dir, name):
-    """Read all shards of a split once and concatenate them (no per-epoch decompression)."""
-    paths = sorted((p for p in Path(data_dir).glob(f"{name}.*.pt.gz") if p.name.split(".")[1].isdigit()),
-                   key=lambda p: int(p.name.split(".")[1]))
-    parts = [load_shard(p) for p in paths]
-    if not parts:
-        raise UserError(f"{data_dir}: no {name} shards; run `python {SCRIPT}.py prepare` first")
-    try:
-        return tuple(torch.cat(ts) for ts in zip(*parts))
-    except RuntimeError:  # shards of different sizes: files of two prepares
-        raise UserError(f"{data_dir}: {name} shards of different prepares; run `python {SCRIPT}.py prepare` again")
-
-
-def read_text(path):
-    """A UTF-8 text file (a BOM is allowed) as str; unreadable or not UTF-8 is a UserError naming it."""
-    try:
-        return Path(path).read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8")
-    except OSError as e:
-        raise UserError(f"{path}: cannot read it ({e.strerror or e})")
-
-
-def read_meta(data_dir):
-    """DATA_DIR/meta.json as prepare wrote it: JSON of this kind of data with every key of META_KEYS ("a.b": key b in
-    a) of its type. Anything else is a UserError that asks to prepare again."""
-    path = Path(data_dir) / "meta.json"
-    if not path.exists():
-        raise UserError(f"{path} not found; run `python {SCRIPT}.py prepare --data-dir {data_dir}` first")
-    again = f"run `python {SCRIPT}.py prepare --data-dir {data_dir}` again"
-    try:
-        meta = json.loads(read_text(path))
-    except (ValueError, RecursionError) as e:
-        raise UserError(f"{path}: not valid JSON ({str(e)[:100]}); {again}")
-    if not isinstance(meta, dict):
-        raise UserError(f"{path}: not a meta.json of this suite; {again}")
-    if meta.get("kind") != DATA_KIND:
-        other = str(meta.get("script", "another script")).removesuffix(".py")
-        raise UserError(f"{data_dir} holds data prepared by {other}.py, not {SCRIPT}.py; use another --data-dir")
-    for key, kind in META_KEYS.items():
-        value = meta
-        for part in key.split("."):
-            value = value.get(part) if isinstance(value, dict) else None
-        if not isinstance(value, kind):
-            raise UserError(f"{path}: {key!r} is missing or not a {kind.__name__}; {again}")
-    return meta
-
-
-@contextlib.contextmanager
-def staging_dir(data_dir):
-    """A new empty folder next to DATA_DIR (DATA_DIR.prepare-PID-RANDOM; inside DATA_DIR when its parent is read-only
-    or another file system, where a rename into DATA_DIR would not be atomic) to build prepared data in. Removed when
-    the block ends, unless a swap cut short left the old data in its previous/ (swap_prepared). Folders of killed
-    runs are removed first: the caller holds DATA_DIR's lock, so no other prepare uses them."""
-    data_dir = Path(os.path.abspath(data_dir))
-    parent = data_dir.parent
-    if not os.access(parent, os.W_OK) or os.stat(parent).st_dev != os.stat(data_dir).st_dev:
-        parent = data_dir
-    prefix = f"{data_dir.name}.prepare-"
-    with contextlib.suppress(OSError):
-        for old in parent.iterdir():
-            if old.name.startswith(prefix) and old.is_dir() and not (old / "previous").exists():
-                shutil.rmtree(old, ignore_errors=True)
-    staged = parent / f"{prefix}{os.getpid()}-{secrets.token_hex(4)}"
-    staged.mkdir()
-    try:
-        yield staged
-    finally:
-        if (staged / "previous").exists():
-            print(f"the earlier prepared data of {data_dir} is in {staged / 'previous'}", file=sys.stderr)
-        else:
-            shutil.rmtree(staged, ignore_errors=True)
-
-
-def swap_prepared(staged, data_dir):
-    """Move the shards and meta.json built in `staged` into DATA_DIR in place of the old ones; every other file there
-    (model.pt, checkpoint.pt, history, runs.csv) stays. Renames on one file system, so each file is whole, old or new;
-    the old meta.json goes aside first and the new one comes last, so a meta.json never sits beside shards of another
-    prepare; an error or Ctrl-C before the end puts the old files back."""
-    data_dir = Path(data_dir)
-    previous = staged / "previous"
-    previous.mkdir()
-    moved, placed = [], []
-    try:
-        for path in [data_dir / "meta.json", *sorted(data_dir.glob("*_set.*.pt.gz"))]:
-            if path.exists():
-                moved.append(path)
-                os.replace(path, previous / path.name)
-        for path in [*sorted(staged.glob("*_set.*.pt.gz")), staged / "meta.json"]:
-            placed.append(data_dir / path.name)
-            os.replace(path, data_dir / path.name)
-    except BaseException:
-        for path in placed:
-            path.unlink(missing_ok=True)
-        for path in reversed(moved):
-            if (previous / path.name).exists():
-                os.replace(previous / path.name, path)
-        with contextlib.suppress(OSError):  # not empty if a file could not go back: staging_dir keeps it then
-            previous.rmdir()
-        raise
-    previous.rename(staged / "replaced")  # the old files, removed with `staged`
-
-
-def save_prepared(data_dir, splits, meta):
-    """Write the splits ({name: tensors}) as shards and `meta` as meta.json into a new folder, then swap them into
-    DATA_DIR: an error or Ctrl-C before the swap is done leaves the earlier prepared data as it was."""
-    try:
-        with staging_dir(data_dir) as staged:
-            for name, tensors in splits.items():
-                write_split(staged, name, tensors)
-            atomic_write_text(staged / "meta.json", json.dumps(meta, indent=1))
-            swap_prepared(staged, data_dir)
-    except OSError as e:  # a full disk, a folder made read-only meanwhile, ...
-        raise UserError(f"{data_dir}: cannot write the prepared data ({e.strerror or e}); the earlier data are kept")
 
 
 def read_face_csv(csv_path):
@@ -527,84 +307,6 @@ class FastRCNN(nn.Module):
 
 
 # ---- Train / evaluate helpers ----
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def pick_device(name, quiet=False):
-    if name == "auto":
-        if torch.cuda.is_available():
-            name = "cuda"
-        elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            name = "mps"
-        else:
-            name = "cpu"
-    elif name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is available; use --device cpu or auto", 2)
-    elif name == "mps" and not torch.backends.mps.is_available():
-        raise UserError("--device mps: MPS is not available; use --device cpu or auto", 2)
-    if not quiet:
-        print(f"device: {name}", file=sys.stderr)
-    return torch.device(name)
-
-
-def progress(iterable=None, **kwargs):
-    """tqdm on stderr, hidden when stderr is not a terminal and in processes other than the main one."""
-    return tqdm(iterable, disable=not (sys.stderr.isatty() and main_process()), file=sys.stderr,
-                dynamic_ncols=True, **kwargs)
-
-
-CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "epoch", "history", "best_score", "bad_epochs", "model_args")
-
-
-def load_model_file(path, keys=None):
-    """model.pt (or, with keys=CHECKPOINT_KEYS, checkpoint.pt) of this script, loaded on the CPU with
-    weights_only=True; it must hold `keys` (default MODEL_KEYS: what eval needs). A missing, foreign, damaged or
-    incomplete file is a UserError naming it."""
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"{path}: model not found; train one with `python {SCRIPT}.py train` or pass --model")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # not a torch file, or one holding pickled code
-        raise UserError(f"{path}: not a model file of this suite ({type(e).__name__})")
-    if not isinstance(ckpt, dict) or ckpt.get("script") != SCRIPT:
-        other = ckpt.get("script") if isinstance(ckpt, dict) else None
-        raise UserError(f"{path}: model was trained by {other or 'another program'}"
-                        f"{'.py' if other else ''}, not {SCRIPT}.py")
-    missing = [key for key in keys or MODEL_KEYS if key not in ckpt]
-    if missing and keys is None and "optimizer" in ckpt:
-        raise UserError(f"{path}: a training checkpoint (what train --resume reads), not a model; pass model.pt")
-    if missing:
-        raise UserError(f"{path}: incomplete, no {', '.join(missing)}; train again")
-    return ckpt
-
-
-def save_history(data_dir, history, plot_keys):
-    """history.csv (one row per epoch) and history.png (saved, never shown)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    keys = list(history[0].keys())
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=keys)
-    writer.writeheader()
-    writer.writerows(history)
-    atomic_write_text(Path(data_dir) / "history.csv", buf.getvalue())
-    epochs = [h["epoch"] for h in history]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for key in plot_keys:
-        ax.plot(epochs, [h[key] for h in history], label=key)
-    ax.set_xlabel("epoch")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    with atomic_path(Path(data_dir) / "history.png") as tmp:
-        fig.savefig(tmp)
-    plt.close(fig)
 
 
 def sample_rois(proposals, gt, generator, n_rois=ROIS_PER_PHOTO, pos_fraction=POS_FRACTION):
@@ -772,292 +474,6 @@ def load_prepared(data_dir, name, size):
 def photo_boxes(split, size):
     """True boxes of a loaded split back in photo pixels."""
     return [from_letterbox(g, w, h, size) for g, (w, h) in zip(split[1], split[3].tolist())]
-
-
-# ---- Scale out and observe: torchrun, mixed precision, TensorBoard, runs.csv, --grid (same in every script) ----
-def main_process():
-    """True in a plain run and in torchrun's rank 0: the one process that prints and writes files."""
-    return os.environ.get("RANK", "0") == "0"
-
-
-def setup_distributed(device_name):
-    """The training device. Under torchrun (WORLD_SIZE > 1) also join the process group: nccl on CUDA with one
-    GPU per local rank, gloo on the CPU; ranks other than 0 print nothing on stdout."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    device = pick_device(device_name, quiet=not main_process())
-    if world == 1 or dist.is_initialized():
-        return device
-    if not main_process():
-        sys.stdout = open(os.devnull, "w")
-    if device.type == "cuda":
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        if local_rank >= torch.cuda.device_count():  # met by ranks > 0 only: every rank reports it
-            error = UserError(f"torchrun: local rank {local_rank} but {torch.cuda.device_count()} CUDA devices on "
-                              f"this node; lower --nproc_per_node", 2)
-            error.all_ranks = True
-            raise error
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    elif device.type != "cpu":
-        raise UserError(f"torchrun: --device {device.type} is not supported; use cuda or cpu", 2)
-    # a long timeout: in a --grid, the other ranks wait while rank 0 scores the test split of the previous run
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=2),
-                            device_id=device if device.type == "cuda" else None)
-    print(f"torchrun: {world} processes, backend {dist.get_backend()}")
-    return device
-
-
-def rank_and_world():
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-
-def epoch_batches(n, batch_size, seed, epoch, device):
-    """This process's index batches of one epoch. A permutation seeded by (seed, epoch), the same in every process,
-    is cut into global batches of `batch_size`; under torchrun each process takes every world-th index of each batch
-    (a last batch shorter than the world is topped up from the start), so all take the same number of steps."""
-    rank, world = rank_and_world()
-    if min(n, batch_size) < world:
-        raise UserError(f"{world} processes need a --batch-size and a training split of at least {world} "
-                        f"(now {batch_size} and {n})", 2)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-    batches = []
-    for start in range(0, n, batch_size):
-        idx = perm[start:start + batch_size]
-        if len(idx) < world:
-            idx = torch.cat([idx, perm[:world - len(idx)]])
-        batches.append(idx[rank::world])
-    return list(torch.cat(batches).to(device).split([len(idx) for idx in batches]))   # one copy to the device
-
-
-def shard(items):
-    """This process's share of a validation split (every world-th item; all of it in one process)."""
-    rank, world = rank_and_world()
-    return items[rank::world]
-
-
-def sum_over_processes(values, device):
-    """Sums of per-process numbers over all processes (the numbers themselves in one process)."""
-    if not dist.is_initialized():
-        return list(values)
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
-
-
-def mean_over_processes(values, count, device):
-    """Count-weighted means of per-process means over all processes (unchanged in one process), so every
-    process sees the same numbers and takes the same early-stopping decision."""
-    *sums, total = sum_over_processes([*(v * count if count else 0.0 for v in values), count], device)
-    return [v / max(total, 1) for v in sums]
-
-
-def sync_buffers(model):
-    """Rank 0's BatchNorm running statistics in every process before validation (DDP copies them only at the
-    start of each training step, so each process's last local batch is still in its own)."""
-    if dist.is_initialized():
-        for buffer in model.buffers():
-            dist.broadcast(buffer, 0)
-
-
-def wrap_model(model, device, sync_bn):
-    """DistributedDataParallel under torchrun (optionally with synchronised BatchNorm); the model itself else."""
-    if not dist.is_initialized():
-        return model
-    if sync_bn:
-        if device.type != "cuda":
-            raise UserError("--sync-bn needs CUDA (torch's SyncBatchNorm does not run on the CPU)", 2)
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-
-def amp_dtype(device, amp=True):
-    """The autocast dtype: with --amp, bf16 on CUDA where supported, else fp16 (trained with a GradScaler); on a
-    CPU bf16 only if CPU_BF16 (measured faster for this model) and the CPU has native bf16 instructions;
-    None (fp32) otherwise."""
-    if not amp:
-        return None
-    if device.type == "cuda":  # native bf16 from compute capability 8 (Ampere) on; older GPUs would emulate it
-        return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
-    names = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")   # torch.cpu helpers; missing -> False
-    if device.type == "cpu" and CPU_BF16 and any(getattr(torch.cpu, name, lambda: False)() for name in names):
-        return torch.bfloat16
-    return None
-
-
-def autocast(device, dtype):
-    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
-
-
-def open_tensorboard(logdir):
-    """A SummaryWriter for --tensorboard DIR (None in processes other than the main one). tensorboard is an
-    optional package: without it this option fails with one line saying how to install it."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard", 2)
-    return SummaryWriter(str(logdir)) if main_process() else None
-
-
-def log_epoch(writer, row, model, every):
-    """TensorBoard: every number of the history row as a scalar; weight histograms every `every` epochs."""
-    if writer is None:
-        return
-    epoch = row["epoch"]
-    for key, value in row.items():
-        if key != "epoch":
-            writer.add_scalar(key, value, epoch)
-    if every and epoch % every == 0:
-        for name, p in model.named_parameters():
-            writer.add_histogram(name, p.detach().float().cpu(), epoch)
-    writer.flush()
-
-
-def append_run(data_dir, row):
-    """Append one row to DATA_DIR/runs.csv (columns: the union over all rows), rewritten atomically."""
-    path = Path(data_dir) / "runs.csv"
-    rows = []
-    if path.exists():
-        try:
-            rows = list(csv.DictReader(io.StringIO(read_text(path))))
-        except csv.Error as e:
-            raise UserError(f"{path}: not a CSV ({e}); move it away (this run's model is saved)")
-    rows.append(row)
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for r in rows for k in r)), restval="")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(path, buf.getvalue())
-
-
-def grid_runs(args, parser):
-    """[(name, args)] for every combination of the --grid KEY=V1,V2 options (one unnamed run without --grid)."""
-    axes = []
-    for item in args.grid or []:
-        key, _, values = item.partition("=")
-        action = parser._option_string_actions.get(f"--{key}")
-        fixed = ("grid", "data_dir", "resume", "device", "tensorboard")   # one per command line
-        if not values or action is None or action.nargs == 0 or action.dest in fixed:
-            raise UserError(f"--grid {item}: expected OPTION=V1,V2,... with OPTION a train option that takes a value "
-                            f"(e.g. --grid lr=0.01,0.001)", 2)
-        try:
-            converted = [(action.type or str)(v) for v in values.split(",")]
-        except (ValueError, argparse.ArgumentTypeError) as e:
-            raise UserError(f"--grid {item}: not a valid value for --{key} ({e})", 2)
-        if action.choices and any(v not in action.choices for v in converted):
-            raise UserError(f"--grid {item}: --{key} takes one of {', '.join(map(str, action.choices))}", 2)
-        axes.append([(key, action.dest, text, value) for text, value in zip(values.split(","), converted)])
-    runs = []
-    for combo in itertools.product(*axes):
-        run_args = argparse.Namespace(**vars(args))
-        for _, dest, _, value in combo:
-            setattr(run_args, dest, value)
-        runs.append(("_".join(f"{key}={text}" for key, _, text, _ in combo), run_args))
-    return runs
-
-
-def parse_number(text, kind, low, high=None):
-    """argparse type helper: `text` as a finite int or float from `low` to `high`; anything else is an
-    ArgumentTypeError, so argparse stops with one line and status 2 before any work."""
-    try:
-        value = kind(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not {'a whole number' if kind is int else 'a number'}")
-    if (kind is float and not math.isfinite(value)) or value < low or (high is not None and value > high):
-        raise argparse.ArgumentTypeError(f"{text!r} is out of range: it must be at least {low}"
-                                         + (f" and at most {high}" if high is not None else ""))
-    return value
-
-
-def positive_int(text):
-    return parse_number(text, int, 1)
-
-
-def nonneg_int(text):
-    return parse_number(text, int, 0)
-
-
-def nonneg_float(text):
-    return parse_number(text, float, 0)
-
-
-def probability(text):
-    return parse_number(text, float, 0, 1)
-
-
-def seed_int(text):
-    return parse_number(text, int, 0, 2 ** 31 - 1)  # numpy takes 32-bit seeds; torchrun adds the rank
-
-
-def worker_count(text):
-    return parse_number(text, int, 1, 256)
-
-
-@contextlib.contextmanager
-def lock_data_dir(data_dir, create):
-    """Hold DATA_DIR for one command (prepare, train): an exclusive fcntl.flock on DATA_DIR/.lock, which names its
-    holder (pid and command line), so a second command on the same folder fails at once with one line naming it.
-    The file goes when the command ends (a command that opened it just before checks that it locked the file still
-    there). DATA_DIR must be a writable folder, checked here before any work; `create` makes it, else a missing one
-    is left to the command to report. Under torchrun rank 0 holds it for all ranks (they meet rank 0 in
-    init_process_group before reading anything). Without fcntl (Windows) nothing is locked."""
-    data_dir = Path(data_dir)
-    if data_dir.exists() and not data_dir.is_dir():
-        raise UserError(f"--data-dir {data_dir}: a file, not a folder; pass a folder", 2)
-    if create:
-        try:
-            data_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise UserError(f"--data-dir {data_dir}: cannot create it ({e.strerror or e})", 2)
-    if not main_process() or fcntl is None or not data_dir.is_dir():
-        yield
-        return
-    path = data_dir / ".lock"
-    f = None
-    while f is None:  # until the file locked is the one at `path`: a holder may remove it just after we open it
-        try:
-            if not os.access(data_dir, os.W_OK | os.X_OK):
-                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
-            f = open(os.open(path, os.O_RDWR | os.O_CREAT, 0o644), "r+", encoding="utf-8", errors="replace")
-        except OSError as e:
-            raise UserError(f"--data-dir {data_dir}: not writable ({e.strerror or e}); pass a folder you can write "
-                            f"to", 2)
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            holder = (f.read().strip().splitlines() or ["another process"])[0][:300]
-            f.close()
-            if isinstance(e, BlockingIOError):
-                raise UserError(f"{data_dir} is in use by {holder}; wait until it ends or pass another --data-dir")
-            raise UserError(f"--data-dir {data_dir}: cannot lock {path} ({e.strerror or e})")
-        try:
-            ours = os.path.samestat(os.stat(path), os.fstat(f.fileno()))
-        except OSError:
-            ours = False
-        if not ours:
-            f.close()
-            f = None
-    with f:
-        f.truncate()
-        f.write(f"pid {os.getpid()} ({shlex.join(sys.argv)})\n")
-        f.flush()
-        try:
-            yield
-        finally:
-            path.unlink(missing_ok=True)  # still locked here: the next command makes a new file
-
-
-def start_worker():
-    """Start of each process of a prepare pool: one thread (the pool is the parallelism), and Ctrl-C left to the main
-    process, which stops the pool: no traceback from every worker."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    torch.set_num_threads(1)
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse that reports a usage mistake in one line (`error: PROG: MESSAGE (see PROG --help)`), status 2."""
-
-    def error(self, message):
-        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
 
 
 # ---- Commands ----
@@ -1251,42 +667,6 @@ def train(args, device, out_dir, tb_dir):
     return result
 
 
-def cmd_train(args):
-    """Train once, or once per --grid combination (each in DATA_DIR/grid/NAME/); one runs.csv row per run."""
-    runs = grid_runs(args, args.train_parser)
-    device = setup_distributed(args.device)
-    data_dir = Path(args.data_dir)
-    table = []
-    try:
-        for name, run_args in runs:
-            out_dir = data_dir / "grid" / name if name else data_dir
-            tb_dir = args.tensorboard and Path(args.tensorboard) / name
-            if name:
-                print(f"\n== grid run {name}: {out_dir}")
-            started, t0 = time.strftime("%Y-%m-%d %H:%M:%S"), time.time()
-            result = train(run_args, device, out_dir, tb_dir)
-            options = {k: v for k, v in vars(run_args).items() if k not in ("command", "func", "train_parser", "grid")}
-            row = {"start": started, "tag": "/".join(filter(None, (run_args.tag, name))), "run_dir": str(out_dir),
-                   **result, "seconds": round(time.time() - t0, 1), "device": str(device),
-                   "world_size": rank_and_world()[1]}
-            row |= {k: v for k, v in options.items() if k not in row}
-            if main_process():
-                append_run(data_dir, row)
-            table.append(row)
-        if dist.is_initialized():
-            dist.barrier()   # leave together: rank 0 may still be scoring the test split
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    if len(table) > 1:
-        print(f"\n{'run':<40}{'epochs':>7}{'best val':>10}{'test':>8}{'seconds':>9}")
-        for row in sorted(table, key=lambda r: -r["best_val"]):
-            print(f"{row['tag']:<40}{row['epochs_run']:>7}{row['best_val']:>10.4f}{row['test']:>8.4f}"
-                  f"{row['seconds']:>9.0f}")
-        print(f"best validation score: {max(table, key=lambda r: r['best_val'])['run_dir']}/model.pt")
-    return 0
-
-
 def draw_boxes(img, boxes, scores, path):
     """Annotated copy of the photo (boxes and face probabilities), written atomically as PNG."""
     img = img.copy()
@@ -1394,33 +774,6 @@ def cmd_eval(args):
     return 1 if failed else 0
 
 
-def iter_eval_inputs(paths):
-    """Yield image paths: from arguments (files or folders), else piped stdin, else the interactive prompt. A folder
-    without images is a UserError (nothing to do is a mistake, not a success)."""
-    if paths:
-        for p in paths:
-            if Path(p).is_dir():
-                images = list_images(p)
-                if not images:
-                    raise UserError(f"{p}: no images in this folder (extensions {', '.join(sorted(IMAGE_EXTS))})")
-                yield from (str(q) for q in images)
-            else:
-                yield p
-    elif sys.stdin.isatty():
-        while True:
-            try:
-                line = input("Image path: ").strip()
-            except (EOFError, KeyboardInterrupt):
-                print(file=sys.stderr)
-                return
-            if line:
-                yield line
-    else:
-        for line in sys.stdin:
-            if line.strip():
-                yield line.strip()
-
-
 def parse_size(text):
     try:
         w, h = (int(v) for v in text.lower().split("x"))
@@ -1482,6 +835,665 @@ def build_parser():
     p.add_argument("--json", action="store_true", help="one JSON object per image on stdout")
     p.set_defaults(func=cmd_eval)
     return parser
+
+
+# ==== Common to all five scripts: keep identical ====
+# Everything below is the same text in captcha.py, cifar_lenet.py, cifar_resnet.py, rcnn_faces.py and
+# fast_rcnn_faces.py (tests/test_hostile.py compares them): a fix made here goes into all five.
+
+# ---- Errors, images, shards, atomic files, prepared data ----
+class UserError(Exception):
+    """A mistake of the user or bad input data: main() prints one line and exits with `status`."""
+
+    def __init__(self, message, status=1):
+        super().__init__(message)
+        self.status = status
+
+
+def load_image(path):
+    """Open any image (format decided by content, not extension) as RGB; alpha is composited onto white. Every failure
+    is a UserError with a one-line reason: missing, not a file, not an image, damaged, or more than MAX_PIXELS pixels
+    (a decompression bomb: a small file that would decode to gigabytes), refused from its header before decoding."""
+    try:
+        if not os.path.isfile(path):
+            raise UserError("no such file" if not os.path.lexists(path) else "not a file")
+        with warnings.catch_warnings():  # PIL's own bomb warning becomes an error here, not a line on stderr
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                if img.width * img.height > MAX_PIXELS:
+                    raise UserError(f"{img.width}x{img.height} pixels, over the limit of {MAX_PIXELS:,} (MAX_PIXELS)")
+                img.seek(0)  # first frame of a GIF
+                if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+                    rgba = img.convert("RGBA")
+                    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                    return Image.alpha_composite(white, rgba).convert("RGB")
+                return img.convert("RGB")
+    except UserError:
+        raise
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+        raise UserError(f"over the limit of {MAX_PIXELS:,} pixels (MAX_PIXELS)")
+    except UnidentifiedImageError:
+        raise UserError("not an image, or a format PIL cannot read")
+    except Exception as e:  # any decoder error of any format: truncated, damaged, unsupported mode, ...
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip() or type(e).__name__
+        raise UserError(reason.splitlines()[0][:200])
+
+
+def image_to_tensor(img):
+    """PIL RGB image -> uint8 tensor 3,H,W."""
+    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+
+
+def save_shard(path, tensors):
+    """gzip(torch.save(tuple)) written atomically, with no file name or time in the gzip header: the same tensors
+    give the same bytes."""
+    buf = io.BytesIO()
+    torch.save(tuple(tensors), buf)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(gzip.compress(buf.getbuffer(), compresslevel=3, mtime=0))
+
+
+def load_shard(path):
+    """A shard: the tuple of tensors of SHARD_SPEC (dtype, and size after the first dimension with None for any), all
+    of one length, loaded with weights_only=True (no pickled code runs). A truncated, damaged or foreign file is a
+    UserError naming it."""
+    try:
+        with gzip.open(path, "rb") as f:
+            tensors = torch.load(io.BytesIO(f.read()), weights_only=True)
+    except Exception as e:  # EOFError (truncated), BadGzipFile, not a torch file, pickled code, ...
+        raise UserError(f"{path}: damaged or not a shard ({type(e).__name__}); run `python {SCRIPT}.py prepare` again")
+    fits = isinstance(tensors, tuple) and len(tensors) == len(SHARD_SPEC) and all(
+        isinstance(t, torch.Tensor) and t.dtype == dtype and t.dim() == len(shape) + 1 and len(t) == len(tensors[0])
+        and all(s is None or s == n for s, n in zip(shape, t.shape[1:]))
+        for t, (dtype, shape) in zip(tensors, SHARD_SPEC))
+    if not fits:
+        raise UserError(f"{path}: not a shard of {SCRIPT}.py's prepared data; run `python {SCRIPT}.py prepare` again")
+    return tensors
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """A temporary name next to `path`, unique to this write (NAME.tmp-PID-RANDOM.EXT): renamed to `path` when the
+    block ends, removed when it fails or is interrupted, so `path` is always either the old file or the whole new
+    one, whatever else writes next to it."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.stem}.tmp-{os.getpid()}-{secrets.token_hex(4)}{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_torch_save(obj, path):
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def atomic_write_text(path, text):
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def list_images(folder):
+    """Image files below `folder` (recursive), sorted, by extension."""
+    return sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+
+
+def write_split(data_dir, name, tensors):
+    """Write one split as shards `name.N.pt.gz`, N = 0.. (the last one may be short)."""
+    n = len(tensors[0])
+    for i, start in enumerate(range(0, max(n, 1), SHARD_SIZE)):  # an empty split still gets one (empty) shard
+        # clone: torch.save of a slice writes its whole storage
+        save_shard(Path(data_dir) / f"{name}.{i}.pt.gz", [t[start:start + SHARD_SIZE].clone() for t in tensors])
+
+
+def read_split(data_dir, name):
+    """Read all shards of a split once and concatenate them (no per-epoch decompression)."""
+    paths = sorted((p for p in Path(data_dir).glob(f"{name}.*.pt.gz") if p.name.split(".")[1].isdigit()),
+                   key=lambda p: int(p.name.split(".")[1]))
+    parts = [load_shard(p) for p in paths]
+    if not parts:
+        raise UserError(f"{data_dir}: no {name} shards; run `python {SCRIPT}.py prepare` first")
+    try:
+        return tuple(torch.cat(ts) for ts in zip(*parts))
+    except RuntimeError:  # shards of different sizes: files of two prepares
+        raise UserError(f"{data_dir}: {name} shards of different prepares; run `python {SCRIPT}.py prepare` again")
+
+
+def read_text(path):
+    """A UTF-8 text file (a BOM is allowed) as str; unreadable or not UTF-8 is a UserError naming it."""
+    try:
+        return Path(path).read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8")
+    except OSError as e:
+        raise UserError(f"{path}: cannot read it ({e.strerror or e})")
+
+
+def read_meta(data_dir):
+    """DATA_DIR/meta.json as prepare wrote it: JSON of this kind of data with every key of META_KEYS ("a.b": key b in
+    a) of its type. Anything else is a UserError that asks to prepare again."""
+    path = Path(data_dir) / "meta.json"
+    if not path.exists():
+        raise UserError(f"{path} not found; run `python {SCRIPT}.py prepare --data-dir {data_dir}` first")
+    again = f"run `python {SCRIPT}.py prepare --data-dir {data_dir}` again"
+    try:
+        meta = json.loads(read_text(path))
+    except (ValueError, RecursionError) as e:
+        raise UserError(f"{path}: not valid JSON ({str(e)[:100]}); {again}")
+    if not isinstance(meta, dict):
+        raise UserError(f"{path}: not a meta.json of this suite; {again}")
+    if meta.get("kind") != DATA_KIND:
+        other = str(meta.get("script", "another script")).removesuffix(".py")
+        raise UserError(f"{data_dir} holds data prepared by {other}.py, not {SCRIPT}.py; use another --data-dir")
+    for key, kind in META_KEYS.items():
+        value = meta
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if not isinstance(value, kind):
+            raise UserError(f"{path}: {key!r} is missing or not a {kind.__name__}; {again}")
+    return meta
+
+
+@contextlib.contextmanager
+def staging_dir(data_dir):
+    """A new empty folder next to DATA_DIR (DATA_DIR.prepare-PID-RANDOM; inside DATA_DIR when its parent is read-only
+    or another file system, where a rename into DATA_DIR would not be atomic) to build prepared data in. Removed when
+    the block ends, unless a swap cut short left the old data in its previous/ (swap_prepared). Folders of killed
+    runs are removed first: the caller holds DATA_DIR's lock, so no other prepare uses them."""
+    data_dir = Path(os.path.abspath(data_dir))
+    parent = data_dir.parent
+    if not os.access(parent, os.W_OK) or os.stat(parent).st_dev != os.stat(data_dir).st_dev:
+        parent = data_dir
+    prefix = f"{data_dir.name}.prepare-"
+    with contextlib.suppress(OSError):
+        for old in parent.iterdir():
+            if old.name.startswith(prefix) and old.is_dir() and not (old / "previous").exists():
+                shutil.rmtree(old, ignore_errors=True)
+    staged = parent / f"{prefix}{os.getpid()}-{secrets.token_hex(4)}"
+    staged.mkdir()
+    try:
+        yield staged
+    finally:
+        if (staged / "previous").exists():
+            print(f"the earlier prepared data of {data_dir} is in {staged / 'previous'}", file=sys.stderr)
+        else:
+            shutil.rmtree(staged, ignore_errors=True)
+
+
+def swap_prepared(staged, data_dir):
+    """Move the shards and meta.json built in `staged` into DATA_DIR in place of the old ones; every other file there
+    (model.pt, checkpoint.pt, history, runs.csv) stays. Renames on one file system, so each file is whole, old or new;
+    the old meta.json goes aside first and the new one comes last, so a meta.json never sits beside shards of another
+    prepare; an error or Ctrl-C before the end puts the old files back."""
+    data_dir = Path(data_dir)
+    previous = staged / "previous"
+    previous.mkdir()
+    moved, placed = [], []
+    try:
+        for path in [data_dir / "meta.json", *sorted(data_dir.glob("*_set.*.pt.gz"))]:
+            if path.exists():
+                moved.append(path)
+                os.replace(path, previous / path.name)
+        for path in [*sorted(staged.glob("*_set.*.pt.gz")), staged / "meta.json"]:
+            placed.append(data_dir / path.name)
+            os.replace(path, data_dir / path.name)
+    except BaseException:
+        for path in placed:
+            path.unlink(missing_ok=True)
+        for path in reversed(moved):
+            if (previous / path.name).exists():
+                os.replace(previous / path.name, path)
+        with contextlib.suppress(OSError):  # not empty if a file could not go back: staging_dir keeps it then
+            previous.rmdir()
+        raise
+    previous.rename(staged / "replaced")  # the old files, removed with `staged`
+
+
+def save_prepared(data_dir, splits, meta):
+    """Write the splits ({name: tensors}) as shards and `meta` as meta.json into a new folder, then swap them into
+    DATA_DIR: an error or Ctrl-C before the swap is done leaves the earlier prepared data as it was."""
+    try:
+        with staging_dir(data_dir) as staged:
+            for name, tensors in splits.items():
+                write_split(staged, name, tensors)
+            atomic_write_text(staged / "meta.json", json.dumps(meta, indent=1))
+            swap_prepared(staged, data_dir)
+    except OSError as e:  # a full disk, a folder made read-only meanwhile, ...
+        raise UserError(f"{data_dir}: cannot write the prepared data ({e.strerror or e}); the earlier data are kept")
+
+
+# ---- Device, progress, history, model files ----
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device(name, quiet=False):
+    if name == "auto":
+        if torch.cuda.is_available():
+            name = "cuda"
+        elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            name = "mps"
+        else:
+            name = "cpu"
+    elif name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available; use --device cpu or auto", 2)
+    elif name == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device mps: MPS is not available; use --device cpu or auto", 2)
+    if not quiet:
+        print(f"device: {name}", file=sys.stderr)
+    return torch.device(name)
+
+
+def progress(iterable=None, **kwargs):
+    """tqdm on stderr, hidden when stderr is not a terminal and in processes other than the main one."""
+    return tqdm(iterable, disable=not (sys.stderr.isatty() and main_process()), file=sys.stderr,
+                dynamic_ncols=True, **kwargs)
+
+
+def save_history(data_dir, history, plot_keys):
+    """history.csv (one row per epoch) and history.png (saved, never shown)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = list(history[0].keys())
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=keys)
+    writer.writeheader()
+    writer.writerows(history)
+    atomic_write_text(Path(data_dir) / "history.csv", buf.getvalue())
+    epochs = [h["epoch"] for h in history]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key in plot_keys:
+        ax.plot(epochs, [h[key] for h in history], label=key)
+    ax.set_xlabel("epoch")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(Path(data_dir) / "history.png") as tmp:
+        fig.savefig(tmp)
+    plt.close(fig)
+
+
+CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "epoch", "history", "best_score", "bad_epochs", "model_args")
+
+
+def load_model_file(path, keys=None):
+    """model.pt (or, with keys=CHECKPOINT_KEYS, checkpoint.pt) of this script, loaded on the CPU with
+    weights_only=True; it must hold `keys` (default MODEL_KEYS: what eval needs). A missing, foreign, damaged or
+    incomplete file is a UserError naming it."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: model not found; train one with `python {SCRIPT}.py train` or pass --model")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # not a torch file, or one holding pickled code
+        raise UserError(f"{path}: not a model file of this suite ({type(e).__name__})")
+    if not isinstance(ckpt, dict) or ckpt.get("script") != SCRIPT:
+        other = ckpt.get("script") if isinstance(ckpt, dict) else None
+        raise UserError(f"{path}: model was trained by {other or 'another program'}"
+                        f"{'.py' if other else ''}, not {SCRIPT}.py")
+    missing = [key for key in keys or MODEL_KEYS if key not in ckpt]
+    if missing and keys is None and "optimizer" in ckpt:
+        raise UserError(f"{path}: a training checkpoint (what train --resume reads), not a model; pass model.pt")
+    if missing:
+        raise UserError(f"{path}: incomplete, no {', '.join(missing)}; train again")
+    return ckpt
+
+
+# ---- Scale out and observe: torchrun, mixed precision, TensorBoard, runs.csv, --grid ----
+def main_process():
+    """True in a plain run and in torchrun's rank 0: the one process that prints and writes files."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def setup_distributed(device_name):
+    """The training device. Under torchrun (WORLD_SIZE > 1) also join the process group: nccl on CUDA with one
+    GPU per local rank, gloo on the CPU; ranks other than 0 print nothing on stdout."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = pick_device(device_name, quiet=not main_process())
+    if world == 1 or dist.is_initialized():
+        return device
+    if not main_process():
+        sys.stdout = open(os.devnull, "w")
+    if device.type == "cuda":
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if local_rank >= torch.cuda.device_count():  # met by ranks > 0 only: every rank reports it
+            error = UserError(f"torchrun: local rank {local_rank} but {torch.cuda.device_count()} CUDA devices on "
+                              f"this node; lower --nproc_per_node", 2)
+            error.all_ranks = True
+            raise error
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    elif device.type != "cpu":
+        raise UserError(f"torchrun: --device {device.type} is not supported; use cuda or cpu", 2)
+    # a long timeout: in a --grid, the other ranks wait while rank 0 scores the test split of the previous run
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=2),
+                            device_id=device if device.type == "cuda" else None)
+    print(f"torchrun: {world} processes, backend {dist.get_backend()}")
+    return device
+
+
+def rank_and_world():
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def epoch_batches(n, batch_size, seed, epoch, device):
+    """This process's index batches of one epoch. A permutation seeded by (seed, epoch), the same in every process,
+    is cut into global batches of `batch_size`; under torchrun each process takes every world-th index of each batch
+    (a last batch shorter than the world is topped up from the start), so all take the same number of steps."""
+    rank, world = rank_and_world()
+    if min(n, batch_size) < world:
+        raise UserError(f"{world} processes need a --batch-size and a training split of at least {world} "
+                        f"(now {batch_size} and {n})", 2)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    batches = []
+    for start in range(0, n, batch_size):
+        idx = perm[start:start + batch_size]
+        if len(idx) < world:
+            idx = torch.cat([idx, perm[:world - len(idx)]])
+        batches.append(idx[rank::world])
+    return list(torch.cat(batches).to(device).split([len(idx) for idx in batches]))   # one copy to the device
+
+
+def shard(items):
+    """This process's share of a validation split (every world-th item; all of it in one process)."""
+    rank, world = rank_and_world()
+    return items[rank::world]
+
+
+def sum_over_processes(values, device):
+    """Sums of per-process numbers over all processes (the numbers themselves in one process)."""
+    if not dist.is_initialized():
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def mean_over_processes(values, count, device):
+    """Count-weighted means of per-process means over all processes (unchanged in one process), so every
+    process sees the same numbers and takes the same early-stopping decision."""
+    *sums, total = sum_over_processes([*(v * count if count else 0.0 for v in values), count], device)
+    return [v / max(total, 1) for v in sums]
+
+
+def sync_buffers(model):
+    """Rank 0's BatchNorm running statistics in every process before validation (DDP copies them only at the
+    start of each training step, so each process's last local batch is still in its own)."""
+    if dist.is_initialized():
+        for buffer in model.buffers():
+            dist.broadcast(buffer, 0)
+
+
+def wrap_model(model, device, sync_bn):
+    """DistributedDataParallel under torchrun (optionally with synchronised BatchNorm); the model itself else."""
+    if not dist.is_initialized():
+        return model
+    if sync_bn:
+        if device.type != "cuda":
+            raise UserError("--sync-bn needs CUDA (torch's SyncBatchNorm does not run on the CPU)", 2)
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def amp_dtype(device, amp=True):
+    """The autocast dtype: with --amp, bf16 on CUDA where supported, else fp16 (trained with a GradScaler); on a
+    CPU bf16 only if CPU_BF16 (measured faster for this model) and the CPU has native bf16 instructions;
+    None (fp32) otherwise."""
+    if not amp:
+        return None
+    if device.type == "cuda":  # native bf16 from compute capability 8 (Ampere) on; older GPUs would emulate it
+        return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
+    # torch has no public check for native bf16 on a CPU: these private torch.cpu helpers (missing -> False)
+    names = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    if device.type == "cpu" and CPU_BF16 and any(getattr(torch.cpu, name, lambda: False)() for name in names):
+        return torch.bfloat16
+    return None
+
+
+def autocast(device, dtype):
+    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+
+def open_tensorboard(logdir):
+    """A SummaryWriter for --tensorboard DIR (None in processes other than the main one). tensorboard is an
+    optional package: without it this option fails with one line saying how to install it."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard", 2)
+    return SummaryWriter(str(logdir)) if main_process() else None
+
+
+def log_epoch(writer, row, model, every):
+    """TensorBoard: every number of the history row as a scalar; weight histograms every `every` epochs."""
+    if writer is None:
+        return
+    epoch = row["epoch"]
+    for key, value in row.items():
+        if key != "epoch":
+            writer.add_scalar(key, value, epoch)
+    if every and epoch % every == 0:
+        for name, p in model.named_parameters():
+            writer.add_histogram(name, p.detach().float().cpu(), epoch)
+    writer.flush()
+
+
+def append_run(data_dir, row):
+    """Append one row to DATA_DIR/runs.csv (columns: the union over all rows), rewritten atomically."""
+    path = Path(data_dir) / "runs.csv"
+    rows = []
+    if path.exists():
+        try:
+            rows = list(csv.DictReader(io.StringIO(read_text(path))))
+        except csv.Error as e:
+            raise UserError(f"{path}: not a CSV ({e}); move it away (this run's model is saved)")
+    rows.append(row)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for r in rows for k in r)), restval="")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
+
+
+def grid_runs(args, parser):
+    """[(name, args)] for every combination of the --grid KEY=V1,V2 options (one unnamed run without --grid)."""
+    axes = []
+    for item in args.grid or []:
+        key, _, values = item.partition("=")
+        action = parser._option_string_actions.get(f"--{key}")   # argparse has no public lookup by option name
+        fixed = ("grid", "data_dir", "resume", "device", "tensorboard")   # one per command line
+        if not values or action is None or action.nargs == 0 or action.dest in fixed:
+            raise UserError(f"--grid {item}: expected OPTION=V1,V2,... with OPTION a train option that takes a value "
+                            f"(e.g. --grid lr=0.01,0.001)", 2)
+        try:
+            converted = [(action.type or str)(v) for v in values.split(",")]
+        except (ValueError, argparse.ArgumentTypeError) as e:
+            raise UserError(f"--grid {item}: not a valid value for --{key} ({e})", 2)
+        if action.choices and any(v not in action.choices for v in converted):
+            raise UserError(f"--grid {item}: --{key} takes one of {', '.join(map(str, action.choices))}", 2)
+        axes.append([(key, action.dest, text, value) for text, value in zip(values.split(","), converted)])
+    runs = []
+    for combo in itertools.product(*axes):
+        run_args = argparse.Namespace(**vars(args))
+        for _, dest, _, value in combo:
+            setattr(run_args, dest, value)
+        runs.append(("_".join(f"{key}={text}" for key, _, text, _ in combo), run_args))
+    return runs
+
+
+# ---- Options, DATA_DIR lock, train command, eval input, main ----
+def parse_number(text, kind, low, high=None):
+    """argparse type helper: `text` as a finite int or float from `low` to `high`; anything else is an
+    ArgumentTypeError, so argparse stops with one line and status 2 before any work."""
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {'a whole number' if kind is int else 'a number'}")
+    if (kind is float and not math.isfinite(value)) or value < low or (high is not None and value > high):
+        raise argparse.ArgumentTypeError(f"{text!r} is out of range: it must be at least {low}"
+                                         + (f" and at most {high}" if high is not None else ""))
+    return value
+
+
+def positive_int(text):
+    return parse_number(text, int, 1)
+
+
+def nonneg_int(text):
+    return parse_number(text, int, 0)
+
+
+def nonneg_float(text):
+    return parse_number(text, float, 0)
+
+
+def probability(text):
+    return parse_number(text, float, 0, 1)
+
+
+def seed_int(text):
+    return parse_number(text, int, 0, 2 ** 31 - 1)  # numpy takes 32-bit seeds; torchrun adds the rank
+
+
+def worker_count(text):
+    return parse_number(text, int, 1, 256)
+
+
+@contextlib.contextmanager
+def lock_data_dir(data_dir, create):
+    """Hold DATA_DIR for one command (prepare, train): an exclusive fcntl.flock on DATA_DIR/.lock, which names its
+    holder (pid and command line), so a second command on the same folder fails at once with one line naming it.
+    The file goes when the command ends (a command that opened it just before checks that it locked the file still
+    there). DATA_DIR must be a writable folder, checked here before any work; `create` makes it, else a missing one
+    is left to the command to report. Under torchrun rank 0 holds it for all ranks (they meet rank 0 in
+    init_process_group before reading anything). Without fcntl (Windows) nothing is locked."""
+    data_dir = Path(data_dir)
+    if data_dir.exists() and not data_dir.is_dir():
+        raise UserError(f"--data-dir {data_dir}: a file, not a folder; pass a folder", 2)
+    if create:
+        try:
+            data_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"--data-dir {data_dir}: cannot create it ({e.strerror or e})", 2)
+    if not main_process() or fcntl is None or not data_dir.is_dir():
+        yield
+        return
+    path = data_dir / ".lock"
+    f = None
+    while f is None:  # until the file locked is the one at `path`: a holder may remove it just after we open it
+        try:
+            if not os.access(data_dir, os.W_OK | os.X_OK):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+            f = open(os.open(path, os.O_RDWR | os.O_CREAT, 0o644), "r+", encoding="utf-8", errors="replace")
+        except OSError as e:
+            raise UserError(f"--data-dir {data_dir}: not writable ({e.strerror or e}); pass a folder you can write "
+                            f"to", 2)
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = (f.read().strip().splitlines() or ["another process"])[0][:300]
+            f.close()
+            if isinstance(e, BlockingIOError):
+                raise UserError(f"{data_dir} is in use by {holder}; wait until it ends or pass another --data-dir")
+            raise UserError(f"--data-dir {data_dir}: cannot lock {path} ({e.strerror or e})")
+        try:
+            ours = os.path.samestat(os.stat(path), os.fstat(f.fileno()))
+        except OSError:
+            ours = False
+        if not ours:
+            f.close()
+            f = None
+    with f:
+        f.truncate()
+        f.write(f"pid {os.getpid()} ({shlex.join(sys.argv)})\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)  # still locked here: the next command makes a new file
+
+
+def start_worker():
+    """Start of each process of a prepare pool: one thread (the pool is the parallelism), and Ctrl-C left to the main
+    process, which stops the pool: no traceback from every worker."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    torch.set_num_threads(1)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a usage mistake in one line (`error: PROG: MESSAGE (see PROG --help)`), status 2."""
+
+    def error(self, message):
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def cmd_train(args):
+    """Train once, or once per --grid combination (each in DATA_DIR/grid/NAME/); one runs.csv row per run."""
+    runs = grid_runs(args, args.train_parser)
+    device = setup_distributed(args.device)
+    data_dir = Path(args.data_dir)
+    table = []
+    try:
+        for name, run_args in runs:
+            out_dir = data_dir / "grid" / name if name else data_dir
+            tb_dir = args.tensorboard and Path(args.tensorboard) / name
+            if name:
+                print(f"\n== grid run {name}: {out_dir}")
+            started, t0 = time.strftime("%Y-%m-%d %H:%M:%S"), time.time()
+            result = train(run_args, device, out_dir, tb_dir)
+            options = {k: v for k, v in vars(run_args).items() if k not in ("command", "func", "train_parser", "grid")}
+            row = {"start": started, "tag": "/".join(filter(None, (run_args.tag, name))), "run_dir": str(out_dir),
+                   **result, "seconds": round(time.time() - t0, 1), "device": str(device),
+                   "world_size": rank_and_world()[1]}
+            row |= {k: v for k, v in options.items() if k not in row}
+            if main_process():
+                append_run(data_dir, row)
+            table.append(row)
+        if dist.is_initialized():
+            dist.barrier()   # leave together: rank 0 may still be scoring the test split
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if len(table) > 1:
+        print(f"\n{'run':<40}{'epochs':>7}{'best val':>10}{'test':>8}{'seconds':>9}")
+        for row in sorted(table, key=lambda r: -r["best_val"]):
+            print(f"{row['tag']:<40}{row['epochs_run']:>7}{row['best_val']:>10.4f}{row['test']:>8.4f}"
+                  f"{row['seconds']:>9.0f}")
+        print(f"best validation score: {max(table, key=lambda r: r['best_val'])['run_dir']}/model.pt")
+    return 0
+
+
+def iter_eval_inputs(paths):
+    """Yield image paths: from arguments (files or folders), else piped stdin, else the interactive prompt. A folder
+    without images is a UserError (nothing to do is a mistake, not a success)."""
+    if paths:
+        for p in paths:
+            if Path(p).is_dir():
+                images = list_images(p)
+                if not images:
+                    raise UserError(f"{p}: no images in this folder (extensions {', '.join(sorted(IMAGE_EXTS))})")
+                yield from (str(q) for q in images)
+            else:
+                yield p
+    elif sys.stdin.isatty():
+        while True:
+            try:
+                line = input("Image path: ").strip()
+            except (EOFError, KeyboardInterrupt):
+                print(file=sys.stderr)
+                return
+            if line:
+                yield line
+    else:
+        for line in sys.stdin:
+            if line.strip():
+                yield line.strip()
 
 
 def add_scale_options(p):

@@ -42,10 +42,13 @@ READERS = {"open": {"setup_distributed", "lock_data_dir"}, "os.open": {"lock_dat
            "csv.reader": {"read_labels"}, "csv.DictReader": {"append_run"}}   # read_labels: lines of read_text
 
 
-def top_level(script):
-    """{name: AST node} of the top-level functions, classes and constants of a script."""
+COMMON_MARK = "# ==== Common to all five scripts: keep identical ===="
+
+
+def top_level(script, text=None):
+    """{name: AST node} of the top-level functions, classes and constants of a script (or of its `text`)."""
     nodes = {}
-    for node in ast.parse((ROOT / script).read_text()).body:
+    for node in ast.parse((ROOT / script).read_text() if text is None else text).body:
         if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
             nodes[node.name] = node
         elif isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
@@ -64,6 +67,27 @@ def call_name(node):
 
 
 # ---- one text, one way in ----
+def test_common_block_is_one_text():
+    """Each script ends with one block, after COMMON_MARK, that is the same text in all five: a fix made in one
+    copy alone fails here, naming the definitions that differ. The block holds every shared helper, and no
+    script defines one of its names again above it."""
+    parts = {}
+    for script in SCRIPTS:
+        text = (ROOT / script).read_text()
+        assert text.count(COMMON_MARK) == 1, f"{script}: expected one line {COMMON_MARK!r}"
+        parts[script] = text.split(COMMON_MARK)
+    blocks = {script: top_level(script, common) for script, (_, common) in parts.items()}
+    first = blocks[SCRIPTS[0]]
+    for script, block in blocks.items():
+        assert set(block) == set(first), f"{script}: the common block defines {set(block) ^ set(first)} differently"
+        differ = [name for name in first if ast.dump(block[name]) != ast.dump(first[name])]
+        assert not differ, f"{script}: {differ} differ from {SCRIPTS[0]}'s copy"
+    assert len({common for _, common in parts.values()}) == 1, "the common blocks differ in comments or layout"
+    assert set(SHARED) <= set(first), set(SHARED) - set(first)
+    for script, (task, _) in parts.items():
+        assert not set(top_level(script, task)) & set(first), f"{script} redefines a name of the common block"
+
+
 @pytest.mark.parametrize("names,scripts", [(SHARED, SCRIPTS), (FACE_SHARED, FACES)], ids=["all", "faces"])
 def test_shared_helpers_are_one_text(names, scripts):
     trees = {script: top_level(script) for script in scripts}
