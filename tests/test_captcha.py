@@ -1,6 +1,5 @@
 """captcha pipeline end to end: generate -> prepare -> train -> eval, plus bad input."""
 import csv
-import importlib.util
 import json
 import os
 import pty
@@ -17,17 +16,10 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, assert_one_line_error, hostile_images, run, run_main, tree_bytes
+from conftest import ROOT, assert_one_line_error, hostile_images, load_script, run, run_main, tree_bytes
 
 GENERATE = "generate-captcha/generate.py"
 N_CAPTCHAS = 400
-
-
-def load_module(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +143,7 @@ def test_prepare_counts_skips_and_meta(prepared):
 
 def test_prepare_storage_is_uint8_chw_in_batches_of_1000(prepared):
     data, _ = prepared
-    mod = load_module("captcha")
+    mod = load_script("captcha.py")
     x, y = mod.read_split(data, "training_set")
     assert x.dtype == torch.uint8 and tuple(x.shape[1:]) == (3, 40, 96)
     assert y.dtype == torch.long and y.shape == (len(x), 4)
@@ -160,7 +152,7 @@ def test_prepare_storage_is_uint8_chw_in_batches_of_1000(prepared):
 
 
 def test_shards_hold_only_their_own_images(tmp):
-    mod = load_module("captcha")
+    mod = load_script("captcha.py")
     folder = tmp / "shards"
     folder.mkdir()
     x, y = torch.randint(0, 256, (2500, 3, 8, 8), dtype=torch.uint8), torch.arange(2500 * 4).view(2500, 4)
@@ -176,7 +168,7 @@ def test_shards_hold_only_their_own_images(tmp):
 
 def test_prepare_split_is_deterministic(tmp, image_dir, prepared):
     data, _ = prepared
-    mod = load_module("captcha")
+    mod = load_script("captcha.py")
     again, other = tmp / "again", tmp / "other"
     assert run("captcha.py", "prepare", "--image-dir", image_dir, "--data-dir", again, "--workers", 1).returncode == 0
     assert run("captcha.py", "prepare", "--image-dir", image_dir, "--data-dir", other, "--seed", 1).returncode == 0
@@ -209,7 +201,7 @@ def test_prepare_case_sensitive_and_custom_charset(tmp, generated):
 
 
 def test_parse_code_unit():
-    mod = load_module("captcha")
+    mod = load_script("captcha.py")
     regex = re.compile(mod.LABEL_REGEX)
     lower = mod.resolve_charset("a-z0-9", False)
     assert mod.parse_code("00001-8cA6.png", regex, lower, 4, False) == ("8ca6", None)
@@ -226,7 +218,7 @@ def test_parse_code_unit():
 
 
 def test_load_image_modes(tmp):
-    mod = load_module("captcha")
+    mod = load_script("captcha.py")
     rgba = Image.new("RGBA", (20, 10), (255, 0, 0, 0))  # fully transparent -> white
     rgba.save(tmp / "t.png")
     img = mod.load_image(tmp / "t.png")
@@ -281,7 +273,7 @@ def test_prepare_names_without_prefix_mixed_lengths_and_width(no_prefix):
     assert meta["image_size"] == [40, 160]                 # 200x50 images keep their aspect ratio
     assert meta["counts"] == {"training_set": 36, "validating_set": 4, "testing_set": 0}
     assert "code length 5-6" in proc.stdout and "no test split" in proc.stdout
-    mod = load_module("captcha")
+    mod = load_script("captcha.py")
     charset = meta["charset"]
     read = []
     for name in ("training_set", "validating_set"):
@@ -330,7 +322,7 @@ def test_prepare_labels_files(tmp, wide):
     assert meta["skipped_by_reason"] == {"file outside --image-dir": 2, "listed file not found": 1,
                                          "file listed twice (first code kept)": 1,
                                          "line without a file name and a code": 1, "image not in the labels file": 10}
-    mod = load_module("captcha")
+    mod = load_script("captcha.py")
     codes = [mod.decode_code(row, meta["charset"]) for name in ("training_set", "validating_set")
              for row in mod.read_split(data, name)[1].tolist()]
     assert sorted(codes) == sorted(truth[name].lower() for name in listed)
@@ -355,7 +347,7 @@ def test_prepare_labels_files(tmp, wide):
 def test_calibration_unit():
     """Platt scaling of the log raw confidence recovers a known relation, and among codes with a calibrated
     confidence of 0.9 or more about 90% or more are right; a set where every code is right still fits."""
-    mod = load_module("captcha")
+    mod = load_script("captcha.py")
     gen = torch.Generator().manual_seed(0)
     scores = -torch.rand(4000, generator=gen) * 4
     right = torch.rand(4000, generator=gen) < torch.sigmoid(2.5 * scores + 4.0)
@@ -371,7 +363,7 @@ def test_calibration_unit():
 
 def test_prepare_option_errors(tmp, capsys):
     """Out-of-range options stop in the parser, before any work (in-process: no torch start per case)."""
-    mod = load_module("captcha")
+    mod = load_script("captcha.py")
     parser = mod.build_parser()
     for args in (["--length", "0"], ["--length", "17"], ["--split", "80/30/10"], ["--split", "0/50/50"],
                  ["--image-size", "8", "96"], ["--image-size", "40"], ["--split", "a/b/c"]):
@@ -412,7 +404,7 @@ def test_train_writes_model_history_and_scores(trained):
 def test_network_learns():
     """The model, loss, augmentation and optimizer together learn to read drawn digits of 2 to 4 characters
     (> 80% exact): the end symbol (class 10) pads the shorter codes and ends them in decode_code."""
-    mod = load_module("captcha")
+    mod = load_script("captcha.py")
     torch.manual_seed(0)
     from PIL import ImageDraw, ImageFont
     font = ImageFont.load_default(size=30)

@@ -7,7 +7,6 @@ Two source folders are built in a temporary directory from ../shared/datasets/ci
 - `folders`: one folder per class (3 classes, ImageFolder layout).
 """
 import gzip
-import importlib.util
 import io
 import json
 import os
@@ -20,8 +19,8 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import (CIFAR_DIR, ROOT, assert_one_line_error, hostile_images, odd_images, png_declaring, run, run_main,
-                      run_warnings_shown)
+from conftest import (CIFAR_DIR, ROOT, assert_one_line_error, hostile_images, load_script, odd_images, png_declaring,
+                      run, run_main, run_warnings_shown)
 
 LENET, RESNET = "cifar_lenet.py", "cifar_resnet.py"
 LABELS = (CIFAR_DIR / "labels.txt").read_text().split() if CIFAR_DIR.exists() else []
@@ -29,14 +28,13 @@ TOP_LINE = re.compile(r"^(\S+): (\d+\.\d\d)%$")
 N_TRAIN, N_TEST = 270, 30           # names layout: images in train/ and test/
 FOLDER_CLASSES, PER_CLASS = ("airplane", "automobile", "frog"), 60
 
-pytestmark = pytest.mark.skipif(not CIFAR_DIR.exists(), reason=f"{CIFAR_DIR} not found")
 
-
-def load_module(script):
-    spec = importlib.util.spec_from_file_location(script[:-3], ROOT / script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+@pytest.fixture(scope="module")
+def cifar_dir():
+    """The real CIFAR images: tests that read them skip without ../shared; the unit tests run anyway."""
+    if not CIFAR_DIR.exists():
+        pytest.skip(f"{CIFAR_DIR} not found")
+    return CIFAR_DIR
 
 
 def read_shards(data_dir, name):
@@ -53,7 +51,7 @@ def link(src, dst):
 
 
 @pytest.fixture(scope="module")
-def names_dir(tmp_path_factory):
+def names_dir(cifar_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("names")
     shutil.copy(CIFAR_DIR / "labels.txt", root / "labels.txt")
     files = sorted((CIFAR_DIR / "train").iterdir())[:N_TRAIN + N_TEST]
@@ -69,7 +67,7 @@ def names_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def folders_dir(tmp_path_factory):
+def folders_dir(cifar_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("folders")
     for label in FOLDER_CLASSES:
         for src in sorted((CIFAR_DIR / "train").glob(f"*_{label}.jpg"))[:PER_CLASS]:
@@ -151,7 +149,7 @@ def test_split_is_deterministic(folders_dir, folders_data, tmp_path):
     for name in ("training_set", "validating_set", "testing_set"):
         a, b = read_shards(folders_data, name), read_shards(tmp_path / "same", name)
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])   # workers 1 vs 2, other script: same data
-    split = load_module(LENET).split_indices
+    split = load_script(LENET).split_indices
     assert split(180, 0) == split(180, 0) and split(180, 0) != split(180, 1)
     train, val, test = split(180, 1)
     assert (len(train), len(val), len(test)) == (144, 18, 18) and sorted(train + val + test) == list(range(180))
@@ -168,7 +166,7 @@ def test_prepare_test_dir(names_dir, tmp_path):
 
 
 def test_shards_hold_only_their_own_images(tmp_path):
-    module = load_module(LENET)
+    module = load_script(LENET)
     images = torch.randint(0, 256, (2500, 3, 32, 32), dtype=torch.uint8)
     module.write_split(tmp_path, "training_set", (images, torch.arange(2500)))
     sizes = []
@@ -180,7 +178,7 @@ def test_shards_hold_only_their_own_images(tmp_path):
 
 
 def test_read_image_any_mode_and_size(tmp_path):
-    module = load_module(LENET)
+    module = load_script(LENET)
     for mode, size in (("L", (7, 90)), ("RGBA", (40, 30)), ("P", (33, 33)), ("RGB", (32, 32))):
         Image.new(mode, size).save(tmp_path / f"x_{mode}.png")
         x = module.read_image(tmp_path / f"x_{mode}.png")
@@ -188,7 +186,7 @@ def test_read_image_any_mode_and_size(tmp_path):
 
 
 def test_augment_is_a_padded_crop_or_flip():
-    module = load_module(RESNET)
+    module = load_script(RESNET)
     torch.manual_seed(0)
     images = torch.randint(1, 256, (64, 3, 32, 32), dtype=torch.uint8)
     out = module.augment(images)

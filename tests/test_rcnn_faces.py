@@ -1,6 +1,5 @@
 """rcnn_faces.py end to end on a few dozen real photos (copied into tmp dirs), plus unit checks."""
 import csv
-import importlib.util
 import json
 import re
 import shutil
@@ -11,19 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import (FACES_DIR, ROOT, assert_one_line_error, check_face_torchrun, hostile_images, odd_images,
+from conftest import (FACES_DIR, assert_one_line_error, check_face_torchrun, hostile_images, load_script, odd_images,
                       png_declaring, run, run_main, tree_bytes)
 
 SCRIPT = "rcnn_faces.py"
 N_PHOTOS = 30
 SEARCH_SIDE = 200  # small selective-search copy keeps the tests fast
-
-
-def load_module():
-    spec = importlib.util.spec_from_file_location("rcnn_faces", ROOT / SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +97,7 @@ def test_prepare_counts_skips_and_split_by_photo(faces, prepared):
     assert [len(splits[s]) for s in ("training", "validating", "testing")] == [24, 3, 3]
     assert sorted(splits["training"] + splits["validating"] + splits["testing"]) == sorted(faces["good"])
     assert set(meta["boxes"]) == set(splits["validating"] + splits["testing"])
-    mod = load_module()
+    mod = load_script(SCRIPT)
     for split in ("training", "validating", "testing"):
         crops, labels, ious, photo = mod.read_split(data, f"{split}_set")
         assert crops.dtype == torch.uint8 and crops.shape[1:] == (3, 32, 32)
@@ -212,7 +204,7 @@ def test_eval_missing_and_foreign_model(faces, trained, tmp_path):
 
 
 def test_average_precision_hand_computed():
-    mod = load_module()
+    mod = load_script(SCRIPT)
     truths = [torch.tensor([[0., 0, 10, 10], [20, 20, 30, 30]]), torch.tensor([[0., 0, 10, 10]])]
     detections = [(torch.tensor([[0., 0, 10, 10], [1, 1, 10, 10], [50, 50, 60, 60]]), torch.tensor([0.9, 0.8, 0.7])),
                   (torch.tensor([[0., 0, 10, 10]]), torch.tensor([0.6]))]
@@ -226,7 +218,7 @@ def test_average_precision_hand_computed():
 
 def test_score_calibration_matches_hit_rate():
     """Platt scaling maps over-confident softmax scores to the observed rate of correct detections."""
-    mod = load_module()
+    mod = load_script(SCRIPT)
     gen = torch.Generator().manual_seed(0)
     truths, detections = [], []
     for _ in range(40):  # per photo: 2 faces found (score ~0.999) and 8 false boxes (score ~0.99)
@@ -244,7 +236,7 @@ def test_score_calibration_matches_hit_rate():
 
 
 def test_iou_labeller_and_crops():
-    mod = load_module()
+    mod = load_script(SCRIPT)
     truth = torch.tensor([[0., 0, 10, 10]])
     proposals = torch.tensor([[0., 0, 10, 10], [0, 0, 10, 8], [0, 0, 10, 5], [50, 50, 60, 60], [0, 0, 10, 2]])
     boxes, labels, ious = mod.label_regions(proposals, truth, 0.7, 0.3, 1, torch.Generator().manual_seed(0))
@@ -266,7 +258,7 @@ def test_torchrun_two_processes(trained, tmp_path):
 def test_run_epoch_balanced_accuracy_by_hand():
     """A classifier that always answers "face": every face right, every background wrong -> balanced accuracy 1/2,
     whatever the class sizes (plain accuracy would be 1/4 here)."""
-    mod = load_module()
+    mod = load_script(SCRIPT)
 
     class AlwaysFace(torch.nn.Module):
         def forward(self, x):

@@ -1,7 +1,6 @@
 """Scale-out and observation options of every train command: torchrun (gloo on the CPU), --amp, --tensorboard,
 DATA_DIR/runs.csv, --tag and --grid. Run end to end on a few hundred generated captchas and CIFAR-10 images."""
 import csv
-import importlib.util
 import json
 import os
 import shutil
@@ -12,7 +11,7 @@ import pytest
 import torch
 
 import conftest
-from conftest import CIFAR_DIR, ROOT, assert_one_line_error
+from conftest import CIFAR_DIR, ROOT, assert_one_line_error, load_script
 
 SCRIPTS = ["captcha.py", "cifar_lenet.py"]
 TRAIN_OPTIONS = {"captcha.py": ["--epoch-size", 0]}   # no repetition of the tiny training split
@@ -26,13 +25,6 @@ def run(script, *args, **kwargs):
 def torchrun(script, *args, **kwargs):
     extra = TRAIN_OPTIONS.get(script, []) if args[:1] == ("train",) else []
     return conftest.torchrun(script, *args, *extra, **kwargs)
-
-
-def load_module(script):
-    spec = importlib.util.spec_from_file_location(script[:-3], ROOT / script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def history(data):
@@ -84,7 +76,7 @@ def data_of(prepared, script, name):
 # ---- torchrun ----
 def test_epoch_batches_shard_each_global_batch():
     """Two processes split every global batch of one process into disjoint halves, with the same step count."""
-    module = load_module("cifar_lenet.py")
+    module = load_script("cifar_lenet.py")
     n, batch = 103, 20
     module.rank_and_world = lambda: (0, 1)
     single = module.epoch_batches(n, batch, 0, 1, "cpu")
@@ -250,7 +242,7 @@ def test_tensorboard_missing_is_one_line(prepared, tmp_path):
 
 
 def test_amp_switch(prepared):
-    module = load_module("captcha.py")
+    module = load_script("captcha.py")
     cpu = torch.device("cpu")
     assert module.amp_dtype(cpu, amp=False) is None
     assert module.amp_dtype(cpu) is None                    # CPU_BF16 is off for captcha.py: fp32 measured faster
