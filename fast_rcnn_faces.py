@@ -344,6 +344,15 @@ def flip_batch(images, gts, props, size):
     return images.flip(-1), [flip(g) for g in gts], [flip(p) for p in props]
 
 
+def cosine_schedule(optimizer, epochs, done=0):
+    """Cosine learning-rate decay over `epochs` epochs (stepped once per epoch), placed after `done` of them. In a
+    resumed run the rate comes from this formula over the new --epochs, not from the checkpoint's schedule (whose
+    length stayed that of the first run: resumed past its end, it trained at lr 0)."""
+    def factor(epoch):
+        return (1 + math.cos(math.pi * min(epoch, epochs) / epochs)) / 2
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor, last_epoch=done - 1)
+
+
 def run_epoch(model, data, batches, device, dtype, optimizer=None, scaler=None, generator=None, size=SIZE):
     """One pass over the photo index `batches` on sampled RoIs; the numbers are summed over all processes:
     loss, balanced label accuracy, mean |offset error|."""
@@ -569,7 +578,6 @@ def train(args, device, out_dir, tb_dir):
     train, val = load_prepared(data_dir, "training_set", size), load_prepared(data_dir, "validating_set", size)
     model = FastRCNN(args.width).to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs)
     dtype = amp_dtype(device, args.amp)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     start, history, best, bad = 0, [], -1.0, 0
@@ -580,8 +588,6 @@ def train(args, device, out_dir, tb_dir):
             model.load_state_dict(ckpt["model"])
             optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
             optimizer.load_state_dict(ckpt["optimizer"])
-            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=ckpt["config"]["epochs"])
-            scheduler.load_state_dict(ckpt["scheduler"])
             if ckpt.get("scaler"):
                 scaler.load_state_dict(ckpt["scaler"])
         except (KeyError, TypeError, ValueError, RuntimeError) as e:  # a checkpoint.pt of another version
@@ -589,6 +595,7 @@ def train(args, device, out_dir, tb_dir):
                             f"without --resume")
         start, history, best, bad = ckpt["epoch"], ckpt["history"], ckpt["best_score"], ckpt["bad_epochs"]
         print(f"resuming after epoch {start}", file=sys.stderr)
+    scheduler = cosine_schedule(optimizer, args.epochs, start)
     step_model = wrap_model(model, device, args.sync_bn)
     generator = torch.Generator().manual_seed(args.seed + start + 7919 * rank)   # RoI samples and flips
     config = {k: v for k, v in vars(args).items() if k not in ("func", "train_parser")}

@@ -238,6 +238,15 @@ def build_model(width=WIDTH, crop_size=CROP_SIZE):
 # ---- Train / evaluate helpers ----
 
 
+def cosine_schedule(optimizer, epochs, done=0):
+    """Cosine learning-rate decay over `epochs` epochs (stepped once per epoch), placed after `done` of them. In a
+    resumed run the rate comes from this formula over the new --epochs, not from the checkpoint's schedule (whose
+    length stayed that of the first run: resumed past its end, it trained at lr 0)."""
+    def factor(epoch):
+        return (1 + math.cos(math.pi * min(epoch, epochs) / epochs)) / 2
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor, last_epoch=done - 1)
+
+
 def run_epoch(model, crops, labels, device, batches, dtype, optimizer=None, scaler=None, generator=None):
     """One pass over crops in the given index batches; trains (with random horizontal flips) when an optimizer
     is given. Returns sums over all processes: [loss * crops, correct backgrounds, correct faces, backgrounds,
@@ -499,20 +508,19 @@ def train(args, device, out_dir, tb_dir):
         model_args = state["model_args"]
     model = build_model(**model_args).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs)
     dtype = amp_dtype(device, args.amp)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     if args.resume:
         try:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
             if state.get("scaler"):
                 scaler.load_state_dict(state["scaler"])
         except (KeyError, TypeError, ValueError, RuntimeError) as e:  # a checkpoint.pt of another version
             raise UserError(f"{ckpt_path}: does not fit this run ({type(e).__name__}); train without --resume")
         start_epoch, history, best, bad_epochs = state["epoch"], state["history"], state["best_score"], state["bad_epochs"]
         print(f"resumed after epoch {start_epoch}, best val balanced acc {best:.2%}")
+    scheduler = cosine_schedule(optimizer, args.epochs, start_epoch)
     step_model = wrap_model(model, device, args.sync_bn)
     print(f"{len(y_train)} training crops ({int(y_train.sum())} faces), {len(y_val)} validation crops, "
           f"precision {dtype or torch.float32}")

@@ -1,5 +1,6 @@
 """fast_rcnn_faces.py: unit checks (letterbox, offsets, RoI shapes, loss, AP) and end to end on 36 real photos."""
 import importlib.util
+import csv
 import json
 import math
 import shutil
@@ -199,10 +200,18 @@ def test_train_one_epoch(faces, frc):
     assert all(math.isfinite(float(v)) for v in history[1].split(","))
 
 
-def test_resume(faces):
-    proc = run(SCRIPT, "train", "--data-dir", faces.data, "--epochs", 1, "--device", "cpu", "--resume")
+def test_resume(faces, tmp_path):
+    """One more epoch on a copy of the trained data: it trains at the cosine's lr over the new --epochs (half the
+    peak after 1 of 2), and the first epoch's history stays as it was."""
+    data = tmp_path / "data"
+    shutil.copytree(faces.data, data)
+    proc = run(SCRIPT, "train", "--data-dir", data, "--epochs", 2, "--device", "cpu", "--resume", "--batch-size", 4)
     assert proc.returncode == 0, proc.stderr
-    assert "resuming after epoch 1" in proc.stderr and "epoch 2" not in proc.stdout
+    assert "resuming after epoch 1" in proc.stderr and "epoch 2/2  train loss" in proc.stdout
+    before, after = (list(csv.DictReader((d / "history.csv").open())) for d in (faces.data, data))
+    assert len(after) == 2 and after[0] == before[0]
+    assert float(after[1]["lr"]) == pytest.approx(float(before[0]["lr"]) / 2)
+    assert math.isfinite(float(after[1]["train_loss"])) and float(after[1]["train_loss"]) > 0
 
 
 def test_eval_json_and_output_dir(faces):

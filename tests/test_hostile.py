@@ -33,7 +33,7 @@ SHARED = ["UserError", "load_image", "image_to_tensor", "save_shard", "load_shar
           "open_tensorboard", "log_epoch", "append_run", "grid_runs", "parse_number", "positive_int", "nonneg_int",
           "nonneg_float", "probability", "seed_int", "worker_count", "lock_data_dir",
           "start_worker", "OneLineParser", "cmd_train", "iter_eval_inputs", "add_scale_options", "main"]
-FACE_SHARED = ["photo_path", "OutputFiles"]
+FACE_SHARED = ["photo_path", "OutputFiles", "cosine_schedule"]
 # every call that reads a file, and the only functions allowed to make it (they turn failures into UserError)
 READERS = {"open": {"setup_distributed", "lock_data_dir"}, "os.open": {"lock_data_dir"}, "Image.open": {"load_image"},
            "gzip.open": {"load_shard"}, "torch.load": {"load_shard", "load_model_file"},

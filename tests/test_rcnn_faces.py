@@ -1,6 +1,7 @@
 """rcnn_faces.py end to end on a few dozen real photos (copied into tmp dirs), plus unit checks."""
 import csv
 import json
+import math
 import re
 import shutil
 
@@ -132,10 +133,15 @@ def test_train_one_epoch_and_resume(trained):
         assert (data / name).exists()
     model = torch.load(data / "model.pt", weights_only=True)
     assert model["script"] == "rcnn_faces" and model["search_side"] == SEARCH_SIDE and model["model_args"]["width"] == 8
+    before = list(csv.DictReader((data / "history.csv").open()))
     proc = run(SCRIPT, "train", "--data-dir", data, "--epochs", 2, "--batch-size", 64, "--resume", "--device", "cpu")
     assert proc.returncode == 0, proc.stderr
     assert "resumed after epoch 1" in proc.stdout and re.search(r"^epoch 2/2 ", proc.stdout, re.M)
-    assert len((data / "history.csv").read_text().splitlines()) == 3  # header + 2 epochs
+    after = list(csv.DictReader((data / "history.csv").open()))
+    assert len(after) == 2 and after[0] == before[0]
+    # the resumed epoch trains: the cosine over the new --epochs puts it at half the peak lr (not at the old end, 0)
+    assert float(after[1]["lr"]) == pytest.approx(float(before[0]["lr"]) / 2)
+    assert math.isfinite(float(after[1]["train_loss"])) and float(after[1]["train_loss"]) > 0
 
 
 def test_eval_human_output_and_image(faces, trained, tmp_path):
