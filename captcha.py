@@ -11,7 +11,8 @@ CODE.ext or PREFIX-CODE.ext (the code is the name after its last '-': `2b827.png
 names listed with their codes in a --labels file (CSV `file,code` or `file code` lines). Codes are lower-cased
 unless --case-sensitive; the charset is what the codes use (--charset auto) and codes of several lengths may
 be mixed (--length auto). Names whose code breaks a rule are skipped and counted.
-Result: see README.md (held-out exact-match accuracy, images/s, machine).
+Result: 90.6% exact-match on 2,000 held-out generated captchas after 46 minutes of training on a 2-core CPU
+(20,000 generated, 20 epochs; README.md and benchmarks/RESULTS.md).
 """
 import argparse
 import contextlib
