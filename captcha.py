@@ -15,11 +15,14 @@ Result: 90.6% exact-match on 2,000 held-out generated captchas after 46 minutes 
 (20,000 generated, 20 epochs; README.md and benchmarks/RESULTS.md).
 """
 import argparse
+import asyncio
 import contextlib
 import csv
 import datetime
 import errno
 import gzip
+import html
+import importlib
 import io
 import itertools
 import json
@@ -399,9 +402,31 @@ def in_order(n, batch_size, device):
     return list(torch.arange(n, device=device).split(batch_size))
 
 
-def build_model(model_args, device):
+def build_model(model_args):
     model = CaptchaNet(**{**model_args, "image_size": tuple(model_args["image_size"])})
-    return model.to(device, memory_format=torch.channels_last)
+    return model.to(memory_format=torch.channels_last)
+
+
+def export_example(info):
+    """export: example inputs, input and output names, dynamic axes, and what the input is."""
+    x = torch.zeros(2, 3, *info["image_size"])
+    about = "x: B,3,H,W float, RGB pixels / 127.5 - 1; logits: B,length,charset+1 (last class: end of code)"
+    return (x,), ["x"], ["logits"], ({0: torch.export.Dim("batch")},), about
+
+
+@torch.no_grad()
+def predict(net, info, device, args, images, per_position=False):
+    """PIL images -> eval's JSON objects {"code", "confidence"} (+ "per_position" probabilities if asked)."""
+    x = torch.stack([to_input(img, tuple(info["image_size"])) for img in images]).to(device)
+    with autocast(device, amp_dtype(device)):
+        logp = net(preprocess(x)).float().log_softmax(-1)   # B,L,K
+    best, idx = logp.max(-1)
+    results = []
+    for p, i, confidence in zip(best, idx, calibrated(best.sum(1), info.get("calibration")).tolist()):
+        code = decode_code(i.tolist(), info["charset"])
+        results.append({"code": code, "confidence": round(confidence, 4)}
+                       | ({"per_position": p[:len(code)].exp().tolist()} if per_position else {}))
+    return results
 
 
 # ---- Commands ----
@@ -525,7 +550,7 @@ def train(args, device, out_dir, tb_dir):
     model_args = {"n_classes": len(meta["charset"]) + 1, "length": meta["length"], "image_size": meta["image_size"]}
     n_train, n_epoch = len(x_train), max(len(x_train), args.epoch_size)   # images per epoch: a small set repeats
     strength = auto_augment(n_train) if args.augment == "auto" else args.augment
-    model = build_model(model_args, device)
+    model = build_model(model_args).to(device)
     # AdamW + one-cycle: reaches a given accuracy in far fewer epochs than the tutorial's constant-lr Adam
     # (see benchmarks/captcha_bench.py); cross-entropy per position replaces BCE over the one-hot code.
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05)
@@ -640,19 +665,8 @@ def train(args, device, out_dir, tb_dir):
     return result
 
 
-@torch.no_grad()
 def cmd_eval(args):
-    device = pick_device(args.device)
-    path = args.model or Path(args.data_dir) / "model.pt"
-    ckpt = load_model_file(path)
-    try:
-        model = build_model(ckpt["model_args"], device)
-        model.load_state_dict(ckpt["model"])
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:  # weights of another network
-        raise UserError(f"{path}: its weights do not fit {SCRIPT}.py's network ({type(e).__name__})")
-    model.eval()
-    dtype = amp_dtype(device)
-    charset, image_size = ckpt["charset"], tuple(ckpt["image_size"])
+    net, info, device = load_network(args.model or Path(args.data_dir) / "model.pt", args.device)
     interactive = not args.images and sys.stdin.isatty()
     failed = False
     paths = iter_eval_inputs(args.images)
@@ -660,7 +674,7 @@ def cmd_eval(args):
         paths = progress(list(paths), unit="img", desc="eval", leave=False)
     for path in paths:
         try:
-            x = to_input(load_image(path), image_size)
+            img = load_image(path)
         except UserError as e:  # missing, not an image, damaged, too many pixels
             failed = True
             reason = f"cannot read image: {e}"
@@ -669,17 +683,14 @@ def cmd_eval(args):
             else:
                 print(f"{path}: {reason}", file=sys.stderr)
             continue
-        with autocast(device, dtype):
-            logp = model(preprocess(x[None].to(device))).float().log_softmax(-1)[0]  # L,K
-        best, idx = logp.max(-1)
-        code = decode_code(idx.tolist(), charset)
-        confidence = calibrated(best.sum(), ckpt.get("calibration")).item()
+        result, = predict(net, info, device, args, [img], per_position=not args.json)
         if args.json:
-            print(json.dumps({"image": path, "code": code, "confidence": round(confidence, 4)}), flush=True)
+            print(json.dumps({"image": path, **result}), flush=True)
         else:
-            per_position = " ".join(f"{v:.2f}" for v in best[:len(code)].exp().tolist())
+            per_position = " ".join(f"{v:.2f}" for v in result["per_position"])
             prefix = "" if interactive else f"{path}  "
-            print(f"{prefix}code: {code}  confidence {confidence:.2f} (per position {per_position})", flush=True)
+            print(f"{prefix}code: {result['code']}  confidence {result['confidence']:.2f} (per position {per_position})",
+                  flush=True)
     return 1 if failed else 0
 
 
@@ -746,7 +757,7 @@ def build_parser():
     fmt = argparse.ArgumentDefaultsHelpFormatter
 
     parser = OneLineParser(description=__doc__.split("\n")[0], formatter_class=fmt)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{prepare,train,eval}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{prepare,train,eval,export,serve}")
     p = sub.add_parser("prepare", parents=[common, seed], formatter_class=fmt, help="images -> tensor batches")
     p.add_argument("--image-dir", default="generate-captcha/output",
                    help="folder of CODE.ext or PREFIX-CODE.ext images (or of the files a --labels file lists); "
@@ -791,6 +802,7 @@ def build_parser():
     p.add_argument("--model", default=None, help="model file (default: DATA_DIR/model.pt)")
     p.add_argument("--json", action="store_true", help="one JSON object per image on stdout")
     p.set_defaults(func=cmd_eval)
+    add_ship_commands(sub, common, [device])
     return parser
 
 
@@ -808,15 +820,16 @@ class UserError(Exception):
 
 
 def load_image(path):
-    """Open any image (format decided by content, not extension) as RGB; alpha is composited onto white. Every failure
-    is a UserError with a one-line reason: missing, not a file, not an image, damaged, or more than MAX_PIXELS pixels
-    (a decompression bomb: a small file that would decode to gigabytes), refused from its header before decoding."""
+    """Open any image file (or the bytes of one) as RGB, the format decided by content, not extension; alpha is
+    composited onto white. Every failure is a UserError with a one-line reason: missing, not a file, not an image,
+    damaged, or more than MAX_PIXELS pixels (a decompression bomb: a small file that would decode to gigabytes),
+    refused from its header before decoding."""
     try:
-        if not os.path.isfile(path):
+        if not isinstance(path, bytes) and not os.path.isfile(path):
             raise UserError("no such file" if not os.path.lexists(path) else "not a file")
         with warnings.catch_warnings():  # PIL's own bomb warning becomes an error here, not a line on stderr
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(io.BytesIO(path) if isinstance(path, bytes) else path) as img:
                 if img.width * img.height > MAX_PIXELS:
                     raise UserError(f"{img.width}x{img.height} pixels, over the limit of {MAX_PIXELS:,} (MAX_PIXELS)")
                 img.seek(0)  # first frame of a GIF
@@ -1284,6 +1297,277 @@ def grid_runs(args, parser):
     return runs
 
 
+# ---- Ship and serve: ONNX export, ONNX Runtime, HTTP ----
+ONNX_OPSET = 18          # ONNX Runtime >= 1.14 runs it
+MAX_UPLOAD = 8 * 2**20   # serve: default --max-bytes of one request
+
+
+def import_optional(module, package, purpose):
+    """An optional package (onnx, onnxruntime, fastapi, uvicorn): missing, one line says how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise UserError(f"{purpose} needs the package {package}: pip install {package}")
+
+
+def json_ready(value):
+    """Tensors, tuples and paths -> lists and strings, recursively: a model file's entries as JSON."""
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, dict):
+        return {str(k): json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    return str(value) if isinstance(value, Path) else value
+
+
+class OnnxNetwork:
+    """An exported network run by ONNX Runtime on the CPU, called like the torch one (tensors in, tensors out);
+    `info` holds what eval needs, from the model's metadata."""
+
+    def __init__(self, path):
+        ort = import_optional("onnxruntime", "onnxruntime", "a .onnx model")
+        if not Path(path).is_file():
+            raise UserError(f"{path}: model not found; make one with `python {SCRIPT}.py export`")
+        try:
+            self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            self.info = json.loads(self.session.get_modelmeta().custom_metadata_map["suite"])
+        except Exception as e:  # onnxruntime's own exception types: damaged file, not ONNX, no metadata
+            raise UserError(f"{path}: not an ONNX model exported by `python {SCRIPT}.py export` ({type(e).__name__})")
+        if self.info.get("script") != SCRIPT:
+            raise UserError(f"{path}: exported by {self.info.get('script') or 'another program'}, not {SCRIPT}.py")
+        self.names = [i.name for i in self.session.get_inputs()]
+
+    def eval(self):  # as a torch network: always in inference mode
+        return self
+
+    def __call__(self, *inputs):
+        feed = {name: x.detach().float().cpu().numpy() for name, x in zip(self.names, inputs)}
+        outputs = [torch.from_numpy(y) for y in self.session.run(None, feed)]
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+
+def load_network(path, device_name):
+    """model.pt -> (the torch network in eval mode, the file's entries, device); model.onnx -> (an OnnxNetwork,
+    the same entries from its metadata, the CPU). eval and serve call either the same way."""
+    if Path(path).suffix.lower() == ".onnx":
+        net = OnnxNetwork(path)
+        return net, net.info, pick_device("cpu")
+    device = pick_device(device_name)
+    info = load_model_file(path)
+    try:
+        model = build_model(info["model_args"])
+        model.load_state_dict(info["model"])
+    except (TypeError, ValueError, RuntimeError) as e:  # weights of another network
+        raise UserError(f"{path}: its weights do not fit {SCRIPT}.py's network ({type(e).__name__})")
+    return model.to(device).eval(), info, device
+
+
+@torch.no_grad()
+def cmd_export(args):
+    """model.pt -> model.onnx (opset ONNX_OPSET, dynamic batch), with the model file's entries as JSON metadata."""
+    onnx = import_optional("onnx", "onnx", "export")
+    import_optional("onnxscript", "onnxscript", "export")   # torch's ONNX exporter uses it
+    path = Path(args.model or Path(args.data_dir) / "model.pt")
+    out = Path(args.output or path.with_suffix(".onnx"))
+    if path.suffix.lower() == ".onnx":
+        raise UserError(f"{path}: already an ONNX model; pass the model.pt it came from")
+    if out.exists() and not args.force:
+        raise UserError(f"{out} exists; pass --force to replace it, or --output FILE")
+    model, info, device = load_network(path, "cpu")
+    inputs, input_names, output_names, dynamic, about = export_example(info)
+    meta = json.dumps({**json_ready({k: v for k, v in info.items() if k != "model"}), "input": about})
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():  # the exporter's progress lines
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(model, inputs, dynamo=True, opset_version=ONNX_OPSET, input_names=input_names,
+                                    output_names=output_names, dynamic_shapes=dynamic)
+    proto = program.model_proto
+    proto.metadata_props.add(key="suite", value=meta)
+    with atomic_path(out) as tmp:
+        onnx.save(proto, str(tmp))
+        expected, got = model(*inputs), OnnxNetwork(tmp)(*inputs)   # the file as written, before it takes the name
+    pairs = zip(expected, got) if isinstance(expected, tuple) else [(expected, got)]
+    diff = max((a.float() - b).abs().max().item() for a, b in pairs)
+    print(f"exported {out}: {out.stat().st_size / 2**20:.1f} MB, ONNX opset {ONNX_OPSET}, inputs "
+          f"{', '.join(input_names)} (first axis dynamic); largest difference to torch on an example {diff:.1e}")
+    return 0
+
+
+class Batcher:
+    """serve: requests that arrive together share one forward pass. The first waiting image opens a batch, which
+    takes up to max_batch images or waits max_wait seconds for more; batches run one at a time in a thread."""
+
+    def __init__(self, predict, max_batch, max_wait):
+        self.predict, self.max_batch, self.max_wait = predict, max_batch, max_wait
+        self.queue, self.images, self.batches = None, 0, 0
+
+    async def run(self):
+        self.queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        while True:
+            items = [await self.queue.get()]
+            deadline = loop.time() + self.max_wait
+            while len(items) < self.max_batch and deadline > loop.time():
+                try:
+                    items.append(await asyncio.wait_for(self.queue.get(), deadline - loop.time()))
+                except asyncio.TimeoutError:
+                    break
+            self.images, self.batches = self.images + len(items), self.batches + 1
+            try:
+                results = await asyncio.to_thread(self.predict, [img for img, _ in items])
+            except Exception as e:  # answer every waiting request, keep serving
+                results = [e] * len(items)
+            for (_, future), result in zip(items, results):
+                if not future.done():
+                    future.set_exception(result) if isinstance(result, Exception) else future.set_result(result)
+
+    async def __call__(self, img):
+        future = asyncio.get_running_loop().create_future()
+        await self.queue.put((img, future))
+        return await future
+
+
+PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{script}</title>
+<style>body{{font:16px system-ui,sans-serif;max-width:44rem;margin:2rem auto;padding:0 1rem}}
+#drop{{display:block;border:2px dashed #888;border-radius:8px;padding:2rem;text-align:center}}
+#drop.over{{background:#eef}} canvas{{max-width:100%;margin-top:1rem}} pre{{font-size:1.2rem}}</style></head>
+<body><h1>{script}</h1><p>{about}</p>
+<label id="drop">Drop an image here, or pick one: <input type="file" id="file" accept="image/*"></label>
+<pre id="answer"></pre><canvas id="view"></canvas>
+<script>
+const answer = document.getElementById("answer"), drop = document.getElementById("drop");
+function describe(r) {{
+  if (r.error) return "error: " + r.error;
+  if ("code" in r) return "code: " + r.code + "  (confidence " + r.confidence.toFixed(2) + ")";
+  if (r.top) return r.top.map(t => t.label + ": " + (100 * t.probability).toFixed(2) + "%").join("\\n");
+  return r.boxes.length + (r.boxes.length == 1 ? " face" : " faces");
+}}
+async function send(file) {{
+  answer.textContent = "reading " + file.name + " ...";
+  let result;
+  try {{
+    const response = await fetch("predict", {{method: "POST", body: file,
+      headers: {{"Content-Type": file.type || "application/octet-stream"}}}});
+    result = await response.json();
+  }} catch (e) {{ result = {{error: String(e)}}; }}
+  answer.textContent = describe(result);
+  const canvas = document.getElementById("view"), g = canvas.getContext("2d");
+  try {{
+    const img = await createImageBitmap(file);
+    canvas.width = img.width; canvas.height = img.height; g.drawImage(img, 0, 0);
+    g.strokeStyle = "#0f0"; g.lineWidth = Math.max(2, img.width / 250);
+    for (const b of result.boxes || []) g.strokeRect(b.x, b.y, b.w, b.h);
+  }} catch (e) {{ canvas.width = 0; }}
+}}
+document.getElementById("file").addEventListener("change", e => e.target.files[0] && send(e.target.files[0]));
+drop.addEventListener("dragover", e => {{ e.preventDefault(); drop.classList.add("over"); }});
+drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+drop.addEventListener("drop", e => {{ e.preventDefault(); drop.classList.remove("over");
+  if (e.dataTransfer.files[0]) send(e.dataTransfer.files[0]); }});
+</script></body></html>
+"""
+
+
+def cmd_serve(args):
+    """HTTP service: POST /predict (the image as the body or a multipart file field) -> eval's JSON; GET /health,
+    /info and / (a page to try it). Bad input is a JSON error with a 4xx status; Ctrl-C stops it cleanly."""
+    fastapi = import_optional("fastapi", "fastapi", "serve")
+    uvicorn = import_optional("uvicorn", "uvicorn", "serve")
+    import_optional("python_multipart", "python-multipart", "serve")   # fastapi reads multipart uploads with it
+    responses = importlib.import_module("fastapi.responses")
+    path = args.model or Path(args.data_dir) / "model.pt"
+    net, info, device = load_network(path, args.device)
+    batcher = Batcher(lambda images: predict(net, info, device, args, images), args.max_batch,
+                      args.max_wait_ms / 1000)
+    about = {"script": SCRIPT, "model": str(path), "format": "onnx" if isinstance(net, OnnxNetwork) else "torch",
+             "torch": torch.__version__, **json_ready({k: v for k, v in info.items() if k not in ("model", "input")})}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        task = asyncio.create_task(batcher.run())
+        yield
+        task.cancel()
+
+    app = fastapi.FastAPI(title=SCRIPT, lifespan=lifespan)
+    error = lambda status, reason: responses.JSONResponse({"error": reason}, status_code=status)
+
+    @app.get("/health")
+    def health():
+        return {"status": "ok", "images": batcher.images, "batches": batcher.batches}
+
+    @app.get("/info")
+    def model_info():
+        return about
+
+    @app.get("/", response_class=responses.HTMLResponse)
+    def page():
+        return PAGE.format(script=f"{SCRIPT}.py", about=html.escape(__doc__.split("\n")[0]))
+
+    @app.post("/predict")
+    async def predict_image(request: fastapi.Request):
+        kind = request.headers.get("content-type", "application/octet-stream").split(";")[0].strip().lower()
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > args.max_bytes + 4096):
+            return error(413, f"request over the limit of {args.max_bytes:,} bytes (--max-bytes)")
+        if kind == "multipart/form-data":
+            if length is None:
+                return error(411, "a multipart upload needs a Content-Length header")
+            try:
+                form = await request.form(max_files=1, max_fields=8)
+            except Exception as e:  # starlette's own parse errors
+                return error(400, f"cannot read the multipart body ({type(e).__name__})")
+            uploads = [v for v in form.values() if hasattr(v, "read")]
+            if not uploads:
+                return error(400, "the multipart body has no file field")
+            data = await uploads[0].read(args.max_bytes + 1)
+        elif kind.startswith("image/") or kind == "application/octet-stream":
+            data = bytearray()
+            async for chunk in request.stream():
+                data += chunk
+                if len(data) > args.max_bytes:
+                    break
+        else:
+            return error(415, f"content type {kind!r}: send the image itself (image/* or application/octet-stream) "
+                              "or a multipart/form-data file field")
+        if not data:
+            return error(400, "empty body: send an image")
+        if len(data) > args.max_bytes:
+            return error(413, f"image over the limit of {args.max_bytes:,} bytes (--max-bytes)")
+        try:
+            img = load_image(bytes(data))
+        except UserError as e:
+            return error(400, f"cannot read image: {e}")
+        try:
+            return await batcher(img)
+        except UserError as e:
+            return error(422, str(e))
+
+    print(f"serving {path} on http://{args.host}:{args.port}/ (Ctrl-C stops)", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+def add_ship_commands(sub, common, serve_parents):
+    """The export and serve commands of every script; serve_parents: the script's options for predictions."""
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    p = sub.add_parser("export", parents=[common], formatter_class=fmt, help="model.pt -> ONNX (for onnxruntime)")
+    p.add_argument("--model", default=None, help="model file (default: DATA_DIR/model.pt)")
+    p.add_argument("--output", default=None, help="ONNX file (default: the model's name with .onnx)")
+    p.add_argument("--force", action="store_true", help="replace --output if it exists")
+    p.set_defaults(func=cmd_export)
+    p = sub.add_parser("serve", parents=[common, *serve_parents], formatter_class=fmt,
+                       help="HTTP service: POST /predict, GET /health, /info, / (a page to try it)")
+    p.add_argument("--model", default=None, help="model.pt or model.onnx (default: DATA_DIR/model.pt)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=port_number, default=8000, help="TCP port")
+    p.add_argument("--max-bytes", type=positive_int, default=MAX_UPLOAD, help="largest image accepted, in bytes")
+    p.add_argument("--max-batch", type=positive_int, default=32, help="images of requests arriving together "
+                   "that share one forward pass")
+    p.add_argument("--max-wait-ms", type=nonneg_float, default=5, help="how long a batch waits for more requests")
+    p.set_defaults(func=cmd_serve)
+
+
 # ---- Options, DATA_DIR lock, train command, eval input, main ----
 def parse_number(text, kind, low, high=None):
     """argparse type helper: `text` as a finite int or float from `low` to `high`; anything else is an
@@ -1312,6 +1596,10 @@ def nonneg_float(text):
 
 def probability(text):
     return parse_number(text, float, 0, 1)
+
+
+def port_number(text):
+    return parse_number(text, int, 1, 65535)
 
 
 def seed_int(text):

@@ -16,11 +16,14 @@ Result: not yet trained to the end here (no GPU; ~13 images/s on the shared 2-co
 targets 94% with the defaults and 90% with --epochs 5; the tutorial's recipe: 84.6% (no augmentation).
 """
 import argparse
+import asyncio
 import contextlib
 import csv
 import datetime
 import errno
 import gzip
+import html
+import importlib
 import io
 import itertools
 import json
@@ -83,7 +86,11 @@ CPU_BF16 = True          # bf16 autocast on CPUs with native bf16 (AVX512-BF16/A
 
 def read_image(path):
     """Any image file -> uint8 tensor 3,32,32 (the whole picture squeezed to 32x32, as CIFAR itself)."""
-    img = load_image(path)
+    return to_input(load_image(path))
+
+
+def to_input(img):
+    """PIL image -> uint8 tensor 3,32,32: prepare and eval alike."""
     if img.size != (IMAGE_SIZE, IMAGE_SIZE):
         img = img.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BICUBIC, reducing_gap=2.0)
     return image_to_tensor(img)
@@ -204,13 +211,13 @@ def split_indices(n, seed, fractions=(0.8, 0.1, 0.1)):
 
 
 # ---- Model ----
-def build_model(num_classes):
+def build_model(model_args):
     """torchvision's resnet18 with the stem replaced for 32x32 inputs: a 3x3 stride-1 conv instead of the 7x7
     stride-2 one, and no max-pool, so layer1 works on 32x32 maps (the CIFAR ResNet-18 of He et al. / kuangliu)."""
-    model = torchvision.models.resnet18(weights=None, num_classes=num_classes)
+    model = torchvision.models.resnet18(weights=None, num_classes=model_args["num_classes"])
     model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
     model.maxpool = nn.Identity()
-    return model
+    return model.to(memory_format=MEMORY_FORMAT)
 
 
 def make_optimizer(model, args, steps):
@@ -351,7 +358,7 @@ def train(args, device, out_dir, tb_dir):
         raise UserError(f"{data_dir}: the shards hold label numbers beyond the {len(labels)} labels of meta.json; "
                         f"run `python {SCRIPT}.py prepare` again")
     model_args = {"num_classes": len(labels)}
-    model = build_model(**model_args).to(device, memory_format=MEMORY_FORMAT)
+    model = build_model(model_args).to(device)
     steps = args.epochs * math.ceil(len(train_set[1]) / args.batch_size)
     optimizer, scheduler = make_optimizer(model, args, steps)
     dtype = amp_dtype(device, args.amp)
@@ -435,19 +442,26 @@ def train(args, device, out_dir, tb_dir):
     return result
 
 
+def export_example(info):
+    """export: example inputs, input and output names, dynamic axes, and what the input is."""
+    about = f"x: B,3,32,32 float, (RGB pixels / 255 - mean) / std with mean {info['mean']} and std {info['std']}; " \
+            "logits: B,classes (softmax: probabilities)"
+    return (torch.zeros(2, 3, 32, 32),), ["x"], ["logits"], ({0: torch.export.Dim("batch")},), about
+
+
 @torch.no_grad()
+def predict(net, info, device, args, images):
+    """PIL images -> eval's JSON objects {"top": the 5 likeliest labels with their probabilities}."""
+    x = torch.stack([to_input(img) for img in images]).to(device)
+    with autocast(device, amp_dtype(device)):
+        probs = net(preprocess(x, info["mean"], info["std"])).float().softmax(1).cpu()
+    top = probs.topk(min(5, len(info["labels"])))
+    return [{"top": [{"label": info["labels"][i], "probability": round(p, 6)} for p, i in zip(ps, idx)]}
+            for ps, idx in zip(top.values.tolist(), top.indices.tolist())]
+
+
 def cmd_eval(args):
-    device = pick_device(args.device)
-    path = args.model or Path(args.data_dir) / "model.pt"
-    ckpt = load_model_file(path)
-    try:
-        model = build_model(**ckpt["model_args"])
-        model.load_state_dict(ckpt["model"])
-    except (TypeError, ValueError, RuntimeError) as e:  # weights of another network
-        raise UserError(f"{path}: its weights do not fit {SCRIPT}.py's network ({type(e).__name__})")
-    model.to(device, memory_format=MEMORY_FORMAT).eval()
-    dtype = amp_dtype(device)
-    labels, norm = ckpt["labels"], (ckpt["mean"], ckpt["std"])
+    net, info, device = load_network(args.model or Path(args.data_dir) / "model.pt", args.device)
     interactive = not args.images and sys.stdin.isatty()
     failed = False
     paths = iter_eval_inputs(args.images)
@@ -455,7 +469,7 @@ def cmd_eval(args):
         paths = progress(list(paths), unit="img", desc="eval", leave=False)
     for path in paths:
         try:
-            x = read_image(path)[None].to(device)   # 1,3,32,32 uint8
+            img = load_image(path)
         except UserError as e:  # missing, not an image, damaged, too many pixels
             failed = True
             reason = f"cannot read image: {e}"
@@ -464,16 +478,12 @@ def cmd_eval(args):
             else:
                 print(f"{path}: {reason}", file=sys.stderr)
             continue
-        with autocast(device, dtype):
-            probs = model(preprocess(x, *norm)).float().softmax(1)[0].cpu()
-        top = probs.topk(min(5, len(labels)))
-        best = [(labels[i], p) for p, i in zip(top.values.tolist(), top.indices.tolist())]
+        result, = predict(net, info, device, args, [img])
         if args.json:
-            print(json.dumps({"image": path, "top": [{"label": name, "probability": round(p, 6)}
-                                                     for name, p in best]}), flush=True)
+            print(json.dumps({"image": path, **result}), flush=True)
         else:
-            print("\n".join(([] if interactive else [f"{path}"]) + [f"{name}: {p:.2%}" for name, p in best]),
-                  flush=True)
+            print("\n".join(([] if interactive else [f"{path}"]) +
+                            [f"{t['label']}: {t['probability']:.2%}" for t in result["top"]]), flush=True)
     return 1 if failed else 0
 
 
@@ -488,7 +498,7 @@ def build_parser():
     fmt = argparse.ArgumentDefaultsHelpFormatter
 
     parser = OneLineParser(description=__doc__.split("\n")[0], formatter_class=fmt)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{prepare,train,eval}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{prepare,train,eval,export,serve}")
     p = sub.add_parser("prepare", parents=[common, seed], formatter_class=fmt, help="images -> tensor batches")
     p.add_argument("--image-dir", default=IMAGE_DIR, help="labels.txt + N_label images, or one folder per class; "
                    f"images over {MAX_PIXELS:,} pixels are skipped")
@@ -516,6 +526,7 @@ def build_parser():
     p.add_argument("--model", default=None, help="model file (default: DATA_DIR/model.pt)")
     p.add_argument("--json", action="store_true", help="one JSON object per image on stdout")
     p.set_defaults(func=cmd_eval)
+    add_ship_commands(sub, common, [device])
     return parser
 
 
@@ -533,15 +544,16 @@ class UserError(Exception):
 
 
 def load_image(path):
-    """Open any image (format decided by content, not extension) as RGB; alpha is composited onto white. Every failure
-    is a UserError with a one-line reason: missing, not a file, not an image, damaged, or more than MAX_PIXELS pixels
-    (a decompression bomb: a small file that would decode to gigabytes), refused from its header before decoding."""
+    """Open any image file (or the bytes of one) as RGB, the format decided by content, not extension; alpha is
+    composited onto white. Every failure is a UserError with a one-line reason: missing, not a file, not an image,
+    damaged, or more than MAX_PIXELS pixels (a decompression bomb: a small file that would decode to gigabytes),
+    refused from its header before decoding."""
     try:
-        if not os.path.isfile(path):
+        if not isinstance(path, bytes) and not os.path.isfile(path):
             raise UserError("no such file" if not os.path.lexists(path) else "not a file")
         with warnings.catch_warnings():  # PIL's own bomb warning becomes an error here, not a line on stderr
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(io.BytesIO(path) if isinstance(path, bytes) else path) as img:
                 if img.width * img.height > MAX_PIXELS:
                     raise UserError(f"{img.width}x{img.height} pixels, over the limit of {MAX_PIXELS:,} (MAX_PIXELS)")
                 img.seek(0)  # first frame of a GIF
@@ -1009,6 +1021,277 @@ def grid_runs(args, parser):
     return runs
 
 
+# ---- Ship and serve: ONNX export, ONNX Runtime, HTTP ----
+ONNX_OPSET = 18          # ONNX Runtime >= 1.14 runs it
+MAX_UPLOAD = 8 * 2**20   # serve: default --max-bytes of one request
+
+
+def import_optional(module, package, purpose):
+    """An optional package (onnx, onnxruntime, fastapi, uvicorn): missing, one line says how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise UserError(f"{purpose} needs the package {package}: pip install {package}")
+
+
+def json_ready(value):
+    """Tensors, tuples and paths -> lists and strings, recursively: a model file's entries as JSON."""
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, dict):
+        return {str(k): json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    return str(value) if isinstance(value, Path) else value
+
+
+class OnnxNetwork:
+    """An exported network run by ONNX Runtime on the CPU, called like the torch one (tensors in, tensors out);
+    `info` holds what eval needs, from the model's metadata."""
+
+    def __init__(self, path):
+        ort = import_optional("onnxruntime", "onnxruntime", "a .onnx model")
+        if not Path(path).is_file():
+            raise UserError(f"{path}: model not found; make one with `python {SCRIPT}.py export`")
+        try:
+            self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            self.info = json.loads(self.session.get_modelmeta().custom_metadata_map["suite"])
+        except Exception as e:  # onnxruntime's own exception types: damaged file, not ONNX, no metadata
+            raise UserError(f"{path}: not an ONNX model exported by `python {SCRIPT}.py export` ({type(e).__name__})")
+        if self.info.get("script") != SCRIPT:
+            raise UserError(f"{path}: exported by {self.info.get('script') or 'another program'}, not {SCRIPT}.py")
+        self.names = [i.name for i in self.session.get_inputs()]
+
+    def eval(self):  # as a torch network: always in inference mode
+        return self
+
+    def __call__(self, *inputs):
+        feed = {name: x.detach().float().cpu().numpy() for name, x in zip(self.names, inputs)}
+        outputs = [torch.from_numpy(y) for y in self.session.run(None, feed)]
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+
+def load_network(path, device_name):
+    """model.pt -> (the torch network in eval mode, the file's entries, device); model.onnx -> (an OnnxNetwork,
+    the same entries from its metadata, the CPU). eval and serve call either the same way."""
+    if Path(path).suffix.lower() == ".onnx":
+        net = OnnxNetwork(path)
+        return net, net.info, pick_device("cpu")
+    device = pick_device(device_name)
+    info = load_model_file(path)
+    try:
+        model = build_model(info["model_args"])
+        model.load_state_dict(info["model"])
+    except (TypeError, ValueError, RuntimeError) as e:  # weights of another network
+        raise UserError(f"{path}: its weights do not fit {SCRIPT}.py's network ({type(e).__name__})")
+    return model.to(device).eval(), info, device
+
+
+@torch.no_grad()
+def cmd_export(args):
+    """model.pt -> model.onnx (opset ONNX_OPSET, dynamic batch), with the model file's entries as JSON metadata."""
+    onnx = import_optional("onnx", "onnx", "export")
+    import_optional("onnxscript", "onnxscript", "export")   # torch's ONNX exporter uses it
+    path = Path(args.model or Path(args.data_dir) / "model.pt")
+    out = Path(args.output or path.with_suffix(".onnx"))
+    if path.suffix.lower() == ".onnx":
+        raise UserError(f"{path}: already an ONNX model; pass the model.pt it came from")
+    if out.exists() and not args.force:
+        raise UserError(f"{out} exists; pass --force to replace it, or --output FILE")
+    model, info, device = load_network(path, "cpu")
+    inputs, input_names, output_names, dynamic, about = export_example(info)
+    meta = json.dumps({**json_ready({k: v for k, v in info.items() if k != "model"}), "input": about})
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():  # the exporter's progress lines
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(model, inputs, dynamo=True, opset_version=ONNX_OPSET, input_names=input_names,
+                                    output_names=output_names, dynamic_shapes=dynamic)
+    proto = program.model_proto
+    proto.metadata_props.add(key="suite", value=meta)
+    with atomic_path(out) as tmp:
+        onnx.save(proto, str(tmp))
+        expected, got = model(*inputs), OnnxNetwork(tmp)(*inputs)   # the file as written, before it takes the name
+    pairs = zip(expected, got) if isinstance(expected, tuple) else [(expected, got)]
+    diff = max((a.float() - b).abs().max().item() for a, b in pairs)
+    print(f"exported {out}: {out.stat().st_size / 2**20:.1f} MB, ONNX opset {ONNX_OPSET}, inputs "
+          f"{', '.join(input_names)} (first axis dynamic); largest difference to torch on an example {diff:.1e}")
+    return 0
+
+
+class Batcher:
+    """serve: requests that arrive together share one forward pass. The first waiting image opens a batch, which
+    takes up to max_batch images or waits max_wait seconds for more; batches run one at a time in a thread."""
+
+    def __init__(self, predict, max_batch, max_wait):
+        self.predict, self.max_batch, self.max_wait = predict, max_batch, max_wait
+        self.queue, self.images, self.batches = None, 0, 0
+
+    async def run(self):
+        self.queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        while True:
+            items = [await self.queue.get()]
+            deadline = loop.time() + self.max_wait
+            while len(items) < self.max_batch and deadline > loop.time():
+                try:
+                    items.append(await asyncio.wait_for(self.queue.get(), deadline - loop.time()))
+                except asyncio.TimeoutError:
+                    break
+            self.images, self.batches = self.images + len(items), self.batches + 1
+            try:
+                results = await asyncio.to_thread(self.predict, [img for img, _ in items])
+            except Exception as e:  # answer every waiting request, keep serving
+                results = [e] * len(items)
+            for (_, future), result in zip(items, results):
+                if not future.done():
+                    future.set_exception(result) if isinstance(result, Exception) else future.set_result(result)
+
+    async def __call__(self, img):
+        future = asyncio.get_running_loop().create_future()
+        await self.queue.put((img, future))
+        return await future
+
+
+PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{script}</title>
+<style>body{{font:16px system-ui,sans-serif;max-width:44rem;margin:2rem auto;padding:0 1rem}}
+#drop{{display:block;border:2px dashed #888;border-radius:8px;padding:2rem;text-align:center}}
+#drop.over{{background:#eef}} canvas{{max-width:100%;margin-top:1rem}} pre{{font-size:1.2rem}}</style></head>
+<body><h1>{script}</h1><p>{about}</p>
+<label id="drop">Drop an image here, or pick one: <input type="file" id="file" accept="image/*"></label>
+<pre id="answer"></pre><canvas id="view"></canvas>
+<script>
+const answer = document.getElementById("answer"), drop = document.getElementById("drop");
+function describe(r) {{
+  if (r.error) return "error: " + r.error;
+  if ("code" in r) return "code: " + r.code + "  (confidence " + r.confidence.toFixed(2) + ")";
+  if (r.top) return r.top.map(t => t.label + ": " + (100 * t.probability).toFixed(2) + "%").join("\\n");
+  return r.boxes.length + (r.boxes.length == 1 ? " face" : " faces");
+}}
+async function send(file) {{
+  answer.textContent = "reading " + file.name + " ...";
+  let result;
+  try {{
+    const response = await fetch("predict", {{method: "POST", body: file,
+      headers: {{"Content-Type": file.type || "application/octet-stream"}}}});
+    result = await response.json();
+  }} catch (e) {{ result = {{error: String(e)}}; }}
+  answer.textContent = describe(result);
+  const canvas = document.getElementById("view"), g = canvas.getContext("2d");
+  try {{
+    const img = await createImageBitmap(file);
+    canvas.width = img.width; canvas.height = img.height; g.drawImage(img, 0, 0);
+    g.strokeStyle = "#0f0"; g.lineWidth = Math.max(2, img.width / 250);
+    for (const b of result.boxes || []) g.strokeRect(b.x, b.y, b.w, b.h);
+  }} catch (e) {{ canvas.width = 0; }}
+}}
+document.getElementById("file").addEventListener("change", e => e.target.files[0] && send(e.target.files[0]));
+drop.addEventListener("dragover", e => {{ e.preventDefault(); drop.classList.add("over"); }});
+drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+drop.addEventListener("drop", e => {{ e.preventDefault(); drop.classList.remove("over");
+  if (e.dataTransfer.files[0]) send(e.dataTransfer.files[0]); }});
+</script></body></html>
+"""
+
+
+def cmd_serve(args):
+    """HTTP service: POST /predict (the image as the body or a multipart file field) -> eval's JSON; GET /health,
+    /info and / (a page to try it). Bad input is a JSON error with a 4xx status; Ctrl-C stops it cleanly."""
+    fastapi = import_optional("fastapi", "fastapi", "serve")
+    uvicorn = import_optional("uvicorn", "uvicorn", "serve")
+    import_optional("python_multipart", "python-multipart", "serve")   # fastapi reads multipart uploads with it
+    responses = importlib.import_module("fastapi.responses")
+    path = args.model or Path(args.data_dir) / "model.pt"
+    net, info, device = load_network(path, args.device)
+    batcher = Batcher(lambda images: predict(net, info, device, args, images), args.max_batch,
+                      args.max_wait_ms / 1000)
+    about = {"script": SCRIPT, "model": str(path), "format": "onnx" if isinstance(net, OnnxNetwork) else "torch",
+             "torch": torch.__version__, **json_ready({k: v for k, v in info.items() if k not in ("model", "input")})}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        task = asyncio.create_task(batcher.run())
+        yield
+        task.cancel()
+
+    app = fastapi.FastAPI(title=SCRIPT, lifespan=lifespan)
+    error = lambda status, reason: responses.JSONResponse({"error": reason}, status_code=status)
+
+    @app.get("/health")
+    def health():
+        return {"status": "ok", "images": batcher.images, "batches": batcher.batches}
+
+    @app.get("/info")
+    def model_info():
+        return about
+
+    @app.get("/", response_class=responses.HTMLResponse)
+    def page():
+        return PAGE.format(script=f"{SCRIPT}.py", about=html.escape(__doc__.split("\n")[0]))
+
+    @app.post("/predict")
+    async def predict_image(request: fastapi.Request):
+        kind = request.headers.get("content-type", "application/octet-stream").split(";")[0].strip().lower()
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > args.max_bytes + 4096):
+            return error(413, f"request over the limit of {args.max_bytes:,} bytes (--max-bytes)")
+        if kind == "multipart/form-data":
+            if length is None:
+                return error(411, "a multipart upload needs a Content-Length header")
+            try:
+                form = await request.form(max_files=1, max_fields=8)
+            except Exception as e:  # starlette's own parse errors
+                return error(400, f"cannot read the multipart body ({type(e).__name__})")
+            uploads = [v for v in form.values() if hasattr(v, "read")]
+            if not uploads:
+                return error(400, "the multipart body has no file field")
+            data = await uploads[0].read(args.max_bytes + 1)
+        elif kind.startswith("image/") or kind == "application/octet-stream":
+            data = bytearray()
+            async for chunk in request.stream():
+                data += chunk
+                if len(data) > args.max_bytes:
+                    break
+        else:
+            return error(415, f"content type {kind!r}: send the image itself (image/* or application/octet-stream) "
+                              "or a multipart/form-data file field")
+        if not data:
+            return error(400, "empty body: send an image")
+        if len(data) > args.max_bytes:
+            return error(413, f"image over the limit of {args.max_bytes:,} bytes (--max-bytes)")
+        try:
+            img = load_image(bytes(data))
+        except UserError as e:
+            return error(400, f"cannot read image: {e}")
+        try:
+            return await batcher(img)
+        except UserError as e:
+            return error(422, str(e))
+
+    print(f"serving {path} on http://{args.host}:{args.port}/ (Ctrl-C stops)", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+def add_ship_commands(sub, common, serve_parents):
+    """The export and serve commands of every script; serve_parents: the script's options for predictions."""
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    p = sub.add_parser("export", parents=[common], formatter_class=fmt, help="model.pt -> ONNX (for onnxruntime)")
+    p.add_argument("--model", default=None, help="model file (default: DATA_DIR/model.pt)")
+    p.add_argument("--output", default=None, help="ONNX file (default: the model's name with .onnx)")
+    p.add_argument("--force", action="store_true", help="replace --output if it exists")
+    p.set_defaults(func=cmd_export)
+    p = sub.add_parser("serve", parents=[common, *serve_parents], formatter_class=fmt,
+                       help="HTTP service: POST /predict, GET /health, /info, / (a page to try it)")
+    p.add_argument("--model", default=None, help="model.pt or model.onnx (default: DATA_DIR/model.pt)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=port_number, default=8000, help="TCP port")
+    p.add_argument("--max-bytes", type=positive_int, default=MAX_UPLOAD, help="largest image accepted, in bytes")
+    p.add_argument("--max-batch", type=positive_int, default=32, help="images of requests arriving together "
+                   "that share one forward pass")
+    p.add_argument("--max-wait-ms", type=nonneg_float, default=5, help="how long a batch waits for more requests")
+    p.set_defaults(func=cmd_serve)
+
+
 # ---- Options, DATA_DIR lock, train command, eval input, main ----
 def parse_number(text, kind, low, high=None):
     """argparse type helper: `text` as a finite int or float from `low` to `high`; anything else is an
@@ -1037,6 +1320,10 @@ def nonneg_float(text):
 
 def probability(text):
     return parse_number(text, float, 0, 1)
+
+
+def port_number(text):
+    return parse_number(text, int, 1, 65535)
 
 
 def seed_int(text):

@@ -14,11 +14,15 @@ Result: AP@0.5 0.761, recall 0.753 and face-count RMSE 1.68 (threshold 0.25) on 
 (1,600 training photos, ~3-4 min per epoch on a shared 2-core CPU, one seed).
 """
 import argparse
+import asyncio
 import contextlib
 import csv
+import ctypes
 import datetime
 import errno
 import gzip
+import html
+import importlib
 import io
 import itertools
 import json
@@ -54,6 +58,7 @@ from torchvision.ops import box_convert, box_iou, clip_boxes_to_image, nms, remo
 from tqdm import tqdm
 
 # ---- Config ----
+C_RAND = ctypes.CDLL(None) if os.name == "posix" else ctypes.cdll.msvcrt   # srand(): see selective search
 SCRIPT = Path(__file__).stem             # stored in model.pt
 DATA_KIND = SCRIPT                       # stored in meta.json
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp"}
@@ -178,6 +183,7 @@ def selective_search(img, size, side, limit):
     search = cv2.ximgproc.segmentation.createSelectiveSearchSegmentation()
     search.setBaseImage(np.ascontiguousarray(np.asarray(small)[:, :, ::-1]))  # RGB -> BGR, as cv2.imread
     search.switchToSelectiveSearchFast()
+    C_RAND.srand(1)  # OpenCV ranks the regions with C's rand(): from its first state, a photo's regions never vary
     rects = torch.as_tensor(search.process()[:limit], dtype=torch.float32).reshape(-1, 4)
     boxes = box_convert(rects, "xywh", "xyxy") * torch.tensor([img.width / small.width, img.height / small.height] * 2)
     return to_letterbox(boxes, img.width, img.height, size)
@@ -297,13 +303,24 @@ class FastRCNN(nn.Module):
         return self.lateral2(c2) + F.interpolate(self.lateral3(c3), size=c2.shape[-2:], mode="nearest")
 
     def classify_rois(self, features, rois):
-        """rois: list (one per photo) of K_i,4 boxes in letterbox pixels -> logits K,2 and offsets K,4."""
+        """rois: list (one per photo) of K_i,4 boxes, or K,5 (roi_batch), in letterbox pixels -> logits K,2 and
+        offsets K,4."""
         pooled = roi_align(features, rois, self.roi_size, spatial_scale=1 / STRIDE, sampling_ratio=2, aligned=True)
         hidden = self.head(pooled)                          # K,hidden
         return self.classify(hidden), self.regress(hidden)
 
     def forward(self, x, rois):  # the training step's call (DistributedDataParallel wraps forward)
         return self.classify_rois(self.features(x), rois)
+
+
+def build_model(model_args):
+    return FastRCNN(**model_args).to(memory_format=torch.channels_last)
+
+
+def roi_batch(rois):
+    """One K_i,4 tensor of boxes per photo -> K,5 (photo index, x1, y1, x2, y2): roi_align's other input form,
+    the one an exported network takes."""
+    return torch.cat([torch.cat([torch.full_like(r[:, :1], i), r], 1) for i, r in enumerate(rois)])
 
 
 # ---- Train / evaluate helpers ----
@@ -402,7 +419,7 @@ def detect(model, images, props, sizes, device, nms_iou, regress=True, calibrati
         x = preprocess(images[start:start + batch_size].to(device))
         rois = [p.to(device) for p in props[start:start + batch_size]]
         with autocast(device, amp_dtype(device, amp)):
-            logits, offsets = model(x, rois)
+            logits, offsets = model(x, roi_batch(rois))
         log_odds = (logits[:, 1] - logits[:, 0]).float().cpu()
         scores = torch.sigmoid(calibration[0] * log_odds + calibration[1]).split([len(r) for r in rois])
         offsets = offsets.float().cpu().split([len(r) for r in rois])
@@ -576,7 +593,7 @@ def train(args, device, out_dir, tb_dir):
     seed_everything(args.seed)
     size = meta["size"]
     train, val = load_prepared(data_dir, "training_set", size), load_prepared(data_dir, "validating_set", size)
-    model = FastRCNN(args.width).to(device, memory_format=torch.channels_last)
+    model = build_model({"width": args.width}).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
     dtype = amp_dtype(device, args.amp)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
@@ -584,7 +601,7 @@ def train(args, device, out_dir, tb_dir):
     if args.resume:
         ckpt = load_model_file(out_dir / "checkpoint.pt", CHECKPOINT_KEYS)
         try:
-            model = FastRCNN(**ckpt["model_args"]).to(device, memory_format=torch.channels_last)
+            model = build_model(ckpt["model_args"]).to(device)
             model.load_state_dict(ckpt["model"])
             optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
             optimizer.load_state_dict(ckpt["optimizer"])
@@ -674,13 +691,13 @@ def train(args, device, out_dir, tb_dir):
     return result
 
 
-def draw_boxes(img, boxes, scores, path):
-    """Annotated copy of the photo (boxes and face probabilities), written atomically as PNG."""
+def draw_boxes(img, found, path):
+    """Annotated copy of the photo (eval's boxes and face probabilities), written atomically as PNG."""
     img = img.copy()
     draw = ImageDraw.Draw(img)
-    for (x1, y1, x2, y2), s in zip(boxes.tolist(), scores.tolist()):
-        draw.rectangle([x1, y1, x2, y2], outline=(255, 0, 0), width=2)
-        draw.text((x1 + 2, y1 + 1), f"{s:.2f}", fill=(255, 0, 0))
+    for b in found:
+        draw.rectangle([b["x"], b["y"], b["x"] + b["w"], b["y"] + b["h"]], outline=(255, 0, 0), width=2)
+        draw.text((b["x"] + 2, b["y"] + 1), f"{b['score']:.2f}", fill=(255, 0, 0))
     try:
         with atomic_path(path) as tmp:
             img.save(tmp, format="PNG")
@@ -730,19 +747,39 @@ class OutputFiles:
         return out
 
 
+def found_boxes(boxes, scores, threshold):
+    """Boxes (xyxy) and scores, best first -> eval's JSON boxes {x, y, w, h, score} with score >= threshold."""
+    keep = scores >= threshold
+    return [{"x": x1, "y": y1, "w": x2 - x1, "h": y2 - y1, "score": round(s, 4)}
+            for (x1, y1, x2, y2), s in zip(boxes[keep].round().int().tolist(), scores[keep].tolist())]
+
+
+def export_example(info):
+    """export: example inputs, input and output names, dynamic axes, and what the input is."""
+    w, h = info["size"]
+    about = (f"x: B,3,{h},{w} float, letterboxed photos as (RGB / 255 - {list(MEAN)}) / {list(STD)}; rois: K,5 "
+             "(photo index, x1, y1, x2, y2 in letterbox pixels); logits: K,2 (background, face); offsets: K,4 "
+             f"(dx, dy, dw, dh); selective search and NMS stay in {SCRIPT}.py")
+    rois = torch.tensor([[0, 0, 0, 32, 32], [1, 8, 8, 64, 48], [1, 0, 0, 16, 16]], dtype=torch.float32)
+    return (torch.zeros(2, 3, h, w), rois), ["x", "rois"], ["logits", "offsets"], \
+        ({0: torch.export.Dim("batch")}, {0: torch.export.Dim("rois")}), about
+
+
+def predict(net, info, device, args, images):
+    """PIL photos -> eval's JSON objects {"boxes": [...]}, in photo pixels, best first."""
+    size = tuple(info["size"])
+    props = [photo_proposals(selective_search(img, size, info["ss_side"], info["proposals"]), img.width, img.height,
+                             size) for img in images]
+    dets = detect(net, torch.stack([letterbox_image(img, size) for img in images]), props,
+                  torch.tensor([[img.width, img.height] for img in images]), device, args.nms_iou,
+                  regress=not getattr(args, "no_regress", False), calibration=info.get("calibration", (1.0, 0.0)))
+    return [{"boxes": found_boxes(boxes, scores, args.threshold)} for boxes, scores in dets]
+
+
 def cmd_eval(args):
-    device = pick_device(args.device)
     inputs = list(iter_eval_inputs(args.images)) if args.images else []
     outputs = OutputFiles(args, inputs)
-    model_path = args.model or Path(args.data_dir) / "model.pt"
-    ckpt = load_model_file(model_path)
-    try:
-        model = FastRCNN(**ckpt["model_args"])
-        model.load_state_dict(ckpt["model"])
-    except (TypeError, ValueError, RuntimeError) as e:  # weights of another network
-        raise UserError(f"{model_path}: its weights do not fit {SCRIPT}.py's network ({type(e).__name__})")
-    model.to(device, memory_format=torch.channels_last).eval()
-    size = ckpt["size"]
+    net, info, device = load_network(args.model or Path(args.data_dir) / "model.pt", args.device)
     failed = False
     # files and folders: a known count, so a progress bar (shown on a terminal only)
     paths = progress(inputs, unit="img", desc="eval", leave=False) if args.images else iter_eval_inputs(None)
@@ -763,15 +800,8 @@ def cmd_eval(args):
             else:
                 print(f"{path}: {reason}", file=sys.stderr)
             continue
-        props = photo_proposals(selective_search(img, size, ckpt["ss_side"], ckpt["proposals"]), img.width, img.height, size)
-        (boxes, scores), = detect(model, letterbox_image(img, size)[None], [props], torch.tensor([[img.width, img.height]]),
-                                  device, args.nms_iou, regress=not args.no_regress,
-                                  calibration=ckpt.get("calibration", (1.0, 0.0)))
-        keep = scores >= args.threshold
-        boxes, scores = boxes[keep].round().int(), scores[keep]
-        draw_boxes(img, boxes, scores, out)
-        found = [{"x": x1, "y": y1, "w": x2 - x1, "h": y2 - y1, "score": round(s, 4)}
-                 for (x1, y1, x2, y2), s in zip(boxes.tolist(), scores.tolist())]
+        found = predict(net, info, device, args, [img])[0]["boxes"]
+        draw_boxes(img, found, out)
         if args.json:
             print(json.dumps({"image": path, "boxes": found, "output": str(out)}), flush=True)
         else:
@@ -800,10 +830,13 @@ def build_parser():
     device.add_argument("--nms-iou", type=probability, default=0.3, help="non-maximum suppression IoU")
     seed = argparse.ArgumentParser(add_help=False)
     seed.add_argument("--seed", type=seed_int, default=0, help="split and training seed")
+    detection = argparse.ArgumentParser(add_help=False)
+    detection.add_argument("--threshold", type=probability, default=THRESHOLD,
+                           help="keep boxes with face probability >= X")
     fmt = argparse.ArgumentDefaultsHelpFormatter
 
     parser = OneLineParser(description=__doc__.split("\n")[0], formatter_class=fmt)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{prepare,train,eval}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{prepare,train,eval,export,serve}")
     p = sub.add_parser("prepare", parents=[common, seed], formatter_class=fmt, help="photos -> tensor batches")
     p.add_argument("--image-dir", default=IMAGE_DIR, help="folder of source photos; photos over "
                    f"{MAX_PIXELS:,} pixels are skipped")
@@ -828,11 +861,11 @@ def build_parser():
     p.add_argument("--resume", action="store_true", help="continue from DATA_DIR/checkpoint.pt")
     add_scale_options(p)
     p.set_defaults(func=cmd_train, train_parser=p)
-    p = sub.add_parser("eval", parents=[common, device], formatter_class=fmt, help="detect faces in photos")
+    p = sub.add_parser("eval", parents=[common, device, detection], formatter_class=fmt,
+                       help="detect faces in photos")
     p.add_argument("images", nargs="*", metavar="IMAGE", help="image files or folders; none: read paths from stdin; "
                    f"images over {MAX_PIXELS:,} pixels are refused")
     p.add_argument("--model", default=None, help="model file (default: DATA_DIR/model.pt)")
-    p.add_argument("--threshold", type=probability, default=THRESHOLD, help="keep boxes with face probability >= this")
     p.add_argument("--output", default="img_output.png",
                    help="annotated image of one input image, in an existing folder (the interactive prompt rewrites "
                         "it for each image)")
@@ -841,6 +874,7 @@ def build_parser():
     p.add_argument("--no-regress", action="store_true", help="show proposals before box correction")
     p.add_argument("--json", action="store_true", help="one JSON object per image on stdout")
     p.set_defaults(func=cmd_eval)
+    add_ship_commands(sub, common, [device, detection])
     return parser
 
 
@@ -858,15 +892,16 @@ class UserError(Exception):
 
 
 def load_image(path):
-    """Open any image (format decided by content, not extension) as RGB; alpha is composited onto white. Every failure
-    is a UserError with a one-line reason: missing, not a file, not an image, damaged, or more than MAX_PIXELS pixels
-    (a decompression bomb: a small file that would decode to gigabytes), refused from its header before decoding."""
+    """Open any image file (or the bytes of one) as RGB, the format decided by content, not extension; alpha is
+    composited onto white. Every failure is a UserError with a one-line reason: missing, not a file, not an image,
+    damaged, or more than MAX_PIXELS pixels (a decompression bomb: a small file that would decode to gigabytes),
+    refused from its header before decoding."""
     try:
-        if not os.path.isfile(path):
+        if not isinstance(path, bytes) and not os.path.isfile(path):
             raise UserError("no such file" if not os.path.lexists(path) else "not a file")
         with warnings.catch_warnings():  # PIL's own bomb warning becomes an error here, not a line on stderr
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(io.BytesIO(path) if isinstance(path, bytes) else path) as img:
                 if img.width * img.height > MAX_PIXELS:
                     raise UserError(f"{img.width}x{img.height} pixels, over the limit of {MAX_PIXELS:,} (MAX_PIXELS)")
                 img.seek(0)  # first frame of a GIF
@@ -1334,6 +1369,277 @@ def grid_runs(args, parser):
     return runs
 
 
+# ---- Ship and serve: ONNX export, ONNX Runtime, HTTP ----
+ONNX_OPSET = 18          # ONNX Runtime >= 1.14 runs it
+MAX_UPLOAD = 8 * 2**20   # serve: default --max-bytes of one request
+
+
+def import_optional(module, package, purpose):
+    """An optional package (onnx, onnxruntime, fastapi, uvicorn): missing, one line says how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise UserError(f"{purpose} needs the package {package}: pip install {package}")
+
+
+def json_ready(value):
+    """Tensors, tuples and paths -> lists and strings, recursively: a model file's entries as JSON."""
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, dict):
+        return {str(k): json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    return str(value) if isinstance(value, Path) else value
+
+
+class OnnxNetwork:
+    """An exported network run by ONNX Runtime on the CPU, called like the torch one (tensors in, tensors out);
+    `info` holds what eval needs, from the model's metadata."""
+
+    def __init__(self, path):
+        ort = import_optional("onnxruntime", "onnxruntime", "a .onnx model")
+        if not Path(path).is_file():
+            raise UserError(f"{path}: model not found; make one with `python {SCRIPT}.py export`")
+        try:
+            self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            self.info = json.loads(self.session.get_modelmeta().custom_metadata_map["suite"])
+        except Exception as e:  # onnxruntime's own exception types: damaged file, not ONNX, no metadata
+            raise UserError(f"{path}: not an ONNX model exported by `python {SCRIPT}.py export` ({type(e).__name__})")
+        if self.info.get("script") != SCRIPT:
+            raise UserError(f"{path}: exported by {self.info.get('script') or 'another program'}, not {SCRIPT}.py")
+        self.names = [i.name for i in self.session.get_inputs()]
+
+    def eval(self):  # as a torch network: always in inference mode
+        return self
+
+    def __call__(self, *inputs):
+        feed = {name: x.detach().float().cpu().numpy() for name, x in zip(self.names, inputs)}
+        outputs = [torch.from_numpy(y) for y in self.session.run(None, feed)]
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+
+def load_network(path, device_name):
+    """model.pt -> (the torch network in eval mode, the file's entries, device); model.onnx -> (an OnnxNetwork,
+    the same entries from its metadata, the CPU). eval and serve call either the same way."""
+    if Path(path).suffix.lower() == ".onnx":
+        net = OnnxNetwork(path)
+        return net, net.info, pick_device("cpu")
+    device = pick_device(device_name)
+    info = load_model_file(path)
+    try:
+        model = build_model(info["model_args"])
+        model.load_state_dict(info["model"])
+    except (TypeError, ValueError, RuntimeError) as e:  # weights of another network
+        raise UserError(f"{path}: its weights do not fit {SCRIPT}.py's network ({type(e).__name__})")
+    return model.to(device).eval(), info, device
+
+
+@torch.no_grad()
+def cmd_export(args):
+    """model.pt -> model.onnx (opset ONNX_OPSET, dynamic batch), with the model file's entries as JSON metadata."""
+    onnx = import_optional("onnx", "onnx", "export")
+    import_optional("onnxscript", "onnxscript", "export")   # torch's ONNX exporter uses it
+    path = Path(args.model or Path(args.data_dir) / "model.pt")
+    out = Path(args.output or path.with_suffix(".onnx"))
+    if path.suffix.lower() == ".onnx":
+        raise UserError(f"{path}: already an ONNX model; pass the model.pt it came from")
+    if out.exists() and not args.force:
+        raise UserError(f"{out} exists; pass --force to replace it, or --output FILE")
+    model, info, device = load_network(path, "cpu")
+    inputs, input_names, output_names, dynamic, about = export_example(info)
+    meta = json.dumps({**json_ready({k: v for k, v in info.items() if k != "model"}), "input": about})
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():  # the exporter's progress lines
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(model, inputs, dynamo=True, opset_version=ONNX_OPSET, input_names=input_names,
+                                    output_names=output_names, dynamic_shapes=dynamic)
+    proto = program.model_proto
+    proto.metadata_props.add(key="suite", value=meta)
+    with atomic_path(out) as tmp:
+        onnx.save(proto, str(tmp))
+        expected, got = model(*inputs), OnnxNetwork(tmp)(*inputs)   # the file as written, before it takes the name
+    pairs = zip(expected, got) if isinstance(expected, tuple) else [(expected, got)]
+    diff = max((a.float() - b).abs().max().item() for a, b in pairs)
+    print(f"exported {out}: {out.stat().st_size / 2**20:.1f} MB, ONNX opset {ONNX_OPSET}, inputs "
+          f"{', '.join(input_names)} (first axis dynamic); largest difference to torch on an example {diff:.1e}")
+    return 0
+
+
+class Batcher:
+    """serve: requests that arrive together share one forward pass. The first waiting image opens a batch, which
+    takes up to max_batch images or waits max_wait seconds for more; batches run one at a time in a thread."""
+
+    def __init__(self, predict, max_batch, max_wait):
+        self.predict, self.max_batch, self.max_wait = predict, max_batch, max_wait
+        self.queue, self.images, self.batches = None, 0, 0
+
+    async def run(self):
+        self.queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        while True:
+            items = [await self.queue.get()]
+            deadline = loop.time() + self.max_wait
+            while len(items) < self.max_batch and deadline > loop.time():
+                try:
+                    items.append(await asyncio.wait_for(self.queue.get(), deadline - loop.time()))
+                except asyncio.TimeoutError:
+                    break
+            self.images, self.batches = self.images + len(items), self.batches + 1
+            try:
+                results = await asyncio.to_thread(self.predict, [img for img, _ in items])
+            except Exception as e:  # answer every waiting request, keep serving
+                results = [e] * len(items)
+            for (_, future), result in zip(items, results):
+                if not future.done():
+                    future.set_exception(result) if isinstance(result, Exception) else future.set_result(result)
+
+    async def __call__(self, img):
+        future = asyncio.get_running_loop().create_future()
+        await self.queue.put((img, future))
+        return await future
+
+
+PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{script}</title>
+<style>body{{font:16px system-ui,sans-serif;max-width:44rem;margin:2rem auto;padding:0 1rem}}
+#drop{{display:block;border:2px dashed #888;border-radius:8px;padding:2rem;text-align:center}}
+#drop.over{{background:#eef}} canvas{{max-width:100%;margin-top:1rem}} pre{{font-size:1.2rem}}</style></head>
+<body><h1>{script}</h1><p>{about}</p>
+<label id="drop">Drop an image here, or pick one: <input type="file" id="file" accept="image/*"></label>
+<pre id="answer"></pre><canvas id="view"></canvas>
+<script>
+const answer = document.getElementById("answer"), drop = document.getElementById("drop");
+function describe(r) {{
+  if (r.error) return "error: " + r.error;
+  if ("code" in r) return "code: " + r.code + "  (confidence " + r.confidence.toFixed(2) + ")";
+  if (r.top) return r.top.map(t => t.label + ": " + (100 * t.probability).toFixed(2) + "%").join("\\n");
+  return r.boxes.length + (r.boxes.length == 1 ? " face" : " faces");
+}}
+async function send(file) {{
+  answer.textContent = "reading " + file.name + " ...";
+  let result;
+  try {{
+    const response = await fetch("predict", {{method: "POST", body: file,
+      headers: {{"Content-Type": file.type || "application/octet-stream"}}}});
+    result = await response.json();
+  }} catch (e) {{ result = {{error: String(e)}}; }}
+  answer.textContent = describe(result);
+  const canvas = document.getElementById("view"), g = canvas.getContext("2d");
+  try {{
+    const img = await createImageBitmap(file);
+    canvas.width = img.width; canvas.height = img.height; g.drawImage(img, 0, 0);
+    g.strokeStyle = "#0f0"; g.lineWidth = Math.max(2, img.width / 250);
+    for (const b of result.boxes || []) g.strokeRect(b.x, b.y, b.w, b.h);
+  }} catch (e) {{ canvas.width = 0; }}
+}}
+document.getElementById("file").addEventListener("change", e => e.target.files[0] && send(e.target.files[0]));
+drop.addEventListener("dragover", e => {{ e.preventDefault(); drop.classList.add("over"); }});
+drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+drop.addEventListener("drop", e => {{ e.preventDefault(); drop.classList.remove("over");
+  if (e.dataTransfer.files[0]) send(e.dataTransfer.files[0]); }});
+</script></body></html>
+"""
+
+
+def cmd_serve(args):
+    """HTTP service: POST /predict (the image as the body or a multipart file field) -> eval's JSON; GET /health,
+    /info and / (a page to try it). Bad input is a JSON error with a 4xx status; Ctrl-C stops it cleanly."""
+    fastapi = import_optional("fastapi", "fastapi", "serve")
+    uvicorn = import_optional("uvicorn", "uvicorn", "serve")
+    import_optional("python_multipart", "python-multipart", "serve")   # fastapi reads multipart uploads with it
+    responses = importlib.import_module("fastapi.responses")
+    path = args.model or Path(args.data_dir) / "model.pt"
+    net, info, device = load_network(path, args.device)
+    batcher = Batcher(lambda images: predict(net, info, device, args, images), args.max_batch,
+                      args.max_wait_ms / 1000)
+    about = {"script": SCRIPT, "model": str(path), "format": "onnx" if isinstance(net, OnnxNetwork) else "torch",
+             "torch": torch.__version__, **json_ready({k: v for k, v in info.items() if k not in ("model", "input")})}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        task = asyncio.create_task(batcher.run())
+        yield
+        task.cancel()
+
+    app = fastapi.FastAPI(title=SCRIPT, lifespan=lifespan)
+    error = lambda status, reason: responses.JSONResponse({"error": reason}, status_code=status)
+
+    @app.get("/health")
+    def health():
+        return {"status": "ok", "images": batcher.images, "batches": batcher.batches}
+
+    @app.get("/info")
+    def model_info():
+        return about
+
+    @app.get("/", response_class=responses.HTMLResponse)
+    def page():
+        return PAGE.format(script=f"{SCRIPT}.py", about=html.escape(__doc__.split("\n")[0]))
+
+    @app.post("/predict")
+    async def predict_image(request: fastapi.Request):
+        kind = request.headers.get("content-type", "application/octet-stream").split(";")[0].strip().lower()
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > args.max_bytes + 4096):
+            return error(413, f"request over the limit of {args.max_bytes:,} bytes (--max-bytes)")
+        if kind == "multipart/form-data":
+            if length is None:
+                return error(411, "a multipart upload needs a Content-Length header")
+            try:
+                form = await request.form(max_files=1, max_fields=8)
+            except Exception as e:  # starlette's own parse errors
+                return error(400, f"cannot read the multipart body ({type(e).__name__})")
+            uploads = [v for v in form.values() if hasattr(v, "read")]
+            if not uploads:
+                return error(400, "the multipart body has no file field")
+            data = await uploads[0].read(args.max_bytes + 1)
+        elif kind.startswith("image/") or kind == "application/octet-stream":
+            data = bytearray()
+            async for chunk in request.stream():
+                data += chunk
+                if len(data) > args.max_bytes:
+                    break
+        else:
+            return error(415, f"content type {kind!r}: send the image itself (image/* or application/octet-stream) "
+                              "or a multipart/form-data file field")
+        if not data:
+            return error(400, "empty body: send an image")
+        if len(data) > args.max_bytes:
+            return error(413, f"image over the limit of {args.max_bytes:,} bytes (--max-bytes)")
+        try:
+            img = load_image(bytes(data))
+        except UserError as e:
+            return error(400, f"cannot read image: {e}")
+        try:
+            return await batcher(img)
+        except UserError as e:
+            return error(422, str(e))
+
+    print(f"serving {path} on http://{args.host}:{args.port}/ (Ctrl-C stops)", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+def add_ship_commands(sub, common, serve_parents):
+    """The export and serve commands of every script; serve_parents: the script's options for predictions."""
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    p = sub.add_parser("export", parents=[common], formatter_class=fmt, help="model.pt -> ONNX (for onnxruntime)")
+    p.add_argument("--model", default=None, help="model file (default: DATA_DIR/model.pt)")
+    p.add_argument("--output", default=None, help="ONNX file (default: the model's name with .onnx)")
+    p.add_argument("--force", action="store_true", help="replace --output if it exists")
+    p.set_defaults(func=cmd_export)
+    p = sub.add_parser("serve", parents=[common, *serve_parents], formatter_class=fmt,
+                       help="HTTP service: POST /predict, GET /health, /info, / (a page to try it)")
+    p.add_argument("--model", default=None, help="model.pt or model.onnx (default: DATA_DIR/model.pt)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=port_number, default=8000, help="TCP port")
+    p.add_argument("--max-bytes", type=positive_int, default=MAX_UPLOAD, help="largest image accepted, in bytes")
+    p.add_argument("--max-batch", type=positive_int, default=32, help="images of requests arriving together "
+                   "that share one forward pass")
+    p.add_argument("--max-wait-ms", type=nonneg_float, default=5, help="how long a batch waits for more requests")
+    p.set_defaults(func=cmd_serve)
+
+
 # ---- Options, DATA_DIR lock, train command, eval input, main ----
 def parse_number(text, kind, low, high=None):
     """argparse type helper: `text` as a finite int or float from `low` to `high`; anything else is an
@@ -1362,6 +1668,10 @@ def nonneg_float(text):
 
 def probability(text):
     return parse_number(text, float, 0, 1)
+
+
+def port_number(text):
+    return parse_number(text, int, 1, 65535)
 
 
 def seed_int(text):

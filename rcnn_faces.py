@@ -17,11 +17,15 @@ Result (2,000-photo Kaggle set, trained 4 epochs on 1,600 photos, scored on the 
 including selective search.
 """
 import argparse
+import asyncio
 import contextlib
 import csv
+import ctypes
 import datetime
 import errno
 import gzip
+import html
+import importlib
 import io
 import itertools
 import json
@@ -57,6 +61,7 @@ from torchvision.ops import box_convert, box_iou, clip_boxes_to_image, nms, roi_
 from tqdm import tqdm
 
 # ---- Config ----
+C_RAND = ctypes.CDLL(None) if os.name == "posix" else ctypes.cdll.msvcrt   # srand(): see selective search
 SCRIPT = Path(__file__).stem             # stored in model.pt and meta.json
 DATA_KIND = SCRIPT
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp"}
@@ -153,6 +158,7 @@ def propose(img, search_side, max_proposals=MAX_PROPOSALS):
     search = cv2.ximgproc.segmentation.createSelectiveSearchSegmentation()
     search.setBaseImage(bgr)
     search.switchToSelectiveSearchFast()
+    C_RAND.srand(1)  # OpenCV ranks the regions with C's rand(): from its first state, a photo's regions never vary
     rects = torch.from_numpy(search.process()[:max_proposals].astype(np.float32)).reshape(-1, 4)
     boxes = clip_boxes_to_image(box_convert(rects, "xywh", "xyxy") / scale, (h, w))
     bw, bh = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
@@ -221,7 +227,7 @@ def prepare_photo(job):
 
 
 # ---- Model ----
-def build_model(width=WIDTH, crop_size=CROP_SIZE):
+def build_model(model_args):
     """ResNet-18 layout (4 stages x 2 torchvision BasicBlocks, widths w..8w) with a 3x3 stride-2 stem
     for small crops (torchvision's 7x7 stem + max-pool leaves 8x8 of a 32x32 crop after two layers)."""
     def stage(cin, cout, stride):
@@ -229,7 +235,7 @@ def build_model(width=WIDTH, crop_size=CROP_SIZE):
             nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
         return nn.Sequential(BasicBlock(cin, cout, stride, down), BasicBlock(cout, cout))
 
-    w = width
+    w = model_args["width"]
     return nn.Sequential(nn.Conv2d(3, w, 3, 2, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True),
                          stage(w, w, 1), stage(w, 2 * w, 2), stage(2 * w, 4 * w, 2), stage(4 * w, 8 * w, 2),
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8 * w, 2))
@@ -506,7 +512,7 @@ def train(args, device, out_dir, tb_dir):
     if args.resume:
         state = load_model_file(ckpt_path, CHECKPOINT_KEYS)
         model_args = state["model_args"]
-    model = build_model(**model_args).to(device)
+    model = build_model(model_args).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     dtype = amp_dtype(device, args.amp)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
@@ -571,7 +577,7 @@ def train(args, device, out_dir, tb_dir):
     if not main_process():
         return result
     ckpt = load_model_file(out_dir / "model.pt")
-    model = build_model(**ckpt["model_args"]).to(device)
+    model = build_model(ckpt["model_args"]).to(device)
     model.load_state_dict(ckpt["model"])
 
     def photos(split):
@@ -645,19 +651,38 @@ class OutputFiles:
         return out
 
 
+def found_boxes(boxes, scores, threshold):
+    """Boxes (xyxy) and scores, best first -> eval's JSON boxes {x, y, w, h, score} with score >= threshold."""
+    keep = scores >= threshold
+    return [{"x": x1, "y": y1, "w": x2 - x1, "h": y2 - y1, "score": round(s, 4)}
+            for (x1, y1, x2, y2), s in zip(boxes[keep].round().int().tolist(), scores[keep].tolist())]
+
+
+def export_example(info):
+    """export: example inputs, input and output names, dynamic axes, and what the input is."""
+    about = (f"x: K,3,{info['crop_size']},{info['crop_size']} float, region crops as (RGB / 255 - {list(MEAN)}) / "
+             f"{list(STD)}; logits: K,2 (background, face); selective search and NMS stay in {SCRIPT}.py")
+    return (torch.zeros(2, 3, info["crop_size"], info["crop_size"]),), ["x"], ["logits"], \
+        ({0: torch.export.Dim("regions")},), about
+
+
+def predict(net, info, device, args, images):
+    """PIL photos -> eval's JSON objects {"boxes": [...]}, in photo pixels, best first."""
+    results = []
+    for img in images:
+        img = image_to_tensor(img)
+        proposals = propose(img, getattr(args, "search_side", None) or info["search_side"])
+        boxes, scores = detect(net, img, proposals, info["crop_size"], device, args.nms_iou,
+                               info.get("calibration", (1.0, 0.0)))
+        results.append({"boxes": found_boxes(boxes, scores, args.threshold)})
+    return results
+
+
 def cmd_eval(args):
-    device = pick_device(args.device)
     inputs = list(iter_eval_inputs(args.images)) if args.images else []
     outputs = OutputFiles(args, inputs)
-    model_path = args.model or Path(args.data_dir) / "model.pt"
-    ckpt = load_model_file(model_path)
-    try:
-        model = build_model(**ckpt["model_args"]).to(device)
-        model.load_state_dict(ckpt["model"])
-    except (TypeError, ValueError, RuntimeError) as e:  # weights of another network
-        raise UserError(f"{model_path}: its weights do not fit {SCRIPT}.py's network ({type(e).__name__})")
-    model.eval()
-    search_side = args.search_side or ckpt["search_side"]
+    net, info, device = load_network(args.model or Path(args.data_dir) / "model.pt", args.device)
+    search_side = args.search_side or info["search_side"]
     failed = False
     # files and folders: a known count, so a progress bar (shown on a terminal only)
     paths = progress(inputs, unit="img", desc="eval", leave=False) if args.images else iter_eval_inputs(None)
@@ -675,13 +700,10 @@ def cmd_eval(args):
             else:
                 print(f"{path}: {reason}", file=sys.stderr)
             continue
-        boxes, scores = detect(model, img, proposals, ckpt["crop_size"], device, args.nms_iou,
-                               ckpt.get("calibration", (1.0, 0.0)))
-        keep = scores >= args.threshold
-        boxes, scores = boxes[keep].round().int(), scores[keep]
-        draw_boxes(Image.fromarray(img.permute(1, 2, 0).numpy()), boxes, out)
-        found = [{"x": x1, "y": y1, "w": x2 - x1, "h": y2 - y1, "score": round(s, 4)}
-                 for (x1, y1, x2, y2), s in zip(boxes.tolist(), scores.tolist())]
+        boxes, scores = detect(net, img, proposals, info["crop_size"], device, args.nms_iou,
+                               info.get("calibration", (1.0, 0.0)))
+        found = found_boxes(boxes, scores, args.threshold)
+        draw_boxes(Image.fromarray(img.permute(1, 2, 0).numpy()), boxes[scores >= args.threshold].round().int(), out)
         if args.json:
             print(json.dumps({"image": path, "boxes": found, "output": str(out)}), flush=True)
         else:
@@ -707,7 +729,7 @@ def build_parser():
     fmt = argparse.ArgumentDefaultsHelpFormatter
 
     parser = OneLineParser(description=__doc__.split("\n")[0], formatter_class=fmt)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{prepare,train,eval}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{prepare,train,eval,export,serve}")
     p = sub.add_parser("prepare", parents=[common, seed], formatter_class=fmt, help="photos -> labelled region crops")
     p.add_argument("--image-dir", default=IMAGE_DIR, help="folder of source photos; photos over "
                    f"{MAX_PIXELS:,} pixels are skipped")
@@ -752,6 +774,7 @@ def build_parser():
     p.add_argument("--search-side", type=positive_int, default=None,
                    help="selective search size (default: as in training)")
     p.set_defaults(func=cmd_eval)
+    add_ship_commands(sub, common, [device, detection])
     return parser
 
 
@@ -769,15 +792,16 @@ class UserError(Exception):
 
 
 def load_image(path):
-    """Open any image (format decided by content, not extension) as RGB; alpha is composited onto white. Every failure
-    is a UserError with a one-line reason: missing, not a file, not an image, damaged, or more than MAX_PIXELS pixels
-    (a decompression bomb: a small file that would decode to gigabytes), refused from its header before decoding."""
+    """Open any image file (or the bytes of one) as RGB, the format decided by content, not extension; alpha is
+    composited onto white. Every failure is a UserError with a one-line reason: missing, not a file, not an image,
+    damaged, or more than MAX_PIXELS pixels (a decompression bomb: a small file that would decode to gigabytes),
+    refused from its header before decoding."""
     try:
-        if not os.path.isfile(path):
+        if not isinstance(path, bytes) and not os.path.isfile(path):
             raise UserError("no such file" if not os.path.lexists(path) else "not a file")
         with warnings.catch_warnings():  # PIL's own bomb warning becomes an error here, not a line on stderr
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(io.BytesIO(path) if isinstance(path, bytes) else path) as img:
                 if img.width * img.height > MAX_PIXELS:
                     raise UserError(f"{img.width}x{img.height} pixels, over the limit of {MAX_PIXELS:,} (MAX_PIXELS)")
                 img.seek(0)  # first frame of a GIF
@@ -1245,6 +1269,277 @@ def grid_runs(args, parser):
     return runs
 
 
+# ---- Ship and serve: ONNX export, ONNX Runtime, HTTP ----
+ONNX_OPSET = 18          # ONNX Runtime >= 1.14 runs it
+MAX_UPLOAD = 8 * 2**20   # serve: default --max-bytes of one request
+
+
+def import_optional(module, package, purpose):
+    """An optional package (onnx, onnxruntime, fastapi, uvicorn): missing, one line says how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise UserError(f"{purpose} needs the package {package}: pip install {package}")
+
+
+def json_ready(value):
+    """Tensors, tuples and paths -> lists and strings, recursively: a model file's entries as JSON."""
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, dict):
+        return {str(k): json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    return str(value) if isinstance(value, Path) else value
+
+
+class OnnxNetwork:
+    """An exported network run by ONNX Runtime on the CPU, called like the torch one (tensors in, tensors out);
+    `info` holds what eval needs, from the model's metadata."""
+
+    def __init__(self, path):
+        ort = import_optional("onnxruntime", "onnxruntime", "a .onnx model")
+        if not Path(path).is_file():
+            raise UserError(f"{path}: model not found; make one with `python {SCRIPT}.py export`")
+        try:
+            self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            self.info = json.loads(self.session.get_modelmeta().custom_metadata_map["suite"])
+        except Exception as e:  # onnxruntime's own exception types: damaged file, not ONNX, no metadata
+            raise UserError(f"{path}: not an ONNX model exported by `python {SCRIPT}.py export` ({type(e).__name__})")
+        if self.info.get("script") != SCRIPT:
+            raise UserError(f"{path}: exported by {self.info.get('script') or 'another program'}, not {SCRIPT}.py")
+        self.names = [i.name for i in self.session.get_inputs()]
+
+    def eval(self):  # as a torch network: always in inference mode
+        return self
+
+    def __call__(self, *inputs):
+        feed = {name: x.detach().float().cpu().numpy() for name, x in zip(self.names, inputs)}
+        outputs = [torch.from_numpy(y) for y in self.session.run(None, feed)]
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+
+def load_network(path, device_name):
+    """model.pt -> (the torch network in eval mode, the file's entries, device); model.onnx -> (an OnnxNetwork,
+    the same entries from its metadata, the CPU). eval and serve call either the same way."""
+    if Path(path).suffix.lower() == ".onnx":
+        net = OnnxNetwork(path)
+        return net, net.info, pick_device("cpu")
+    device = pick_device(device_name)
+    info = load_model_file(path)
+    try:
+        model = build_model(info["model_args"])
+        model.load_state_dict(info["model"])
+    except (TypeError, ValueError, RuntimeError) as e:  # weights of another network
+        raise UserError(f"{path}: its weights do not fit {SCRIPT}.py's network ({type(e).__name__})")
+    return model.to(device).eval(), info, device
+
+
+@torch.no_grad()
+def cmd_export(args):
+    """model.pt -> model.onnx (opset ONNX_OPSET, dynamic batch), with the model file's entries as JSON metadata."""
+    onnx = import_optional("onnx", "onnx", "export")
+    import_optional("onnxscript", "onnxscript", "export")   # torch's ONNX exporter uses it
+    path = Path(args.model or Path(args.data_dir) / "model.pt")
+    out = Path(args.output or path.with_suffix(".onnx"))
+    if path.suffix.lower() == ".onnx":
+        raise UserError(f"{path}: already an ONNX model; pass the model.pt it came from")
+    if out.exists() and not args.force:
+        raise UserError(f"{out} exists; pass --force to replace it, or --output FILE")
+    model, info, device = load_network(path, "cpu")
+    inputs, input_names, output_names, dynamic, about = export_example(info)
+    meta = json.dumps({**json_ready({k: v for k, v in info.items() if k != "model"}), "input": about})
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():  # the exporter's progress lines
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(model, inputs, dynamo=True, opset_version=ONNX_OPSET, input_names=input_names,
+                                    output_names=output_names, dynamic_shapes=dynamic)
+    proto = program.model_proto
+    proto.metadata_props.add(key="suite", value=meta)
+    with atomic_path(out) as tmp:
+        onnx.save(proto, str(tmp))
+        expected, got = model(*inputs), OnnxNetwork(tmp)(*inputs)   # the file as written, before it takes the name
+    pairs = zip(expected, got) if isinstance(expected, tuple) else [(expected, got)]
+    diff = max((a.float() - b).abs().max().item() for a, b in pairs)
+    print(f"exported {out}: {out.stat().st_size / 2**20:.1f} MB, ONNX opset {ONNX_OPSET}, inputs "
+          f"{', '.join(input_names)} (first axis dynamic); largest difference to torch on an example {diff:.1e}")
+    return 0
+
+
+class Batcher:
+    """serve: requests that arrive together share one forward pass. The first waiting image opens a batch, which
+    takes up to max_batch images or waits max_wait seconds for more; batches run one at a time in a thread."""
+
+    def __init__(self, predict, max_batch, max_wait):
+        self.predict, self.max_batch, self.max_wait = predict, max_batch, max_wait
+        self.queue, self.images, self.batches = None, 0, 0
+
+    async def run(self):
+        self.queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        while True:
+            items = [await self.queue.get()]
+            deadline = loop.time() + self.max_wait
+            while len(items) < self.max_batch and deadline > loop.time():
+                try:
+                    items.append(await asyncio.wait_for(self.queue.get(), deadline - loop.time()))
+                except asyncio.TimeoutError:
+                    break
+            self.images, self.batches = self.images + len(items), self.batches + 1
+            try:
+                results = await asyncio.to_thread(self.predict, [img for img, _ in items])
+            except Exception as e:  # answer every waiting request, keep serving
+                results = [e] * len(items)
+            for (_, future), result in zip(items, results):
+                if not future.done():
+                    future.set_exception(result) if isinstance(result, Exception) else future.set_result(result)
+
+    async def __call__(self, img):
+        future = asyncio.get_running_loop().create_future()
+        await self.queue.put((img, future))
+        return await future
+
+
+PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{script}</title>
+<style>body{{font:16px system-ui,sans-serif;max-width:44rem;margin:2rem auto;padding:0 1rem}}
+#drop{{display:block;border:2px dashed #888;border-radius:8px;padding:2rem;text-align:center}}
+#drop.over{{background:#eef}} canvas{{max-width:100%;margin-top:1rem}} pre{{font-size:1.2rem}}</style></head>
+<body><h1>{script}</h1><p>{about}</p>
+<label id="drop">Drop an image here, or pick one: <input type="file" id="file" accept="image/*"></label>
+<pre id="answer"></pre><canvas id="view"></canvas>
+<script>
+const answer = document.getElementById("answer"), drop = document.getElementById("drop");
+function describe(r) {{
+  if (r.error) return "error: " + r.error;
+  if ("code" in r) return "code: " + r.code + "  (confidence " + r.confidence.toFixed(2) + ")";
+  if (r.top) return r.top.map(t => t.label + ": " + (100 * t.probability).toFixed(2) + "%").join("\\n");
+  return r.boxes.length + (r.boxes.length == 1 ? " face" : " faces");
+}}
+async function send(file) {{
+  answer.textContent = "reading " + file.name + " ...";
+  let result;
+  try {{
+    const response = await fetch("predict", {{method: "POST", body: file,
+      headers: {{"Content-Type": file.type || "application/octet-stream"}}}});
+    result = await response.json();
+  }} catch (e) {{ result = {{error: String(e)}}; }}
+  answer.textContent = describe(result);
+  const canvas = document.getElementById("view"), g = canvas.getContext("2d");
+  try {{
+    const img = await createImageBitmap(file);
+    canvas.width = img.width; canvas.height = img.height; g.drawImage(img, 0, 0);
+    g.strokeStyle = "#0f0"; g.lineWidth = Math.max(2, img.width / 250);
+    for (const b of result.boxes || []) g.strokeRect(b.x, b.y, b.w, b.h);
+  }} catch (e) {{ canvas.width = 0; }}
+}}
+document.getElementById("file").addEventListener("change", e => e.target.files[0] && send(e.target.files[0]));
+drop.addEventListener("dragover", e => {{ e.preventDefault(); drop.classList.add("over"); }});
+drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+drop.addEventListener("drop", e => {{ e.preventDefault(); drop.classList.remove("over");
+  if (e.dataTransfer.files[0]) send(e.dataTransfer.files[0]); }});
+</script></body></html>
+"""
+
+
+def cmd_serve(args):
+    """HTTP service: POST /predict (the image as the body or a multipart file field) -> eval's JSON; GET /health,
+    /info and / (a page to try it). Bad input is a JSON error with a 4xx status; Ctrl-C stops it cleanly."""
+    fastapi = import_optional("fastapi", "fastapi", "serve")
+    uvicorn = import_optional("uvicorn", "uvicorn", "serve")
+    import_optional("python_multipart", "python-multipart", "serve")   # fastapi reads multipart uploads with it
+    responses = importlib.import_module("fastapi.responses")
+    path = args.model or Path(args.data_dir) / "model.pt"
+    net, info, device = load_network(path, args.device)
+    batcher = Batcher(lambda images: predict(net, info, device, args, images), args.max_batch,
+                      args.max_wait_ms / 1000)
+    about = {"script": SCRIPT, "model": str(path), "format": "onnx" if isinstance(net, OnnxNetwork) else "torch",
+             "torch": torch.__version__, **json_ready({k: v for k, v in info.items() if k not in ("model", "input")})}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        task = asyncio.create_task(batcher.run())
+        yield
+        task.cancel()
+
+    app = fastapi.FastAPI(title=SCRIPT, lifespan=lifespan)
+    error = lambda status, reason: responses.JSONResponse({"error": reason}, status_code=status)
+
+    @app.get("/health")
+    def health():
+        return {"status": "ok", "images": batcher.images, "batches": batcher.batches}
+
+    @app.get("/info")
+    def model_info():
+        return about
+
+    @app.get("/", response_class=responses.HTMLResponse)
+    def page():
+        return PAGE.format(script=f"{SCRIPT}.py", about=html.escape(__doc__.split("\n")[0]))
+
+    @app.post("/predict")
+    async def predict_image(request: fastapi.Request):
+        kind = request.headers.get("content-type", "application/octet-stream").split(";")[0].strip().lower()
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > args.max_bytes + 4096):
+            return error(413, f"request over the limit of {args.max_bytes:,} bytes (--max-bytes)")
+        if kind == "multipart/form-data":
+            if length is None:
+                return error(411, "a multipart upload needs a Content-Length header")
+            try:
+                form = await request.form(max_files=1, max_fields=8)
+            except Exception as e:  # starlette's own parse errors
+                return error(400, f"cannot read the multipart body ({type(e).__name__})")
+            uploads = [v for v in form.values() if hasattr(v, "read")]
+            if not uploads:
+                return error(400, "the multipart body has no file field")
+            data = await uploads[0].read(args.max_bytes + 1)
+        elif kind.startswith("image/") or kind == "application/octet-stream":
+            data = bytearray()
+            async for chunk in request.stream():
+                data += chunk
+                if len(data) > args.max_bytes:
+                    break
+        else:
+            return error(415, f"content type {kind!r}: send the image itself (image/* or application/octet-stream) "
+                              "or a multipart/form-data file field")
+        if not data:
+            return error(400, "empty body: send an image")
+        if len(data) > args.max_bytes:
+            return error(413, f"image over the limit of {args.max_bytes:,} bytes (--max-bytes)")
+        try:
+            img = load_image(bytes(data))
+        except UserError as e:
+            return error(400, f"cannot read image: {e}")
+        try:
+            return await batcher(img)
+        except UserError as e:
+            return error(422, str(e))
+
+    print(f"serving {path} on http://{args.host}:{args.port}/ (Ctrl-C stops)", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+def add_ship_commands(sub, common, serve_parents):
+    """The export and serve commands of every script; serve_parents: the script's options for predictions."""
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    p = sub.add_parser("export", parents=[common], formatter_class=fmt, help="model.pt -> ONNX (for onnxruntime)")
+    p.add_argument("--model", default=None, help="model file (default: DATA_DIR/model.pt)")
+    p.add_argument("--output", default=None, help="ONNX file (default: the model's name with .onnx)")
+    p.add_argument("--force", action="store_true", help="replace --output if it exists")
+    p.set_defaults(func=cmd_export)
+    p = sub.add_parser("serve", parents=[common, *serve_parents], formatter_class=fmt,
+                       help="HTTP service: POST /predict, GET /health, /info, / (a page to try it)")
+    p.add_argument("--model", default=None, help="model.pt or model.onnx (default: DATA_DIR/model.pt)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=port_number, default=8000, help="TCP port")
+    p.add_argument("--max-bytes", type=positive_int, default=MAX_UPLOAD, help="largest image accepted, in bytes")
+    p.add_argument("--max-batch", type=positive_int, default=32, help="images of requests arriving together "
+                   "that share one forward pass")
+    p.add_argument("--max-wait-ms", type=nonneg_float, default=5, help="how long a batch waits for more requests")
+    p.set_defaults(func=cmd_serve)
+
+
 # ---- Options, DATA_DIR lock, train command, eval input, main ----
 def parse_number(text, kind, low, high=None):
     """argparse type helper: `text` as a finite int or float from `low` to `high`; anything else is an
@@ -1273,6 +1568,10 @@ def nonneg_float(text):
 
 def probability(text):
     return parse_number(text, float, 0, 1)
+
+
+def port_number(text):
+    return parse_number(text, int, 1, 65535)
 
 
 def seed_int(text):

@@ -13,6 +13,9 @@ import struct
 import subprocess
 import sys
 import tempfile
+import time
+import urllib.error
+import urllib.request
 import zlib
 from pathlib import Path
 
@@ -221,3 +224,104 @@ def tree_bytes(folder):
     """{relative path: bytes} of every file below `folder` (to check that nothing changed)."""
     folder = Path(folder)
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# ---- ship and serve: export, eval of the .onnx, the HTTP service ----
+def same_answers(a, b, tol, path="result"):
+    """eval's JSON answers of the torch and the ONNX model agree: same strings, integers (box pixels) within 1,
+    probabilities within tol; the paths ("image", "output") are not compared."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), (path, a, b)
+        for key in a.keys() - {"image", "output"}:
+            same_answers(a[key], b[key], tol, f"{path}.{key}")
+    elif isinstance(a, list):
+        assert len(a) == len(b), (path, a, b)
+        for i, (x, y) in enumerate(zip(a, b)):
+            same_answers(x, y, tol, f"{path}[{i}]")
+    elif isinstance(a, float) or isinstance(b, float):
+        assert abs(a - b) <= tol, (path, a, b)
+    elif isinstance(a, int):
+        assert abs(a - b) <= 1, (path, a, b)
+    else:
+        assert a == b, (path, a, b)
+
+
+def check_onnx(script, model, images, tmp_path, *eval_args):
+    """`export` the model, then `eval --json` with the .pt and the .onnx on the same images: the same answers
+    (probabilities within 1e-4, or 3e-2 where the .pt runs in bf16 on this CPU). Returns the .onnx path and the
+    answers."""
+    onnx = tmp_path / "model.onnx"
+    proc = run_main(script, "export", "--model", model, "--output", onnx)   # in this process: the exporter's
+    assert proc.returncode == 0, proc.stderr                                 # first use costs seconds, once
+    assert f"exported {onnx}: " in proc.stdout and "opset 18" in proc.stdout, proc.stdout
+    assert onnx.stat().st_size > 10_000
+    line = assert_one_line_error(run_main(script, "export", "--model", model, "--output", onnx), 1)
+    assert "exists" in line and "--force" in line
+    answers = []
+    for i, m in enumerate((model, onnx)):
+        out = ["--output-dir", tmp_path / f"annotated-{i}"] if "faces" in script else []
+        ev = run(script, "eval", *images, "--model", m, "--json", "--device", "cpu", *out, *eval_args)
+        assert ev.returncode == 0, ev.stderr
+        answers.append([json.loads(line) for line in ev.stdout.splitlines()])
+    assert len(answers[0]) == len(images)
+    module = load_script(script)
+    if module.amp_dtype(torch.device("cpu")) is not None:  # this CPU runs the .pt in bf16: compare its fp32 answers
+        saved, module.CPU_BF16 = module.CPU_BF16, False
+        try:
+            ev = run_main(script, "eval", *images, "--model", model, "--json", "--device", "cpu", *eval_args)
+        finally:
+            module.CPU_BF16 = saved
+        answers[0] = [json.loads(line) for line in ev.stdout.splitlines()]
+    same_answers(answers[0], answers[1], 1e-4)
+    return onnx, answers[1]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http(url, data=None, headers=None, timeout=60):
+    """(status, JSON or text) of a GET, or of a POST when data is given; 4xx/5xx answers are returned too."""
+    request = urllib.request.Request(url, data=data, headers=headers or {}, method="POST" if data is not None else "GET")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            status, body, kind = response.status, response.read(), response.headers.get("content-type", "")
+    except urllib.error.HTTPError as e:
+        status, body, kind = e.code, e.read(), e.headers.get("content-type", "")
+    return status, json.loads(body) if kind.startswith("application/json") else body.decode()
+
+
+def multipart(field, filename, data):
+    """A multipart/form-data body with one file field: (body, headers)."""
+    boundary = "suite-test-boundary"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; filename=\"{filename}\"\r\n"
+            f"Content-Type: application/octet-stream\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
+    return body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+
+
+@contextlib.contextmanager
+def serving(script, *args):
+    """`python SCRIPT serve --port FREE args...` in a subprocess, once /health answers: yields (base URL, process).
+    On leaving, Ctrl-C (SIGINT), as a user stops it; the process's exit is the caller's to check."""
+    port = free_port()
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.Popen([sys.executable, str(ROOT / script), "serve", "--port", str(port), *map(str, args)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            assert proc.poll() is None, proc.communicate()
+            with contextlib.suppress(OSError):
+                if http(url + "/health", timeout=5)[0] == 200:
+                    break
+            time.sleep(0.1)
+        yield url, proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()

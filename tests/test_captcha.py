@@ -11,12 +11,14 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, assert_one_line_error, hostile_images, load_script, run, run_main, tree_bytes
+from conftest import (ROOT, assert_one_line_error, check_onnx, hostile_images, http, load_script, multipart,
+                      png_declaring, run, run_main, same_answers, serving, tree_bytes)
 
 GENERATE = "generate-captcha/generate.py"
 N_CAPTCHAS = 400
@@ -420,7 +422,7 @@ def test_network_learns():
                 ImageDraw.Draw(img).text((4 + 23 * i, 4), str(c), font=font, fill="black")
         images.append(mod.image_to_tensor(img))
     x = torch.stack(images)
-    model = mod.build_model({"n_classes": 11, "length": 4, "image_size": [40, 96]}, torch.device("cpu"))
+    model = mod.build_model({"n_classes": 11, "length": 4, "image_size": [40, 96]})
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     cpu, scaler = torch.device("cpu"), torch.amp.GradScaler("cpu", enabled=False)
@@ -643,3 +645,100 @@ def test_help_and_usage_errors():
     assert "16,000,000" in run_main("captcha.py", "eval", "--help").stdout   # MAX_PIXELS, said in --help
     assert "the following arguments are required" in assert_one_line_error(run("captcha.py"), 2)   # a real process
     assert "tpu" in assert_one_line_error(run_main("captcha.py", "train", "--device", "tpu"), 2)
+
+
+# ---- ship and serve ----
+def test_export_onnx_reads_as_torch(trained, generated, tmp_path):
+    """export -> model.onnx whose metadata holds what eval needs; eval of the .onnx gives the .pt's answers."""
+    import onnxruntime
+    data, _ = trained
+    onnx, answers = check_onnx("captcha.py", data / "model.pt", sorted(generated.iterdir())[:24], tmp_path)
+    meta = json.loads(onnxruntime.InferenceSession(str(onnx)).get_modelmeta().custom_metadata_map["suite"])
+    model = torch.load(data / "model.pt", weights_only=True)
+    assert meta["charset"] == model["charset"] and meta["image_size"] == list(model["image_size"])
+    assert meta["calibration"] == model["calibration"] and "x: B,3,H,W" in meta["input"]
+    assert {len(a["code"]) for a in answers} <= {4}
+
+
+def test_serve(trained, generated, tmp_path):
+    """serve: /health, /info, the page, /predict by body and by multipart with eval's answers, a 4xx JSON error
+    for each bad request (and serving on after it), 50 concurrent requests answered right in shared batches,
+    the page used in a real browser, and a clean stop on Ctrl-C."""
+    data, _ = trained
+    images = sorted(generated.iterdir())[:50]
+    ev = run("captcha.py", "eval", *images, "--data-dir", data, "--json", "--device", "cpu")
+    expected = {}
+    for line in ev.stdout.splitlines():
+        answer = json.loads(line)
+        expected[answer.pop("image")] = answer
+    png = images[0].read_bytes()
+    bomb = png_declaring(tmp_path / "bomb.png", 15000, 15000).read_bytes()
+    text_field = (b"--b\r\nContent-Disposition: form-data; name=\"note\"\r\n\r\nhello\r\n--b--\r\n",
+                  {"Content-Type": "multipart/form-data; boundary=b"})
+    with serving("captcha.py", "--data-dir", data, "--device", "cpu", "--max-bytes", 20000,
+                 "--max-wait-ms", 20) as (url, proc):
+        status, info = http(url + "/info")
+        assert status == 200 and info["script"] == "captcha" and info["format"] == "torch"
+        assert info["charset"] == torch.load(data / "model.pt", weights_only=True)["charset"]
+        status, page = http(url + "/")
+        assert status == 200 and 'type="file"' in page and 'fetch("predict"' in page and "http" not in page
+        assert http(url + "/predict", png, {"Content-Type": "image/png"}) == (200, expected[str(images[0])])
+        assert http(url + "/predict", *multipart("file", images[0].name, png)) == (200, expected[str(images[0])])
+        for body, headers, status, words in [
+                (b"not an image", {"Content-Type": "image/png"}, 400, "not an image"),
+                (b"", {"Content-Type": "application/octet-stream"}, 400, "empty"),
+                (bomb, {"Content-Type": "image/png"}, 400, "pixels"),
+                (png[:200], {"Content-Type": "image/png"}, 400, "cannot read image"),
+                (b"x" * 30000, {"Content-Type": "image/png"}, 413, "--max-bytes"),
+                (png, {"Content-Type": "text/plain"}, 415, "content type"),
+                (*text_field, 400, "no file field"),
+                (*multipart("file", "big.png", b"x" * 30000), 413, "--max-bytes")]:
+            got, answer = http(url + "/predict", body, headers)
+            assert got == status and words in answer["error"], (words, got, answer)
+        assert http(url + "/health")[0] == 200
+        with ThreadPoolExecutor(16) as pool:
+            answers = list(pool.map(lambda p: http(url + "/predict", p.read_bytes(), {"Content-Type": "image/png"}),
+                                    images))
+        for path, (status, answer) in zip(images, answers):
+            assert status == 200
+            same_answers(answer, expected[str(path)], 2e-4)
+        health = http(url + "/health")[1]
+        assert health["images"] == len(images) + 2 and health["batches"] < health["images"] - 10
+        browser = page_in_a_browser(url, images[0])
+        if browser:
+            answer, width = browser
+            assert answer.startswith(f"code: {expected[str(images[0])]['code']}  (confidence ")
+            assert width == Image.open(images[0]).width
+    out, err = proc.communicate()
+    assert proc.returncode == 0 and "Traceback" not in err, err
+    if not browser:   # everything else passed
+        pytest.skip("the page was not tried in a browser: needs selenium, and Debian's chromium and "
+                    "chromium-driver (.ci/run installs them)")
+
+
+def page_in_a_browser(url, image):
+    """serve's page in headless Chromium: pick an image; returns the answer the page shows and the width of the
+    picture it drew, or None without selenium or Debian's chromium and chromium-driver."""
+    chromium, chromedriver = shutil.which("chromium"), shutil.which("chromedriver")
+    try:
+        from selenium import webdriver
+    except ImportError:
+        return None
+    if not (chromium and chromedriver):
+        return None
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=chromedriver))
+    try:
+        driver.get(url + "/")
+        driver.find_element(By.ID, "file").send_keys(str(image))
+        shown = lambda d: d.find_element(By.ID, "answer").text
+        answer = WebDriverWait(driver, 60).until(lambda d: shown(d).startswith(("code:", "error:")) and shown(d))
+        return answer, driver.execute_script("return document.getElementById('view').width")
+    finally:
+        driver.quit()
+

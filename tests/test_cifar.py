@@ -19,8 +19,8 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import (CIFAR_DIR, ROOT, assert_one_line_error, hostile_images, load_script, odd_images, png_declaring,
-                      run, run_main, run_warnings_shown)
+from conftest import (CIFAR_DIR, ROOT, assert_one_line_error, check_onnx, hostile_images, http, load_script,
+                      multipart, odd_images, png_declaring, run, run_main, run_warnings_shown, serving)
 
 LENET, RESNET = "cifar_lenet.py", "cifar_resnet.py"
 LABELS = (CIFAR_DIR / "labels.txt").read_text().split() if CIFAR_DIR.exists() else []
@@ -438,3 +438,28 @@ def test_prepare_label_file_not_utf8(names_dir, tmp_path):
     line = assert_one_line_error(run_main(LENET, "prepare", "--image-dir", names_dir, "--labels", labels,
                                           "--data-dir", tmp_path / "d", "--workers", 1), 1)
     assert str(labels) in line and "UTF-8" in line
+
+
+# ---- ship and serve ----
+def test_lenet_export_and_serve_onnx(lenet_trained, names_dir, tmp_path):
+    """export, eval of the .onnx (the .pt's answers), then serve of the .onnx: /info says so, /predict answers as
+    eval, by body and by multipart; Ctrl-C stops it cleanly."""
+    data = lenet_trained[0]
+    images = sorted((names_dir / "test").iterdir())[:24]
+    onnx, answers = check_onnx(LENET, data / "model.pt", images, tmp_path)
+    assert all(len(a["top"]) == 5 and {t["label"] for t in a["top"]} <= set(LABELS) for a in answers)
+    with serving(LENET, "--model", onnx, "--data-dir", data) as (url, proc):
+        status, info = http(url + "/info")
+        assert status == 200 and info["format"] == "onnx" and info["labels"] == LABELS
+        body = images[0].read_bytes()
+        expected = {k: v for k, v in answers[0].items() if k != "image"}
+        assert http(url + "/predict", body, {"Content-Type": "image/jpeg"}) == (200, expected)
+        assert http(url + "/predict", *multipart("image", images[0].name, body)) == (200, expected)
+    out, err = proc.communicate()
+    assert proc.returncode == 0 and "Traceback" not in err, err
+
+
+def test_resnet_export_onnx(resnet_trained, folders_dir, tmp_path):
+    data, _ = resnet_trained
+    images = sorted(folders_dir.rglob("*.jpg"))[:6]
+    check_onnx(RESNET, data / "model.pt", images, tmp_path)

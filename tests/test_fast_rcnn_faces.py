@@ -13,8 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import (FACES_DIR, ROOT, assert_one_line_error, check_face_torchrun, hostile_images, odd_images,
-                      png_declaring, run, run_main, tree_bytes)
+from conftest import (FACES_DIR, ROOT, assert_one_line_error, check_face_torchrun, check_onnx, hostile_images, http,
+                      load_script, multipart, odd_images, png_declaring, run, run_main, same_answers, serving, tree_bytes)
 
 SCRIPT = "fast_rcnn_faces.py"
 N_PHOTOS = 36
@@ -339,3 +339,32 @@ def test_prepare_keeps_model_and_refuses_bad_csv(faces, tmp_path):
     line = assert_one_line_error(run_main(SCRIPT, *args, "--csv", latin), 1)
     assert str(latin) in line and "UTF-8" in line
     assert tree_bytes(data) == after
+
+
+# ---- ship and serve ----
+def test_export_and_serve_onnx(faces, tmp_path):
+    """export: eval of the .onnx finds the .pt's boxes (within a pixel) with its scores; serve of the .onnx
+    answers a photo with the same boxes, by body and by multipart."""
+    onnx, answers = check_onnx(SCRIPT, faces.data / "model.pt", faces.photos, tmp_path, "--threshold", 0.05)
+    assert sum(len(a["boxes"]) for a in answers) > 0
+    with serving(SCRIPT, "--model", onnx, "--data-dir", faces.data, "--threshold", 0.05) as (url, proc):
+        body = faces.photos[0].read_bytes()
+        status, got = http(url + "/predict", body, {"Content-Type": "image/jpeg"})
+        assert status == 200 and got.keys() == {"boxes"}
+        same_answers(got["boxes"], answers[0]["boxes"], 1e-4)
+        assert http(url + "/predict", *multipart("file", "photo.jpg", body)) == (200, got)
+        assert http(url + "/info")[1]["size"] == [384, 256]
+    out, err = proc.communicate()
+    assert proc.returncode == 0 and "Traceback" not in err, err
+
+
+def test_selective_search_repeats(frc, shared_datasets):
+    """A photo gets the same regions however many photos were searched before in the process (OpenCV ranks
+    them with C's rand(), reseeded per search), so prepare, eval and serve agree."""
+    photos = sorted((FACES_DIR / "image_data").iterdir())[:2]
+    first = frc.selective_search(frc.load_image(photos[0]), (384, 256), 200, 300)
+    frc.selective_search(frc.load_image(photos[1]), (384, 256), 200, 300)
+    assert torch.equal(first, frc.selective_search(frc.load_image(photos[0]), (384, 256), 200, 300))
+    rcnn = load_script("rcnn_faces.py")
+    img = rcnn.image_to_tensor(rcnn.load_image(photos[0]))
+    assert torch.equal(rcnn.propose(img, 200), rcnn.propose(img, 200))

@@ -31,15 +31,16 @@ SHARED = ["UserError", "load_image", "image_to_tensor", "save_shard", "load_shar
           "load_model_file", "save_history", "main_process", "setup_distributed", "rank_and_world", "epoch_batches",
           "shard", "sum_over_processes", "mean_over_processes", "sync_buffers", "wrap_model", "amp_dtype", "autocast",
           "open_tensorboard", "log_epoch", "append_run", "grid_runs", "parse_number", "positive_int", "nonneg_int",
-          "nonneg_float", "probability", "seed_int", "worker_count", "lock_data_dir",
+          "nonneg_float", "probability", "seed_int", "worker_count", "lock_data_dir", "import_optional", "json_ready",
+          "OnnxNetwork", "load_network", "cmd_export", "Batcher", "PAGE", "cmd_serve", "add_ship_commands", "port_number",
           "start_worker", "OneLineParser", "cmd_train", "iter_eval_inputs", "add_scale_options", "main"]
-FACE_SHARED = ["photo_path", "OutputFiles", "cosine_schedule"]
+FACE_SHARED = ["photo_path", "OutputFiles", "cosine_schedule", "found_boxes"]
 # every call that reads a file, and the only functions allowed to make it (they turn failures into UserError)
 READERS = {"open": {"setup_distributed", "lock_data_dir"}, "os.open": {"lock_data_dir"}, "Image.open": {"load_image"},
            "gzip.open": {"load_shard"}, "torch.load": {"load_shard", "load_model_file"},
            "pd.read_csv": {"read_boxes_csv", "read_face_csv"}, ".read_text": {"read_text"}, ".read_bytes": set(),
-           ".open": set(), "json.load": set(), "json.loads": {"read_meta"}, "np.load": set(), "cv2.imread": set(),
-           "csv.reader": {"read_labels"}, "csv.DictReader": {"append_run"}}   # read_labels: lines of read_text
+           ".open": set(), "json.load": set(), "json.loads": {"read_meta", "OnnxNetwork"}, "np.load": set(), "cv2.imread": set(),
+           "csv.reader": {"read_labels"}, "csv.DictReader": {"append_run"}, ".InferenceSession": {"OnnxNetwork"}}   # read_labels: lines of read_text
 
 
 COMMON_MARK = "# ==== Common to all five scripts: keep identical ===="

@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import (FACES_DIR, assert_one_line_error, check_face_torchrun, hostile_images, load_script, odd_images,
-                      png_declaring, run, run_main, tree_bytes)
+from conftest import (FACES_DIR, assert_one_line_error, check_face_torchrun, check_onnx, hostile_images, load_script,
+                      odd_images, png_declaring, run, run_main, tree_bytes)
 
 SCRIPT = "rcnn_faces.py"
 N_PHOTOS = 30
@@ -345,3 +345,14 @@ def test_prepare_keeps_model_and_refuses_bad_csv(faces, trained, tmp_path):
     line = assert_one_line_error(run_main(SCRIPT, *args, "--csv", small, "--pos-iou", 0.3, "--neg-iou", 0.6), 2)
     assert "--neg-iou" in line
     assert tree_bytes(data) == after
+
+
+# ---- ship and serve ----
+def test_export_onnx(faces, trained, tmp_path):
+    """export: eval of the .onnx finds the .pt's boxes (within a pixel) with its scores; selective search and NMS
+    stay in the script."""
+    data, _ = trained
+    photos = [faces["img_dir"] / n for n in faces["good"][:2]]
+    _, answers = check_onnx(SCRIPT, data / "model.pt", photos, tmp_path, "--threshold", 0.05,
+                            "--search-side", SEARCH_SIDE)
+    assert sum(len(a["boxes"]) for a in answers) > 0

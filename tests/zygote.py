@@ -10,6 +10,7 @@ DataLoader with fork workers does; nothing here computes with torch, so no threa
 Protocol (one AF_UNIX SOCK_SEQPACKET socket, fd in argv[1]): request = JSON {argv, cwd, env} + 3 fds;
 replies = JSON {"pid": N}, then JSON {"status": exit status as subprocess gives it}. An empty message ends it.
 """
+import contextlib
 import io
 import json
 import os
@@ -31,6 +32,17 @@ import tqdm
 PRELOADED = (cv2, pandas, torch, torch._dynamo, torchvision, tqdm)
 matplotlib.use("Agg")
 import matplotlib.pyplot  # noqa: E402
+
+try:  # torch's ONNX exporter (`export`); not onnxruntime, whose import starts threads that a fork breaks
+    import onnx
+    import onnxscript
+    import torch.onnx
+    PRELOADED += (onnx, onnxscript)
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():  # the exporter's lazy imports, once
+        warnings.simplefilter("ignore")
+        torch.onnx.export(torch.nn.Linear(2, 2), (torch.zeros(2, 2),), dynamo=True)
+except ImportError:  # optional packages: without them the export tests fail on their own
+    pass
 
 
 def child(request, fds):
