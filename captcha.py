@@ -4,6 +4,8 @@ Usage:
     python captcha.py prepare [--image-dir generate-captcha/output] [--labels FILE] [--charset auto] [--length auto]
     python captcha.py train   [--epochs N] [--device auto] [--resume]
     python captcha.py eval    [IMAGE_OR_FOLDER ...] [--json]
+    python captcha.py export  [--model PATH] [--output model.onnx]   # for ONNX Runtime
+    python captcha.py serve   [--model model.pt|model.onnx] [--port 8000]   # HTTP: POST /predict, a page at /
     torchrun --standalone --nproc_per_node=N captcha.py train [...]   # DDP over N processes/GPUs (README.md)
 
 Data: a folder of images (png, jpg, jpeg, gif, bmp, webp; the file content decides the format) named
@@ -1415,11 +1417,17 @@ class Batcher:
             self.images, self.batches = self.images + len(items), self.batches + 1
             try:
                 results = await asyncio.to_thread(self.predict, [img for img, _ in items])
-            except Exception as e:  # answer every waiting request, keep serving
-                results = [e] * len(items)
+            except Exception:  # one image that fails must not fail the others: each alone, its own answer
+                results = [await asyncio.to_thread(self.alone, img) for img, _ in items]
             for (_, future), result in zip(items, results):
                 if not future.done():
                     future.set_exception(result) if isinstance(result, Exception) else future.set_result(result)
+
+    def alone(self, img):
+        try:
+            return self.predict([img])[0]
+        except Exception as e:
+            return e
 
     async def __call__(self, img):
         future = asyncio.get_running_loop().create_future()
@@ -1542,6 +1550,9 @@ def cmd_serve(args):
             return await batcher(img)
         except UserError as e:
             return error(422, str(e))
+        except Exception as e:  # a bug, not the client's: its name in the answer and on stderr, and serve on
+            print(f"error: /predict failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+            return error(500, f"prediction failed ({type(e).__name__})")
 
     print(f"serving {path} on http://{args.host}:{args.port}/ (Ctrl-C stops)", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

@@ -75,7 +75,7 @@ def ours_images_per_s(n_batches, batch_size=128):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     device = torch.device("cpu")
-    model = mod.build_model({"n_classes": 37, "length": 4, "image_size": [40, 96]}, device)
+    model = mod.build_model({"n_classes": 37, "length": 4, "image_size": [40, 96]}).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     x = torch.randint(0, 256, (batch_size * (n_batches + 1), 3, 40, 96), dtype=torch.uint8)

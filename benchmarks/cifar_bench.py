@@ -92,7 +92,7 @@ def tutorial_accuracy(model, images, labels, device):
 
 def script_setup(module, num_classes, steps, device):
     """Model, optimizer, scheduler and loss exactly as the script's train command builds them."""
-    model = module.build_model(num_classes).to(device, memory_format=module.MEMORY_FORMAT)
+    model = module.build_model({"num_classes": num_classes}).to(device, memory_format=module.MEMORY_FORMAT)
     recipe = argparse.Namespace(lr=module.LR, weight_decay=module.WEIGHT_DECAY)
     optimizer, scheduler = module.make_optimizer(model, recipe, steps)
     return model, optimizer, scheduler, nn.CrossEntropyLoss(label_smoothing=module.LABEL_SMOOTHING)
@@ -116,7 +116,7 @@ def bench_speed(name, module, train, norm, num_classes, args, device, tmp, full_
     per_chunk = max(1, chunk // TUTORIAL_SHARD)
     starts = range(0, n, chunk)
     torch.manual_seed(args.seed)
-    tut_model = module.build_model(num_classes).to(device)
+    tut_model = module.build_model({"num_classes": num_classes}).to(device, memory_format=torch.contiguous_format)
     tut_opt = torch.optim.Adam(tut_model.parameters(), lr=1e-3)
     steps = args.speed_epochs * sum(math.ceil(min(chunk, n - s) / module.BATCH_SIZE) for s in starts)
     model, optimizer, scheduler, loss_fn = script_setup(module, num_classes, steps, device)
@@ -155,7 +155,7 @@ def bench_accuracy(name, module, train, val, norm, num_classes, args, device, tm
     steps = args.acc_epochs * math.ceil(len(labels) / module.BATCH_SIZE)
     model, optimizer, scheduler, loss_fn = script_setup(module, num_classes, steps, device)
     torch.manual_seed(args.seed)
-    tut_model = module.build_model(num_classes).to(device)
+    tut_model = module.build_model({"num_classes": num_classes}).to(device, memory_format=torch.contiguous_format)
     tut_opt = torch.optim.Adam(tut_model.parameters(), lr=1e-3)
     folder = tmp / f"{name}_acc"
     folder.mkdir()

@@ -81,9 +81,10 @@ def inference_ms(script, data, images, repeats):
         net, info, device = module.load_network(data / name, "cpu")
         pils = [module.load_image(p) for p in images]
         for batch in (1, 64):
-            x = module.torch.stack([module.to_input(img, *([tuple(info["image_size"])] if "image_size" in info
-                                                          else [])) for img in pils[:batch]])
-            x = module.preprocess(x) if script == "captcha.py" else module.preprocess(x, info["mean"], info["std"])
+            if script == "captcha.py":
+                x = module.preprocess(torch.stack([module.to_input(img, tuple(info["image_size"])) for img in pils[:batch]]))
+            else:
+                x = module.preprocess(torch.stack([module.to_input(img) for img in pils[:batch]]), info["mean"], info["std"])
             times = []
             with torch.no_grad():
                 net(x)  # warm-up

@@ -80,7 +80,7 @@ class Zygote:
                 inp.seek(0)
             fds = [inp.fileno() if stdin is not None else 0, out.fileno(), err.fileno()]
             socket.send_fds(self.sock, [json.dumps({"argv": argv, "cwd": cwd, "env": env}).encode()], fds)
-            pid = self.reply(30)["pid"]
+            pid = self.reply(300)["pid"]   # a fork server just started may still be importing
             done = self.reply(timeout)
             if done is None:
                 os.kill(pid, signal.SIGKILL)
