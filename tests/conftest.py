@@ -23,6 +23,12 @@ import pytest
 import torch
 from PIL import Image
 
+# pytest.ini runs two workers (pytest-xdist) on the two cores: one thread each, here and in every command they start,
+# since two processes of two threads each on two cores run slower than one each
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "datasets"
 CIFAR_DIR = SHARED / "cifar10"

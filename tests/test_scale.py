@@ -96,19 +96,23 @@ def test_epoch_batches_shard_each_global_batch():
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_torchrun_matches_one_process_and_writes_one_model(prepared, script):
+def test_torchrun_matches_one_process_stops_together_and_writes_one_model(prepared, script):
+    """The same steps per epoch as one process with the same global batch; with lr 0 validation never improves
+    after epoch 1, so with patience 1 every process must stop after epoch 2 (a process that stopped alone would
+    leave the other waiting in a collective and fail the run); only rank 0 writes, and plain eval loads its model."""
     single, multi = data_of(prepared, script, f"{script}-1"), data_of(prepared, script, f"{script}-2")
-    args = ["train", "--epochs", 2, "--batch-size", 50, "--device", "cpu"]
+    args = ["train", "--epochs", 6, "--patience", 1, "--lr", 0, "--batch-size", 50, "--device", "cpu"]
     one = run(script, *args, "--data-dir", single)
     assert one.returncode == 0, one.stderr
-    two = torchrun(script, *args, "--data-dir", multi)
+    two = torchrun(script, *args, "--data-dir", multi, timeout=240)
     assert two.returncode == 0, two.stdout + two.stderr
     assert "torchrun: 2 processes, backend gloo" in two.stdout
-    # the same number of optimisation steps per epoch as one process with the same global batch
+    assert "early stop" in two.stdout and "early stop" in one.stdout
     steps = [int(row["steps"]) for row in history(single)]
-    assert steps == [int(row["steps"]) for row in history(multi)] == [5, 5]   # 240 training images / 50
+    assert steps == [int(row["steps"]) for row in history(multi)] == [5, 5]   # 240 training images / 50, 2 epochs
+    assert runs(multi)[-1]["epochs_run"] == "2"
     # only rank 0 prints and writes: each epoch line once, one model, nothing half-written
-    assert sum(line.startswith("epoch 2/2") for line in two.stdout.splitlines()) == 1
+    assert sum(line.startswith("epoch 2/6") for line in two.stdout.splitlines()) == 1
     assert two.stderr.count("device: cpu") == 1
     written = sorted(p.name for p in multi.iterdir() if not p.name.endswith(".pt.gz"))
     assert written == sorted(["checkpoint.pt", "history.csv", "history.png", "meta.json", "model.pt", "runs.csv"]
@@ -121,19 +125,6 @@ def test_torchrun_matches_one_process_and_writes_one_model(prepared, script):
         run(script, "eval", "--data-dir", multi, "--json", "--device", "cpu", *sorted(CIFAR_DIR.glob("train/*"))[:3])
     assert ev.returncode == 0, ev.stderr
     assert len([json.loads(line) for line in ev.stdout.splitlines()]) == 3
-
-
-@pytest.mark.parametrize("script", SCRIPTS)
-def test_torchrun_ranks_agree_on_early_stop(prepared, script):
-    """lr 0: validation never improves after epoch 1, so with patience 2 every process must stop after epoch 3
-    (a process that stopped alone would leave the other waiting in a collective and fail the run)."""
-    data = data_of(prepared, script, f"{script}-stop")
-    proc = torchrun(script, "train", "--data-dir", data, "--epochs", 8, "--patience", 2, "--lr", 0,
-                    "--batch-size", 50, "--device", "cpu", timeout=240)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "early stop" in proc.stdout
-    assert [int(row["epoch"]) for row in history(data)] == [1, 2, 3]
-    assert runs(data)[-1]["epochs_run"] == "3"
 
 
 def test_torchrun_needs_a_batch_per_process(prepared):
