@@ -126,8 +126,9 @@ def main():
     header = history[0].split(",")
     last = dict(zip(header, history[-1].split(",")))
     ours = sum(float(dict(zip(header, row.split(",")))["images_per_s"]) for row in history[1:]) / (len(history) - 1)
-    tutorial = tutorial_images_per_s(args.tutorial_batches)
-    ours_now = ours_images_per_s(args.tutorial_batches)
+    if args.tutorial_batches:   # 0: no speed comparison
+        tutorial = tutorial_images_per_s(args.tutorial_batches)
+        ours_now = ours_images_per_s(args.tutorial_batches)
     print("\n==== captcha benchmark ====")
     print(f"machine: {os.cpu_count()} CPU cores, torch {torch.__version__}, threads {torch.get_num_threads()}")
     meta = json.loads((data / "meta.json").read_text())
@@ -139,8 +140,9 @@ def main():
           f"{len(confident)} with confidence >= 0.9, {sum(confident) / max(len(confident), 1):.2%} of them right")
     print(f"accuracy per training minute: {exact / (seconds / 60):.4f}")
     print(f"training images/s during the run: {ours:.0f}")
-    print(f"training images/s, measured back to back: captcha.py {ours_now:.0f}, tutorial loop {tutorial:.0f} "
-          f"(x{ours_now / tutorial:.1f})")
+    if args.tutorial_batches:
+        print(f"training images/s, measured back to back: captcha.py {ours_now:.0f}, tutorial loop {tutorial:.0f} "
+              f"(x{ours_now / tutorial:.1f})")
 
 
 if __name__ == "__main__":

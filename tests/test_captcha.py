@@ -393,7 +393,7 @@ def test_train_writes_model_history_and_scores(trained):
     rows = list(csv.DictReader((data / "history.csv").open()))
     assert len(rows) == 2 and list(rows[0])[:5] == ["epoch", "train_loss", "train_acc", "val_loss", "val_acc"]
     assert "train 363 (600 per epoch)" in proc.stdout and rows[0]["steps"] == "5"   # a small set repeats to 600
-    assert "augment 1, " in proc.stdout                       # --augment auto: full strength on a small set
+    assert "augment 1 (from epoch 1), " in proc.stdout                      # --augment auto: full strength on a small set
     model = torch.load(data / "model.pt", weights_only=True)
     meta = json.loads((data / "meta.json").read_text())
     assert model["script"] == "captcha" and model["charset"] == meta["charset"]
@@ -437,6 +437,10 @@ def test_network_learns():
     truth = [mod.decode_code(t, "0123456789") for t in y.tolist()]
     assert sorted(set(map(len, truth))) == [2, 3, 4] and sum(c == t for c, t in zip(codes, truth)) / 64 > 0.8
     assert (scores <= 0).all()
+    saved_before_the_prior = {k: v for k, v in model.state_dict().items() if k != "prior"}
+    older = mod.build_model({"n_classes": 11, "length": 4, "image_size": [40, 96]})
+    older.load_state_dict(saved_before_the_prior)   # reads with a flat prior
+    assert not older.prior.any()
 
 
 def test_resume_after_interrupt(tmp, prepared):
@@ -460,6 +464,8 @@ def test_resume_after_interrupt(tmp, prepared):
     ckpt = torch.load(data / "checkpoint.pt", weights_only=True)
     assert ckpt["epoch"] in (1, 2)
     done = ckpt["epoch"]
+    # the distortions rise over the first quarter of the 30 epochs (8), here to the full strength of a small set
+    assert [row["augment"] for row in csv.DictReader((data / "history.csv").open())][:2] == ["0.125", "0.25"][:done]
     # a shorter --epochs on resume: the rest of the schedule shrinks to fit
     proc = run("captcha.py", "train", "--data-dir", data, "--epochs", 3, "--epoch-size", 0, "--device", "cpu",
                "--resume")
