@@ -1304,7 +1304,9 @@ class OnnxNetwork:
         if not Path(path).is_file():
             raise UserError(f"{path}: model not found; make one with `python {SCRIPT}.py export`")
         try:
-            self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            options = ort.SessionOptions()   # threads that wait sleep rather than spin: the CPU is shared (serve)
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
             self.info = json.loads(self.session.get_modelmeta().custom_metadata_map["suite"])
         except Exception as e:  # onnxruntime's own exception types: damaged file, not ONNX, no metadata
             raise UserError(f"{path}: not an ONNX model exported by `python {SCRIPT}.py export` ({type(e).__name__})")
