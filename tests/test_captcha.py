@@ -664,6 +664,10 @@ def test_export_onnx_reads_as_torch(trained, generated, tmp_path):
     assert meta["charset"] == model["charset"] and meta["image_size"] == list(model["image_size"])
     assert meta["calibration"] == model["calibration"] and "x: B,3,H,W" in meta["input"]
     assert {len(a["code"]) for a in answers} <= {4}
+    mod = load_script("captcha.py")   # serving, ONNX Runtime's waiting threads sleep; eval keeps them spinning
+    spinning = [mod.load_network(onnx, "cpu", serving=serving)[0].session.get_session_options()
+                .get_session_config_entry("session.intra_op.allow_spinning") for serving in (False, True)]
+    assert spinning == ["1", "0"]
 
 
 def test_serve(trained, generated, tmp_path):
