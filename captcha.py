@@ -276,9 +276,9 @@ class CaptchaNet(nn.Module):
         column = (torch.arange(w) + 0.5) / w                                       # place's x in (0, 1)
         centre = (torch.arange(length) + 0.5) / length
         prior = -0.5 * ((column[None, :] - centre[:, None]) * length * 1.5) ** 2    # L,w
-        self.prior = nn.Parameter(prior[:, None, :].expand(length, h, w).reshape(length, h * w).clone())
+        self.prior = nn.Parameter(prior.repeat(1, h))                              # L,N (places row by row)
         self.register_load_state_dict_pre_hook(   # a model saved before the prior existed reads with a flat one
-            lambda module, state, prefix, *_: state.setdefault(prefix + "prior", torch.zeros_like(self.prior)))
+            lambda module, state, prefix, *_: state.setdefault(prefix + "prior", torch.zeros_like(module.prior)))
         self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(c_in, n_classes))
 
     def forward(self, x):  # B,3,H,W -> B,length,n_classes
