@@ -309,6 +309,27 @@ def test_eval_hostile_images_and_same_names(faces, tmp_path):
         assert obj["error"].startswith("cannot read image: ") and words in obj["error"], obj
 
 
+def test_eval_large_and_faceless_photos(faces, tmp_path):
+    """A photo much larger than the letterbox is read through a copy reduced by an integer factor: a photo made of
+    3x3 blocks of one twice the letterbox gives that photo's boxes times 3, scored the same, and its annotated copy is
+    the smaller photo's size. A photo of one flat colour is a photo like any other (this one-epoch model is too weak
+    to promise no box there; benchmarks/faces_bench.py checks the trained model)."""
+    w, h = (2 * v for v in torch.load(faces.data / "model.pt", weights_only=True)["size"])
+    small = Image.open(faces.photos[0]).convert("RGB").resize((w, h))
+    small.save(tmp_path / "small.png")
+    small.resize((3 * w, 3 * h), Image.NEAREST).save(tmp_path / "large.png", compress_level=1)
+    Image.new("RGB", (640, 480), (120, 140, 160)).save(tmp_path / "flat.jpg")
+    proc = run(SCRIPT, "eval", *(tmp_path / n for n in ("small.png", "large.png", "flat.jpg")), "--data-dir", faces.data,
+               "--json", "--threshold", "0.05", "--output-dir", tmp_path / "out", "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    a, b, flat = (json.loads(line) for line in proc.stdout.splitlines())
+    assert a["boxes"] and len(b["boxes"]) == len(a["boxes"])
+    for p, q in zip(a["boxes"], b["boxes"]):
+        assert q["score"] == p["score"] and all(abs(q[k] - 3 * p[k]) <= 3 for k in "xywh"), (p, q)
+    assert Image.open(b["output"]).size == (w, h)
+    assert isinstance(flat["boxes"], list) and Image.open(flat["output"]).size == (640, 480)
+
+
 def test_eval_output_refusals(faces, tmp_path):
     """--output takes one image and needs an existing folder: one line, status 2, before the model loads."""
     line = assert_one_line_error(run_main(SCRIPT, "eval", *faces.photos, "--output", tmp_path / "x.png",
