@@ -3,7 +3,8 @@
 For each script (rcnn_faces.py, fast_rcnn_faces.py): `prepare` on the same photos (photos/s), `train`
 (seconds per epoch, photos/s), then `eval --json --threshold 0.05 --output-dir` on the validation photos
 of its split (s/photo without process start-up, which is measured separately), scored here from the JSON
-lines against the CSV boxes: AP@0.5 (VOC, all-point), recall and face-count RMSE at --count-threshold.
+lines against the CSV boxes: AP@0.5 and AP@0.3 (VOC, all-point), recall and face-count RMSE at --count-threshold,
+recall at IoU 0.5 by face width (every returned box).
 Both scripts split sorted photo names with the same seed, so they see the same validation photos.
 
     python benchmarks/faces_bench.py --photos 300 --epochs 2            # small run: prepare + train + eval
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from PIL import Image
 from torchvision.ops import box_iou
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,9 +39,30 @@ def run(script, *args, stdin=None):
     return proc, time.time() - t0
 
 
+WIDTHS = ((0, 20), (20, 40), (40, 80), (80, math.inf))   # face width bins (photo pixels) of the recall table
+
+
+def average_precision(ranked, n_true):
+    """VOC all-point AP from (score, hit) pairs over all photos."""
+    ranked = sorted(ranked, key=lambda r: -r[0])
+    tp = fp = 0
+    recall, precision = [0.0], [0.0]
+    for _, hit in ranked:
+        tp, fp = tp + hit, fp + (not hit)
+        recall.append(tp / max(n_true, 1))
+        precision.append(tp / (tp + fp))
+    recall.append(1.0)
+    precision.append(0.0)
+    for i in range(len(precision) - 2, -1, -1):
+        precision[i] = max(precision[i], precision[i + 1])
+    return sum((recall[i + 1] - recall[i]) * precision[i + 1] for i in range(len(recall) - 1))
+
+
 def scores(lines, truth, count_threshold):
-    """VOC AP@0.5 (all-point), recall and face-count RMSE at count_threshold, from eval --json lines."""
-    ranked, n_true, sq = [], 0, 0.0
+    """From eval --json lines: VOC AP at IoU 0.5 and 0.3 (all-point), recall and face-count RMSE at count_threshold,
+    and the recall at IoU 0.5 of every returned box by true face width (WIDTHS)."""
+    ranked, n_true, sq = {0.5: [], 0.3: []}, 0, 0.0
+    widths, found = [], []
     for line in lines:
         gt = truth[Path(line["image"]).name]
         n_true += len(gt)
@@ -48,28 +71,23 @@ def scores(lines, truth, count_threshold):
         conf = torch.tensor([b["score"] for b in line["boxes"]], dtype=torch.float32)
         sq += (int((conf >= count_threshold).sum()) - len(gt)) ** 2
         iou = box_iou(boxes, gt) if len(boxes) and len(gt) else torch.zeros(len(boxes), len(gt))
-        taken = torch.zeros(len(gt), dtype=torch.bool)
-        for k in conf.argsort(descending=True).tolist():
-            j = int(iou[k].argmax()) if len(gt) else -1
-            hit = bool(j >= 0 and iou[k, j] >= 0.5 and not taken[j])
-            if hit:
-                taken[j] = True
-            ranked.append((float(conf[k]), hit))
-    ranked.sort(key=lambda r: -r[0])
-    tp = fp = 0
-    recall, precision = [0.0], [0.0]
-    hits_above = 0
-    for s, hit in ranked:
-        tp, fp = tp + hit, fp + (not hit)
-        recall.append(tp / max(n_true, 1))
-        precision.append(tp / (tp + fp))
-        hits_above += hit and s >= count_threshold
-    recall.append(1.0)
-    precision.append(0.0)
-    for i in range(len(precision) - 2, -1, -1):
-        precision[i] = max(precision[i], precision[i + 1])
-    ap = sum((recall[i + 1] - recall[i]) * precision[i + 1] for i in range(len(recall) - 1))
-    return {"ap50": float(ap), "recall": hits_above / max(n_true, 1), "count_rmse": math.sqrt(sq / max(len(lines), 1))}
+        for level in ranked:
+            taken = torch.zeros(len(gt), dtype=torch.bool)
+            for k in conf.argsort(descending=True).tolist():
+                j = int(iou[k].argmax()) if len(gt) else -1
+                hit = bool(j >= 0 and iou[k, j] >= level and not taken[j])
+                if hit:
+                    taken[j] = True
+                ranked[level].append((float(conf[k]), hit))
+        widths += (gt[:, 2] - gt[:, 0]).tolist()
+        found += (iou.max(0).values >= 0.5).tolist() if len(boxes) else [False] * len(gt)
+    hits_above = sum(hit and s >= count_threshold for s, hit in ranked[0.5])
+    row = {"ap50": average_precision(ranked[0.5], n_true), "ap30": average_precision(ranked[0.3], n_true),
+           "recall": hits_above / max(n_true, 1), "count_rmse": math.sqrt(sq / max(len(lines), 1))}
+    for lo, hi in WIDTHS:
+        inside = [f for w, f in zip(widths, found) if lo <= w < hi]
+        row[f"recall@0.5 width {lo}-{hi:g} px ({len(inside)} faces)"] = sum(inside) / max(len(inside), 1)
+    return row
 
 
 def subset(args, work):
@@ -104,6 +122,7 @@ def bench(key, args, photos, csv_path, truth):
         history = pd.read_csv(Path(data) / "history.csv")
         n_train = len(json.loads((Path(data) / "meta.json").read_text())["splits"]["training"])
         row["train s/epoch (incl. validation)"] = history["seconds"].mean()
+        row["train minutes"] = history["seconds"].sum() / 60
         row["train photos/s (incl. validation)"] = n_train / history["seconds"].mean()
         speeds = re.findall(r"([\d.]+ (?:photo|crops)/s)", proc.stdout)
         row["training pass speed (last epoch)"] = speeds[-1] if speeds else "?"
@@ -118,7 +137,24 @@ def bench(key, args, photos, csv_path, truth):
     row["eval s/photo"] = (sec - startup) / max(len(images), 1)
     row["val photos"] = len(lines)
     row.update(scores(lines, truth, args.count_threshold))
+    proc, _ = run(script, "eval", "--data-dir", data, "--device", "cpu", "--json", "--output-dir",
+                  Path(args.work) / f"{key}_annotated", *faceless(Path(args.work) / "faceless"))
+    row["boxes on 3 faceless photos (default threshold)"] = sum(len(json.loads(line).get("boxes", [1]))
+                                                                for line in proc.stdout.splitlines())
     return row
+
+
+def faceless(folder):
+    """Three 612x408 photos without a face: one flat colour, a smooth gradient, a blurred random texture."""
+    folder.mkdir(parents=True, exist_ok=True)
+    gradient = torch.linspace(0, 255, 612).repeat(408, 1)
+    texture = torch.nn.functional.avg_pool2d(torch.rand(1, 3, 408, 612, generator=torch.Generator().manual_seed(0)) * 255,
+                                             9, 1, 4)[0].permute(1, 2, 0)
+    images = {"flat.png": torch.full((408, 612, 3), 128.0), "gradient.png": torch.stack([gradient] * 3, -1),
+              "texture.png": texture}
+    for name, pixels in images.items():
+        Image.fromarray(pixels.clamp(0, 255).byte().numpy()).save(folder / name)
+    return [folder / name for name in images]
 
 
 def main():
