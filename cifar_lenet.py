@@ -1036,6 +1036,7 @@ def grid_runs(args, parser):
 # ---- Ship and serve: ONNX export, ONNX Runtime, HTTP ----
 ONNX_OPSET = 18          # ONNX Runtime >= 1.14 runs it
 MAX_UPLOAD = 8 * 2**20   # serve: default --max-bytes of one request
+SERVE_OPTIONS = "SUITE_SERVE_OPTIONS"   # serve --workers N: the options, passed to each process in this variable
 
 
 def import_optional(module, package, purpose):
@@ -1068,6 +1069,7 @@ class OnnxNetwork:
         try:
             options = ort.SessionOptions()   # spin=False: waiting threads sleep, leaving the CPU to serve's others
             options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+            options.intra_op_num_threads = torch.get_num_threads()   # serve --workers shares the cores out
             self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
             self.info = json.loads(self.session.get_modelmeta().custom_metadata_map["suite"])
         except Exception as e:  # onnxruntime's own exception types: damaged file, not ONNX, no metadata
@@ -1216,11 +1218,31 @@ drop.addEventListener("drop", e => {{ e.preventDefault(); drop.classList.remove(
 
 def cmd_serve(args):
     """HTTP service: POST /predict (the image as the body or a multipart file field) -> eval's JSON; GET /health,
-    /info and / (a page to try it). Bad input is a JSON error with a 4xx status; Ctrl-C stops it cleanly."""
-    fastapi = import_optional("fastapi", "fastapi", "serve")
+    /info and / (a page to try it). Bad input is a JSON error with a 4xx status; Ctrl-C stops it cleanly.
+    --workers N: uvicorn runs N processes on one port, each building the app with serve_app()."""
     uvicorn = import_optional("uvicorn", "uvicorn", "serve")
+    app, path = serve_app(args)   # also with --workers: a bad model or option fails here, in one line
+    print(f"serving {path} on http://{args.host}:{args.port}/ "
+          f"({args.workers} process{'es' if args.workers > 1 else ''}; Ctrl-C stops)", flush=True)
+    if args.workers == 1:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+        return 0
+    os.environ[SERVE_OPTIONS] = json.dumps({k: v for k, v in vars(args).items() if k != "func"})
+    uvicorn.run(f"{SCRIPT}:serve_app", factory=True, app_dir=str(Path(__file__).resolve().parent),
+                workers=args.workers, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+def serve_app(args=None):
+    """The FastAPI app of serve, and the model's path. Called without args it is uvicorn's factory in each process
+    of --workers N: the options come from the parent, and the CPU's cores are shared among the processes."""
+    fastapi = import_optional("fastapi", "fastapi", "serve")
     import_optional("python_multipart", "python-multipart", "serve")   # fastapi reads multipart uploads with it
     responses = importlib.import_module("fastapi.responses")
+    factory = args is None
+    if factory:
+        args = argparse.Namespace(**json.loads(os.environ[SERVE_OPTIONS]))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.workers))
     path = args.model or Path(args.data_dir) / "model.pt"
     net, info, device = load_network(path, args.device, serving=True)
     batcher = Batcher(lambda images: predict(net, info, device, args, images), args.max_batch,
@@ -1239,7 +1261,7 @@ def cmd_serve(args):
 
     @app.get("/health")
     def health():
-        return {"status": "ok", "images": batcher.images, "batches": batcher.batches}
+        return {"status": "ok", "images": batcher.images, "batches": batcher.batches, "pid": os.getpid()}
 
     @app.get("/info")
     def model_info():
@@ -1291,9 +1313,7 @@ def cmd_serve(args):
             print(f"error: /predict failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
             return error(500, f"prediction failed ({type(e).__name__})")
 
-    print(f"serving {path} on http://{args.host}:{args.port}/ (Ctrl-C stops)", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
-    return 0
+    return app if factory else (app, path)
 
 
 def add_ship_commands(sub, common, serve_parents):
@@ -1313,6 +1333,8 @@ def add_ship_commands(sub, common, serve_parents):
     p.add_argument("--max-batch", type=positive_int, default=32, help="images of requests arriving together "
                    "that share one forward pass")
     p.add_argument("--max-wait-ms", type=nonneg_float, default=5, help="how long a batch waits for more requests")
+    p.add_argument("--workers", type=positive_int, default=1, help="server processes on the port, each with its "
+                   "own copy of the model and a share of the CPU's cores")
     p.set_defaults(func=cmd_serve)
 
 

@@ -14,6 +14,8 @@ import re
 import shutil
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -442,21 +444,31 @@ def test_prepare_label_file_not_utf8(names_dir, tmp_path):
 
 # ---- ship and serve ----
 def test_lenet_export_and_serve_onnx(lenet_trained, names_dir, tmp_path):
-    """export, eval of the .onnx (the .pt's answers), then serve of the .onnx: /info says so, /predict answers as
-    eval, by body and by multipart; Ctrl-C stops it cleanly."""
+    """export, eval of the .onnx (the .pt's answers), then serve of the .onnx in two processes (--workers 2): /info
+    says so, /predict answers as eval, by body and by multipart, from either process; Ctrl-C stops it cleanly."""
     data = lenet_trained[0]
     images = sorted((names_dir / "test").iterdir())[:24]
     onnx, answers = check_onnx(LENET, data / "model.pt", images, tmp_path)
     assert all(len(a["top"]) == 5 and {t["label"] for t in a["top"]} <= set(LABELS) for a in answers)
-    with serving(LENET, "--model", onnx, "--data-dir", data) as (url, proc):
+    with serving(LENET, "--model", onnx, "--data-dir", data, "--workers", 2) as (url, proc):
         status, info = http(url + "/info")
         assert status == 200 and info["format"] == "onnx" and info["labels"] == LABELS
         body = images[0].read_bytes()
         expected = {k: v for k, v in answers[0].items() if k != "image"}
         assert http(url + "/predict", body, {"Content-Type": "image/jpeg"}) == (200, expected)
         assert http(url + "/predict", *multipart("image", images[0].name, body)) == (200, expected)
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        workers = [pid for pid in children if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        assert len(workers) == 2
+        seen = set()
+        for _ in range(150):   # until both processes have answered (the second may still be loading the model)
+            seen |= {http(url + "/health")[1]["pid"] for _ in range(8)}
+            if len(seen) == 2:
+                break
+            time.sleep(0.2)
+        assert seen == set(map(int, workers))
     out, err = proc.communicate()
-    assert proc.returncode == 0 and "Traceback" not in err, err
+    assert proc.returncode == 0 and "Traceback" not in err and "2 processes" in out, err
 
 
 def test_resnet_export_onnx(resnet_trained, folders_dir, tmp_path):
