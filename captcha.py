@@ -545,6 +545,7 @@ def train(args, device, out_dir, tb_dir):
     rank = rank_and_world()[0]
     if main_process():
         out_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint = resume_path(args, out_dir)   # checked before any work
     seed_everything(args.seed + rank)   # DDP copies rank 0's initial weights to every process
     writer = open_tensorboard(tb_dir) if tb_dir else None
     x_train, y_train = (t.to(device) for t in read_split(data_dir, "training_set"))
@@ -575,28 +576,11 @@ def train(args, device, out_dir, tb_dir):
     dtype = amp_dtype(device, args.amp)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     history, best, bad_epochs, first_epoch = [], -1.0, 0, 1
-    ckpt_path, model_path = out_dir / "checkpoint.pt", out_dir / "model.pt"
-    if args.resume:
-        if not ckpt_path.exists():
-            raise UserError(f"{ckpt_path} not found: nothing to resume; train without --resume")
-        ckpt = load_model_file(ckpt_path, CHECKPOINT_KEYS)
-        try:
-            if ckpt["model_args"] != model_args:
-                raise UserError(f"{ckpt_path} was trained on other data ({ckpt['model_args']}, now {model_args}); "
-                                f"train without --resume")
-            model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            if ckpt.get("scaler"):
-                scaler.load_state_dict(ckpt["scaler"])
-            if ckpt["scheduler"]["total_steps"] == scheduler.total_steps:
-                scheduler.load_state_dict(ckpt["scheduler"])
-            else:  # --epochs or --batch-size changed: the same schedule shape over the new length, from here on
-                scheduler.last_epoch = ckpt["scheduler"]["last_epoch"]
-            history, best, bad_epochs = ckpt["history"], ckpt["best_score"], ckpt["bad_epochs"]
-            first_epoch = ckpt["epoch"] + 1
-        except (KeyError, TypeError, ValueError, RuntimeError) as e:  # a checkpoint.pt of another version
-            raise UserError(f"{ckpt_path}: does not fit this run ({type(e).__name__}); train without --resume")
-        print(f"resumed from {ckpt_path} after epoch {ckpt['epoch']} (best val exact-match {best:.2%})")
+    model_path = out_dir / "model.pt"
+    if checkpoint:
+        done, history, best, bad_epochs = resume_training(checkpoint, model_args, model, optimizer,
+                                                          scaler, scheduler)
+        first_epoch = done + 1
     generator = torch.Generator(device=device).manual_seed(args.seed + first_epoch + 7919 * rank)
     step_model = wrap_model(model, device, args.sync_bn)
     print(f"train {n_train} ({n_epoch} per epoch), validate {n_val} images of {tuple(meta['image_size'])}, "
@@ -631,18 +615,13 @@ def train(args, device, out_dir, tb_dir):
                         "seconds": round(seconds, 2), "images_per_s": round(n_epoch / train_seconds, 1)})
         if main_process():   # the epoch is saved before its line is printed
             log_epoch(writer, history[-1], model, args.histogram_every)
-            if improved:
-                atomic_torch_save({"script": SCRIPT, "model": model.state_dict(), "model_args": model_args,
-                                   "charset": meta["charset"], "length": meta["length"],
-                                   "image_size": meta["image_size"], "case_sensitive": meta["case_sensitive"],
-                                   "epoch": epoch, "val_acc": val_acc}, model_path)
-            atomic_torch_save({"script": SCRIPT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                               "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
-                               "history": history, "best_score": best, "bad_epochs": bad_epochs,
-                               "model_args": model_args,
-                               "config": {k: v for k, v in vars(args).items() if k not in ("func", "train_parser")}},
-                              ckpt_path)
-            save_history(out_dir, history, ["train_acc", "val_acc", "val_char_acc"])
+            best_model = {"model_args": model_args, "charset": meta["charset"], "length": meta["length"],
+                          "image_size": meta["image_size"], "case_sensitive": meta["case_sensitive"], "epoch": epoch,
+                          "val_acc": val_acc}
+            save_epoch(out_dir, args, model, optimizer, scheduler, scaler,
+                       {"epoch": epoch, "history": history, "best_score": best, "bad_epochs": bad_epochs,
+                        "model_args": model_args}, best_model if improved else None,
+                       ["train_acc", "val_acc", "val_char_acc"])
         print(f"epoch {epoch}/{args.epochs}  train loss {train_loss:.4f} acc {train_acc:.2%}  "
               f"val loss {val_loss:.4f} acc {val_acc:.2%} (chars {val_char:.2%})  lr {lr:.5f}  "
               f"{seconds:.1f}s  {n_epoch / train_seconds:.0f} img/s{'  *' if improved else ''}", flush=True)
@@ -1129,6 +1108,50 @@ def load_model_file(path, keys=None):
     if missing:
         raise UserError(f"{path}: incomplete, no {', '.join(missing)}; train again")
     return ckpt
+
+
+def resume_path(args, out_dir):
+    """train --resume: the checkpoint to resume, checked before any work (None without --resume)."""
+    path = out_dir / "checkpoint.pt"
+    if args.resume and not path.exists():
+        raise UserError(f"{path} not found: nothing to resume; train without --resume")
+    return path if args.resume else None
+
+
+def resume_training(path, model_args, model, optimizer, scaler, scheduler=None):
+    """train --resume: model, optimizer, scaler (and a step-wise scheduler, whose position is kept when --epochs or
+    --batch-size changed its length) from checkpoint.pt. Returns (epochs done, history, best score, bad epochs)."""
+    ckpt = load_model_file(path, CHECKPOINT_KEYS)
+    try:
+        if ckpt["model_args"] != model_args:
+            raise UserError(f"{path} was trained on other data or options ({ckpt['model_args']}, now {model_args}); "
+                            f"train without --resume")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        if scheduler is not None and ckpt["scheduler"].get("total_steps") == getattr(scheduler, "total_steps", None):
+            scheduler.load_state_dict(ckpt["scheduler"])
+        elif scheduler is not None:   # the same schedule shape over the new length, from here on
+            scheduler.last_epoch = ckpt["scheduler"]["last_epoch"]
+        done = ckpt["epoch"], ckpt["history"], ckpt["best_score"], ckpt["bad_epochs"]
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:  # a checkpoint of another version
+        raise UserError(f"{path}: does not fit this run ({type(e).__name__}); train without --resume")
+    print(f"resumed from {path} after epoch {done[0]} (best validation score {done[2]:.4g})", flush=True)
+    return done
+
+
+def save_epoch(out_dir, args, model, optimizer, scheduler, scaler, state, best_model=None, plot_keys=()):
+    """After each epoch, in the main process: model.pt when the score improved (best_model: what eval needs beside
+    the weights), checkpoint.pt (state: epoch, history, best_score, bad_epochs, model_args) and the history table
+    and plot. All written atomically, before the epoch's line is printed."""
+    if best_model is not None:
+        atomic_torch_save({"script": SCRIPT, "model": model.state_dict(), **best_model}, out_dir / "model.pt")
+    config = {k: v for k, v in vars(args).items() if k not in ("func", "train_parser")}
+    atomic_torch_save({"script": SCRIPT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                       "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), **state,
+                       "config": config}, out_dir / "checkpoint.pt")
+    save_history(out_dir, state["history"], plot_keys)
 
 
 # ---- Scale out and observe: torchrun, mixed precision, TensorBoard, runs.csv, --grid ----

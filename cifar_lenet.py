@@ -355,14 +355,9 @@ def train(args, device, out_dir, tb_dir):
     rank = rank_and_world()[0]
     if main_process():
         out_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint = resume_path(args, out_dir)   # checked before any work
     seed_everything(args.seed + rank)   # augmentation differs per process; DDP copies rank 0's initial weights
     writer = open_tensorboard(tb_dir) if tb_dir else None
-    ckpt = None
-    if args.resume:
-        path = out_dir / "checkpoint.pt"
-        if not path.exists():
-            raise UserError(f"{path} not found: nothing to resume; train without --resume")
-        ckpt = load_model_file(path, CHECKPOINT_KEYS)
     # The whole split lives on the device as uint8 (a 50k CIFAR split is 150 MB); batches are index slices.
     train_set, val, test = (tuple(t.to(device) for t in read_split(data_dir, name)) for name in SPLITS)
     labels, norm = meta["labels"], (meta["mean"], meta["std"])
@@ -377,29 +372,13 @@ def train(args, device, out_dir, tb_dir):
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
     history, best_score, bad_epochs, start = [], -1.0, 0, 1
-    if ckpt:
-        try:
-            if ckpt["model_args"] != model_args:
-                raise UserError(f"{out_dir / 'checkpoint.pt'} was trained on other data ({ckpt['model_args']}, now "
-                                f"{model_args}); train without --resume")
-            model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            if ckpt.get("scaler"):
-                scaler.load_state_dict(ckpt["scaler"])
-            if ckpt["scheduler"]["total_steps"] == scheduler.total_steps:
-                scheduler.load_state_dict(ckpt["scheduler"])
-            else:  # --epochs or --batch-size changed: the same schedule shape over the new length, from here on
-                scheduler.last_epoch = ckpt["scheduler"]["last_epoch"]
-            history, best_score, bad_epochs = ckpt["history"], ckpt["best_score"], ckpt["bad_epochs"]
-            start = ckpt["epoch"] + 1
-        except (KeyError, TypeError, ValueError, RuntimeError) as e:  # a checkpoint.pt of another version
-            raise UserError(f"{out_dir / 'checkpoint.pt'}: does not fit this run ({type(e).__name__}); train "
-                            f"without --resume")
-        print(f"resuming after epoch {ckpt['epoch']} (best val acc {best_score:.2%})")
+    if checkpoint:
+        done, history, best_score, bad_epochs = resume_training(checkpoint, model_args, model,
+                                                                optimizer, scaler, scheduler)
+        start = done + 1
     net = wrap_model(model, device, args.sync_bn)
     step_model = torch.compile(net) if args.compile else net
     eval_model = step_model if net is model else (torch.compile(model) if args.compile else model)
-    config = {k: v for k, v in vars(args).items() if k not in ("func", "train_parser")}
     print(f"{SCRIPT}: {len(train_set[1])} train / {len(val[1])} val / {len(test[1])} test images, "
           f"{sum(p.numel() for p in model.parameters()):,} parameters, precision {dtype or torch.float32}")
     if writer:
@@ -427,15 +406,11 @@ def train(args, device, out_dir, tb_dir):
                         "img_per_s": len(train_set[1]) / seconds})
         if main_process():   # the epoch is saved before its line is printed
             log_epoch(writer, history[-1], model, args.histogram_every)
-            if improved:
-                atomic_torch_save({"script": SCRIPT, "model": model.state_dict(), "model_args": model_args,
-                                   "labels": labels, "image_size": IMAGE_SIZE, "mean": norm[0], "std": norm[1],
-                                   "epoch": epoch, "val_acc": val_acc}, out_dir / "model.pt")
-            atomic_torch_save({"script": SCRIPT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                               "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
-                               "history": history, "best_score": best_score, "bad_epochs": bad_epochs,
-                               "model_args": model_args, "config": config}, out_dir / "checkpoint.pt")
-            save_history(out_dir, history, ["train_acc", "val_acc"])
+            best_model = {"model_args": model_args, "labels": labels, "image_size": IMAGE_SIZE, "mean": norm[0],
+                          "std": norm[1], "epoch": epoch, "val_acc": val_acc}
+            save_epoch(out_dir, args, model, optimizer, scheduler, scaler,
+                       {"epoch": epoch, "history": history, "best_score": best_score, "bad_epochs": bad_epochs,
+                        "model_args": model_args}, best_model if improved else None, ["train_acc", "val_acc"])
         print(f"epoch {epoch}/{args.epochs}  train loss {train_loss:.3f} acc {train_acc:.2%}  "
               f"val loss {val_loss:.3f} acc {val_acc:.2%}  lr {lr:.5f}  {seconds:.1f}s  "
               f"{len(train_set[1]) / seconds:.0f} img/s{'  *' if improved else ''}", flush=True)
@@ -849,6 +824,50 @@ def load_model_file(path, keys=None):
     if missing:
         raise UserError(f"{path}: incomplete, no {', '.join(missing)}; train again")
     return ckpt
+
+
+def resume_path(args, out_dir):
+    """train --resume: the checkpoint to resume, checked before any work (None without --resume)."""
+    path = out_dir / "checkpoint.pt"
+    if args.resume and not path.exists():
+        raise UserError(f"{path} not found: nothing to resume; train without --resume")
+    return path if args.resume else None
+
+
+def resume_training(path, model_args, model, optimizer, scaler, scheduler=None):
+    """train --resume: model, optimizer, scaler (and a step-wise scheduler, whose position is kept when --epochs or
+    --batch-size changed its length) from checkpoint.pt. Returns (epochs done, history, best score, bad epochs)."""
+    ckpt = load_model_file(path, CHECKPOINT_KEYS)
+    try:
+        if ckpt["model_args"] != model_args:
+            raise UserError(f"{path} was trained on other data or options ({ckpt['model_args']}, now {model_args}); "
+                            f"train without --resume")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        if scheduler is not None and ckpt["scheduler"].get("total_steps") == getattr(scheduler, "total_steps", None):
+            scheduler.load_state_dict(ckpt["scheduler"])
+        elif scheduler is not None:   # the same schedule shape over the new length, from here on
+            scheduler.last_epoch = ckpt["scheduler"]["last_epoch"]
+        done = ckpt["epoch"], ckpt["history"], ckpt["best_score"], ckpt["bad_epochs"]
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:  # a checkpoint of another version
+        raise UserError(f"{path}: does not fit this run ({type(e).__name__}); train without --resume")
+    print(f"resumed from {path} after epoch {done[0]} (best validation score {done[2]:.4g})", flush=True)
+    return done
+
+
+def save_epoch(out_dir, args, model, optimizer, scheduler, scaler, state, best_model=None, plot_keys=()):
+    """After each epoch, in the main process: model.pt when the score improved (best_model: what eval needs beside
+    the weights), checkpoint.pt (state: epoch, history, best_score, bad_epochs, model_args) and the history table
+    and plot. All written atomically, before the epoch's line is printed."""
+    if best_model is not None:
+        atomic_torch_save({"script": SCRIPT, "model": model.state_dict(), **best_model}, out_dir / "model.pt")
+    config = {k: v for k, v in vars(args).items() if k not in ("func", "train_parser")}
+    atomic_torch_save({"script": SCRIPT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                       "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), **state,
+                       "config": config}, out_dir / "checkpoint.pt")
+    save_history(out_dir, state["history"], plot_keys)
 
 
 # ---- Scale out and observe: torchrun, mixed precision, TensorBoard, runs.csv, --grid ----

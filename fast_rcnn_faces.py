@@ -604,12 +604,6 @@ def cmd_prepare(args):
     return 0
 
 
-def model_file(model, args, meta, score):
-    return {"script": SCRIPT, "model": model.state_dict(), "model_args": {"width": args.width},
-            "size": meta["size"], "ss_side": meta["ss_side"], "proposals": meta["proposals"],
-            "mean": list(MEAN), "std": list(STD), "val_ap50": score}
-
-
 def train(args, device, out_dir, tb_dir):
     """One training run on DATA_DIR's prepared photos; model, checkpoint and history go to out_dir."""
     data_dir = Path(args.data_dir)
@@ -617,35 +611,24 @@ def train(args, device, out_dir, tb_dir):
     rank = rank_and_world()[0]
     if main_process():
         out_dir.mkdir(parents=True, exist_ok=True)
-    if args.resume and not (out_dir / "checkpoint.pt").exists():
-        raise UserError(f"{out_dir / 'checkpoint.pt'} not found; train without --resume first")
+    checkpoint = resume_path(args, out_dir)   # checked before any work
     writer = open_tensorboard(tb_dir) if tb_dir else None
     seed_everything(args.seed)
     size = meta["size"]
     train, val = load_prepared(data_dir, "training_set", size), load_prepared(data_dir, "validating_set", size)
-    model = build_model({"width": args.width}).to(device)
+    model_args = {"width": args.width}
+    if checkpoint:   # the network of the run being resumed, whatever --width says now
+        model_args = load_model_file(checkpoint, CHECKPOINT_KEYS)["model_args"]
+    model = build_model(model_args).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
     dtype = amp_dtype(device, args.amp)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     start, history, best, bad = 0, [], -1.0, 0
-    if args.resume:
-        ckpt = load_model_file(out_dir / "checkpoint.pt", CHECKPOINT_KEYS)
-        try:
-            model = build_model(ckpt["model_args"]).to(device)
-            model.load_state_dict(ckpt["model"])
-            optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
-            optimizer.load_state_dict(ckpt["optimizer"])
-            if ckpt.get("scaler"):
-                scaler.load_state_dict(ckpt["scaler"])
-        except (KeyError, TypeError, ValueError, RuntimeError) as e:  # a checkpoint.pt of another version
-            raise UserError(f"{out_dir / 'checkpoint.pt'}: does not fit this run ({type(e).__name__}); train "
-                            f"without --resume")
-        start, history, best, bad = ckpt["epoch"], ckpt["history"], ckpt["best_score"], ckpt["bad_epochs"]
-        print(f"resuming after epoch {start}", file=sys.stderr)
+    if checkpoint:
+        start, history, best, bad = resume_training(checkpoint, model_args, model, optimizer, scaler)
     scheduler = cosine_schedule(optimizer, args.epochs, start)
     step_model = wrap_model(model, device, args.sync_bn)
     generator = torch.Generator().manual_seed(args.seed + start + 7919 * rank)   # RoI samples and flips
-    config = {k: v for k, v in vars(args).items() if k not in ("func", "train_parser")}
     print(f"{len(train[0])} training / {len(val[0])} validation photos, precision {dtype or torch.float32}")
     if writer:
         writer.add_images("inputs", train[0][:8], 0)
@@ -677,13 +660,12 @@ def train(args, device, out_dir, tb_dir):
                         "photos_per_s": len(train[0]) / train_s})
         if main_process():   # the epoch is saved before its line is printed
             log_epoch(writer, history[-1], model, args.histogram_every)
-            if improved:
-                atomic_torch_save(model_file(model, args, meta, best), out_dir / "model.pt")
-            atomic_torch_save({"script": SCRIPT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                               "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
-                               "history": history, "best_score": best, "bad_epochs": bad,
-                               "model_args": {"width": args.width}, "config": config}, out_dir / "checkpoint.pt")
-            save_history(out_dir, history, ["train_loss", "val_loss", "val_bacc", "val_ap50"])
+            best_model = {"model_args": model_args, "size": meta["size"], "ss_side": meta["ss_side"],
+                          "proposals": meta["proposals"], "mean": list(MEAN), "std": list(STD), "val_ap50": best}
+            save_epoch(out_dir, args, model, optimizer, scheduler, scaler,
+                       {"epoch": epoch, "history": history, "best_score": best, "bad_epochs": bad,
+                        "model_args": model_args}, best_model if improved else None,
+                       ["train_loss", "val_loss", "val_bacc", "val_ap50"])
         print(f"epoch {epoch}/{args.epochs}  train loss {tr['loss']:.3f} bacc {tr['bacc']:.2%} offset {tr['offset']:.3f}"
               f"  val loss {va['loss']:.3f} bacc {va['bacc']:.2%} offset {va['offset']:.3f} AP50 {ap50:.3f}"
               f"  lr {history[-1]['lr']:.5f}  {time.time() - t0:.1f}s  {len(train[0]) / train_s:.1f} photo/s"
@@ -1231,6 +1213,50 @@ def load_model_file(path, keys=None):
     if missing:
         raise UserError(f"{path}: incomplete, no {', '.join(missing)}; train again")
     return ckpt
+
+
+def resume_path(args, out_dir):
+    """train --resume: the checkpoint to resume, checked before any work (None without --resume)."""
+    path = out_dir / "checkpoint.pt"
+    if args.resume and not path.exists():
+        raise UserError(f"{path} not found: nothing to resume; train without --resume")
+    return path if args.resume else None
+
+
+def resume_training(path, model_args, model, optimizer, scaler, scheduler=None):
+    """train --resume: model, optimizer, scaler (and a step-wise scheduler, whose position is kept when --epochs or
+    --batch-size changed its length) from checkpoint.pt. Returns (epochs done, history, best score, bad epochs)."""
+    ckpt = load_model_file(path, CHECKPOINT_KEYS)
+    try:
+        if ckpt["model_args"] != model_args:
+            raise UserError(f"{path} was trained on other data or options ({ckpt['model_args']}, now {model_args}); "
+                            f"train without --resume")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        if scheduler is not None and ckpt["scheduler"].get("total_steps") == getattr(scheduler, "total_steps", None):
+            scheduler.load_state_dict(ckpt["scheduler"])
+        elif scheduler is not None:   # the same schedule shape over the new length, from here on
+            scheduler.last_epoch = ckpt["scheduler"]["last_epoch"]
+        done = ckpt["epoch"], ckpt["history"], ckpt["best_score"], ckpt["bad_epochs"]
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:  # a checkpoint of another version
+        raise UserError(f"{path}: does not fit this run ({type(e).__name__}); train without --resume")
+    print(f"resumed from {path} after epoch {done[0]} (best validation score {done[2]:.4g})", flush=True)
+    return done
+
+
+def save_epoch(out_dir, args, model, optimizer, scheduler, scaler, state, best_model=None, plot_keys=()):
+    """After each epoch, in the main process: model.pt when the score improved (best_model: what eval needs beside
+    the weights), checkpoint.pt (state: epoch, history, best_score, bad_epochs, model_args) and the history table
+    and plot. All written atomically, before the epoch's line is printed."""
+    if best_model is not None:
+        atomic_torch_save({"script": SCRIPT, "model": model.state_dict(), **best_model}, out_dir / "model.pt")
+    config = {k: v for k, v in vars(args).items() if k not in ("func", "train_parser")}
+    atomic_torch_save({"script": SCRIPT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                       "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), **state,
+                       "config": config}, out_dir / "checkpoint.pt")
+    save_history(out_dir, state["history"], plot_keys)
 
 
 # ---- Scale out and observe: torchrun, mixed precision, TensorBoard, runs.csv, --grid ----

@@ -502,40 +502,29 @@ def train(args, device, out_dir, tb_dir):
     rank, world = rank_and_world()
     if main_process():
         out_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint = resume_path(args, out_dir)   # checked before any work
     writer = open_tensorboard(tb_dir) if tb_dir else None
-    ckpt_path = out_dir / "checkpoint.pt"
-    if args.resume and not ckpt_path.exists():
-        raise UserError(f"{ckpt_path} not found; train without --resume first")
     x_train, y_train, *_ = read_split(data_dir, "training_set")
     x_val, y_val, *_ = read_split(data_dir, "validating_set")
     if not len(y_train) or not len(y_val):
         raise UserError(f"{data_dir}: too few photos for training and validation crops; prepare more photos")
     model_args = {"width": args.width, "crop_size": meta["options"]["crop_size"]}
-    start_epoch, history, best, bad_epochs = 0, [], -1.0, 0
-    if args.resume:
-        state = load_model_file(ckpt_path, CHECKPOINT_KEYS)
-        model_args = state["model_args"]
+    if checkpoint:   # the network of the run being resumed, whatever --width says now
+        model_args = load_model_file(checkpoint, CHECKPOINT_KEYS)["model_args"]
     model = build_model(model_args).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     dtype = amp_dtype(device, args.amp)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    if args.resume:
-        try:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            if state.get("scaler"):
-                scaler.load_state_dict(state["scaler"])
-        except (KeyError, TypeError, ValueError, RuntimeError) as e:  # a checkpoint.pt of another version
-            raise UserError(f"{ckpt_path}: does not fit this run ({type(e).__name__}); train without --resume")
-        start_epoch, history, best, bad_epochs = state["epoch"], state["history"], state["best_score"], state["bad_epochs"]
-        print(f"resumed after epoch {start_epoch}, best val balanced acc {best:.2%}")
+    start_epoch, history, best, bad_epochs = 0, [], -1.0, 0
+    if checkpoint:
+        start_epoch, history, best, bad_epochs = resume_training(checkpoint, model_args, model,
+                                                                 optimizer, scaler)
     scheduler = cosine_schedule(optimizer, args.epochs, start_epoch)
     step_model = wrap_model(model, device, args.sync_bn)
     print(f"{len(y_train)} training crops ({int(y_train.sum())} faces), {len(y_val)} validation crops, "
           f"precision {dtype or torch.float32}")
     if writer:
         writer.add_images("inputs", x_train[:32], 0)
-    config = {k: v for k, v in vars(args).items() if k not in ("func", "train_parser")}
     val_batches = list(shard(torch.arange(len(y_val))).split(args.batch_size))
     for epoch in range(start_epoch, args.epochs):
         if bad_epochs >= args.patience:
@@ -558,16 +547,12 @@ def train(args, device, out_dir, tb_dir):
                         "crops_per_s": speed * world})
         if main_process():   # the epoch is saved before its line is printed
             log_epoch(writer, history[-1], model, args.histogram_every)
-            if improved:
-                atomic_torch_save({"script": SCRIPT, "model": model.state_dict(), "model_args": model_args,
-                                   "crop_size": model_args["crop_size"], "mean": list(MEAN), "std": list(STD),
-                                   "search_side": meta["options"]["search_side"], "epoch": epoch + 1,
-                                   "val_bacc": val_acc}, out_dir / "model.pt")
-            atomic_torch_save({"script": SCRIPT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                               "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch + 1,
-                               "history": history, "best_score": best, "bad_epochs": bad_epochs,
-                               "model_args": model_args, "config": config}, ckpt_path)
-            save_history(out_dir, history, ["train_bacc", "val_bacc"])
+            best_model = {"model_args": model_args, "crop_size": model_args["crop_size"], "mean": list(MEAN),
+                          "std": list(STD), "search_side": meta["options"]["search_side"], "epoch": epoch + 1,
+                          "val_bacc": val_acc}
+            save_epoch(out_dir, args, model, optimizer, scheduler, scaler,
+                       {"epoch": epoch + 1, "history": history, "best_score": best, "bad_epochs": bad_epochs,
+                        "model_args": model_args}, best_model if improved else None, ["train_bacc", "val_bacc"])
         print(f"epoch {epoch + 1}/{args.epochs}  train loss {train_loss:.4f} bacc {train_acc:.2%}  "
               f"val loss {val_loss:.4f} bacc {val_acc:.2%}  lr {lr:.5f}  {time.time() - t0:.1f}s  "
               f"{speed * world:.0f} crops/s{'  *' if improved else ''}", flush=True)
@@ -1088,6 +1073,50 @@ def load_model_file(path, keys=None):
     if missing:
         raise UserError(f"{path}: incomplete, no {', '.join(missing)}; train again")
     return ckpt
+
+
+def resume_path(args, out_dir):
+    """train --resume: the checkpoint to resume, checked before any work (None without --resume)."""
+    path = out_dir / "checkpoint.pt"
+    if args.resume and not path.exists():
+        raise UserError(f"{path} not found: nothing to resume; train without --resume")
+    return path if args.resume else None
+
+
+def resume_training(path, model_args, model, optimizer, scaler, scheduler=None):
+    """train --resume: model, optimizer, scaler (and a step-wise scheduler, whose position is kept when --epochs or
+    --batch-size changed its length) from checkpoint.pt. Returns (epochs done, history, best score, bad epochs)."""
+    ckpt = load_model_file(path, CHECKPOINT_KEYS)
+    try:
+        if ckpt["model_args"] != model_args:
+            raise UserError(f"{path} was trained on other data or options ({ckpt['model_args']}, now {model_args}); "
+                            f"train without --resume")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        if scheduler is not None and ckpt["scheduler"].get("total_steps") == getattr(scheduler, "total_steps", None):
+            scheduler.load_state_dict(ckpt["scheduler"])
+        elif scheduler is not None:   # the same schedule shape over the new length, from here on
+            scheduler.last_epoch = ckpt["scheduler"]["last_epoch"]
+        done = ckpt["epoch"], ckpt["history"], ckpt["best_score"], ckpt["bad_epochs"]
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:  # a checkpoint of another version
+        raise UserError(f"{path}: does not fit this run ({type(e).__name__}); train without --resume")
+    print(f"resumed from {path} after epoch {done[0]} (best validation score {done[2]:.4g})", flush=True)
+    return done
+
+
+def save_epoch(out_dir, args, model, optimizer, scheduler, scaler, state, best_model=None, plot_keys=()):
+    """After each epoch, in the main process: model.pt when the score improved (best_model: what eval needs beside
+    the weights), checkpoint.pt (state: epoch, history, best_score, bad_epochs, model_args) and the history table
+    and plot. All written atomically, before the epoch's line is printed."""
+    if best_model is not None:
+        atomic_torch_save({"script": SCRIPT, "model": model.state_dict(), **best_model}, out_dir / "model.pt")
+    config = {k: v for k, v in vars(args).items() if k not in ("func", "train_parser")}
+    atomic_torch_save({"script": SCRIPT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                       "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), **state,
+                       "config": config}, out_dir / "checkpoint.pt")
+    save_history(out_dir, state["history"], plot_keys)
 
 
 # ---- Scale out and observe: torchrun, mixed precision, TensorBoard, runs.csv, --grid ----

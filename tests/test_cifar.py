@@ -221,7 +221,7 @@ def test_train_lenet_writes_everything(lenet_trained):
 
 def test_resume_continues(lenet_trained):
     data, _, resumed, _ = lenet_trained
-    assert "resuming after epoch 2" in resumed.stdout
+    assert "resumed from" in resumed.stdout and "checkpoint.pt after epoch 2 (" in resumed.stdout
     assert re.search(r"^epoch 3/3 ", resumed.stdout, re.M) and not re.search(r"^epoch [12]/", resumed.stdout, re.M)
     assert len((data / "history.csv").read_text().splitlines()) == 4
     ckpt = torch.load(data / "checkpoint.pt", weights_only=True)

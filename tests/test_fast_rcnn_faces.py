@@ -207,7 +207,7 @@ def test_resume(faces, tmp_path):
     shutil.copytree(faces.data, data)
     proc = run(SCRIPT, "train", "--data-dir", data, "--epochs", 2, "--device", "cpu", "--resume", "--batch-size", 4)
     assert proc.returncode == 0, proc.stderr
-    assert "resuming after epoch 1" in proc.stderr and "epoch 2/2  train loss" in proc.stdout
+    assert "checkpoint.pt after epoch 1 (" in proc.stdout and "epoch 2/2  train loss" in proc.stdout
     before, after = (list(csv.DictReader((d / "history.csv").open())) for d in (faces.data, data))
     assert len(after) == 2 and after[0] == before[0]
     assert float(after[1]["lr"]) == pytest.approx(float(before[0]["lr"]) / 2)

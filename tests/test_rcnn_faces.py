@@ -136,7 +136,7 @@ def test_train_one_epoch_and_resume(trained):
     before = list(csv.DictReader((data / "history.csv").open()))
     proc = run(SCRIPT, "train", "--data-dir", data, "--epochs", 2, "--batch-size", 64, "--resume", "--device", "cpu")
     assert proc.returncode == 0, proc.stderr
-    assert "resumed after epoch 1" in proc.stdout and re.search(r"^epoch 2/2 ", proc.stdout, re.M)
+    assert "checkpoint.pt after epoch 1 (" in proc.stdout and re.search(r"^epoch 2/2 ", proc.stdout, re.M)
     after = list(csv.DictReader((data / "history.csv").open()))
     assert len(after) == 2 and after[0] == before[0]
     # the resumed epoch trains: the cosine over the new --epochs puts it at half the peak lr (not at the old end, 0)
