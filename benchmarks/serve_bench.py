@@ -1,16 +1,20 @@
-"""Ship and serve: torch vs ONNX Runtime per image, and `serve` under load, for captcha.py and cifar_lenet.py.
+"""Ship and serve: torch vs ONNX Runtime per image for all five scripts, `serve` under load for two of them.
 
 Usage:
     python benchmarks/serve_bench.py [--workdir benchmarks/out/serve] [--seconds 8] [--clients 1,8,32]
 
 It makes its own small models first (their accuracy does not matter here, only their size and speed):
-captcha.py on 400 generated captchas, cifar_lenet.py on 600 images of ../shared/datasets/cifar10, one epoch
-each, then `export` of both.
+captcha.py on 400 generated captchas, cifar_lenet.py and cifar_resnet.py on 600 images of
+../shared/datasets/cifar10, rcnn_faces.py and fast_rcnn_faces.py on 12 photos of ../shared/datasets/faces,
+one epoch each, then `export` of each.
 1. Inference, in this process: milliseconds per image of the network alone (torch, then the exported model
-   in ONNX Runtime) at batch 1 and batch 64, median of repeated runs, and the model files' sizes.
-2. Load: `serve` of model.pt and of model.onnx in a subprocess on 127.0.0.1; N clients (threads, one
-   connection each) post images back to back for --seconds (at most --max-requests each): requests/s, p50 and
-   p99 latency. The same with `--max-batch 1` (one image per forward pass) shows what batching brings.
+   in ONNX Runtime) at batch 1 and batch 64, median of repeated runs, and the model files' sizes. The unit is
+   an image for captcha.py and the CIFAR scripts, a 32x32 region crop for rcnn_faces.py (eval scores up to
+   2,000 per photo), a letterboxed photo with FAST_ROIS proposals for fast_rcnn_faces.py (batch 1 and 8).
+2. Load: `serve` of model.pt and of model.onnx of captcha.py and cifar_lenet.py in a subprocess on 127.0.0.1;
+   N clients (threads, one connection each) post images back to back for --seconds (at most --max-requests
+   each): requests/s, p50 and p99 latency. The same with `--max-batch 1` (one image per forward pass) shows
+   what batching brings, and with `--workers 2` what a second server process brings.
 Prints a table and writes WORKDIR/serve_bench.json. Clients only ever connect to 127.0.0.1.
 """
 import argparse
@@ -34,6 +38,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR = ROOT.parent / "shared" / "datasets" / "cifar10"
+FACES = ROOT.parent / "shared" / "datasets" / "faces"
+FAST_ROIS = 3000   # proposals of one photo at eval: ~2,700 dense windows + up to 300 selective-search regions
+SERVED = ("captcha.py", "cifar_lenet.py")
 
 
 def sh(*args):
@@ -59,18 +66,50 @@ def make_models(work):
         sh("captcha.py", "prepare", "--image-dir", captcha / "images", "--data-dir", captcha / "data")
         sh("captcha.py", "train", "--data-dir", captcha / "data", "--epochs", 1, "--epoch-size", 400, "--device", "cpu")
         sh("captcha.py", "export", "--data-dir", captcha / "data")
-    lenet = work / "lenet"
-    if not (lenet / "data/model.onnx").exists():
-        shutil.rmtree(lenet, ignore_errors=True)
-        (lenet / "images/train").mkdir(parents=True)
-        shutil.copy(CIFAR / "labels.txt", lenet / "images/labels.txt")
+    models = {"captcha.py": (captcha / "data", sorted((captcha / "images").iterdir())[:64])}
+    cifar = work / "cifar"
+    if not (cifar / "labels.txt").exists():
+        shutil.rmtree(cifar, ignore_errors=True)
+        (cifar / "train").mkdir(parents=True)
         for path in sorted((CIFAR / "train").iterdir())[:600]:
-            (lenet / "images/train" / path.name).symlink_to(path)
-        sh("cifar_lenet.py", "prepare", "--image-dir", lenet / "images", "--data-dir", lenet / "data")
-        sh("cifar_lenet.py", "train", "--data-dir", lenet / "data", "--epochs", 1, "--device", "cpu")
-        sh("cifar_lenet.py", "export", "--data-dir", lenet / "data")
-    return {"captcha.py": (captcha / "data", sorted((captcha / "images").iterdir())[:64]),
-            "cifar_lenet.py": (lenet / "data", sorted((lenet / "images/train").iterdir())[:64])}
+            (cifar / "train" / path.name).symlink_to(path)
+        shutil.copy(CIFAR / "labels.txt", cifar / "labels.txt")
+    for script in ("cifar_lenet.py", "cifar_resnet.py"):
+        data = work / Path(script).stem
+        if not (data / "model.onnx").exists():
+            shutil.rmtree(data, ignore_errors=True)
+            sh(script, "prepare", "--image-dir", cifar, "--data-dir", data)
+            sh(script, "train", "--data-dir", data, "--epochs", 1, "--device", "cpu")
+            sh(script, "export", "--data-dir", data)
+        models[script] = (data, sorted((cifar / "train").iterdir())[:64])
+    faces = work / "faces.csv"
+    if not faces.exists():
+        rows = (FACES / "bbox_train.csv").read_text().splitlines()
+        names = sorted({r.split(",")[0] for r in rows[1:]})[:12]
+        faces.write_text("\n".join([rows[0]] + [r for r in rows[1:] if r.split(",")[0] in names]) + "\n")
+    for script in ("rcnn_faces.py", "fast_rcnn_faces.py"):
+        data = work / Path(script).stem
+        if not (data / "model.onnx").exists():
+            shutil.rmtree(data, ignore_errors=True)
+            sh(script, "prepare", "--image-dir", FACES / "image_data", "--csv", faces, "--data-dir", data)
+            sh(script, "train", "--data-dir", data, "--epochs", 1, "--device", "cpu")
+            sh(script, "export", "--data-dir", data)
+        models[script] = (data, None)
+    return models
+
+
+def random_inputs(module, info, batch):
+    """Inputs of the network for `batch` images (crops, photos) from export's example, random pixels; for the
+    Fast R-CNN network, FAST_ROIS random proposals per photo."""
+    example = module.export_example(info)[0]
+    x = torch.randn(batch, *example[0].shape[1:])
+    if len(example) == 1:
+        return (x,)
+    h, w = x.shape[2:]
+    xy = torch.rand(batch * FAST_ROIS, 2) * torch.tensor([w * 0.8, h * 0.8])
+    size = 8 + torch.rand(batch * FAST_ROIS, 1) * min(w, h) * 0.4
+    index = torch.arange(batch).repeat_interleave(FAST_ROIS)[:, None].float()
+    return x, torch.cat([index, xy, xy + size], 1)
 
 
 def inference_ms(script, data, images, repeats):
@@ -79,18 +118,25 @@ def inference_ms(script, data, images, repeats):
     rows = []
     for name in ("model.pt", "model.onnx"):
         net, info, device = module.load_network(data / name, "cpu")
-        pils = [module.load_image(p) for p in images]
-        for batch in (1, 64):
+        pils = [module.load_image(p) for p in images or []]
+        for batch in (1, 8 if script == "fast_rcnn_faces.py" else 64):
             if script == "captcha.py":
-                x = module.preprocess(torch.stack([module.to_input(img, tuple(info["image_size"])) for img in pils[:batch]]))
+                x = (module.preprocess(torch.stack([module.to_input(img, tuple(info["image_size"]))
+                                                    for img in pils[:batch]])),)
+            elif script.startswith("cifar"):
+                x = (module.preprocess(torch.stack([module.to_input(img) for img in pils[:batch]]), info["mean"],
+                                       info["std"]),)
             else:
-                x = module.preprocess(torch.stack([module.to_input(img) for img in pils[:batch]]), info["mean"], info["std"])
+                x = random_inputs(module, info, batch)
             times = []
+            runs = repeats if batch == 1 else max(3, repeats // 8)
+            if script == "fast_rcnn_faces.py" or script == "cifar_resnet.py":
+                runs = max(3, runs // 10)
             with torch.no_grad():
-                net(x)  # warm-up
-                for _ in range(repeats if batch == 1 else max(3, repeats // 8)):
+                net(*x)  # warm-up
+                for _ in range(runs):
                     t0 = time.perf_counter()
-                    net(x)
+                    net(*x)
                     times.append(time.perf_counter() - t0)
             rows.append({"script": script, "model": name, "batch": batch,
                          "ms_per_image": round(1000 * statistics.median(times) / batch, 3),
@@ -110,15 +156,20 @@ def server(script, model, *args):
     proc = subprocess.Popen([sys.executable, str(ROOT / script), "serve", "--model", str(model), "--port", str(port),
                              "--device", "cpu", *map(str, args)], cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
+    workers = int(args[list(args).index("--workers") + 1]) if "--workers" in args else 1
     try:
-        for _ in range(600):
+        pids = set()
+        for _ in range(600):   # until every server process has answered
             if proc.poll() is not None:
                 sys.exit(f"serve failed: {proc.stderr.read()[-2000:]}")
             with contextlib.suppress(OSError):
                 conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
                 conn.request("GET", "/health")
-                if conn.getresponse().status == 200:
-                    break
+                response = conn.getresponse()
+                if response.status == 200:
+                    pids.add(json.loads(response.read())["pid"])
+                    if len(pids) == workers:
+                        break
             time.sleep(0.1)
         yield port
     finally:
@@ -177,17 +228,19 @@ def main():
               if Path("/proc/cpuinfo").exists() else [], "inference": [], "serve": []}
     for script, (data, images) in models.items():
         result["inference"] += inference_ms(script, data, images, args.repeats)
-    print(f"{'script':<16}{'model':<12}{'batch':>6}{'ms/image':>10}{'file MB':>9}")
+    print(f"{'script':<20}{'model':<12}{'batch':>6}{'ms/image':>10}{'file MB':>9}")
     for r in result["inference"]:
-        print(f"{r['script']:<16}{r['model']:<12}{r['batch']:>6}{r['ms_per_image']:>10.3f}{r['file_mb']:>9.2f}")
+        print(f"{r['script']:<20}{r['model']:<12}{r['batch']:>6}{r['ms_per_image']:>10.3f}{r['file_mb']:>9.2f}")
     print(f"\n{'script':<16}{'model':<12}{'options':<14}{'clients':>8}{'req/s':>8}{'p50 ms':>8}{'p99 ms':>8}{'errors':>7}")
     for script, (data, images) in models.items():
+        if script not in SERVED:
+            continue
         bodies = [p.read_bytes() for p in images]
         for name in ("model.pt", "model.onnx"):
-            for options in ([], ["--max-batch", "1"]):
+            for options in ([], ["--max-batch", "1"], ["--workers", "2"]):
                 with server(script, data / name, *options) as port:
                     load(port, bodies, 4, 1, 20)   # warm-up
-                    for c in clients if not options else clients[-1:]:
+                    for c in clients if not options else clients[-2:] if "--workers" in options else clients[-1:]:
                         rps, p50, p99, errors = load(port, bodies, c, args.seconds, args.max_requests)
                         row = {"script": script, "model": name, "options": " ".join(options), "clients": c,
                                "requests_per_s": rps, "p50_ms": p50, "p99_ms": p99, "errors": errors}
