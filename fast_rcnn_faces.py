@@ -442,8 +442,8 @@ def detect(model, images, props, sizes, device, nms_iou, regress=True, calibrati
             logits, offsets = model(x, rois)
         log_odds, rois = (logits[:, 1] - logits[:, 0]).float().cpu(), rois.cpu()
         boxes = decode_offsets(offsets.float().cpu(), rois[:, 1:]) if regress else rois[:, 1:]
-        again = torch.where(torch.sigmoid(calibration[0] * log_odds + calibration[1]) >= FLIP_MIN)[0]
-        if flip and len(again):   # the rest is background in any view: not worth a second look
+        again = torch.where(torch.sigmoid(calibration[0] * log_odds + calibration[1]) >= FLIP_MIN)[0] if flip else []
+        if len(again):   # the rest is background in any view: not worth a second look
             mirrored = torch.cat([rois[again, :1], flip_boxes(rois[again, 1:], size[0])], 1)
             with autocast(device, amp_dtype(device, amp)):
                 logits, offsets = model(x.flip(-1), mirrored.to(device))
