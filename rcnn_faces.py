@@ -1487,7 +1487,7 @@ drop.addEventListener("drop", e => {{ e.preventDefault(); drop.classList.remove(
 def cmd_serve(args):
     """HTTP service: POST /predict (the image as the body or a multipart file field) -> eval's JSON; GET /health,
     /info and / (a page to try it). Bad input is a JSON error with a 4xx status; Ctrl-C stops it cleanly.
-    --workers N: uvicorn runs N processes on one port, each building the app with serve_app()."""
+    --workers N: uvicorn runs N processes on one port, each building the app with serve_worker()."""
     uvicorn = import_optional("uvicorn", "uvicorn", "serve")
     app, path = serve_app(args)   # also with --workers: a bad model or option fails here, in one line
     print(f"serving {path} on http://{args.host}:{args.port}/ "
@@ -1495,22 +1495,25 @@ def cmd_serve(args):
     if args.workers == 1:
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
         return 0
+    del app   # the worker processes load their own model; this one only checked that it loads
     os.environ[SERVE_OPTIONS] = json.dumps({k: v for k, v in vars(args).items() if k != "func"})
-    uvicorn.run(f"{SCRIPT}:serve_app", factory=True, app_dir=str(Path(__file__).resolve().parent),
+    uvicorn.run(f"{SCRIPT}:serve_worker", factory=True, app_dir=str(Path(__file__).resolve().parent),
                 workers=args.workers, host=args.host, port=args.port, log_level="warning")
     return 0
 
 
-def serve_app(args=None):
-    """The FastAPI app of serve, and the model's path. Called without args it is uvicorn's factory in each process
-    of --workers N: the options come from the parent, and the CPU's cores are shared among the processes."""
+def serve_worker():
+    """uvicorn's app factory in each process of serve --workers N: the parent's options, a share of the cores."""
+    args = argparse.Namespace(**json.loads(os.environ[SERVE_OPTIONS]))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.workers))
+    return serve_app(args)[0]
+
+
+def serve_app(args):
+    """The FastAPI app of serve, and the model's path."""
     fastapi = import_optional("fastapi", "fastapi", "serve")
     import_optional("python_multipart", "python-multipart", "serve")   # fastapi reads multipart uploads with it
     responses = importlib.import_module("fastapi.responses")
-    factory = args is None
-    if factory:
-        args = argparse.Namespace(**json.loads(os.environ[SERVE_OPTIONS]))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.workers))
     path = args.model or Path(args.data_dir) / "model.pt"
     net, info, device = load_network(path, args.device, serving=True)
     batcher = Batcher(lambda images: predict(net, info, device, args, images), args.max_batch,
@@ -1581,7 +1584,7 @@ def serve_app(args=None):
             print(f"error: /predict failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
             return error(500, f"prediction failed ({type(e).__name__})")
 
-    return app if factory else (app, path)
+    return app, path
 
 
 def add_ship_commands(sub, common, serve_parents):

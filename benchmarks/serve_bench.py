@@ -130,7 +130,7 @@ def inference_ms(script, data, images, repeats):
                 x = random_inputs(module, info, batch)
             times = []
             runs = repeats if batch == 1 else max(3, repeats // 8)
-            if script == "fast_rcnn_faces.py" or script == "cifar_resnet.py":
+            if script in ("fast_rcnn_faces.py", "cifar_resnet.py"):
                 runs = max(3, runs // 10)
             with torch.no_grad():
                 net(*x)  # warm-up

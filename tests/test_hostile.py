@@ -39,9 +39,9 @@ FACE_SHARED = ["photo_path", "OutputFiles", "cosine_schedule", "found_boxes"]
 READERS = {"open": {"setup_distributed", "lock_data_dir"}, "os.open": {"lock_data_dir"}, "Image.open": {"load_image"},
            "gzip.open": {"load_shard"}, "torch.load": {"load_shard", "load_model_file"},
            "pd.read_csv": {"read_boxes_csv", "read_face_csv"}, ".read_text": {"read_text"}, ".read_bytes": set(),
-           ".open": set(), "json.load": set(), "json.loads": {"read_meta", "OnnxNetwork", "serve_app"}, "np.load": set(), "cv2.imread": set(),
+           ".open": set(), "json.load": set(), "json.loads": {"read_meta", "OnnxNetwork", "serve_worker"}, "np.load": set(), "cv2.imread": set(),
            "csv.reader": {"read_labels"}, "csv.DictReader": {"append_run"}, ".InferenceSession": {"OnnxNetwork"}}   # read_labels: lines of read_text
-# serve_app: the options serve --workers passes to its own processes
+# serve_worker: the options serve --workers passes to its own processes
 
 
 COMMON_MARK = "# ==== Common to all five scripts: keep identical ===="
