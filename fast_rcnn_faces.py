@@ -81,7 +81,7 @@ ROIS_PER_PHOTO, POS_FRACTION = 64, 0.25
 STRIDE = 8                               # feature map stride
 BOX_WEIGHTS = (10.0, 10.0, 5.0, 5.0)     # offset scaling, as torchvision's BoxCoder
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-REQUIRED_COLUMNS = ["Name", "xmin", "ymin", "xmax", "ymax"]
+CSV_COLUMNS = ["Name", "xmin", "ymin", "xmax", "ymax"]
 MAX_PIXELS = 25_000_000                  # bigger photos (decompression bombs) are refused before decoding
 # letterboxed photos, true boxes (padded) and their counts, selective search boxes (padded) and counts, photo sizes
 SHARD_SPEC = ((torch.uint8, (3, None, None)), (torch.float32, (None, 4)), (torch.int64, ()),
@@ -103,31 +103,40 @@ def split_indices(n, seed, fractions=(0.8, 0.1, 0.1)):
     return perm[:n_train], perm[n_train:n_train + n_val], perm[n_train + n_val:]
 
 
-def read_face_csv(csv_path):
-    """CSV -> ({photo name: [[x1, y1, x2, y2], ...]}, {reason: [count, examples]}) for rows usable so far. Names are
-    kept as written (an empty one too: photo_path judges them); a file that is not a UTF-8 CSV is a UserError."""
+def read_boxes_csv(csv_path):
+    """CSV -> ({photo name: [(row number, x1, y1, x2, y2), ...]}, {reason: [count, examples]}): the rows with a
+    numeric box of non-zero size, and the others counted by reason. Names are kept as written (an empty one too:
+    photo_path judges them); a file that is not a UTF-8 CSV is a UserError."""
     if not Path(csv_path).is_file():
-        raise UserError(f"{csv_path}: CSV not found; pass --csv FILE (columns {','.join(REQUIRED_COLUMNS)})")
+        raise UserError(f"{csv_path}: CSV not found; pass --csv FILE (columns {','.join(CSV_COLUMNS)})")
     try:
         df = pd.read_csv(csv_path, dtype=str, keep_default_na=False, encoding="utf-8")
     except UnicodeDecodeError as e:
         raise UserError(f"{csv_path}: not UTF-8 text (byte {e.start}); save it as UTF-8")
     except (ValueError, OSError) as e:  # pandas' ParserError and EmptyDataError are ValueErrors
         raise UserError(f"{csv_path}: not a readable CSV ({(str(e).splitlines() or [type(e).__name__])[0]})")
-    missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
+    missing = [c for c in CSV_COLUMNS if c not in df.columns]
     if missing:
-        raise UserError(f"{csv_path}: missing column(s) {', '.join(missing)}; expected {','.join(REQUIRED_COLUMNS)}")
-    coords = df[REQUIRED_COLUMNS[1:]].apply(pd.to_numeric, errors="coerce")
-    boxes, skipped = {}, {}
-    for name, row in zip(df["Name"], coords.itertuples(index=False)):
-        x1, y1, x2, y2 = row
-        if any(math.isnan(v) for v in row):
-            count_skip(skipped, "non-numeric box", name)
+        raise UserError(f"{csv_path}: missing column(s) {', '.join(missing)}; expected {','.join(CSV_COLUMNS)}")
+    coords = df[CSV_COLUMNS[1:]].apply(pd.to_numeric, errors="coerce")
+    rows, skipped = {}, {}
+    for row, name, box in zip(range(2, len(df) + 2), df["Name"], coords.itertuples(index=False)):  # 2: header
+        x1, y1, x2, y2 = box
+        if any(math.isnan(v) for v in box):
+            count_skip(skipped, "non-numeric box", f"{name} (row {row})")
         elif x2 <= x1 or y2 <= y1:
-            count_skip(skipped, "zero-size box", f"{name} {x1:g},{y1:g},{x2:g},{y2:g}")
+            count_skip(skipped, "zero-size box", f"{name} (row {row}: {x1:g},{y1:g},{x2:g},{y2:g})")
         else:
-            boxes.setdefault(name, []).append([float(x1), float(y1), float(x2), float(y2)])
-    return boxes, skipped
+            rows.setdefault(name, []).append((row, float(x1), float(y1), float(x2), float(y2)))
+    return rows, skipped
+
+
+def count_skip(skipped, reason, example, n=1):
+    """Count n skipped rows or photos under `reason`, keeping the first three examples."""
+    entry = skipped.setdefault(reason, [0, []])
+    entry[0] += n
+    if len(entry[1]) < 3:
+        entry[1].append(example)
 
 
 def photo_path(image_dir, name):
@@ -145,13 +154,6 @@ def photo_path(image_dir, name):
     except (OSError, ValueError, RuntimeError):  # a NUL byte, a name too long, a symlink loop
         return None, "unusable Name"
     return None, "missing photo" if inside else "Name outside --image-dir"
-
-
-def count_skip(skipped, reason, example, n=1):
-    entry = skipped.setdefault(reason, [0, []])
-    entry[0] += n
-    if len(entry[1]) < 3:
-        entry[1].append(example)
 
 
 def letterbox_geometry(width, height, size):
@@ -464,31 +466,32 @@ def detect(model, images, props, sizes, device, nms_iou, regress=True, calibrati
 
 def match_detections(dets, gts, iou=0.5):
     """VOC matching per photo: by decreasing score, a box is correct if its best-overlapping true box has
-    IoU >= iou and was not matched before. Returns (scores, hits) over all photos."""
-    scores, hits = [], []
+    IoU >= iou and was not matched before. dets: [(boxes K,4, scores K)] per photo, gts: [G,4] per photo.
+    Returns (scores, hits) over all photos, two float tensors."""
+    scores, hits = [torch.zeros(0)], [torch.zeros(0)]
     for (boxes, score), gt in zip(dets, gts):
-        taken = torch.zeros(len(gt), dtype=torch.bool)
-        overlaps = box_iou(boxes, gt) if len(gt) and len(boxes) else torch.zeros(len(boxes), 0)
-        for k in score.argsort(descending=True).tolist():
-            j = overlaps[k].argmax().item() if overlaps.shape[1] else -1
-            hit = j >= 0 and overlaps[k, j] >= iou and not taken[j]
-            if hit:
-                taken[j] = True
-            scores.append(score[k].item())
-            hits.append(hit)
-    return scores, hits
+        order = score.argsort(descending=True)
+        overlaps = box_iou(boxes[order], gt) if len(gt) and len(boxes) else torch.zeros(len(boxes), 0)
+        taken, hit = torch.zeros(len(gt), dtype=torch.bool), torch.zeros(len(boxes))
+        for k, row in enumerate(overlaps):
+            j = int(row.argmax()) if len(gt) else -1
+            if j >= 0 and row[j] >= iou and not taken[j]:
+                taken[j], hit[k] = True, 1.0
+        scores.append(score[order].float())
+        hits.append(hit)
+    return torch.cat(scores), torch.cat(hits)
 
 
 def fit_calibration(dets, gts, minimum=20):
     """Platt scaling on validation detections: (a, b) such that sigmoid(a * log-odds + b) is the chance that a
-    box is a correct detection. The network's own softmax is far too sure (training sees 25% faces, eval
-    scores ~3,000 regions per photo), so --threshold 0.5 would count many false faces. Ranking (AP) and NMS
-    are unchanged: the map is monotonic. Returns None with too few correct or wrong detections."""
-    scores, hits = match_detections(dets, gts)
-    y = torch.tensor(hits, dtype=torch.float32)
+    box is a correct detection. The network's softmax is far too sure (training sees about one face in four
+    examples, eval scores hundreds to thousands of regions per photo), so --threshold 0.5 would count many false
+    faces. Ranking (AP) and NMS are unchanged: the map is monotonic. Returns None with too few correct or wrong
+    detections."""
+    scores, y = match_detections(dets, gts)
     if y.sum() < minimum or (1 - y).sum() < minimum:
         return None
-    z = torch.logit(torch.tensor(scores).clamp(1e-6, 1 - 1e-6))
+    z = torch.logit(scores.clamp(1e-6, 1 - 1e-6))
     ab = torch.tensor([1.0, 0.0], requires_grad=True)
     optimizer = torch.optim.LBFGS([ab], max_iter=200, line_search_fn="strong_wolfe")
 
@@ -503,21 +506,19 @@ def fit_calibration(dets, gts, minimum=20):
 
 
 def detection_scores(dets, gts, threshold, iou=0.5):
-    """VOC AP at IoU 0.5 (all-point interpolation) over all photos, recall and face-count RMSE at `threshold`."""
+    """VOC AP (all-point interpolation) over all photos at IoU `iou` (the key says ap50 as that is the default),
+    and the recall and face-count RMSE of the boxes scored >= threshold."""
     n_gt = sum(len(gt) for gt in gts)
-    sq_err = sum(((score >= threshold).sum().item() - len(gt)) ** 2 for (_, score), gt in zip(dets, gts))
     scores, hits = match_detections(dets, gts, iou)
-    order = np.argsort(-np.array(scores), kind="stable")
-    hits = np.array(hits, dtype=float)[order]
-    tp, fp = np.cumsum(hits), np.cumsum(1 - hits)
-    recall = tp / max(n_gt, 1)
-    precision = tp / np.maximum(tp + fp, 1e-9)
-    mrec, mpre = np.concatenate([[0], recall, [1]]), np.concatenate([[0], precision, [0]])
-    mpre = np.maximum.accumulate(mpre[::-1])[::-1]
-    ap = float(np.sum((mrec[1:] - mrec[:-1]) * mpre[1:]))
-    above = np.array(scores)[order] >= threshold
-    return {"ap50": ap, "recall": float(hits[above].sum() / max(n_gt, 1)),
-            "count_rmse": math.sqrt(sq_err / max(len(gts), 1))}
+    order = scores.argsort(descending=True, stable=True)
+    hits, above = hits[order].double(), scores[order] >= threshold
+    tp = hits.cumsum(0)
+    recall = torch.cat([torch.zeros(1), tp / max(n_gt, 1), torch.ones(1)]).double()
+    precision = torch.cat([torch.zeros(1), tp / torch.arange(1, len(hits) + 1), torch.zeros(1)]).double()
+    precision = precision.flip(0).cummax(0).values.flip(0)  # the precision envelope
+    errors = torch.tensor([float((score >= threshold).sum()) - len(gt) for (_, score), gt in zip(dets, gts)] or [0.0])
+    return {"ap50": float(((recall[1:] - recall[:-1]) * precision[1:]).sum()) if n_gt else 0.0,
+            "recall": float(hits[above].sum()) / max(n_gt, 1), "count_rmse": errors.pow(2).mean().sqrt().item()}
 
 
 def load_prepared(data_dir, name, size):
@@ -537,9 +538,9 @@ def cmd_prepare(args):
     image_dir, data_dir = Path(args.image_dir), Path(args.data_dir)
     if not image_dir.is_dir():
         raise UserError(f"{image_dir}: image folder not found; pass --image-dir DIR")
-    boxes, skipped = read_face_csv(args.csv)
+    boxes, skipped = read_boxes_csv(args.csv)
     if not boxes:
-        raise UserError(f"{args.csv}: no usable face rows")
+        raise UserError(f"{args.csv}: no rows with a usable box")
     names, tasks = [], []
     for name in sorted(boxes):
         path, why = photo_path(image_dir, name)
@@ -547,7 +548,7 @@ def cmd_prepare(args):
             count_skip(skipped, why, name or repr(name), len(boxes[name]))
         else:
             names.append(name)
-            tasks.append((str(path), boxes[name], args.size, args.ss_side, args.proposals))
+            tasks.append((str(path), [box[1:] for box in boxes[name]], args.size, args.ss_side, args.proposals))
     t0 = time.time()
     bar = progress(total=len(tasks), desc="prepare", unit="photo")
     if args.workers > 1:
@@ -698,8 +699,8 @@ def train(args, device, out_dir, tb_dir):
                   amp=args.amp)
     score = detection_scores(dets, photo_boxes(test, size), 0.5)
     result["test"] = round(score["ap50"], 6)
-    print(f"test photos {len(test[0])}: AP50 {score['ap50']:.3f}  recall {score['recall']:.3f}  "
-          f"face-count RMSE {score['count_rmse']:.2f} (threshold 0.5)  {(time.time() - t0) / len(test[0]):.3f} s/photo")
+    print(f"test photos: {len(test[0])}  AP@0.5 {score['ap50']:.3f}  recall {score['recall']:.3f}  "
+          f"count RMSE {score['count_rmse']:.2f} (threshold 0.5)  {(time.time() - t0) / len(test[0]):.2f} s/photo")
     return result
 
 

@@ -41,7 +41,7 @@ import signal
 import sys
 import time
 import warnings
-from collections import Counter, deque
+from collections import deque
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
@@ -110,27 +110,40 @@ def split_indices(n, seed, fractions=(0.8, 0.1, 0.1)):
     return perm[:n_train], perm[n_train:n_train + n_val], perm[n_train + n_val:]
 
 
-def read_boxes_csv(path):
-    """CSV -> ({photo name: [(row number, x1, y1, x2, y2), ...]}, number of rows with non-numeric boxes). Names are
-    kept as written (an empty one too: photo_path judges them); a file that is not a UTF-8 CSV is a UserError."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: CSV not found; pass --csv with the Kaggle bbox_train.csv")
+def read_boxes_csv(csv_path):
+    """CSV -> ({photo name: [(row number, x1, y1, x2, y2), ...]}, {reason: [count, examples]}): the rows with a
+    numeric box of non-zero size, and the others counted by reason. Names are kept as written (an empty one too:
+    photo_path judges them); a file that is not a UTF-8 CSV is a UserError."""
+    if not Path(csv_path).is_file():
+        raise UserError(f"{csv_path}: CSV not found; pass --csv FILE (columns {','.join(CSV_COLUMNS)})")
     try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
+        df = pd.read_csv(csv_path, dtype=str, keep_default_na=False, encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8")
+        raise UserError(f"{csv_path}: not UTF-8 text (byte {e.start}); save it as UTF-8")
     except (ValueError, OSError) as e:  # pandas' ParserError and EmptyDataError are ValueErrors
-        raise UserError(f"{path}: not a readable CSV ({(str(e).splitlines() or [type(e).__name__])[0]})")
+        raise UserError(f"{csv_path}: not a readable CSV ({(str(e).splitlines() or [type(e).__name__])[0]})")
     missing = [c for c in CSV_COLUMNS if c not in df.columns]
     if missing:
-        raise UserError(f"{path}: missing column(s) {', '.join(missing)}; expected {','.join(CSV_COLUMNS)}")
+        raise UserError(f"{csv_path}: missing column(s) {', '.join(missing)}; expected {','.join(CSV_COLUMNS)}")
     coords = df[CSV_COLUMNS[1:]].apply(pd.to_numeric, errors="coerce")
-    valid = coords.notna().all(axis=1)
-    photos = {}
-    for row, name, box in zip(df.index[valid], df["Name"][valid], coords[valid].itertuples(index=False)):
-        photos.setdefault(str(name), []).append((int(row) + 2, *map(float, box)))  # +2: header, 1-based
-    return photos, int((~valid).sum())
+    rows, skipped = {}, {}
+    for row, name, box in zip(range(2, len(df) + 2), df["Name"], coords.itertuples(index=False)):  # 2: header
+        x1, y1, x2, y2 = box
+        if any(math.isnan(v) for v in box):
+            count_skip(skipped, "non-numeric box", f"{name} (row {row})")
+        elif x2 <= x1 or y2 <= y1:
+            count_skip(skipped, "zero-size box", f"{name} (row {row}: {x1:g},{y1:g},{x2:g},{y2:g})")
+        else:
+            rows.setdefault(name, []).append((row, float(x1), float(y1), float(x2), float(y2)))
+    return rows, skipped
+
+
+def count_skip(skipped, reason, example, n=1):
+    """Count n skipped rows or photos under `reason`, keeping the first three examples."""
+    entry = skipped.setdefault(reason, [0, []])
+    entry[0] += n
+    if len(entry[1]) < 3:
+        entry[1].append(example)
 
 
 def photo_path(image_dir, name):
@@ -202,9 +215,7 @@ def check_rows(rows, w, h):
     """Split a photo's CSV rows into valid boxes (G,4) and [(reason, "row N")] of skipped rows."""
     good, bad = [], []
     for row, x1, y1, x2, y2 in rows:
-        if x2 <= x1 or y2 <= y1:
-            bad.append(("zero-size box", f"row {row}"))
-        elif x1 < 0 or y1 < 0 or x2 > w or y2 > h:
+        if x1 < 0 or y1 < 0 or x2 > w or y2 > h:
             bad.append(("box outside photo", f"row {row}"))
         else:
             good.append((x1, y1, x2, y2))
@@ -332,31 +343,31 @@ def iter_proposals(paths, search_side, lookahead):
             yield pending.popleft().result()
 
 
-def match_detections(detections, truths, iou_threshold=0.5):
-    """Per detection, by decreasing score within its photo: (score, hit), where a hit's best-overlapping
-    true box has IoU >= threshold and was not matched before."""
-    scores, hits = [], []
-    for (boxes, conf), truth in zip(detections, truths):
-        order = conf.argsort(descending=True)
-        iou = box_iou(boxes[order], truth) if len(truth) else torch.zeros(len(boxes), 0)
-        matched = torch.zeros(len(truth), dtype=torch.bool)
-        for row in iou:
-            best = int(row.argmax()) if len(truth) else -1
-            hit = best >= 0 and row[best] >= iou_threshold and not matched[best]
-            if hit:
-                matched[best] = True
-            hits.append(hit)
-        scores.append(conf[order])
-    return (torch.cat(scores) if scores else torch.zeros(0)), hits
+def match_detections(dets, gts, iou=0.5):
+    """VOC matching per photo: by decreasing score, a box is correct if its best-overlapping true box has
+    IoU >= iou and was not matched before. dets: [(boxes K,4, scores K)] per photo, gts: [G,4] per photo.
+    Returns (scores, hits) over all photos, two float tensors."""
+    scores, hits = [torch.zeros(0)], [torch.zeros(0)]
+    for (boxes, score), gt in zip(dets, gts):
+        order = score.argsort(descending=True)
+        overlaps = box_iou(boxes[order], gt) if len(gt) and len(boxes) else torch.zeros(len(boxes), 0)
+        taken, hit = torch.zeros(len(gt), dtype=torch.bool), torch.zeros(len(boxes))
+        for k, row in enumerate(overlaps):
+            j = int(row.argmax()) if len(gt) else -1
+            if j >= 0 and row[j] >= iou and not taken[j]:
+                taken[j], hit[k] = True, 1.0
+        scores.append(score[order].float())
+        hits.append(hit)
+    return torch.cat(scores), torch.cat(hits)
 
 
-def fit_calibration(detections, truths, minimum=20):
+def fit_calibration(dets, gts, minimum=20):
     """Platt scaling on validation detections: (a, b) such that sigmoid(a * log-odds + b) is the chance that a
-    box is a correct detection. The crop classifier's softmax is far too sure (it sees 1 face in 4 crops in
-    training, ~800 regions per photo at eval), so --threshold 0.5 would count many false faces. The map is
-    monotonic: ranking (AP) and NMS are unchanged. Returns None with too few correct or wrong detections."""
-    scores, hits = match_detections(detections, truths)
-    y = torch.tensor(hits, dtype=torch.float32)
+    box is a correct detection. The network's softmax is far too sure (training sees about one face in four
+    examples, eval scores hundreds to thousands of regions per photo), so --threshold 0.5 would count many false
+    faces. Ranking (AP) and NMS are unchanged: the map is monotonic. Returns None with too few correct or wrong
+    detections."""
+    scores, y = match_detections(dets, gts)
     if y.sum() < minimum or (1 - y).sum() < minimum:
         return None
     z = torch.logit(scores.clamp(1e-6, 1 - 1e-6))
@@ -373,20 +384,20 @@ def fit_calibration(detections, truths, minimum=20):
     return [float(v) for v in ab.detach()] if ab[0] > 0 else None
 
 
-def average_precision(detections, truths, iou_threshold=0.5):
-    """VOC AP (all-point interpolation) over all photos. detections: [(boxes K,4, scores K)] per photo,
-    truths: [G,4] per photo. Each detection, by decreasing score, is a hit if its best-overlapping true
-    box has IoU >= threshold and was not matched before. Returns (AP, recall of all detections)."""
-    scores, hits = match_detections(detections, truths, iou_threshold)
-    n_true = sum(len(t) for t in truths)
-    if not hits or n_true == 0:
-        return 0.0, 0.0
-    hits = torch.tensor(hits, dtype=torch.float64)[scores.argsort(descending=True, stable=True)]
+def detection_scores(dets, gts, threshold, iou=0.5):
+    """VOC AP (all-point interpolation) over all photos at IoU `iou` (the key says ap50 as that is the default),
+    and the recall and face-count RMSE of the boxes scored >= threshold."""
+    n_gt = sum(len(gt) for gt in gts)
+    scores, hits = match_detections(dets, gts, iou)
+    order = scores.argsort(descending=True, stable=True)
+    hits, above = hits[order].double(), scores[order] >= threshold
     tp = hits.cumsum(0)
-    recall = torch.cat([torch.zeros(1), tp / n_true, torch.ones(1)]).double()
+    recall = torch.cat([torch.zeros(1), tp / max(n_gt, 1), torch.ones(1)]).double()
     precision = torch.cat([torch.zeros(1), tp / torch.arange(1, len(hits) + 1), torch.zeros(1)]).double()
-    precision = precision.flip(0).cummax(0).values.flip(0)  # precision envelope
-    return float(((recall[1:] - recall[:-1]) * precision[1:]).sum()), float(tp[-1] / n_true)
+    precision = precision.flip(0).cummax(0).values.flip(0)  # the precision envelope
+    errors = torch.tensor([float((score >= threshold).sum()) - len(gt) for (_, score), gt in zip(dets, gts)] or [0.0])
+    return {"ap50": float(((recall[1:] - recall[:-1]) * precision[1:]).sum()) if n_gt else 0.0,
+            "recall": float(hits[above].sum()) / max(n_gt, 1), "count_rmse": errors.pow(2).mean().sqrt().item()}
 
 
 def run_detector(model, ckpt, photos, truths, device, nms_iou, amp=True):
@@ -401,16 +412,6 @@ def run_detector(model, ckpt, photos, truths, device, nms_iou, amp=True):
                                  ckpt.get("calibration", (1.0, 0.0)), amp=amp))
         kept.append(truth)
     return detections, kept, (time.time() - start) / max(len(kept), 1)
-
-
-def detection_report(detections, kept, threshold):
-    """AP@0.5 over all boxes, recall and face-count RMSE at `threshold`."""
-    if not detections:
-        return None
-    ap, _ = average_precision(detections, kept)
-    _, recall = average_precision([(b[s >= threshold], s[s >= threshold]) for b, s in detections], kept)
-    counts = torch.tensor([float((s >= threshold).sum()) - len(t) for (_, s), t in zip(detections, kept)])
-    return {"photos": len(kept), "ap50": ap, "recall": recall, "count_rmse": counts.pow(2).mean().sqrt().item()}
 
 
 def draw_boxes(img, boxes, path):
@@ -431,9 +432,9 @@ def cmd_prepare(args):
     image_dir = Path(args.image_dir)
     if not image_dir.is_dir():
         raise UserError(f"{image_dir}: image folder not found; pass --image-dir")
-    rows_by_photo, non_numeric = read_boxes_csv(args.csv)
+    rows_by_photo, skipped = read_boxes_csv(args.csv)
     if not rows_by_photo:
-        raise UserError(f"{args.csv}: no rows with numeric boxes")
+        raise UserError(f"{args.csv}: no rows with a usable box")
     if args.neg_iou > args.pos_iou:
         raise UserError(f"--neg-iou {args.neg_iou} is above --pos-iou {args.pos_iou}: a region would be both", 2)
     opts = {"search_side": args.search_side, "max_proposals": args.max_proposals, "pos_iou": args.pos_iou,
@@ -454,22 +455,19 @@ def cmd_prepare(args):
         if pool:
             pool.shutdown(cancel_futures=True)  # Ctrl-C: queued photos are dropped, not searched first
     seconds = time.time() - start
-    skipped, examples, kept = Counter(), {}, []
-    if non_numeric:
-        skipped["non-numeric box"] = non_numeric
+    kept = []
     for name in names:
         crops, labels, ious, truth, bad = results[name]
         for reason, note in bad:
-            skipped[reason] += 1
-            examples.setdefault(reason, []).append(f"{name} ({note})")
+            count_skip(skipped, reason, f"{name} ({note})")
         if crops is None:
-            skipped["photo without a usable box"] += 1
+            count_skip(skipped, "photo without a usable box", name)
         else:
             kept.append((name, *map(torch.from_numpy, (crops, labels, ious, truth))))
     print(f"{len(kept)} photos kept of {len(names)}, {len(jobs) / max(seconds, 1e-9):.2f} photos/s "
           f"(selective search at {args.search_side} px, {args.workers} workers)")
-    for reason, count in skipped.items():
-        print(f"skipped {count} x {reason}: {', '.join(examples.get(reason, [])[:3])}")
+    for reason, (n, examples) in skipped.items():
+        print(f"skipped {n} x {reason}: {', '.join(examples)}")
     if not kept:
         raise UserError(f"{args.csv}: no usable photo in {image_dir} (see the skipped counts above)")
     counts, splits, truths, shards = {}, {}, {}, {}
@@ -488,7 +486,7 @@ def cmd_prepare(args):
         print(f"{split}: {len(photos)} photos, {len(labels)} crops ({int(labels.sum())} faces)")
     meta = {"kind": DATA_KIND, "script": f"{SCRIPT}.py", "csv": str(Path(args.csv).resolve()),
             "image_dir": str(image_dir.resolve()), "seed": args.seed, "options": opts, "counts": counts,
-            "skipped": dict(skipped), "skipped_examples": {k: v[:5] for k, v in examples.items()},
+            "skipped": {k: v[0] for k, v in skipped.items()}, "skipped_examples": {k: v[1] for k, v in skipped.items()},
             "photos_per_s": len(jobs) / max(seconds, 1e-9), "splits": splits, "boxes": truths}
     save_prepared(args.data_dir, shards, meta)
     return 0
@@ -587,12 +585,12 @@ def train(args, device, out_dir, tb_dir):
         atomic_torch_save(ckpt, out_dir / "model.pt")
         print(f"scores calibrated on validation photos: sigmoid({calibration[0]:.3f} * log-odds + {calibration[1]:.3f})")
     detections, kept, seconds = run_detector(model, ckpt, *photos("testing"), device, args.nms_iou, args.amp)
-    report = detection_report(detections, kept, args.threshold)
-    result["test"] = round(report["ap50"], 6) if report else float("nan")
-    if report is None:
+    report = detection_scores(detections, kept, args.threshold)
+    result["test"] = round(report["ap50"], 6) if kept else float("nan")
+    if not kept:
         print("test photos: none readable, no detection score")
     else:
-        print(f"test photos: {report['photos']}  AP@0.5 {report['ap50']:.3f}  recall {report['recall']:.3f}  "
+        print(f"test photos: {len(kept)}  AP@0.5 {report['ap50']:.3f}  recall {report['recall']:.3f}  "
               f"count RMSE {report['count_rmse']:.2f} (threshold {args.threshold})  {seconds:.2f} s/photo")
     return result
 

@@ -189,7 +189,7 @@ def test_prepare_counts_and_split_by_photo(faces, frc):
 def test_train_one_epoch(faces, frc):
     out = faces.train.stdout
     assert "epoch 1/1  train loss" in out and "AP50" in out, out
-    assert "test photos 5: AP50" in out
+    assert "test photos: 5  AP@0.5" in out
     history = (faces.data / "history.csv").read_text().splitlines()
     assert len(history) == 2 and "val_ap50" in history[0]
     assert (faces.data / "history.png").stat().st_size > 0

@@ -34,11 +34,12 @@ SHARED = ["UserError", "load_image", "image_to_tensor", "save_shard", "load_shar
           "nonneg_float", "probability", "seed_int", "worker_count", "lock_data_dir", "import_optional", "json_ready",
           "OnnxNetwork", "load_network", "cmd_export", "Batcher", "PAGE", "cmd_serve", "add_ship_commands", "port_number",
           "start_worker", "OneLineParser", "cmd_train", "iter_eval_inputs", "add_scale_options", "main"]
-FACE_SHARED = ["photo_path", "OutputFiles", "cosine_schedule", "found_boxes"]
+FACE_SHARED = ["CSV_COLUMNS", "read_boxes_csv", "count_skip", "split_indices", "photo_path", "OutputFiles", "cosine_schedule", "found_boxes", "match_detections",
+               "fit_calibration", "detection_scores"]
 # every call that reads a file, and the only functions allowed to make it (they turn failures into UserError)
 READERS = {"open": {"setup_distributed", "lock_data_dir"}, "os.open": {"lock_data_dir"}, "Image.open": {"load_image"},
            "gzip.open": {"load_shard"}, "torch.load": {"load_shard", "load_model_file"},
-           "pd.read_csv": {"read_boxes_csv", "read_face_csv"}, ".read_text": {"read_text"}, ".read_bytes": set(),
+           "pd.read_csv": {"read_boxes_csv"}, ".read_text": {"read_text"}, ".read_bytes": set(),
            ".open": set(), "json.load": set(), "json.loads": {"read_meta", "OnnxNetwork", "serve_worker"}, "np.load": set(), "cv2.imread": set(),
            "csv.reader": {"read_labels"}, "csv.DictReader": {"append_run"}, ".InferenceSession": {"OnnxNetwork"}}   # read_labels: lines of read_text
 # serve_worker: the options serve --workers passes to its own processes

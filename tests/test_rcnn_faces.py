@@ -90,8 +90,9 @@ def test_prepare_counts_skips_and_split_by_photo(faces, prepared):
     assert meta["kind"] == "rcnn_faces" and meta["script"] == "rcnn_faces.py"
     assert meta["skipped"] == {"non-numeric box": 1, "zero-size box": 2, "box outside photo": 1,
                                "missing photo": 1, "unreadable photo": 2, "Name outside --image-dir": 3,
-                               "empty Name": 1, "photo without a usable box": 8}
-    assert f"{N_PHOTOS} photos kept of {N_PHOTOS + 8}" in proc.stdout
+                               "empty Name": 1, "photo without a usable box": 7}
+    # the photo whose only row has a zero-size box is counted by that row (the CSV reader drops it)
+    assert f"{N_PHOTOS} photos kept of {N_PHOTOS + 7}" in proc.stdout
     assert "bomb.png (row" in proc.stdout and "pixels" in proc.stdout
     assert "missing.jpg" in proc.stdout and "broken.jpg" in proc.stdout and faces["all_bad"] in proc.stdout
     splits = meta["splits"]
@@ -209,17 +210,21 @@ def test_eval_missing_and_foreign_model(faces, trained, tmp_path):
     assert "no_dir" in line
 
 
-def test_average_precision_hand_computed():
+def test_detection_scores_hand_computed():
     mod = load_script(SCRIPT)
     truths = [torch.tensor([[0., 0, 10, 10], [20, 20, 30, 30]]), torch.tensor([[0., 0, 10, 10]])]
     detections = [(torch.tensor([[0., 0, 10, 10], [1, 1, 10, 10], [50, 50, 60, 60]]), torch.tensor([0.9, 0.8, 0.7])),
                   (torch.tensor([[0., 0, 10, 10]]), torch.tensor([0.6]))]
     # ranked: TP, FP (duplicate), FP, TP; recall 1/3 at precision 1, then 2/3 at precision 0.5
-    ap, recall = mod.average_precision(detections, truths)
-    assert ap == pytest.approx(1 / 3 * 1 + 1 / 3 * 0.5) and recall == pytest.approx(2 / 3)
-    assert mod.average_precision(detections, truths, iou_threshold=0.9)[0] == pytest.approx(0.5)
+    s = mod.detection_scores(detections, truths, 0.0)
+    assert s["ap50"] == pytest.approx(1 / 3 * 1 + 1 / 3 * 0.5) and s["recall"] == pytest.approx(2 / 3)
+    assert s["count_rmse"] == pytest.approx((((3 - 2) ** 2 + 0) / 2) ** 0.5)
+    assert mod.detection_scores(detections, truths, 0.85)["recall"] == pytest.approx(1 / 3)
+    assert mod.detection_scores(detections, truths, 0.0, iou=0.9)["ap50"] == pytest.approx(0.5)
     perfect = [(t, torch.linspace(1, 0.5, len(t))) for t in truths]
-    assert mod.average_precision(perfect, truths) == (pytest.approx(1.0), pytest.approx(1.0))
+    s = mod.detection_scores(perfect, truths, 0.5)
+    assert (s["ap50"], s["recall"], s["count_rmse"]) == (pytest.approx(1.0), pytest.approx(1.0), 0.0)
+    assert mod.detection_scores([(torch.zeros(0, 4), torch.zeros(0))] * 2, truths, 0.5)["ap50"] == 0.0
 
 
 def test_score_calibration_matches_hit_rate():
@@ -237,7 +242,7 @@ def test_score_calibration_matches_hit_rate():
     calibrated = [(boxes, torch.sigmoid(a * torch.logit(s.double()) + b).float()) for boxes, s in detections]
     everything = torch.cat([s for _, s in calibrated])
     assert everything[:2].min() > 0.5 > everything[2:10].max()  # at 0.5: the 2 faces counted, not the 8
-    assert mod.average_precision(calibrated, truths)[0] == pytest.approx(mod.average_precision(detections, truths)[0])
+    assert mod.detection_scores(calibrated, truths, 0.5)["ap50"] == pytest.approx(mod.detection_scores(detections, truths, 0.5)["ap50"])
     assert mod.fit_calibration(detections[:2], truths[:2]) is None  # too few detections to fit
 
 
