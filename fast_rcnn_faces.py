@@ -69,8 +69,8 @@ SHARD_SIZE = 500
 IMAGE_DIR = "784145_1347673_bundle_archive/train/image_data"
 CSV_PATH = "784145_1347673_bundle_archive/train/bbox_train.csv"
 SIZE = (384, 256)                        # letterbox width x height: a 612x408 photo fills it exactly
-SS_SIDE = 200                            # selective search runs on a copy with this longest side
-SS_PROPOSALS = 300                       # selective search regions kept per photo
+SEARCH_SIDE = 200                        # selective search runs on a copy with this longest side
+MAX_PROPOSALS = 300                      # selective search regions kept per photo
 WINDOW_SIZES = (16, 24, 32, 48, 64, 96, 128, 192, 256)  # dense windows (letterbox pixels)
 WINDOW_STEP = 0.5                        # window grid step, a fraction of the window size
 WINDOW_RATIO = 1.2                       # window height / width (faces are slightly taller than wide)
@@ -86,8 +86,8 @@ MAX_PIXELS = 25_000_000                  # bigger photos (decompression bombs) a
 # letterboxed photos, true boxes (padded) and their counts, selective search boxes (padded) and counts, photo sizes
 SHARD_SPEC = ((torch.uint8, (3, None, None)), (torch.float32, (None, 4)), (torch.int64, ()),
               (torch.float32, (None, 4)), (torch.int64, ()), (torch.int64, (2,)))
-META_KEYS = {"size": list, "ss_side": int, "proposals": int}                # what train reads from meta.json
-MODEL_KEYS = ("model", "model_args", "size", "ss_side", "proposals")        # what eval reads from model.pt
+META_KEYS = {"size": list, "search_side": int, "proposals": int}            # what train reads from meta.json
+MODEL_KEYS = ("model", "model_args", "size", "search_side", "proposals")    # what eval reads from model.pt
 FLIP, FLIP_MIN = True, 0.001            # proposals scoring >= FLIP_MIN are scored on the mirrored photo too
 VOTE_IOU = 0.5                           # box voting after NMS: mean of the boxes overlapping a kept one by >= this
 CPU_BF16 = False                         # bf16 autocast on the CPU: not measured faster here; fp32
@@ -222,9 +222,9 @@ def photo_proposals(ss_boxes, width, height, size):
 
 
 def prepare_photo(task):
-    """Worker: (path, boxes, size, ss_side, limit) -> dict of numpy arrays, or {"error": reason}. Numpy, not
+    """Worker: (path, boxes, size, search_side, limit) -> dict of numpy arrays, or {"error": reason}. Numpy, not
     torch: a tensor sent from a worker process holds a file descriptor open, and thousands exhaust the limit."""
-    path, boxes, size, ss_side, limit = task
+    path, boxes, size, search_side, limit = task
     cv2.setNumThreads(1)
     torch.set_num_threads(1)
     try:
@@ -233,7 +233,7 @@ def prepare_photo(task):
         return {"error": "unreadable photo", "detail": f"{Path(path).name} ({e})"}
     boxes = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
     inside = (boxes[:, 0] >= 0) & (boxes[:, 1] >= 0) & (boxes[:, 2] <= img.width) & (boxes[:, 3] <= img.height)
-    ss = selective_search(img, size, ss_side, limit)
+    ss = selective_search(img, size, search_side, limit)
     return {"image": letterbox_image(img, size).numpy(),
             "gt": to_letterbox(boxes[inside], img.width, img.height, size).numpy(),
             "ss": ss[remove_small_boxes(ss, 4.0)].numpy(), "hw": np.array([img.width, img.height]),
@@ -548,7 +548,7 @@ def cmd_prepare(args):
             count_skip(skipped, why, name or repr(name), len(boxes[name]))
         else:
             names.append(name)
-            tasks.append((str(path), [box[1:] for box in boxes[name]], args.size, args.ss_side, args.proposals))
+            tasks.append((str(path), [box[1:] for box in boxes[name]], args.size, args.search_side, args.proposals))
     t0 = time.time()
     bar = progress(total=len(tasks), desc="prepare", unit="photo")
     if args.workers > 1:
@@ -595,8 +595,8 @@ def cmd_prepare(args):
         shards[split] = [images, gt, n_gt, ss, n_ss, torch.stack([r["hw"] for r in rows])]
     meta = {"kind": DATA_KIND, "script": f"{SCRIPT}.py", "csv": str(Path(args.csv).resolve()),
             "image_dir": str(image_dir.resolve()), "seed": args.seed, "size": list(args.size),
-            "ss_side": args.ss_side, "proposals": args.proposals,
-            "options": {"size": list(args.size), "ss_side": args.ss_side, "proposals": args.proposals},
+            "search_side": args.search_side, "proposals": args.proposals,
+            "options": {"size": list(args.size), "search_side": args.search_side, "proposals": args.proposals},
             "photos": len(kept), "faces": n_faces, "photos_per_s": len(tasks) / seconds,
             "skipped": {k: v[0] for k, v in skipped.items()}, "skipped_examples": {k: v[1] for k, v in skipped.items()},
             "splits": {k.split("_")[0]: [kept_names[i] for i in sorted(v)] for k, v in splits.items()}}
@@ -661,7 +661,7 @@ def train(args, device, out_dir, tb_dir):
                         "photos_per_s": len(train[0]) / train_s})
         if main_process():   # the epoch is saved before its line is printed
             log_epoch(writer, history[-1], model, args.histogram_every)
-            best_model = {"model_args": model_args, "size": meta["size"], "ss_side": meta["ss_side"],
+            best_model = {"model_args": model_args, "size": meta["size"], "search_side": meta["search_side"],
                           "proposals": meta["proposals"], "mean": list(MEAN), "std": list(STD), "val_ap50": best}
             save_epoch(out_dir, args, model, optimizer, scheduler, scaler,
                        {"epoch": epoch, "history": history, "best_score": best, "bad_epochs": bad,
@@ -793,7 +793,7 @@ def predict(net, info, device, args, images):
     """PIL photos -> eval's JSON objects {"boxes": [...]}, in photo pixels, best first."""
     size = tuple(info["size"])
     copies, factors = zip(*(working_copy(img, size) for img in images))   # a copy's pixel is factor x factor pixels
-    props = [photo_proposals(selective_search(img, size, info["ss_side"], info["proposals"]), img.width, img.height,
+    props = [photo_proposals(selective_search(img, size, info["search_side"], info["proposals"]), img.width, img.height,
                              size) for img in copies]
     dets = detect(net, torch.stack([letterbox_image(img, size) for img in copies]), props,
                   torch.tensor([[img.width, img.height] for img in copies]), device, args.nms_iou,
@@ -873,9 +873,10 @@ def build_parser():
     p.add_argument("--workers", type=worker_count, default=os.cpu_count() or 1,
                    help="parallel decoding / selective search")
     p.add_argument("--size", type=parse_size, default=SIZE, help="letterbox WIDTHxHEIGHT in pixels")
-    p.add_argument("--ss-side", type=positive_int, default=SS_SIDE,
+    p.add_argument("--search-side", "--ss-side", type=positive_int, default=SEARCH_SIDE,
                    help="selective search on a copy with this longest side")
-    p.add_argument("--proposals", type=nonneg_int, default=SS_PROPOSALS, help="selective search regions kept per photo")
+    p.add_argument("--proposals", type=nonneg_int, default=MAX_PROPOSALS,
+                   help="selective search regions kept per photo")
     p.set_defaults(func=cmd_prepare)
     p = sub.add_parser("train", parents=[common, device, seed], formatter_class=fmt, help="train with early stopping")
     p.add_argument("--epochs", type=positive_int, default=EPOCHS, help="maximum epochs (the cosine schedule's length)")

@@ -163,7 +163,7 @@ def photo_path(image_dir, name):
     return None, "missing photo" if inside else "Name outside --image-dir"
 
 
-def propose(img, search_side, max_proposals=MAX_PROPOSALS):
+def selective_search(img, search_side, max_proposals=MAX_PROPOSALS):
     """Selective search (fast mode) on a copy with longest side `search_side`; K,4 xyxy boxes in `img` pixels."""
     rgb = img.permute(1, 2, 0).numpy()  # H,W,3
     h, w = rgb.shape[:2]
@@ -234,7 +234,7 @@ def prepare_photo(job):
     truth, bad = check_rows(rows, img.shape[2], img.shape[1])
     if not len(truth):
         return None, None, None, None, bad
-    proposals = propose(img, opts["search_side"], opts["max_proposals"])
+    proposals = selective_search(img, opts["search_side"], opts["max_proposals"])
     boxes, labels, ious = label_regions(proposals, truth, opts["pos_iou"], opts["neg_iou"], opts["backgrounds"],
                                         torch.Generator().manual_seed(seed))
     return crop_regions(img, boxes, opts["crop_size"]).numpy(), labels.numpy(), ious.numpy(), truth.numpy(), bad
@@ -327,7 +327,7 @@ def iter_proposals(paths, search_side, lookahead):
     def work(path):
         try:
             img = image_to_tensor(load_image(path))
-            return path, img, propose(img, search_side)
+            return path, img, selective_search(img, search_side)
         except (UserError, cv2.error) as e:  # missing, not an image, damaged, too many pixels
             return path, e, None
 
@@ -657,7 +657,7 @@ def predict(net, info, device, args, images):
     results = []
     for img in images:
         img = image_to_tensor(img)
-        proposals = propose(img, getattr(args, "search_side", None) or info["search_side"])
+        proposals = selective_search(img, getattr(args, "search_side", None) or info["search_side"])
         boxes, scores = detect(net, img, proposals, info["crop_size"], device, args.nms_iou,
                                info.get("calibration", (1.0, 0.0)))
         results.append({"boxes": found_boxes(boxes, scores, args.threshold)})

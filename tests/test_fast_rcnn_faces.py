@@ -388,4 +388,4 @@ def test_selective_search_repeats(frc, shared_datasets):
     assert torch.equal(first, frc.selective_search(frc.load_image(photos[0]), (384, 256), 200, 300))
     rcnn = load_script("rcnn_faces.py")
     img = rcnn.image_to_tensor(rcnn.load_image(photos[0]))
-    assert torch.equal(rcnn.propose(img, 200), rcnn.propose(img, 200))
+    assert torch.equal(rcnn.selective_search(img, 200), rcnn.selective_search(img, 200))

@@ -132,7 +132,7 @@ SCRIPT_BAD = {
                       ["train", "--width", "0"], ["train", "--threshold", "2"], ["train", "--nms-iou", "-1"],
                       ["eval", "--threshold", "1.01"], ["eval", "--search-side", "0"]],
     "fast_rcnn_faces.py": [["prepare", "--size", "0x0"], ["prepare", "--size", "100000x100000"],
-                           ["prepare", "--ss-side", "0"], ["prepare", "--proposals", "-1"], ["train", "--width", "0"],
+                           ["prepare", "--search-side", "0"], ["prepare", "--proposals", "-1"], ["train", "--width", "0"],
                            ["train", "--nms-iou", "2"], ["eval", "--threshold", "-0.5"]],
 }
 
