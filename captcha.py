@@ -416,6 +416,16 @@ def in_order(n, batch_size, device):
     return list(torch.arange(n, device=device).split(batch_size))
 
 
+def init_from(model, state):
+    """Copy into model every tensor of another captcha model's state whose name and shape match: the network
+    (stem and blocks) always, the head's tensors where charset, length and input size agree. Returns a summary."""
+    own = model.state_dict()
+    same = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    model.load_state_dict(same, strict=False)
+    fresh = sorted(k for k in own if k not in same and not k.endswith("num_batches_tracked"))
+    return f"{len(same)} of {len(own)} tensors" + (f" (new: {', '.join(fresh)})" if fresh else "")
+
+
 def build_model(model_args):
     model = CaptchaNet(**{**model_args, "image_size": tuple(model_args["image_size"])})
     return model.to(memory_format=torch.channels_last)
@@ -546,6 +556,9 @@ def train(args, device, out_dir, tb_dir):
     if main_process():
         out_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = resume_path(args, out_dir)   # checked before any work
+    init = args.init and load_model_file(args.init)
+    if init and checkpoint:
+        raise UserError("--init and --resume: a resumed run goes on from its checkpoint; pass one of them", 2)
     seed_everything(args.seed + rank)   # DDP copies rank 0's initial weights to every process
     writer = open_tensorboard(tb_dir) if tb_dir else None
     x_train, y_train = (t.to(device) for t in read_split(data_dir, "training_set"))
@@ -567,6 +580,8 @@ def train(args, device, out_dir, tb_dir):
     strength = auto_augment(n_train) if args.augment == "auto" else args.augment
     ramp = max(1, round(AUGMENT_RAMP * args.epochs))   # epochs over which the strength rises to its value
     model = build_model(model_args).to(device)
+    if init:
+        print(f"initialised from {args.init}: {init_from(model, init['model'])}")
     # AdamW + one-cycle: reaches a given accuracy in far fewer epochs than the tutorial's constant-lr Adam
     # (see benchmarks/captcha_bench.py); cross-entropy per position replaces BCE over the one-hot code.
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05)
@@ -784,6 +799,9 @@ def build_parser():
                    help="mini-batch size (under torchrun: the global batch)")
     p.add_argument("--lr", type=nonneg_float, default=3e-3, help="peak learning rate of the one-cycle schedule")
     p.add_argument("--resume", action="store_true", help="continue from DATA_DIR/checkpoint.pt")
+    p.add_argument("--init", metavar="MODEL", default=None,
+                   help="start from the weights of another captcha model.pt, e.g. one trained on generated captchas: "
+                        "for a few hundred labels (the head starts fresh where charset, length or size differ)")
     p.add_argument("--epoch-size", type=nonneg_int, default=EPOCH_SIZE, metavar="N",
                    help="images per epoch at least (a smaller training split is repeated, augmented afresh)")
     p.add_argument("--augment", type=augment_strength, default="auto", metavar="X",

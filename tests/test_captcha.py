@@ -301,6 +301,30 @@ def test_mixed_lengths_end_to_end(no_prefix):
     assert all(len(r["code"]) <= 6 and set(r["code"]) <= set(charset) and 0 <= r["confidence"] <= 1 for r in rows)
 
 
+def test_init_from_a_model_of_another_style(tmp, trained, no_prefix):
+    """--init: the Hei-style model (40x96 input, 4 characters) starts a run on 200x50 captchas of 5-6 characters.
+    The network's tensors are copied, the head's that depend on length, size or charset start fresh; with --lr 0
+    the copied convolutions come out unchanged. --init with --resume is refused."""
+    src = trained[0] / "model.pt"
+    data = tmp / "init"
+    shutil.copytree(no_prefix[1], data, ignore=shutil.ignore_patterns("model.pt", "checkpoint.pt", "history.*"))
+    proc = run("captcha.py", "train", "--data-dir", data, "--init", src, "--epochs", 1, "--epoch-size", 0,
+               "--batch-size", 12, "--lr", 0, "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    m = re.search(r"^initialised from .*model.pt: (\d+) of (\d+) tensors \(new: (.*)\)$", proc.stdout, re.M)
+    assert m, proc.stdout
+    fresh, head = set(m.group(3).split(", ")), {"positions", "prior", "queries"}
+    assert head <= fresh and all(k.startswith("classifier.") for k in fresh - head)   # classifier: the charset
+    old, new = (torch.load(p, weights_only=True)["model"] for p in (src, data / "model.pt"))
+    assert int(m.group(1)) == len([k for k in new if k in old and old[k].shape == new[k].shape])
+    for key in ("stem.0.weight", "layers.0.conv1.weight", "layers.5.conv2.weight"):
+        assert torch.equal(old[key], new[key])
+    assert old["queries"].shape[0] == 4 and new["queries"].shape[0] == 6
+    line = assert_one_line_error(run("captcha.py", "train", "--data-dir", data, "--init", src, "--resume",
+                                     "--device", "cpu"), 2)
+    assert "--init and --resume" in line
+
+
 def test_prepare_labels_files(tmp, wide):
     """--labels: CSV with a header or whitespace text; files outside the folder, missing, listed twice or not
     listed, and lines without a code are skipped and counted; the codes come from the file."""
