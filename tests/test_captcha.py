@@ -293,6 +293,7 @@ def test_mixed_lengths_end_to_end(no_prefix):
                "--device", "cpu")
     assert proc.returncode == 0, proc.stderr
     assert "length 5-6" in proc.stdout
+    assert "few labels (36): start from a model trained on generated captchas (--init MODEL)" in proc.stdout
     proc = run("captcha.py", "eval", "--data-dir", data, "--json", folder)
     assert proc.returncode == 0, proc.stderr
     rows = [json.loads(line) for line in proc.stdout.splitlines()]
@@ -312,7 +313,7 @@ def test_init_from_a_model_of_another_style(tmp, trained, no_prefix):
                "--batch-size", 12, "--lr", 0, "--device", "cpu")
     assert proc.returncode == 0, proc.stderr
     m = re.search(r"^initialised from .*model.pt: (\d+) of (\d+) tensors \(new: (.*)\)$", proc.stdout, re.M)
-    assert m, proc.stdout
+    assert m and "few labels" not in proc.stdout, proc.stdout
     fresh, head = set(m.group(3).split(", ")), {"positions", "prior", "queries"}
     assert head <= fresh and all(k.startswith("classifier.") for k in fresh - head)   # classifier: the charset
     old, new = (torch.load(p, weights_only=True)["model"] for p in (src, data / "model.pt"))
