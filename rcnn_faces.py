@@ -437,7 +437,7 @@ def cmd_prepare(args):
         raise UserError(f"{args.csv}: no rows with a usable box")
     if args.neg_iou > args.pos_iou:
         raise UserError(f"--neg-iou {args.neg_iou} is above --pos-iou {args.pos_iou}: a region would be both", 2)
-    opts = {"search_side": args.search_side, "max_proposals": args.max_proposals, "pos_iou": args.pos_iou,
+    opts = {"search_side": args.search_side, "max_proposals": args.proposals, "pos_iou": args.pos_iou,
             "neg_iou": args.neg_iou, "backgrounds": args.backgrounds, "crop_size": args.crop_size}
     names, results, jobs = sorted(rows_by_photo), {}, []
     for i, name in enumerate(names):
@@ -726,7 +726,7 @@ def build_parser():
                    help="parallel selective-search processes")
     p.add_argument("--search-side", type=positive_int, default=SEARCH_SIDE,
                    help="longest side (px) of the copy searched for regions")
-    p.add_argument("--max-proposals", type=positive_int, default=MAX_PROPOSALS,
+    p.add_argument("--proposals", "--max-proposals", type=positive_int, default=MAX_PROPOSALS,
                    help="first N selective-search regions per photo")
     p.add_argument("--pos-iou", type=probability, default=POS_IOU, help="region is a face if IoU with a true box > X")
     p.add_argument("--neg-iou", type=probability, default=NEG_IOU,

@@ -128,7 +128,7 @@ SCRIPT_BAD = {
     "cifar_resnet.py": [["train", "--lr", "inf"]],
     "rcnn_faces.py": [["prepare", "--pos-iou", "1.5"], ["prepare", "--neg-iou", "-0.1"],
                       ["prepare", "--crop-size", "0"], ["prepare", "--search-side", "0"],
-                      ["prepare", "--max-proposals", "0"], ["prepare", "--backgrounds", "-1"],
+                      ["prepare", "--proposals", "0"], ["prepare", "--backgrounds", "-1"],
                       ["train", "--width", "0"], ["train", "--threshold", "2"], ["train", "--nms-iou", "-1"],
                       ["eval", "--threshold", "1.01"], ["eval", "--search-side", "0"]],
     "fast_rcnn_faces.py": [["prepare", "--size", "0x0"], ["prepare", "--size", "100000x100000"],
