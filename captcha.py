@@ -420,14 +420,23 @@ def in_order(n, batch_size, device):
     return list(torch.arange(n, device=device).split(batch_size))
 
 
-def init_from(model, state):
-    """Copy into model every tensor of another captcha model's state whose name and shape match: the network
-    (stem and blocks) always, the head's tensors where charset, length and input size agree. Returns a summary."""
-    own = model.state_dict()
+def init_from(model, init, charset):
+    """Copy into model the weights of another captcha model (init: its model.pt) whose name and shape match: the
+    network (stem and blocks) always, the attention where length and input size agree, and the classifier's row
+    of each character the two charsets share (and of the end symbol). Returns a summary."""
+    own, state = model.state_dict(), init["model"]
     same = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    old = {c: j for j, c in enumerate(init["charset"])}
+    rows = [(i, old[c]) for i, c in enumerate(charset) if c in old] + [(len(charset), len(init["charset"]))]
+    new_rows, old_rows = (list(r) for r in zip(*rows))
+    for key in ("classifier.1.weight", "classifier.1.bias"):
+        if own[key].shape[1:] == state[key].shape[1:]:
+            same[key] = own[key].clone()
+            same[key][new_rows] = state[key][old_rows]
     model.load_state_dict(same, strict=False)
     fresh = sorted(k for k in own if k not in same and not k.endswith("num_batches_tracked"))
-    return f"{len(same)} of {len(own)} tensors" + (f" (new: {', '.join(fresh)})" if fresh else "")
+    return (f"{len(same)} of {len(own)} tensors, {len(rows) - 1} of {len(charset)} characters" +
+            (f" (new: {', '.join(fresh)})" if fresh else ""))
 
 
 def build_model(model_args):
@@ -585,7 +594,7 @@ def train(args, device, out_dir, tb_dir):
     ramp = max(1, round(AUGMENT_RAMP * args.epochs))   # epochs over which the strength rises to its value
     model = build_model(model_args).to(device)
     if init:
-        print(f"initialised from {args.init}: {init_from(model, init['model'])}")
+        print(f"initialised from {args.init}: {init_from(model, init, meta['charset'])}")
     # AdamW + one-cycle: reaches a given accuracy in far fewer epochs than the tutorial's constant-lr Adam
     # (see benchmarks/captcha_bench.py); cross-entropy per position replaces BCE over the one-hot code.
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05)
@@ -808,7 +817,8 @@ def build_parser():
     p.add_argument("--resume", action="store_true", help="continue from DATA_DIR/checkpoint.pt")
     p.add_argument("--init", metavar="MODEL", default=None,
                    help="start from the weights of another captcha model.pt, e.g. one trained on generated captchas: "
-                        "for a few hundred labels (the head starts fresh where charset, length or size differ)")
+                        "for a few hundred labels (the attention starts fresh where length or size differ, the "
+                        "classifier keeps the characters both charsets hold)")
     p.add_argument("--epoch-size", type=nonneg_int, default=EPOCH_SIZE, metavar="N",
                    help="images per epoch at least (a smaller training split is repeated, augmented afresh)")
     p.add_argument("--augment", type=augment_strength, default="auto", metavar="X",

@@ -304,22 +304,28 @@ def test_mixed_lengths_end_to_end(no_prefix):
 
 def test_init_from_a_model_of_another_style(tmp, trained, no_prefix):
     """--init: the Hei-style model (40x96 input, 4 characters) starts a run on 200x50 captchas of 5-6 characters.
-    The network's tensors are copied, the head's that depend on length, size or charset start fresh; with --lr 0
-    the copied convolutions come out unchanged. --init with --resume is refused."""
+    The network's tensors are copied, the attention's that depend on length and size start fresh, the classifier's
+    rows follow the characters; with --lr 0 the copied weights come out unchanged. --init with --resume is refused."""
     src = trained[0] / "model.pt"
     data = tmp / "init"
     shutil.copytree(no_prefix[1], data, ignore=shutil.ignore_patterns("model.pt", "checkpoint.pt", "history.*"))
     proc = run("captcha.py", "train", "--data-dir", data, "--init", src, "--epochs", 1, "--epoch-size", 0,
                "--batch-size", 12, "--lr", 0, "--device", "cpu")
     assert proc.returncode == 0, proc.stderr
-    m = re.search(r"^initialised from .*model.pt: (\d+) of (\d+) tensors \(new: (.*)\)$", proc.stdout, re.M)
+    m = re.search(r"^initialised from .*model.pt: (\d+) of (\d+) tensors, (\d+) of (\d+) characters \(new: (.*)\)$",
+                  proc.stdout, re.M)
     assert m and "few labels" not in proc.stdout, proc.stdout
-    fresh, head = set(m.group(3).split(", ")), {"positions", "prior", "queries"}
-    assert head <= fresh and all(k.startswith("classifier.") for k in fresh - head)   # classifier: the charset
-    old, new = (torch.load(p, weights_only=True)["model"] for p in (src, data / "model.pt"))
-    assert int(m.group(1)) == len([k for k in new if k in old and old[k].shape == new[k].shape])
+    assert set(m.group(5).split(", ")) == {"positions", "prior", "queries"}   # length and input size differ
+    old, new = (torch.load(p, weights_only=True) for p in (src, data / "model.pt"))
+    assert int(m.group(1)) == len([k for k in new["model"] if k in old["model"]]) - 3
+    assert int(m.group(3)) == len(set(new["charset"]) & set(old["charset"])) and int(m.group(4)) == len(new["charset"])
     for key in ("stem.0.weight", "layers.0.conv1.weight", "layers.5.conv2.weight"):
-        assert torch.equal(old[key], new[key])
+        assert torch.equal(old["model"][key], new["model"][key])
+    # the classifier's rows follow the characters (and the end symbol, the last row)
+    shared = [(i, old["charset"].index(c)) for i, c in enumerate(new["charset"]) if c in old["charset"]]
+    for i, j in shared + [(len(new["charset"]), len(old["charset"]))]:
+        assert torch.equal(new["model"]["classifier.1.weight"][i], old["model"]["classifier.1.weight"][j])
+    old, new = old["model"], new["model"]
     assert old["queries"].shape[0] == 4 and new["queries"].shape[0] == 6
     line = assert_one_line_error(run("captcha.py", "train", "--data-dir", data, "--init", src, "--resume",
                                      "--device", "cpu"), 2)
