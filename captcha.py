@@ -594,7 +594,10 @@ def train(args, device, out_dir, tb_dir):
     ramp = max(1, round(AUGMENT_RAMP * args.epochs))   # epochs over which the strength rises to its value
     model = build_model(model_args).to(device)
     if init:
-        print(f"initialised from {args.init}: {init_from(model, init, meta['charset'])}")
+        try:
+            print(f"initialised from {args.init}: {init_from(model, init, meta['charset'])}")
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:   # a model.pt of another version
+            raise UserError(f"{args.init}: not a captcha model this run can start from ({type(e).__name__})")
     # AdamW + one-cycle: reaches a given accuracy in far fewer epochs than the tutorial's constant-lr Adam
     # (see benchmarks/captcha_bench.py); cross-entropy per position replaces BCE over the one-hot code.
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05)

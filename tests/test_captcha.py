@@ -330,6 +330,12 @@ def test_init_from_a_model_of_another_style(tmp, trained, no_prefix):
     line = assert_one_line_error(run("captcha.py", "train", "--data-dir", data, "--init", src, "--resume",
                                      "--device", "cpu"), 2)
     assert "--init and --resume" in line
+    broken = torch.load(src, weights_only=True)   # a captcha model.pt whose network has other names
+    broken["model"] = {k: v for k, v in broken["model"].items() if not k.startswith("classifier")}
+    torch.save(broken, tmp / "broken_init.pt")
+    line = assert_one_line_error(run("captcha.py", "train", "--data-dir", data, "--init", tmp / "broken_init.pt",
+                                     "--device", "cpu"), 1)
+    assert "not a captcha model this run can start from" in line
 
 
 def test_prepare_labels_files(tmp, wide):
