@@ -39,8 +39,9 @@ import signal
 import sys
 import time
 import warnings
-from concurrent.futures import ProcessPoolExecutor
-from functools import lru_cache
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from functools import lru_cache, partial
 from pathlib import Path
 
 try:
@@ -55,6 +56,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
 from PIL import Image, ImageDraw, UnidentifiedImageError
 from torchvision.models.resnet import BasicBlock
 from torchvision.ops import box_convert, box_iou, clip_boxes_to_image, nms, remove_small_boxes, roi_align
@@ -79,6 +81,7 @@ THRESHOLD = 0.25                         # calibrated face probability; minimise
 POS_IOU, NEG_IOU = 0.5, 0.4              # proposal labelling: face >= POS_IOU, background < NEG_IOU
 ROIS_PER_PHOTO, POS_FRACTION = 64, 0.25
 STRIDE = 8                               # feature map stride
+ROI_SAMPLES = 1                          # RoI Align samples per bin side: 1 (not 2) is 4x fewer, as accurate
 BOX_WEIGHTS = (10.0, 10.0, 5.0, 5.0)     # offset scaling, as torchvision's BoxCoder
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CSV_COLUMNS = ["Name", "xmin", "ymin", "xmax", "ymax"]
@@ -240,12 +243,9 @@ def prepare_photo(task):
             "outside": boxes[~inside].tolist()}
 
 
-def pad_stack(tensors, length):
-    """List of K_i,4 tensors -> N,length,4 (zero padded) and the counts N."""
-    out = torch.zeros(len(tensors), length, 4)
-    for i, t in enumerate(tensors):
-        out[i, :len(t)] = t
-    return out, torch.tensor([len(t) for t in tensors])
+def pad_stack(tensors):
+    """List of K_i,4 tensors -> N,max K_i,4 (zero padded) and the counts N."""
+    return pad_sequence(tensors, batch_first=True), torch.tensor([len(t) for t in tensors])
 
 
 def unpad(boxes, counts):
@@ -289,9 +289,9 @@ def stage(c_in, c_out, stride, blocks):
 class FastRCNN(nn.Module):
     """Small ResNet trunk (stride 16) with a stride-8 merged map, RoI Align, then class and box heads."""
 
-    def __init__(self, width=32, roi_size=6, hidden=256):
+    def __init__(self, width=32, roi_size=6, hidden=256, samples=2):   # models saved before ROI_SAMPLES used 2
         super().__init__()
-        self.roi_size = roi_size
+        self.roi_size, self.samples = roi_size, samples
         conv = lambda c_in, c_out: [nn.Conv2d(c_in, c_out, 3, 2, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
         self.stem = nn.Sequential(*conv(3, width * 3 // 4), *conv(width * 3 // 4, width))  # stride 4
         self.layer2 = stage(width, 2 * width, 2, 2)                                                   # stride 8
@@ -314,7 +314,8 @@ class FastRCNN(nn.Module):
     def classify_rois(self, features, rois):
         """rois: list (one per photo) of K_i,4 boxes, or K,5 (roi_batch), in letterbox pixels -> logits K,2 and
         offsets K,4."""
-        pooled = roi_align(features, rois, self.roi_size, spatial_scale=1 / STRIDE, sampling_ratio=2, aligned=True)
+        pooled = roi_align(features, rois, self.roi_size, spatial_scale=1 / STRIDE, sampling_ratio=self.samples,
+                           aligned=True)
         hidden = self.head(pooled)                          # K,hidden
         return self.classify(hidden), self.regress(hidden)
 
@@ -464,6 +465,31 @@ def detect(model, images, props, sizes, device, nms_iou, regress=True, calibrati
     return results
 
 
+def read_ahead(paths, work, lookahead):
+    """Yield (path, photo, work(photo), None), or (path, None, None, reason) for a photo that cannot be read, per
+    input in order. The next `lookahead` photos are read and worked on (selective search) in a thread, as OpenCV
+    and PIL release the GIL, while torch scores this one."""
+    def run(path):
+        try:
+            img = load_image(path)
+            return path, img, work(img), None
+        except (UserError, cv2.error) as e:  # missing, not an image, damaged, too many pixels
+            return path, None, None, f"cannot read image: {e}"
+
+    if lookahead:  # one core searches the next photos, the others run the network
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
+    pool, pending = ThreadPoolExecutor(1), deque()
+    try:
+        for path in paths:
+            pending.append(pool.submit(run, path))
+            if len(pending) > lookahead:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:  # Ctrl-C or an error: the photos read ahead are dropped, not searched
+        pool.shutdown(cancel_futures=True)
+
+
 def match_detections(dets, gts, iou=0.5):
     """VOC matching per photo: by decreasing score, a box is correct if its best-overlapping true box has
     IoU >= iou and was not matched before. dets: [(boxes K,4, scores K)] per photo, gts: [G,4] per photo.
@@ -581,8 +607,6 @@ def cmd_prepare(args):
     if not kept:
         raise UserError(f"{args.csv}: no usable photo with a valid face box in {image_dir}")
     kept_names = sorted(kept)
-    max_gt = max(len(r["gt"]) for r in kept.values())
-    max_ss = max(1, max(len(r["ss"]) for r in kept.values()))
     splits = dict(zip(["training_set", "validating_set", "testing_set"], split_indices(len(kept_names), args.seed)))
     shards = {}
     for split, idx in splits.items():
@@ -590,8 +614,8 @@ def cmd_prepare(args):
         if not rows:
             continue
         images = torch.stack([r["image"] for r in rows])
-        gt, n_gt = pad_stack([r["gt"] for r in rows], max_gt)
-        ss, n_ss = pad_stack([r["ss"] for r in rows], max_ss)
+        gt, n_gt = pad_stack([r["gt"] for r in rows])
+        ss, n_ss = pad_stack([r["ss"] for r in rows])
         shards[split] = [images, gt, n_gt, ss, n_ss, torch.stack([r["hw"] for r in rows])]
     meta = {"kind": DATA_KIND, "script": f"{SCRIPT}.py", "csv": str(Path(args.csv).resolve()),
             "image_dir": str(image_dir.resolve()), "seed": args.seed, "size": list(args.size),
@@ -617,7 +641,7 @@ def train(args, device, out_dir, tb_dir):
     seed_everything(args.seed)
     size = meta["size"]
     train, val = load_prepared(data_dir, "training_set", size), load_prepared(data_dir, "validating_set", size)
-    model_args = {"width": args.width}
+    model_args = {"width": args.width, "samples": ROI_SAMPLES}
     if checkpoint:   # the network of the run being resumed, whatever --width says now
         model_args = load_model_file(checkpoint, CHECKPOINT_KEYS)["model_args"]
     model = build_model(model_args).to(device)
@@ -697,10 +721,11 @@ def train(args, device, out_dir, tb_dir):
     t0 = time.time()
     dets = detect(model, test[0], test[2], test[3], device, args.nms_iou, calibration=calibration or (1.0, 0.0),
                   amp=args.amp)
-    score = detection_scores(dets, photo_boxes(test, size), 0.5)
+    score = detection_scores(dets, photo_boxes(test, size), THRESHOLD)   # eval's default threshold
     result["test"] = round(score["ap50"], 6)
     print(f"test photos: {len(test[0])}  AP@0.5 {score['ap50']:.3f}  recall {score['recall']:.3f}  "
-          f"count RMSE {score['count_rmse']:.2f} (threshold 0.5)  {(time.time() - t0) / len(test[0]):.2f} s/photo")
+          f"count RMSE {score['count_rmse']:.2f} (threshold {THRESHOLD})  "
+          f"{(time.time() - t0) / len(test[0]):.2f} s/photo")
     return result
 
 
@@ -716,7 +741,7 @@ def draw_boxes(img, found, path, size):
         draw.text((x + 2, y + 1), f"{b['score']:.2f}", fill=(255, 0, 0))
     try:
         with atomic_path(path) as tmp:
-            img.save(tmp, format="PNG")
+            img.save(tmp, format="PNG", compress_level=1)  # 3x faster than the default 6, 3% larger
     except OSError as e:
         raise UserError(f"{path}: cannot write the annotated image ({e.strerror or e})")
 
@@ -789,14 +814,20 @@ def working_copy(img, size):
     return (img.reduce(factor) if factor > 1 else img), factor
 
 
-def predict(net, info, device, args, images):
-    """PIL photos -> eval's JSON objects {"boxes": [...]}, in photo pixels, best first."""
+def look(img, info):
+    """A PIL photo -> what detect needs of it: (its working copy letterboxed, uint8 3,H,W; its proposals in
+    letterbox pixels; the copy's (width, height); the copy's reduction factor)."""
     size = tuple(info["size"])
-    copies, factors = zip(*(working_copy(img, size) for img in images))   # a copy's pixel is factor x factor pixels
-    props = [photo_proposals(selective_search(img, size, info["search_side"], info["proposals"]), img.width, img.height,
-                             size) for img in copies]
-    dets = detect(net, torch.stack([letterbox_image(img, size) for img in copies]), props,
-                  torch.tensor([[img.width, img.height] for img in copies]), device, args.nms_iou,
+    copy, factor = working_copy(img, size)   # a copy's pixel is factor x factor pixels of the photo
+    proposals = selective_search(copy, size, info["search_side"], info["proposals"])
+    return letterbox_image(copy, size), photo_proposals(proposals, copy.width, copy.height, size), copy.size, factor
+
+
+def predict(net, info, device, args, images, looks=None):
+    """PIL photos (and their looks, if taken before) -> eval's JSON objects {"boxes": [...]}, in photo pixels,
+    best first."""
+    x, props, sizes, factors = zip(*(looks or [look(img, info) for img in images]))
+    dets = detect(net, torch.stack(x), list(props), torch.tensor(sizes), device, args.nms_iou,
                   regress=not getattr(args, "no_regress", False), calibration=info.get("calibration", (1.0, 0.0)),
                   flip=not getattr(args, "no_flip", False))
     return [{"boxes": found_boxes(clip_boxes_to_image(boxes * f, (img.height, img.width)), scores, args.threshold)}
@@ -810,11 +841,7 @@ def cmd_eval(args):
     failed = False
     # files and folders: a known count, so a progress bar (shown on a terminal only)
     paths = progress(inputs, unit="img", desc="eval", leave=False) if args.images else iter_eval_inputs(None)
-    for path in paths:
-        try:
-            img, reason = load_image(path), None
-        except UserError as e:  # missing, not an image, damaged, too many pixels
-            reason = f"cannot read image: {e}"
+    for path, img, seen, reason in read_ahead(paths, partial(look, info=info), 2 if args.images else 0):
         if reason is None:
             try:
                 out = outputs.path_for(path)
@@ -827,7 +854,7 @@ def cmd_eval(args):
             else:
                 print(f"{path}: {reason}", file=sys.stderr)
             continue
-        found = predict(net, info, device, args, [img])[0]["boxes"]
+        found = predict(net, info, device, args, [img], [seen])[0]["boxes"]
         draw_boxes(img, found, out, info["size"])
         if args.json:
             print(json.dumps({"image": path, "boxes": found, "output": str(out)}), flush=True)

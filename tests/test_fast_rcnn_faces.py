@@ -389,3 +389,23 @@ def test_selective_search_repeats(frc, shared_datasets):
     rcnn = load_script("rcnn_faces.py")
     img = rcnn.image_to_tensor(rcnn.load_image(photos[0]))
     assert torch.equal(rcnn.selective_search(img, 200), rcnn.selective_search(img, 200))
+
+
+def test_read_ahead_keeps_order_and_reads_no_further_than_asked(frc, shared_datasets, tmp_path):
+    """eval's look-ahead (the same text in both face scripts): answers come in input order, an unreadable photo
+    is a reason and not an error, and with lookahead 0 (paths typed on stdin) nothing is read before it is asked."""
+    photos = [str(p) for p in sorted((FACES_DIR / "image_data").iterdir())[:2]]
+    paths = [photos[0], str(tmp_path / "missing.jpg"), photos[1], photos[0]]
+    out = list(frc.read_ahead(paths, lambda img: img.size, 2))
+    assert [o[0] for o in out] == paths
+    assert out[1][1:3] == (None, None) and out[1][3].startswith("cannot read image")
+    assert [o[2] for o in out if o[3] is None] == [frc.load_image(p).size for p in (photos[0], photos[1], photos[0])]
+    pulled = []
+
+    def typed():
+        for p in photos:
+            pulled.append(p)
+            yield p
+
+    answers = frc.read_ahead(typed(), lambda img: img.size, 0)
+    assert next(answers)[0] == photos[0] and pulled == photos[:1]
