@@ -102,6 +102,10 @@ AUGMENT_RAMP = 0.25
 # dark 200x50 style, 5-6 characters; the same run from random weights read 63.7% (67.0% after 60 epochs).
 FEW_LABELS = 5000
 CPU_BF16 = False         # bf16 autocast on the CPU: measured slower than fp32 for this network
+# eval reads each captcha in 5 views, shifted by one pixel each way, and averages the log-probabilities (the
+# confidence is calibrated on the same views). On 2,000 held-out captchas: a reader of 18,000 generated captchas
+# 93.2% -> 94.5% exact-match, readers trained on 900 labels 80.4% -> 83.4% and 83.0% -> 84.9%; 5x the arithmetic.
+VIEWS = ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1))   # (dx, dy) in pixels of the model's input
 
 
 # ---- Data ----
@@ -363,15 +367,30 @@ def run_epoch(model, x, y, device, batches, dtype, optimizer=None, scheduler=Non
     return total_loss.item() / m, exact.item() / m, chars.item() / max(n_chars.item(), 1), n
 
 
+def shifted_views(x, views):
+    """Preprocessed B,3,H,W -> V*B,3,H,W: the batch shifted by each (dx, dy) of views, the edges filled white."""
+    h, w = x.shape[2:]
+    m = max(max(abs(dx), abs(dy)) for dx, dy in views)
+    padded = F.pad(x, (m, m, m, m), value=1.0)
+    return torch.cat([padded[:, :, m - dy:m - dy + h, m - dx:m - dx + w] for dx, dy in views]).contiguous(
+        memory_format=torch.channels_last)
+
+
+def read_logp(net, x, views):
+    """uint8 B,3,H,W -> log-probabilities B,L,K of the network (torch or ONNX), averaged over the shifted views."""
+    logp = net(shifted_views(preprocess(x), views)).float().log_softmax(-1)
+    return logp.unflatten(0, (len(views), len(x))).mean(0)
+
+
 @torch.no_grad()
-def read_codes(model, x, device, batch_size, dtype):
+def read_codes(model, x, device, batch_size, dtype, views=((0, 0),)):
     """uint8 images N,3,H,W -> (predicted classes N,L, log of the raw confidence N: the sum over positions of
-    the log-probability of the predicted class)."""
+    the log-probability of the predicted class), each image read in the given views."""
     model.eval()
     preds, scores = [], []
-    for idx in in_order(len(x), batch_size, device):
+    for idx in in_order(len(x), max(1, batch_size // len(views)), device):
         with autocast(device, dtype):
-            logp = model(preprocess(x[idx])).float().log_softmax(-1)
+            logp = read_logp(model, x[idx], views)
         best, pred = logp.max(-1)
         preds.append(pred)
         scores.append(best.sum(1))
@@ -456,7 +475,7 @@ def predict(net, info, device, args, images, per_position=False):
     """PIL images -> eval's JSON objects {"code", "confidence"} (+ "per_position" probabilities if asked)."""
     x = torch.stack([to_input(img, tuple(info["image_size"])) for img in images]).to(device)
     with autocast(device, amp_dtype(device)):
-        logp = net(preprocess(x)).float().log_softmax(-1)   # B,L,K
+        logp = read_logp(net, x, info.get("views", [[0, 0]]))   # B,L,K; models before VIEWS: one view
     best, idx = logp.max(-1)
     results = []
     for p, i, confidence in zip(best, idx, calibrated(best.sum(1), info.get("calibration")).tolist()):
@@ -651,7 +670,7 @@ def train(args, device, out_dir, tb_dir):
             log_epoch(writer, history[-1], model, args.histogram_every)
             best_model = {"model_args": model_args, "charset": meta["charset"], "length": meta["length"],
                           "image_size": meta["image_size"], "case_sensitive": meta["case_sensitive"], "epoch": epoch,
-                          "val_acc": val_acc}
+                          "val_acc": val_acc, "views": [list(v) for v in VIEWS]}   # eval reads in VIEWS
             save_epoch(out_dir, args, model, optimizer, scheduler, scaler,
                        {"epoch": epoch, "history": history, "best_score": best, "bad_epochs": bad_epochs,
                         "model_args": model_args}, best_model if improved else None,
@@ -670,22 +689,27 @@ def train(args, device, out_dir, tb_dir):
         raise UserError(f"{model_path} was not written (no epoch ran); raise --epochs")
     best_model = load_model_file(model_path)
     model.load_state_dict(best_model["model"])
+    # from here on, codes are read as eval reads them: in the VIEWS, averaged
     # calibrate the confidence on the whole validation split: P(code right) as a function of the raw confidence
     x_val, y_val = (t.to(device) for t in read_split(data_dir, "validating_set"))
     if len(x_val):
-        pred, scores = read_codes(model, x_val, device, 4 * args.batch_size, dtype)
+        pred, scores = read_codes(model, x_val, device, 4 * args.batch_size, dtype, VIEWS)
         right = (pred == y_val).all(1)
+        best = right.float().mean().item()
         best_model["calibration"] = fit_calibration(scores, right)
-        atomic_torch_save(best_model, model_path)
         confident = calibrated(scores, best_model["calibration"]) >= 0.9
-        print(f"confidence calibrated on {len(x_val)} validation codes: {confident.sum().item()} with confidence "
-              f">= 0.9" + (f", {right[confident].float().mean().item():.1%} of them right" if confident.any() else ""))
+        print(f"validation read in {len(VIEWS)} views as eval does: exact-match {best:.2%}; confidence calibrated on "
+              f"{len(x_val)} codes: {confident.sum().item()} with confidence >= 0.9" +
+              (f", {right[confident].float().mean().item():.1%} of them right" if confident.any() else ""))
+    atomic_torch_save(best_model, model_path)
     x_test, y_test = (t.to(device) for t in read_split(data_dir, "testing_set"))
     if len(x_test):
-        _, test_acc, test_char, _ = run_epoch(model, x_test, y_test, device,
-                                              in_order(len(x_test), 4 * args.batch_size, device), dtype)
+        pred, _ = read_codes(model, x_test, device, 4 * args.batch_size, dtype, VIEWS)
+        correct, is_char = pred == y_test, y_test < len(meta["charset"])   # not the end symbol
+        test_acc = correct.all(1).float().mean().item()
+        test_char = (correct & is_char).sum().item() / max(is_char.sum().item(), 1)
         result["test"] = round(test_acc, 6)
-        print(f"test ({len(x_test)} images, best model of epoch {best_model['epoch']}): "
+        print(f"test ({len(x_test)} images, best model of epoch {best_model['epoch']}, read as eval does): "
               f"exact-match {test_acc:.2%}, per-character {test_char:.2%}")
     else:
         print(f"no test split: validation exact-match {best:.2%} (best model of epoch {best_model['epoch']}) is the "

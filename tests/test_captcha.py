@@ -437,7 +437,28 @@ def test_train_writes_model_history_and_scores(trained):
     assert model["length"] == 4 and list(model["image_size"]) == [40, 96]
     assert model["model_args"]["n_classes"] == len(meta["charset"]) + 1          # the end symbol
     assert set(model["calibration"]) == {"a", "b"} and model["calibration"]["a"] >= 0
-    assert re.search(r"confidence calibrated on 40 validation codes", proc.stdout)
+    assert re.search(r"validation read in 5 views as eval does: exact-match \d+\.\d+%; confidence calibrated on "
+                     r"40 codes", proc.stdout)
+    assert model["views"] == [[0, 0], [1, 0], [-1, 0], [0, 1], [0, -1]]   # eval reads in the views calibrated on
+
+
+def test_shifted_views_unit():
+    """Each view is the image moved by (dx, dy) whole pixels, the uncovered edge white; read_logp averages the
+    network's log-probabilities over the views and keeps one row per image."""
+    mod = load_script("captcha.py")
+    x = torch.full((2, 3, 6, 8), 255, dtype=torch.uint8)
+    x[0, :, 2, 3] = 0                                      # one black pixel in the first image
+    views = mod.shifted_views(mod.preprocess(x), ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1), (2, -2)))
+    assert views.shape == (12, 3, 6, 8)
+    black = [v[0].nonzero().tolist() for v in views[::2] < 0]
+    assert black == [[[2, 3]], [[2, 4]], [[2, 2]], [[3, 3]], [[1, 3]], [[0, 5]]], black
+    assert (views[1::2] == 1).all()                        # the white image stays white: the edges fill white
+    seen = []
+    net = lambda batch: seen.append(len(batch)) or batch.mean((1, 2))[:, None, :].repeat(1, 4, 1)   # B,4,8
+    logp = mod.read_logp(net, x, mod.VIEWS)
+    assert seen == [10] and logp.shape == (2, 4, 8)
+    expected = net(mod.shifted_views(mod.preprocess(x), mod.VIEWS)).log_softmax(-1).unflatten(0, (5, 2)).mean(0)
+    assert torch.allclose(logp, expected)
 
 
 def test_network_learns():
@@ -469,10 +490,11 @@ def test_network_learns():
     loss, exact, chars, n = mod.run_epoch(model, x, y, cpu, mod.in_order(64, 64, cpu), None)
     assert n == 64
     assert chars > 0.9 and exact > 0.8, (loss, exact, chars)
-    pred, scores = mod.read_codes(model, x, cpu, 64, None)
-    codes = [mod.decode_code(p, "0123456789") for p in pred.tolist()]
     truth = [mod.decode_code(t, "0123456789") for t in y.tolist()]
-    assert sorted(set(map(len, truth))) == [2, 3, 4] and sum(c == t for c, t in zip(codes, truth)) / 64 > 0.8
+    for views in ((0, 0),), mod.VIEWS:                     # as validation reads, and as eval reads
+        pred, scores = mod.read_codes(model, x, cpu, 64, None, views)
+        codes = [mod.decode_code(p, "0123456789") for p in pred.tolist()]
+        assert sorted(set(map(len, truth))) == [2, 3, 4] and sum(c == t for c, t in zip(codes, truth)) / 64 > 0.8
     assert (scores <= 0).all()
     saved_before_the_prior = {k: v for k, v in model.state_dict().items() if k != "prior"}
     older = mod.build_model({"n_classes": 11, "length": 4, "image_size": [40, 96]})
