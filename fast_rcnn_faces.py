@@ -30,6 +30,7 @@ import io
 import itertools
 import json
 import math
+import multiprocessing
 import os
 import random
 import secrets
@@ -72,6 +73,7 @@ IMAGE_DIR = "784145_1347673_bundle_archive/train/image_data"
 CSV_PATH = "784145_1347673_bundle_archive/train/bbox_train.csv"
 SIZE = (384, 256)                        # letterbox width x height: a 612x408 photo fills it exactly
 SEARCH_SIDE = 200                        # selective search runs on a copy with this longest side
+SEARCH_PROCESSES = 0                     # eval: the search (0.16 s a photo) keeps up in one thread
 MAX_PROPOSALS = 300                      # selective search regions kept per photo
 WINDOW_SIZES = (16, 24, 32, 48, 64, 96, 128, 192, 256)  # dense windows (letterbox pixels)
 WINDOW_STEP = 0.5                        # window grid step, a fraction of the window size
@@ -465,24 +467,39 @@ def detect(model, images, props, sizes, device, nms_iou, regress=True, calibrati
     return results
 
 
-def read_ahead(paths, work, lookahead):
-    """Yield (path, photo, work(photo), None), or (path, None, None, reason) for a photo that cannot be read, per
-    input in order. The next `lookahead` photos are read and worked on (selective search) in a thread, as OpenCV
-    and PIL release the GIL, while torch scores this one."""
-    def run(path):
-        try:
-            img = load_image(path)
-            return path, img, work(img), None
-        except (UserError, cv2.error) as e:  # missing, not an image, damaged, too many pixels
-            return path, None, None, f"cannot read image: {e}"
+def read_photo(path, work=None):
+    """read_ahead's job for one input: (path, photo, work(photo), None), or (path, None, None, reason) for a photo
+    that cannot be read. In a read_ahead process, work is the one start_reader gave it."""
+    try:
+        img = load_image(path)
+        return path, img, (work or reader_work)(img), None
+    except (UserError, cv2.error) as e:  # missing, not an image, damaged, too many pixels
+        return path, None, None, f"cannot read image: {e}"
 
-    if lookahead:  # one core searches the next photos, the others run the network
-        torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
-    pool, pending = ThreadPoolExecutor(1), deque()
+
+def start_reader(work):
+    """Start of each read_ahead process: as start_worker, and the work it does on every photo (inherited through
+    fork, never pickled)."""
+    global reader_work
+    start_worker()
+    reader_work = work
+
+
+def read_ahead(paths, work, lookahead, processes=0):
+    """Yield read_photo's (path, photo, work(photo), reason) per input, in order. The next `lookahead` photos are
+    read and worked on (selective search) ahead while torch scores this one: in a thread (OpenCV and PIL release
+    the GIL), or in `processes` forked processes (one photo ahead each at least), for work that one thread cannot
+    keep up with."""
+    forked = bool(processes and lookahead) and "fork" in multiprocessing.get_all_start_methods()  # Windows: thread
+    if lookahead:  # the searches take their cores, the network runs on the others
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) - (processes if forked else 1)))
+    pool = (ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork"), initializer=start_reader,
+                                initargs=(work,)) if forked else ThreadPoolExecutor(1))
+    pending, ahead = deque(), max(lookahead, processes) if forked else lookahead
     try:
         for path in paths:
-            pending.append(pool.submit(run, path))
-            if len(pending) > lookahead:
+            pending.append(pool.submit(read_photo, path, None if forked else work))
+            if len(pending) > ahead:
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
@@ -841,7 +858,8 @@ def cmd_eval(args):
     failed = False
     # files and folders: a known count, so a progress bar (shown on a terminal only)
     paths = progress(inputs, unit="img", desc="eval", leave=False) if args.images else iter_eval_inputs(None)
-    for path, img, seen, reason in read_ahead(paths, partial(look, info=info), 2 if args.images else 0):
+    looks = read_ahead(paths, partial(look, info=info), 2 if args.images else 0, SEARCH_PROCESSES)
+    for path, img, seen, reason in looks:
         if reason is None:
             try:
                 out = outputs.path_for(path)

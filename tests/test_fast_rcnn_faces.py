@@ -1,9 +1,11 @@
 """fast_rcnn_faces.py: unit checks (letterbox, offsets, RoI shapes, loss, AP) and end to end on 36 real photos."""
-import importlib.util
 import csv
+import importlib.util
 import json
 import math
+import os
 import shutil
+import sys
 from types import SimpleNamespace
 
 from pathlib import Path
@@ -391,7 +393,7 @@ def test_selective_search_repeats(frc, shared_datasets):
     assert torch.equal(rcnn.selective_search(img, 200), rcnn.selective_search(img, 200))
 
 
-def test_read_ahead_keeps_order_and_reads_no_further_than_asked(frc, shared_datasets, tmp_path):
+def test_read_ahead_keeps_order_and_reads_no_further_than_asked(frc, shared_datasets, tmp_path, monkeypatch):
     """eval's look-ahead (the same text in both face scripts): answers come in input order, an unreadable photo
     is a reason and not an error, and with lookahead 0 (paths typed on stdin) nothing is read before it is asked."""
     photos = [str(p) for p in sorted((FACES_DIR / "image_data").iterdir())[:2]]
@@ -399,7 +401,13 @@ def test_read_ahead_keeps_order_and_reads_no_further_than_asked(frc, shared_data
     out = list(frc.read_ahead(paths, lambda img: img.size, 2))
     assert [o[0] for o in out] == paths
     assert out[1][1:3] == (None, None) and out[1][3].startswith("cannot read image")
-    assert [o[2] for o in out if o[3] is None] == [frc.load_image(p).size for p in (photos[0], photos[1], photos[0])]
+    sizes = [frc.load_image(p).size for p in (photos[0], photos[1], photos[0])]
+    assert [o[2] for o in out if o[3] is None] == sizes
+    # in worker processes (rcnn_faces.py's searches): the same answers, worked out in other processes
+    monkeypatch.setitem(sys.modules, frc.__name__, frc)   # as when run: read_photo is sent to them by name
+    out = list(frc.read_ahead(paths, lambda img: (img.size, os.getpid()), 2, processes=2))
+    assert [o[0] for o in out] == paths and out[1][3].startswith("cannot read image")
+    assert [o[2][0] for o in out if o[3] is None] == sizes and os.getpid() not in {o[2][1] for o in out if o[2]}
     pulled = []
 
     def typed():
