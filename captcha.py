@@ -470,15 +470,30 @@ def export_example(info):
     return (x,), ["x"], ["logits"], ({0: torch.export.Dim("batch")},), about
 
 
+def reading(info):
+    """The views and calibration a model file asks eval to read with; a malformed entry (a hand-edited file) is a
+    UserError. Models saved before VIEWS read in one view."""
+    views, calibration = info.get("views", [[0, 0]]), info.get("calibration")
+    if (not isinstance(views, (list, tuple)) or not 1 <= len(views) <= 25
+            or not all(isinstance(v, (list, tuple)) and len(v) == 2 and all(type(d) is int and abs(d) <= 8 for d in v)
+                       for v in views)):
+        raise UserError(f"the model's views entry is malformed ({str(views)[:60]}); expected pairs of pixel shifts")
+    if calibration is not None and not (isinstance(calibration, dict) and all(
+            isinstance(calibration.get(k), (int, float)) and math.isfinite(calibration[k]) for k in "ab")):
+        raise UserError(f"the model's calibration entry is malformed ({str(calibration)[:60]}); expected a and b")
+    return views, calibration
+
+
 @torch.no_grad()
 def predict(net, info, device, args, images, per_position=False):
     """PIL images -> eval's JSON objects {"code", "confidence"} (+ "per_position" probabilities if asked)."""
+    views, calibration = reading(info)
     x = torch.stack([to_input(img, tuple(info["image_size"])) for img in images]).to(device)
     with autocast(device, amp_dtype(device)):
-        logp = read_logp(net, x, info.get("views", [[0, 0]]))   # B,L,K; models before VIEWS: one view
+        logp = read_logp(net, x, views)   # B,L,K
     best, idx = logp.max(-1)
     results = []
-    for p, i, confidence in zip(best, idx, calibrated(best.sum(1), info.get("calibration")).tolist()):
+    for p, i, confidence in zip(best, idx, calibrated(best.sum(1), calibration).tolist()):
         code = decode_code(i.tolist(), info["charset"])
         results.append({"code": code, "confidence": round(confidence, 4)}
                        | ({"per_position": p[:len(code)].exp().tolist()} if per_position else {}))

@@ -658,6 +658,12 @@ def test_missing_model_and_models_of_other_scripts(tmp, trained, generated):
     assert "cifar_lenet.py" in line
     (tmp / "junk.pt").write_bytes(b"junk")
     assert_one_line_error(run_main("captcha.py", "eval", "--model", tmp / "junk.pt", image), 1)
+    model = torch.load(trained[0] / "model.pt", weights_only=True)   # hand-edited reading entries: one line each
+    for key, value in [("views", "abc"), ("views", [[0, 0, 1]]), ("views", [[0.5, 0]]), ("calibration", [1, 2]),
+                       ("calibration", {"a": float("nan"), "b": 0.0})]:
+        torch.save({**model, key: value}, tmp / "edited.pt")
+        line = assert_one_line_error(run_main("captcha.py", "eval", "--model", tmp / "edited.pt", image), 1)
+        assert f"{key} entry is malformed" in line
 
 
 def test_train_without_or_with_foreign_data(tmp):
