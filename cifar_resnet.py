@@ -70,10 +70,8 @@ SHARD_SPEC = ((torch.uint8, (3, IMAGE_SIZE, IMAGE_SIZE)), (torch.int64, ()))   #
 META_KEYS = {"labels": list, "mean": list, "std": list}   # what train reads from meta.json
 MODEL_KEYS = ("model", "model_args", "labels", "mean", "std")   # what eval reads from model.pt
 PAD = 4                                  # random crop: zero padding of 4 pixels, then a 32x32 window
-# Recipe: the well-known CIFAR ResNet-18 one (kuangliu/pytorch-cifar: SGD momentum 0.9, wd 5e-4, crop + flip,
-# 95% in 200 epochs) made short with a one-cycle schedule (fast.ai/DAWNBench style: ~94% in 30-40 epochs),
-# Nesterov momentum and label smoothing 0.1. Batch 256 with the linearly scaled peak lr 0.2 (0.1 per 128) keeps
-# enough steps for short runs (--epochs 5 on a 40k split: ~780 steps) while filling a GPU.
+# Recipe: kuangliu/pytorch-cifar's (SGD momentum 0.9, wd 5e-4, crop + flip: 95% in 200 epochs) made short: one-cycle
+# (DAWNBench style, ~94% in 30-40 epochs), Nesterov, label smoothing 0.1, batch 256 at peak lr 0.2 (0.1 per 128).
 EPOCHS = 40
 BATCH_SIZE = 256
 LR = 0.2
