@@ -65,37 +65,40 @@ from tqdm import tqdm
 
 # ---- Config ----
 C_RAND = ctypes.CDLL(None) if os.name == "posix" else ctypes.cdll.msvcrt   # srand(): see selective search
-SCRIPT = Path(__file__).stem             # stored in model.pt
-DATA_KIND = SCRIPT                       # stored in meta.json
+SCRIPT = Path(__file__).stem             # stored in model.pt and meta.json
+DATA_KIND = SCRIPT
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp"}
 SHARD_SIZE = 500
-IMAGE_DIR = "784145_1347673_bundle_archive/train/image_data"
+IMAGE_DIR = "784145_1347673_bundle_archive/train/image_data"  # the tutorial's paths
 CSV_PATH = "784145_1347673_bundle_archive/train/bbox_train.csv"
-SIZE = (384, 256)                        # letterbox width x height: a 612x408 photo fills it exactly
-SEARCH_SIDE = 200                        # selective search runs on a copy with this longest side
-SEARCH_PROCESSES = 0                     # eval: the search (0.16 s a photo) keeps up in one thread
-MAX_PROPOSALS = 300                      # selective search regions kept per photo
-WINDOW_SIZES = (16, 24, 32, 48, 64, 96, 128, 192, 256)  # dense windows (letterbox pixels)
-WINDOW_STEP = 0.5                        # window grid step, a fraction of the window size
-WINDOW_RATIO = 1.2                       # window height / width (faces are slightly taller than wide)
-EPOCHS = 16                              # 2-3 min per epoch of 1,600 photos on a 2-core CPU: a default run fits an hour
-THRESHOLD, NMS_IOU = 0.25, 0.3          # calibrated face probability (minimises the validation count RMSE); NMS IoU
-POS_IOU, NEG_IOU = 0.5, 0.4              # proposal labelling: face >= POS_IOU, background < NEG_IOU
+CSV_COLUMNS = ["Name", "xmin", "ymin", "xmax", "ymax"]
+MAX_PIXELS = 25_000_000  # bigger photos (decompression bombs) are refused before decoding
+SEARCH_SIDE = 200        # selective search runs on a copy whose longest side is this (px)
+MAX_PROPOSALS = 300      # the first selective search regions kept per photo
+SEARCH_PROCESSES = 0     # eval: the search (0.16 s a photo) keeps up in one thread
+SIZE = (384, 256)        # letterbox width x height: a 612x408 photo fills it exactly
+WINDOW_SIZES = (16, 24, 32, 48, 64, 96, 128, 192, 256)  # dense windows (letterbox pixels): small faces are missed
+WINDOW_STEP = 0.5        # by selective search; grid step, a fraction of the window size
+WINDOW_RATIO = 1.2       # window height / width (faces are slightly taller than wide)
+# Labelling: proposals (and the true boxes) with IoU >= POS_IOU are faces, < NEG_IOU background; ROIS_PER_PHOTO
+# sampled per photo and step, at most POS_FRACTION of them faces
+POS_IOU, NEG_IOU = 0.5, 0.4
 ROIS_PER_PHOTO, POS_FRACTION = 64, 0.25
-STRIDE = 8                               # feature map stride
-ROI_SAMPLES = 1                          # RoI Align samples per bin side: 1 (not 2) is 4x fewer, as accurate
+EPOCHS = 16              # an epoch of 1,600 photos: 2-3 min on a 2-core CPU; a default run fits an hour
+CPU_BF16 = False         # bf16 autocast on the CPU: not measured faster for this network; fp32
+STRIDE = 8               # feature map stride
+ROI_SAMPLES = 1          # RoI Align samples per bin side: 1 (not 2) is 4x fewer, as accurate
 BOX_WEIGHTS = (10.0, 10.0, 5.0, 5.0)     # offset scaling, as torchvision's BoxCoder
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-CSV_COLUMNS = ["Name", "xmin", "ymin", "xmax", "ymax"]
-MAX_PIXELS = 25_000_000                  # bigger photos (decompression bombs) are refused before decoding
+# THRESHOLD on calibrated scores: 0.25 gave the lowest face-count RMSE on validation photos
+THRESHOLD, NMS_IOU = 0.25, 0.3
+FLIP, FLIP_MIN = True, 0.001   # proposals scoring >= FLIP_MIN are scored on the mirrored photo too
+VOTE_IOU = 0.5           # box voting after NMS: mean of the boxes overlapping a kept one by >= this
 # letterboxed photos, true boxes (padded) and their counts, selective search boxes (padded) and counts, photo sizes
 SHARD_SPEC = ((torch.uint8, (3, None, None)), (torch.float32, (None, 4)), (torch.int64, ()),
               (torch.float32, (None, 4)), (torch.int64, ()), (torch.int64, (2,)))
 META_KEYS = {"size": list, "search_side": int, "proposals": int}            # what train reads from meta.json
 MODEL_KEYS = ("model", "model_args", "size", "search_side", "proposals")    # what eval reads from model.pt
-FLIP, FLIP_MIN = True, 0.001            # proposals scoring >= FLIP_MIN are scored on the mirrored photo too
-VOTE_IOU = 0.5                           # box voting after NMS: mean of the boxes overlapping a kept one by >= this
-CPU_BF16 = False                         # bf16 autocast on the CPU: not measured faster here; fp32
 
 
 # ---- Data ----
@@ -226,23 +229,60 @@ def photo_proposals(ss_boxes, width, height, size):
     return torch.cat([ss_boxes, dense_windows(*geometry)])
 
 
-def prepare_photo(task):
-    """Worker: (path, boxes, size, search_side, limit) -> dict of numpy arrays, or {"error": reason}. Numpy, not
-    torch: a tensor sent from a worker process holds a file descriptor open, and thousands exhaust the limit."""
-    path, boxes, size, search_side, limit = task
+def boxes_inside(boxes, width, height):
+    """A photo's CSV boxes -> (the boxes inside the photo, G,4; the others, as lists)."""
+    boxes = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+    inside = (boxes[:, 0] >= 0) & (boxes[:, 1] >= 0) & (boxes[:, 2] <= width) & (boxes[:, 3] <= height)
+    return boxes[inside], boxes[~inside].tolist()
+
+
+def prepare_photo(job):
+    """Worker: (path, boxes, opts, seed) -> {"image", "gt", "ss", "hw": numpy arrays, "outside": boxes}, or
+    {"error", "detail"}. Numpy, not torch: a tensor sent from a worker process holds a file descriptor open, and
+    thousands exhaust the process's limit."""
+    path, boxes, opts, seed = job
     cv2.setNumThreads(1)
     torch.set_num_threads(1)
     try:
         img = load_image(path)
     except UserError as e:  # not an image, damaged, too many pixels
         return {"error": "unreadable photo", "detail": f"{Path(path).name} ({e})"}
-    boxes = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
-    inside = (boxes[:, 0] >= 0) & (boxes[:, 1] >= 0) & (boxes[:, 2] <= img.width) & (boxes[:, 3] <= img.height)
-    ss = selective_search(img, size, search_side, limit)
-    return {"image": letterbox_image(img, size).numpy(),
-            "gt": to_letterbox(boxes[inside], img.width, img.height, size).numpy(),
-            "ss": ss[remove_small_boxes(ss, 4.0)].numpy(), "hw": np.array([img.width, img.height]),
-            "outside": boxes[~inside].tolist()}
+    gt, outside = boxes_inside(boxes, img.width, img.height)
+    if not len(gt):
+        return {"gt": gt.numpy(), "outside": outside}
+    size = tuple(opts["size"])
+    ss = selective_search(img, size, opts["search_side"], opts["proposals"])
+    return {"image": letterbox_image(img, size).numpy(), "gt": to_letterbox(gt, img.width, img.height, size).numpy(),
+            "ss": ss[remove_small_boxes(ss, 4.0)].numpy(), "hw": np.array([img.width, img.height]), "outside": outside}
+
+
+def prepare_photos(jobs, workers, rows_by_photo, skipped):
+    """prepare_photo for each {name: job}, in `workers` processes (selective search is the slow part) -> ({name: its
+    answer as tensors} of the photos with a face box inside them, photos/s). Unreadable photos and boxes outside
+    their photo are counted in `skipped`, and the counts printed; Ctrl-C drops the queued photos."""
+    start, kept = time.time(), {}
+    pool = ProcessPoolExecutor(workers, initializer=start_worker) if workers > 1 else None
+    try:
+        answers = pool.map(prepare_photo, jobs.values(), chunksize=4) if pool else map(prepare_photo, jobs.values())
+        for name, res in zip(jobs, progress(answers, total=len(jobs), desc="prepare", unit="photo")):
+            if "error" in res:
+                count_skip(skipped, res["error"], res["detail"], len(rows_by_photo[name]))
+                continue
+            for box in res["outside"]:
+                count_skip(skipped, "box outside photo", f"{name} {','.join(f'{v:g}' for v in box)}")
+            if len(res["gt"]):
+                kept[name] = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in res.items()}
+            else:
+                count_skip(skipped, "photo without a usable box", name)
+    finally:
+        if pool:
+            pool.shutdown(cancel_futures=True)   # Ctrl-C: queued photos are dropped, not searched first
+    photos_per_s = len(jobs) / max(time.time() - start, 1e-9)
+    faces = sum(len(r["gt"]) for r in kept.values())
+    print(f"kept {len(kept)} photos with {faces} faces of {len(rows_by_photo)} named ({photos_per_s:.2f} photos/s)")
+    for reason, (n, examples) in skipped.items():
+        print(f"skipped {n} x {reason}: {', '.join(examples)}")
+    return kept, photos_per_s
 
 
 def pad_stack(tensors):
@@ -578,76 +618,45 @@ def photo_boxes(split, size):
 
 # ---- Commands ----
 def cmd_prepare(args):
-    image_dir, data_dir = Path(args.image_dir), Path(args.data_dir)
+    image_dir = Path(args.image_dir)
     if not image_dir.is_dir():
-        raise UserError(f"{image_dir}: image folder not found; pass --image-dir DIR")
-    boxes, skipped = read_boxes_csv(args.csv)
-    if not boxes:
+        raise UserError(f"{image_dir}: image folder not found; pass --image-dir")
+    rows_by_photo, skipped = read_boxes_csv(args.csv)
+    if not rows_by_photo:
         raise UserError(f"{args.csv}: no rows with a usable box")
-    names, tasks = [], []
-    for name in sorted(boxes):
+    opts = {"size": list(args.size), "search_side": args.search_side, "proposals": args.proposals}
+    jobs = {}
+    for i, name in enumerate(sorted(rows_by_photo)):
         path, why = photo_path(image_dir, name)
         if path is None:   # missing, or outside --image-dir: never opened
-            count_skip(skipped, why, name or repr(name), len(boxes[name]))
+            count_skip(skipped, why, name or repr(name), len(rows_by_photo[name]))
         else:
-            names.append(name)
-            tasks.append((str(path), [box[1:] for box in boxes[name]], args.size, args.search_side, args.proposals))
-    t0 = time.time()
-    bar = progress(total=len(tasks), desc="prepare", unit="photo")
-    if args.workers > 1:
-        pool = ProcessPoolExecutor(args.workers, initializer=start_worker)
-        results = pool.map(prepare_photo, tasks, chunksize=8)
-    else:
-        pool, results = None, map(prepare_photo, tasks)
-    kept = {}
-    try:
-        for name, res in zip(names, results):
-            bar.update()
-            if "error" in res:
-                count_skip(skipped, res["error"], res["detail"], len(boxes[name]))
-                continue
-            for box in res["outside"]:
-                count_skip(skipped, "box outside photo", f"{name} {','.join(f'{v:g}' for v in box)}")
-            if len(res["gt"]):
-                kept[name] = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in res.items()}
-            else:
-                count_skip(skipped, "photo without a usable box", name)
-    finally:
-        bar.close()
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
-    seconds = max(time.time() - t0, 1e-9)
-    n_faces = sum(len(r["gt"]) for r in kept.values())
-    print(f"kept {len(kept)} photos with {n_faces} faces ({len(kept) / seconds:.1f} photos/s)")
-    for reason, (n, examples) in skipped.items():
-        print(f"skipped {n} x {reason}: {', '.join(examples)}")
+            jobs[name] = (str(path), [row[1:] for row in rows_by_photo[name]], opts, args.seed * 1_000_003 + i)
+    kept, photos_per_s = prepare_photos(jobs, args.workers, rows_by_photo, skipped)
     if not kept:
-        raise UserError(f"{args.csv}: no usable photo with a valid face box in {image_dir}")
-    kept_names = sorted(kept)
-    splits = dict(zip(["training_set", "validating_set", "testing_set"], split_indices(len(kept_names), args.seed)))
-    shards = {}
-    for split, idx in splits.items():
-        rows = [kept[kept_names[i]] for i in sorted(idx)]
-        if not rows:
-            continue
-        images = torch.stack([r["image"] for r in rows])
-        gt, n_gt = pad_stack([r["gt"] for r in rows])
-        ss, n_ss = pad_stack([r["ss"] for r in rows])
-        shards[split] = [images, gt, n_gt, ss, n_ss, torch.stack([r["hw"] for r in rows])]
+        raise UserError(f"{args.csv}: no usable photo in {image_dir} (see the skipped counts above)")
+    names, shards, splits = sorted(kept), {}, {}
+    for split, idx in zip(("training", "validating", "testing"), split_indices(len(names), args.seed)):
+        photos = [kept[names[i]] for i in sorted(idx)]
+        splits[split] = [names[i] for i in sorted(idx)]
+        if photos:
+            gt, n_gt = pad_stack([p["gt"] for p in photos])
+            ss, n_ss = pad_stack([p["ss"] for p in photos])
+            shards[f"{split}_set"] = [torch.stack([p["image"] for p in photos]), gt, n_gt, ss, n_ss,
+                                      torch.stack([p["hw"] for p in photos])]
     meta = {"kind": DATA_KIND, "script": f"{SCRIPT}.py", "csv": str(Path(args.csv).resolve()),
-            "image_dir": str(image_dir.resolve()), "seed": args.seed, "size": list(args.size),
-            "search_side": args.search_side, "proposals": args.proposals,
-            "options": {"size": list(args.size), "search_side": args.search_side, "proposals": args.proposals},
-            "photos": len(kept), "faces": n_faces, "photos_per_s": len(tasks) / seconds,
+            "image_dir": str(image_dir.resolve()), "seed": args.seed, "options": opts, "photos_per_s": photos_per_s,
             "skipped": {k: v[0] for k, v in skipped.items()}, "skipped_examples": {k: v[1] for k, v in skipped.items()},
-            "splits": {k.split("_")[0]: [kept_names[i] for i in sorted(v)] for k, v in splits.items()}}
-    save_prepared(data_dir, shards, meta)
-    print(", ".join(f"{k}: {len(v)} photos" for k, v in meta["splits"].items()) + f" -> {data_dir}")
+            "size": opts["size"], "search_side": args.search_side, "proposals": args.proposals,
+            "photos": len(kept), "faces": sum(len(p["gt"]) for p in kept.values()), "splits": splits}
+    save_prepared(args.data_dir, shards, meta)
+    print(", ".join(f"{k}: {len(v)} photos" for k, v in splits.items()) + f" -> {args.data_dir}")
     return 0
 
 
 def train(args, device, out_dir, tb_dir):
     """One training run on DATA_DIR's prepared photos; model, checkpoint and history go to out_dir."""
+    seed_everything(args.seed)
     data_dir = Path(args.data_dir)
     meta = read_meta(data_dir)
     rank = rank_and_world()[0]
@@ -655,7 +664,6 @@ def train(args, device, out_dir, tb_dir):
         out_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = resume_path(args, out_dir)   # checked before any work
     writer = open_tensorboard(tb_dir) if tb_dir else None
-    seed_everything(args.seed)
     size = meta["size"]
     train, val = load_prepared(data_dir, "training_set", size), load_prepared(data_dir, "validating_set", size)
     model_args = {"width": args.width, "samples": ROI_SAMPLES}
@@ -665,24 +673,24 @@ def train(args, device, out_dir, tb_dir):
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
     dtype = amp_dtype(device, args.amp)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    start, history, best, bad = 0, [], -1.0, 0
+    start_epoch, history, best, bad_epochs = 0, [], -1.0, 0
     if checkpoint:
-        start, history, best, bad = resume_training(checkpoint, model_args, model, optimizer, scaler)
-    scheduler = cosine_schedule(optimizer, args.epochs, start)
+        start_epoch, history, best, bad_epochs = resume_training(checkpoint, model_args, model, optimizer, scaler)
+    scheduler = cosine_schedule(optimizer, args.epochs, start_epoch)
     step_model = wrap_model(model, device, args.sync_bn)
-    generator = torch.Generator().manual_seed(args.seed + start + 7919 * rank)   # RoI samples and flips
     print(f"{len(train[0])} training / {len(val[0])} validation photos, precision {dtype or torch.float32}")
     if writer:
         writer.add_images("inputs", train[0][:8], 0)
     val_batches = list(shard(torch.arange(len(val[0]))).split(args.batch_size))
-    for epoch in range(start + 1, args.epochs + 1):
-        if bad >= args.patience:
+    for epoch in range(start_epoch + 1, args.epochs + 1):
+        if bad_epochs >= args.patience:
             break
         t0 = time.time()
+        generator = torch.Generator().manual_seed(args.seed * 1000 + epoch + 7919 * rank)   # RoIs, flips per process
         batches = epoch_batches(len(train[0]), args.batch_size, args.seed, epoch, "cpu")
         tr = run_epoch(step_model, train[:3], batches, device, dtype, optimizer, scaler, generator, size)
         if not math.isfinite(tr["loss"]):   # checked on the summed loss, so every process stops together
-            raise UserError(f"loss is {tr['loss']}; lower --lr", 1)
+            raise UserError(f"non-finite training loss ({tr['loss']}); try a lower --lr")
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
         train_s = time.time() - t0
@@ -695,7 +703,7 @@ def train(args, device, out_dir, tb_dir):
                                  photo_boxes(val, size), 0.5)
         ap50 = mean_over_processes([score["ap50"]], 1, device)[0]
         improved = ap50 > best
-        best, bad = (ap50, 0) if improved else (best, bad + 1)
+        best, bad_epochs = (ap50, 0) if improved else (best, bad_epochs + 1)
         history.append({"epoch": epoch, "train_loss": tr["loss"], "train_bacc": tr["bacc"], "train_offset": tr["offset"],
                         "val_loss": va["loss"], "val_bacc": va["bacc"], "val_offset": va["offset"],
                         "val_ap50": ap50, "lr": lr, "steps": len(batches), "seconds": time.time() - t0,
@@ -705,7 +713,7 @@ def train(args, device, out_dir, tb_dir):
             best_model = {"model_args": model_args, "size": meta["size"], "search_side": meta["search_side"],
                           "proposals": meta["proposals"], "mean": list(MEAN), "std": list(STD), "val_ap50": best}
             save_epoch(out_dir, args, model, optimizer, scheduler, scaler,
-                       {"epoch": epoch, "history": history, "best_score": best, "bad_epochs": bad,
+                       {"epoch": epoch, "history": history, "best_score": best, "bad_epochs": bad_epochs,
                         "model_args": model_args}, best_model if improved else None,
                        ["train_loss", "val_loss", "val_bacc", "val_ap50"])
         print(f"epoch {epoch}/{args.epochs}  train loss {tr['loss']:.3f} bacc {tr['bacc']:.2%} offset {tr['offset']:.3f}"
@@ -714,7 +722,7 @@ def train(args, device, out_dir, tb_dir):
               f"{'  *' if improved else ''}", flush=True)
     if writer:
         writer.close()
-    if bad >= args.patience:
+    if bad_epochs >= args.patience:
         print(f"early stop: no better validation AP50 for {args.patience} epochs")
     result = {"epochs_run": len(history), "best_val": round(best, 6), "test": float("nan"), "metric": "AP@0.5"}
     if not main_process():

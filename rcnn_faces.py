@@ -216,33 +216,60 @@ def label_regions(proposals, truth, pos_iou, neg_iou, backgrounds, generator):
     return boxes, labels, torch.cat([torch.ones(len(truth)), best[best > pos_iou], best[chosen]])
 
 
-def check_rows(rows, w, h):
-    """Split a photo's CSV rows into valid boxes (G,4) and [(reason, "row N")] of skipped rows."""
-    good, bad = [], []
-    for row, x1, y1, x2, y2 in rows:
-        if x1 < 0 or y1 < 0 or x2 > w or y2 > h:
-            bad.append(("box outside photo", f"row {row}"))
-        else:
-            good.append((x1, y1, x2, y2))
-    return torch.tensor(good, dtype=torch.float32).reshape(-1, 4), bad
+def boxes_inside(boxes, width, height):
+    """A photo's CSV boxes -> (the boxes inside the photo, G,4; the others, as lists)."""
+    boxes = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+    inside = (boxes[:, 0] >= 0) & (boxes[:, 1] >= 0) & (boxes[:, 2] <= width) & (boxes[:, 3] <= height)
+    return boxes[inside], boxes[~inside].tolist()
 
 
 def prepare_photo(job):
-    """Worker: one photo -> (crops uint8, labels, IoUs, true boxes, [(reason, note)]); runs in a process pool.
-    Arrays go back as numpy: a tensor sent from a worker process holds a file descriptor open, and thousands
-    of them exhaust the process's limit."""
-    path, rows, opts, seed = job
+    """Worker: (path, boxes, opts, seed) -> {"crops", "labels", "ious", "gt": numpy arrays, "outside": boxes}, or
+    {"error", "detail"}. Numpy, not torch: a tensor sent from a worker process holds a file descriptor open, and
+    thousands exhaust the process's limit."""
+    path, boxes, opts, seed = job
     try:
-        img = image_to_tensor(load_image(path))
+        img = load_image(path)
     except UserError as e:  # not an image, damaged, too many pixels
-        return None, None, None, None, [("unreadable photo", f"row {row}: {e}") for row, *_ in rows]
-    truth, bad = check_rows(rows, img.shape[2], img.shape[1])
-    if not len(truth):
-        return None, None, None, None, bad
-    proposals = selective_search(img, opts["search_side"], opts["max_proposals"])
-    boxes, labels, ious = label_regions(proposals, truth, opts["pos_iou"], opts["neg_iou"], opts["backgrounds"],
+        return {"error": "unreadable photo", "detail": f"{Path(path).name} ({e})"}
+    gt, outside = boxes_inside(boxes, img.width, img.height)
+    if not len(gt):
+        return {"gt": gt.numpy(), "outside": outside}
+    img = image_to_tensor(img)
+    proposals = selective_search(img, opts["search_side"], opts["proposals"])
+    boxes, labels, ious = label_regions(proposals, gt, opts["pos_iou"], opts["neg_iou"], opts["backgrounds"],
                                         torch.Generator().manual_seed(seed))
-    return crop_regions(img, boxes, opts["crop_size"]).numpy(), labels.numpy(), ious.numpy(), truth.numpy(), bad
+    return {"crops": crop_regions(img, boxes, opts["crop_size"]).numpy(), "labels": labels.numpy(),
+            "ious": ious.numpy(), "gt": gt.numpy(), "outside": outside}
+
+
+def prepare_photos(jobs, workers, rows_by_photo, skipped):
+    """prepare_photo for each {name: job}, in `workers` processes (selective search is the slow part) -> ({name: its
+    answer as tensors} of the photos with a face box inside them, photos/s). Unreadable photos and boxes outside
+    their photo are counted in `skipped`, and the counts printed; Ctrl-C drops the queued photos."""
+    start, kept = time.time(), {}
+    pool = ProcessPoolExecutor(workers, initializer=start_worker) if workers > 1 else None
+    try:
+        answers = pool.map(prepare_photo, jobs.values(), chunksize=4) if pool else map(prepare_photo, jobs.values())
+        for name, res in zip(jobs, progress(answers, total=len(jobs), desc="prepare", unit="photo")):
+            if "error" in res:
+                count_skip(skipped, res["error"], res["detail"], len(rows_by_photo[name]))
+                continue
+            for box in res["outside"]:
+                count_skip(skipped, "box outside photo", f"{name} {','.join(f'{v:g}' for v in box)}")
+            if len(res["gt"]):
+                kept[name] = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in res.items()}
+            else:
+                count_skip(skipped, "photo without a usable box", name)
+    finally:
+        if pool:
+            pool.shutdown(cancel_futures=True)   # Ctrl-C: queued photos are dropped, not searched first
+    photos_per_s = len(jobs) / max(time.time() - start, 1e-9)
+    faces = sum(len(r["gt"]) for r in kept.values())
+    print(f"kept {len(kept)} photos with {faces} faces of {len(rows_by_photo)} named ({photos_per_s:.2f} photos/s)")
+    for reason, (n, examples) in skipped.items():
+        print(f"skipped {n} x {reason}: {', '.join(examples)}")
+    return kept, photos_per_s
 
 
 # ---- Model ----
@@ -273,39 +300,38 @@ def cosine_schedule(optimizer, epochs, done=0):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor, last_epoch=done - 1)
 
 
-def run_epoch(model, crops, labels, device, batches, dtype, optimizer=None, scaler=None, generator=None):
-    """One pass over crops in the given index batches; trains (with random horizontal flips) when an optimizer
-    is given. Returns sums over all processes: [loss * crops, correct backgrounds, correct faces, backgrounds,
-    faces], and crops/s of this process."""
-    training = optimizer is not None
-    model.train(training)
-    loss_sum, correct, start = torch.zeros((), device=device), torch.zeros(2, device=device), time.time()
-    with torch.set_grad_enabled(training):
-        for idx in progress(batches, desc="train" if training else "val", unit="batch"):
-            x, y = preprocess(crops[idx], device), labels[idx].to(device)
-            if training:
-                flip = torch.rand(len(idx), generator=generator).to(device) < 0.5
+def run_epoch(model, data, batches, device, dtype, optimizer=None, scaler=None, generator=None):
+    """One pass over the crop index `batches` (random horizontal flips when training); the numbers are summed over
+    all processes: loss, balanced label accuracy, crops/s."""
+    crops, labels = data
+    model.train(optimizer is not None)
+    # loss*n, n, correct faces, faces, correct background, background; on the device: no sync
+    totals, start = torch.zeros(6, device=device), time.time()
+    bar = progress(total=sum(len(b) for b in batches), desc="train" if optimizer else "val", unit="crop")
+    with torch.set_grad_enabled(optimizer is not None):
+        for b in batches:
+            x, y = preprocess(crops[b], device), labels[b].to(device)
+            if optimizer is not None:
+                flip = torch.rand(len(b), generator=generator).to(device) < 0.5
                 x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
             with autocast(device, dtype):
-                loss = F.cross_entropy(logits := model(x).float(), y)
-            if training:
+                logits = model(x)
+            logits = logits.float()
+            loss = F.cross_entropy(logits, y)
+            if optimizer is not None:
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
                 scaler.update()
-            loss_sum += loss.detach() * len(idx)   # summed on the device: no sync per batch
-            correct += torch.bincount(y[logits.argmax(1) == y], minlength=2)
-    n = sum(len(idx) for idx in batches)
-    total = torch.bincount(labels[torch.cat(batches)] if batches else labels[:0], minlength=2).float()
-    speed = n / max(time.time() - start, 1e-9)
-    return sum_over_processes([loss_sum.item(), *correct.tolist(), *total.tolist()], device), speed
-
-
-def crop_scores(sums):
-    """(mean loss, balanced accuracy = mean of face and background accuracy) from run_epoch's sums."""
-    loss_sum, correct, total = sums[0], torch.tensor(sums[1:3]), torch.tensor(sums[3:5])
-    present = total > 0
-    return loss_sum / max(total.sum().item(), 1), (correct[present] / total[present]).mean().item()
+            hit, face = logits.argmax(1) == y, y == 1
+            totals += torch.stack([loss.detach() * len(b), loss.new_tensor(len(b)), (hit & face).sum(), face.sum(),
+                                   (hit & ~face).sum(), (~face).sum()]).float()
+            bar.update(len(b))
+    bar.close()
+    totals = torch.tensor(sum_over_processes(totals.tolist(), device))   # one sync per epoch
+    bacc = (totals[2] / totals[3].clamp(min=1) + totals[4] / totals[5].clamp(min=1)).item() / 2
+    return {"loss": (totals[0] / totals[1].clamp(min=1)).item(), "bacc": bacc,
+            "crops_per_s": totals[1].item() / max(time.time() - start, 1e-9)}
 
 
 @torch.no_grad()
@@ -449,58 +475,40 @@ def cmd_prepare(args):
         raise UserError(f"{args.csv}: no rows with a usable box")
     if args.neg_iou > args.pos_iou:
         raise UserError(f"--neg-iou {args.neg_iou} is above --pos-iou {args.pos_iou}: a region would be both", 2)
-    opts = {"search_side": args.search_side, "max_proposals": args.proposals, "pos_iou": args.pos_iou,
+    opts = {"search_side": args.search_side, "proposals": args.proposals, "pos_iou": args.pos_iou,
             "neg_iou": args.neg_iou, "backgrounds": args.backgrounds, "crop_size": args.crop_size}
-    names, results, jobs = sorted(rows_by_photo), {}, []
-    for i, name in enumerate(names):
+    jobs = {}
+    for i, name in enumerate(sorted(rows_by_photo)):
         path, why = photo_path(image_dir, name)
         if path is None:   # missing, or outside --image-dir: never opened
-            results[name] = (None, None, None, None, [(why, f"row {row}") for row, *_ in rows_by_photo[name]])
+            count_skip(skipped, why, name or repr(name), len(rows_by_photo[name]))
         else:
-            jobs.append((str(path), rows_by_photo[name], opts, args.seed * 1_000_003 + i))
-    start = time.time()
-    pool = ProcessPoolExecutor(args.workers, initializer=start_worker) if args.workers > 1 else None
-    try:
-        done = pool.map(prepare_photo, jobs, chunksize=4) if pool else map(prepare_photo, jobs)
-        results.update(zip([n for n in names if n not in results], progress(done, total=len(jobs), unit="photo")))
-    finally:
-        if pool:
-            pool.shutdown(cancel_futures=True)  # Ctrl-C: queued photos are dropped, not searched first
-    seconds = time.time() - start
-    kept = []
-    for name in names:
-        crops, labels, ious, truth, bad = results[name]
-        for reason, note in bad:
-            count_skip(skipped, reason, f"{name} ({note})")
-        if crops is None:
-            count_skip(skipped, "photo without a usable box", name)
-        else:
-            kept.append((name, *map(torch.from_numpy, (crops, labels, ious, truth))))
-    print(f"{len(kept)} photos kept of {len(names)}, {len(jobs) / max(seconds, 1e-9):.2f} photos/s "
-          f"(selective search at {args.search_side} px, {args.workers} workers)")
-    for reason, (n, examples) in skipped.items():
-        print(f"skipped {n} x {reason}: {', '.join(examples)}")
+            jobs[name] = (str(path), [row[1:] for row in rows_by_photo[name]], opts, args.seed * 1_000_003 + i)
+    kept, photos_per_s = prepare_photos(jobs, args.workers, rows_by_photo, skipped)
     if not kept:
         raise UserError(f"{args.csv}: no usable photo in {image_dir} (see the skipped counts above)")
-    counts, splits, truths, shards = {}, {}, {}, {}
-    for split, idx in zip(("training", "validating", "testing"), split_indices(len(kept), args.seed)):
-        photos = [kept[i] for i in sorted(idx)]
-        empty = (torch.zeros(0, 3, args.crop_size, args.crop_size, dtype=torch.uint8),
-                 torch.zeros(0, dtype=torch.int64), torch.zeros(0))
-        crops, labels, ious = (torch.cat(ts) for ts in zip(*[p[1:4] for p in photos])) if photos else empty
-        photo_idx = torch.cat([torch.full((len(p[2]),), j, dtype=torch.int32) for j, p in enumerate(photos)] +
-                              [torch.zeros(0, dtype=torch.int32)])
+    names, shards, splits = sorted(kept), {}, {}
+    counts, truths = {}, {}
+    for split, idx in zip(("training", "validating", "testing"), split_indices(len(names), args.seed)):
+        photos = [kept[names[i]] for i in sorted(idx)]
+        crops = torch.cat([p["crops"] for p in photos] + [torch.zeros(0, 3, args.crop_size, args.crop_size,
+                                                                       dtype=torch.uint8)])
+        labels = torch.cat([p["labels"] for p in photos] + [torch.zeros(0, dtype=torch.int64)])
+        ious = torch.cat([p["ious"] for p in photos] + [torch.zeros(0)])
+        photo_idx = torch.cat([torch.full((len(p["labels"]),), j, dtype=torch.int32) for j, p in enumerate(photos)]
+                              + [torch.zeros(0, dtype=torch.int32)])
         shards[f"{split}_set"] = (crops, labels, ious, photo_idx)
-        splits[split] = [p[0] for p in photos]
+        splits[split] = [names[i] for i in sorted(idx)]
         if split != "training":  # true boxes, so train can run the real detector on these photos
-            truths.update({p[0]: p[4].tolist() for p in photos})
+            truths.update({names[i]: kept[names[i]]["gt"].tolist() for i in idx})
         counts[split] = {"photos": len(photos), "crops": len(labels), "faces": int(labels.sum())}
         print(f"{split}: {len(photos)} photos, {len(labels)} crops ({int(labels.sum())} faces)")
     meta = {"kind": DATA_KIND, "script": f"{SCRIPT}.py", "csv": str(Path(args.csv).resolve()),
-            "image_dir": str(image_dir.resolve()), "seed": args.seed, "options": opts, "counts": counts,
+            "image_dir": str(image_dir.resolve()), "seed": args.seed, "options": opts, "photos_per_s": photos_per_s,
             "skipped": {k: v[0] for k, v in skipped.items()}, "skipped_examples": {k: v[1] for k, v in skipped.items()},
-            "photos_per_s": len(jobs) / max(seconds, 1e-9), "splits": splits, "boxes": truths}
+            "counts": counts, "splits": splits, "boxes": truths}
     save_prepared(args.data_dir, shards, meta)
+    print(", ".join(f"{k}: {len(v)} photos" for k, v in splits.items()) + f" -> {args.data_dir}")
     return 0
 
 
@@ -509,7 +517,7 @@ def train(args, device, out_dir, tb_dir):
     seed_everything(args.seed)
     data_dir = Path(args.data_dir)
     meta = read_meta(data_dir)
-    rank, world = rank_and_world()
+    rank = rank_and_world()[0]
     if main_process():
         out_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = resume_path(args, out_dir)   # checked before any work
@@ -527,8 +535,7 @@ def train(args, device, out_dir, tb_dir):
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     start_epoch, history, best, bad_epochs = 0, [], -1.0, 0
     if checkpoint:
-        start_epoch, history, best, bad_epochs = resume_training(checkpoint, model_args, model,
-                                                                 optimizer, scaler)
+        start_epoch, history, best, bad_epochs = resume_training(checkpoint, model_args, model, optimizer, scaler)
     scheduler = cosine_schedule(optimizer, args.epochs, start_epoch)
     step_model = wrap_model(model, device, args.sync_bn)
     print(f"{len(y_train)} training crops ({int(y_train.sum())} faces), {len(y_val)} validation crops, "
@@ -536,36 +543,35 @@ def train(args, device, out_dir, tb_dir):
     if writer:
         writer.add_images("inputs", x_train[:32], 0)
     val_batches = list(shard(torch.arange(len(y_val))).split(args.batch_size))
-    for epoch in range(start_epoch, args.epochs):
+    for epoch in range(start_epoch + 1, args.epochs + 1):
         if bad_epochs >= args.patience:
             break
         t0 = time.time()
-        gen = torch.Generator().manual_seed(args.seed * 1000 + epoch + 7919 * rank)   # flips differ per process
+        generator = torch.Generator().manual_seed(args.seed * 1000 + epoch + 7919 * rank)   # flips differ per process
         batches = epoch_batches(len(y_train), args.batch_size, args.seed, epoch, "cpu")
-        sums, speed = run_epoch(step_model, x_train, y_train, device, batches, dtype, optimizer, scaler, gen)
-        train_loss, train_acc = crop_scores(sums)
-        if not math.isfinite(train_loss):   # checked on the summed loss, so every process stops together
-            raise UserError(f"non-finite training loss ({train_loss}); try a lower --lr")
-        sync_buffers(model)
-        val_loss, val_acc = crop_scores(run_epoch(model, x_val, y_val, device, val_batches, dtype)[0])
+        tr = run_epoch(step_model, (x_train, y_train), batches, device, dtype, optimizer, scaler, generator)
+        if not math.isfinite(tr["loss"]):   # checked on the summed loss, so every process stops together
+            raise UserError(f"non-finite training loss ({tr['loss']}); try a lower --lr")
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
-        improved = val_acc > best
-        best, bad_epochs = (val_acc, 0) if improved else (best, bad_epochs + 1)
-        history.append({"epoch": epoch + 1, "train_loss": train_loss, "train_bacc": train_acc, "val_loss": val_loss,
-                        "val_bacc": val_acc, "lr": lr, "steps": len(batches), "seconds": time.time() - t0,
-                        "crops_per_s": speed * world})
+        sync_buffers(model)
+        va = run_epoch(model, (x_val, y_val), val_batches, device, dtype)
+        improved = va["bacc"] > best
+        best, bad_epochs = (va["bacc"], 0) if improved else (best, bad_epochs + 1)
+        history.append({"epoch": epoch, "train_loss": tr["loss"], "train_bacc": tr["bacc"], "val_loss": va["loss"],
+                        "val_bacc": va["bacc"], "lr": lr, "steps": len(batches), "seconds": time.time() - t0,
+                        "crops_per_s": tr["crops_per_s"]})
         if main_process():   # the epoch is saved before its line is printed
             log_epoch(writer, history[-1], model, args.histogram_every)
             best_model = {"model_args": model_args, "crop_size": model_args["crop_size"], "mean": list(MEAN),
-                          "std": list(STD), "search_side": meta["options"]["search_side"], "epoch": epoch + 1,
-                          "val_bacc": val_acc}
+                          "std": list(STD), "search_side": meta["options"]["search_side"], "epoch": epoch,
+                          "val_bacc": va["bacc"]}
             save_epoch(out_dir, args, model, optimizer, scheduler, scaler,
-                       {"epoch": epoch + 1, "history": history, "best_score": best, "bad_epochs": bad_epochs,
+                       {"epoch": epoch, "history": history, "best_score": best, "bad_epochs": bad_epochs,
                         "model_args": model_args}, best_model if improved else None, ["train_bacc", "val_bacc"])
-        print(f"epoch {epoch + 1}/{args.epochs}  train loss {train_loss:.4f} bacc {train_acc:.2%}  "
-              f"val loss {val_loss:.4f} bacc {val_acc:.2%}  lr {lr:.5f}  {time.time() - t0:.1f}s  "
-              f"{speed * world:.0f} crops/s{'  *' if improved else ''}", flush=True)
+        print(f"epoch {epoch}/{args.epochs}  train loss {tr['loss']:.4f} bacc {tr['bacc']:.2%}  "
+              f"val loss {va['loss']:.4f} bacc {va['bacc']:.2%}  lr {lr:.5f}  {time.time() - t0:.1f}s  "
+              f"{tr['crops_per_s']:.0f} crops/s{'  *' if improved else ''}", flush=True)
     if writer:
         writer.close()
     if bad_epochs >= args.patience:
@@ -574,9 +580,10 @@ def train(args, device, out_dir, tb_dir):
               "metric": "val: crop balanced accuracy; test: AP@0.5"}
     if not main_process():
         return result
-    ckpt = load_model_file(out_dir / "model.pt")
-    model = build_model(ckpt["model_args"]).to(device)
-    model.load_state_dict(ckpt["model"])
+    if not (out_dir / "model.pt").exists():
+        raise UserError(f"{out_dir}: no epoch finished; nothing to evaluate")
+    best_model = load_model_file(out_dir / "model.pt")
+    model.load_state_dict(best_model["model"])
 
     def photos(split):
         """Paths and true boxes of a split's photos that are still in the image folder (photo_path)."""
@@ -589,14 +596,15 @@ def train(args, device, out_dir, tb_dir):
                 found.append((str(path), torch.tensor(meta["boxes"][name]).reshape(-1, 4)))
         return [p for p, _ in found], [boxes for _, boxes in found]
 
-    calibration = fit_calibration(*run_detector(model, ckpt, *photos("validating"), device, args.nms_iou, args.amp)[:2])
+    calibration = fit_calibration(*run_detector(model, best_model, *photos("validating"), device, args.nms_iou,
+                                                args.amp)[:2])
     if calibration is None:
         print("too few correct/wrong validation detections to calibrate the scores; softmax scores kept")
     else:
-        ckpt["calibration"] = calibration
-        atomic_torch_save(ckpt, out_dir / "model.pt")
+        best_model["calibration"] = calibration
+        atomic_torch_save(best_model, out_dir / "model.pt")
         print(f"scores calibrated on validation photos: sigmoid({calibration[0]:.3f} * log-odds + {calibration[1]:.3f})")
-    detections, kept, seconds = run_detector(model, ckpt, *photos("testing"), device, args.nms_iou, args.amp)
+    detections, kept, seconds = run_detector(model, best_model, *photos("testing"), device, args.nms_iou, args.amp)
     report = detection_scores(detections, kept, args.threshold)
     result["test"] = round(report["ap50"], 6) if kept else float("nan")
     if not kept:
