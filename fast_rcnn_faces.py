@@ -8,8 +8,8 @@ Usage:
     python fast_rcnn_faces.py serve   [--model model.pt|model.onnx] [--port 8000]   # HTTP: POST /predict, a page at /
     torchrun --standalone --nproc_per_node=N fast_rcnn_faces.py train [...]   # DDP over N processes/GPUs (README.md)
 
-Data layout: photos in --image-dir and a Kaggle-style CSV (--csv) with one row per face:
-`Name,width,height,xmin,ymin,xmax,ymax` (width/height optional; boxes in pixels of the photo).
+Data layout: a folder of photos plus a Kaggle-style CSV with one row per face,
+`Name,width,height,xmin,ymin,xmax,ymax` (width/height optional), boxes in photo pixels.
 Each photo is letterboxed (black borders) to SIZE x SIZE; proposals are selective search on a small copy
 of the photo plus a fixed multi-scale grid of square-ish windows (small faces are missed by selective search).
 Result: AP@0.5 0.861 and face-count RMSE 1.50 (threshold 0.25) on 200 test photos after the default 16 epochs
@@ -863,6 +863,7 @@ def cmd_eval(args):
     inputs = list(iter_eval_inputs(args.images)) if args.images else []
     outputs = OutputFiles(args, inputs)
     net, info, device = load_network(args.model or Path(args.data_dir) / "model.pt", args.device)
+    info["search_side"] = args.search_side or info["search_side"]
     failed = False
     # files and folders: a known count, so a progress bar (shown on a terminal only)
     paths = progress(inputs, unit="img", desc="eval", leave=False) if args.images else iter_eval_inputs(None)
@@ -929,7 +930,7 @@ def build_parser():
     p.add_argument("--size", type=parse_size, default=SIZE, help="letterbox WIDTHxHEIGHT in pixels")
     p.add_argument("--search-side", "--ss-side", type=positive_int, default=SEARCH_SIDE,
                    help="longest side (px) of the copy searched for regions")
-    p.add_argument("--proposals", type=nonneg_int, default=MAX_PROPOSALS,
+    p.add_argument("--proposals", "--max-proposals", type=nonneg_int, default=MAX_PROPOSALS,
                    help="first N selective-search regions per photo")
     p.set_defaults(func=cmd_prepare)
     p = sub.add_parser("train", parents=[common, device, seed, detection], formatter_class=fmt,
@@ -954,6 +955,8 @@ def build_parser():
                         "it for each image)")
     p.add_argument("--output-dir", default=None, help="write DIR/<image name>.png per input image instead of --output "
                    "(DIR is created; a second image of the same name gets NAME-2.png)")
+    p.add_argument("--search-side", type=positive_int, default=None,
+                   help="selective search size (default: as in training)")
     p.add_argument("--no-regress", action="store_true", help="show proposals before box correction")
     p.add_argument("--no-flip", action="store_true", help="skip the second look at the mirrored photo (faster, "
                    "AP@0.5 about 0.02 lower)")

@@ -761,7 +761,7 @@ def build_parser():
                    "out of it are skipped)")
     p.add_argument("--workers", type=worker_count, default=os.cpu_count() or 1,
                    help="parallel selective-search processes")
-    p.add_argument("--search-side", type=positive_int, default=SEARCH_SIDE,
+    p.add_argument("--search-side", "--ss-side", type=positive_int, default=SEARCH_SIDE,
                    help="longest side (px) of the copy searched for regions")
     p.add_argument("--proposals", "--max-proposals", type=positive_int, default=MAX_PROPOSALS,
                    help="first N selective-search regions per photo")
