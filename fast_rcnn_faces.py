@@ -756,7 +756,7 @@ def train(args, device, out_dir, tb_dir):
 
 def draw_boxes(img, found, path, size):
     """Annotated copy of the photo (eval's boxes and face probabilities), written atomically as PNG; a photo much
-    larger than the letterbox `size` is drawn on its working copy (a 4000x3000 PNG takes seconds to write)."""
+    larger than `size` is drawn on its working copy (a 4000x3000 PNG takes seconds to write)."""
     img, factor = working_copy(img, size)
     img = img.copy()
     draw = ImageDraw.Draw(img)
@@ -832,9 +832,9 @@ def export_example(info):
 
 
 def working_copy(img, size):
-    """A photo much larger than the letterbox `size`, reduced by an integer factor (a fast box filter) to at least
-    twice its size, and that factor: selective search, letterboxing and drawing then cost the same for a 4000x3000
-    photo as for a small one, and the letterbox loses nothing."""
+    """A photo much larger than `size` (W, H), reduced by an integer factor (a fast box filter) to at least twice
+    that size, and the factor: selective search, cropping or letterboxing, and drawing then cost the same for a
+    4000x3000 photo as for a small one, and lose nothing the detector would see."""
     factor = max(1, min(img.width // (2 * size[0]), img.height // (2 * size[1])))
     return (img.reduce(factor) if factor > 1 else img), factor
 

@@ -458,9 +458,10 @@ def run_detector(model, ckpt, photos, truths, device, nms_iou, amp=True):
         if reason:
             print(f"{path}: skipped ({reason})", file=sys.stderr)
             continue
-        img, proposals = seen
-        detections.append(detect(model, img, proposals, ckpt["crop_size"], device, nms_iou,
-                                 ckpt.get("calibration", (1.0, 0.0)), amp=amp))
+        x, proposals, factor = seen
+        boxes, scores = detect(model, x, proposals, ckpt["crop_size"], device, nms_iou,
+                               ckpt.get("calibration", (1.0, 0.0)), amp=amp)
+        detections.append((boxes * factor, scores))
         kept.append(truth)
     return detections, kept, (time.time() - start) / max(len(kept), 1)
 
@@ -615,13 +616,16 @@ def train(args, device, out_dir, tb_dir):
     return result
 
 
-def draw_boxes(img, found, path):
-    """Annotated copy of the photo (eval's boxes and face probabilities), written atomically as PNG."""
+def draw_boxes(img, found, path, size):
+    """Annotated copy of the photo (eval's boxes and face probabilities), written atomically as PNG; a photo much
+    larger than `size` is drawn on its working copy (a 4000x3000 PNG takes seconds to write)."""
+    img, factor = working_copy(img, size)
     img = img.copy()
     draw = ImageDraw.Draw(img)
     for b in found:
-        draw.rectangle([b["x"], b["y"], b["x"] + b["w"], b["y"] + b["h"]], outline=(255, 0, 0), width=2)
-        draw.text((b["x"] + 2, b["y"] + 1), f"{b['score']:.2f}", fill=(255, 0, 0))
+        x, y, w, h = (b[k] / factor for k in "xywh")
+        draw.rectangle([x, y, x + w, y + h], outline=(255, 0, 0), width=2)
+        draw.text((x + 2, y + 1), f"{b['score']:.2f}", fill=(255, 0, 0))
     try:
         with atomic_path(path) as tmp:
             img.save(tmp, format="PNG", compress_level=1)  # 3x faster than the default 6, 3% larger
@@ -686,19 +690,30 @@ def export_example(info):
         ({0: torch.export.Dim("regions")},), about
 
 
+def working_copy(img, size):
+    """A photo much larger than `size` (W, H), reduced by an integer factor (a fast box filter) to at least twice
+    that size, and the factor: selective search, cropping or letterboxing, and drawing then cost the same for a
+    4000x3000 photo as for a small one, and lose nothing the detector would see."""
+    factor = max(1, min(img.width // (2 * size[0]), img.height // (2 * size[1])))
+    return (img.reduce(factor) if factor > 1 else img), factor
+
+
 def look(img, info):
-    """A PIL photo -> what detect needs of it: (uint8 3,H,W, its selective search proposals)."""
-    img = image_to_tensor(img)
-    return img, selective_search(img, info["search_side"])
+    """A PIL photo -> what detect needs of it: (its working copy, uint8 3,H,W; the copy's selective search
+    proposals; the copy's reduction factor)."""
+    copy, factor = working_copy(img, [info["search_side"]] * 2)   # a copy's pixel is factor x factor of the photo
+    copy = image_to_tensor(copy)
+    return copy, selective_search(copy, info["search_side"]), factor
 
 
 def predict(net, info, device, args, images, looks=None):
     """PIL photos (and their looks, if taken before) -> eval's JSON objects {"boxes": [...]}, in photo pixels,
     best first."""
     results = []
-    for img, proposals in looks or [look(img, info) for img in images]:
-        boxes, scores = detect(net, img, proposals, info["crop_size"], device, args.nms_iou,
+    for (x, proposals, factor), img in zip(looks or [look(img, info) for img in images], images):
+        boxes, scores = detect(net, x, proposals, info["crop_size"], device, args.nms_iou,
                                info.get("calibration", (1.0, 0.0)))
+        boxes = clip_boxes_to_image(boxes * factor, (img.height, img.width))
         results.append({"boxes": found_boxes(boxes, scores, args.threshold)})
     return results
 
@@ -726,7 +741,7 @@ def cmd_eval(args):
                 print(f"{path}: {reason}", file=sys.stderr)
             continue
         found = predict(net, info, device, args, [img], [seen])[0]["boxes"]
-        draw_boxes(img, found, out)
+        draw_boxes(img, found, out, [info["search_side"]] * 2)
         if args.json:
             print(json.dumps({"image": path, "boxes": found, "output": str(out)}), flush=True)
         else:

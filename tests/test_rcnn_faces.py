@@ -158,6 +158,27 @@ def test_eval_human_output_and_image(faces, trained, tmp_path):
         assert img.format == "PNG" and img.size == src.size
 
 
+def test_eval_large_and_faceless_photos(faces, trained, tmp_path):
+    """A photo much larger than the selective search copy is read through a copy reduced by an integer factor: a
+    photo made of 3x3 blocks of one twice the search side gives that photo's boxes times 3, scored the same, and its
+    annotated copy is the smaller photo's size. A photo of one flat colour gives a list like any other."""
+    data, _ = trained
+    side = 2 * torch.load(data / "model.pt", weights_only=True)["search_side"]
+    small = Image.open(faces["img_dir"] / faces["good"][0]).convert("RGB").resize((side, side))
+    small.save(tmp_path / "small.png")
+    small.resize((3 * side, 3 * side), Image.NEAREST).save(tmp_path / "large.png", compress_level=1)
+    Image.new("RGB", (640, 480), (120, 140, 160)).save(tmp_path / "flat.jpg")
+    proc = run(SCRIPT, "eval", *(tmp_path / n for n in ("small.png", "large.png", "flat.jpg")), "--data-dir", data,
+               "--json", "--threshold", 0, "--output-dir", tmp_path / "out", "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    a, b, flat = (json.loads(line) for line in proc.stdout.splitlines())
+    assert a["boxes"] and len(b["boxes"]) == len(a["boxes"])
+    for p, q in zip(a["boxes"], b["boxes"]):
+        assert q["score"] == p["score"] and all(abs(q[k] - 3 * p[k]) <= 3 for k in "xywh"), (p, q)
+    assert Image.open(b["output"]).size == (side, side)
+    assert isinstance(flat["boxes"], list) and Image.open(flat["output"]).size == (640, 480)
+
+
 def test_eval_json_output_dir_and_bad_image(faces, trained, tmp_path):
     data, _ = trained
     photos = [faces["img_dir"] / n for n in faces["good"][:3]]
