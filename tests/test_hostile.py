@@ -36,7 +36,8 @@ SHARED = ["UserError", "load_image", "image_to_tensor", "save_shard", "load_shar
           "start_worker", "OneLineParser", "cmd_train", "iter_eval_inputs", "add_scale_options", "main"]
 FACE_SHARED = ["CSV_COLUMNS", "read_boxes_csv", "count_skip", "split_indices", "photo_path", "OutputFiles", "cosine_schedule", "found_boxes", "match_detections",
                "fit_calibration", "detection_scores", "read_ahead", "read_photo",
-               "start_reader", "boxes_inside", "prepare_photos", "working_copy", "draw_boxes"]
+               "start_reader", "boxes_inside", "prepare_photos", "working_copy", "draw_boxes", "encode_offsets",
+               "decode_offsets"]
 # every call that reads a file, and the only functions allowed to make it (they turn failures into UserError)
 READERS = {"open": {"setup_distributed", "lock_data_dir"}, "os.open": {"lock_data_dir"}, "Image.open": {"load_image"},
            "gzip.open": {"load_shard"}, "torch.load": {"load_shard", "load_model_file"},

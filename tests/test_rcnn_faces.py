@@ -101,9 +101,11 @@ def test_prepare_counts_skips_and_split_by_photo(faces, prepared):
     assert set(meta["boxes"]) == set(splits["validating"] + splits["testing"])
     mod = load_script(SCRIPT)
     for split in ("training", "validating", "testing"):
-        crops, labels, ious, photo = mod.read_split(data, f"{split}_set")
+        crops, labels, ious, photo, targets = mod.read_split(data, f"{split}_set")
         assert crops.dtype == torch.uint8 and crops.shape[1:] == (3, 32, 32)
-        assert len(crops) == len(labels) == len(ious) == len(photo) == meta["counts"][split]["crops"]
+        assert len(crops) == len(labels) == len(ious) == len(photo) == len(targets) == meta["counts"][split]["crops"]
+        assert (targets[labels == 0] == 0).all() and targets[ious == 1].abs().max() < 1e-4   # exact boxes: no move
+        assert targets[labels == 1].abs().max() > 0   # regions with IoU 0.7-1 move onto their face
         assert sorted(set(photo.tolist())) == list(range(len(splits[split])))  # every photo has crops
         n_true = sum(faces["n_boxes"][n] for n in splits[split])
         assert int((ious == 1).sum()) >= n_true  # every valid true box is a face crop
@@ -271,10 +273,13 @@ def test_iou_labeller_and_crops():
     mod = load_script(SCRIPT)
     truth = torch.tensor([[0., 0, 10, 10]])
     proposals = torch.tensor([[0., 0, 10, 10], [0, 0, 10, 8], [0, 0, 10, 5], [50, 50, 60, 60], [0, 0, 10, 2]])
-    boxes, labels, ious = mod.label_regions(proposals, truth, 0.7, 0.3, 1, torch.Generator().manual_seed(0))
+    boxes, labels, ious, targets = mod.label_regions(proposals, truth, 0.7, 0.3, 1, torch.Generator().manual_seed(0))
     assert labels.tolist() == [1, 1, 1, 0]  # true box, IoU 1.0, IoU 0.8; IoU 0.5 unused; 1 of 2 backgrounds
     assert torch.equal(boxes[:3], torch.cat([truth, proposals[:2]]))
     assert ious[:3].tolist() == pytest.approx([1.0, 1.0, 0.8]) and ious[3] < 0.3
+    # box targets: none for the true box, the exact one, and background; the 10x8 face region moves onto its box
+    assert targets[[0, 1, 3]].abs().max() == 0 and targets[2, 0] == 0 and targets[2, 1] > 0 and targets[2, 3] > 0
+    assert torch.allclose(mod.decode_offsets(targets[2:3], boxes[2:3]), truth, atol=1e-5)
     img = torch.zeros(3, 40, 60, dtype=torch.uint8)
     img[:, 10:20, 30:40] = 200
     crops = mod.crop_regions(img, torch.tensor([[30., 10, 40, 20], [0, 0, 10, 10]]), 16)
@@ -298,7 +303,7 @@ def test_run_epoch_balanced_accuracy_by_hand():
 
     crops, labels = torch.zeros(8, 3, 4, 4, dtype=torch.uint8), torch.tensor([0, 0, 0, 1, 0, 0, 0, 1])
     batches = list(torch.arange(8).split(3))
-    score = mod.run_epoch(AlwaysFace(), (crops, labels), batches, torch.device("cpu"), None)
+    score = mod.run_epoch(AlwaysFace(), (crops, labels, torch.zeros(8, 4)), batches, torch.device("cpu"), None)
     assert score["bacc"] == pytest.approx(0.5)
     assert score["loss"] == pytest.approx((6 * 5.0067 + 2 * 0.0067) / 8, abs=1e-3)   # -log softmax: 5.0067, 0.0067
     assert score["crops_per_s"] > 0
