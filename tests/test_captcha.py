@@ -417,6 +417,9 @@ def test_prepare_option_errors(tmp, capsys):
     strengths = [mod.auto_augment(n) for n in (1, 500, 1000, 2000, 10000, 18000, 100000)]
     assert strengths[:3] == [1, 1, 1] and strengths == sorted(strengths, reverse=True), strengths
     assert 0.1 <= strengths[5] <= 0.12 and strengths[6] < 0.05, strengths
+    longer = [mod.auto_augment(18000, passes) for passes in (2, 5, 24, 60, 10000)]   # each image seen this often
+    assert longer == sorted(longer) and longer[1] == strengths[5] and 0.27 <= longer[2] <= 0.31 and longer[4] == 1
+    assert mod.auto_augment(900, 300) == 1
 
 
 # ---- train ----
