@@ -94,6 +94,7 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 THRESHOLD, NMS_IOU = 0.25, 0.3
 FLIP, FLIP_MIN = True, 0.001   # proposals scoring >= FLIP_MIN are scored on the mirrored photo too
 VOTE_IOU = 0.5           # box voting after NMS: mean of the boxes overlapping a kept one by >= this
+REFINE = True            # eval: the likely faces scored again where the box head moved them
 # letterboxed photos, true boxes (padded) and their counts, selective search boxes (padded) and counts, photo sizes
 SHARD_SPEC = ((torch.uint8, (3, None, None)), (torch.float32, (None, 4)), (torch.int64, ()),
               (torch.float32, (None, 4)), (torch.int64, ()), (torch.int64, (2,)))
@@ -469,33 +470,48 @@ def vote_boxes(kept, boxes, scores, iou):
     return weight @ boxes / weight.sum(1, keepdim=True)
 
 
+def score_views(model, x, rois, views, device, dtype):
+    """Face log-odds K and moved boxes K,4 of rois K,5 (photo index, letterbox pixels), averaged over the views:
+    False is the photo as it is, True its mirror image (the rois mirrored, the boxes mirrored back)."""
+    width, odds, boxes = x.shape[-1], 0, 0
+    for mirror in views:
+        seen = torch.cat([rois[:, :1], flip_boxes(rois[:, 1:], width)], 1) if mirror else rois
+        with autocast(device, dtype):
+            logits, offsets = model(x.flip(-1) if mirror else x, seen.to(device))
+        moved = decode_offsets(offsets.float().cpu(), seen[:, 1:])
+        odds = odds + (logits[:, 1] - logits[:, 0]).float().cpu() / len(views)
+        boxes = boxes + (flip_boxes(moved, width) if mirror else moved) / len(views)
+    return odds, boxes
+
+
 @torch.no_grad()
 def detect(model, images, props, sizes, device, nms_iou, regress=True, calibration=(1.0, 0.0), batch_size=8,
-           amp=True, flip=FLIP, vote_iou=VOTE_IOU):
+           amp=True, flip=FLIP, vote_iou=VOTE_IOU, refine=REFINE):
     """Score all proposals of letterboxed photos; per photo boxes in photo pixels and face probabilities,
     best first, after NMS by score (no score threshold here, so NMS never depends on it).
-    Score = sigmoid(a * log-odds + b) with calibration (a, b): (1, 0) is the network's softmax. flip: the proposals
-    scoring >= FLIP_MIN are scored again on the mirrored photo and both answers averaged; vote_iou: box voting
-    after NMS (0: off)."""
+    Score = sigmoid(a * log-odds + b) with calibration (a, b): (1, 0) is the network's softmax. The proposals
+    scoring >= FLIP_MIN are looked at again: flip, on the mirrored photo too (the answers averaged); refine, where
+    the first look moved them (iterative box regression: the second look's boxes, the looks' mean log-odds).
+    vote_iou: box voting after NMS (0: off)."""
     model.eval()
     results = []
-    size = (images.shape[-1], images.shape[-2])
+    size, dtype = (images.shape[-1], images.shape[-2]), amp_dtype(device, amp)
     for start in range(0, len(images), batch_size):
         x = preprocess(images[start:start + batch_size].to(device))
-        rois = roi_batch([p.to(device) for p in props[start:start + batch_size]])   # K,5
-        with autocast(device, amp_dtype(device, amp)):
-            logits, offsets = model(x, rois)
-        log_odds, rois = (logits[:, 1] - logits[:, 0]).float().cpu(), rois.cpu()
-        boxes = decode_offsets(offsets.float().cpu(), rois[:, 1:]) if regress else rois[:, 1:]
-        again = torch.where(torch.sigmoid(calibration[0] * log_odds + calibration[1]) >= FLIP_MIN)[0] if flip else []
-        if len(again):   # the rest is background in any view: not worth a second look
-            mirrored = torch.cat([rois[again, :1], flip_boxes(rois[again, 1:], size[0])], 1)
-            with autocast(device, amp_dtype(device, amp)):
-                logits, offsets = model(x.flip(-1), mirrored.to(device))
-            log_odds[again] = (log_odds[again] + (logits[:, 1] - logits[:, 0]).float().cpu()) / 2
+        rois = roi_batch([p.cpu() for p in props[start:start + batch_size]])   # K,5
+        log_odds, boxes = score_views(model, x, rois, (False,), device, dtype)
+        boxes = boxes if regress else rois[:, 1:]
+        likely = torch.sigmoid(calibration[0] * log_odds + calibration[1]) >= FLIP_MIN
+        again = torch.where(likely)[0] if flip or refine else []   # the rest is background in any view
+        if flip and len(again):
+            odds, seen = score_views(model, x, rois[again], (True,), device, dtype)
+            log_odds[again] = (log_odds[again] + odds) / 2
             if regress:
-                seen = flip_boxes(decode_offsets(offsets.float().cpu(), mirrored[:, 1:]), size[0])
                 boxes[again] = (boxes[again] + seen) / 2
+        if refine and regress and len(again):
+            moved = torch.cat([rois[again, :1], clip_boxes_to_image(boxes[again], (size[1], size[0]))], 1)
+            odds, boxes[again] = score_views(model, x, moved, (False, True) if flip else (False,), device, dtype)
+            log_odds[again] = (log_odds[again] + odds) / 2
         counts = torch.bincount(rois[:, 0].long(), minlength=len(x)).tolist()
         scores = torch.sigmoid(calibration[0] * log_odds + calibration[1]).split(counts)
         for box, score, (w, h) in zip(boxes.split(counts), scores, sizes[start:start + batch_size].tolist()):
@@ -927,7 +943,7 @@ def build_parser():
                    "out of it are skipped)")
     p.add_argument("--workers", type=worker_count, default=os.cpu_count() or 1,
                    help="parallel selective-search processes")
-    p.add_argument("--size", type=parse_size, default=SIZE, help="letterbox WIDTHxHEIGHT in pixels")
+    p.add_argument("--size", type=parse_size, default=f"{SIZE[0]}x{SIZE[1]}", help="letterbox WIDTHxHEIGHT in pixels")
     p.add_argument("--search-side", "--ss-side", type=positive_int, default=SEARCH_SIDE,
                    help="longest side (px) of the copy searched for regions")
     p.add_argument("--proposals", "--max-proposals", type=nonneg_int, default=MAX_PROPOSALS,

@@ -61,6 +61,31 @@ def test_offsets_round_trip(frc):
     assert frc.encode_offsets(props, props).abs().max() < 1e-5
 
 
+def test_detect_looks_again_where_the_box_moved(frc):
+    """A network that moves every region halfway to one face (symmetric about the photo's middle, so the mirror
+    agrees): one look lands halfway, the second look (refine) three quarters of the way, on the photo and its
+    mirror alike; without the box head the proposal itself comes back."""
+    size, face = (384, 256), torch.tensor([[172.0, 100.0, 212.0, 148.0]])
+
+    class Halfway(torch.nn.Module):
+        def forward(self, x, rois):
+            logits = torch.tensor([0.0, 5.0]).expand(len(rois), 2)
+            return logits, frc.encode_offsets(face.expand(len(rois), 4), rois[:, 1:]) / 2
+
+    proposal = face + torch.tensor([[16.0, 12.0, 16.0, 12.0]])
+    images, sizes = torch.zeros(1, 3, size[1], size[0], dtype=torch.uint8), torch.tensor([size])
+    found = {}
+    for flip, refine, regress in [(False, False, True), (False, True, True), (True, True, True), (True, True, False)]:
+        (boxes, scores), = frc.detect(Halfway(), images, [proposal], sizes, torch.device("cpu"), 0.3, regress=regress,
+                                      flip=flip, refine=refine, vote_iou=0)
+        assert len(boxes) == 1 and scores[0] == pytest.approx(torch.sigmoid(torch.tensor(5.0)).item())
+        found[flip, refine, regress] = boxes[0]
+    distance = {k: float((box - face[0]).abs().max()) for k, box in found.items()}
+    assert distance[False, False, True] == pytest.approx(8, abs=0.5)
+    assert distance[False, True, True] == pytest.approx(4, abs=0.5)
+    assert distance[True, True, True] == pytest.approx(4, abs=0.5)
+    assert torch.allclose(found[True, True, False], proposal[0])
+
 def test_roi_extraction_shapes(frc):
     model = frc.FastRCNN(width=8).eval()
     with torch.no_grad():
