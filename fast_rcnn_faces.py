@@ -92,7 +92,7 @@ BOX_WEIGHTS = (10.0, 10.0, 5.0, 5.0)     # offset scaling, as torchvision's BoxC
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # THRESHOLD on calibrated scores: 0.25 gave the lowest face-count RMSE on validation photos
 THRESHOLD, NMS_IOU = 0.25, 0.3
-FLIP, FLIP_MIN = True, 0.001   # proposals scoring >= FLIP_MIN are scored on the mirrored photo too
+FLIP, FLIP_MIN = True, 0.001   # proposals scoring >= FLIP_MIN are scored on the mirrored photo too (and refined)
 VOTE_IOU = 0.5           # box voting after NMS: mean of the boxes overlapping a kept one by >= this
 REFINE = True            # eval: the likely faces scored again where the box head moved them
 # letterboxed photos, true boxes (padded) and their counts, selective search boxes (padded) and counts, photo sizes
