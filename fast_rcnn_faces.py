@@ -470,14 +470,21 @@ def vote_boxes(kept, boxes, scores, iou):
     return weight @ boxes / weight.sum(1, keepdim=True)
 
 
-def score_views(model, x, rois, views, device, dtype):
+def score_views(model, x, rois, views, device, dtype, maps=None):
     """Face log-odds K and moved boxes K,4 of rois K,5 (photo index, letterbox pixels), averaged over the views:
-    False is the photo as it is, True its mirror image (the rois mirrored, the boxes mirrored back)."""
+    False is the photo as it is, True its mirror image (the rois mirrored, the boxes mirrored back). maps: a dict
+    that keeps each view's feature map from one call to the next, so that looking again runs only the RoI head
+    (a FastRCNN; an ONNX network runs whole)."""
     width, odds, boxes = x.shape[-1], 0, 0
     for mirror in views:
         seen = torch.cat([rois[:, :1], flip_boxes(rois[:, 1:], width)], 1) if mirror else rois
         with autocast(device, dtype):
-            logits, offsets = model(x.flip(-1) if mirror else x, seen.to(device))
+            if maps is None or not hasattr(model, "classify_rois"):
+                logits, offsets = model(x.flip(-1) if mirror else x, seen.to(device))
+            else:
+                if mirror not in maps:
+                    maps[mirror] = model.features(x.flip(-1) if mirror else x)
+                logits, offsets = model.classify_rois(maps[mirror], seen.to(device))
         moved = decode_offsets(offsets.float().cpu(), seen[:, 1:])
         odds = odds + (logits[:, 1] - logits[:, 0]).float().cpu() / len(views)
         boxes = boxes + (flip_boxes(moved, width) if mirror else moved) / len(views)
@@ -499,18 +506,20 @@ def detect(model, images, props, sizes, device, nms_iou, regress=True, calibrati
     for start in range(0, len(images), batch_size):
         x = preprocess(images[start:start + batch_size].to(device))
         rois = roi_batch([p.cpu() for p in props[start:start + batch_size]])   # K,5
-        log_odds, boxes = score_views(model, x, rois, (False,), device, dtype)
+        maps = {}   # the feature maps of the photos and their mirror images, computed once
+        log_odds, boxes = score_views(model, x, rois, (False,), device, dtype, maps)
         boxes = boxes if regress else rois[:, 1:]
         likely = torch.sigmoid(calibration[0] * log_odds + calibration[1]) >= FLIP_MIN
         again = torch.where(likely)[0] if flip or refine else []   # the rest is background in any view
         if flip and len(again):
-            odds, seen = score_views(model, x, rois[again], (True,), device, dtype)
+            odds, seen = score_views(model, x, rois[again], (True,), device, dtype, maps)
             log_odds[again] = (log_odds[again] + odds) / 2
             if regress:
                 boxes[again] = (boxes[again] + seen) / 2
         if refine and regress and len(again):
             moved = torch.cat([rois[again, :1], clip_boxes_to_image(boxes[again], (size[1], size[0]))], 1)
-            odds, boxes[again] = score_views(model, x, moved, (False, True) if flip else (False,), device, dtype)
+            odds, boxes[again] = score_views(model, x, moved, (False, True) if flip else (False,), device, dtype,
+                                             maps)
             log_odds[again] = (log_odds[again] + odds) / 2
         counts = torch.bincount(rois[:, 0].long(), minlength=len(x)).tolist()
         scores = torch.sigmoid(calibration[0] * log_odds + calibration[1]).split(counts)

@@ -86,6 +86,30 @@ def test_detect_looks_again_where_the_box_moved(frc):
     assert distance[True, True, True] == pytest.approx(4, abs=0.5)
     assert torch.allclose(found[True, True, False], proposal[0])
 
+def test_detect_runs_the_trunk_once_per_view(frc):
+    """Looking again (mirror, then refine on photo and mirror) reuses the feature maps: the trunk runs twice per
+    batch, and the detections are those of a network that computes everything on each call (as ONNX does)."""
+    torch.manual_seed(0)
+    model = frc.FastRCNN(width=8).eval()
+    calls = []
+    model.features = lambda x, run=model.features: calls.append(len(x)) or run(x)
+
+    class Whole(torch.nn.Module):   # no classify_rois: detect calls it whole, as an ONNX network
+        def forward(self, x, rois):
+            return model.classify_rois(model.features(x), rois)
+
+    size = (96, 64)
+    images = torch.randint(0, 256, (3, 3, size[1], size[0]), dtype=torch.uint8)
+    props = [torch.tensor([[4.0, 4, 40, 40], [30, 10, 80, 60], [50, 20, 90, 60]])] * 3
+    sizes = torch.tensor([size] * 3)
+    cached = frc.detect(model, images, props, sizes, torch.device("cpu"), 0.3, batch_size=2)
+    assert calls == [2, 2, 1, 1]   # two batches, each the photos and their mirror images
+    whole = frc.detect(Whole(), images, props, sizes, torch.device("cpu"), 0.3, batch_size=2)
+    assert len(calls) > 4
+    for (b1, s1), (b2, s2) in zip(cached, whole):
+        assert len(b1) > 0 and torch.allclose(b1, b2, atol=1e-4) and torch.allclose(s1, s2, atol=1e-5)
+
+
 def test_roi_extraction_shapes(frc):
     model = frc.FastRCNN(width=8).eval()
     with torch.no_grad():
