@@ -264,9 +264,9 @@ def check_onnx(script, model, images, tmp_path, *eval_args):
     line = assert_one_line_error(run_main(script, "export", "--model", model, "--output", onnx), 1)
     assert "exists" in line and "--force" in line
     answers = []
+    out = (lambda name: ["--output-dir", tmp_path / name]) if "faces" in script else (lambda name: [])
     for i, m in enumerate((model, onnx)):
-        out = ["--output-dir", tmp_path / f"annotated-{i}"] if "faces" in script else []
-        ev = run(script, "eval", *images, "--model", m, "--json", "--device", "cpu", *out, *eval_args)
+        ev = run(script, "eval", *images, "--model", m, "--json", "--device", "cpu", *out(f"annotated-{i}"), *eval_args)
         assert ev.returncode == 0, ev.stderr
         answers.append([json.loads(line) for line in ev.stdout.splitlines()])
     assert len(answers[0]) == len(images)
@@ -274,9 +274,11 @@ def check_onnx(script, model, images, tmp_path, *eval_args):
     if module.amp_dtype(torch.device("cpu")) is not None:  # this CPU runs the .pt in bf16: compare its fp32 answers
         saved, module.CPU_BF16 = module.CPU_BF16, False
         try:
-            ev = run_main(script, "eval", *images, "--model", model, "--json", "--device", "cpu", *eval_args)
+            ev = run_main(script, "eval", *images, "--model", model, "--json", "--device", "cpu", *out("annotated-fp32"),
+                          *eval_args)
         finally:
             module.CPU_BF16 = saved
+        assert ev.returncode == 0, ev.stderr
         answers[0] = [json.loads(line) for line in ev.stdout.splitlines()]
     same_answers(answers[0], answers[1], 1e-4)
     return onnx, answers[1]
