@@ -236,7 +236,14 @@ def test_amp_switch(prepared):
     module = load_script("captcha.py")
     cpu = torch.device("cpu")
     assert module.amp_dtype(cpu, amp=False) is None
-    assert module.amp_dtype(cpu) is None                    # CPU_BF16 is off for captcha.py: fp32 measured faster
+    native = any(getattr(torch.cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported",
+                                                                        "_is_amx_tile_supported"))
+    assert module.amp_dtype(cpu) == (torch.bfloat16 if native else None)   # bf16 only where the CPU has it natively
+    saved, module.CPU_BF16 = module.CPU_BF16, False
+    try:
+        assert module.amp_dtype(cpu) is None                # a script whose CPU_BF16 is off: fp32 on every CPU
+    finally:
+        module.CPU_BF16 = saved
     data = data_of(prepared, "captcha.py", "amp")
     proc = run("captcha.py", "train", "--data-dir", data, "--epochs", 1, "--device", "cpu", "--no-amp")
     assert proc.returncode == 0, proc.stderr
