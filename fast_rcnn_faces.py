@@ -470,7 +470,7 @@ def vote_boxes(kept, boxes, scores, iou):
     return weight @ boxes / weight.sum(1, keepdim=True)
 
 
-def score_views(model, x, rois, views, device, dtype, maps=None):
+def score_views(model, x, rois, views, device, dtype, maps):
     """Face log-odds K and moved boxes K,4 of rois K,5 (photo index, letterbox pixels), averaged over the views:
     False is the photo as it is, True its mirror image (the rois mirrored, the boxes mirrored back). maps: a dict
     that keeps each view's feature map from one call to the next, so that looking again runs only the RoI head
@@ -479,7 +479,7 @@ def score_views(model, x, rois, views, device, dtype, maps=None):
     for mirror in views:
         seen = torch.cat([rois[:, :1], flip_boxes(rois[:, 1:], width)], 1) if mirror else rois
         with autocast(device, dtype):
-            if maps is None or not hasattr(model, "classify_rois"):
+            if not hasattr(model, "classify_rois"):
                 logits, offsets = model(x.flip(-1) if mirror else x, seen.to(device))
             else:
                 if mirror not in maps:

@@ -86,6 +86,7 @@ def test_detect_looks_again_where_the_box_moved(frc):
     assert distance[True, True, True] == pytest.approx(4, abs=0.5)
     assert torch.allclose(found[True, True, False], proposal[0])
 
+
 def test_detect_runs_the_trunk_once_per_view(frc):
     """Looking again (mirror, then refine on photo and mirror) reuses the feature maps: the trunk runs twice per
     batch, and the detections are those of a network that computes everything on each call (as ONNX does)."""
