@@ -117,59 +117,6 @@ def split_indices(n, seed, fractions=(0.8, 0.1, 0.1)):
     return perm[:n_train], perm[n_train:n_train + n_val], perm[n_train + n_val:]
 
 
-def read_boxes_csv(csv_path):
-    """CSV -> ({photo name: [(row number, x1, y1, x2, y2), ...]}, {reason: [count, examples]}): the rows with a
-    numeric box of non-zero size, and the others counted by reason. Names are kept as written (an empty one too:
-    photo_path judges them); a file that is not a UTF-8 CSV is a UserError."""
-    if not Path(csv_path).is_file():
-        raise UserError(f"{csv_path}: CSV not found; pass --csv FILE (columns {','.join(CSV_COLUMNS)})")
-    try:
-        df = pd.read_csv(csv_path, dtype=str, keep_default_na=False, encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{csv_path}: not UTF-8 text (byte {e.start}); save it as UTF-8")
-    except (ValueError, OSError) as e:  # pandas' ParserError and EmptyDataError are ValueErrors
-        raise UserError(f"{csv_path}: not a readable CSV ({(str(e).splitlines() or [type(e).__name__])[0]})")
-    missing = [c for c in CSV_COLUMNS if c not in df.columns]
-    if missing:
-        raise UserError(f"{csv_path}: missing column(s) {', '.join(missing)}; expected {','.join(CSV_COLUMNS)}")
-    coords = df[CSV_COLUMNS[1:]].apply(pd.to_numeric, errors="coerce")
-    rows, skipped = {}, {}
-    for row, name, box in zip(range(2, len(df) + 2), df["Name"], coords.itertuples(index=False)):  # 2: header
-        x1, y1, x2, y2 = box
-        if any(math.isnan(v) for v in box):
-            count_skip(skipped, "non-numeric box", f"{name} (row {row})")
-        elif x2 <= x1 or y2 <= y1:
-            count_skip(skipped, "zero-size box", f"{name} (row {row}: {x1:g},{y1:g},{x2:g},{y2:g})")
-        else:
-            rows.setdefault(name, []).append((row, float(x1), float(y1), float(x2), float(y2)))
-    return rows, skipped
-
-
-def count_skip(skipped, reason, example, n=1):
-    """Count n skipped rows or photos under `reason`, keeping the first three examples."""
-    entry = skipped.setdefault(reason, [0, []])
-    entry[0] += n
-    if len(entry[1]) < 3:
-        entry[1].append(example)
-
-
-def photo_path(image_dir, name):
-    """(path, None) for the photo file that a CSV Name means, or (None, reason). A Name must lead to a file inside
-    --image-dir (subfolders are fine): empty names, absolute paths, '..' and symlinks out of the folder are refused,
-    so no CSV makes prepare or train read a file elsewhere."""
-    if not name.strip():
-        return None, "empty Name"
-    try:
-        root = Path(image_dir).resolve()
-        path = (root / name).resolve()
-        inside = not Path(name).is_absolute() and ".." not in Path(name).parts and path.is_relative_to(root)
-        if inside and path.is_file():
-            return path, None
-    except (OSError, ValueError, RuntimeError):  # a NUL byte, a name too long, a symlink loop
-        return None, "unusable Name"
-    return None, "missing photo" if inside else "Name outside --image-dir"
-
-
 def selective_search(img, search_side, max_proposals=MAX_PROPOSALS):
     """Selective search (fast mode) on a copy with longest side `search_side`; K,4 xyxy boxes in `img` pixels."""
     rgb = img.permute(1, 2, 0).numpy()  # H,W,3
@@ -240,13 +187,6 @@ def decode_offsets(offsets, proposals):
     return torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 1)
 
 
-def boxes_inside(boxes, width, height):
-    """A photo's CSV boxes -> (the boxes inside the photo, G,4; the others, as lists)."""
-    boxes = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
-    inside = (boxes[:, 0] >= 0) & (boxes[:, 1] >= 0) & (boxes[:, 2] <= width) & (boxes[:, 3] <= height)
-    return boxes[inside], boxes[~inside].tolist()
-
-
 def prepare_photo(job):
     """Worker: (path, boxes, opts, seed) -> {"crops", "labels", "ious", "gt": numpy arrays, "outside": boxes}, or
     {"error", "detail"}. Numpy, not torch: a tensor sent from a worker process holds a file descriptor open, and
@@ -265,35 +205,6 @@ def prepare_photo(job):
                                                  torch.Generator().manual_seed(seed))
     return {"crops": crop_regions(img, boxes, opts["crop_size"]).numpy(), "labels": labels.numpy(),
             "ious": ious.numpy(), "targets": targets.numpy(), "gt": gt.numpy(), "outside": outside}
-
-
-def prepare_photos(jobs, workers, rows_by_photo, skipped):
-    """prepare_photo for each {name: job}, in `workers` processes (selective search is the slow part) -> ({name: its
-    answer as tensors} of the photos with a face box inside them, photos/s). Unreadable photos and boxes outside
-    their photo are counted in `skipped`, and the counts printed; Ctrl-C drops the queued photos."""
-    start, kept = time.time(), {}
-    pool = ProcessPoolExecutor(workers, initializer=start_worker) if workers > 1 else None
-    try:
-        answers = pool.map(prepare_photo, jobs.values(), chunksize=4) if pool else map(prepare_photo, jobs.values())
-        for name, res in zip(jobs, progress(answers, total=len(jobs), desc="prepare", unit="photo")):
-            if "error" in res:
-                count_skip(skipped, res["error"], res["detail"], len(rows_by_photo[name]))
-                continue
-            for box in res["outside"]:
-                count_skip(skipped, "box outside photo", f"{name} {','.join(f'{v:g}' for v in box)}")
-            if len(res["gt"]):
-                kept[name] = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in res.items()}
-            else:
-                count_skip(skipped, "photo without a usable box", name)
-    finally:
-        if pool:
-            pool.shutdown(cancel_futures=True)   # Ctrl-C: queued photos are dropped, not searched first
-    photos_per_s = len(jobs) / max(time.time() - start, 1e-9)
-    faces = sum(len(r["gt"]) for r in kept.values())
-    print(f"kept {len(kept)} photos with {faces} faces of {len(rows_by_photo)} named ({photos_per_s:.2f} photos/s)")
-    for reason, (n, examples) in skipped.items():
-        print(f"skipped {n} x {reason}: {', '.join(examples)}")
-    return kept, photos_per_s
 
 
 # ---- Model ----
@@ -383,103 +294,6 @@ def detect(model, img, proposals, crop_size, device, nms_iou, calibration=(1.0, 
         boxes = clip_boxes_to_image(decode_offsets(out[:, 2:], boxes), tuple(img.shape[1:]))
     keep = nms(boxes, scores, nms_iou)  # sorted by decreasing score
     return boxes[keep], scores[keep]
-
-
-def read_photo(path, work=None):
-    """read_ahead's job for one input: (path, photo, work(photo), None), or (path, None, None, reason) for a photo
-    that cannot be read. In a read_ahead process, work is the one start_reader gave it."""
-    try:
-        img = load_image(path)
-        return path, img, (work or reader_work)(img), None
-    except (UserError, cv2.error) as e:  # missing, not an image, damaged, too many pixels
-        return path, None, None, f"cannot read image: {e}"
-
-
-def start_reader(work):
-    """Start of each read_ahead process: as start_worker, and the work it does on every photo (inherited through
-    fork, never pickled)."""
-    global reader_work
-    start_worker()
-    reader_work = work
-
-
-def read_ahead(paths, work, lookahead, processes=0):
-    """Yield read_photo's (path, photo, work(photo), reason) per input, in order. The next `lookahead` photos are
-    read and worked on (selective search) ahead while torch scores this one: in a thread (OpenCV and PIL release
-    the GIL), or in `processes` forked processes (one photo ahead each at least), for work that one thread cannot
-    keep up with."""
-    forked = bool(processes and lookahead) and "fork" in multiprocessing.get_all_start_methods()  # Windows: thread
-    if lookahead:  # the searches take their cores, the network runs on the others
-        torch.set_num_threads(max(1, (os.cpu_count() or 2) - (processes if forked else 1)))
-    pool = (ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork"), initializer=start_reader,
-                                initargs=(work,)) if forked else ThreadPoolExecutor(1))
-    pending, ahead = deque(), max(lookahead, processes) if forked else lookahead
-    try:
-        for path in paths:
-            pending.append(pool.submit(read_photo, path, None if forked else work))
-            if len(pending) > ahead:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
-    finally:  # Ctrl-C or an error: the photos read ahead are dropped, not searched
-        pool.shutdown(cancel_futures=True)
-
-
-def match_detections(dets, gts, iou=0.5):
-    """VOC matching per photo: by decreasing score, a box is correct if its best-overlapping true box has
-    IoU >= iou and was not matched before. dets: [(boxes K,4, scores K)] per photo, gts: [G,4] per photo.
-    Returns (scores, hits) over all photos, two float tensors."""
-    scores, hits = [torch.zeros(0)], [torch.zeros(0)]
-    for (boxes, score), gt in zip(dets, gts):
-        order = score.argsort(descending=True)
-        overlaps = box_iou(boxes[order], gt) if len(gt) and len(boxes) else torch.zeros(len(boxes), 0)
-        taken, hit = torch.zeros(len(gt), dtype=torch.bool), torch.zeros(len(boxes))
-        for k, row in enumerate(overlaps):
-            j = int(row.argmax()) if len(gt) else -1
-            if j >= 0 and row[j] >= iou and not taken[j]:
-                taken[j], hit[k] = True, 1.0
-        scores.append(score[order].float())
-        hits.append(hit)
-    return torch.cat(scores), torch.cat(hits)
-
-
-def fit_calibration(dets, gts, minimum=20):
-    """Platt scaling on validation detections: (a, b) such that sigmoid(a * log-odds + b) is the chance that a
-    box is a correct detection. The network's softmax is far too sure (training sees about one face in four
-    examples, eval scores hundreds to thousands of regions per photo), so --threshold 0.5 would count many false
-    faces. Ranking (AP) and NMS are unchanged: the map is monotonic. Returns None with too few correct or wrong
-    detections."""
-    scores, y = match_detections(dets, gts)
-    if y.sum() < minimum or (1 - y).sum() < minimum:
-        return None
-    z = torch.logit(scores.clamp(1e-6, 1 - 1e-6))
-    ab = torch.tensor([1.0, 0.0], requires_grad=True)
-    optimizer = torch.optim.LBFGS([ab], max_iter=200, line_search_fn="strong_wolfe")
-
-    def closure():
-        optimizer.zero_grad()
-        loss = F.binary_cross_entropy_with_logits(ab[0] * z + ab[1], y)
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
-    return [float(v) for v in ab.detach()] if ab[0] > 0 else None
-
-
-def detection_scores(dets, gts, threshold, iou=0.5):
-    """VOC AP (all-point interpolation) over all photos at IoU `iou` (the key says ap50 as that is the default),
-    and the recall and face-count RMSE of the boxes scored >= threshold."""
-    n_gt = sum(len(gt) for gt in gts)
-    scores, hits = match_detections(dets, gts, iou)
-    order = scores.argsort(descending=True, stable=True)
-    hits, above = hits[order].double(), scores[order] >= threshold
-    tp = hits.cumsum(0)
-    recall = torch.cat([torch.zeros(1), tp / max(n_gt, 1), torch.ones(1)]).double()
-    precision = torch.cat([torch.zeros(1), tp / torch.arange(1, len(hits) + 1), torch.zeros(1)]).double()
-    precision = precision.flip(0).cummax(0).values.flip(0)  # the precision envelope
-    errors = torch.tensor([float((score >= threshold).sum()) - len(gt) for (_, score), gt in zip(dets, gts)] or [0.0])
-    return {"ap50": float(((recall[1:] - recall[:-1]) * precision[1:]).sum()) if n_gt else 0.0,
-            "recall": float(hits[above].sum()) / max(n_gt, 1), "count_rmse": errors.pow(2).mean().sqrt().item()}
 
 
 def run_detector(model, ckpt, photos, truths, device, nms_iou, amp=True):
@@ -649,72 +463,6 @@ def train(args, device, out_dir, tb_dir):
     return result
 
 
-def draw_boxes(img, found, path, size):
-    """Annotated copy of the photo (eval's boxes and face probabilities), written atomically as PNG; a photo much
-    larger than `size` is drawn on its working copy (a 4000x3000 PNG takes seconds to write)."""
-    img, factor = working_copy(img, size)
-    img = img.copy()
-    draw = ImageDraw.Draw(img)
-    for b in found:
-        x, y, w, h = (b[k] / factor for k in "xywh")
-        draw.rectangle([x, y, x + w, y + h], outline=(255, 0, 0), width=2)
-        draw.text((x + 2, y + 1), f"{b['score']:.2f}", fill=(255, 0, 0))
-    try:
-        with atomic_path(path) as tmp:
-            img.save(tmp, format="PNG", compress_level=1)  # 3x faster than the default 6, 3% larger
-    except OSError as e:
-        raise UserError(f"{path}: cannot write the annotated image ({e.strerror or e})")
-
-
-class OutputFiles:
-    """Where eval writes the annotated images: --output, or DIR/<image name>.png with --output-dir, numbered
-    NAME-2.png, NAME-3.png, ... past files this run wrote or reads, so two inputs of one name never overwrite each
-    other and no input image is overwritten. Checked before any work: --output-dir is created; --output must be a
-    file in an existing folder and takes one image (the interactive prompt rewrites it, as the tutorial did)."""
-
-    def __init__(self, args, inputs):
-        self.output, self.output_dir = Path(args.output), args.output_dir and Path(args.output_dir)
-        self.interactive = not inputs and sys.stdin.isatty()
-        self.inputs, self.written = {os.path.realpath(p) for p in inputs}, set()
-        if self.output_dir:
-            try:
-                self.output_dir.mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                raise UserError(f"--output-dir {self.output_dir}: cannot create it ({e.strerror or e})", 2)
-        elif self.output.is_dir() or not self.output.resolve().parent.is_dir():
-            raise UserError(f"--output {self.output}: not a file in an existing folder; create the folder or pass "
-                            f"--output-dir DIR", 2)
-        elif len(inputs) > 1:
-            raise UserError(f"--output {self.output} takes one image, not {len(inputs)} (each would overwrite the one "
-                            f"before); pass --output-dir DIR", 2)
-
-    def path_for(self, image):
-        """The file for the annotated copy of `image`; a UserError when --output cannot take it."""
-        self.inputs.add(os.path.realpath(image))
-        if self.output_dir:
-            stem, n = Path(image).stem, 1
-            out = self.output_dir / f"{stem}.png"
-            while os.path.realpath(out) in self.inputs | self.written:
-                n += 1
-                out = self.output_dir / f"{stem}-{n}.png"
-        else:
-            out = self.output
-            if os.path.realpath(out) in self.inputs:
-                raise UserError(f"--output {out} is an input image; pass another --output")
-            if os.path.realpath(out) in self.written and not self.interactive:
-                raise UserError(f"--output {out} holds the result of an earlier image; pass --output-dir DIR for "
-                                f"several images")
-        self.written.add(os.path.realpath(out))
-        return out
-
-
-def found_boxes(boxes, scores, threshold):
-    """Boxes (xyxy) and scores, best first -> eval's JSON boxes {x, y, w, h, score} with score >= threshold."""
-    keep = scores >= threshold
-    return [{"x": x1, "y": y1, "w": x2 - x1, "h": y2 - y1, "score": round(s, 4)}
-            for (x1, y1, x2, y2), s in zip(boxes[keep].round().int().tolist(), scores[keep].tolist())]
-
-
 def export_example(info):
     """export: example inputs, input and output names, dynamic axes, and what the input is."""
     about = (f"x: K,3,{info['crop_size']},{info['crop_size']} float, region crops as (RGB / 255 - {list(MEAN)}) / "
@@ -722,14 +470,6 @@ def export_example(info):
              f"head); selective search, decoding and NMS stay in {SCRIPT}.py")
     return (torch.zeros(2, 3, info["crop_size"], info["crop_size"]),), ["x"], ["logits"], \
         ({0: torch.export.Dim("regions")},), about
-
-
-def working_copy(img, size):
-    """A photo much larger than `size` (W, H), reduced by an integer factor (a fast box filter) to at least twice
-    that size, and the factor: selective search, cropping or letterboxing, and drawing then cost the same for a
-    4000x3000 photo as for a small one, and lose nothing the detector would see."""
-    factor = max(1, min(img.width // (2 * size[0]), img.height // (2 * size[1])))
-    return (img.reduce(factor) if factor > 1 else img), factor
 
 
 def look(img, info):
@@ -848,6 +588,278 @@ def build_parser():
     p.set_defaults(func=cmd_eval)
     add_ship_commands(sub, common, [device, detection])
     return parser
+
+
+# ==== Common to the two face scripts (rcnn_faces.py, fast_rcnn_faces.py): keep identical ====
+# What both face detectors do alike. A fix in one script is copied to the other (tests/test_hostile.py checks).
+
+# ---- Photos and boxes: the CSV, photo paths, preparing photos in processes ----
+
+
+def read_boxes_csv(csv_path):
+    """CSV -> ({photo name: [(row number, x1, y1, x2, y2), ...]}, {reason: [count, examples]}): the rows with a
+    numeric box of non-zero size, and the others counted by reason. Names are kept as written (an empty one too:
+    photo_path judges them); a file that is not a UTF-8 CSV is a UserError."""
+    if not Path(csv_path).is_file():
+        raise UserError(f"{csv_path}: CSV not found; pass --csv FILE (columns {','.join(CSV_COLUMNS)})")
+    try:
+        df = pd.read_csv(csv_path, dtype=str, keep_default_na=False, encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{csv_path}: not UTF-8 text (byte {e.start}); save it as UTF-8")
+    except (ValueError, OSError) as e:  # pandas' ParserError and EmptyDataError are ValueErrors
+        raise UserError(f"{csv_path}: not a readable CSV ({(str(e).splitlines() or [type(e).__name__])[0]})")
+    missing = [c for c in CSV_COLUMNS if c not in df.columns]
+    if missing:
+        raise UserError(f"{csv_path}: missing column(s) {', '.join(missing)}; expected {','.join(CSV_COLUMNS)}")
+    coords = df[CSV_COLUMNS[1:]].apply(pd.to_numeric, errors="coerce")
+    rows, skipped = {}, {}
+    for row, name, box in zip(range(2, len(df) + 2), df["Name"], coords.itertuples(index=False)):  # 2: header
+        x1, y1, x2, y2 = box
+        if any(math.isnan(v) for v in box):
+            count_skip(skipped, "non-numeric box", f"{name} (row {row})")
+        elif x2 <= x1 or y2 <= y1:
+            count_skip(skipped, "zero-size box", f"{name} (row {row}: {x1:g},{y1:g},{x2:g},{y2:g})")
+        else:
+            rows.setdefault(name, []).append((row, float(x1), float(y1), float(x2), float(y2)))
+    return rows, skipped
+
+
+def count_skip(skipped, reason, example, n=1):
+    """Count n skipped rows or photos under `reason`, keeping the first three examples."""
+    entry = skipped.setdefault(reason, [0, []])
+    entry[0] += n
+    if len(entry[1]) < 3:
+        entry[1].append(example)
+
+
+def photo_path(image_dir, name):
+    """(path, None) for the photo file that a CSV Name means, or (None, reason). A Name must lead to a file inside
+    --image-dir (subfolders are fine): empty names, absolute paths, '..' and symlinks out of the folder are refused,
+    so no CSV makes prepare or train read a file elsewhere."""
+    if not name.strip():
+        return None, "empty Name"
+    try:
+        root = Path(image_dir).resolve()
+        path = (root / name).resolve()
+        inside = not Path(name).is_absolute() and ".." not in Path(name).parts and path.is_relative_to(root)
+        if inside and path.is_file():
+            return path, None
+    except (OSError, ValueError, RuntimeError):  # a NUL byte, a name too long, a symlink loop
+        return None, "unusable Name"
+    return None, "missing photo" if inside else "Name outside --image-dir"
+
+
+def boxes_inside(boxes, width, height):
+    """A photo's CSV boxes -> (the boxes inside the photo, G,4; the others, as lists)."""
+    boxes = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+    inside = (boxes[:, 0] >= 0) & (boxes[:, 1] >= 0) & (boxes[:, 2] <= width) & (boxes[:, 3] <= height)
+    return boxes[inside], boxes[~inside].tolist()
+
+
+def prepare_photos(jobs, workers, rows_by_photo, skipped):
+    """prepare_photo for each {name: job}, in `workers` processes (selective search is the slow part) -> ({name: its
+    answer as tensors} of the photos with a face box inside them, photos/s). Unreadable photos and boxes outside
+    their photo are counted in `skipped`, and the counts printed; Ctrl-C drops the queued photos."""
+    start, kept = time.time(), {}
+    pool = ProcessPoolExecutor(workers, initializer=start_worker) if workers > 1 else None
+    try:
+        answers = pool.map(prepare_photo, jobs.values(), chunksize=4) if pool else map(prepare_photo, jobs.values())
+        for name, res in zip(jobs, progress(answers, total=len(jobs), desc="prepare", unit="photo")):
+            if "error" in res:
+                count_skip(skipped, res["error"], res["detail"], len(rows_by_photo[name]))
+                continue
+            for box in res["outside"]:
+                count_skip(skipped, "box outside photo", f"{name} {','.join(f'{v:g}' for v in box)}")
+            if len(res["gt"]):
+                kept[name] = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in res.items()}
+            else:
+                count_skip(skipped, "photo without a usable box", name)
+    finally:
+        if pool:
+            pool.shutdown(cancel_futures=True)   # Ctrl-C: queued photos are dropped, not searched first
+    photos_per_s = len(jobs) / max(time.time() - start, 1e-9)
+    faces = sum(len(r["gt"]) for r in kept.values())
+    print(f"kept {len(kept)} photos with {faces} faces of {len(rows_by_photo)} named ({photos_per_s:.2f} photos/s)")
+    for reason, (n, examples) in skipped.items():
+        print(f"skipped {n} x {reason}: {', '.join(examples)}")
+    return kept, photos_per_s
+
+
+# ---- Scoring detections: matching, AP, calibration ----
+
+
+def match_detections(dets, gts, iou=0.5):
+    """VOC matching per photo: by decreasing score, a box is correct if its best-overlapping true box has
+    IoU >= iou and was not matched before. dets: [(boxes K,4, scores K)] per photo, gts: [G,4] per photo.
+    Returns (scores, hits) over all photos, two float tensors."""
+    scores, hits = [torch.zeros(0)], [torch.zeros(0)]
+    for (boxes, score), gt in zip(dets, gts):
+        order = score.argsort(descending=True)
+        overlaps = box_iou(boxes[order], gt) if len(gt) and len(boxes) else torch.zeros(len(boxes), 0)
+        taken, hit = torch.zeros(len(gt), dtype=torch.bool), torch.zeros(len(boxes))
+        for k, row in enumerate(overlaps):
+            j = int(row.argmax()) if len(gt) else -1
+            if j >= 0 and row[j] >= iou and not taken[j]:
+                taken[j], hit[k] = True, 1.0
+        scores.append(score[order].float())
+        hits.append(hit)
+    return torch.cat(scores), torch.cat(hits)
+
+
+def fit_calibration(dets, gts, minimum=20):
+    """Platt scaling on validation detections: (a, b) such that sigmoid(a * log-odds + b) is the chance that a
+    box is a correct detection. The network's softmax is far too sure (training sees about one face in four
+    examples, eval scores hundreds to thousands of regions per photo), so --threshold 0.5 would count many false
+    faces. Ranking (AP) and NMS are unchanged: the map is monotonic. Returns None with too few correct or wrong
+    detections."""
+    scores, y = match_detections(dets, gts)
+    if y.sum() < minimum or (1 - y).sum() < minimum:
+        return None
+    z = torch.logit(scores.clamp(1e-6, 1 - 1e-6))
+    ab = torch.tensor([1.0, 0.0], requires_grad=True)
+    optimizer = torch.optim.LBFGS([ab], max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.binary_cross_entropy_with_logits(ab[0] * z + ab[1], y)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return [float(v) for v in ab.detach()] if ab[0] > 0 else None
+
+
+def detection_scores(dets, gts, threshold, iou=0.5):
+    """VOC AP (all-point interpolation) over all photos at IoU `iou` (the key says ap50 as that is the default),
+    and the recall and face-count RMSE of the boxes scored >= threshold."""
+    n_gt = sum(len(gt) for gt in gts)
+    scores, hits = match_detections(dets, gts, iou)
+    order = scores.argsort(descending=True, stable=True)
+    hits, above = hits[order].double(), scores[order] >= threshold
+    tp = hits.cumsum(0)
+    recall = torch.cat([torch.zeros(1), tp / max(n_gt, 1), torch.ones(1)]).double()
+    precision = torch.cat([torch.zeros(1), tp / torch.arange(1, len(hits) + 1), torch.zeros(1)]).double()
+    precision = precision.flip(0).cummax(0).values.flip(0)  # the precision envelope
+    errors = torch.tensor([float((score >= threshold).sum()) - len(gt) for (_, score), gt in zip(dets, gts)] or [0.0])
+    return {"ap50": float(((recall[1:] - recall[:-1]) * precision[1:]).sum()) if n_gt else 0.0,
+            "recall": float(hits[above].sum()) / max(n_gt, 1), "count_rmse": errors.pow(2).mean().sqrt().item()}
+
+
+# ---- Eval: reading photos ahead, drawing boxes, output files ----
+
+
+def read_photo(path, work=None):
+    """read_ahead's job for one input: (path, photo, work(photo), None), or (path, None, None, reason) for a photo
+    that cannot be read. In a read_ahead process, work is the one start_reader gave it."""
+    try:
+        img = load_image(path)
+        return path, img, (work or reader_work)(img), None
+    except (UserError, cv2.error) as e:  # missing, not an image, damaged, too many pixels
+        return path, None, None, f"cannot read image: {e}"
+
+
+def start_reader(work):
+    """Start of each read_ahead process: as start_worker, and the work it does on every photo (inherited through
+    fork, never pickled)."""
+    global reader_work
+    start_worker()
+    reader_work = work
+
+
+def read_ahead(paths, work, lookahead, processes=0):
+    """Yield read_photo's (path, photo, work(photo), reason) per input, in order. The next `lookahead` photos are
+    read and worked on (selective search) ahead while torch scores this one: in a thread (OpenCV and PIL release
+    the GIL), or in `processes` forked processes (one photo ahead each at least), for work that one thread cannot
+    keep up with."""
+    forked = bool(processes and lookahead) and "fork" in multiprocessing.get_all_start_methods()  # Windows: thread
+    if lookahead:  # the searches take their cores, the network runs on the others
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) - (processes if forked else 1)))
+    pool = (ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork"), initializer=start_reader,
+                                initargs=(work,)) if forked else ThreadPoolExecutor(1))
+    pending, ahead = deque(), max(lookahead, processes) if forked else lookahead
+    try:
+        for path in paths:
+            pending.append(pool.submit(read_photo, path, None if forked else work))
+            if len(pending) > ahead:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:  # Ctrl-C or an error: the photos read ahead are dropped, not searched
+        pool.shutdown(cancel_futures=True)
+
+
+def working_copy(img, size):
+    """A photo much larger than `size` (W, H), reduced by an integer factor (a fast box filter) to at least twice
+    that size, and the factor: selective search, cropping or letterboxing, and drawing then cost the same for a
+    4000x3000 photo as for a small one, and lose nothing the detector would see."""
+    factor = max(1, min(img.width // (2 * size[0]), img.height // (2 * size[1])))
+    return (img.reduce(factor) if factor > 1 else img), factor
+
+
+def draw_boxes(img, found, path, size):
+    """Annotated copy of the photo (eval's boxes and face probabilities), written atomically as PNG; a photo much
+    larger than `size` is drawn on its working copy (a 4000x3000 PNG takes seconds to write)."""
+    img, factor = working_copy(img, size)
+    img = img.copy()
+    draw = ImageDraw.Draw(img)
+    for b in found:
+        x, y, w, h = (b[k] / factor for k in "xywh")
+        draw.rectangle([x, y, x + w, y + h], outline=(255, 0, 0), width=2)
+        draw.text((x + 2, y + 1), f"{b['score']:.2f}", fill=(255, 0, 0))
+    try:
+        with atomic_path(path) as tmp:
+            img.save(tmp, format="PNG", compress_level=1)  # 3x faster than the default 6, 3% larger
+    except OSError as e:
+        raise UserError(f"{path}: cannot write the annotated image ({e.strerror or e})")
+
+
+def found_boxes(boxes, scores, threshold):
+    """Boxes (xyxy) and scores, best first -> eval's JSON boxes {x, y, w, h, score} with score >= threshold."""
+    keep = scores >= threshold
+    return [{"x": x1, "y": y1, "w": x2 - x1, "h": y2 - y1, "score": round(s, 4)}
+            for (x1, y1, x2, y2), s in zip(boxes[keep].round().int().tolist(), scores[keep].tolist())]
+
+
+class OutputFiles:
+    """Where eval writes the annotated images: --output, or DIR/<image name>.png with --output-dir, numbered
+    NAME-2.png, NAME-3.png, ... past files this run wrote or reads, so two inputs of one name never overwrite each
+    other and no input image is overwritten. Checked before any work: --output-dir is created; --output must be a
+    file in an existing folder and takes one image (the interactive prompt rewrites it, as the tutorial did)."""
+
+    def __init__(self, args, inputs):
+        self.output, self.output_dir = Path(args.output), args.output_dir and Path(args.output_dir)
+        self.interactive = not inputs and sys.stdin.isatty()
+        self.inputs, self.written = {os.path.realpath(p) for p in inputs}, set()
+        if self.output_dir:
+            try:
+                self.output_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise UserError(f"--output-dir {self.output_dir}: cannot create it ({e.strerror or e})", 2)
+        elif self.output.is_dir() or not self.output.resolve().parent.is_dir():
+            raise UserError(f"--output {self.output}: not a file in an existing folder; create the folder or pass "
+                            f"--output-dir DIR", 2)
+        elif len(inputs) > 1:
+            raise UserError(f"--output {self.output} takes one image, not {len(inputs)} (each would overwrite the one "
+                            f"before); pass --output-dir DIR", 2)
+
+    def path_for(self, image):
+        """The file for the annotated copy of `image`; a UserError when --output cannot take it."""
+        self.inputs.add(os.path.realpath(image))
+        if self.output_dir:
+            stem, n = Path(image).stem, 1
+            out = self.output_dir / f"{stem}.png"
+            while os.path.realpath(out) in self.inputs | self.written:
+                n += 1
+                out = self.output_dir / f"{stem}-{n}.png"
+        else:
+            out = self.output
+            if os.path.realpath(out) in self.inputs:
+                raise UserError(f"--output {out} is an input image; pass another --output")
+            if os.path.realpath(out) in self.written and not self.interactive:
+                raise UserError(f"--output {out} holds the result of an earlier image; pass --output-dir DIR for "
+                                f"several images")
+        self.written.add(os.path.realpath(out))
+        return out
 
 
 # ==== Common to all five scripts: keep identical ====

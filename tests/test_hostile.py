@@ -48,6 +48,7 @@ READERS = {"open": {"setup_distributed", "lock_data_dir"}, "os.open": {"lock_dat
 
 
 COMMON_MARK = "# ==== Common to all five scripts: keep identical ===="
+FACE_MARK = "# ==== Common to the two face scripts (rcnn_faces.py, fast_rcnn_faces.py): keep identical ===="
 
 
 def top_level(script, text=None):
@@ -91,6 +92,22 @@ def test_common_block_is_one_text():
     assert set(SHARED) <= set(first), set(SHARED) - set(first)
     for script, (task, _) in parts.items():
         assert not set(top_level(script, task)) & set(first), f"{script} redefines a name of the common block"
+
+
+def test_face_block_is_one_text():
+    """The two face scripts hold their shared photo, scoring and eval helpers in one block between FACE_MARK and
+    COMMON_MARK, the same text in both; neither defines one of its names above it."""
+    parts = {}
+    for script in FACES:
+        text = (ROOT / script).read_text()
+        assert text.count(FACE_MARK) == 1, f"{script}: expected one line {FACE_MARK!r}"
+        task, rest = text.split(FACE_MARK)
+        parts[script] = task, rest.split(COMMON_MARK)[0]
+    assert len({block for _, block in parts.values()}) == 1, "the face blocks differ"
+    names = set(top_level(FACES[0], parts[FACES[0]][1]))
+    assert {"read_boxes_csv", "match_detections", "read_ahead", "OutputFiles"} <= names, names
+    for script, (task, _) in parts.items():
+        assert not set(top_level(script, task)) & names, f"{script} redefines a name of the face block"
 
 
 @pytest.mark.parametrize("names,scripts", [(SHARED, SCRIPTS), (FACE_SHARED, FACES)], ids=["all", "faces"])
