@@ -142,7 +142,10 @@ def letterbox_image(img, size):
 
 
 def selective_search(img, size, side, limit):
-    """Selective search (fast mode) on a copy with longest side `side`; boxes in letterbox pixels."""
+    """Selective search (fast mode) on a copy with longest side `side`; boxes in letterbox pixels. limit 0: none
+    (the dense windows alone, without the search's time)."""
+    if limit == 0:
+        return torch.zeros(0, 4)
     scale = side / max(img.width, img.height)
     small = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.BILINEAR)
     search = cv2.ximgproc.segmentation.createSelectiveSearchSegmentation()
@@ -696,7 +699,7 @@ def build_parser():
     p.add_argument("--search-side", "--ss-side", type=positive_int, default=SEARCH_SIDE,
                    help="longest side (px) of the copy searched for regions")
     p.add_argument("--proposals", "--max-proposals", type=nonneg_int, default=MAX_PROPOSALS,
-                   help="first N selective-search regions per photo")
+                   help="first N selective-search regions per photo (0: no search, the dense windows only)")
     p.set_defaults(func=cmd_prepare)
     p = sub.add_parser("train", parents=[common, device, seed, detection], formatter_class=fmt,
                        help="train the detector with early stopping, then score it on test photos")

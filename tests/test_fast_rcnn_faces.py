@@ -443,6 +443,19 @@ def test_selective_search_repeats(frc, shared_datasets):
     assert torch.equal(rcnn.selective_search(img, 200), rcnn.selective_search(img, 200))
 
 
+def test_no_search_with_proposals_0(frc, shared_datasets, monkeypatch):
+    """prepare --proposals 0: no selective search at all (not a search whose regions are dropped), so the
+    proposals are the dense windows alone."""
+    img = frc.load_image(sorted((FACES_DIR / "image_data").iterdir())[0])
+    monkeypatch.setattr(frc.cv2.ximgproc.segmentation, "createSelectiveSearchSegmentation", None)
+    none = frc.selective_search(img, (384, 256), 200, 0)
+    assert none.shape == (0, 4)
+    windows = frc.photo_proposals(none, img.width, img.height, (384, 256))
+    assert torch.equal(windows, frc.dense_windows(*frc.letterbox_geometry(img.width, img.height, (384, 256))))
+    with pytest.raises(TypeError):   # with a limit the search runs
+        frc.selective_search(img, (384, 256), 200, 300)
+
+
 def test_read_ahead_keeps_order_and_reads_no_further_than_asked(frc, shared_datasets, tmp_path, monkeypatch):
     """eval's look-ahead (the same text in both face scripts): answers come in input order, an unreadable photo
     is a reason and not an error, and with lookahead 0 (paths typed on stdin) nothing is read before it is asked."""
