@@ -16,8 +16,8 @@ of a photo stay in one split). train fits the crop classifier and, at the end, r
 on the test photos (AP@0.5, recall, face-count RMSE). eval moves each region by the offsets the network
 predicts, then NMS, and draws the detected faces.
 Result (2,000-photo Kaggle set, 1,600 photos for training, the defaults: 10 epochs, 19 minutes of `train` on an
-idle 2-core CPU): AP@0.5 0.823 and face-count RMSE 1.62 at threshold 0.2 on the 200 test photos (without the box
-head: 0.557); eval 0.74 s per photo.
+idle 2-core AVX2 CPU, 8 on one with AVX512): AP@0.5 0.823-0.836 and face-count RMSE 1.62-1.70 at threshold 0.2 on
+the 200 test photos over two runs (without the box head: 0.557); eval 0.74 s per photo.
 """
 import argparse
 import asyncio
@@ -90,7 +90,8 @@ SEARCH_PROCESSES = max(2, (os.cpu_count() or 2) * 3 // 4)   # eval: selective se
 POS_IOU, NEG_IOU, BACKGROUNDS = 0.5, 0.3, 30
 EPOCHS = 10              # an epoch of 1,600 photos (78,000 crops): 85 s on an idle 2-core CPU; a default train 19 min
 CROP_SIZE = 32
-CPU_BF16 = False         # bf16 autocast on the CPU: not measured faster for this network; fp32
+CPU_BF16 = False         # bf16 on a native-bf16 CPU: epochs 1.35x faster, but test AP 0.818 vs 0.836 (one run
+                         # each, benchmarks/RESULTS.md): not proven as accurate, so fp32
 WIDTH = 16               # channels of the first ResNet stage (torchvision's resnet18 uses 64); 16 scores
                          # a photo's ~770 regions in 0.25 CPU-s, 32 takes about 3x as long
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
