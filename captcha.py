@@ -13,8 +13,8 @@ CODE.ext or PREFIX-CODE.ext (the code is the name after its last '-': `2b827.png
 names listed with their codes in a --labels file (CSV `file,code` or `file code` lines). Codes are lower-cased
 unless --case-sensitive; the charset is what the codes use (--charset auto) and codes of several lengths may
 be mixed (--length auto). Names whose code breaks a rule are skipped and counted.
-Result: 94.75% exact-match on 2,000 held-out generated captchas after 46 minutes of training on a 2-core CPU
-with native bf16 (20,000 generated, 80 epochs; 93.65% after 24 epochs, 52 minutes, in fp32; benchmarks/RESULTS.md).
+Result: 95.2% exact-match on 2,000 held-out generated captchas after 53 minutes of training on a 2-core CPU
+with native bf16 (20,000 generated, 92 epochs; 93.65% after 24 epochs, 52 minutes, in fp32; benchmarks/RESULTS.md).
 """
 import argparse
 import asyncio
