@@ -649,6 +649,7 @@ def train(args, device, out_dir, tb_dir):
         done, history, best, bad_epochs = resume_training(checkpoint, model_args, model, optimizer,
                                                           scaler, scheduler)
         first_epoch = done + 1
+    best_loss = min([h["val_loss"] for h in history if h["val_acc"] == round(best, 5)], default=math.inf)
     generator = torch.Generator(device=device).manual_seed(args.seed + first_epoch + 7919 * rank)
     step_model = wrap_model(model, device, args.sync_bn)
     print(f"train {n_train} ({n_epoch} per epoch), validate {n_val} images of {tuple(meta['image_size'])}, "
@@ -678,8 +679,10 @@ def train(args, device, out_dir, tb_dir):
         *val_stats, n = run_epoch(model, x_val, y_val, device, val_batches, dtype)
         val_loss, val_acc, val_char = mean_over_processes(val_stats, n, device)
         seconds = time.perf_counter() - start
-        improved = val_acc > best
-        best, bad_epochs = (val_acc, 0) if improved else (best, bad_epochs + 1)
+        # a tie on exact-match goes to the lower loss: 100 validation codes of a small set are soon all read, and
+        # the first model to read them all is rarely the best one
+        improved = val_acc > best or (val_acc == best and val_loss < best_loss)
+        (best, best_loss), bad_epochs = ((val_acc, val_loss), 0) if improved else ((best, best_loss), bad_epochs + 1)
         history.append({"epoch": epoch, "train_loss": round(train_loss, 5), "train_acc": round(train_acc, 5),
                         "val_loss": round(val_loss, 5), "val_acc": round(val_acc, 5),
                         "val_char_acc": round(val_char, 5), "lr": lr, "augment": epoch_strength, "steps": len(batches),
@@ -699,7 +702,8 @@ def train(args, device, out_dir, tb_dir):
     if writer:
         writer.close()
     if bad_epochs >= args.patience:
-        print(f"early stop: no better validation exact-match for {args.patience} epochs")
+        print(f"early stop: no better validation exact-match (or loss at equal exact-match) for {args.patience} "
+              f"epochs")
     result = {"epochs_run": len(history), "best_val": round(best, 6), "test": float("nan"), "metric": "exact-match"}
     if not main_process():
         return result

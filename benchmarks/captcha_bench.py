@@ -4,6 +4,8 @@
     python benchmarks/captcha_bench.py --train-count 3000 --minutes 5 --epochs 10   # a quick look
     python benchmarks/captcha_bench.py --train-count 1000 --style "--size 200x50 --palette dark --length 5-6"
                                                              # few labels of another style
+    python benchmarks/captcha_bench.py --train-count 1000 --generator benchmarks/plain_captchas.py --epochs 60
+                                                             # few labels of a plain real-site kind (CODE.png)
 
 Steps, all through the real commands: generate the training captchas (seed 0) and held-out captchas
 (another seed), `captcha.py prepare`, `captcha.py train` (stopped with Ctrl-C at the time budget, so the
@@ -99,6 +101,8 @@ def main():
     p.add_argument("--workdir", default=str(ROOT / "benchmarks" / "out" / "captcha"))
     p.add_argument("--tutorial-batches", type=int, default=10)
     p.add_argument("--reuse", action="store_true", help="reuse generated captchas and prepared data found in --workdir")
+    p.add_argument("--generator", default="generate-captcha/generate.py",
+                   help="script that writes the captchas (--count, --output, --seed, --clean)")
     p.add_argument("--style", default="", help="generator options for training and held-out captchas alike")
     p.add_argument("--prepare-args", default="", help="extra options of captcha.py prepare")
     args, extra = p.parse_known_args()
@@ -106,7 +110,7 @@ def main():
     train_dir, heldout_dir, data = work / "train", work / "heldout", work / "data"
     for folder, count, seed in ((train_dir, args.train_count, 0), (heldout_dir, args.heldout_count, 12345)):
         if not (args.reuse and folder.is_dir() and len(list(folder.glob("*.png"))) == count):
-            sh("generate-captcha/generate.py", "--count", count, "--output", folder, "--seed", seed, "--clean",
+            sh(args.generator, "--count", count, "--output", folder, "--seed", seed, "--clean",
                *args.style.split())
     if not (args.reuse and (data / "meta.json").exists()):
         sh("captcha.py", "prepare", "--image-dir", train_dir, "--data-dir", data, *args.prepare_args.split())

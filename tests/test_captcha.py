@@ -551,8 +551,12 @@ def test_early_stopping_counts_patience_epochs(tmp, prepared):
     assert proc.returncode == 0, proc.stderr
     epochs = re.findall(r"^epoch (\d+)/6", proc.stdout, re.M)
     history = (data / "history.csv").read_text().splitlines()[1:]
-    best = max(range(len(history)), key=lambda i: (float(history[i].split(",")[4]), -i))
-    assert len(epochs) == best + 2  # one epoch without improvement, then stop
+    rows = [list(map(float, row.split(",")[3:5])) for row in history]   # val_loss, val_acc
+    # the model kept: the highest exact-match, and the lowest loss among the epochs that reached it
+    best = torch.load(data / "model.pt", weights_only=True)["epoch"]
+    top = max(acc for _, acc in rows)
+    assert rows[best - 1][1] == top and rows[best - 1][0] == min(loss for loss, acc in rows if acc == top)
+    assert len(epochs) == best + 1  # one epoch without improvement, then stop
     assert "early stop" in proc.stdout
 
 
