@@ -14,7 +14,8 @@ names listed with their codes in a --labels file (CSV `file,code` or `file code`
 unless --case-sensitive; the charset is what the codes use (--charset auto) and codes of several lengths may
 be mixed (--length auto). Names whose code breaks a rule are skipped and counted.
 Result: 95.2% exact-match on 2,000 held-out generated captchas after 53 minutes of training on a 2-core CPU
-with native bf16 (20,000 generated, 92 epochs; 93.65% after 24 epochs, 52 minutes, in fp32; benchmarks/RESULTS.md).
+with native bf16 (20,000 generated, 92 epochs; 93.65% after 24 epochs, 52 minutes, in fp32; benchmarks/RESULTS.md);
+99.35% of plain one-font captchas after 16 minutes on 900 labels (benchmarks/plain_captchas.py).
 """
 import argparse
 import asyncio
