@@ -598,6 +598,13 @@ def cmd_prepare(args):
     return 0
 
 
+def improves(acc, loss, best, best_loss):
+    """Is this epoch's model better than the best so far? Higher validation exact-match; once every validation code
+    is read (a small set's 100 soon are), lower validation loss: the first model to read them all is rarely the
+    best one (900 plain labels: held-out 98.40% with the model of epoch 9, 99.35% with the lowest-loss one)."""
+    return acc > best or (acc == best >= 1 - 1e-9 and loss < best_loss)
+
+
 def train(args, device, out_dir, tb_dir):
     """One training run on DATA_DIR's prepared data; model, checkpoint and history go to out_dir."""
     data_dir = Path(args.data_dir)
@@ -680,9 +687,7 @@ def train(args, device, out_dir, tb_dir):
         *val_stats, n = run_epoch(model, x_val, y_val, device, val_batches, dtype)
         val_loss, val_acc, val_char = mean_over_processes(val_stats, n, device)
         seconds = time.perf_counter() - start
-        # a tie on exact-match goes to the lower loss: 100 validation codes of a small set are soon all read, and
-        # the first model to read them all is rarely the best one
-        improved = val_acc > best or (val_acc == best and val_loss < best_loss)
+        improved = improves(val_acc, val_loss, best, best_loss)
         (best, best_loss), bad_epochs = ((val_acc, val_loss), 0) if improved else ((best, best_loss), bad_epochs + 1)
         history.append({"epoch": epoch, "train_loss": round(train_loss, 5), "train_acc": round(train_acc, 5),
                         "val_loss": round(val_loss, 5), "val_acc": round(val_acc, 5),
@@ -703,7 +708,7 @@ def train(args, device, out_dir, tb_dir):
     if writer:
         writer.close()
     if bad_epochs >= args.patience:
-        print(f"early stop: no better validation exact-match (or loss at equal exact-match) for {args.patience} "
+        print(f"early stop: no better validation exact-match (or loss, once all are read) for {args.patience} "
               f"epochs")
     result = {"epochs_run": len(history), "best_val": round(best, 6), "test": float("nan"), "metric": "exact-match"}
     if not main_process():
