@@ -12,7 +12,6 @@ fine-tuned here is tested on a font it has not seen. Same options as generate.py
 import argparse
 import math
 import random
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -59,20 +58,44 @@ def draw(rng, code, size, font):
     return img.convert("RGB")
 
 
+def positive(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text}: must be at least 1")
+    return value
+
+
+def size_wh(text):
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text}: expected WxH, e.g. 200x50") from None
+    if not (60 <= width <= 1000 and 30 <= height <= 400):
+        raise argparse.ArgumentTypeError(f"{text}: width 60-1000, height 30-400")
+    return width, height
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--count", type=int, default=1000)
+    p.add_argument("--count", type=positive, default=1000)
     p.add_argument("--output", required=True)
-    p.add_argument("--length", type=int, default=5)
-    p.add_argument("--size", default="200x50", help="WxH")
+    p.add_argument("--length", type=positive, default=5)
+    p.add_argument("--size", type=size_wh, default=(200, 50), help="WxH")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--clean", action="store_true", help="delete the output folder's captchas first")
+    p.add_argument("--clean", action="store_true", help="delete the captchas of an earlier run (CODE.png) first")
     args = p.parse_args()
-    size = tuple(int(v) for v in args.size.split("x"))
+    size = args.size
+    if args.length > 8 or args.count > len(CHARSET) ** args.length // 2:
+        p.error(f"--count {args.count} --length {args.length}: at most 8 characters and half the "
+                f"{len(CHARSET)}**length possible codes")
     out = Path(args.output)
-    if args.clean and out.is_dir():
-        shutil.rmtree(out)
+    if out.exists() and not out.is_dir():
+        p.error(f"--output {out}: not a folder")
+    if args.clean and out.is_dir():   # only what a run of this script writes: other files stay
+        for old in out.glob("*.png"):
+            if set(old.stem) <= set(CHARSET):
+                old.unlink()
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(args.seed)
     font = ImageFont.truetype(font_path(), 34)
