@@ -581,6 +581,9 @@ def cmd_prepare(args):
     for i, code in enumerate(codes):
         y[i, :len(code)] = torch.tensor([charset.index(c) for c in code])
     sizes = split_sizes(len(x), args.split)
+    if not sizes[0]:
+        raise UserError(f"--split: no image left for training ({len(x)} kept, {sizes[1]} for validation, {sizes[2]} "
+                        f"for test); give training a larger share", 2)
     splits = {}
     for name, idx in zip(SPLITS, split_indices(len(x), args.seed, sizes)):
         idx = torch.tensor(idx, dtype=torch.long)
@@ -686,6 +689,8 @@ def train(args, device, out_dir, tb_dir):
         sync_buffers(model)
         *val_stats, n = run_epoch(model, x_val, y_val, device, val_batches, dtype)
         val_loss, val_acc, val_char = mean_over_processes(val_stats, n, device)
+        if not np.isfinite(val_loss):   # before anything is saved: the last good model stays
+            raise UserError(f"epoch {epoch}: validation loss is {val_loss}; lower --lr", 1)
         seconds = time.perf_counter() - start
         improved = improves(val_acc, val_loss, best, best_loss)
         (best, best_loss), bad_epochs = ((val_acc, val_loss), 0) if improved else ((best, best_loss), bad_epochs + 1)
@@ -875,8 +880,8 @@ def build_parser():
                    help="start from the weights of another captcha model.pt, e.g. one trained on generated captchas: "
                         "for a few hundred labels (the attention starts fresh where length or size differ, the "
                         "classifier keeps the characters both charsets hold)")
-    p.add_argument("--epoch-size", type=nonneg_int, default=EPOCH_SIZE, metavar="N",
-                   help="images per epoch at least (a smaller training split is repeated, augmented afresh)")
+    p.add_argument("--epoch-size", type=lambda text: parse_number(text, int, 0, 10 ** 7), default=EPOCH_SIZE,
+                   metavar="N", help="images per epoch at least (a smaller training split is repeated, augmented afresh)")
     p.add_argument("--augment", type=augment_strength, default="auto", metavar="X",
                    help=f"strength of the random distortions while training: 0 (none) to 3, or auto: 1 up to "
                         f"{AUGMENT_FULL:,} training images, less on larger sets and shorter runs (18,000 images: 0.11 "
@@ -1510,6 +1515,8 @@ def cmd_export(args):
         raise UserError(f"{path}: already an ONNX model; pass the model.pt it came from")
     if out.exists() and not args.force:
         raise UserError(f"{out} exists; pass --force to replace it, or --output FILE")
+    if not out.parent.is_dir():
+        raise UserError(f"--output {out}: no folder {out.parent}; create it first")
     model, info, device = load_network(path, "cpu")
     inputs, input_names, output_names, dynamic, about = export_example(info)
     meta = json.dumps({**json_ready({k: v for k, v in info.items() if k != "model"}), "input": about})
@@ -1519,9 +1526,12 @@ def cmd_export(args):
                                     output_names=output_names, dynamic_shapes=dynamic)
     proto = program.model_proto
     proto.metadata_props.add(key="suite", value=meta)
-    with atomic_path(out) as tmp:
-        onnx.save(proto, str(tmp))
-        expected, got = model(*inputs), OnnxNetwork(tmp)(*inputs)   # the file as written, before it takes the name
+    try:
+        with atomic_path(out) as tmp:
+            onnx.save(proto, str(tmp))
+            expected, got = model(*inputs), OnnxNetwork(tmp)(*inputs)   # the file as written, before it takes the name
+    except OSError as e:   # a folder that takes no new file (/proc, a full disk)
+        raise UserError(f"--output {out}: {e.strerror or e}")
     pairs = zip(expected, got) if isinstance(expected, tuple) else [(expected, got)]
     diff = max((a.float() - b).abs().max().item() for a, b in pairs)
     print(f"exported {out}: {out.stat().st_size / 2**20:.1f} MB, ONNX opset {ONNX_OPSET}, inputs "
@@ -1730,13 +1740,16 @@ def add_ship_commands(sub, common, serve_parents):
     p.add_argument("--max-bytes", type=positive_int, default=MAX_UPLOAD, help="largest image accepted, in bytes")
     p.add_argument("--max-batch", type=positive_int, default=32, help="images of requests arriving together "
                    "that share one forward pass")
-    p.add_argument("--max-wait-ms", type=nonneg_float, default=5, help="how long a batch waits for more requests")
-    p.add_argument("--workers", type=positive_int, default=1, help="server processes on the port, each with its "
+    p.add_argument("--max-wait-ms", type=wait_ms, default=5, help="how long a batch waits for more requests")
+    p.add_argument("--workers", type=worker_count, default=1, help="server processes on the port, each with its "
                    "own copy of the model and a share of the CPU's cores")
     p.set_defaults(func=cmd_serve)
 
 
 # ---- Options, DATA_DIR lock, train command, eval input, main ----
+MAX_INT, MAX_FLOAT = 2 ** 31 - 1, 1e4   # the largest whole number and number an option takes
+
+
 def parse_number(text, kind, low, high=None):
     """argparse type helper: `text` as a finite int or float from `low` to `high`; anything else is an
     ArgumentTypeError, so argparse stops with one line and status 2 before any work."""
@@ -1751,15 +1764,19 @@ def parse_number(text, kind, low, high=None):
 
 
 def positive_int(text):
-    return parse_number(text, int, 1)
+    return parse_number(text, int, 1, MAX_INT)
 
 
 def nonneg_int(text):
-    return parse_number(text, int, 0)
+    return parse_number(text, int, 0, MAX_INT)
 
 
 def nonneg_float(text):
-    return parse_number(text, float, 0)
+    return parse_number(text, float, 0, MAX_FLOAT)
+
+
+def wait_ms(text):
+    return parse_number(text, float, 0, 10_000)
 
 
 def probability(text):

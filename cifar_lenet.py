@@ -315,6 +315,9 @@ def report_test(data_dir, labels, test_labels, logits):
 def cmd_prepare(args):
     image_dir = Path(args.image_dir)
     test_dir = Path(args.test_dir) if args.test_dir else None
+    if test_dir is None and (image_dir / "test").is_dir():   # the tutorial's layout: its test images never train
+        test_dir = image_dir / "test"
+        print(f"test split: {test_dir} (a test folder inside --image-dir; its images are kept out of training)")
     for flag, folder in (("--image-dir", image_dir), ("--test-dir", test_dir)):
         if folder is not None and not folder.is_dir():
             raise UserError(f"{flag} {folder}: folder not found")
@@ -399,6 +402,8 @@ def train(args, device, out_dir, tb_dir):
         sync_buffers(model)
         val_loss, val_acc, _ = evaluate(eval_model, val_shard, norm, loss_fn, 2 * args.batch_size, dtype)
         val_loss, val_acc = mean_over_processes([val_loss, val_acc], len(val_shard[1]), device)
+        if not math.isfinite(val_loss):   # before anything is saved: the last good model stays
+            raise UserError(f"validation loss is {val_loss}; lower --lr")
         improved = val_acc > best_score
         best_score, bad_epochs = (val_acc, 0) if improved else (best_score, bad_epochs + 1)
         history.append({"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss,
@@ -490,7 +495,8 @@ def build_parser():
     p.add_argument("--image-dir", default=IMAGE_DIR, help="labels.txt + N_label images, or one folder per class; "
                    f"images over {MAX_PIXELS:,} pixels are skipped")
     p.add_argument("--labels", default=None, help="label list file (default: IMAGE_DIR/labels.txt or folder names)")
-    p.add_argument("--test-dir", default=None, help="take the test split from this folder (e.g. cifar/test)")
+    p.add_argument("--test-dir", default=None, help="take the test split from this folder (default: IMAGE_DIR/test "
+                   "if there is one, as in the tutorial's cifar/test)")
     p.add_argument("--workers", type=worker_count, default=os.cpu_count() or 1, help="parallel decoding processes")
     p.set_defaults(func=cmd_prepare)
     p = sub.add_parser("train", parents=[common, device, seed], formatter_class=fmt, help="train with early stopping")
@@ -1134,6 +1140,8 @@ def cmd_export(args):
         raise UserError(f"{path}: already an ONNX model; pass the model.pt it came from")
     if out.exists() and not args.force:
         raise UserError(f"{out} exists; pass --force to replace it, or --output FILE")
+    if not out.parent.is_dir():
+        raise UserError(f"--output {out}: no folder {out.parent}; create it first")
     model, info, device = load_network(path, "cpu")
     inputs, input_names, output_names, dynamic, about = export_example(info)
     meta = json.dumps({**json_ready({k: v for k, v in info.items() if k != "model"}), "input": about})
@@ -1143,9 +1151,12 @@ def cmd_export(args):
                                     output_names=output_names, dynamic_shapes=dynamic)
     proto = program.model_proto
     proto.metadata_props.add(key="suite", value=meta)
-    with atomic_path(out) as tmp:
-        onnx.save(proto, str(tmp))
-        expected, got = model(*inputs), OnnxNetwork(tmp)(*inputs)   # the file as written, before it takes the name
+    try:
+        with atomic_path(out) as tmp:
+            onnx.save(proto, str(tmp))
+            expected, got = model(*inputs), OnnxNetwork(tmp)(*inputs)   # the file as written, before it takes the name
+    except OSError as e:   # a folder that takes no new file (/proc, a full disk)
+        raise UserError(f"--output {out}: {e.strerror or e}")
     pairs = zip(expected, got) if isinstance(expected, tuple) else [(expected, got)]
     diff = max((a.float() - b).abs().max().item() for a, b in pairs)
     print(f"exported {out}: {out.stat().st_size / 2**20:.1f} MB, ONNX opset {ONNX_OPSET}, inputs "
@@ -1354,13 +1365,16 @@ def add_ship_commands(sub, common, serve_parents):
     p.add_argument("--max-bytes", type=positive_int, default=MAX_UPLOAD, help="largest image accepted, in bytes")
     p.add_argument("--max-batch", type=positive_int, default=32, help="images of requests arriving together "
                    "that share one forward pass")
-    p.add_argument("--max-wait-ms", type=nonneg_float, default=5, help="how long a batch waits for more requests")
-    p.add_argument("--workers", type=positive_int, default=1, help="server processes on the port, each with its "
+    p.add_argument("--max-wait-ms", type=wait_ms, default=5, help="how long a batch waits for more requests")
+    p.add_argument("--workers", type=worker_count, default=1, help="server processes on the port, each with its "
                    "own copy of the model and a share of the CPU's cores")
     p.set_defaults(func=cmd_serve)
 
 
 # ---- Options, DATA_DIR lock, train command, eval input, main ----
+MAX_INT, MAX_FLOAT = 2 ** 31 - 1, 1e4   # the largest whole number and number an option takes
+
+
 def parse_number(text, kind, low, high=None):
     """argparse type helper: `text` as a finite int or float from `low` to `high`; anything else is an
     ArgumentTypeError, so argparse stops with one line and status 2 before any work."""
@@ -1375,15 +1389,19 @@ def parse_number(text, kind, low, high=None):
 
 
 def positive_int(text):
-    return parse_number(text, int, 1)
+    return parse_number(text, int, 1, MAX_INT)
 
 
 def nonneg_int(text):
-    return parse_number(text, int, 0)
+    return parse_number(text, int, 0, MAX_INT)
 
 
 def nonneg_float(text):
-    return parse_number(text, float, 0)
+    return parse_number(text, float, 0, MAX_FLOAT)
+
+
+def wait_ms(text):
+    return parse_number(text, float, 0, 10_000)
 
 
 def probability(text):

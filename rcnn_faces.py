@@ -74,6 +74,8 @@ SHARD_SIZE = 1000
 IMAGE_DIR = "784145_1347673_bundle_archive/train/image_data"  # the tutorial's paths
 CSV_PATH = "784145_1347673_bundle_archive/train/bbox_train.csv"
 CSV_COLUMNS = ["Name", "xmin", "ymin", "xmax", "ymax"]
+MAX_CSV_BYTES = 32 << 20  # a --csv file larger than this is refused (the 2,000-photo set's is 0.2 MB)
+MAX_FACES = 1000         # a photo with more boxes than this in the CSV is skipped
 MAX_PIXELS = 25_000_000  # bigger photos (decompression bombs) are refused before decoding; the float copy that
                          # crop_regions makes of a photo takes 12 bytes per pixel
 SEARCH_SIDE = 400        # selective search runs on a copy whose longest side is this (px)
@@ -96,9 +98,9 @@ WIDTH = 16               # channels of the first ResNet stage (torchvision's res
                          # a photo's ~770 regions in 0.25 CPU-s, 32 takes about 3x as long
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 BOX_WEIGHTS = (10.0, 10.0, 5.0, 5.0)     # offset scaling, as torchvision's BoxCoder
-# THRESHOLD on calibrated scores: 0.2 gave the lowest face-count RMSE on validation photos (1.69; 2.28 at 0.1,
-# 2.01 at 0.5); NMS at IoU 0.3 the lowest RMSE too (AP@0.5 0.795; 0.804 at 0.4)
-THRESHOLD, NMS_IOU = 0.2, 0.3
+# THRESHOLD: train calibrates the scores so that 0.5 counts the validation photos' faces best (fit_calibration);
+# NMS at IoU 0.3 gave the lowest count RMSE too (AP@0.5 0.795; 0.804 at 0.4)
+THRESHOLD, NMS_IOU = 0.5, 0.3
 cv2.setNumThreads(1)     # parallelism comes from processes (prepare) or runs beside torch (eval)
 # crops uint8, labels (1 = face), IoU with the best true box, photo index within the split, box regression targets
 SHARD_SPEC = ((torch.uint8, (3, None, None)), (torch.int64, ()), (torch.float32, ()), (torch.int32, ()),
@@ -112,9 +114,11 @@ MODEL_KEYS = ("model", "model_args", "crop_size", "search_side")       # what ev
 
 
 def split_indices(n, seed, fractions=(0.8, 0.1, 0.1)):
-    """Deterministic train/val/test split of range(n): same n and seed -> same split."""
+    """Deterministic train/val/test split of range(n): same n and seed -> same split. Under 10 photos, one is
+    still kept for validation (train needs one)."""
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-    n_train, n_val = int(n * fractions[0]), int(n * fractions[1])
+    n_train = int(n * fractions[0])
+    n_val = max(int(n * fractions[1]), min(1, n - n_train))
     return perm[:n_train], perm[n_train:n_train + n_val], perm[n_train + n_val:]
 
 
@@ -278,8 +282,8 @@ def run_epoch(model, data, batches, device, dtype, optimizer=None, scaler=None, 
 @torch.no_grad()
 def detect(model, img, proposals, crop_size, device, nms_iou, calibration=(1.0, 0.0), batch_size=512, amp=True):
     """Score every proposal, then NMS by score; no threshold here, so NMS never depends on it. Score =
-    sigmoid(a * log-odds + b) with calibration (a, b); (1, 0) is the classifier's softmax. Returns boxes K,4
-    (xyxy, photo pixels) and scores K, best first."""
+    sigmoid(a * log-odds + b + c) with calibration (a, b, c) (fit_calibration; models of before c: (a, b));
+    (1, 0) is the classifier's softmax. Returns boxes K,4 (xyxy, photo pixels) and scores K, best first."""
     model.eval()
     if not len(proposals):
         return proposals, torch.zeros(0)
@@ -289,7 +293,7 @@ def detect(model, img, proposals, crop_size, device, nms_iou, calibration=(1.0, 
         with autocast(device, amp_dtype(device, amp)):
             outs.append(model(preprocess(crops[i:i + batch_size], device)).float().cpu())
     out = torch.cat(outs)   # K,2 logits (background, face), then K,4 offsets if the network has a box head
-    scores = torch.sigmoid(calibration[0] * (out[:, 1] - out[:, 0]) + calibration[1])
+    scores = torch.sigmoid(calibration[0] * (out[:, 1] - out[:, 0]) + sum(calibration[1:]))
     boxes = proposals.float()
     if out.shape[1] == 6:
         boxes = clip_boxes_to_image(decode_offsets(out[:, 2:], boxes), tuple(img.shape[1:]))
@@ -336,6 +340,9 @@ def cmd_prepare(args):
     if not kept:
         raise UserError(f"{args.csv}: no usable photo in {image_dir} (see the skipped counts above)")
     names, shards, splits = sorted(kept), {}, {}
+    if not all(len(idx) for idx in split_indices(len(names), args.seed)[:2]):
+        raise UserError(f"{args.csv}: {len(names)} usable photos leave none for training or validation; "
+                        "prepare needs at least 2")
     counts, truths = {}, {}
     for split, idx in zip(("training", "validating", "testing"), split_indices(len(names), args.seed)):
         photos = [kept[names[i]] for i in sorted(idx)]
@@ -452,7 +459,8 @@ def train(args, device, out_dir, tb_dir):
     else:
         best_model["calibration"] = calibration
         atomic_torch_save(best_model, out_dir / "model.pt")
-        print(f"scores calibrated on validation photos: sigmoid({calibration[0]:.3f} * log-odds + {calibration[1]:.3f})")
+        print(f"scores calibrated on validation photos: sigmoid({calibration[0]:.3f} * log-odds + {calibration[1]:.3f});"
+              " a box scoring >= 0.5 counts as a face")
     detections, kept, seconds = run_detector(model, best_model, *photos("testing"), device, args.nms_iou, args.amp)
     report = detection_scores(detections, kept, args.threshold)
     result["test"] = round(report["ap50"], 6) if kept else float("nan")
@@ -551,7 +559,7 @@ def build_parser():
                    "out of it are skipped)")
     p.add_argument("--workers", type=worker_count, default=os.cpu_count() or 1,
                    help="parallel selective-search processes")
-    p.add_argument("--search-side", "--ss-side", type=positive_int, default=SEARCH_SIDE,
+    p.add_argument("--search-side", "--ss-side", type=side_arg, default=SEARCH_SIDE,
                    help="longest side (px) of the copy searched for regions")
     p.add_argument("--proposals", "--max-proposals", type=positive_int, default=MAX_PROPOSALS,
                    help="first N selective-search regions per photo")
@@ -559,7 +567,8 @@ def build_parser():
     p.add_argument("--neg-iou", type=probability, default=NEG_IOU,
                    help="region is background if IoU with every true box < X")
     p.add_argument("--backgrounds", type=nonneg_int, default=BACKGROUNDS, help="background regions per photo")
-    p.add_argument("--crop-size", type=positive_int, default=CROP_SIZE, help="crops are resized to S x S")
+    p.add_argument("--crop-size", type=lambda text: parse_number(text, int, 1, 256), default=CROP_SIZE,
+                   help="crops are resized to S x S (1 to 256)")
     p.set_defaults(func=cmd_prepare)
     p = sub.add_parser("train", parents=[common, device, seed, detection], formatter_class=fmt,
                        help="train the crop classifier with early stopping, then score the detector on test photos")
@@ -569,7 +578,7 @@ def build_parser():
     p.add_argument("--batch-size", type=positive_int, default=128,
                    help="crops per batch (under torchrun: the global batch)")
     p.add_argument("--lr", type=nonneg_float, default=1e-3)
-    p.add_argument("--width", type=positive_int, default=WIDTH,
+    p.add_argument("--width", type=width_arg, default=WIDTH,
                    help="channels of the first ResNet stage (64 = resnet18)")
     p.add_argument("--resume", action="store_true", help="continue from DATA_DIR/checkpoint.pt")
     add_scale_options(p)
@@ -584,7 +593,7 @@ def build_parser():
                         "it for each image)")
     p.add_argument("--output-dir", default=None, help="write DIR/<image name>.png per input image instead of --output "
                    "(DIR is created; a second image of the same name gets NAME-2.png)")
-    p.add_argument("--search-side", type=positive_int, default=None,
+    p.add_argument("--search-side", type=side_arg, default=None,
                    help="selective search size (default: as in training)")
     p.set_defaults(func=cmd_eval)
     add_ship_commands(sub, common, [device, detection])
@@ -603,8 +612,13 @@ def read_boxes_csv(csv_path):
     photo_path judges them); a file that is not a UTF-8 CSV is a UserError."""
     if not Path(csv_path).is_file():
         raise UserError(f"{csv_path}: CSV not found; pass --csv FILE (columns {','.join(CSV_COLUMNS)})")
+    if Path(csv_path).stat().st_size > MAX_CSV_BYTES:
+        raise UserError(f"{csv_path}: {Path(csv_path).stat().st_size:,} bytes, over the limit of {MAX_CSV_BYTES:,} "
+                        "(MAX_CSV_BYTES)")
+    rows, skipped = {}, {}
     try:
-        df = pd.read_csv(csv_path, dtype=str, keep_default_na=False, encoding="utf-8")
+        df = pd.read_csv(csv_path, dtype=str, keep_default_na=False, encoding="utf-8", engine="python",
+                         on_bad_lines=lambda fields: count_skip(skipped, "wrong number of fields", fields[0]))
     except UnicodeDecodeError as e:
         raise UserError(f"{csv_path}: not UTF-8 text (byte {e.start}); save it as UTF-8")
     except (ValueError, OSError) as e:  # pandas' ParserError and EmptyDataError are ValueErrors
@@ -613,7 +627,6 @@ def read_boxes_csv(csv_path):
     if missing:
         raise UserError(f"{csv_path}: missing column(s) {', '.join(missing)}; expected {','.join(CSV_COLUMNS)}")
     coords = df[CSV_COLUMNS[1:]].apply(pd.to_numeric, errors="coerce")
-    rows, skipped = {}, {}
     for row, name, box in zip(range(2, len(df) + 2), df["Name"], coords.itertuples(index=False)):  # 2: header
         x1, y1, x2, y2 = box
         if any(math.isnan(v) for v in box):
@@ -622,6 +635,8 @@ def read_boxes_csv(csv_path):
             count_skip(skipped, "zero-size box", f"{name} (row {row}: {x1:g},{y1:g},{x2:g},{y2:g})")
         else:
             rows.setdefault(name, []).append((row, float(x1), float(y1), float(x2), float(y2)))
+    for name in [name for name, boxes in rows.items() if len(boxes) > MAX_FACES]:
+        count_skip(skipped, f"photo with over {MAX_FACES} boxes (MAX_FACES)", name, len(rows.pop(name)))
     return rows, skipped
 
 
@@ -708,11 +723,13 @@ def match_detections(dets, gts, iou=0.5):
 
 
 def fit_calibration(dets, gts, minimum=20):
-    """Platt scaling on validation detections: (a, b) such that sigmoid(a * log-odds + b) is the chance that a
-    box is a correct detection. The network's softmax is far too sure (training sees about one face in four
-    examples, eval scores hundreds to thousands of regions per photo), so --threshold 0.5 would count many false
-    faces. Ranking (AP) and NMS are unchanged: the map is monotonic. Returns None with too few correct or wrong
-    detections."""
+    """Scores fitted on validation detections: (a, b, c). Platt scaling first: sigmoid(a * log-odds + b) is the
+    chance that a box is a correct detection (the network's softmax is far too sure: training sees about one face
+    in four examples, eval scores hundreds to thousands of regions per photo). The score eval reports is
+    sigmoid(a * log-odds + b + c), with c chosen so that 0.5 is the threshold that counts the validation photos'
+    faces best (lowest face-count RMSE; about 0.3 on the chance, since a box on a face that misses IoU 0.5 still
+    counts one face). Ranking (AP) and NMS are unchanged: the maps are monotonic. Returns None with too few
+    correct or wrong detections."""
     scores, y = match_detections(dets, gts)
     if y.sum() < minimum or (1 - y).sum() < minimum:
         return None
@@ -727,7 +744,15 @@ def fit_calibration(dets, gts, minimum=20):
         return loss
 
     optimizer.step(closure)
-    return [float(v) for v in ab.detach()] if ab[0] > 0 else None
+    a, b = (float(v) for v in ab.detach())
+    if a <= 0:
+        return None
+    grid = torch.linspace(-10, 10, 1001).double()   # thresholds on the log-odds of the chance
+    odds = [a * torch.logit(s.double().clamp(1e-6, 1 - 1e-6)) + b for _, s in dets]
+    counted = torch.stack([(o[:, None] >= grid).sum(0) for o in odds]).double()   # photos x thresholds
+    rmse = (counted - torch.tensor([float(len(g)) for g in gts])[:, None]).pow(2).mean(0)
+    best = torch.where(rmse <= rmse.min() + 1e-9)[0]   # the middle one where several count as well
+    return [a, b, -float(grid[best[len(best) // 2]])]
 
 
 def detection_scores(dets, gts, threshold, iou=0.5):
@@ -861,6 +886,16 @@ class OutputFiles:
                                 f"several images")
         self.written.add(os.path.realpath(out))
         return out
+
+
+def side_arg(text):
+    """--search-side: the longest side of the searched copy, 1 to 4096 px."""
+    return parse_number(text, int, 1, 4096)
+
+
+def width_arg(text):
+    """--width: channels of the first stage, 1 to 256 (the network grows with its square)."""
+    return parse_number(text, int, 1, 256)
 
 
 # ==== Common to all five scripts: keep identical ====
@@ -1480,6 +1515,8 @@ def cmd_export(args):
         raise UserError(f"{path}: already an ONNX model; pass the model.pt it came from")
     if out.exists() and not args.force:
         raise UserError(f"{out} exists; pass --force to replace it, or --output FILE")
+    if not out.parent.is_dir():
+        raise UserError(f"--output {out}: no folder {out.parent}; create it first")
     model, info, device = load_network(path, "cpu")
     inputs, input_names, output_names, dynamic, about = export_example(info)
     meta = json.dumps({**json_ready({k: v for k, v in info.items() if k != "model"}), "input": about})
@@ -1489,9 +1526,12 @@ def cmd_export(args):
                                     output_names=output_names, dynamic_shapes=dynamic)
     proto = program.model_proto
     proto.metadata_props.add(key="suite", value=meta)
-    with atomic_path(out) as tmp:
-        onnx.save(proto, str(tmp))
-        expected, got = model(*inputs), OnnxNetwork(tmp)(*inputs)   # the file as written, before it takes the name
+    try:
+        with atomic_path(out) as tmp:
+            onnx.save(proto, str(tmp))
+            expected, got = model(*inputs), OnnxNetwork(tmp)(*inputs)   # the file as written, before it takes the name
+    except OSError as e:   # a folder that takes no new file (/proc, a full disk)
+        raise UserError(f"--output {out}: {e.strerror or e}")
     pairs = zip(expected, got) if isinstance(expected, tuple) else [(expected, got)]
     diff = max((a.float() - b).abs().max().item() for a, b in pairs)
     print(f"exported {out}: {out.stat().st_size / 2**20:.1f} MB, ONNX opset {ONNX_OPSET}, inputs "
@@ -1700,13 +1740,16 @@ def add_ship_commands(sub, common, serve_parents):
     p.add_argument("--max-bytes", type=positive_int, default=MAX_UPLOAD, help="largest image accepted, in bytes")
     p.add_argument("--max-batch", type=positive_int, default=32, help="images of requests arriving together "
                    "that share one forward pass")
-    p.add_argument("--max-wait-ms", type=nonneg_float, default=5, help="how long a batch waits for more requests")
-    p.add_argument("--workers", type=positive_int, default=1, help="server processes on the port, each with its "
+    p.add_argument("--max-wait-ms", type=wait_ms, default=5, help="how long a batch waits for more requests")
+    p.add_argument("--workers", type=worker_count, default=1, help="server processes on the port, each with its "
                    "own copy of the model and a share of the CPU's cores")
     p.set_defaults(func=cmd_serve)
 
 
 # ---- Options, DATA_DIR lock, train command, eval input, main ----
+MAX_INT, MAX_FLOAT = 2 ** 31 - 1, 1e4   # the largest whole number and number an option takes
+
+
 def parse_number(text, kind, low, high=None):
     """argparse type helper: `text` as a finite int or float from `low` to `high`; anything else is an
     ArgumentTypeError, so argparse stops with one line and status 2 before any work."""
@@ -1721,15 +1764,19 @@ def parse_number(text, kind, low, high=None):
 
 
 def positive_int(text):
-    return parse_number(text, int, 1)
+    return parse_number(text, int, 1, MAX_INT)
 
 
 def nonneg_int(text):
-    return parse_number(text, int, 0)
+    return parse_number(text, int, 0, MAX_INT)
 
 
 def nonneg_float(text):
-    return parse_number(text, float, 0)
+    return parse_number(text, float, 0, MAX_FLOAT)
+
+
+def wait_ms(text):
+    return parse_number(text, float, 0, 10_000)
 
 
 def probability(text):

@@ -198,6 +198,15 @@ def length_range(text):
     return int(low), int(high or low)
 
 
+def whole_number(low, high):
+    """argparse type: a whole number from low to high."""
+    def parse(text):
+        if not text.strip().lstrip("-").isdigit() or not low <= int(text) <= high:
+            raise argparse.ArgumentTypeError(f"expected a whole number from {low} to {high}, got {text!r}")
+        return int(text)
+    return parse
+
+
 def image_size(text):
     """--size WxH -> (W, H), each from 16 to 1024 pixels."""
     w, _, h = text.lower().partition("x")
@@ -214,30 +223,29 @@ class Parser(argparse.ArgumentParser):
 def build_parser():
     p = Parser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--count", type=int, default=100000, help="number of captchas")
+    p.add_argument("--count", type=whole_number(1, 10 ** 8), default=100000, help="number of captchas")
     p.add_argument("--output", default=str(Path(__file__).parent / "output"), help="output folder")
     p.add_argument("--length", type=length_range, default=(4, 4), metavar="N|A-B",
                    help="characters per captcha: N, or A-B for lengths drawn uniformly from A to B")
     p.add_argument("--size", type=image_size, default=SIZE, metavar="WxH", help="image size in pixels")
     p.add_argument("--palette", choices=sorted(PALETTES), default="hei", help="background and ink colours")
     p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel processes")
+    p.add_argument("--workers", type=whole_number(1, 256), default=os.cpu_count() or 1, help="parallel processes")
     p.add_argument("--fonts", default=None, help="folder of extra .ttf fonts added to the pool")
     p.add_argument("--clean", action="store_true", help="delete captchas of an earlier run in --output first")
     return p
 
 
 def run(args):
-    if args.count < 1:
-        raise UserError("--count must be at least 1")
-    if args.workers < 1:
-        raise UserError("--workers must be at least 1")
     if args.fonts is not None and not Path(args.fonts).is_dir():
         raise UserError(f"--fonts {args.fonts}: folder not found")
     families = font_pool(args.fonts)
     out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
-    old = [p for p in out.iterdir() if CAPTCHA_NAME.match(p.name)]
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        old = [p for p in out.iterdir() if CAPTCHA_NAME.match(p.name)]
+    except OSError as e:   # a file of that name, a folder that takes no new entry
+        raise UserError(f"--output {out}: {e.strerror or e}")
     if old and not args.clean:
         raise UserError(f"{out} already holds {len(old)} captchas; pass --clean to replace them "
                         "or choose another --output")

@@ -107,9 +107,12 @@ def test_generator_refuses_to_mix_runs(tmp, generated):
     assert_one_line_error(run(GENERATE, "--count", 3, "--output", out, "--seed", 1), 2)
     assert run(GENERATE, "--count", 3, "--output", out, "--seed", 1, "--clean").returncode == 0
     assert len(list(out.iterdir())) == 3
+    (tmp / "a-file").write_text("not a folder")
+    assert "--output" in assert_one_line_error(run(GENERATE, "--count", 3, "--output", tmp / "a-file"), 2)
 
 
-@pytest.mark.parametrize("args", [["--count", "0"], ["--length", "0"], ["--fonts", "/nonexistent/fonts"]])
+@pytest.mark.parametrize("args", [["--count", "0"], ["--length", "0"], ["--fonts", "/nonexistent/fonts"],
+                                  ["--workers", "100000"]])
 def test_generator_bad_options(tmp, args):
     line = assert_one_line_error(run(GENERATE, "--output", tmp / "bad", *args), 2)
     assert line.startswith("error:")
@@ -652,6 +655,17 @@ def test_prepare_missing_and_empty_folder(tmp):
     line = assert_one_line_error(run_main("captcha.py", "prepare", "--image-dir", tmp / "empty",
                                      "--data-dir", tmp / "d2"), 1)
     assert "empty" in line
+
+
+def test_prepare_split_leaving_no_training_image(tmp, generated):
+    few = tmp / "twenty"
+    few.mkdir()
+    for path in sorted(generated.iterdir())[:20]:
+        shutil.copy(path, few / path.name)
+    line = assert_one_line_error(run_main("captcha.py", "prepare", "--image-dir", few, "--data-dir", tmp / "d0",
+                                          "--split", "1/1/98", "--workers", 1), 2)   # 0 / 0 / 20 images
+    assert "--split" in line and "no image left for training" in line
+    assert not list((tmp / "d0").glob("*.pt.gz"))
 
 
 def test_prepare_nothing_usable(tmp):

@@ -118,7 +118,7 @@ def resnet_trained(folders_data, tmp_path_factory):
 
 
 # ---- prepare ----
-def test_prepare_counts_and_skips(names_data):
+def test_prepare_counts_and_skips(names_data, names_dir):
     data, proc = names_data
     n = N_TRAIN + N_TEST + 2        # + grayscale and RGBA images
     assert f"kept {n} images" in proc.stdout
@@ -130,7 +130,8 @@ def test_prepare_counts_and_skips(names_data):
     assert meta["kind"] == "cifar" and meta["script"] == "cifar_lenet"
     assert meta["labels"] == LABELS
     assert sum(meta["counts"].values()) == n and meta["skipped"] == 4
-    assert meta["counts"]["training_set"] == int(n * 0.8) and meta["counts"]["validating_set"] == int(n * 0.1)
+    assert f"test split: {names_dir / 'test'}" in proc.stdout   # the tutorial's layout: cifar/test, never trained on
+    assert meta["counts"]["testing_set"] == N_TEST and meta["counts"]["validating_set"] == int((N_TRAIN + 2) * 0.1)
     images, labels = read_shards(data, "training_set")
     assert images.dtype == torch.uint8 and images.shape[1:] == (3, 32, 32) and len(images) == len(labels)
     assert 0 <= labels.min() and labels.max() < len(LABELS)

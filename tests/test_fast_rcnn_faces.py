@@ -164,18 +164,33 @@ def test_detection_scores_by_hand(frc):
 
 
 def test_fit_calibration(frc):
-    """Platt scaling: the mean calibrated probability equals the fraction of correct boxes; monotonic."""
+    """Platt scaling: the mean chance equals the fraction of correct boxes; monotonic. Then the shift c puts the
+    threshold 0.5 where the count is best: a loose box on a face (IoU < 0.5, a wrong detection for Platt) counts."""
     gen = torch.Generator().manual_seed(0)
     xy = torch.arange(40, dtype=torch.float32)[:, None] * 50
     gt = torch.cat([xy, torch.zeros(40, 1), xy + 20, torch.full((40, 1), 20.0)], 1)
     wrong = gt + torch.tensor([0.0, 100, 0, 100])
     scores = torch.cat([torch.rand(40, generator=gen) * 0.3 + 0.7, torch.rand(40, generator=gen) * 0.8 + 0.2])
     dets = [(torch.cat([gt, wrong]), scores)]
-    a, b = frc.fit_calibration(dets, [gt])
+    a, b, c = frc.fit_calibration(dets, [gt])
     p = torch.sigmoid(a * torch.logit(scores) + b)
     assert a > 0 and abs(p.mean().item() - 0.5) < 0.01
     assert p[:40].mean() > p[40:].mean() + 0.1 and (p.argsort() == scores.argsort()).all()
     assert frc.fit_calibration([(gt[:5], scores[:5])], [gt]) is None  # too few wrong boxes to fit
+    # 30 photos of 2 faces: a tight box (score 0.97-0.995), a loose one (IoU 0.43, 0.94-0.985), a false one
+    # (0.85-0.93); 10 photos of 1 face: the tight and the false box
+    face, loose, false = [0.0, 0, 20, 20], [40.0, 0, 60, 46], [100.0, 100, 120, 120]
+    truths = [torch.tensor([face, [40.0, 0, 60, 20]])] * 30 + [torch.tensor([face])] * 10
+    u = torch.rand(40, 3, generator=gen)
+    dets = [(torch.tensor([face, loose, false][:3 if i < 30 else 1] + ([] if i < 30 else [false])),
+             torch.tensor([0.97 + 0.025 * r[0], 0.94 + 0.045 * r[1], 0.85 + 0.08 * r[2]])[[0, 1, 2] if i < 30 else [0, 2]])
+            for i, r in enumerate(u.tolist())]
+    a, b, c = frc.fit_calibration(dets, truths)
+    chance = [(boxes, torch.sigmoid(a * torch.logit(s) + b)) for boxes, s in dets]
+    scored = [(boxes, torch.sigmoid(torch.logit(s) + c)) for boxes, s in chance]
+    assert frc.detection_scores(chance, truths, 0.5)["count_rmse"] > 0.8   # the chance counts 1 face of 2
+    assert frc.detection_scores(scored, truths, 0.5)["count_rmse"] == 0.0  # the score counts both, not the false box
+    assert frc.detection_scores(scored, truths, 0.5)["ap50"] == frc.detection_scores(dets, truths, 0.5)["ap50"]
 
 
 # ---- end to end on real photos ----

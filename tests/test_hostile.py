@@ -20,7 +20,7 @@ import time
 import pytest
 import torch
 
-from conftest import CIFAR_DIR, ROOT, assert_one_line_error, load_script, run_main, tree_bytes
+from conftest import CIFAR_DIR, FACES_DIR, ROOT, assert_one_line_error, load_script, run_main, tree_bytes
 
 SCRIPTS = ["captcha.py", "cifar_lenet.py", "cifar_resnet.py", "rcnn_faces.py", "fast_rcnn_faces.py"]
 FACES = ["rcnn_faces.py", "fast_rcnn_faces.py"]
@@ -31,10 +31,10 @@ SHARED = ["UserError", "load_image", "image_to_tensor", "save_shard", "load_shar
           "load_model_file", "save_history", "main_process", "setup_distributed", "rank_and_world", "epoch_batches",
           "shard", "sum_over_processes", "mean_over_processes", "sync_buffers", "wrap_model", "amp_dtype", "autocast",
           "open_tensorboard", "log_epoch", "append_run", "grid_runs", "parse_number", "positive_int", "nonneg_int",
-          "nonneg_float", "probability", "seed_int", "worker_count", "lock_data_dir", "import_optional", "json_ready",
+          "nonneg_float", "wait_ms", "probability", "seed_int", "worker_count", "lock_data_dir", "import_optional", "json_ready",
           "OnnxNetwork", "load_network", "cmd_export", "Batcher", "PAGE", "cmd_serve", "add_ship_commands", "port_number",
           "start_worker", "OneLineParser", "cmd_train", "iter_eval_inputs", "add_scale_options", "main"]
-FACE_SHARED = ["CSV_COLUMNS", "read_boxes_csv", "count_skip", "split_indices", "photo_path", "OutputFiles", "cosine_schedule", "found_boxes", "match_detections",
+FACE_SHARED = ["CSV_COLUMNS", "read_boxes_csv", "count_skip", "split_indices", "side_arg", "width_arg", "photo_path", "OutputFiles", "cosine_schedule", "found_boxes", "match_detections",
                "fit_calibration", "detection_scores", "read_ahead", "read_photo",
                "start_reader", "boxes_inside", "prepare_photos", "working_copy", "draw_boxes", "encode_offsets",
                "decode_offsets"]
@@ -138,20 +138,25 @@ def test_files_are_read_only_by_the_reading_functions(script):
 COMMON_BAD = [["train", "--epochs", "0"], ["train", "--epochs", "2.5"], ["train", "--batch-size", "0"],
               ["train", "--lr", "-1"], ["train", "--lr", "nan"], ["train", "--patience", "0"],
               ["train", "--seed", "-1"], ["train", "--histogram-every", "-1"], ["prepare", "--workers", "0"],
-              ["prepare", "--workers", "100000"], ["prepare", "--seed", "abc"], ["eval", "--device", "tpu"]]
+              ["prepare", "--workers", "100000"], ["prepare", "--seed", "abc"], ["eval", "--device", "tpu"],
+              ["train", "--batch-size", "99999999999999999999"], ["train", "--lr", "1e300"],
+              ["serve", "--max-wait-ms", "1e300"], ["serve", "--workers", "100000"]]
 SCRIPT_BAD = {
-    "captcha.py": [["train", "--epoch-size", "-1"], ["train", "--augment", "nan"], ["train", "--augment", "4"], ["train", "--augment", "strong"],
+    "captcha.py": [["train", "--epoch-size", "-1"], ["train", "--epoch-size", "99999999999999999999"], ["train", "--augment", "nan"], ["train", "--augment", "4"], ["train", "--augment", "strong"],
                    ["prepare", "--length", "0"], ["prepare", "--split", "50/50/1"], ["prepare", "--label-regex", "("],
                    ["prepare", "--label-regex", "[a-z]+"], ["prepare", "--image-size", "0", "0"]],
-    "cifar_lenet.py": [["train", "--label-smoothing", "1.5"], ["train", "--weight-decay", "-0.1"]],
+    "cifar_lenet.py": [["train", "--label-smoothing", "1.5"], ["train", "--weight-decay", "-0.1"],
+                       ["train", "--weight-decay", "1e300"]],
     "cifar_resnet.py": [["train", "--lr", "inf"]],
     "rcnn_faces.py": [["prepare", "--pos-iou", "1.5"], ["prepare", "--neg-iou", "-0.1"],
-                      ["prepare", "--crop-size", "0"], ["prepare", "--search-side", "0"],
+                      ["prepare", "--crop-size", "0"], ["prepare", "--crop-size", "100000"],
+                      ["prepare", "--search-side", "0"], ["train", "--width", "100000"],
                       ["prepare", "--proposals", "0"], ["prepare", "--backgrounds", "-1"],
                       ["train", "--width", "0"], ["train", "--threshold", "2"], ["train", "--nms-iou", "-1"],
                       ["eval", "--threshold", "1.01"], ["eval", "--search-side", "0"]],
     "fast_rcnn_faces.py": [["prepare", "--size", "0x0"], ["prepare", "--size", "100000x100000"],
-                           ["prepare", "--search-side", "0"], ["prepare", "--proposals", "-1"], ["train", "--width", "0"],
+                           ["prepare", "--search-side", "0"], ["prepare", "--search-side", "99999999999999999999"],
+                           ["prepare", "--proposals", "-1"], ["train", "--width", "0"], ["train", "--width", "100000"],
                            ["train", "--nms-iou", "2"], ["eval", "--threshold", "-0.5"]],
 }
 
@@ -337,3 +342,34 @@ def test_staging_folders_of_killed_runs_are_cleared(prepared_with_model):
         assert staged.parent == data.parent and staged.name.startswith(f"{data.name}.prepare-{os.getpid()}-")
         assert not stale.exists() and kept.exists()
     assert not staged.exists()
+
+
+@pytest.mark.parametrize("script", FACES)
+def test_face_csv_bad_rows_and_crowds_are_skipped(script, tmp_path):
+    """A row with extra fields and a photo with over MAX_FACES boxes are skipped and counted, the rest kept; a
+    CSV over MAX_CSV_BYTES is one error."""
+    mod = load_script(script)
+    csv_path = tmp_path / "boxes.csv"
+    crowd = "".join(f"crowd.jpg,{i},1,{i + 10},20\n" for i in range(mod.MAX_FACES + 1))
+    csv_path.write_text("Name,xmin,ymin,xmax,ymax\na.jpg,1,2,30,40\nb.jpg,1,2,30,40,extra,fields\n" + crowd
+                        + "c.jpg,5,5,25,25\n")
+    rows, skipped = mod.read_boxes_csv(csv_path)
+    assert sorted(rows) == ["a.jpg", "c.jpg"]
+    assert skipped["wrong number of fields"] == [1, ["b.jpg"]]
+    assert skipped[f"photo with over {mod.MAX_FACES} boxes (MAX_FACES)"] == [mod.MAX_FACES + 1, ["crowd.jpg"]]
+    with open(csv_path, "r+b") as f:
+        f.truncate(mod.MAX_CSV_BYTES + 1)
+    with pytest.raises(mod.UserError, match="MAX_CSV_BYTES"):
+        mod.read_boxes_csv(csv_path)
+    # a set too small to leave a photo for training and one for validation is refused by prepare
+    assert [len(i) for i in mod.split_indices(1, 0)] == [0, 1, 0]
+    assert [len(i) for i in mod.split_indices(3, 0)] == [2, 1, 0]
+    assert [len(i) for i in mod.split_indices(2000, 0)] == [1600, 200, 200]
+    if not FACES_DIR.exists():
+        return
+    first = (FACES_DIR / "bbox_train.csv").read_text().splitlines()[:2]
+    csv_path.write_text("\n".join(first) + "\n")
+    proc = run_main(script, "prepare", "--image-dir", FACES_DIR / "image_data", "--csv", csv_path, "--data-dir",
+                    tmp_path / "data", "--workers", 1)
+    assert "leave none for training or validation" in assert_one_line_error(proc, 1)
+    assert not list((tmp_path / "data").glob("*.pt.gz"))

@@ -261,8 +261,8 @@ def test_score_calibration_matches_hit_rate():
         scores = torch.cat([0.999 + 0.0005 * torch.rand(2, generator=gen), 0.99 + 0.005 * torch.rand(8, generator=gen)])
         truths.append(faces)
         detections.append((torch.cat([faces, false]), scores))
-    a, b = mod.fit_calibration(detections, truths)
-    calibrated = [(boxes, torch.sigmoid(a * torch.logit(s.double()) + b).float()) for boxes, s in detections]
+    a, b, c = mod.fit_calibration(detections, truths)
+    calibrated = [(boxes, torch.sigmoid(a * torch.logit(s.double()) + b + c).float()) for boxes, s in detections]
     everything = torch.cat([s for _, s in calibrated])
     assert everything[:2].min() > 0.5 > everything[2:10].max()  # at 0.5: the 2 faces counted, not the 8
     assert mod.detection_scores(calibrated, truths, 0.5)["ap50"] == pytest.approx(mod.detection_scores(detections, truths, 0.5)["ap50"])
