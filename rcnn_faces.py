@@ -16,8 +16,8 @@ of a photo stay in one split). train fits the crop classifier and, at the end, r
 on the test photos (AP@0.5, recall, face-count RMSE). eval moves each region by the offsets the network
 predicts, then NMS, and draws the detected faces.
 Result (2,000-photo Kaggle set, 1,600 photos for training, the defaults: 10 epochs, 19 minutes of `train` on an
-idle 2-core AVX2 CPU, 8 on one with AVX512): AP@0.5 0.823-0.836 and face-count RMSE 1.62-1.70 at threshold 0.2 on
-the 200 test photos over two runs (without the box head: 0.557); eval 0.74 s per photo.
+idle 2-core AVX2 CPU, 8 on one with AVX512): AP@0.5 0.823-0.836 and face-count RMSE 1.62-1.70 on the 200 test
+photos over two runs (boxes scoring >= 0.5; without the box head: AP 0.557); eval 0.74 s per photo.
 """
 import argparse
 import asyncio
