@@ -13,7 +13,7 @@ Data layout: a folder of photos plus a Kaggle-style CSV with one row per face,
 Each photo is letterboxed (black borders) to SIZE x SIZE; proposals are selective search on a small copy
 of the photo plus a fixed multi-scale grid of square-ish windows (small faces are missed by selective search).
 Result: AP@0.5 0.906 and face-count RMSE 1.26 (boxes scoring >= 0.5) on 200 test photos, the default 24 epochs on
-1,600 training photos (~19 minutes with native bf16, ~44 on a 2-core AVX2 CPU, from 16-epoch runs); 16: 0.848-0.885
+1,600 training photos (18.5 minutes with native bf16; ~44 estimated on a 2-core AVX2 CPU); 16 epochs: 0.848-0.885
 over four runs. Eval 0.13-0.34 s per photo; it looks at likely faces twice (photo and mirror) and averages each
 face's boxes.
 """
