@@ -1238,10 +1238,30 @@ def resume_training(path, model_args, model, optimizer, scaler, scheduler=None):
     return done
 
 
+def keep_previous(out_dir):
+    """Move the model, checkpoint and history of the run before into out_dir/previous/TIME/: never lost."""
+    old = [p for p in (out_dir / name for name in ("model.pt", "checkpoint.pt", "history.csv", "history.png"))
+           if p.exists()]
+    if not old:
+        return
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(max(p.stat().st_mtime for p in old)))
+    keep, n = out_dir / "previous" / stamp, 1
+    while keep.exists():
+        n += 1
+        keep = out_dir / "previous" / f"{stamp}-{n}"
+    keep.mkdir(parents=True)
+    for p in old:
+        os.replace(p, keep / p.name)
+    print(f"the previous run's {', '.join(p.name for p in old)}: moved to {keep}", flush=True)
+
+
 def save_epoch(out_dir, args, model, optimizer, scheduler, scaler, state, best_model=None, plot_keys=()):
     """After each epoch, in the main process: model.pt when the score improved (best_model: what eval needs beside
     the weights), checkpoint.pt (state: epoch, history, best_score, bad_epochs, model_args) and the history table
-    and plot. All written atomically, before the epoch's line is printed."""
+    and plot. All written atomically, before the epoch's line is printed; the first epoch of a fresh run moves the
+    files of the run before aside first (keep_previous)."""
+    if state["epoch"] == 1:
+        keep_previous(out_dir)
     if best_model is not None:
         atomic_torch_save({"script": SCRIPT, "model": model.state_dict(), **best_model}, out_dir / "model.pt")
     config = {k: v for k, v in vars(args).items() if k not in ("func", "train_parser")}

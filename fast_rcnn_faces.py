@@ -479,7 +479,7 @@ def cmd_prepare(args):
         if path is None:   # missing, or outside --image-dir: never opened
             count_skip(skipped, why, name or repr(name), len(rows_by_photo[name]))
         else:
-            jobs[name] = (str(path), [row[1:] for row in rows_by_photo[name]], opts, args.seed * 1_000_003 + i)
+            jobs[name] = (str(path), rows_by_photo[name], opts, args.seed * 1_000_003 + i)
     kept, photos_per_s = prepare_photos(jobs, args.workers, rows_by_photo, skipped)
     if not kept:
         raise UserError(f"{args.csv}: no usable photo in {image_dir} (see the skipped counts above)")
@@ -750,7 +750,7 @@ def build_parser():
 
 
 def read_boxes_csv(csv_path):
-    """CSV -> ({photo name: [(row number, x1, y1, x2, y2), ...]}, {reason: [count, examples]}): the rows with a
+    """CSV -> ({photo name: [(x1, y1, x2, y2), ...]}, {reason: [count, examples]}): the rows with a
     numeric box of non-zero size, and the others counted by reason. Names are kept as written (an empty one too:
     photo_path judges them); a file that is not a UTF-8 CSV is a UserError."""
     if not Path(csv_path).is_file():
@@ -770,14 +770,15 @@ def read_boxes_csv(csv_path):
     if missing:
         raise UserError(f"{csv_path}: missing column(s) {', '.join(missing)}; expected {','.join(CSV_COLUMNS)}")
     coords = df[CSV_COLUMNS[1:]].apply(pd.to_numeric, errors="coerce")
-    for row, name, box in zip(range(2, len(df) + 2), df["Name"], coords.itertuples(index=False)):  # 2: header
+    for name, text, box in zip(df["Name"], df[CSV_COLUMNS[1:]].itertuples(index=False),
+                               coords.itertuples(index=False)):   # examples name the row by its text, not number
         x1, y1, x2, y2 = box
         if any(math.isnan(v) for v in box):
-            count_skip(skipped, "non-numeric box", f"{name} (row {row})")
+            count_skip(skipped, "non-numeric box", f"{name} {','.join(text)}")
         elif x2 <= x1 or y2 <= y1:
-            count_skip(skipped, "zero-size box", f"{name} (row {row}: {x1:g},{y1:g},{x2:g},{y2:g})")
+            count_skip(skipped, "zero-size box", f"{name} {x1:g},{y1:g},{x2:g},{y2:g}")
         else:
-            rows.setdefault(name, []).append((row, float(x1), float(y1), float(x2), float(y2)))
+            rows.setdefault(name, []).append((float(x1), float(y1), float(x2), float(y2)))
     for name in [name for name, boxes in rows.items() if len(boxes) > MAX_FACES]:
         count_skip(skipped, f"photo with over {MAX_FACES} boxes (MAX_FACES)", name, len(rows.pop(name)))
     return rows, skipped
@@ -788,7 +789,7 @@ def count_skip(skipped, reason, example, n=1):
     entry = skipped.setdefault(reason, [0, []])
     entry[0] += n
     if len(entry[1]) < 3:
-        entry[1].append(example)
+        entry[1].append(example if len(example) <= 80 else f"{example[:77]}...")
 
 
 def photo_path(image_dir, name):
@@ -1381,10 +1382,30 @@ def resume_training(path, model_args, model, optimizer, scaler, scheduler=None):
     return done
 
 
+def keep_previous(out_dir):
+    """Move the model, checkpoint and history of the run before into out_dir/previous/TIME/: never lost."""
+    old = [p for p in (out_dir / name for name in ("model.pt", "checkpoint.pt", "history.csv", "history.png"))
+           if p.exists()]
+    if not old:
+        return
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(max(p.stat().st_mtime for p in old)))
+    keep, n = out_dir / "previous" / stamp, 1
+    while keep.exists():
+        n += 1
+        keep = out_dir / "previous" / f"{stamp}-{n}"
+    keep.mkdir(parents=True)
+    for p in old:
+        os.replace(p, keep / p.name)
+    print(f"the previous run's {', '.join(p.name for p in old)}: moved to {keep}", flush=True)
+
+
 def save_epoch(out_dir, args, model, optimizer, scheduler, scaler, state, best_model=None, plot_keys=()):
     """After each epoch, in the main process: model.pt when the score improved (best_model: what eval needs beside
     the weights), checkpoint.pt (state: epoch, history, best_score, bad_epochs, model_args) and the history table
-    and plot. All written atomically, before the epoch's line is printed."""
+    and plot. All written atomically, before the epoch's line is printed; the first epoch of a fresh run moves the
+    files of the run before aside first (keep_previous)."""
+    if state["epoch"] == 1:
+        keep_previous(out_dir)
     if best_model is not None:
         atomic_torch_save({"script": SCRIPT, "model": model.state_dict(), **best_model}, out_dir / "model.pt")
     config = {k: v for k, v in vars(args).items() if k not in ("func", "train_parser")}

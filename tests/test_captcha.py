@@ -508,11 +508,13 @@ def test_network_learns():
     assert not older.prior.any()
 
 
-def test_resume_after_interrupt(tmp, prepared):
-    """Ctrl-C after the first epoch leaves whole files; --resume finishes the schedule."""
-    src, _ = prepared
+def test_resume_after_interrupt(tmp, trained):
+    """A fresh run moves the run before aside (nothing lost); Ctrl-C after the first epoch leaves whole files;
+    --resume finishes the schedule."""
+    src, _ = trained
     data = tmp / "resume"
-    shutil.copytree(src, data, ignore=shutil.ignore_patterns("model.pt", "checkpoint.pt", "history.*"))
+    shutil.copytree(src, data, ignore=shutil.ignore_patterns("previous", "grid", "runs.csv"))
+    before = {name: (data / name).read_bytes() for name in ("model.pt", "checkpoint.pt", "history.csv")}
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen([sys.executable, str(ROOT / "captcha.py"), "train", "--data-dir", str(data),
                              "--epochs", "30", "--epoch-size", "0", "--device", "cpu"], stdout=subprocess.PIPE,
@@ -526,6 +528,9 @@ def test_resume_after_interrupt(tmp, prepared):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err
     assert not list(data.glob("*.tmp*"))
+    kept = list((data / "previous").iterdir())
+    assert len(kept) == 1 and {p.name: p.read_bytes() for p in kept[0].glob("*.*")} == {
+        **before, "history.png": (src / "history.png").read_bytes()}
     ckpt = torch.load(data / "checkpoint.pt", weights_only=True)
     assert ckpt["epoch"] in (1, 2)
     done = ckpt["epoch"]
@@ -543,6 +548,7 @@ def test_resume_after_interrupt(tmp, prepared):
     assert proc.returncode == 0, proc.stderr
     assert re.findall(r"^epoch (\d+)/4", proc.stdout, re.M) == ["4"]
     assert len((data / "history.csv").read_text().splitlines()) == 5
+    assert len(list((data / "previous").iterdir())) == 1   # a resumed run keeps its own files
 
 
 def test_early_stopping_counts_patience_epochs(tmp, prepared):

@@ -352,10 +352,13 @@ def test_face_csv_bad_rows_and_crowds_are_skipped(script, tmp_path):
     csv_path = tmp_path / "boxes.csv"
     crowd = "".join(f"crowd.jpg,{i},1,{i + 10},20\n" for i in range(mod.MAX_FACES + 1))
     csv_path.write_text("Name,xmin,ymin,xmax,ymax\na.jpg,1,2,30,40\nb.jpg,1,2,30,40,extra,fields\n" + crowd
-                        + "c.jpg,5,5,25,25\n")
+                        + "c.jpg,5,5,25,25\nd.jpg,x,2,30,40\n" + "e" * 100 + ".jpg,5,5,5,25\n")
     rows, skipped = mod.read_boxes_csv(csv_path)
-    assert sorted(rows) == ["a.jpg", "c.jpg"]
+    assert rows == {"a.jpg": [(1, 2, 30, 40)], "c.jpg": [(5, 5, 25, 25)]}
     assert skipped["wrong number of fields"] == [1, ["b.jpg"]]
+    # examples quote the row (row numbers shift where pandas drops a line), cut to 80 characters
+    assert skipped["non-numeric box"] == [1, ["d.jpg x,2,30,40"]]
+    assert skipped["zero-size box"] == [1, ["e" * 77 + "..."]]
     assert skipped[f"photo with over {mod.MAX_FACES} boxes (MAX_FACES)"] == [mod.MAX_FACES + 1, ["crowd.jpg"]]
     with open(csv_path, "r+b") as f:
         f.truncate(mod.MAX_CSV_BYTES + 1)
