@@ -621,17 +621,7 @@ def train(args, device, out_dir, tb_dir):
         raise UserError("--init and --resume: a resumed run goes on from its checkpoint; pass one of them", 2)
     seed_everything(args.seed + rank)   # DDP copies rank 0's initial weights to every process
     writer = open_tensorboard(tb_dir) if tb_dir else None
-    x_train, y_train = (t.to(device) for t in read_split(data_dir, "training_set"))
-    x_val, y_val = (t.to(device) for t in read_split(data_dir, "validating_set"))
-    for x, y in ((x_train, y_train), (x_val, y_val)):
-        if list(x.shape[2:]) != meta["image_size"] or y.shape[1] != meta["length"] or (
-                len(y) and (y.min() < 0 or y.max() > len(meta["charset"]))):
-            raise UserError(f"{data_dir}: the shards do not match meta.json (image size, code length or charset); "
-                            f"run `python {SCRIPT}.py prepare` again")
-    if len(x_val) == 0:  # tiny data sets: validate on the training split rather than divide by zero
-        if main_process():
-            print("warning: empty validation split; validating on the training split", file=sys.stderr)
-        x_val, y_val = x_train, y_train
+    (x_train, y_train), (x_val, y_val) = load_training_splits(data_dir, meta, device)
     n_val = len(y_val)
     x_val, y_val = shard(x_val), shard(y_val)
     # one class per character plus the end symbol
@@ -716,17 +706,42 @@ def train(args, device, out_dir, tb_dir):
         print(f"early stop: no better validation exact-match (or loss, once all are read) for {args.patience} "
               f"epochs")
     result = {"epochs_run": len(history), "best_val": round(best, 6), "test": float("nan"), "metric": "exact-match"}
-    if not main_process():
-        return result
+    if main_process():
+        result["test"] = calibrate_and_test(model, model_path, data_dir, meta, device, 4 * args.batch_size, dtype,
+                                            best)
+        print(f"saved {model_path}, {out_dir / 'history.csv'}, {out_dir / 'history.png'}")
+    return result
+
+
+def load_training_splits(data_dir, meta, device):
+    """The training and validation splits on the device, checked against meta.json; an empty validation split is
+    replaced by the training split (tiny sets), with a warning."""
+    x_train, y_train = (t.to(device) for t in read_split(data_dir, "training_set"))
+    x_val, y_val = (t.to(device) for t in read_split(data_dir, "validating_set"))
+    for x, y in ((x_train, y_train), (x_val, y_val)):
+        if list(x.shape[2:]) != meta["image_size"] or y.shape[1] != meta["length"] or (
+                len(y) and (y.min() < 0 or y.max() > len(meta["charset"]))):
+            raise UserError(f"{data_dir}: the shards do not match meta.json (image size, code length or charset); "
+                            f"run `python {SCRIPT}.py prepare` again")
+    if len(x_val) == 0:  # tiny data sets: validate on the training split rather than divide by zero
+        if main_process():
+            print("warning: empty validation split; validating on the training split", file=sys.stderr)
+        x_val, y_val = x_train, y_train
+    return (x_train, y_train), (x_val, y_val)
+
+
+def calibrate_and_test(model, model_path, data_dir, meta, device, batch_size, dtype, best):
+    """After training: the best model read as eval reads it (in the VIEWS, averaged), its confidence calibrated on
+    the whole validation split and saved into model.pt, then scored on the test split (its exact-match, or NaN).
+    best: the training loop's validation score, quoted when there is neither a validation nor a test split."""
     if not model_path.exists():
         raise UserError(f"{model_path} was not written (no epoch ran); raise --epochs")
     best_model = load_model_file(model_path)
     model.load_state_dict(best_model["model"])
-    # from here on, codes are read as eval reads them: in the VIEWS, averaged
-    # calibrate the confidence on the whole validation split: P(code right) as a function of the raw confidence
+    # P(code right) as a function of the raw confidence, on the whole validation split
     x_val, y_val = (t.to(device) for t in read_split(data_dir, "validating_set"))
     if len(x_val):
-        pred, scores = read_codes(model, x_val, device, 4 * args.batch_size, dtype, VIEWS)
+        pred, scores = read_codes(model, x_val, device, batch_size, dtype, VIEWS)
         right = (pred == y_val).all(1)
         best = right.float().mean().item()
         best_model["calibration"] = fit_calibration(scores, right)
@@ -736,19 +751,17 @@ def train(args, device, out_dir, tb_dir):
               (f", {right[confident].float().mean().item():.1%} of them right" if confident.any() else ""))
     atomic_torch_save(best_model, model_path)
     x_test, y_test = (t.to(device) for t in read_split(data_dir, "testing_set"))
-    if len(x_test):
-        pred, _ = read_codes(model, x_test, device, 4 * args.batch_size, dtype, VIEWS)
-        correct, is_char = pred == y_test, y_test < len(meta["charset"])   # not the end symbol
-        test_acc = correct.all(1).float().mean().item()
-        test_char = (correct & is_char).sum().item() / max(is_char.sum().item(), 1)
-        result["test"] = round(test_acc, 6)
-        print(f"test ({len(x_test)} images, best model of epoch {best_model['epoch']}, read as eval does): "
-              f"exact-match {test_acc:.2%}, per-character {test_char:.2%}")
-    else:
+    if not len(x_test):
         print(f"no test split: validation exact-match {best:.2%} (best model of epoch {best_model['epoch']}) is the "
               f"estimate, slightly optimistic as it chose the model")
-    print(f"saved {model_path}, {out_dir / 'history.csv'}, {out_dir / 'history.png'}")
-    return result
+        return float("nan")
+    pred, _ = read_codes(model, x_test, device, batch_size, dtype, VIEWS)
+    correct, is_char = pred == y_test, y_test < len(meta["charset"])   # not the end symbol
+    test_acc = correct.all(1).float().mean().item()
+    test_char = (correct & is_char).sum().item() / max(is_char.sum().item(), 1)
+    print(f"test ({len(x_test)} images, best model of epoch {best_model['epoch']}, read as eval does): "
+          f"exact-match {test_acc:.2%}, per-character {test_char:.2%}")
+    return round(test_acc, 6)
 
 
 def cmd_eval(args):
