@@ -36,9 +36,11 @@ import secrets
 import shlex
 import shutil
 import signal
+import socket
 import sys
 import time
 import warnings
+import zipfile
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -54,7 +56,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
 # ---- Config ----
@@ -538,6 +540,12 @@ def load_image(path):
                 if img.width * img.height > MAX_PIXELS:
                     raise UserError(f"{img.width}x{img.height} pixels, over the limit of {MAX_PIXELS:,} (MAX_PIXELS)")
                 img.seek(0)  # first frame of a GIF
+                with contextlib.suppress(Exception):   # upright as viewers show it; a damaged EXIF block: as stored
+                    img = ImageOps.exif_transpose(img)
+                if img.mode.startswith("I"):   # 16- or 32-bit grey: scaled to 8 bits, not clipped at 255
+                    grey = np.asarray(img, dtype=np.float64)
+                    grey = np.rint(grey / 257 if grey.max() > 255 else grey).clip(0, 255)
+                    img = Image.fromarray(grey.astype(np.uint8))
                 if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
                     rgba = img.convert("RGBA")
                     white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -568,13 +576,22 @@ def save_shard(path, tensors):
         tmp.write_bytes(gzip.compress(buf.getbuffer(), compresslevel=3, mtime=0))
 
 
+MAX_UNPACKED = 2 << 30   # bytes a shard or a model file may unpack to (prepare's largest shard: 150 MB)
+
+
 def load_shard(path):
     """A shard: the tuple of tensors of SHARD_SPEC (dtype, and size after the first dimension with None for any), all
     of one length, loaded with weights_only=True (no pickled code runs). A truncated, damaged or foreign file is a
     UserError naming it."""
     try:
         with gzip.open(path, "rb") as f:
-            tensors = torch.load(io.BytesIO(f.read()), weights_only=True)
+            data = f.read(MAX_UNPACKED + 1)
+        if len(data) > MAX_UNPACKED:   # a gzip bomb: a small file that unpacks to gigabytes
+            raise UserError(f"{path}: unpacks to over {MAX_UNPACKED:,} bytes (MAX_UNPACKED); run `python {SCRIPT}.py "
+                            "prepare` again")
+        tensors = torch.load(io.BytesIO(data), weights_only=True)
+    except UserError:
+        raise
     except Exception as e:  # EOFError (truncated), BadGzipFile, not a torch file, pickled code, ...
         raise UserError(f"{path}: damaged or not a shard ({type(e).__name__}); run `python {SCRIPT}.py prepare` again")
     fits = isinstance(tensors, tuple) and len(tensors) == len(SHARD_SPEC) and all(
@@ -804,6 +821,13 @@ def load_model_file(path, keys=None):
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: model not found; train one with `python {SCRIPT}.py train` or pass --model")
+    if not path.is_file():   # a folder, or a FIFO that would block the read forever
+        raise UserError(f"{path}: not a file; pass the model.pt that train wrote")
+    with contextlib.suppress(zipfile.BadZipFile, OSError):   # torch.save's zip: its entries' sizes, before unpacking
+        with zipfile.ZipFile(path) as z:
+            if sum(entry.file_size for entry in z.infolist()) > MAX_UNPACKED:
+                raise UserError(f"{path}: unpacks to over {MAX_UNPACKED:,} bytes (MAX_UNPACKED); not a model of "
+                                f"{SCRIPT}.py")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # not a torch file, or one holding pickled code
@@ -852,9 +876,10 @@ def resume_training(path, model_args, model, optimizer, scaler, scheduler=None):
 
 
 def keep_previous(out_dir):
-    """Move the model, checkpoint and history of the run before into out_dir/previous/TIME/: never lost."""
-    old = [p for p in (out_dir / name for name in ("model.pt", "checkpoint.pt", "history.csv", "history.png"))
-           if p.exists()]
+    """Move the model (and its export), checkpoint and history of the run before into out_dir/previous/TIME/: never
+    lost, and no stale model.onnx left beside the new model."""
+    names = ("model.pt", "model.onnx", "checkpoint.pt", "history.csv", "history.png")
+    old = [out_dir / name for name in names if (out_dir / name).exists()]
     if not old:
         return
     stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(max(p.stat().st_mtime for p in old)))
@@ -1260,6 +1285,11 @@ def cmd_serve(args):
     --workers N: uvicorn runs N processes on one port, each building the app with serve_worker()."""
     uvicorn = import_optional("uvicorn", "uvicorn", "serve")
     app, path = serve_app(args)   # also with --workers: a bad model or option fails here, in one line
+    try:   # a port in use or a host that is not this machine: one line, before "serving"
+        family = socket.getaddrinfo(args.host, args.port, type=socket.SOCK_STREAM)[0][0]
+        socket.create_server((args.host, args.port), family=family).close()
+    except OSError as e:
+        raise UserError(f"--host {args.host} --port {args.port}: cannot listen there ({e.strerror or e})")
     print(f"serving {path} on http://{args.host}:{args.port}/ "
           f"({args.workers} process{'es' if args.workers > 1 else ''}; Ctrl-C stops)", flush=True)
     if args.workers == 1:
@@ -1486,6 +1516,7 @@ def start_worker():
     """Start of each process of a prepare pool: one thread (the pool is the parallelism), and Ctrl-C left to the main
     process, which stops the pool: no traceback from every worker."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)   # as the pool ends it, not main()'s handler
     torch.set_num_threads(1)
 
 
@@ -1575,8 +1606,28 @@ def add_scale_options(p):
                         "(repeatable, e.g. --grid lr=0.01,0.001 --grid batch-size=128,256)")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a `kill`, a scheduler's stop): handled as Ctrl-C is, files written whole or not at all."""
+
+
+def on_sigterm(signum, frame):
+    raise Terminated()
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    before = signal.getsignal(signal.SIGTERM)
+    with contextlib.suppress(ValueError):   # main() called from another thread keeps the default
+        signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        return run_command(args)
+    finally:
+        with contextlib.suppress(ValueError, TypeError):
+            signal.signal(signal.SIGTERM, before)
+
+
+def run_command(args):
+    """args.func under the DATA_DIR lock where it writes; every error ends here in one line and an exit status."""
     try:
         writes = args.command in ("prepare", "train")   # one at a time per DATA_DIR (lock_data_dir)
         with lock_data_dir(args.data_dir, args.command == "prepare") if writes else contextlib.nullcontext():
@@ -1585,10 +1636,10 @@ def main(argv=None):
         if main_process() or getattr(e, "all_ranks", False):   # under torchrun: one line, not one per process
             print(f"error: {e}", file=sys.stderr)
         return e.status
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         if main_process():
-            print("\ninterrupted", file=sys.stderr)
-        return 130
+            print("\nterminated" if isinstance(e, Terminated) else "\ninterrupted", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
     except BrokenPipeError:  # e.g. `eval ... | head`
         sys.stderr.close()
         return 1

@@ -8,6 +8,7 @@ import resource
 import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -513,8 +514,9 @@ def test_resume_after_interrupt(tmp, trained):
     --resume finishes the schedule."""
     src, _ = trained
     data = tmp / "resume"
-    shutil.copytree(src, data, ignore=shutil.ignore_patterns("previous", "grid", "runs.csv"))
-    before = {name: (data / name).read_bytes() for name in ("model.pt", "checkpoint.pt", "history.csv")}
+    shutil.copytree(src, data, ignore=shutil.ignore_patterns("previous", "grid", "runs.csv", "model.onnx"))
+    (data / "model.onnx").write_bytes(b"the export of the model before")
+    before = {name: (data / name).read_bytes() for name in ("model.pt", "model.onnx", "checkpoint.pt", "history.csv")}
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen([sys.executable, str(ROOT / "captcha.py"), "train", "--data-dir", str(data),
                              "--epochs", "30", "--epoch-size", "0", "--device", "cpu"], stdout=subprocess.PIPE,
@@ -784,6 +786,9 @@ def test_serve(trained, generated, tmp_path):
         expected[answer.pop("image")] = answer
     png = images[0].read_bytes()
     bomb = png_declaring(tmp_path / "bomb.png", 15000, 15000).read_bytes()
+    with socket.create_server(("127.0.0.1", 0)) as taken:   # a port in use: one line before "serving"
+        proc = run_main("captcha.py", "serve", "--data-dir", data, "--port", taken.getsockname()[1])
+        assert "cannot listen there" in assert_one_line_error(proc, 1) and "serving" not in proc.stdout
     text_field = (b"--b\r\nContent-Disposition: form-data; name=\"note\"\r\n\r\nhello\r\n--b--\r\n",
                   {"Content-Type": "multipart/form-data; boundary=b"})
     with serving("captcha.py", "--data-dir", data, "--device", "cpu", "--max-bytes", 20000,
