@@ -463,6 +463,22 @@ def init_from(model, init, charset):
             (f" (new: {', '.join(fresh)})" if fresh else ""))
 
 
+def check_model(path, info):
+    """A model file's entries (model.pt, or model.onnx's metadata) checked before the network is built or an image
+    read: a hand-edited or damaged entry is a UserError, not a traceback or gigabytes allocated."""
+    args, charset = info.get("model_args"), info.get("charset")
+    if not (isinstance(charset, str) and 0 < len(charset) == len(set(charset)) and numbers(info.get("image_size"), 2,
+            16, 1024, True) and isinstance(args, dict) and set(args) == {"n_classes", "length", "image_size"}
+            and args["n_classes"] == len(charset) + 1 and numbers(args["image_size"], 2, 16, 1024, True)
+            and list(args["image_size"]) == list(info["image_size"])
+            and numbers([args["length"]], 1, 1, MAX_LENGTH, True)):
+        raise UserError(f"{path}: its charset, image size or network arguments are malformed; train it again")
+    try:
+        reading(info)
+    except UserError as e:
+        raise UserError(f"{path}: {e}")
+
+
 def build_model(model_args):
     model = CaptchaNet(**{**model_args, "image_size": tuple(model_args["image_size"])})
     return model.to(memory_format=torch.channels_last)
@@ -1532,8 +1548,9 @@ class OnnxNetwork:
             self.info = json.loads(self.session.get_modelmeta().custom_metadata_map["suite"])
         except Exception as e:  # onnxruntime's own exception types: damaged file, not ONNX, no metadata
             raise UserError(f"{path}: not an ONNX model exported by `python {SCRIPT}.py export` ({type(e).__name__})")
-        if self.info.get("script") != SCRIPT:
-            raise UserError(f"{path}: exported by {self.info.get('script') or 'another program'}, not {SCRIPT}.py")
+        if not isinstance(self.info, dict) or self.info.get("script") != SCRIPT:
+            other = self.info.get("script") if isinstance(self.info, dict) else None
+            raise UserError(f"{path}: exported by {other or 'another program'}, not {SCRIPT}.py")
         self.names = [i.name for i in self.session.get_inputs()]
 
     def eval(self):  # as a torch network: always in inference mode
@@ -1545,19 +1562,29 @@ class OnnxNetwork:
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
 
+def numbers(value, n, low, high, whole=False):
+    """True when value is a list of n numbers (whole numbers if whole) from low to high: how check_model reads a
+    model file's entries before any is used."""
+    return isinstance(value, (list, tuple)) and len(value) == n and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and low <= v <= high
+        and (not whole or float(v).is_integer()) for v in value)
+
+
 def load_network(path, device_name, serving=False):
     """model.pt -> (the torch network in eval mode, the file's entries, device); model.onnx -> (an OnnxNetwork,
     the same entries from its metadata, the CPU). eval and serve call either the same way; serving, ONNX Runtime's
     waiting threads sleep (measured: 1.5x the requests/s of one client)."""
     if Path(path).suffix.lower() == ".onnx":
         net = OnnxNetwork(path, spin=not serving)
+        check_model(path, net.info)
         return net, net.info, pick_device("cpu")
     device = pick_device(device_name)
     info = load_model_file(path)
+    check_model(path, info)   # before the network is built: a hand-edited size would allocate gigabytes
     try:
         model = build_model(info["model_args"])
         model.load_state_dict(info["model"])
-    except (TypeError, ValueError, RuntimeError) as e:  # weights of another network
+    except (TypeError, ValueError, RuntimeError, KeyError, IndexError) as e:  # weights of another network
         raise UserError(f"{path}: its weights do not fit {SCRIPT}.py's network ({type(e).__name__})")
     return model.to(device).eval(), info, device
 

@@ -215,6 +215,19 @@ def prepare_photo(job):
 
 
 # ---- Model ----
+def check_model(path, info):
+    """A model file's entries (model.pt, or model.onnx's metadata) checked before the network is built or a photo
+    read: a hand-edited or damaged entry is a UserError, not a traceback, gigabytes allocated or no box at all."""
+    args, calibration = info.get("model_args"), info.get("calibration", (1.0, 0.0))
+    if not (numbers([info.get("crop_size"), info.get("search_side")], 2, 1, 4096, True) and info["crop_size"] <= 256
+            and isinstance(args, dict) and {"width", "crop_size"} <= set(args) <= {"width", "crop_size", "regress"}
+            and args["crop_size"] == info["crop_size"] and numbers([args["width"]], 1, 1, 256, True)
+            and isinstance(args.get("regress", False), bool) and isinstance(calibration, (list, tuple))
+            and len(calibration) in (2, 3) and numbers(calibration, len(calibration), -1e4, 1e4)):
+        raise UserError(f"{path}: its crop size, search side, calibration or network arguments are malformed; "
+                        "train it again")
+
+
 def build_model(model_args):
     """ResNet-18 layout (4 stages x 2 torchvision BasicBlocks, widths w..8w) with a 3x3 stride-2 stem
     for small crops (torchvision's 7x7 stem + max-pool leaves 8x8 of a 32x32 crop after two layers)."""
@@ -1520,8 +1533,9 @@ class OnnxNetwork:
             self.info = json.loads(self.session.get_modelmeta().custom_metadata_map["suite"])
         except Exception as e:  # onnxruntime's own exception types: damaged file, not ONNX, no metadata
             raise UserError(f"{path}: not an ONNX model exported by `python {SCRIPT}.py export` ({type(e).__name__})")
-        if self.info.get("script") != SCRIPT:
-            raise UserError(f"{path}: exported by {self.info.get('script') or 'another program'}, not {SCRIPT}.py")
+        if not isinstance(self.info, dict) or self.info.get("script") != SCRIPT:
+            other = self.info.get("script") if isinstance(self.info, dict) else None
+            raise UserError(f"{path}: exported by {other or 'another program'}, not {SCRIPT}.py")
         self.names = [i.name for i in self.session.get_inputs()]
 
     def eval(self):  # as a torch network: always in inference mode
@@ -1533,19 +1547,29 @@ class OnnxNetwork:
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
 
+def numbers(value, n, low, high, whole=False):
+    """True when value is a list of n numbers (whole numbers if whole) from low to high: how check_model reads a
+    model file's entries before any is used."""
+    return isinstance(value, (list, tuple)) and len(value) == n and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and low <= v <= high
+        and (not whole or float(v).is_integer()) for v in value)
+
+
 def load_network(path, device_name, serving=False):
     """model.pt -> (the torch network in eval mode, the file's entries, device); model.onnx -> (an OnnxNetwork,
     the same entries from its metadata, the CPU). eval and serve call either the same way; serving, ONNX Runtime's
     waiting threads sleep (measured: 1.5x the requests/s of one client)."""
     if Path(path).suffix.lower() == ".onnx":
         net = OnnxNetwork(path, spin=not serving)
+        check_model(path, net.info)
         return net, net.info, pick_device("cpu")
     device = pick_device(device_name)
     info = load_model_file(path)
+    check_model(path, info)   # before the network is built: a hand-edited size would allocate gigabytes
     try:
         model = build_model(info["model_args"])
         model.load_state_dict(info["model"])
-    except (TypeError, ValueError, RuntimeError) as e:  # weights of another network
+    except (TypeError, ValueError, RuntimeError, KeyError, IndexError) as e:  # weights of another network
         raise UserError(f"{path}: its weights do not fit {SCRIPT}.py's network ({type(e).__name__})")
     return model.to(device).eval(), info, device
 

@@ -388,9 +388,12 @@ def test_eval_refusals(lenet_trained, tmp_path):
     line = assert_one_line_error(run_main(LENET, "eval", "--model", tmp_path / "incomplete.pt", image), 1)
     assert "incomplete" in line and "labels" in line
     model = torch.load(data / "model.pt", weights_only=True)
-    torch.save({**model, "model_args": {"num_classes": 3}}, tmp_path / "other_net.pt")
+    torch.save({**model, "model_args": {"num_classes": 3}}, tmp_path / "other_net.pt")   # 3 classes, 10 labels
     line = assert_one_line_error(run_main(LENET, "eval", "--model", tmp_path / "other_net.pt", image), 1)
-    assert "do not fit" in line
+    assert "malformed" in line
+    torch.save({**model, "model_args": {"num_classes": 3}, "labels": model["labels"][:3]}, tmp_path / "other_net.pt")
+    line = assert_one_line_error(run_main(LENET, "eval", "--model", tmp_path / "other_net.pt", image), 1)
+    assert "do not fit" in line   # entries that agree, weights of another network
 
 
 class NotATensor:

@@ -265,6 +265,41 @@ def test_readers_cap_and_straighten_what_they_read(tmp_path, monkeypatch):
     assert upright.shape == (3, 60, 40) and upright[0, 2, -3] > 200 and upright[1, 2, -3] < 60   # now top-right
 
 
+GOOD_MODELS = {   # eval's entries of a model file of each script, as train writes them
+    "captcha.py": {"model_args": {"n_classes": 11, "length": 4, "image_size": [40, 96]}, "charset": "0123456789",
+                   "image_size": [40, 96], "calibration": {"a": 1.0, "b": 0.0}},
+    "cifar_lenet.py": {"labels": ["a", "b", "c"], "model_args": {"num_classes": 3}, "mean": [0.5] * 3, "std": [0.25] * 3},
+    "rcnn_faces.py": {"crop_size": 32, "search_side": 400, "calibration": [1.0, 0.0, 0.5],
+                      "model_args": {"width": 16, "crop_size": 32, "regress": True}},
+    "fast_rcnn_faces.py": {"size": [384, 256], "search_side": 200, "proposals": 300, "calibration": [1.0, 0.0, 0.5],
+                           "model_args": {"width": 24, "samples": 1}},
+}
+GOOD_MODELS["cifar_resnet.py"] = GOOD_MODELS["cifar_lenet.py"]
+BAD_ENTRIES = {   # hand-edited entries that ended in a traceback, gigabytes allocated, a NaN in the JSON or no box
+    "captcha.py": [("image_size", [4000, 4000]), ("image_size", "ab"), ("charset", 5), ("charset", ""),
+                   ("model_args", {"n_classes": 11, "length": 4, "image_size": [60000, 60000]}),
+                   ("model_args", {"n_classes": 11, "length": 4, "image_size": [40, 96], "widths": []}),
+                   ("calibration", {"a": float("nan"), "b": 0})],
+    "cifar_lenet.py": [("labels", ["a", "b"]), ("labels", 5), ("labels", []), ("mean", [0.5]), ("std", [0, 0, 0])],
+    "rcnn_faces.py": [("calibration", [float("nan"), 0]), ("calibration", "ab"), ("calibration", []),
+                      ("search_side", 0), ("search_side", -5), ("crop_size", 100000)],
+    "fast_rcnn_faces.py": [("size", [0, 0]), ("size", "ab"), ("size", [100000, 100000]), ("calibration", "ab"),
+                           ("calibration", 5), ("proposals", -1), ("search_side", 0)],
+}
+BAD_ENTRIES["cifar_resnet.py"] = BAD_ENTRIES["cifar_lenet.py"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_model_entries_checked_before_use(script):
+    """check_model: a model file's entries as train writes them pass; each hand-edited one is a UserError naming
+    the file (load_network calls it for model.pt and model.onnx before building the network)."""
+    module = load_script(script)
+    module.check_model("model.pt", GOOD_MODELS[script])
+    for key, value in BAD_ENTRIES[script]:
+        with pytest.raises(module.UserError, match="model.pt: .* malformed"):
+            module.check_model("model.pt", {**GOOD_MODELS[script], key: value})
+
+
 # ---- prepare: nothing lost ----
 @pytest.fixture(scope="module")
 def cifar_source(tmp_path_factory):
