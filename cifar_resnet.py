@@ -69,7 +69,8 @@ IMAGE_DIR = "cifar"
 IMAGE_SIZE = 32
 MAX_PIXELS = 40_000_000                 # bigger images (decompression bombs) are refused before decoding
 SHARD_SPEC = ((torch.uint8, (3, IMAGE_SIZE, IMAGE_SIZE)), (torch.int64, ()))   # images, label indices
-META_KEYS = {"labels": list, "mean": list, "std": list}   # what train reads from meta.json
+META_KEYS = {"labels": list, "mean": lambda v: numbers(v, 3, -1e3, 1e3),   # what train reads from meta.json
+             "std": lambda v: numbers(v, 3, 1e-6, 1e3)}
 MODEL_KEYS = ("model", "model_args", "labels", "mean", "std")   # what eval reads from model.pt
 PAD = 4                                  # random crop: zero padding of 4 pixels, then a 32x32 window
 # Recipe: kuangliu/pytorch-cifar's (SGD momentum 0.9, wd 5e-4, crop + flip: 95% in 200 epochs) made short: one-cycle
@@ -675,7 +676,7 @@ def read_text(path):
 
 def read_meta(data_dir):
     """DATA_DIR/meta.json as prepare wrote it: JSON of this kind of data with every key of META_KEYS ("a.b": key b in
-    a) of its type. Anything else is a UserError that asks to prepare again."""
+    a) of its type (or passing its check). Anything else is a UserError that asks to prepare again."""
     path = Path(data_dir) / "meta.json"
     if not path.exists():
         raise UserError(f"{path} not found; run `python {SCRIPT}.py prepare --data-dir {data_dir}` first")
@@ -693,8 +694,9 @@ def read_meta(data_dir):
         value = meta
         for part in key.split("."):
             value = value.get(part) if isinstance(value, dict) else None
-        if not isinstance(value, kind):
-            raise UserError(f"{path}: {key!r} is missing or not a {kind.__name__}; {again}")
+        if not (isinstance(value, kind) if isinstance(kind, type) else kind(value)):
+            what = f"not a {kind.__name__}" if isinstance(kind, type) else "malformed"
+            raise UserError(f"{path}: {key!r} is missing or {what}; {again}")
     return meta
 
 
@@ -879,6 +881,9 @@ def resume_training(path, model_args, model, optimizer, scaler, scheduler=None):
         elif scheduler is not None:   # the same schedule shape over the new length, from here on
             scheduler.last_epoch = ckpt["scheduler"]["last_epoch"]
         done = ckpt["epoch"], ckpt["history"], ckpt["best_score"], ckpt["bad_epochs"]
+        if not (numbers([done[0], done[3]], 2, 0, MAX_INT, True) and isinstance(done[1], list)
+                and numbers([done[2]], 1, -1, 1e9)):
+            raise ValueError("epoch, history, best score")
     except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:  # a checkpoint of another version
         raise UserError(f"{path}: does not fit this run ({type(e).__name__}); train without --resume")
     print(f"resumed from {path} after epoch {done[0]} (best validation score {done[2]:.4g})", flush=True)

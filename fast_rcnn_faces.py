@@ -103,7 +103,9 @@ REFINE = True            # eval: the likely faces scored again where the box hea
 # letterboxed photos, true boxes (padded) and their counts, selective search boxes (padded) and counts, photo sizes
 SHARD_SPEC = ((torch.uint8, (3, None, None)), (torch.float32, (None, 4)), (torch.int64, ()),
               (torch.float32, (None, 4)), (torch.int64, ()), (torch.int64, (2,)))
-META_KEYS = {"size": list, "search_side": int, "proposals": int}            # what train reads from meta.json
+META_KEYS = {"size": lambda v: numbers(v, 2, 32, 4096, True),                # what train reads from meta.json
+             "search_side": lambda v: numbers([v], 1, 1, 4096, True),
+             "proposals": lambda v: numbers([v], 1, 0, MAX_INT, True)}
 MODEL_KEYS = ("model", "model_args", "size", "search_side", "proposals")    # what eval reads from model.pt
 
 
@@ -1209,7 +1211,7 @@ def read_text(path):
 
 def read_meta(data_dir):
     """DATA_DIR/meta.json as prepare wrote it: JSON of this kind of data with every key of META_KEYS ("a.b": key b in
-    a) of its type. Anything else is a UserError that asks to prepare again."""
+    a) of its type (or passing its check). Anything else is a UserError that asks to prepare again."""
     path = Path(data_dir) / "meta.json"
     if not path.exists():
         raise UserError(f"{path} not found; run `python {SCRIPT}.py prepare --data-dir {data_dir}` first")
@@ -1227,8 +1229,9 @@ def read_meta(data_dir):
         value = meta
         for part in key.split("."):
             value = value.get(part) if isinstance(value, dict) else None
-        if not isinstance(value, kind):
-            raise UserError(f"{path}: {key!r} is missing or not a {kind.__name__}; {again}")
+        if not (isinstance(value, kind) if isinstance(kind, type) else kind(value)):
+            what = f"not a {kind.__name__}" if isinstance(kind, type) else "malformed"
+            raise UserError(f"{path}: {key!r} is missing or {what}; {again}")
     return meta
 
 
@@ -1413,6 +1416,9 @@ def resume_training(path, model_args, model, optimizer, scaler, scheduler=None):
         elif scheduler is not None:   # the same schedule shape over the new length, from here on
             scheduler.last_epoch = ckpt["scheduler"]["last_epoch"]
         done = ckpt["epoch"], ckpt["history"], ckpt["best_score"], ckpt["bad_epochs"]
+        if not (numbers([done[0], done[3]], 2, 0, MAX_INT, True) and isinstance(done[1], list)
+                and numbers([done[2]], 1, -1, 1e9)):
+            raise ValueError("epoch, history, best score")
     except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:  # a checkpoint of another version
         raise UserError(f"{path}: does not fit this run ({type(e).__name__}); train without --resume")
     print(f"resumed from {path} after epoch {done[0]} (best validation score {done[2]:.4g})", flush=True)

@@ -107,8 +107,12 @@ cv2.setNumThreads(1)     # parallelism comes from processes (prepare) or runs be
 # crops uint8, labels (1 = face), IoU with the best true box, photo index within the split, box regression targets
 SHARD_SPEC = ((torch.uint8, (3, None, None)), (torch.int64, ()), (torch.float32, ()), (torch.int32, ()),
               (torch.float32, (4,)))
-META_KEYS = {"options.crop_size": int, "options.search_side": int, "image_dir": str, "splits.validating": list,
-             "splits.testing": list, "boxes": dict}                   # what train reads from meta.json
+META_KEYS = {"options.crop_size": lambda v: numbers([v], 1, 1, 256, True), "image_dir": str,   # what train reads
+             "options.search_side": lambda v: numbers([v], 1, 1, 4096, True),
+             "splits.validating": lambda v: isinstance(v, list) and all(isinstance(name, str) for name in v),
+             "splits.testing": lambda v: isinstance(v, list) and all(isinstance(name, str) for name in v),
+             "boxes": lambda v: isinstance(v, dict) and all(   # photo name -> its true boxes
+                 isinstance(b, list) and all(numbers(box, 4, -1e6, 1e6) for box in b) for b in v.values())}
 MODEL_KEYS = ("model", "model_args", "crop_size", "search_side")       # what eval reads from model.pt
 
 
@@ -461,8 +465,8 @@ def train(args, device, out_dir, tb_dir):
         found = []
         for name in meta["splits"][split]:
             path, why = photo_path(meta["image_dir"], name)
-            if path is None:
-                print(f"{name}: skipped ({why})", file=sys.stderr)
+            if path is None or name not in meta["boxes"]:
+                print(f"{name}: skipped ({why or 'no boxes in meta.json'})", file=sys.stderr)
             else:
                 found.append((str(path), torch.tensor(meta["boxes"][name]).reshape(-1, 4)))
         return [p for p, _ in found], [boxes for _, boxes in found]
@@ -1066,7 +1070,7 @@ def read_text(path):
 
 def read_meta(data_dir):
     """DATA_DIR/meta.json as prepare wrote it: JSON of this kind of data with every key of META_KEYS ("a.b": key b in
-    a) of its type. Anything else is a UserError that asks to prepare again."""
+    a) of its type (or passing its check). Anything else is a UserError that asks to prepare again."""
     path = Path(data_dir) / "meta.json"
     if not path.exists():
         raise UserError(f"{path} not found; run `python {SCRIPT}.py prepare --data-dir {data_dir}` first")
@@ -1084,8 +1088,9 @@ def read_meta(data_dir):
         value = meta
         for part in key.split("."):
             value = value.get(part) if isinstance(value, dict) else None
-        if not isinstance(value, kind):
-            raise UserError(f"{path}: {key!r} is missing or not a {kind.__name__}; {again}")
+        if not (isinstance(value, kind) if isinstance(kind, type) else kind(value)):
+            what = f"not a {kind.__name__}" if isinstance(kind, type) else "malformed"
+            raise UserError(f"{path}: {key!r} is missing or {what}; {again}")
     return meta
 
 
@@ -1270,6 +1275,9 @@ def resume_training(path, model_args, model, optimizer, scaler, scheduler=None):
         elif scheduler is not None:   # the same schedule shape over the new length, from here on
             scheduler.last_epoch = ckpt["scheduler"]["last_epoch"]
         done = ckpt["epoch"], ckpt["history"], ckpt["best_score"], ckpt["bad_epochs"]
+        if not (numbers([done[0], done[3]], 2, 0, MAX_INT, True) and isinstance(done[1], list)
+                and numbers([done[2]], 1, -1, 1e9)):
+            raise ValueError("epoch, history, best score")
     except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:  # a checkpoint of another version
         raise UserError(f"{path}: does not fit this run ({type(e).__name__}); train without --resume")
     print(f"resumed from {path} after epoch {done[0]} (best validation score {done[2]:.4g})", flush=True)

@@ -268,7 +268,8 @@ def test_readers_cap_and_straighten_what_they_read(tmp_path, monkeypatch):
 GOOD_MODELS = {   # eval's entries of a model file of each script, as train writes them
     "captcha.py": {"model_args": {"n_classes": 11, "length": 4, "image_size": [40, 96]}, "charset": "0123456789",
                    "image_size": [40, 96], "calibration": {"a": 1.0, "b": 0.0}},
-    "cifar_lenet.py": {"labels": ["a", "b", "c"], "model_args": {"num_classes": 3}, "mean": [0.5] * 3, "std": [0.25] * 3},
+    "cifar_lenet.py": {"labels": ["a", "b", "c"], "model_args": {"num_classes": 3}, "mean": [0.5] * 3,
+                       "std": [0.25] * 3},
     "rcnn_faces.py": {"crop_size": 32, "search_side": 400, "calibration": [1.0, 0.0, 0.5],
                       "model_args": {"width": 16, "crop_size": 32, "regress": True}},
     "fast_rcnn_faces.py": {"size": [384, 256], "search_side": 200, "proposals": 300, "calibration": [1.0, 0.0, 0.5],
@@ -298,6 +299,50 @@ def test_model_entries_checked_before_use(script):
     for key, value in BAD_ENTRIES[script]:
         with pytest.raises(module.UserError, match="model.pt: .* malformed"):
             module.check_model("model.pt", {**GOOD_MODELS[script], key: value})
+
+
+BAD_META = {   # hand-edited meta.json entries that ended in a traceback (after an epoch, for R-CNN) or a NaN loss
+    "cifar_lenet.py": [("mean", [0.5]), ("std", [0, 0, 0])],
+    "rcnn_faces.py": [("options", {"crop_size": 100000, "search_side": 400}), ("options", {"crop_size": 32,
+                      "search_side": 0}), ("splits", {"validating": [5], "testing": []}), ("boxes", {"a.jpg": "abc"})],
+    "fast_rcnn_faces.py": [("size", ["a", "b"]), ("search_side", 0), ("proposals", -1)],
+}
+
+
+@pytest.mark.parametrize("script", list(BAD_META))
+def test_meta_entries_checked_before_training(script, tmp_path):
+    """read_meta: each hand-edited meta.json entry is one line naming the key, before train loads anything."""
+    module = load_script(script)
+    for key, value in BAD_META[script]:
+        data = tmp_path / f"{key}-{value!r}"
+        data.mkdir()
+        meta = {"kind": module.DATA_KIND, "labels": ["a"], "mean": [0.5] * 3, "std": [0.25] * 3, "size": [384, 256],
+                "search_side": 200, "proposals": 300, "image_dir": "x",
+                "options": {"crop_size": 32, "search_side": 400},
+                "splits": {"validating": [], "testing": []}, "boxes": {}}
+        (data / "meta.json").write_text(json.dumps(meta))
+        module.read_meta(data)   # the entries as prepare writes them pass
+        (data / "meta.json").write_text(json.dumps({**meta, key: value}))
+        with pytest.raises(module.UserError, match=f"'{key}[.a-z_]*' is missing or malformed"):
+            module.read_meta(data)
+
+
+def test_resume_refuses_a_damaged_checkpoint(tmp_path):
+    """train --resume: a checkpoint whose epoch, history or best score was edited is one line, before training."""
+    module = load_script("cifar_lenet.py")
+    model = module.build_model({"num_classes": 3})
+    optimizer = torch.optim.AdamW(model.parameters())
+    good = {"script": "cifar_lenet", "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": {},
+            "scheduler": {}, "epoch": 2, "history": [{}, {}], "best_score": 0.5, "bad_epochs": 0,
+            "model_args": {"num_classes": 3}}
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    path = tmp_path / "checkpoint.pt"
+    torch.save(good, path)
+    assert module.resume_training(path, {"num_classes": 3}, model, optimizer, scaler)[0] == 2
+    for key, value in [("epoch", "2"), ("epoch", -5), ("best_score", "x"), ("bad_epochs", None), ("history", "abc")]:
+        torch.save({**good, key: value}, path)
+        with pytest.raises(module.UserError, match="does not fit this run"):
+            module.resume_training(path, {"num_classes": 3}, model, optimizer, scaler)
 
 
 # ---- prepare: nothing lost ----
