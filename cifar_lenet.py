@@ -1121,6 +1121,7 @@ def grid_runs(args, parser):
 # ---- Ship and serve: ONNX export, ONNX Runtime, HTTP ----
 ONNX_OPSET = 18          # ONNX Runtime >= 1.14 runs it
 MAX_UPLOAD = 8 * 2**20   # serve: default --max-bytes of one request
+BODY_SECONDS = 30        # serve: a request body not complete by then is answered 408 (a client that stalls)
 SERVE_OPTIONS = "SUITE_SERVE_OPTIONS"   # serve --workers N: the options, passed to each process in this variable
 
 
@@ -1380,6 +1381,17 @@ def serve_app(args):
     def page():
         return PAGE.format(script=f"{SCRIPT}.py", about=html.escape(__doc__.split("\n")[0]))
 
+    client_disconnect = importlib.import_module("starlette.requests").ClientDisconnect   # starlette: fastapi's base
+
+    async def read_body(request):
+        """The raw body, up to one byte over --max-bytes."""
+        data = bytearray()
+        async for chunk in request.stream():
+            data += chunk
+            if len(data) > args.max_bytes:
+                break
+        return data
+
     @app.post("/predict")
     async def predict_image(request: fastapi.Request):
         kind = request.headers.get("content-type", "application/octet-stream").split(";")[0].strip().lower()
@@ -1390,19 +1402,20 @@ def serve_app(args):
             if length is None:
                 return error(411, "a multipart upload needs a Content-Length header")
             try:
-                form = await request.form(max_files=1, max_fields=8)
-            except Exception as e:  # starlette's own parse errors
+                form = await asyncio.wait_for(request.form(max_files=1, max_fields=8), BODY_SECONDS)
+            except Exception as e:  # starlette's own parse errors, a client gone or too slow
                 return error(400, f"cannot read the multipart body ({type(e).__name__})")
             uploads = [v for v in form.values() if hasattr(v, "read")]
             if not uploads:
                 return error(400, "the multipart body has no file field")
             data = await uploads[0].read(args.max_bytes + 1)
         elif kind.startswith("image/") or kind == "application/octet-stream":
-            data = bytearray()
-            async for chunk in request.stream():
-                data += chunk
-                if len(data) > args.max_bytes:
-                    break
+            try:
+                data = await asyncio.wait_for(read_body(request), BODY_SECONDS)
+            except TimeoutError:
+                return error(408, f"the body did not arrive within {BODY_SECONDS} s")
+            except client_disconnect:   # nobody to answer; no traceback in the log either
+                return error(400, "the client went away before the body was complete")
         else:
             return error(415, f"content type {kind!r}: send the image itself (image/* or application/octet-stream) "
                               "or a multipart/form-data file field")
@@ -1411,7 +1424,7 @@ def serve_app(args):
         if len(data) > args.max_bytes:
             return error(413, f"image over the limit of {args.max_bytes:,} bytes (--max-bytes)")
         try:
-            img = load_image(bytes(data))
+            img = await asyncio.to_thread(load_image, bytes(data))   # decoded beside the event loop, not in it
         except UserError as e:
             return error(400, f"cannot read image: {e}")
         try:

@@ -811,6 +811,10 @@ def test_serve(trained, generated, tmp_path):
                 (*multipart("file", "big.png", b"x" * 30000), 413, "--max-bytes")]:
             got, answer = http(url + "/predict", body, headers)
             assert got == status and words in answer["error"], (words, got, answer)
+        with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1]))) as gone:   # leaves mid-body
+            gone.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                         b"Content-Length: 999\r\n\r\nabc")
+        time.sleep(0.5)   # no traceback in the log for it (checked at the end)
         assert http(url + "/health")[0] == 200
         with ThreadPoolExecutor(16) as pool:
             answers = list(pool.map(lambda p: http(url + "/predict", p.read_bytes(), {"Content-Type": "image/png"}),
