@@ -565,9 +565,9 @@ def load_image(path):
                 img.seek(0)  # first frame of a GIF
                 with contextlib.suppress(Exception):   # upright as viewers show it; a damaged EXIF block: as stored
                     img = ImageOps.exif_transpose(img)
-                if img.mode.startswith("I"):   # 16- or 32-bit grey: scaled to 8 bits, not clipped at 255
-                    grey = np.asarray(img, dtype=np.float64)
-                    grey = np.rint(grey / 257 if grey.max() > 255 else grey).clip(0, 255)
+                if img.mode.startswith("I"):   # 16-bit grey (I;16, or I holding values over 255): 8 bits, not clipped
+                    grey = np.asarray(img, dtype=np.float32)
+                    grey = np.rint(grey / 257 if img.mode.startswith("I;16") or grey.max() > 255 else grey).clip(0, 255)
                     img = Image.fromarray(grey.astype(np.uint8))
                 if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
                     rgba = img.convert("RGBA")
@@ -599,7 +599,13 @@ def save_shard(path, tensors):
         tmp.write_bytes(gzip.compress(buf.getbuffer(), compresslevel=3, mtime=0))
 
 
-MAX_UNPACKED = 2 << 30   # bytes a shard or a model file may unpack to (prepare's largest shard: 150 MB)
+MAX_UNPACKED = 2 << 30   # a shard or model file may unpack to this, or to 64x its size (a gzip bomb: 200x-1000x)
+
+
+def unpack_limit(path):
+    """The most bytes the shard or model file at path may unpack to: MAX_UNPACKED, or 64 times its size for the
+    large prepared data of large images (uint8 images pack 1.5-10x; a bomb of zeros 200-1000x)."""
+    return max(MAX_UNPACKED, 64 * os.path.getsize(path))
 
 
 def load_shard(path):
@@ -607,10 +613,11 @@ def load_shard(path):
     of one length, loaded with weights_only=True (no pickled code runs). A truncated, damaged or foreign file is a
     UserError naming it."""
     try:
+        limit = unpack_limit(path)
         with gzip.open(path, "rb") as f:
-            data = f.read(MAX_UNPACKED + 1)
-        if len(data) > MAX_UNPACKED:   # a gzip bomb: a small file that unpacks to gigabytes
-            raise UserError(f"{path}: unpacks to over {MAX_UNPACKED:,} bytes (MAX_UNPACKED); run `python {SCRIPT}.py "
+            data = f.read(limit + 1)
+        if len(data) > limit:   # a gzip bomb: a small file that unpacks to gigabytes
+            raise UserError(f"{path}: unpacks to over {limit:,} bytes (unpack_limit); run `python {SCRIPT}.py "
                             "prepare` again")
         tensors = torch.load(io.BytesIO(data), weights_only=True)
     except UserError:
@@ -849,8 +856,8 @@ def load_model_file(path, keys=None):
         raise UserError(f"{path}: not a file; pass the model.pt that train wrote")
     with contextlib.suppress(zipfile.BadZipFile, OSError):   # torch.save's zip: its entries' sizes, before unpacking
         with zipfile.ZipFile(path) as z:
-            if sum(entry.file_size for entry in z.infolist()) > MAX_UNPACKED:
-                raise UserError(f"{path}: unpacks to over {MAX_UNPACKED:,} bytes (MAX_UNPACKED); not a model of "
+            if sum(entry.file_size for entry in z.infolist()) > unpack_limit(path):
+                raise UserError(f"{path}: unpacks to over {unpack_limit(path):,} bytes (unpack_limit); not a model of "
                                 f"{SCRIPT}.py")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -1121,7 +1128,7 @@ def grid_runs(args, parser):
 # ---- Ship and serve: ONNX export, ONNX Runtime, HTTP ----
 ONNX_OPSET = 18          # ONNX Runtime >= 1.14 runs it
 MAX_UPLOAD = 8 * 2**20   # serve: default --max-bytes of one request
-BODY_SECONDS = 30        # serve: a request body not complete by then is answered 408 (a client that stalls)
+BODY_SECONDS = 30        # serve: a request body that stalls this long is answered 408 (multipart: 10x, in all)
 SERVE_OPTIONS = "SUITE_SERVE_OPTIONS"   # serve --workers N: the options, passed to each process in this variable
 
 
@@ -1382,13 +1389,15 @@ def serve_app(args):
         return PAGE.format(script=f"{SCRIPT}.py", about=html.escape(__doc__.split("\n")[0]))
 
     client_disconnect = importlib.import_module("starlette.requests").ClientDisconnect   # starlette: fastapi's base
+    decoding = asyncio.Semaphore(2)
 
     async def read_body(request):
-        """The raw body, up to one byte over --max-bytes."""
-        data = bytearray()
-        async for chunk in request.stream():
-            data += chunk
-            if len(data) > args.max_bytes:
+        """The raw body, up to one byte over --max-bytes; asyncio.TimeoutError when no byte comes for BODY_SECONDS."""
+        data, chunks = bytearray(), request.stream().__aiter__()
+        while len(data) <= args.max_bytes:
+            try:
+                data += await asyncio.wait_for(chunks.__anext__(), BODY_SECONDS)
+            except StopAsyncIteration:
                 break
         return data
 
@@ -1402,8 +1411,10 @@ def serve_app(args):
             if length is None:
                 return error(411, "a multipart upload needs a Content-Length header")
             try:
-                form = await asyncio.wait_for(request.form(max_files=1, max_fields=8), BODY_SECONDS)
-            except Exception as e:  # starlette's own parse errors, a client gone or too slow
+                form = await asyncio.wait_for(request.form(max_files=1, max_fields=8), 10 * BODY_SECONDS)
+            except asyncio.TimeoutError:
+                return error(408, f"the multipart body did not arrive within {10 * BODY_SECONDS} s")
+            except Exception as e:  # starlette's own parse errors, a client gone
                 return error(400, f"cannot read the multipart body ({type(e).__name__})")
             uploads = [v for v in form.values() if hasattr(v, "read")]
             if not uploads:
@@ -1411,9 +1422,9 @@ def serve_app(args):
             data = await uploads[0].read(args.max_bytes + 1)
         elif kind.startswith("image/") or kind == "application/octet-stream":
             try:
-                data = await asyncio.wait_for(read_body(request), BODY_SECONDS)
-            except TimeoutError:
-                return error(408, f"the body did not arrive within {BODY_SECONDS} s")
+                data = await read_body(request)
+            except asyncio.TimeoutError:
+                return error(408, f"the body stalled for {BODY_SECONDS} s")
             except client_disconnect:   # nobody to answer; no traceback in the log either
                 return error(400, "the client went away before the body was complete")
         else:
@@ -1424,7 +1435,8 @@ def serve_app(args):
         if len(data) > args.max_bytes:
             return error(413, f"image over the limit of {args.max_bytes:,} bytes (--max-bytes)")
         try:
-            img = await asyncio.to_thread(load_image, bytes(data))   # decoded beside the event loop, not in it
+            async with decoding:   # beside the event loop, not in it; two at a time (memory)
+                img = await asyncio.to_thread(load_image, bytes(data))
         except UserError as e:
             return error(400, f"cannot read image: {e}")
         try:
@@ -1657,8 +1669,9 @@ def add_scale_options(p):
                         "(repeatable, e.g. --grid lr=0.01,0.001 --grid batch-size=128,256)")
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (a `kill`, a scheduler's stop): handled as Ctrl-C is, files written whole or not at all."""
+class Terminated(BaseException):
+    """SIGTERM (a `kill`, a scheduler's stop): handled as Ctrl-C is, files written whole or not at all. Not a
+    KeyboardInterrupt, which uvicorn and eval's prompt take as theirs."""
 
 
 def on_sigterm(signum, frame):
@@ -1669,7 +1682,8 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     before = signal.getsignal(signal.SIGTERM)
     with contextlib.suppress(ValueError):   # main() called from another thread keeps the default
-        signal.signal(signal.SIGTERM, on_sigterm)
+        if before is not signal.SIG_IGN:    # nohup and the like: ignored it stays
+            signal.signal(signal.SIGTERM, on_sigterm)
     try:
         return run_command(args)
     finally:
@@ -1687,7 +1701,7 @@ def run_command(args):
         if main_process() or getattr(e, "all_ranks", False):   # under torchrun: one line, not one per process
             print(f"error: {e}", file=sys.stderr)
         return e.status
-    except KeyboardInterrupt as e:
+    except (KeyboardInterrupt, Terminated) as e:
         if main_process():
             print("\nterminated" if isinstance(e, Terminated) else "\ninterrupted", file=sys.stderr)
         return 143 if isinstance(e, Terminated) else 130

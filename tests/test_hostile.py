@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 
 import pytest
 import torch
@@ -234,19 +235,23 @@ def test_second_command_on_a_data_dir_fails_at_once(tmp_path):
 
 
 def test_readers_cap_and_straighten_what_they_read(tmp_path, monkeypatch):
-    """The common block's readers (one text in all five scripts): a model file or shard that unpacks to more than
-    MAX_UNPACKED and a FIFO named as a model are one-line errors; a 16-bit grey image is scaled, not clipped; a photo
+    """The common block's readers (one text in all five scripts): a model file or shard that unpacks past MAX_UNPACKED
+    and 64x its size and a FIFO named as a model are one-line errors; a 16-bit grey image is scaled, not clipped; a photo
     stored sideways with an EXIF orientation is read upright."""
     module = load_script("cifar_lenet.py")
-    data = synthetic_cifar(tmp_path / "data")
-    shard = data / "training_set.0.pt.gz"
-    model = tmp_path / "model.pt"
-    torch.save({"script": "cifar_lenet", "model": {"w": torch.zeros(1000)}}, model)
-    assert module.load_shard(shard)[0].shape == (64, 3, 32, 32)
-    assert module.load_model_file(model, ["model"])["model"]["w"].shape == (1000,)
-    monkeypatch.setattr(module, "MAX_UNPACKED", 3000)
-    for read, path in [(module.load_shard, shard), (lambda p: module.load_model_file(p, ["model"]), model)]:
-        with pytest.raises(module.UserError, match="MAX_UNPACKED"):
+    data = synthetic_cifar(tmp_path / "data")   # random images: a shard that does not pack at all
+    zeros = tmp_path / "zeros.pt.gz"            # packs ~1000x, as a bomb does
+    module.save_shard(zeros, [torch.zeros(1000, 3, 32, 32, dtype=torch.uint8), torch.zeros(1000, dtype=torch.long)])
+    model, packed = tmp_path / "model.pt", tmp_path / "packed.pt"
+    torch.save({"script": "cifar_lenet", "model": {"w": torch.zeros(10 ** 6)}}, model)   # torch stores it unpacked
+    with zipfile.ZipFile(model) as src, zipfile.ZipFile(packed, "w", zipfile.ZIP_DEFLATED) as dst:
+        for entry in src.infolist():
+            dst.writestr(entry.filename, src.read(entry))
+    monkeypatch.setattr(module, "MAX_UNPACKED", 100_000)   # all four files unpack past it
+    assert module.load_shard(data / "training_set.0.pt.gz")[0].shape == (64, 3, 32, 32)   # within 64x its size
+    assert module.load_model_file(model, ["model"])["model"]["w"].shape == (10 ** 6,)
+    for read, path in [(module.load_shard, zeros), (lambda p: module.load_model_file(p, ["model"]), packed)]:
+        with pytest.raises(module.UserError, match="unpack_limit"):
             read(path)
     os.mkfifo(tmp_path / "fifo.pt")
     with pytest.raises(module.UserError, match="not a file"):
@@ -464,12 +469,12 @@ def test_face_csv_bad_rows_and_crowds_are_skipped(script, tmp_path):
     csv_path = tmp_path / "boxes.csv"
     crowd = "".join(f"crowd.jpg,{i},1,{i + 10},20\n" for i in range(mod.MAX_FACES + 1))
     csv_path.write_text("Name,xmin,ymin,xmax,ymax\na.jpg,1,2,30,40\nb.jpg,1,2,30,40,extra,fields\n" + crowd
-                        + "c.jpg,5,5,25,25\nd.jpg,x,2,30,40\n" + "e" * 100 + ".jpg,5,5,5,25\n")
+                        + "c.jpg,5,5,25,25\nd.jpg,x,2,30,40\n" + "e" * 100 + ".jpg,5,5,5,25\nf.jpg,1,2\n")
     rows, skipped = mod.read_boxes_csv(csv_path)
     assert rows == {"a.jpg": [(1, 2, 30, 40)], "c.jpg": [(5, 5, 25, 25)]}
     assert skipped["wrong number of fields"] == [1, ["b.jpg"]]
     # examples quote the row (row numbers shift where pandas drops a line), cut to 80 characters
-    assert skipped["non-numeric box"] == [1, ["d.jpg x,2,30,40"]]
+    assert skipped["non-numeric box"] == [2, ["d.jpg x,2,30,40", "f.jpg 1,2,,"]]   # f.jpg: a short row
     assert skipped["zero-size box"] == [1, ["e" * 77 + "..."]]
     assert skipped[f"photo with over {mod.MAX_FACES} boxes (MAX_FACES)"] == [mod.MAX_FACES + 1, ["crowd.jpg"]]
     with open(csv_path, "r+b") as f:
