@@ -50,6 +50,9 @@ try:
 except ImportError:
     fcntl = None
 
+QUIET_START = signal.getsignal(signal.SIGINT) is signal.default_int_handler
+if QUIET_START:   # Ctrl-C while torch loads (a second or two): exit 130 without a traceback
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -57,6 +60,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
+
+if QUIET_START:
+    signal.signal(signal.SIGINT, signal.default_int_handler)   # from here on: main() reports it
 
 # ---- Config ----
 SCRIPT = Path(__file__).stem             # stored in model.pt and checkpoint.pt

@@ -53,6 +53,9 @@ try:
 except ImportError:
     fcntl = None
 
+QUIET_START = signal.getsignal(signal.SIGINT) is signal.default_int_handler
+if QUIET_START:   # Ctrl-C while torch loads (a second or two): exit 130 without a traceback
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
 import cv2
 import numpy as np
 import pandas as pd
@@ -61,10 +64,13 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
-from PIL import Image, ImageOps, ImageDraw, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 from torchvision.models.resnet import BasicBlock
 from torchvision.ops import box_convert, box_iou, clip_boxes_to_image, nms, remove_small_boxes, roi_align
 from tqdm import tqdm
+
+if QUIET_START:
+    signal.signal(signal.SIGINT, signal.default_int_handler)   # from here on: main() reports it
 
 # ---- Config ----
 C_RAND = ctypes.CDLL(None) if os.name == "posix" else ctypes.cdll.msvcrt   # srand(): see selective search
