@@ -740,8 +740,8 @@ def train(args, device, out_dir, tb_dir):
 def load_training_splits(data_dir, meta, device):
     """The training and validation splits on the device, checked against meta.json; an empty validation split is
     replaced by the training split (tiny sets), with a warning."""
-    x_train, y_train = (t.to(device) for t in read_split(data_dir, "training_set"))
-    x_val, y_val = (t.to(device) for t in read_split(data_dir, "validating_set"))
+    x_train, y_train = (t.to(device) for t in read_split(data_dir, "training_set", meta))
+    x_val, y_val = (t.to(device) for t in read_split(data_dir, "validating_set", meta))
     for x, y in ((x_train, y_train), (x_val, y_val)):
         if list(x.shape[2:]) != meta["image_size"] or y.shape[1] != meta["length"] or (
                 len(y) and (y.min() < 0 or y.max() > len(meta["charset"]))):
@@ -763,7 +763,7 @@ def calibrate_and_test(model, model_path, data_dir, meta, device, batch_size, dt
     best_model = load_model_file(model_path)
     model.load_state_dict(best_model["model"])
     # P(code right) as a function of the raw confidence, on the whole validation split
-    x_val, y_val = (t.to(device) for t in read_split(data_dir, "validating_set"))
+    x_val, y_val = (t.to(device) for t in read_split(data_dir, "validating_set", meta))
     if len(x_val):
         pred, scores = read_codes(model, x_val, device, batch_size, dtype, VIEWS)
         right = (pred == y_val).all(1)
@@ -774,7 +774,7 @@ def calibrate_and_test(model, model_path, data_dir, meta, device, batch_size, dt
               f"{len(x_val)} codes: {confident.sum().item()} with confidence >= 0.9" +
               (f", {right[confident].float().mean().item():.1%} of them right" if confident.any() else ""))
     atomic_torch_save(best_model, model_path)
-    x_test, y_test = (t.to(device) for t in read_split(data_dir, "testing_set"))
+    x_test, y_test = (t.to(device) for t in read_split(data_dir, "testing_set", meta))
     if not len(x_test):
         print(f"no test split: validation exact-match {best:.2%} (best model of epoch {best_model['epoch']}) is the "
               f"estimate, slightly optimistic as it chose the model")
@@ -1069,17 +1069,24 @@ def write_split(data_dir, name, tensors):
         save_shard(Path(data_dir) / f"{name}.{i}.pt.gz", [t[start:start + SHARD_SIZE].clone() for t in tensors])
 
 
-def read_split(data_dir, name):
-    """Read all shards of a split once and concatenate them (no per-epoch decompression)."""
+def read_split(data_dir, name, meta=None):
+    """Read all shards of a split once and concatenate them (no per-epoch decompression); with meta (meta.json),
+    their count must be the one prepare wrote."""
     paths = sorted((p for p in Path(data_dir).glob(f"{name}.*.pt.gz") if p.name.split(".")[1].isdigit()),
                    key=lambda p: int(p.name.split(".")[1]))
     parts = [load_shard(p) for p in paths]
     if not parts:
         raise UserError(f"{data_dir}: no {name} shards; run `python {SCRIPT}.py prepare` first")
     try:
-        return tuple(torch.cat(ts) for ts in zip(*parts))
+        split = tuple(torch.cat(ts) for ts in zip(*parts))
     except RuntimeError:  # shards of different sizes: files of two prepares
         raise UserError(f"{data_dir}: {name} shards of different prepares; run `python {SCRIPT}.py prepare` again")
+    counts = (meta or {}).get("counts")   # where prepare wrote each split's count (captcha, CIFAR)
+    expected = counts.get(name) if isinstance(counts, dict) else None
+    if isinstance(expected, int) and expected != len(split[0]):   # a shard left or copied in by hand
+        raise UserError(f"{data_dir}: the {name} shards hold {len(split[0])} items, meta.json says {expected}; "
+                        f"run `python {SCRIPT}.py prepare` again")
+    return split
 
 
 def read_text(path):

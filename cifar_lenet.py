@@ -381,7 +381,7 @@ def train(args, device, out_dir, tb_dir):
     seed_everything(args.seed + rank)   # augmentation differs per process; DDP copies rank 0's initial weights
     writer = open_tensorboard(tb_dir) if tb_dir else None
     # The whole split lives on the device as uint8 (a 50k CIFAR split is 150 MB); batches are index slices.
-    train_set, val, test = (tuple(t.to(device) for t in read_split(data_dir, name)) for name in SPLITS)
+    train_set, val, test = (tuple(t.to(device) for t in read_split(data_dir, name, meta)) for name in SPLITS)
     labels, norm = meta["labels"], (meta["mean"], meta["std"])
     if any(len(y) and (y.min() < 0 or y.max() >= len(labels)) for _, y in (train_set, val, test)):
         raise UserError(f"{data_dir}: the shards hold label numbers beyond the {len(labels)} labels of meta.json; "
@@ -676,17 +676,24 @@ def write_split(data_dir, name, tensors):
         save_shard(Path(data_dir) / f"{name}.{i}.pt.gz", [t[start:start + SHARD_SIZE].clone() for t in tensors])
 
 
-def read_split(data_dir, name):
-    """Read all shards of a split once and concatenate them (no per-epoch decompression)."""
+def read_split(data_dir, name, meta=None):
+    """Read all shards of a split once and concatenate them (no per-epoch decompression); with meta (meta.json),
+    their count must be the one prepare wrote."""
     paths = sorted((p for p in Path(data_dir).glob(f"{name}.*.pt.gz") if p.name.split(".")[1].isdigit()),
                    key=lambda p: int(p.name.split(".")[1]))
     parts = [load_shard(p) for p in paths]
     if not parts:
         raise UserError(f"{data_dir}: no {name} shards; run `python {SCRIPT}.py prepare` first")
     try:
-        return tuple(torch.cat(ts) for ts in zip(*parts))
+        split = tuple(torch.cat(ts) for ts in zip(*parts))
     except RuntimeError:  # shards of different sizes: files of two prepares
         raise UserError(f"{data_dir}: {name} shards of different prepares; run `python {SCRIPT}.py prepare` again")
+    counts = (meta or {}).get("counts")   # where prepare wrote each split's count (captcha, CIFAR)
+    expected = counts.get(name) if isinstance(counts, dict) else None
+    if isinstance(expected, int) and expected != len(split[0]):   # a shard left or copied in by hand
+        raise UserError(f"{data_dir}: the {name} shards hold {len(split[0])} items, meta.json says {expected}; "
+                        f"run `python {SCRIPT}.py prepare` again")
+    return split
 
 
 def read_text(path):

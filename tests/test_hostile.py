@@ -460,6 +460,17 @@ def test_prepare_ctrl_c_mid_swap_end_to_end(cifar_source, prepared_with_model):
     assert tree_bytes(data) == before and not leftovers(data)
 
 
+def test_a_shard_copied_in_by_hand_is_refused(prepared_with_model):
+    """A shard beside the prepared ones (left from another prepare, or copied in) is not trained on silently: the
+    split no longer holds the count meta.json has (the tutorial read stale batches into the next run)."""
+    module = load_script("cifar_lenet.py")
+    meta = module.read_meta(prepared_with_model)
+    n = len(module.read_split(prepared_with_model, "training_set", meta)[0])
+    shutil.copy(prepared_with_model / "training_set.0.pt.gz", prepared_with_model / "training_set.1.pt.gz")
+    with pytest.raises(module.UserError, match=f"hold {2 * n} items, meta.json says {n}"):
+        module.read_split(prepared_with_model, "training_set", meta)
+
+
 def test_staging_folders_of_killed_runs_are_cleared(prepared_with_model):
     """A prepare killed with SIGKILL leaves its folder next to DATA_DIR: the next prepare removes it (it holds the
     lock, so no other prepare is using it), unless it holds the old data of a swap cut short."""
