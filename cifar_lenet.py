@@ -570,7 +570,8 @@ def load_image(path):
                     raise UserError(f"{img.width}x{img.height} pixels, over the limit of {MAX_PIXELS:,} (MAX_PIXELS)")
                 img.seek(0)  # first frame of a GIF
                 with contextlib.suppress(Exception):   # upright as viewers show it; a damaged EXIF block: as stored
-                    img = ImageOps.exif_transpose(img)
+                    if img.getexif().get(0x0112, 1) != 1:   # an orientation tag: only then a transposed copy
+                        img = ImageOps.exif_transpose(img)
                 if img.mode.startswith("I"):   # 16-bit grey (I;16, or I holding values over 255): 8 bits, not clipped
                     grey = np.asarray(img, dtype=np.float32)
                     grey = np.rint(grey / 257 if img.mode.startswith("I;16") or grey.max() > 255 else grey).clip(0, 255)
