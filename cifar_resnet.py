@@ -911,9 +911,10 @@ def resume_training(path, model_args, model, optimizer, scaler, scheduler=None):
     return done
 
 
-def keep_previous(out_dir):
-    """Move the model (and its export), checkpoint and history of the run before into out_dir/previous/TIME/: never
-    lost, and no stale model.onnx left beside the new model."""
+def keep_previous(out_dir, data_dir):
+    """Move the model (and its export), checkpoint and history of the run before into out_dir/previous/TIME/ (and
+    the run_dir of its rows in DATA_DIR/runs.csv with them): never lost, and no stale model.onnx left beside the
+    new model."""
     names = ("model.pt", "model.onnx", "checkpoint.pt", "history.csv", "history.png")
     old = [out_dir / name for name in names if (out_dir / name).exists()]
     if not old:
@@ -927,6 +928,13 @@ def keep_previous(out_dir):
     for p in old:
         os.replace(p, keep / p.name)
     print(f"the previous run's {', '.join(p.name for p in old)}: moved to {keep}", flush=True)
+    with contextlib.suppress(UserError, OSError):   # runs.csv rows of that run: their run_dir follows the files
+        rows = read_runs(Path(data_dir) / "runs.csv")
+        moved = [r for r in rows if r.get("run_dir") and Path(r["run_dir"]).resolve() == out_dir.resolve()]
+        for r in moved:
+            r["run_dir"] = str(keep)
+        if moved:
+            write_runs(Path(data_dir) / "runs.csv", rows)
 
 
 def save_epoch(out_dir, args, model, optimizer, scheduler, scaler, state, best_model=None, plot_keys=()):
@@ -935,7 +943,7 @@ def save_epoch(out_dir, args, model, optimizer, scheduler, scaler, state, best_m
     and plot. All written atomically, before the epoch's line is printed; the first epoch of a fresh run moves the
     files of the run before aside first (keep_previous)."""
     if state["epoch"] == 1:
-        keep_previous(out_dir)
+        keep_previous(out_dir, args.data_dir)
     if best_model is not None:
         atomic_torch_save({"script": SCRIPT, "model": model.state_dict(), **best_model}, out_dir / "model.pt")
     config = {k: v for k, v in vars(args).items() if k not in ("func", "train_parser")}
@@ -1084,21 +1092,27 @@ def log_epoch(writer, row, model, every):
     writer.flush()
 
 
-def append_run(data_dir, row):
-    """Append one row to DATA_DIR/runs.csv (columns: the union over all rows), rewritten atomically."""
-    path = Path(data_dir) / "runs.csv"
-    rows = []
-    if path.exists():
-        try:
-            rows = list(csv.DictReader(io.StringIO(read_text(path))))
-        except csv.Error as e:
-            raise UserError(f"{path}: not a CSV ({e}); move it away (this run's model is saved)")
-    rows.append(row)
+def read_runs(path):
+    """The rows of a runs.csv, [] when there is none."""
+    try:
+        return list(csv.DictReader(io.StringIO(read_text(path)))) if path.exists() else []
+    except csv.Error as e:
+        raise UserError(f"{path}: not a CSV ({e}); move it away (this run's model is saved)")
+
+
+def write_runs(path, rows):
+    """runs.csv rewritten atomically; columns: the union over all rows."""
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for r in rows for k in r)), restval="")
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_text(path, buf.getvalue())
+
+
+def append_run(data_dir, row):
+    """Append one row to DATA_DIR/runs.csv."""
+    path = Path(data_dir) / "runs.csv"
+    write_runs(path, read_runs(path) + [row])
 
 
 def grid_runs(args, parser):

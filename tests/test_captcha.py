@@ -340,6 +340,16 @@ def test_init_from_a_model_of_another_style(tmp, trained, no_prefix):
     line = assert_one_line_error(run("captcha.py", "train", "--data-dir", data, "--init", tmp / "broken_init.pt",
                                      "--device", "cpu"), 1)
     assert "not a captcha model this run can start from" in line
+    # a network that computes NaN (here a weight of the --init model): train stops before it saves anything, and
+    # the model of the run before stays where it is, unmoved
+    broken = torch.load(src, weights_only=True)
+    broken["model"]["stem.0.weight"][0, 0, 0, 0] = float("nan")
+    torch.save(broken, tmp / "nan_init.pt")
+    before = (data / "model.pt").read_bytes()
+    line = assert_one_line_error(run("captcha.py", "train", "--data-dir", data, "--init", tmp / "nan_init.pt",
+                                     "--epochs", 1, "--epoch-size", 0, "--device", "cpu"), 1)
+    assert "epoch 1: training loss is nan" in line
+    assert (data / "model.pt").read_bytes() == before and not (data / "previous").exists()
 
 
 def test_prepare_labels_files(tmp, wide):
@@ -516,6 +526,7 @@ def test_resume_after_interrupt(tmp, trained):
     data = tmp / "resume"
     shutil.copytree(src, data, ignore=shutil.ignore_patterns("previous", "grid", "runs.csv", "model.onnx"))
     (data / "model.onnx").write_bytes(b"the export of the model before")
+    (data / "runs.csv").write_text(f"tag,run_dir\nbefore,{data}\nelsewhere,{tmp}\n")
     before = {name: (data / name).read_bytes() for name in ("model.pt", "model.onnx", "checkpoint.pt", "history.csv")}
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen([sys.executable, str(ROOT / "captcha.py"), "train", "--data-dir", str(data),
@@ -551,6 +562,9 @@ def test_resume_after_interrupt(tmp, trained):
     assert re.findall(r"^epoch (\d+)/4", proc.stdout, re.M) == ["4"]
     assert len((data / "history.csv").read_text().splitlines()) == 5
     assert len(list((data / "previous").iterdir())) == 1   # a resumed run keeps its own files
+    # runs.csv: the row of the run before follows its files; the interrupted run wrote none, each resume one
+    assert [(r["tag"], r["run_dir"]) for r in csv.DictReader((data / "runs.csv").open())] == [
+        ("before", str(kept[0])), ("elsewhere", str(tmp)), ("", str(data)), ("", str(data))]
 
 
 def test_early_stopping_counts_patience_epochs(tmp, prepared):
