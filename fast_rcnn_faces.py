@@ -1256,12 +1256,16 @@ def read_meta(data_dir):
     return meta
 
 
+STAGING_MARK = ".prepare-staging"   # in each folder staging_dir makes: only such folders are ever cleared
+
+
 @contextlib.contextmanager
 def staging_dir(data_dir):
     """A new empty folder next to DATA_DIR (DATA_DIR.prepare-PID-RANDOM; inside DATA_DIR when its parent is read-only
     or another file system, where a rename into DATA_DIR would not be atomic) to build prepared data in. Removed when
     the block ends, unless a swap cut short left the old data in its previous/ (swap_prepared). Folders of killed
-    runs are removed first: the caller holds DATA_DIR's lock, so no other prepare uses them."""
+    runs (that name, holding STAGING_MARK) are removed first: the caller holds DATA_DIR's lock, so no other prepare
+    uses them; a folder of the user's whose name merely starts the same stays."""
     data_dir = Path(os.path.abspath(data_dir))
     parent = data_dir.parent
     if not os.access(parent, os.W_OK) or os.stat(parent).st_dev != os.stat(data_dir).st_dev:
@@ -1269,10 +1273,11 @@ def staging_dir(data_dir):
     prefix = f"{data_dir.name}.prepare-"
     with contextlib.suppress(OSError):
         for old in parent.iterdir():
-            if old.name.startswith(prefix) and old.is_dir() and not (old / "previous").exists():
+            if old.name.startswith(prefix) and (old / STAGING_MARK).is_file() and not (old / "previous").exists():
                 shutil.rmtree(old, ignore_errors=True)
     staged = parent / f"{prefix}{os.getpid()}-{secrets.token_hex(4)}"
     staged.mkdir()
+    (staged / STAGING_MARK).touch()
     try:
         yield staged
     finally:
@@ -2230,6 +2235,9 @@ def on_sigterm(signum, frame):
 
 
 def main(argv=None):
+    for stream in (sys.stdout, sys.stderr):   # a file name that is not UTF-8 prints escaped, not as a traceback
+        with contextlib.suppress(AttributeError, ValueError):
+            stream.reconfigure(errors="backslashreplace")
     args = build_parser().parse_args(argv)
     before = signal.getsignal(signal.SIGTERM)
     with contextlib.suppress(ValueError):   # main() called from another thread keeps the default

@@ -147,6 +147,19 @@ def test_prepare_counts_skips_and_meta(prepared):
     assert f"{N_CAPTCHAS + 3} images kept, 5 skipped" in proc.stdout
 
 
+def test_file_names_that_are_not_utf8(tmp, generated):
+    """A name in another encoding (a zip made on Windows): prepare quotes it escaped, eval prints it escaped, where
+    a strict UTF-8 stdout (the usual locale; the tests' too) raised UnicodeEncodeError with a traceback."""
+    folder = tmp / "not_utf8"
+    folder.mkdir()
+    for p in sorted(generated.iterdir())[:3]:
+        shutil.copy(p, folder / p.name)
+    shutil.copy(p, os.fsencode(folder) + b"/x-ab\xff.png")   # its code holds a byte that decodes to no character
+    proc = run("captcha.py", "prepare", "--image-dir", folder, "--data-dir", tmp / "not_utf8_data", "--workers", 1)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert "3 images kept, 1 skipped" in proc.stdout and "x-ab\\udcff.png" in proc.stdout
+
+
 def test_prepare_storage_is_uint8_chw_in_batches_of_1000(prepared):
     data, _ = prepared
     mod = load_script("captcha.py")

@@ -475,14 +475,19 @@ def test_staging_folders_of_killed_runs_are_cleared(prepared_with_model):
     """A prepare killed with SIGKILL leaves its folder next to DATA_DIR: the next prepare removes it (it holds the
     lock, so no other prepare is using it), unless it holds the old data of a swap cut short."""
     data = prepared_with_model
-    stale = data.parent / f"{data.name}.prepare-999999-dead"
-    (stale / "junk").mkdir(parents=True)
-    kept = data.parent / f"{data.name}.prepare-999998-swap"
-    (kept / "previous").mkdir(parents=True)
     module = load_script("cifar_lenet.py")
+    stale = data.parent / f"{data.name}.prepare-999999-0123abcd"
+    (stale / "junk").mkdir(parents=True)
+    kept = data.parent / f"{data.name}.prepare-999998-4567cdef"
+    (kept / "previous").mkdir(parents=True)
+    users = data.parent / f"{data.name}.prepare-notes"   # the user's own folder: no mark, never removed
+    users.mkdir()
+    (users / "notes.txt").write_text("mine")
+    for folder in (stale, kept):
+        (folder / module.STAGING_MARK).touch()
     with module.staging_dir(data) as staged:
         assert staged.parent == data.parent and staged.name.startswith(f"{data.name}.prepare-{os.getpid()}-")
-        assert not stale.exists() and kept.exists()
+        assert not stale.exists() and kept.exists() and (users / "notes.txt").read_text() == "mine"
     assert not staged.exists()
 
 
