@@ -534,6 +534,8 @@ def cmd_prepare(args):
     if not image_dir.is_dir():
         raise UserError(f"{image_dir}: image folder not found (generate captchas with "
                         "`python generate-captcha/generate.py` or pass --image-dir)")
+    if Path(args.data_dir).resolve() == image_dir.resolve():   # its plots would come back as captchas
+        raise UserError(f"--data-dir {args.data_dir} is the image folder; choose another data folder", 2)
     charset = resolve_charset(args.charset, args.case_sensitive)
     length = None if args.length == "auto" else args.length
     files = sorted(p for p in image_dir.iterdir() if p.is_file() and not p.name.startswith("."))
@@ -1958,6 +1960,7 @@ def lock_data_dir(data_dir, create):
     data_dir = Path(data_dir)
     if data_dir.exists() and not data_dir.is_dir():
         raise UserError(f"--data-dir {data_dir}: a file, not a folder; pass a folder", 2)
+    made = create and not data_dir.exists()   # removed again if the command leaves it empty (an error)
     if create:
         try:
             data_dir.mkdir(parents=True, exist_ok=True)
@@ -1999,6 +2002,9 @@ def lock_data_dir(data_dir, create):
             yield
         finally:
             path.unlink(missing_ok=True)  # still locked here: the next command makes a new file
+            if made:
+                with contextlib.suppress(OSError):   # only if empty
+                    data_dir.rmdir()
 
 
 def start_worker():

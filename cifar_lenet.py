@@ -157,6 +157,12 @@ def find_labels(image_dir, labels_file):
     return folders
 
 
+def is_within(path, folder):
+    """True if `path` is `folder` or below it, symlinked folders followed (a --test-dir linked into --image-dir)."""
+    path, folder = Path(path).resolve(), Path(folder).resolve()
+    return path == folder or folder in path.parents
+
+
 def label_files(folder, labels, exclude=None):
     """([(path, label index)], [(path, why skipped)]) for the images below `folder` (except below `exclude`).
     When top-level folders are named after labels, a file's label is its folder (ImageFolder layout), else
@@ -165,7 +171,7 @@ def label_files(folder, labels, exclude=None):
     by_folder = any((folder / name).is_dir() for name in labels)
     kept, skipped = [], []
     for path in list_images(folder):
-        if exclude is not None and exclude in Path(os.path.abspath(path)).parents:
+        if exclude is not None and is_within(path.parent, exclude):
             continue
         parts = path.relative_to(folder).parts
         if by_folder:
@@ -340,15 +346,26 @@ def cmd_prepare(args):
     for flag, folder in (("--image-dir", image_dir), ("--test-dir", test_dir)):
         if folder is not None and not folder.is_dir():
             raise UserError(f"{flag} {folder}: folder not found")
+        if folder is not None and is_within(Path(args.data_dir), folder):   # its plots would come back as images
+            raise UserError(f"--data-dir {args.data_dir} is inside {flag} {folder}; choose a data folder outside it", 2)
+    if test_dir and is_within(image_dir, test_dir):
+        raise UserError(f"--image-dir {image_dir} is inside --test-dir {test_dir}: nothing would be left to train on", 2)
     labels = find_labels(image_dir, args.labels)
     sources = {"train": (image_dir, test_dir)} | ({"test": (test_dir, None)} if test_dir else {})
     decoded, skipped = {}, []
     for name, (folder, exclude) in sources.items():
-        kept, bad = label_files(folder, labels, exclude and Path(os.path.abspath(exclude)))
+        kept, bad = label_files(folder, labels, exclude)
         images, targets, unreadable = decode_images(kept, args.workers, f"decode {folder}")
         decoded[name] = (images, targets)
         skipped += bad + unreadable
     images, targets = decoded["train"]
+    found = set(targets.tolist()) | set(decoded.get("test", (None, torch.zeros(0)))[1].tolist())
+    if not args.labels and not (image_dir / "labels.txt").is_file() and len(found) < len(labels):
+        raise UserError(f"{image_dir}: class folders without images: "
+                        f"{', '.join(n for i, n in enumerate(labels) if i not in found)} (a symlinked folder is not "
+                        "followed); remove them or fill them")
+    if len(found) < 2:
+        raise UserError(f"{image_dir}: images of {len(found)} class found; a classifier needs at least 2")
     train, val, test = split_indices(len(targets), args.seed, (0.9, 0.1, 0) if test_dir else (0.8, 0.1, 0.1))
     if test_dir:  # rounding leftovers go to training; the test split is the separate folder
         train, test = train + test, None
@@ -1565,6 +1582,7 @@ def lock_data_dir(data_dir, create):
     data_dir = Path(data_dir)
     if data_dir.exists() and not data_dir.is_dir():
         raise UserError(f"--data-dir {data_dir}: a file, not a folder; pass a folder", 2)
+    made = create and not data_dir.exists()   # removed again if the command leaves it empty (an error)
     if create:
         try:
             data_dir.mkdir(parents=True, exist_ok=True)
@@ -1606,6 +1624,9 @@ def lock_data_dir(data_dir, create):
             yield
         finally:
             path.unlink(missing_ok=True)  # still locked here: the next command makes a new file
+            if made:
+                with contextlib.suppress(OSError):   # only if empty
+                    data_dir.rmdir()
 
 
 def start_worker():

@@ -196,9 +196,9 @@ def photo_proposals(ss_boxes, width, height, size):
 
 
 def prepare_photo(job):
-    """Worker: (path, boxes, opts, seed) -> {"image", "gt", "ss", "hw": numpy arrays, "outside": boxes}, or
-    {"error", "detail"}. Numpy, not torch: a tensor sent from a worker process holds a file descriptor open, and
-    thousands exhaust the process's limit."""
+    """Worker: (path, boxes, opts, seed) -> {"image", "gt", "ss", "hw": numpy arrays, "outside", "clipped":
+    boxes}, or {"error", "detail"}. Numpy, not torch: a tensor sent from a worker process holds a file descriptor
+    open, and thousands exhaust the process's limit."""
     path, boxes, opts, seed = job
     cv2.setNumThreads(1)
     torch.set_num_threads(1)
@@ -206,13 +206,14 @@ def prepare_photo(job):
         img = load_image(path)
     except UserError as e:  # not an image, damaged, too many pixels
         return {"error": "unreadable photo", "detail": f"{Path(path).name} ({e})"}
-    gt, outside = boxes_inside(boxes, img.width, img.height)
+    gt, outside, clipped = boxes_inside(boxes, img.width, img.height)
     if not len(gt):
-        return {"gt": gt.numpy(), "outside": outside}
+        return {"gt": gt.numpy(), "outside": outside, "clipped": clipped}
     size = tuple(opts["size"])
     ss = selective_search(img, size, opts["search_side"], opts["proposals"])
     return {"image": letterbox_image(img, size).numpy(), "gt": to_letterbox(gt, img.width, img.height, size).numpy(),
-            "ss": ss[remove_small_boxes(ss, 4.0)].numpy(), "hw": np.array([img.width, img.height]), "outside": outside}
+            "ss": ss[remove_small_boxes(ss, 4.0)].numpy(), "hw": np.array([img.width, img.height]), "outside": outside,
+            "clipped": clipped}
 
 
 def pad_stack(tensors):
@@ -496,13 +497,7 @@ def cmd_prepare(args):
     if not rows_by_photo:
         raise UserError(f"{args.csv}: no rows with a usable box")
     opts = {"size": list(args.size), "search_side": args.search_side, "proposals": args.proposals}
-    jobs = {}
-    for i, name in enumerate(sorted(rows_by_photo)):
-        path, why = photo_path(image_dir, name)
-        if path is None:   # missing, or outside --image-dir: never opened
-            count_skip(skipped, why, name or repr(name), len(rows_by_photo[name]))
-        else:
-            jobs[name] = (str(path), rows_by_photo[name], opts, args.seed * 1_000_003 + i)
+    jobs = photo_jobs(image_dir, rows_by_photo, opts, args.seed, skipped)
     kept, photos_per_s = prepare_photos(jobs, args.workers, rows_by_photo, skipped)
     if not kept:
         raise UserError(f"{args.csv}: no usable photo in {image_dir} (see the skipped counts above)")
@@ -800,6 +795,8 @@ def read_boxes_csv(csv_path):
             count_skip(skipped, "non-numeric box", f"{name} {','.join(v if isinstance(v, str) else '' for v in text)}")
         elif x2 <= x1 or y2 <= y1:
             count_skip(skipped, "zero-size box", f"{name} {x1:g},{y1:g},{x2:g},{y2:g}")
+        elif (float(x1), float(y1), float(x2), float(y2)) in rows.get(name, []):   # one face, not two
+            count_skip(skipped, "duplicate row", f"{name} {x1:g},{y1:g},{x2:g},{y2:g}")
         else:
             rows.setdefault(name, []).append((float(x1), float(y1), float(x2), float(y2)))
     for name in [name for name, boxes in rows.items() if len(boxes) > MAX_FACES]:
@@ -813,6 +810,29 @@ def count_skip(skipped, reason, example, n=1):
     entry[0] += n
     if len(entry[1]) < 3:
         entry[1].append(example if len(example) <= 80 else f"{example[:77]}...")
+
+
+def photo_jobs(image_dir, rows_by_photo, opts, seed, skipped):
+    """{Name: prepare_photo's job} for the CSV's photos found inside --image-dir. One file under two Names
+    (`a.jpg` and `./a.jpg`, or a symlink to it) is one photo: the later Name's boxes join the first's, where they
+    would have made two photos, each with faces the other's boxes leave unlabelled."""
+    jobs, first = {}, {}
+    for i, name in enumerate(sorted(rows_by_photo)):
+        path, why = photo_path(image_dir, name)
+        if path is None:   # missing, or outside --image-dir: never opened
+            count_skip(skipped, why, name or repr(name), len(rows_by_photo[name]))
+        elif path in first:
+            boxes = rows_by_photo[first[path]]
+            for box in rows_by_photo[name]:
+                if box in boxes:
+                    count_skip(skipped, "duplicate row", f"{name} {','.join(f'{v:g}' for v in box)}")
+                else:
+                    boxes.append(box)
+            print(f"{name!r} is the photo {first[path]!r}: its boxes are joined to that name's")
+        else:
+            first[path] = name
+            jobs[name] = (str(path), rows_by_photo[name], opts, seed * 1_000_003 + i)
+    return jobs
 
 
 def photo_path(image_dir, name):
@@ -833,17 +853,20 @@ def photo_path(image_dir, name):
 
 
 def boxes_inside(boxes, width, height):
-    """A photo's CSV boxes -> (the boxes inside the photo, G,4; the others, as lists)."""
+    """A photo's CSV boxes -> (its face boxes, G,4, clipped to the photo; the boxes wholly outside it, and those
+    partly outside (clipped), as lists). A face cut by the photo's edge keeps the part inside: dropped, it would be
+    an unlabelled face, trained on as background and scored as a false box."""
     boxes = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
-    inside = (boxes[:, 0] >= 0) & (boxes[:, 1] >= 0) & (boxes[:, 2] <= width) & (boxes[:, 3] <= height)
-    return boxes[inside], boxes[~inside].tolist()
+    clipped = clip_boxes_to_image(boxes, (height, width))
+    usable = (clipped[:, 2] - clipped[:, 0] >= 1) & (clipped[:, 3] - clipped[:, 1] >= 1)
+    return clipped[usable], boxes[~usable].tolist(), boxes[usable & (clipped != boxes).any(1)].tolist()
 
 
 def prepare_photos(jobs, workers, rows_by_photo, skipped):
     """prepare_photo for each {name: job}, in `workers` processes (selective search is the slow part) -> ({name: its
     answer as tensors} of the photos with a face box inside them, photos/s). Unreadable photos and boxes outside
     their photo are counted in `skipped`, and the counts printed; Ctrl-C drops the queued photos."""
-    start, kept = time.time(), {}
+    start, kept, clipped = time.time(), {}, {}
     pool = ProcessPoolExecutor(workers, initializer=start_worker) if workers > 1 else None
     try:
         answers = pool.map(prepare_photo, jobs.values(), chunksize=4) if pool else map(prepare_photo, jobs.values())
@@ -853,6 +876,8 @@ def prepare_photos(jobs, workers, rows_by_photo, skipped):
                 continue
             for box in res["outside"]:
                 count_skip(skipped, "box outside photo", f"{name} {','.join(f'{v:g}' for v in box)}")
+            for box in res["clipped"]:
+                count_skip(clipped, "box partly outside its photo", f"{name} {','.join(f'{v:g}' for v in box)}")
             if len(res["gt"]):
                 kept[name] = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in res.items()}
             else:
@@ -865,6 +890,8 @@ def prepare_photos(jobs, workers, rows_by_photo, skipped):
     print(f"kept {len(kept)} photos with {faces} faces of {len(rows_by_photo)} named ({photos_per_s:.2f} photos/s)")
     for reason, (n, examples) in skipped.items():
         print(f"skipped {n} x {reason}: {', '.join(examples)}")
+    for reason, (n, examples) in clipped.items():
+        print(f"clipped to the photo {n} x {reason}: {', '.join(examples)}")
     return kept, photos_per_s
 
 
@@ -2088,6 +2115,7 @@ def lock_data_dir(data_dir, create):
     data_dir = Path(data_dir)
     if data_dir.exists() and not data_dir.is_dir():
         raise UserError(f"--data-dir {data_dir}: a file, not a folder; pass a folder", 2)
+    made = create and not data_dir.exists()   # removed again if the command leaves it empty (an error)
     if create:
         try:
             data_dir.mkdir(parents=True, exist_ok=True)
@@ -2129,6 +2157,9 @@ def lock_data_dir(data_dir, create):
             yield
         finally:
             path.unlink(missing_ok=True)  # still locked here: the next command makes a new file
+            if made:
+                with contextlib.suppress(OSError):   # only if empty
+                    data_dir.rmdir()
 
 
 def start_worker():

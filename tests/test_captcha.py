@@ -158,6 +158,8 @@ def test_file_names_that_are_not_utf8(tmp, generated):
     proc = run("captcha.py", "prepare", "--image-dir", folder, "--data-dir", tmp / "not_utf8_data", "--workers", 1)
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
     assert "3 images kept, 1 skipped" in proc.stdout and "x-ab\\udcff.png" in proc.stdout
+    line = assert_one_line_error(run("captcha.py", "prepare", "--image-dir", folder, "--data-dir", folder), 2)
+    assert "is the image folder" in line   # its plots and models would come back as captchas
 
 
 def test_prepare_storage_is_uint8_chw_in_batches_of_1000(prepared):

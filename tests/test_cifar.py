@@ -168,6 +168,38 @@ def test_prepare_test_dir(names_dir, tmp_path):
     assert counts["validating_set"] == int((N_TRAIN + 2) * 0.1)
 
 
+def test_prepare_overlapping_folders_and_empty_classes(names_dir, folders_dir, tmp_path):
+    """A --test-dir linked into --image-dir is still kept out of training; a data folder inside the image folder
+    (its plots would be read as images, its name as a class), a class folder without images (or a symlinked one,
+    which the walk does not follow) and a single class are refused."""
+    (tmp_path / "linked").symlink_to(names_dir / "test")
+    proc = run(LENET, "prepare", "--image-dir", names_dir, "--test-dir", tmp_path / "linked",
+               "--data-dir", tmp_path / "d", "--workers", 1)
+    assert proc.returncode == 0, proc.stderr
+    counts = json.loads((tmp_path / "d" / "meta.json").read_text())["counts"]
+    assert counts["testing_set"] == N_TEST and counts["training_set"] + counts["validating_set"] == N_TRAIN + 2
+    src = tmp_path / "classes"
+    shutil.copytree(folders_dir, src, symlinks=True)
+    line = assert_one_line_error(run(LENET, "prepare", "--image-dir", src, "--data-dir", src / "prepared",
+                                     "--workers", 1), 2)
+    assert "is inside --image-dir" in line and not (src / "prepared").exists()   # made for the lock, then removed
+    shutil.rmtree(src)
+    src.mkdir()
+    for label in FOLDER_CLASSES:
+        (src / label).symlink_to(folders_dir / label) if label == FOLDER_CLASSES[0] else \
+            shutil.copytree(folders_dir / label, src / label, symlinks=True)
+    (src / "empty").mkdir()
+    line = assert_one_line_error(run(LENET, "prepare", "--image-dir", src, "--data-dir", tmp_path / "e",
+                                     "--workers", 1), 1)
+    assert line.endswith(f"class folders without images: {', '.join(sorted([FOLDER_CLASSES[0], 'empty']))} "
+                         "(a symlinked folder is not followed); remove them or fill them")
+    for label in [*FOLDER_CLASSES[1:-1], FOLDER_CLASSES[0], "empty"]:
+        (src / label).unlink() if (src / label).is_symlink() else shutil.rmtree(src / label)
+    line = assert_one_line_error(run(LENET, "prepare", "--image-dir", src, "--data-dir", tmp_path / "e",
+                                     "--workers", 1), 1)
+    assert "images of 1 class found; a classifier needs at least 2" in line
+
+
 def test_shards_hold_only_their_own_images(tmp_path):
     module = load_script(LENET)
     images = torch.randint(0, 256, (2500, 3, 32, 32), dtype=torch.uint8)

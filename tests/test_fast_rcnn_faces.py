@@ -214,7 +214,7 @@ def faces(tmp_path_factory, shared_datasets):
     bad = pd.DataFrame([
         {"Name": names[0], "width": 612, "height": 408, "xmin": "abc", "ymin": 1, "xmax": 20, "ymax": 20},
         {"Name": names[1], "width": 612, "height": 408, "xmin": 50, "ymin": 50, "xmax": 50, "ymax": 90},
-        {"Name": names[2], "width": 612, "height": 408, "xmin": 10, "ymin": 10, "xmax": 5000, "ymax": 40},
+        {"Name": names[2], "width": 612, "height": 408, "xmin": 4000, "ymin": 10, "xmax": 5000, "ymax": 40},
         {"Name": "missing.jpg", "width": 612, "height": 408, "xmin": 1, "ymin": 1, "xmax": 20, "ymax": 20},
         {"Name": "broken.jpg", "width": 612, "height": 408, "xmin": 1, "ymin": 1, "xmax": 20, "ymax": 20},
         *[{"Name": name, "width": 612, "height": 408, "xmin": 1, "ymin": 1, "xmax": 20, "ymax": 20}

@@ -499,10 +499,21 @@ def test_face_csv_bad_rows_and_crowds_are_skipped(script, tmp_path):
     csv_path = tmp_path / "boxes.csv"
     crowd = "".join(f"crowd.jpg,{i},1,{i + 10},20\n" for i in range(mod.MAX_FACES + 1))
     csv_path.write_text("Name,xmin,ymin,xmax,ymax\na.jpg,1,2,30,40\nb.jpg,1,2,30,40,extra,fields\n" + crowd
-                        + "c.jpg,5,5,25,25\nd.jpg,x,2,30,40\n" + "e" * 100 + ".jpg,5,5,5,25\nf.jpg,1,2\n")
+                        + "c.jpg,5,5,25,25\nd.jpg,x,2,30,40\n" + "e" * 100 + ".jpg,5,5,5,25\nf.jpg,1,2\n"
+                        + "a.jpg,1,2,30,40\n")
     rows, skipped = mod.read_boxes_csv(csv_path)
     assert rows == {"a.jpg": [(1, 2, 30, 40)], "c.jpg": [(5, 5, 25, 25)]}
-    assert skipped["wrong number of fields"] == [1, ["b.jpg"]]
+    assert skipped["wrong number of fields"] == [1, ["b.jpg"]] and skipped["duplicate row"] == [1, ["a.jpg 1,2,30,40"]]
+    # one file under three Names is one photo with every box once; a face cut by the edge keeps its part inside
+    (tmp_path / "a.jpg").write_bytes(b"a photo")
+    (tmp_path / "alias.jpg").symlink_to(tmp_path / "a.jpg")
+    named = {"a.jpg": [(1, 2, 30, 40)], "./a.jpg": [(5, 5, 25, 25), (1, 2, 30, 40)], "alias.jpg": [(7, 7, 27, 27)]}
+    jobs = mod.photo_jobs(tmp_path, named, {}, 0, skipped)
+    assert list(jobs) == ["./a.jpg"] and jobs["./a.jpg"][1] == [(5, 5, 25, 25), (1, 2, 30, 40), (7, 7, 27, 27)]
+    assert skipped["duplicate row"][0] == 2
+    gt, outside, clipped = mod.boxes_inside([(-1, 5, 20, 30), (700, 5, 720, 30), (5, 5, 20, 30)], 612, 408)
+    assert gt.tolist() == [[0, 5, 20, 30], [5, 5, 20, 30]] and outside == [[700, 5, 720, 30]]
+    assert clipped == [[-1, 5, 20, 30]]
     # examples quote the row (row numbers shift where pandas drops a line), cut to 80 characters
     assert skipped["non-numeric box"] == [2, ["d.jpg x,2,30,40", "f.jpg 1,2,,"]]   # f.jpg: a short row
     assert skipped["zero-size box"] == [1, ["e" * 77 + "..."]]

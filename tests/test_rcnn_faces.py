@@ -47,7 +47,7 @@ def faces(tmp_path_factory):
     out = [r for n in good for r in by_photo[n]]
     first = dict(by_photo[good[0]][0])
     out.append({**first, "xmax": first["xmin"]})                               # zero-size box
-    out.append({**first, "xmin": "500", "xmax": str(int(first["width"]) + 40)})  # outside the photo
+    out.append({**first, "xmin": str(int(first["width"]) + 10), "xmax": str(int(first["width"]) + 40)})  # outside
     out.append({**first, "ymin": "abc"})                                      # non-numeric
     out.append({**first, "Name": "missing.jpg"})                              # photo not in the folder
     out.append({**first, "Name": "broken.jpg"})                               # unreadable photo
