@@ -1576,7 +1576,7 @@ def json_ready(value):
         return {str(k): json_ready(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [json_ready(v) for v in value]
-    return str(value) if isinstance(value, Path) else value
+    return value if isinstance(value, (str, int, float, bool, type(None))) else str(value)   # a path, bytes, ...
 
 
 class OnnxNetwork:
@@ -1645,6 +1645,8 @@ def cmd_export(args):
     out = Path(args.output or path.with_suffix(".onnx"))
     if path.suffix.lower() == ".onnx":
         raise UserError(f"{path}: already an ONNX model; pass the model.pt it came from")
+    if out.suffix.lower() != ".onnx":   # and never the model itself, nor its checkpoint
+        raise UserError(f"--output {out}: name it NAME.onnx (eval and serve tell a model's format by its name)", 2)
     if out.exists() and not args.force:
         raise UserError(f"{out} exists; pass --force to replace it, or --output FILE")
     if not out.parent.is_dir():
@@ -2129,7 +2131,7 @@ def main(argv=None):
 def run_command(args):
     """args.func under the DATA_DIR lock where it writes; every error ends here in one line and an exit status."""
     try:
-        writes = args.command in ("prepare", "train")   # one at a time per DATA_DIR (lock_data_dir)
+        writes = args.command in ("prepare", "train", "export")   # one at a time per DATA_DIR (lock_data_dir)
         with lock_data_dir(args.data_dir, args.command == "prepare") if writes else contextlib.nullcontext():
             return args.func(args)
     except UserError as e:

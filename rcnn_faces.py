@@ -901,9 +901,10 @@ def found_boxes(boxes, scores, threshold):
 
 class OutputFiles:
     """Where eval writes the annotated images: --output, or DIR/<image name>.png with --output-dir, numbered
-    NAME-2.png, NAME-3.png, ... past files this run wrote or reads, so two inputs of one name never overwrite each
-    other and no input image is overwritten. Checked before any work: --output-dir is created; --output must be a
-    file in an existing folder and takes one image (the interactive prompt rewrites it, as the tutorial did)."""
+    NAME-2.png, NAME-3.png, ... past files that exist, this run wrote or reads, so nothing there is overwritten and
+    two inputs of one name never overwrite each other. Checked before any work: --output-dir is created; --output
+    must be a .png in an existing folder (a PNG there is replaced, as the tutorial's img_output.png was; a model or
+    any other file never) and takes one image (the interactive prompt rewrites it)."""
 
     def __init__(self, args, inputs):
         self.output, self.output_dir = Path(args.output), args.output_dir and Path(args.output_dir)
@@ -920,6 +921,8 @@ class OutputFiles:
         elif len(inputs) > 1:
             raise UserError(f"--output {self.output} takes one image, not {len(inputs)} (each would overwrite the one "
                             f"before); pass --output-dir DIR", 2)
+        elif self.output.suffix.lower() != ".png":
+            raise UserError(f"--output {self.output}: name it NAME.png (eval writes a PNG)", 2)
 
     def path_for(self, image):
         """The file for the annotated copy of `image`; a UserError when --output cannot take it."""
@@ -927,7 +930,7 @@ class OutputFiles:
         if self.output_dir:
             stem, n = Path(image).stem, 1
             out = self.output_dir / f"{stem}.png"
-            while os.path.realpath(out) in self.inputs | self.written:
+            while os.path.realpath(out) in self.inputs | self.written or os.path.lexists(out):
                 n += 1
                 out = self.output_dir / f"{stem}-{n}.png"
         else:
@@ -1590,7 +1593,7 @@ def json_ready(value):
         return {str(k): json_ready(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [json_ready(v) for v in value]
-    return str(value) if isinstance(value, Path) else value
+    return value if isinstance(value, (str, int, float, bool, type(None))) else str(value)   # a path, bytes, ...
 
 
 class OnnxNetwork:
@@ -1659,6 +1662,8 @@ def cmd_export(args):
     out = Path(args.output or path.with_suffix(".onnx"))
     if path.suffix.lower() == ".onnx":
         raise UserError(f"{path}: already an ONNX model; pass the model.pt it came from")
+    if out.suffix.lower() != ".onnx":   # and never the model itself, nor its checkpoint
+        raise UserError(f"--output {out}: name it NAME.onnx (eval and serve tell a model's format by its name)", 2)
     if out.exists() and not args.force:
         raise UserError(f"{out} exists; pass --force to replace it, or --output FILE")
     if not out.parent.is_dir():
@@ -2143,7 +2148,7 @@ def main(argv=None):
 def run_command(args):
     """args.func under the DATA_DIR lock where it writes; every error ends here in one line and an exit status."""
     try:
-        writes = args.command in ("prepare", "train")   # one at a time per DATA_DIR (lock_data_dir)
+        writes = args.command in ("prepare", "train", "export")   # one at a time per DATA_DIR (lock_data_dir)
         with lock_data_dir(args.data_dir, args.command == "prepare") if writes else contextlib.nullcontext():
             return args.func(args)
     except UserError as e:

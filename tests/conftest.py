@@ -263,6 +263,9 @@ def check_onnx(script, model, images, tmp_path, *eval_args):
     assert onnx.stat().st_size > 10_000
     line = assert_one_line_error(run_main(script, "export", "--model", model, "--output", onnx), 1)
     assert "exists" in line and "--force" in line
+    before = Path(model).read_bytes()
+    line = assert_one_line_error(run_main(script, "export", "--model", model, "--output", model, "--force"), 2)
+    assert "NAME.onnx" in line and Path(model).read_bytes() == before   # the model stays the model
     nowhere = tmp_path / "no-such-folder" / "model.onnx"
     line = assert_one_line_error(run_main(script, "export", "--model", model, "--output", nowhere), 1)
     assert "no folder" in line and not nowhere.parent.exists()

@@ -357,7 +357,7 @@ def test_torchrun_two_processes(faces, tmp_path):
 # ---- hostile input ----
 def test_eval_hostile_images_and_same_names(faces, tmp_path):
     """Unreadable images are error objects and the run goes on; two photos of one name from two folders get two
-    files in --output-dir."""
+    files in --output-dir, numbered past a file already there."""
     same = []
     for folder in ("a", "b"):
         (tmp_path / folder).mkdir()
@@ -365,12 +365,15 @@ def test_eval_hostile_images_and_same_names(faces, tmp_path):
     bad = hostile_images(tmp_path / "bad")
     odd = odd_images(tmp_path / "odd")
     out_dir = tmp_path / "annotated"
+    out_dir.mkdir()
+    (out_dir / "photo-2.png").write_text("the user's own file")
     proc = run(SCRIPT, "eval", *same, *odd, *[p for p, _ in bad], "--data-dir", faces.data, "--json",
                "--output-dir", out_dir, "--device", "cpu")
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
     lines = [json.loads(line) for line in proc.stdout.splitlines()]
     assert [obj["image"] for obj in lines] == [str(p) for p in [*same, *odd, *[p for p, _ in bad]]]
-    assert [obj["output"] for obj in lines[:2]] == [str(out_dir / "photo.png"), str(out_dir / "photo-2.png")]
+    assert [obj["output"] for obj in lines[:2]] == [str(out_dir / "photo.png"), str(out_dir / "photo-3.png")]
+    assert (out_dir / "photo-2.png").read_text() == "the user's own file"
     assert all("boxes" in obj and Path(obj["output"]).exists() for obj in lines[:2 + len(odd)])
     for obj, (_, words) in zip(lines[2 + len(odd):], bad):
         assert obj["error"].startswith("cannot read image: ") and words in obj["error"], obj
@@ -405,6 +408,9 @@ def test_eval_output_refusals(faces, tmp_path):
     line = assert_one_line_error(run_main(SCRIPT, "eval", faces.photos[0], "--output", tmp_path / "none" / "x.png",
                                           "--data-dir", faces.data), 2)
     assert "none" in line and "existing folder" in line
+    line = assert_one_line_error(run_main(SCRIPT, "eval", faces.photos[0], "--output", faces.data / "model.pt",
+                                          "--data-dir", faces.data), 2)
+    assert "name it NAME.png" in line   # never the model (nor any file but a PNG)
     line = assert_one_line_error(run_main(SCRIPT, "eval", faces.photos[0], "--model", faces.data / "checkpoint.pt"), 1)
     assert "checkpoint" in line
 

@@ -206,8 +206,8 @@ def synthetic_cifar(data_dir, n=64):
 
 
 def test_second_command_on_a_data_dir_fails_at_once(tmp_path):
-    """train holds DATA_DIR: prepare and another train fail at once naming it; SIGTERM ends train cleanly and the
-    lock goes with it."""
+    """train holds DATA_DIR: prepare, another train and export fail at once naming it; SIGTERM ends train cleanly
+    and the lock goes with it."""
     data = synthetic_cifar(tmp_path / "data")
     cmd = [sys.executable, str(ROOT / "cifar_lenet.py"), "train", "--data-dir", str(data), "--epochs", "100000",
            "--batch-size", "16", "--device", "cpu"]
@@ -222,7 +222,8 @@ def test_second_command_on_a_data_dir_fails_at_once(tmp_path):
         before = tree_bytes(data)
         for script, args in [("cifar_lenet.py", ["prepare", "--image-dir", tmp_path, "--workers", 1]),
                              ("cifar_resnet.py", ["train", "--epochs", 1, "--device", "cpu"]),
-                             ("captcha.py", ["prepare", "--image-dir", tmp_path, "--workers", 1])]:
+                             ("captcha.py", ["prepare", "--image-dir", tmp_path, "--workers", 1]),
+                             ("cifar_lenet.py", ["export"])]:   # its model.onnx beside a model.pt being replaced
             line = assert_one_line_error(run_main(script, *args, "--data-dir", data), 1)
             assert f"in use by pid {proc.pid} " in line and "cifar_lenet.py train" in line
         assert all(before[name] == data.joinpath(name).read_bytes() for name in before if name.endswith(".pt.gz"))
