@@ -1344,7 +1344,7 @@ def keep_previous(out_dir, data_dir):
     """Move the model (and its export), checkpoint and history of the run before into out_dir/previous/TIME/ (and
     the run_dir of its rows in DATA_DIR/runs.csv with them): never lost, and no stale model.onnx left beside the
     new model."""
-    names = ("model.pt", "model.onnx", "checkpoint.pt", "history.csv", "history.png")
+    names = ("model.pt", "model.onnx", "checkpoint.pt", "history.csv", "history.png", "confusion.png")
     old = [out_dir / name for name in names if (out_dir / name).exists()]
     if not old:
         return
@@ -2046,6 +2046,8 @@ def cmd_train(args):
     runs = grid_runs(args, args.train_parser)
     device = setup_distributed(args.device)
     data_dir = Path(args.data_dir)
+    if main_process():
+        read_runs(data_dir / "runs.csv")   # a damaged runs.csv: said now, not after the training it would lose
     table = []
     try:
         for name, run_args in runs:
@@ -2161,6 +2163,10 @@ def run_command(args):
         return 143 if isinstance(e, Terminated) else 130
     except BrokenPipeError:  # e.g. `eval ... | head`
         sys.stderr.close()
+        return 1
+    except OSError as e:   # a full disk, a folder where a file goes, a read-only place: the system's own words
+        if main_process():
+            print(f"error: {f'{e.filename}: ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
         return 1
 
 

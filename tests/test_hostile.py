@@ -235,6 +235,20 @@ def test_second_command_on_a_data_dir_fails_at_once(tmp_path):
     assert not (data / ".lock").exists() and not list(data.glob("*.tmp*"))
 
 
+def test_train_refuses_what_it_cannot_write_before_training(tmp_path):
+    """A damaged runs.csv is said before any epoch (it used to end a whole training run with an error and lose the
+    run's row); a --tensorboard that names a file: the system's error in one line, not a traceback."""
+    data = synthetic_cifar(tmp_path / "data")
+    (data / "runs.csv").mkdir()
+    proc = run_main("cifar_lenet.py", "train", "--data-dir", data, "--epochs", 1, "--device", "cpu")
+    assert "runs.csv" in assert_one_line_error(proc, 1) and "epoch 1" not in proc.stdout
+    (data / "runs.csv").rmdir()
+    (tmp_path / "tb").write_text("a file")
+    line = assert_one_line_error(run_main("cifar_lenet.py", "train", "--data-dir", data, "--epochs", 1, "--device",
+                                          "cpu", "--tensorboard", tmp_path / "tb"), 1)
+    assert str(tmp_path / "tb") in line and not (data / "model.pt").exists()
+
+
 def test_readers_cap_and_straighten_what_they_read(tmp_path, monkeypatch):
     """The common block's readers (one text in all five scripts): a model file or shard that unpacks past MAX_UNPACKED
     and 64x its size and a FIFO named as a model are one-line errors; a 16-bit grey image is scaled, not clipped; a photo
