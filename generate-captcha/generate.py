@@ -16,6 +16,7 @@ import math
 import os
 import random
 import re
+import signal
 import sys
 import time
 from functools import lru_cache
@@ -58,13 +59,21 @@ class UserError(Exception):
     pass
 
 
+class Terminated(BaseException):
+    """SIGTERM (a `kill`, a scheduler): ends the run as Ctrl-C does, temp files removed."""
+
+
+def on_sigterm(signum, frame):
+    raise Terminated
+
+
 # ---- Fonts ----
 def font_pool(fonts_dir=None):
     """List of families; each family is a tuple of 4 font paths (regular, bold, italic, bold italic) or None."""
     mpl_dir = Path(matplotlib.get_data_path()) / "fonts" / "ttf"
     pool = [tuple(str(mpl_dir / f) if f else None for f in files) for files in MPL_FAMILIES.values()]
     if fonts_dir is not None:
-        extra = sorted(p for p in Path(fonts_dir).iterdir() if p.suffix.lower() == ".ttf")
+        extra = sorted(p for p in Path(fonts_dir).iterdir() if p.suffix.lower() == ".ttf" and p.is_file())
         usable = [p for p in extra if draws_all_characters(str(p))]
         for p in sorted(set(extra) - set(usable)):
             print(f"skipping font {p}: it cannot draw every captcha character", file=sys.stderr)
@@ -169,6 +178,8 @@ _JOB = {}
 
 
 def init_worker(job):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)    # Ctrl-C is the main process's to handle: no worker tracebacks
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)   # the pool ends its workers with it
     _JOB.update(job)
 
 
@@ -192,8 +203,9 @@ CAPTCHA_NAME = re.compile(r"^\d{5,}-[0-9A-Za-z]+\.png$")
 
 def length_range(text):
     """--length N or A-B -> (low, high), 1 <= low <= high <= 16."""
-    low, _, high = text.partition("-")
-    if not low.isdigit() or not (high or low).isdigit() or not 1 <= int(low) <= int(high or low) <= 16:
+    low, dash, high = text.partition("-")
+    if (not low.isdigit() or not (high or low).isdigit() or (dash and not high)
+            or not 1 <= int(low) <= int(high or low) <= 16):
         raise argparse.ArgumentTypeError(f"expected N or A-B with 1 <= A <= B <= 16, got {text!r}")
     return int(low), int(high or low)
 
@@ -238,7 +250,9 @@ def build_parser():
 
 def run(args):
     if args.fonts is not None and not Path(args.fonts).is_dir():
-        raise UserError(f"--fonts {args.fonts}: folder not found")
+        raise UserError(f"--fonts {args.fonts}: {'not a folder' if Path(args.fonts).exists() else 'folder not found'}")
+    if not args.output:
+        raise UserError("--output: empty; name a folder")
     families = font_pool(args.fonts)
     out = Path(args.output)
     try:
@@ -249,8 +263,11 @@ def run(args):
     if old and not args.clean:
         raise UserError(f"{out} already holds {len(old)} captchas; pass --clean to replace them "
                         "or choose another --output")
-    for p in old:
-        p.unlink()
+    try:
+        for p in old:
+            p.unlink()
+    except OSError as e:
+        raise UserError(f"--output {out}: cannot remove {p.name} ({e.strerror or e})")
     job = {"seed": args.seed, "length": args.length, "families": families, "output": str(out),
            "style": {"size": args.size, "palette": PALETTES[args.palette]},
            "digits": max(5, len(str(args.count - 1)))}
@@ -267,9 +284,11 @@ def run(args):
             with Pool(args.workers, initializer=init_worker, initargs=(job,)) as pool:
                 for n in pool.imap_unordered(generate_range, ranges):
                     bar.update(n)
-    except KeyboardInterrupt:  # every written image is whole (temp file, then rename); drop the temp files
+    except (KeyboardInterrupt, Terminated, OSError) as e:  # every written image is whole (temp file, then rename)
         for tmp in out.glob(".*.png.tmp"):
             tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):   # a full disk, a read-only folder
+            raise UserError(f"--output {out}: {e.strerror or e}")
         raise
     finally:
         bar.close()
@@ -280,6 +299,8 @@ def run(args):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN:
+        signal.signal(signal.SIGTERM, on_sigterm)
     try:
         return run(args)
     except UserError as e:
@@ -288,6 +309,9 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("\nterminated", file=sys.stderr)
+        return 143
 
 
 if __name__ == "__main__":

@@ -110,10 +110,30 @@ def test_generator_refuses_to_mix_runs(tmp, generated):
     assert len(list(out.iterdir())) == 3
     (tmp / "a-file").write_text("not a folder")
     assert "--output" in assert_one_line_error(run(GENERATE, "--count", 3, "--output", tmp / "a-file"), 2)
+    (out / "00009-abcd.png").mkdir()   # a folder named like a captcha: --clean cannot remove it, one line
+    line = assert_one_line_error(run(GENERATE, "--count", 3, "--output", out, "--clean"), 2)
+    assert "cannot remove" in line and not list(out.glob(".*.tmp"))
+
+
+def test_generator_sigterm_stops_every_worker(tmp):
+    """A kill ends generate.py as Ctrl-C does: status 143, "terminated", no temp file; its workers stop with it
+    (they used to go on writing, then print tracebacks)."""
+    out = tmp / "killed"
+    proc = subprocess.Popen([sys.executable, GENERATE, "--count", "20000", "--output", str(out), "--workers", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    deadline = time.time() + 60
+    while (not out.is_dir() or len(list(out.glob("*.png"))) < 50) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    written = len(list(out.glob("*.png")))
+    time.sleep(1)
+    assert proc.returncode == 143 and err.strip().endswith("terminated") and "Traceback" not in err, err
+    assert len(list(out.glob("*.png"))) == written < 20000 and not list(out.glob(".*.tmp"))
 
 
 @pytest.mark.parametrize("args", [["--count", "0"], ["--length", "0"], ["--fonts", "/nonexistent/fonts"],
-                                  ["--workers", "100000"]])
+                                  ["--workers", "100000"], ["--length", "4-"], ["--output", ""]])
 def test_generator_bad_options(tmp, args):
     line = assert_one_line_error(run(GENERATE, "--output", tmp / "bad", *args), 2)
     assert line.startswith("error:")
