@@ -539,7 +539,7 @@ def cmd_prepare(args):
     charset = resolve_charset(args.charset, args.case_sensitive)
     length = None if args.length == "auto" else args.length
     files = sorted(p for p in image_dir.iterdir() if p.is_file() and not p.name.startswith("."))
-    if not files:
+    if not files and not args.labels:   # a labels file may name images in subfolders
         raise UserError(f"{image_dir}: the folder is empty")
 
     skipped = {}  # reason -> list of file names

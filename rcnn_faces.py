@@ -907,8 +907,15 @@ class OutputFiles:
     any other file never) and takes one image (the interactive prompt rewrites it)."""
 
     def __init__(self, args, inputs):
+        """`inputs` loses the images inside --output-dir: found again in a folder given as input, eval's annotated
+        copies of an earlier run would be read as photos."""
         self.output, self.output_dir = Path(args.output), args.output_dir and Path(args.output_dir)
         self.interactive = not inputs and sys.stdin.isatty()
+        if self.output_dir:
+            ours = [p for p in inputs if Path(os.path.realpath(self.output_dir)) in Path(os.path.realpath(p)).parents]
+            inputs[:] = [p for p in inputs if p not in ours]
+            if ours:
+                print(f"left out {len(ours)} images inside --output-dir {self.output_dir}", file=sys.stderr)
         self.inputs, self.written = {os.path.realpath(p) for p in inputs}, set()
         if self.output_dir:
             try:

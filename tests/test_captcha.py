@@ -422,6 +422,13 @@ def test_prepare_labels_files(tmp, wide):
     assert proc.returncode == 0, proc.stderr
     meta = json.loads((data / "meta.json").read_text())
     assert meta["kept"] == 12 and set(meta["charset"]) == set("".join(truth[name] for name in listed[:12]))
+    # images in a subfolder, named there by the labels file (the folder itself holds no file)
+    (tmp / "nested").mkdir()
+    shutil.copytree(folder, tmp / "nested" / "sub")
+    (tmp / "sub.txt").write_text("".join(f"sub/{name} {truth[name]}\n" for name in listed[:12]))
+    proc = run("captcha.py", "prepare", "--image-dir", tmp / "nested", "--data-dir", tmp / "nested_data", "--labels",
+               tmp / "sub.txt", "--workers", 1)
+    assert proc.returncode == 0 and json.loads((tmp / "nested_data" / "meta.json").read_text())["kept"] == 12
     # a labels file that is not UTF-8, or missing: one line
     (tmp / "latin1.csv").write_bytes("file,code\nimg0000.png,caf\xe9\n".encode("latin-1"))
     line = assert_one_line_error(run("captcha.py", "prepare", "--image-dir", folder, "--data-dir", tmp / "l1",

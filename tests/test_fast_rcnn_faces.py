@@ -374,6 +374,12 @@ def test_eval_hostile_images_and_same_names(faces, tmp_path):
     assert [obj["image"] for obj in lines] == [str(p) for p in [*same, *odd, *[p for p, _ in bad]]]
     assert [obj["output"] for obj in lines[:2]] == [str(out_dir / "photo.png"), str(out_dir / "photo-3.png")]
     assert (out_dir / "photo-2.png").read_text() == "the user's own file"
+    for _ in range(2):   # the second run finds the first one's annotated copy in the folder, and leaves it out
+        proc = run(SCRIPT, "eval", tmp_path / "a", "--data-dir", faces.data, "--json", "--output-dir",
+                   tmp_path / "a" / "annotated", "--device", "cpu")
+        assert [json.loads(line)["output"] for line in proc.stdout.splitlines()] == [
+            str(tmp_path / "a" / "annotated" / f"photo{'-2' if _ else ''}.png")], proc.stdout
+    assert "left out 1 images inside --output-dir" in proc.stderr
     assert all("boxes" in obj and Path(obj["output"]).exists() for obj in lines[:2 + len(odd)])
     for obj, (_, words) in zip(lines[2 + len(odd):], bad):
         assert obj["error"].startswith("cannot read image: ") and words in obj["error"], obj
