@@ -543,6 +543,10 @@ def cmd_prepare(args):
         raise UserError(f"{image_dir}: the folder is empty")
 
     skipped = {}  # reason -> list of file names
+    odd = sorted(p.name for p in image_dir.iterdir()
+                 if p.suffix.lower() in IMAGE_EXTS and not p.is_file() and not p.name.startswith("."))
+    if odd:   # a folder, a FIFO or a dangling link named like an image: said, not silently passed over
+        skipped["not a regular file"] = odd
     labelled = []
     if args.labels:
         listed, skipped = read_labels(args.labels, image_dir)
@@ -1060,8 +1064,10 @@ def atomic_write_text(path, text):
 
 
 def list_images(folder):
-    """Image files below `folder` (recursive), sorted, by extension."""
-    return sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+    """Image files below `folder` (recursive), sorted, by extension; hidden files and folders (.ipynb_checkpoints,
+    .Trash) left out."""
+    return sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file()
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
 
 
 def write_split(data_dir, name, tensors):

@@ -139,6 +139,9 @@ def read_label_list(path):
         raise UserError(f"{path}: no labels in it (one label per line)")
     if len(set(labels)) != len(labels):
         raise UserError(f"{path}: a label is listed twice")
+    odd = [label for label in labels if label in (".", "..") or "/" in label or "\\" in label]
+    if odd:   # a label names a class folder or ends a file name: never a path
+        raise UserError(f"{path}: {odd[0]!r} is not a label (one plain name per line)")
     return labels
 
 
@@ -682,8 +685,10 @@ def atomic_write_text(path, text):
 
 
 def list_images(folder):
-    """Image files below `folder` (recursive), sorted, by extension."""
-    return sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+    """Image files below `folder` (recursive), sorted, by extension; hidden files and folders (.ipynb_checkpoints,
+    .Trash) left out."""
+    return sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file()
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
 
 
 def write_split(data_dir, name, tensors):

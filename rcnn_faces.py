@@ -1084,8 +1084,10 @@ def atomic_write_text(path, text):
 
 
 def list_images(folder):
-    """Image files below `folder` (recursive), sorted, by extension."""
-    return sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+    """Image files below `folder` (recursive), sorted, by extension; hidden files and folders (.ipynb_checkpoints,
+    .Trash) left out."""
+    return sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file()
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
 
 
 def write_split(data_dir, name, tensors):

@@ -175,9 +175,12 @@ def test_file_names_that_are_not_utf8(tmp, generated):
     for p in sorted(generated.iterdir())[:3]:
         shutil.copy(p, folder / p.name)
     shutil.copy(p, os.fsencode(folder) + b"/x-ab\xff.png")   # its code holds a byte that decodes to no character
+    (folder / "dir-abcd.png").mkdir()                        # entries named like images that are no files: counted
+    (folder / "gone-abcd.png").symlink_to(tmp / "nothing.png")
     proc = run("captcha.py", "prepare", "--image-dir", folder, "--data-dir", tmp / "not_utf8_data", "--workers", 1)
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
-    assert "3 images kept, 1 skipped" in proc.stdout and "x-ab\\udcff.png" in proc.stdout
+    assert "3 images kept, 3 skipped" in proc.stdout and "x-ab\\udcff.png" in proc.stdout
+    assert "not a regular file (e.g. dir-abcd.png, gone-abcd.png)" in proc.stdout
     line = assert_one_line_error(run("captcha.py", "prepare", "--image-dir", folder, "--data-dir", folder), 2)
     assert "is the image folder" in line   # its plots and models would come back as captchas
 

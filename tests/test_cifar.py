@@ -180,6 +180,14 @@ def test_prepare_overlapping_folders_and_empty_classes(names_dir, folders_dir, t
     assert counts["testing_set"] == N_TEST and counts["training_set"] + counts["validating_set"] == N_TRAIN + 2
     src = tmp_path / "classes"
     shutil.copytree(folders_dir, src, symlinks=True)
+    hidden = src / FOLDER_CLASSES[0] / ".ipynb_checkpoints"   # a notebook's copies: left out, like any hidden file
+    hidden.mkdir()
+    link(next((folders_dir / FOLDER_CLASSES[1]).iterdir()), hidden / "copy.jpg")
+    proc = run(LENET, "prepare", "--image-dir", src, "--data-dir", tmp_path / "h", "--workers", 1)
+    assert proc.returncode == 0 and f"kept {len(FOLDER_CLASSES) * PER_CLASS} images" in proc.stdout, proc.stdout
+    (src / "labels.txt").write_text("airplane\n..\n")
+    assert "'..' is not a label" in assert_one_line_error(run(LENET, "prepare", "--image-dir", src, "--data-dir",
+                                                                tmp_path / "h", "--workers", 1), 1)
     line = assert_one_line_error(run(LENET, "prepare", "--image-dir", src, "--data-dir", src / "prepared",
                                      "--workers", 1), 2)
     assert "is inside --image-dir" in line and not (src / "prepared").exists()   # made for the lock, then removed
