@@ -1151,7 +1151,10 @@ def staging_dir(data_dir):
     prefix = f"{data_dir.name}.prepare-"
     with contextlib.suppress(OSError):
         for old in parent.iterdir():
-            if old.name.startswith(prefix) and (old / STAGING_MARK).is_file() and not (old / "previous").exists():
+            pid, _, token = old.name[len(prefix):].partition("-")   # a folder of an earlier version: no mark
+            legacy = pid.isdigit() and len(token) == 8 and not token.strip("0123456789abcdef")
+            if (old.name.startswith(prefix) and ((old / STAGING_MARK).is_file() or legacy)
+                    and not (old / "previous").exists()):
                 shutil.rmtree(old, ignore_errors=True)
     staged = parent / f"{prefix}{os.getpid()}-{secrets.token_hex(4)}"
     staged.mkdir()
@@ -1346,11 +1349,11 @@ def keep_previous(out_dir, data_dir):
     for p in old:
         os.replace(p, keep / p.name)
     print(f"the previous run's {', '.join(p.name for p in old)}: moved to {keep}", flush=True)
-    with contextlib.suppress(UserError, OSError):   # runs.csv rows of that run: their run_dir follows the files
+    with contextlib.suppress(UserError, OSError, ValueError):   # runs.csv rows of that run: run_dir follows the files
         rows = read_runs(Path(data_dir) / "runs.csv")
         moved = [r for r in rows if r.get("run_dir") and Path(r["run_dir"]).resolve() == out_dir.resolve()]
         for r in moved:
-            r["run_dir"] = str(keep)
+            r["run_dir"] = os.path.abspath(keep)
         if moved:
             write_runs(Path(data_dir) / "runs.csv", rows)
 
@@ -1515,7 +1518,7 @@ def read_runs(path):
     try:
         return list(csv.DictReader(io.StringIO(read_text(path)))) if path.exists() else []
     except csv.Error as e:
-        raise UserError(f"{path}: not a CSV ({e}); move it away (this run's model is saved)")
+        raise UserError(f"{path}: not a CSV ({e}); move it away")
 
 
 def write_runs(path, rows):
@@ -1530,7 +1533,11 @@ def write_runs(path, rows):
 def append_run(data_dir, row):
     """Append one row to DATA_DIR/runs.csv."""
     path = Path(data_dir) / "runs.csv"
-    write_runs(path, read_runs(path) + [row])
+    try:
+        rows = read_runs(path)
+    except UserError as e:
+        raise UserError(f"{e} (this run's model is saved)")
+    write_runs(path, rows + [row])
 
 
 def grid_runs(args, parser):
@@ -2047,9 +2054,9 @@ def cmd_train(args):
             started, t0 = time.strftime("%Y-%m-%d %H:%M:%S"), time.time()
             result = train(run_args, device, out_dir, tb_dir)
             options = {k: v for k, v in vars(run_args).items() if k not in ("command", "func", "train_parser", "grid")}
-            row = {"start": started, "tag": "/".join(filter(None, (run_args.tag, name))), "run_dir": str(out_dir),
-                   **result, "seconds": round(time.time() - t0, 1), "device": str(device),
-                   "world_size": rank_and_world()[1]}
+            row = {"start": started, "tag": "/".join(filter(None, (run_args.tag, name))),
+                   "run_dir": os.path.abspath(out_dir), **result, "seconds": round(time.time() - t0, 1),
+                   "device": str(device), "world_size": rank_and_world()[1]}
             row |= {k: v for k, v in options.items() if k not in row}
             if main_process():
                 append_run(data_dir, row)
@@ -2123,7 +2130,8 @@ def on_sigterm(signum, frame):
 def main(argv=None):
     for stream in (sys.stdout, sys.stderr):   # a file name that is not UTF-8 prints escaped, not as a traceback
         with contextlib.suppress(AttributeError, ValueError):
-            stream.reconfigure(errors="backslashreplace")
+            if stream.errors == "strict":
+                stream.reconfigure(errors="backslashreplace")
     args = build_parser().parse_args(argv)
     before = signal.getsignal(signal.SIGTERM)
     with contextlib.suppress(ValueError):   # main() called from another thread keeps the default
@@ -2139,7 +2147,8 @@ def main(argv=None):
 def run_command(args):
     """args.func under the DATA_DIR lock where it writes; every error ends here in one line and an exit status."""
     try:
-        writes = args.command in ("prepare", "train", "export")   # one at a time per DATA_DIR (lock_data_dir)
+        writes = args.command in ("prepare", "train") or (   # one at a time per DATA_DIR (lock_data_dir); export:
+            args.command == "export" and not args.model and not args.output)   # DATA_DIR/model.onnx from its model
         with lock_data_dir(args.data_dir, args.command == "prepare") if writes else contextlib.nullcontext():
             return args.func(args)
     except UserError as e:
@@ -2154,8 +2163,9 @@ def run_command(args):
         sys.stderr.close()
         return 1
     except OSError as e:   # a full disk, a folder where a file goes, a read-only place: the system's own words
-        if main_process():
-            print(f"error: {f'{e.filename}: ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
+        where = e.filename2 or e.filename   # a rename: where the file was going, not its temporary name
+        rank = "" if main_process() else f" (process {os.environ.get('RANK')})"
+        print(f"error{rank}: {f'{where}: ' if where else ''}{e.strerror or e}", file=sys.stderr)
         return 1
 
 

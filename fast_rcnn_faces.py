@@ -66,7 +66,7 @@ import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 from torchvision.models.resnet import BasicBlock
-from torchvision.ops import box_convert, box_iou, clip_boxes_to_image, nms, remove_small_boxes, roi_align
+from torchvision.ops import box_area, box_convert, box_iou, clip_boxes_to_image, nms, remove_small_boxes, roi_align
 from tqdm import tqdm
 
 if QUIET_START:
@@ -251,11 +251,21 @@ def decode_offsets(offsets, proposals):
 
 
 # ---- Model ----
+class Shortcut(nn.Conv2d):
+    """The 1x1 convolution of a ResNet shortcut, its stride taken by slicing (every s-th pixel, then stride 1): the
+    same numbers and weights. torch 2.14's oneDNN backward of a strided 1x1 convolution in channels_last with 6-15
+    input channels and an odd batch corrupts memory on AVX512 CPUs (--width 8 crashed training)."""
+
+    def forward(self, x):
+        s = self.stride
+        return F.conv2d(x[:, :, ::s[0], ::s[1]], self.weight, self.bias)
+
+
 def stage(c_in, c_out, stride, blocks):
     """ResNet stage of BasicBlocks (torchvision's block), the first one changing stride/channels."""
     down = None
     if stride != 1 or c_in != c_out:
-        down = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+        down = nn.Sequential(Shortcut(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
     return nn.Sequential(BasicBlock(c_in, c_out, stride, down), *[BasicBlock(c_out, c_out) for _ in range(blocks - 1)])
 
 
@@ -791,7 +801,7 @@ def read_boxes_csv(csv_path):
     for name, text, box in zip(df["Name"], df[CSV_COLUMNS[1:]].itertuples(index=False),
                                coords.itertuples(index=False)):   # examples name the row by its text, not number
         x1, y1, x2, y2 = box
-        if any(math.isnan(v) for v in box):   # a short row's missing fields are NaN, not text
+        if not all(math.isfinite(v) for v in box):   # a short row's missing fields are NaN, not text
             count_skip(skipped, "non-numeric box", f"{name} {','.join(v if isinstance(v, str) else '' for v in text)}")
         elif x2 <= x1 or y2 <= y1:
             count_skip(skipped, "zero-size box", f"{name} {x1:g},{y1:g},{x2:g},{y2:g}")
@@ -832,6 +842,8 @@ def photo_jobs(image_dir, rows_by_photo, opts, seed, skipped):
         else:
             first[path] = name
             jobs[name] = (str(path), rows_by_photo[name], opts, seed * 1_000_003 + i)
+    for name in [name for name, job in jobs.items() if len(job[1]) > MAX_FACES]:   # over the limit once joined
+        count_skip(skipped, f"photo with over {MAX_FACES} boxes (MAX_FACES)", name, len(jobs.pop(name)[1]))
     return jobs
 
 
@@ -858,7 +870,7 @@ def boxes_inside(boxes, width, height):
     an unlabelled face, trained on as background and scored as a false box."""
     boxes = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
     clipped = clip_boxes_to_image(boxes, (height, width))
-    usable = (clipped[:, 2] - clipped[:, 0] >= 1) & (clipped[:, 3] - clipped[:, 1] >= 1)
+    usable = box_area(clipped) >= box_area(boxes) / 2   # most of the face in the photo: kept, clipped
     return clipped[usable], boxes[~usable].tolist(), boxes[usable & (clipped != boxes).any(1)].tolist()
 
 
@@ -1052,9 +1064,13 @@ class OutputFiles:
         copies of an earlier run would be read as photos."""
         self.output, self.output_dir = Path(args.output), args.output_dir and Path(args.output_dir)
         self.interactive = not inputs and sys.stdin.isatty()
-        if self.output_dir:
-            ours = [p for p in inputs if Path(os.path.realpath(self.output_dir)) in Path(os.path.realpath(p)).parents]
+        if self.output_dir:   # files named on the command line stay
+            named = {os.path.realpath(p) for p in args.images or [] if os.path.isfile(p)}
+            ours = [p for p in inputs if Path(os.path.realpath(self.output_dir)) in Path(os.path.realpath(p)).parents
+                    and os.path.realpath(p) not in named]
             inputs[:] = [p for p in inputs if p not in ours]
+            if ours and not inputs:
+                raise UserError(f"no images but the annotated copies in --output-dir {self.output_dir}")
             if ours:
                 print(f"left out {len(ours)} images inside --output-dir {self.output_dir}", file=sys.stderr)
         self.inputs, self.written = {os.path.realpath(p) for p in inputs}, set()
@@ -1312,7 +1328,10 @@ def staging_dir(data_dir):
     prefix = f"{data_dir.name}.prepare-"
     with contextlib.suppress(OSError):
         for old in parent.iterdir():
-            if old.name.startswith(prefix) and (old / STAGING_MARK).is_file() and not (old / "previous").exists():
+            pid, _, token = old.name[len(prefix):].partition("-")   # a folder of an earlier version: no mark
+            legacy = pid.isdigit() and len(token) == 8 and not token.strip("0123456789abcdef")
+            if (old.name.startswith(prefix) and ((old / STAGING_MARK).is_file() or legacy)
+                    and not (old / "previous").exists()):
                 shutil.rmtree(old, ignore_errors=True)
     staged = parent / f"{prefix}{os.getpid()}-{secrets.token_hex(4)}"
     staged.mkdir()
@@ -1507,11 +1526,11 @@ def keep_previous(out_dir, data_dir):
     for p in old:
         os.replace(p, keep / p.name)
     print(f"the previous run's {', '.join(p.name for p in old)}: moved to {keep}", flush=True)
-    with contextlib.suppress(UserError, OSError):   # runs.csv rows of that run: their run_dir follows the files
+    with contextlib.suppress(UserError, OSError, ValueError):   # runs.csv rows of that run: run_dir follows the files
         rows = read_runs(Path(data_dir) / "runs.csv")
         moved = [r for r in rows if r.get("run_dir") and Path(r["run_dir"]).resolve() == out_dir.resolve()]
         for r in moved:
-            r["run_dir"] = str(keep)
+            r["run_dir"] = os.path.abspath(keep)
         if moved:
             write_runs(Path(data_dir) / "runs.csv", rows)
 
@@ -1676,7 +1695,7 @@ def read_runs(path):
     try:
         return list(csv.DictReader(io.StringIO(read_text(path)))) if path.exists() else []
     except csv.Error as e:
-        raise UserError(f"{path}: not a CSV ({e}); move it away (this run's model is saved)")
+        raise UserError(f"{path}: not a CSV ({e}); move it away")
 
 
 def write_runs(path, rows):
@@ -1691,7 +1710,11 @@ def write_runs(path, rows):
 def append_run(data_dir, row):
     """Append one row to DATA_DIR/runs.csv."""
     path = Path(data_dir) / "runs.csv"
-    write_runs(path, read_runs(path) + [row])
+    try:
+        rows = read_runs(path)
+    except UserError as e:
+        raise UserError(f"{e} (this run's model is saved)")
+    write_runs(path, rows + [row])
 
 
 def grid_runs(args, parser):
@@ -2208,9 +2231,9 @@ def cmd_train(args):
             started, t0 = time.strftime("%Y-%m-%d %H:%M:%S"), time.time()
             result = train(run_args, device, out_dir, tb_dir)
             options = {k: v for k, v in vars(run_args).items() if k not in ("command", "func", "train_parser", "grid")}
-            row = {"start": started, "tag": "/".join(filter(None, (run_args.tag, name))), "run_dir": str(out_dir),
-                   **result, "seconds": round(time.time() - t0, 1), "device": str(device),
-                   "world_size": rank_and_world()[1]}
+            row = {"start": started, "tag": "/".join(filter(None, (run_args.tag, name))),
+                   "run_dir": os.path.abspath(out_dir), **result, "seconds": round(time.time() - t0, 1),
+                   "device": str(device), "world_size": rank_and_world()[1]}
             row |= {k: v for k, v in options.items() if k not in row}
             if main_process():
                 append_run(data_dir, row)
@@ -2284,7 +2307,8 @@ def on_sigterm(signum, frame):
 def main(argv=None):
     for stream in (sys.stdout, sys.stderr):   # a file name that is not UTF-8 prints escaped, not as a traceback
         with contextlib.suppress(AttributeError, ValueError):
-            stream.reconfigure(errors="backslashreplace")
+            if stream.errors == "strict":
+                stream.reconfigure(errors="backslashreplace")
     args = build_parser().parse_args(argv)
     before = signal.getsignal(signal.SIGTERM)
     with contextlib.suppress(ValueError):   # main() called from another thread keeps the default
@@ -2300,7 +2324,8 @@ def main(argv=None):
 def run_command(args):
     """args.func under the DATA_DIR lock where it writes; every error ends here in one line and an exit status."""
     try:
-        writes = args.command in ("prepare", "train", "export")   # one at a time per DATA_DIR (lock_data_dir)
+        writes = args.command in ("prepare", "train") or (   # one at a time per DATA_DIR (lock_data_dir); export:
+            args.command == "export" and not args.model and not args.output)   # DATA_DIR/model.onnx from its model
         with lock_data_dir(args.data_dir, args.command == "prepare") if writes else contextlib.nullcontext():
             return args.func(args)
     except UserError as e:
@@ -2315,8 +2340,9 @@ def run_command(args):
         sys.stderr.close()
         return 1
     except OSError as e:   # a full disk, a folder where a file goes, a read-only place: the system's own words
-        if main_process():
-            print(f"error: {f'{e.filename}: ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
+        where = e.filename2 or e.filename   # a rename: where the file was going, not its temporary name
+        rank = "" if main_process() else f" (process {os.environ.get('RANK')})"
+        print(f"error{rank}: {f'{where}: ' if where else ''}{e.strerror or e}", file=sys.stderr)
         return 1
 
 

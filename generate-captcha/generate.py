@@ -12,6 +12,7 @@ The same --seed and --count give the same images whatever --workers is: every im
 random generator seeded by (seed, index).
 """
 import argparse
+import contextlib
 import math
 import os
 import random
@@ -277,7 +278,7 @@ def run(args):
     bar = tqdm(total=args.count, unit="img", disable=not sys.stderr.isatty(), file=sys.stderr)
     try:
         if args.workers == 1:
-            init_worker(job)
+            _JOB.update(job)   # not init_worker: this process keeps its own Ctrl-C and SIGTERM handling
             for n in map(generate_range, ranges):
                 bar.update(n)
         else:
@@ -299,8 +300,10 @@ def run(args):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN:
-        signal.signal(signal.SIGTERM, on_sigterm)
+    before = signal.getsignal(signal.SIGTERM)
+    with contextlib.suppress(ValueError):   # main() called from another thread keeps the default
+        if before is not signal.SIG_IGN:
+            signal.signal(signal.SIGTERM, on_sigterm)
     try:
         return run(args)
     except UserError as e:
@@ -312,6 +315,9 @@ def main(argv=None):
     except Terminated:
         print("\nterminated", file=sys.stderr)
         return 143
+    finally:
+        with contextlib.suppress(ValueError, TypeError):
+            signal.signal(signal.SIGTERM, before)
 
 
 if __name__ == "__main__":

@@ -115,11 +115,13 @@ def test_generator_refuses_to_mix_runs(tmp, generated):
     assert "cannot remove" in line and not list(out.glob(".*.tmp"))
 
 
-def test_generator_sigterm_stops_every_worker(tmp):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_generator_sigterm_stops_every_worker(tmp, workers):
     """A kill ends generate.py as Ctrl-C does: status 143, "terminated", no temp file; its workers stop with it
     (they used to go on writing, then print tracebacks)."""
-    out = tmp / "killed"
-    proc = subprocess.Popen([sys.executable, GENERATE, "--count", "20000", "--output", str(out), "--workers", "2"],
+    out = tmp / f"killed{workers}"
+    proc = subprocess.Popen([sys.executable, GENERATE, "--count", "20000", "--output", str(out), "--workers",
+                             str(workers)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     deadline = time.time() + 60
     while (not out.is_dir() or len(list(out.glob("*.png"))) < 50) and time.time() < deadline:

@@ -183,8 +183,12 @@ def test_prepare_overlapping_folders_and_empty_classes(names_dir, folders_dir, t
     hidden = src / FOLDER_CLASSES[0] / ".ipynb_checkpoints"   # a notebook's copies: left out, like any hidden file
     hidden.mkdir()
     link(next((folders_dir / FOLDER_CLASSES[1]).iterdir()), hidden / "copy.jpg")
+    for path in sorted((folders_dir / FOLDER_CLASSES[2]).iterdir())[:5]:   # test/CLASS/ inside: the test split,
+        link(path, src / "test" / FOLDER_CLASSES[2] / path.name)             # not a class named "test"
     proc = run(LENET, "prepare", "--image-dir", src, "--data-dir", tmp_path / "h", "--workers", 1)
-    assert proc.returncode == 0 and f"kept {len(FOLDER_CLASSES) * PER_CLASS} images" in proc.stdout, proc.stdout
+    assert proc.returncode == 0 and f"kept {len(FOLDER_CLASSES) * PER_CLASS + 5} images" in proc.stdout, proc.stdout
+    meta = json.loads((tmp_path / "h" / "meta.json").read_text())
+    assert meta["labels"] == sorted(FOLDER_CLASSES) and meta["counts"]["testing_set"] == 5
     (src / "labels.txt").write_text("airplane\n..\n")
     assert "'..' is not a label" in assert_one_line_error(run(LENET, "prepare", "--image-dir", src, "--data-dir",
                                                                 tmp_path / "h", "--workers", 1), 1)

@@ -380,6 +380,12 @@ def test_eval_hostile_images_and_same_names(faces, tmp_path):
         assert [json.loads(line)["output"] for line in proc.stdout.splitlines()] == [
             str(tmp_path / "a" / "annotated" / f"photo{'-2' if _ else ''}.png")], proc.stdout
     assert "left out 1 images inside --output-dir" in proc.stderr
+    named = tmp_path / "a" / "annotated" / "photo.png"   # a file named on the command line is read, wherever it is
+    proc = run(SCRIPT, "eval", named, "--data-dir", faces.data, "--json", "--output-dir", named.parent, "--device", "cpu")
+    assert json.loads(proc.stdout)["output"] == str(named.parent / "photo-3.png") and "left out" not in proc.stderr
+    line = assert_one_line_error(run_main(SCRIPT, "eval", named.parent, "--data-dir", faces.data, "--output-dir",
+                                          named.parent), 1)
+    assert "no images but the annotated copies" in line
     assert all("boxes" in obj and Path(obj["output"]).exists() for obj in lines[:2 + len(odd)])
     for obj, (_, words) in zip(lines[2 + len(odd):], bad):
         assert obj["error"].startswith("cannot read image: ") and words in obj["error"], obj

@@ -7,6 +7,7 @@
 Commands that must stop before any work run in-process (conftest.run_main: the same main(), without the seconds of
 an interpreter start); the rest run as subprocesses (test_fast_rcnn_faces.py has a bad option through a real one).
 """
+import argparse
 import ast
 import errno
 import json
@@ -247,6 +248,18 @@ def test_train_refuses_what_it_cannot_write_before_training(tmp_path):
     line = assert_one_line_error(run_main("cifar_lenet.py", "train", "--data-dir", data, "--epochs", 1, "--device",
                                           "cpu", "--tensorboard", tmp_path / "tb"), 1)
     assert str(tmp_path / "tb") in line and not (data / "model.pt").exists()
+
+
+def test_a_file_system_error_is_one_line(tmp_path, capsys):
+    """An OSError that no reader turned into a UserError (a full disk, a folder where a file goes) ends the command
+    in one line, naming where the file was going rather than its temporary name."""
+    mod = load_script("captcha.py")
+    (tmp_path / "history.tmp").write_text("new")
+    (tmp_path / "history.csv").mkdir()
+    args = argparse.Namespace(command="eval", data_dir=tmp_path,
+                              func=lambda a: os.replace(tmp_path / "history.tmp", tmp_path / "history.csv"))
+    assert mod.run_command(args) == 1
+    assert capsys.readouterr().err == f"error: {tmp_path / 'history.csv'}: Is a directory\n"
 
 
 def test_readers_cap_and_straighten_what_they_read(tmp_path, monkeypatch):
@@ -496,13 +509,16 @@ def test_staging_folders_of_killed_runs_are_cleared(prepared_with_model):
     kept = data.parent / f"{data.name}.prepare-999998-4567cdef"
     (kept / "previous").mkdir(parents=True)
     users = data.parent / f"{data.name}.prepare-notes"   # the user's own folder: no mark, never removed
+    legacy = data.parent / f"{data.name}.prepare-999997-89abcdef"   # left by a version that made no mark
+    (legacy / "junk").mkdir(parents=True)
     users.mkdir()
     (users / "notes.txt").write_text("mine")
     for folder in (stale, kept):
         (folder / module.STAGING_MARK).touch()
     with module.staging_dir(data) as staged:
         assert staged.parent == data.parent and staged.name.startswith(f"{data.name}.prepare-{os.getpid()}-")
-        assert not stale.exists() and kept.exists() and (users / "notes.txt").read_text() == "mine"
+        assert not stale.exists() and not legacy.exists() and kept.exists()
+        assert (users / "notes.txt").read_text() == "mine"
     assert not staged.exists()
 
 
@@ -515,9 +531,10 @@ def test_face_csv_bad_rows_and_crowds_are_skipped(script, tmp_path):
     crowd = "".join(f"crowd.jpg,{i},1,{i + 10},20\n" for i in range(mod.MAX_FACES + 1))
     csv_path.write_text("Name,xmin,ymin,xmax,ymax\na.jpg,1,2,30,40\nb.jpg,1,2,30,40,extra,fields\n" + crowd
                         + "c.jpg,5,5,25,25\nd.jpg,x,2,30,40\n" + "e" * 100 + ".jpg,5,5,5,25\nf.jpg,1,2\n"
-                        + "a.jpg,1,2,30,40\n")
+                        + "a.jpg,1,2,30,40\ng.jpg,0,0,inf,inf\n")
     rows, skipped = mod.read_boxes_csv(csv_path)
     assert rows == {"a.jpg": [(1, 2, 30, 40)], "c.jpg": [(5, 5, 25, 25)]}
+    assert skipped["non-numeric box"][0] == 3   # d.jpg, f.jpg and the infinite g.jpg
     assert skipped["wrong number of fields"] == [1, ["b.jpg"]] and skipped["duplicate row"] == [1, ["a.jpg 1,2,30,40"]]
     # one file under three Names is one photo with every box once; a face cut by the edge keeps its part inside
     (tmp_path / "a.jpg").write_bytes(b"a photo")
@@ -526,11 +543,12 @@ def test_face_csv_bad_rows_and_crowds_are_skipped(script, tmp_path):
     jobs = mod.photo_jobs(tmp_path, named, {}, 0, skipped)
     assert list(jobs) == ["./a.jpg"] and jobs["./a.jpg"][1] == [(5, 5, 25, 25), (1, 2, 30, 40), (7, 7, 27, 27)]
     assert skipped["duplicate row"][0] == 2
-    gt, outside, clipped = mod.boxes_inside([(-1, 5, 20, 30), (700, 5, 720, 30), (5, 5, 20, 30)], 612, 408)
-    assert gt.tolist() == [[0, 5, 20, 30], [5, 5, 20, 30]] and outside == [[700, 5, 720, 30]]
-    assert clipped == [[-1, 5, 20, 30]]
+    gt, outside, clipped = mod.boxes_inside([(-1, 5, 20, 30), (700, 5, 720, 30), (5, 5, 20, 30), (600, 5, 700, 30),
+                                             (10, 10, 10.5, 20)], 612, 408)   # most of a box must be in the photo
+    assert gt.tolist() == [[0, 5, 20, 30], [5, 5, 20, 30], [10, 10, 10.5, 20]]
+    assert outside == [[700, 5, 720, 30], [600, 5, 700, 30]] and clipped == [[-1, 5, 20, 30]]
     # examples quote the row (row numbers shift where pandas drops a line), cut to 80 characters
-    assert skipped["non-numeric box"] == [2, ["d.jpg x,2,30,40", "f.jpg 1,2,,"]]   # f.jpg: a short row
+    assert skipped["non-numeric box"][1] == ["d.jpg x,2,30,40", "f.jpg 1,2,,", "g.jpg 0,0,inf,inf"]   # f: short
     assert skipped["zero-size box"] == [1, ["e" * 77 + "..."]]
     assert skipped[f"photo with over {mod.MAX_FACES} boxes (MAX_FACES)"] == [mod.MAX_FACES + 1, ["crowd.jpg"]]
     with open(csv_path, "r+b") as f:

@@ -233,6 +233,21 @@ def test_eval_missing_and_foreign_model(faces, trained, tmp_path):
     assert "no_dir" in line
 
 
+@pytest.mark.parametrize("script", ["rcnn_faces.py", "fast_rcnn_faces.py"])
+def test_narrow_network_trains_on_an_odd_batch(script):
+    """A ResNet shortcut of 8 channels, an odd batch, channels_last: torch's strided 1x1 convolution corrupted memory
+    in backward on AVX512 CPUs (rcnn --width 8 crashed); Shortcut gives a strided convolution's numbers without it."""
+    mod = load_script(script)
+    conv = mod.Shortcut(8, 16, 1, 2, bias=False).to(memory_format=torch.channels_last)
+    x = torch.randn(11, 8, 16, 16).contiguous(memory_format=torch.channels_last).requires_grad_()
+    conv(x).sum().backward()
+    assert torch.allclose(conv(x), torch.nn.functional.conv2d(x, conv.weight, stride=2), atol=1e-5)
+    model = mod.build_model({"width": 8, "crop_size": 32, "regress": True}) if script == "rcnn_faces.py" else \
+        mod.FastRCNN(width=8).to(memory_format=torch.channels_last)
+    inputs = torch.randn(3, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    (model(inputs) if script == "rcnn_faces.py" else model.features(inputs)).float().sum().backward()
+
+
 def test_detection_scores_hand_computed():
     mod = load_script(SCRIPT)
     truths = [torch.tensor([[0., 0, 10, 10], [20, 20, 30, 30]]), torch.tensor([[0., 0, 10, 10]])]
