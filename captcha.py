@@ -549,9 +549,12 @@ def cmd_prepare(args):
         skipped["not a regular file"] = odd
     labelled = []
     if args.labels:
-        listed, skipped = read_labels(args.labels, image_dir)
-        for p in files:
-            if p.resolve() not in listed and p.suffix.lower() in IMAGE_EXTS:
+        listed, refused = read_labels(args.labels, image_dir)
+        skipped |= refused
+        named = {os.path.normpath(image_dir.absolute() / n) for n in refused.get("file outside --image-dir", [])}
+        for p in files:   # each file counted once: one the labels name but refused is not "not in the labels file"
+            if (p.resolve() not in listed and p.suffix.lower() in IMAGE_EXTS
+                    and os.path.normpath(p.absolute()) not in named):
                 skipped.setdefault("image not in the labels file", []).append(p.name)
         candidates = [(p, code, None) for p, code in listed.items()]
     else:

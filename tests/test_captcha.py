@@ -430,10 +430,12 @@ def test_prepare_labels_files(tmp, wide):
     # images in a subfolder, named there by the labels file (the folder itself holds no file)
     (tmp / "nested").mkdir()
     shutil.copytree(folder, tmp / "nested" / "sub")
-    (tmp / "sub.txt").write_text("".join(f"sub/{name} {truth[name]}\n" for name in listed[:12]))
+    (tmp / "nested" / "link.png").symlink_to(tmp / "outside.png")   # named, but leads out: counted once
+    (tmp / "sub.txt").write_text("".join(f"sub/{name} {truth[name]}\n" for name in listed[:12]) + "link.png abcde\n")
     proc = run("captcha.py", "prepare", "--image-dir", tmp / "nested", "--data-dir", tmp / "nested_data", "--labels",
                tmp / "sub.txt", "--workers", 1)
-    assert proc.returncode == 0 and json.loads((tmp / "nested_data" / "meta.json").read_text())["kept"] == 12
+    meta = json.loads((tmp / "nested_data" / "meta.json").read_text())
+    assert proc.returncode == 0 and meta["kept"] == 12 and meta["skipped_by_reason"] == {"file outside --image-dir": 1}
     # a labels file that is not UTF-8, or missing: one line
     (tmp / "latin1.csv").write_bytes("file,code\nimg0000.png,caf\xe9\n".encode("latin-1"))
     line = assert_one_line_error(run("captcha.py", "prepare", "--image-dir", folder, "--data-dir", tmp / "l1",
