@@ -538,13 +538,13 @@ def cmd_prepare(args):
         raise UserError(f"--data-dir {args.data_dir} is the image folder; choose another data folder", 2)
     charset = resolve_charset(args.charset, args.case_sensitive)
     length = None if args.length == "auto" else args.length
-    files = sorted(p for p in image_dir.iterdir() if p.is_file() and not p.name.startswith("."))
+    entries = sorted(p for p in image_dir.iterdir() if not p.name.startswith("."))
+    files = [p for p in entries if p.is_file()]
     if not files and not args.labels:   # a labels file may name images in subfolders
         raise UserError(f"{image_dir}: the folder is empty")
 
     skipped = {}  # reason -> list of file names
-    odd = sorted(p.name for p in image_dir.iterdir()
-                 if p.suffix.lower() in IMAGE_EXTS and not p.is_file() and not p.name.startswith("."))
+    odd = [p.name for p in entries if p.suffix.lower() in IMAGE_EXTS and not p.is_file()]
     if odd:   # a folder, a FIFO or a dangling link named like an image: said, not silently passed over
         skipped["not a regular file"] = odd
     labelled = []
@@ -1153,11 +1153,10 @@ def staging_dir(data_dir):
         parent = data_dir
     prefix = f"{data_dir.name}.prepare-"
     with contextlib.suppress(OSError):
-        for old in parent.iterdir():
+        for old in (p for p in parent.iterdir() if p.name.startswith(prefix)):
             pid, _, token = old.name[len(prefix):].partition("-")   # a folder of an earlier version: no mark
             legacy = pid.isdigit() and len(token) == 8 and not token.strip("0123456789abcdef")
-            if (old.name.startswith(prefix) and ((old / STAGING_MARK).is_file() or legacy)
-                    and not (old / "previous").exists()):
+            if ((old / STAGING_MARK).is_file() or legacy) and not (old / "previous").exists():
                 shutil.rmtree(old, ignore_errors=True)
     staged = parent / f"{prefix}{os.getpid()}-{secrets.token_hex(4)}"
     staged.mkdir()
@@ -1282,9 +1281,9 @@ def load_model_file(path, keys=None):
         raise UserError(f"{path}: not a file; pass the model.pt that train wrote")
     with contextlib.suppress(zipfile.BadZipFile, OSError):   # torch.save's zip: its entries' sizes, before unpacking
         with zipfile.ZipFile(path) as z:
-            if sum(entry.file_size for entry in z.infolist()) > unpack_limit(path):
-                raise UserError(f"{path}: unpacks to over {unpack_limit(path):,} bytes (unpack_limit); not a model of "
-                                f"{SCRIPT}.py")
+            limit = unpack_limit(path)
+            if sum(entry.file_size for entry in z.infolist()) > limit:
+                raise UserError(f"{path}: unpacks to over {limit:,} bytes (unpack_limit); not a model of {SCRIPT}.py")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # not a torch file, or one holding pickled code

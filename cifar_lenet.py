@@ -174,9 +174,11 @@ def label_files(folder, labels, exclude=None):
     the part of its name after the last '_' (N_label.ext)."""
     index = {name: i for i, name in enumerate(labels)}
     by_folder = any((folder / name).is_dir() for name in labels)
-    kept, skipped = [], []
+    kept, skipped, excluded = [], [], {}   # excluded: folder -> below `exclude`, resolved once per folder
     for path in list_images(folder):
-        if exclude is not None and is_within(path.parent, exclude):
+        if exclude is not None and path.parent not in excluded:
+            excluded[path.parent] = is_within(path.parent, exclude)
+        if excluded.get(path.parent):
             continue
         parts = path.relative_to(folder).parts
         if by_folder:
@@ -365,7 +367,7 @@ def cmd_prepare(args):
         decoded[name] = (images, targets)
         skipped += bad + unreadable
     images, targets = decoded["train"]
-    found = set(targets.tolist()) | set(decoded.get("test", (None, torch.zeros(0)))[1].tolist())
+    found = set(torch.cat([t for _, t in decoded.values()]).unique().tolist())   # classes with an image
     if not args.labels and not (image_dir / "labels.txt").is_file() and len(found) < len(labels):
         raise UserError(f"{image_dir}: class folders without images: "
                         f"{', '.join(n for i, n in enumerate(labels) if i not in found)} (a symlinked folder is not "
@@ -774,11 +776,10 @@ def staging_dir(data_dir):
         parent = data_dir
     prefix = f"{data_dir.name}.prepare-"
     with contextlib.suppress(OSError):
-        for old in parent.iterdir():
+        for old in (p for p in parent.iterdir() if p.name.startswith(prefix)):
             pid, _, token = old.name[len(prefix):].partition("-")   # a folder of an earlier version: no mark
             legacy = pid.isdigit() and len(token) == 8 and not token.strip("0123456789abcdef")
-            if (old.name.startswith(prefix) and ((old / STAGING_MARK).is_file() or legacy)
-                    and not (old / "previous").exists()):
+            if ((old / STAGING_MARK).is_file() or legacy) and not (old / "previous").exists():
                 shutil.rmtree(old, ignore_errors=True)
     staged = parent / f"{prefix}{os.getpid()}-{secrets.token_hex(4)}"
     staged.mkdir()
@@ -903,9 +904,9 @@ def load_model_file(path, keys=None):
         raise UserError(f"{path}: not a file; pass the model.pt that train wrote")
     with contextlib.suppress(zipfile.BadZipFile, OSError):   # torch.save's zip: its entries' sizes, before unpacking
         with zipfile.ZipFile(path) as z:
-            if sum(entry.file_size for entry in z.infolist()) > unpack_limit(path):
-                raise UserError(f"{path}: unpacks to over {unpack_limit(path):,} bytes (unpack_limit); not a model of "
-                                f"{SCRIPT}.py")
+            limit = unpack_limit(path)
+            if sum(entry.file_size for entry in z.infolist()) > limit:
+                raise UserError(f"{path}: unpacks to over {limit:,} bytes (unpack_limit); not a model of {SCRIPT}.py")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # not a torch file, or one holding pickled code

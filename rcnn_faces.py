@@ -1186,11 +1186,10 @@ def staging_dir(data_dir):
         parent = data_dir
     prefix = f"{data_dir.name}.prepare-"
     with contextlib.suppress(OSError):
-        for old in parent.iterdir():
+        for old in (p for p in parent.iterdir() if p.name.startswith(prefix)):
             pid, _, token = old.name[len(prefix):].partition("-")   # a folder of an earlier version: no mark
             legacy = pid.isdigit() and len(token) == 8 and not token.strip("0123456789abcdef")
-            if (old.name.startswith(prefix) and ((old / STAGING_MARK).is_file() or legacy)
-                    and not (old / "previous").exists()):
+            if ((old / STAGING_MARK).is_file() or legacy) and not (old / "previous").exists():
                 shutil.rmtree(old, ignore_errors=True)
     staged = parent / f"{prefix}{os.getpid()}-{secrets.token_hex(4)}"
     staged.mkdir()
@@ -1315,9 +1314,9 @@ def load_model_file(path, keys=None):
         raise UserError(f"{path}: not a file; pass the model.pt that train wrote")
     with contextlib.suppress(zipfile.BadZipFile, OSError):   # torch.save's zip: its entries' sizes, before unpacking
         with zipfile.ZipFile(path) as z:
-            if sum(entry.file_size for entry in z.infolist()) > unpack_limit(path):
-                raise UserError(f"{path}: unpacks to over {unpack_limit(path):,} bytes (unpack_limit); not a model of "
-                                f"{SCRIPT}.py")
+            limit = unpack_limit(path)
+            if sum(entry.file_size for entry in z.infolist()) > limit:
+                raise UserError(f"{path}: unpacks to over {limit:,} bytes (unpack_limit); not a model of {SCRIPT}.py")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # not a torch file, or one holding pickled code
