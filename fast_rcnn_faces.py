@@ -104,6 +104,7 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # THRESHOLD: train calibrates the scores so that 0.5 counts the validation photos' faces best (fit_calibration)
 THRESHOLD, NMS_IOU = 0.5, 0.3
 FLIP, FLIP_MIN = True, 0.001   # proposals with a chance >= FLIP_MIN are scored on the mirrored photo too (and refined)
+MIN_SCORE = 0.001        # eval returns no box scoring under this: NMS and voting skip the ~90% of boxes below it
 VOTE_IOU = 0.5           # box voting after NMS: mean of the boxes overlapping a kept one by >= this
 REFINE = True            # eval: the likely faces scored again where the box head moved them
 # letterboxed photos, true boxes (padded) and their counts, selective search boxes (padded) and counts, photo sizes
@@ -446,14 +447,15 @@ def score_views(model, x, rois, views, device, dtype, maps):
 
 @torch.no_grad()
 def detect(model, images, props, sizes, device, nms_iou, regress=True, calibration=(1.0, 0.0), batch_size=8,
-           amp=True, flip=FLIP, vote_iou=VOTE_IOU, refine=REFINE):
+           amp=True, flip=FLIP, vote_iou=VOTE_IOU, refine=REFINE, min_score=0.0):
     """Score all proposals of letterboxed photos; per photo boxes in photo pixels and face probabilities,
     best first, after NMS by score (no score threshold here, so NMS never depends on it).
     Score = sigmoid(a * log-odds + b + c) with calibration (a, b, c) (fit_calibration; models of before c: (a, b));
     (1, 0) is the network's softmax. The proposals whose chance sigmoid(a * log-odds + b) is >= FLIP_MIN are looked
     at again: flip, on the mirrored photo too (the answers averaged); refine, where
     the first look moved them (iterative box regression: the second look's boxes, the looks' mean log-odds).
-    vote_iou: box voting after NMS (0: off)."""
+    vote_iou: box voting after NMS (0: off). min_score: boxes scoring under it are left out before NMS (a box is
+    suppressed only by better ones and every box still votes, so the boxes returned are the same as without it)."""
     model.eval()
     results = []
     size, dtype = (images.shape[-1], images.shape[-2]), amp_dtype(device, amp)
@@ -479,10 +481,12 @@ def detect(model, images, props, sizes, device, nms_iou, regress=True, calibrati
         chances = torch.sigmoid(calibration[0] * log_odds + calibration[1]).split(counts)   # weights of the vote
         for box, score, (w, h) in zip(boxes.split(counts), chances, sizes[start:start + batch_size].tolist()):
             box = from_letterbox(clip_boxes_to_image(box, (size[1], size[0])), w, h, size)
+            final = torch.sigmoid(torch.logit(score) + sum(calibration[2:]))
             valid = torch.where((box[:, 2] > box[:, 0] + 1) & (box[:, 3] > box[:, 1] + 1))[0]
-            keep = valid[nms(box[valid], score[valid], nms_iou)]
+            good = valid[final[valid] >= min_score]
+            keep = good[nms(box[good], score[good], nms_iou)]
             kept = vote_boxes(box[keep], box[valid], score[valid], vote_iou) if vote_iou and len(keep) else box[keep]
-            results.append((kept, torch.sigmoid(torch.logit(score[keep]) + sum(calibration[2:]))))
+            results.append((kept, final[keep]))
     return results
 
 
@@ -660,7 +664,7 @@ def predict(net, info, device, args, images, looks=None):
     x, props, sizes, factors = zip(*(looks or [look(img, info) for img in images]))
     dets = detect(net, torch.stack(x), list(props), torch.tensor(sizes), device, args.nms_iou,
                   regress=not getattr(args, "no_regress", False), calibration=info.get("calibration", (1.0, 0.0)),
-                  flip=not getattr(args, "no_flip", False))
+                  flip=not getattr(args, "no_flip", False), min_score=MIN_SCORE)
     return [{"boxes": found_boxes(clip_boxes_to_image(boxes * f, (img.height, img.width)), scores, args.threshold)}
             for (boxes, scores), f, img in zip(dets, factors, images)]
 
@@ -718,7 +722,7 @@ def build_parser():
     seed.add_argument("--seed", type=seed_int, default=0, help="split and training seed")
     detection = argparse.ArgumentParser(add_help=False)
     detection.add_argument("--threshold", type=probability, default=THRESHOLD,
-                           help="keep boxes with face probability >= X")
+                           help=f"keep boxes with face probability >= X (eval returns none under {MIN_SCORE})")
     detection.add_argument("--nms-iou", type=probability, default=NMS_IOU,
                            help="NMS: drop a box overlapping a better one by IoU > X")
     fmt = argparse.ArgumentDefaultsHelpFormatter

@@ -6,6 +6,7 @@ import math
 import os
 import shutil
 import sys
+from functools import partial
 from types import SimpleNamespace
 
 from pathlib import Path
@@ -109,6 +110,24 @@ def test_detect_runs_the_trunk_once_per_view(frc):
     assert len(calls) > 4
     for (b1, s1), (b2, s2) in zip(cached, whole):
         assert len(b1) > 0 and torch.allclose(b1, b2, atol=1e-4) and torch.allclose(s1, s2, atol=1e-5)
+
+
+def test_min_score_leaves_the_better_boxes_as_they_were(frc):
+    """eval's MIN_SCORE floor: NMS and voting run on the boxes above it only, and those come out exactly as
+    without the floor (a box is suppressed only by better ones, and every box still votes)."""
+    torch.manual_seed(1)
+    model = frc.FastRCNN(width=8).eval()
+    size = (96, 64)
+    images = torch.randint(0, 256, (2, 3, size[1], size[0]), dtype=torch.uint8)
+    props = [frc.photo_proposals(torch.zeros(0, 4), 96, 64, size)] * 2
+    sizes = torch.tensor([size] * 2)
+    run = partial(frc.detect, model, images, props, sizes, torch.device("cpu"), 0.3, calibration=(8.0, 0.0, 0.5))
+    everything = run()
+    floor = float(everything[0][1].median())
+    floored = run(min_score=floor)
+    for (b1, s1), (b2, s2) in zip(everything, floored):
+        assert 0 < len(b2) < len(b1) and (s2 >= floor).all()
+        assert torch.equal(b1[s1 >= floor], b2) and torch.equal(s1[s1 >= floor], s2)
 
 
 def test_roi_extraction_shapes(frc):
