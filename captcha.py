@@ -707,13 +707,11 @@ def train(args, device, out_dir, tb_dir):
                                     scaler, generator, epoch_strength)
         train_loss, train_acc, _ = mean_over_processes(train_stats, n, device)
         train_seconds = time.perf_counter() - start
-        if not np.isfinite(train_loss):
-            raise UserError(f"epoch {epoch}: training loss is {train_loss}; lower --lr", 1)
+        check_loss(epoch, "training", train_loss)
         sync_buffers(model)
         *val_stats, n = run_epoch(model, x_val, y_val, device, val_batches, dtype)
         val_loss, val_acc, val_char = mean_over_processes(val_stats, n, device)
-        if not np.isfinite(val_loss):   # before anything is saved: the last good model stays
-            raise UserError(f"epoch {epoch}: validation loss is {val_loss}; lower --lr", 1)
+        check_loss(epoch, "validation", val_loss)
         seconds = time.perf_counter() - start
         improved = improves(val_acc, val_loss, best, best_loss)
         (best, best_loss), bad_epochs = ((val_acc, val_loss), 0) if improved else ((best, best_loss), bad_epochs + 1)
@@ -1451,6 +1449,13 @@ def mean_over_processes(values, count, device):
     process sees the same numbers and takes the same early-stopping decision."""
     *sums, total = sum_over_processes([*(v * count if count else 0.0 for v in values), count], device)
     return [v / max(total, 1) for v in sums]
+
+
+def check_loss(epoch, split, loss):
+    """A loss that is nan or inf ends the run before the epoch is saved: the last good model and checkpoint stay.
+    The loss is the mean over all processes, so every process stops together."""
+    if not math.isfinite(loss):
+        raise UserError(f"epoch {epoch}: {split} loss is {loss}; lower --lr", 1)
 
 
 def sync_buffers(model):

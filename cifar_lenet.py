@@ -440,14 +440,12 @@ def train(args, device, out_dir, tb_dir):
         train_loss, train_acc, n = train_one_epoch(step_model, train_set, norm, optimizer, scheduler, scaler, loss_fn,
                                                    batches, dtype, f"epoch {epoch}")
         train_loss, train_acc = mean_over_processes([train_loss, train_acc], n, device)
-        if not math.isfinite(train_loss):
-            raise UserError(f"training loss is {train_loss}; lower --lr")
+        check_loss(epoch, "training", train_loss)
         seconds = time.perf_counter() - t0
         sync_buffers(model)
         val_loss, val_acc, _ = evaluate(eval_model, val_shard, norm, loss_fn, 2 * args.batch_size, dtype)
         val_loss, val_acc = mean_over_processes([val_loss, val_acc], len(val_shard[1]), device)
-        if not math.isfinite(val_loss):   # before anything is saved: the last good model stays
-            raise UserError(f"validation loss is {val_loss}; lower --lr")
+        check_loss(epoch, "validation", val_loss)
         improved = val_acc > best_score
         best_score, bad_epochs = (val_acc, 0) if improved else (best_score, bad_epochs + 1)
         history.append({"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss,
@@ -1074,6 +1072,13 @@ def mean_over_processes(values, count, device):
     process sees the same numbers and takes the same early-stopping decision."""
     *sums, total = sum_over_processes([*(v * count if count else 0.0 for v in values), count], device)
     return [v / max(total, 1) for v in sums]
+
+
+def check_loss(epoch, split, loss):
+    """A loss that is nan or inf ends the run before the epoch is saved: the last good model and checkpoint stay.
+    The loss is the mean over all processes, so every process stops together."""
+    if not math.isfinite(loss):
+        raise UserError(f"epoch {epoch}: {split} loss is {loss}; lower --lr", 1)
 
 
 def sync_buffers(model):

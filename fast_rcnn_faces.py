@@ -572,14 +572,14 @@ def train(args, device, out_dir, tb_dir):
         generator = torch.Generator().manual_seed(args.seed * 1000 + epoch + 7919 * rank)   # RoIs, flips per process
         batches = epoch_batches(len(train[0]), args.batch_size, args.seed, epoch, "cpu")
         tr = run_epoch(step_model, train[:3], batches, device, dtype, optimizer, scaler, generator, size)
-        if not math.isfinite(tr["loss"]):   # checked on the summed loss, so every process stops together
-            raise UserError(f"non-finite training loss ({tr['loss']}); try a lower --lr")
+        check_loss(epoch, "training", tr["loss"])
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
         train_s = time.time() - t0
         sync_buffers(model)
         va = run_epoch(model, val[:3], val_batches, device, dtype, generator=torch.Generator().manual_seed(0),
                        size=size)
+        check_loss(epoch, "validation", va["loss"])
         # AP needs every photo's detections: each process scores the whole validation split; the mean keeps
         # all processes on the same decision
         score = detection_scores(detect(model, val[0], val[2], val[3], device, args.nms_iou, amp=args.amp),
@@ -1629,6 +1629,13 @@ def mean_over_processes(values, count, device):
     process sees the same numbers and takes the same early-stopping decision."""
     *sums, total = sum_over_processes([*(v * count if count else 0.0 for v in values), count], device)
     return [v / max(total, 1) for v in sums]
+
+
+def check_loss(epoch, split, loss):
+    """A loss that is nan or inf ends the run before the epoch is saved: the last good model and checkpoint stay.
+    The loss is the mean over all processes, so every process stops together."""
+    if not math.isfinite(loss):
+        raise UserError(f"epoch {epoch}: {split} loss is {loss}; lower --lr", 1)
 
 
 def sync_buffers(model):

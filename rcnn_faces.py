@@ -436,12 +436,12 @@ def train(args, device, out_dir, tb_dir):
         generator = torch.Generator().manual_seed(args.seed * 1000 + epoch + 7919 * rank)   # flips differ per process
         batches = epoch_batches(len(y_train), args.batch_size, args.seed, epoch, "cpu")
         tr = run_epoch(step_model, (x_train, y_train, t_train), batches, device, dtype, optimizer, scaler, generator)
-        if not math.isfinite(tr["loss"]):   # checked on the summed loss, so every process stops together
-            raise UserError(f"non-finite training loss ({tr['loss']}); try a lower --lr")
+        check_loss(epoch, "training", tr["loss"])
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
         sync_buffers(model)
         va = run_epoch(model, (x_val, y_val, t_val), val_batches, device, dtype)
+        check_loss(epoch, "validation", va["loss"])
         improved = va["bacc"] > best
         best, bad_epochs = (va["bacc"], 0) if improved else (best, bad_epochs + 1)
         history.append({"epoch": epoch, "train_loss": tr["loss"], "train_bacc": tr["bacc"], "val_loss": va["loss"],
@@ -1484,6 +1484,13 @@ def mean_over_processes(values, count, device):
     process sees the same numbers and takes the same early-stopping decision."""
     *sums, total = sum_over_processes([*(v * count if count else 0.0 for v in values), count], device)
     return [v / max(total, 1) for v in sums]
+
+
+def check_loss(epoch, split, loss):
+    """A loss that is nan or inf ends the run before the epoch is saved: the last good model and checkpoint stay.
+    The loss is the mean over all processes, so every process stops together."""
+    if not math.isfinite(loss):
+        raise UserError(f"epoch {epoch}: {split} loss is {loss}; lower --lr", 1)
 
 
 def sync_buffers(model):
