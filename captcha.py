@@ -681,7 +681,7 @@ def train(args, device, out_dir, tb_dir):
     model_path = out_dir / "model.pt"
     if checkpoint:
         done, history, best, bad_epochs = resume_training(checkpoint, model_args, model, optimizer,
-                                                          scaler, scheduler)
+                                                          scaler, scheduler, meta["charset"])
         first_epoch = done + 1
     best_loss = min([h["val_loss"] for h in history if h["val_acc"] == round(best, 5)], default=math.inf)
     generator = torch.Generator(device=device).manual_seed(args.seed + first_epoch + 7919 * rank)
@@ -726,7 +726,7 @@ def train(args, device, out_dir, tb_dir):
                           "val_acc": val_acc, "views": [list(v) for v in VIEWS]}   # eval reads in VIEWS
             save_epoch(out_dir, args, model, optimizer, scheduler, scaler,
                        {"epoch": epoch, "history": history, "best_score": best, "bad_epochs": bad_epochs,
-                        "model_args": model_args}, best_model if improved else None,
+                        "model_args": model_args, "classes": meta["charset"]}, best_model if improved else None,
                        ["train_acc", "val_acc", "val_char_acc"])
         print(f"epoch {epoch}/{args.epochs}  train loss {train_loss:.4f} acc {train_acc:.2%}  "
               f"val loss {val_loss:.4f} acc {val_acc:.2%} (chars {val_char:.2%})  lr {lr:.5f}  "
@@ -1306,14 +1306,19 @@ def resume_path(args, out_dir):
     return path if args.resume else None
 
 
-def resume_training(path, model_args, model, optimizer, scaler, scheduler=None):
+def resume_training(path, model_args, model, optimizer, scaler, scheduler=None, classes=None):
     """train --resume: model, optimizer, scaler (and a step-wise scheduler, whose position is kept when --epochs or
-    --batch-size changed its length) from checkpoint.pt. Returns (epochs done, history, best score, bad epochs)."""
+    --batch-size changed its length) from checkpoint.pt. Returns (epochs done, history, best score, bad epochs).
+    classes: what the network's outputs stand for (a charset, labels); the checkpoint's must be the same (checkpoints
+    saved before they were stored are not checked)."""
     ckpt = load_model_file(path, CHECKPOINT_KEYS)
     try:
         if ckpt["model_args"] != model_args:
             raise UserError(f"{path} was trained on other data or options ({ckpt['model_args']}, now {model_args}); "
                             f"train without --resume")
+        if ckpt.get("classes", classes) != classes:   # same count, other order: every output would change meaning
+            raise UserError(f"{path} was trained on data of other classes ({str(ckpt['classes'])[:60]}, now "
+                            f"{str(classes)[:60]}); train without --resume")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         if ckpt.get("scaler"):

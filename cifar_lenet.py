@@ -421,7 +421,7 @@ def train(args, device, out_dir, tb_dir):
     history, best_score, bad_epochs, start = [], -1.0, 0, 1
     if checkpoint:
         done, history, best_score, bad_epochs = resume_training(checkpoint, model_args, model,
-                                                                optimizer, scaler, scheduler)
+                                                                optimizer, scaler, scheduler, labels)
         start = done + 1
     net = wrap_model(model, device, args.sync_bn)
     step_model = torch.compile(net) if args.compile else net
@@ -457,7 +457,8 @@ def train(args, device, out_dir, tb_dir):
                           "std": norm[1], "epoch": epoch, "val_acc": val_acc}
             save_epoch(out_dir, args, model, optimizer, scheduler, scaler,
                        {"epoch": epoch, "history": history, "best_score": best_score, "bad_epochs": bad_epochs,
-                        "model_args": model_args}, best_model if improved else None, ["train_acc", "val_acc"])
+                        "model_args": model_args, "classes": labels}, best_model if improved else None,
+                       ["train_acc", "val_acc"])
         print(f"epoch {epoch}/{args.epochs}  train loss {train_loss:.3f} acc {train_acc:.2%}  "
               f"val loss {val_loss:.3f} acc {val_acc:.2%}  lr {lr:.5f}  {seconds:.1f}s  "
               f"{len(train_set[1]) / seconds:.0f} img/s{'  *' if improved else ''}", flush=True)
@@ -929,14 +930,19 @@ def resume_path(args, out_dir):
     return path if args.resume else None
 
 
-def resume_training(path, model_args, model, optimizer, scaler, scheduler=None):
+def resume_training(path, model_args, model, optimizer, scaler, scheduler=None, classes=None):
     """train --resume: model, optimizer, scaler (and a step-wise scheduler, whose position is kept when --epochs or
-    --batch-size changed its length) from checkpoint.pt. Returns (epochs done, history, best score, bad epochs)."""
+    --batch-size changed its length) from checkpoint.pt. Returns (epochs done, history, best score, bad epochs).
+    classes: what the network's outputs stand for (a charset, labels); the checkpoint's must be the same (checkpoints
+    saved before they were stored are not checked)."""
     ckpt = load_model_file(path, CHECKPOINT_KEYS)
     try:
         if ckpt["model_args"] != model_args:
             raise UserError(f"{path} was trained on other data or options ({ckpt['model_args']}, now {model_args}); "
                             f"train without --resume")
+        if ckpt.get("classes", classes) != classes:   # same count, other order: every output would change meaning
+            raise UserError(f"{path} was trained on data of other classes ({str(ckpt['classes'])[:60]}, now "
+                            f"{str(classes)[:60]}); train without --resume")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         if ckpt.get("scaler"):

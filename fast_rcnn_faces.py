@@ -1486,14 +1486,19 @@ def resume_path(args, out_dir):
     return path if args.resume else None
 
 
-def resume_training(path, model_args, model, optimizer, scaler, scheduler=None):
+def resume_training(path, model_args, model, optimizer, scaler, scheduler=None, classes=None):
     """train --resume: model, optimizer, scaler (and a step-wise scheduler, whose position is kept when --epochs or
-    --batch-size changed its length) from checkpoint.pt. Returns (epochs done, history, best score, bad epochs)."""
+    --batch-size changed its length) from checkpoint.pt. Returns (epochs done, history, best score, bad epochs).
+    classes: what the network's outputs stand for (a charset, labels); the checkpoint's must be the same (checkpoints
+    saved before they were stored are not checked)."""
     ckpt = load_model_file(path, CHECKPOINT_KEYS)
     try:
         if ckpt["model_args"] != model_args:
             raise UserError(f"{path} was trained on other data or options ({ckpt['model_args']}, now {model_args}); "
                             f"train without --resume")
+        if ckpt.get("classes", classes) != classes:   # same count, other order: every output would change meaning
+            raise UserError(f"{path} was trained on data of other classes ({str(ckpt['classes'])[:60]}, now "
+                            f"{str(classes)[:60]}); train without --resume")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         if ckpt.get("scaler"):

@@ -568,7 +568,7 @@ def test_network_learns():
     assert not older.prior.any()
 
 
-def test_resume_after_interrupt(tmp, trained):
+def test_resume_after_interrupt(tmp, trained, image_dir):
     """A fresh run moves the run before aside (nothing lost); Ctrl-C after the first epoch leaves whole files;
     --resume finishes the schedule."""
     src, _ = trained
@@ -614,6 +614,14 @@ def test_resume_after_interrupt(tmp, trained):
     # runs.csv: the row of the run before follows its files; the interrupted run wrote none, each resume one
     assert [(r["tag"], r["run_dir"]) for r in csv.DictReader((data / "runs.csv").open())] == [
         ("before", str(kept[0])), ("elsewhere", str(tmp)), ("", str(data)), ("", str(data))]
+    # prepared again with the same characters in another order: each output of the network would stand for another
+    # character, so the checkpoint is refused (it was accepted: same number of classes)
+    charset = json.loads((data / "meta.json").read_text())["charset"]
+    proc = run("captcha.py", "prepare", "--image-dir", image_dir, "--data-dir", data, "--charset", charset[::-1])
+    assert proc.returncode == 0, proc.stderr
+    line = assert_one_line_error(run("captcha.py", "train", "--data-dir", data, "--epochs", 5, "--epoch-size", 0,
+                                     "--device", "cpu", "--resume"), 1)
+    assert "trained on data of other classes" in line and "train without --resume" in line
 
 
 def test_early_stopping_counts_patience_epochs(tmp, prepared):
