@@ -40,6 +40,7 @@ import signal
 import socket
 import sys
 import time
+import unicodedata
 import warnings
 import zipfile
 from concurrent.futures import ProcessPoolExecutor
@@ -85,6 +86,7 @@ CHARSETS = {  # --charset accepts auto (the characters of the codes), one of the
 LABEL_REGEX = r"^(?:.*-)?([^-]+)\.[^.]+$"   # the code: the file name after its last '-', or the whole stem
 MAX_LENGTH = 16           # longest code a model reads; longer codes are skipped
 MAX_LABELS_BYTES = 64 << 20   # a --labels file larger than this is refused
+OUTSIDE = "characters outside the charset: "   # a skip reason, followed by the characters
 LABEL_HEADERS = {"file", "filename", "file_name", "name", "image", "path"}   # first column of an optional header
 # Input 40 px high, as wide as the images' median aspect ratio (a multiple of 8): 40x96 for 120x50 captchas,
 # 40x160 for 200x50 ones. The tutorial resized to 24x56 and ran a full ResNet-18 on it at 45 images/s here;
@@ -137,7 +139,7 @@ def resolve_charset(name, case_sensitive):
     """--charset NAME|STRING -> the characters, in order; None for auto (taken from the codes in prepare)."""
     if name == "auto":
         return None
-    chars = CHARSETS.get(name, name)
+    chars = CHARSETS.get(name) or re.sub(r"([0-9a-zA-Z])-([0-9a-zA-Z])", expand_range, name)
     if not case_sensitive:
         chars = chars.lower()
     chars = "".join(dict.fromkeys(chars))  # unique, order kept
@@ -146,9 +148,19 @@ def resolve_charset(name, case_sensitive):
     return chars
 
 
+def expand_range(match):
+    """'a-f' -> 'abcdef' in a --charset literal (digits, lower or upper case letters; 'z-a' or 'a-9' are refused)."""
+    first, last = match.groups()
+    if not (first <= last and any(first in kind and last in kind for kind in (
+            "0123456789", "abcdefghijklmnopqrstuvwxyz", "ABCDEFGHIJKLMNOPQRSTUVWXYZ"))):
+        raise UserError(f"--charset: {match.group(0)!r} is not a range of digits or of letters of one case", 2)
+    return "".join(map(chr, range(ord(first), ord(last) + 1)))
+
+
 def check_code(code, charset, length, case_sensitive):
     """A code as written -> (code, None) or (None, reason). charset/length None: any (auto)."""
-    code = code.strip() if case_sensitive else code.strip().lower()
+    code = unicodedata.normalize("NFC", code.strip())   # a name from macOS holds é as e + a combining accent
+    code = code if case_sensitive else code.lower()
     if not code:
         return None, "empty code"
     if any(c.isspace() or not c.isprintable() for c in code):
@@ -159,7 +171,7 @@ def check_code(code, charset, length, case_sensitive):
         return None, f"code longer than {MAX_LENGTH} characters"
     bad = sorted(set(code) - set(charset)) if charset is not None else []
     if bad:
-        return None, f"characters outside the charset: {''.join(bad)}"
+        return None, OUTSIDE + "".join(bad)
     return code, None
 
 
@@ -169,6 +181,34 @@ def parse_code(name, regex, charset, length, case_sensitive):
     if not match:
         return None, "no code in the name"
     return check_code(match.group(1), charset, length, case_sensitive)
+
+
+def group_outside(skipped):
+    """One skip reason for every code with characters outside the charset (not one line per set of characters)."""
+    grouped, outside = {}, set()
+    for reason, names in skipped.items():
+        if reason.startswith(OUTSIDE):
+            outside.update(reason[len(OUTSIDE):])
+            reason = OUTSIDE
+        grouped.setdefault(reason, []).extend(names)
+    if outside:
+        chars = "".join(sorted(outside))
+        grouped[f"{OUTSIDE}{chars[:40]}{'...' if len(chars) > 40 else ''}"] = grouped.pop(OUTSIDE)
+    return grouped
+
+
+def doubtful_codes(codes):
+    """Signs that file names read as codes are not codes (names like img_001.png, or a prefix joined by '_')."""
+    warnings = []
+    prefix = os.path.commonprefix(codes)
+    if len(codes) >= 10 and len(prefix) >= 3:
+        warnings.append(f"every code begins with {prefix!r}: are the file names codes? Name files CODE.png or "
+                        f"PREFIX-CODE.png, or pass --labels FILE or --label-regex")
+    joined = [c for c in codes if "_" in c]
+    if joined:
+        warnings.append(f"{len(joined)} codes hold '_' (e.g. {joined[0]!r}); if it joins a prefix to the code, pass "
+                        "--label-regex '^(?:.*_)?([^_]+)\\.[^.]+$'")
+    return warnings
 
 
 def read_labels(path, image_dir):
@@ -540,10 +580,16 @@ def cmd_prepare(args):
     length = None if args.length == "auto" else args.length
     entries = sorted(p for p in image_dir.iterdir() if not p.name.startswith("."))
     files = [p for p in entries if p.is_file()]
-    if not files and not args.labels:   # a labels file may name images in subfolders
-        raise UserError(f"{image_dir}: the folder is empty")
-
     skipped = {}  # reason -> list of file names
+    nested = [] if args.labels else [p for p in list_images(image_dir) if p.parent != image_dir]
+    if nested:   # read only when a labels file names them: a train/ test/ layout must not be merged unasked
+        skipped["in a subfolder (pass the subfolder as --image-dir, or a --labels file naming them)"] = [
+            str(p.relative_to(image_dir)) for p in nested]
+    if not files and not args.labels:   # a labels file may name images in subfolders
+        raise UserError(f"{image_dir}: " + (f"no images in the folder itself, {len(nested)} in its subfolders (e.g. "
+                                            f"{nested[0].relative_to(image_dir)}); pass a subfolder as --image-dir"
+                                            if nested else "the folder is empty"))
+
     odd = [p.name for p in entries if p.suffix.lower() in IMAGE_EXTS and not p.is_file()]
     if odd:   # a folder, a FIFO or a dangling link named like an image: said, not silently passed over
         skipped["not a regular file"] = odd
@@ -596,13 +642,18 @@ def cmd_prepare(args):
         else:
             images.append(array)
             codes.append(code)
+    skipped = group_outside(skipped)
     n_skipped = sum(map(len, skipped.values()))
     print(f"{image_dir}: {len(images)} images kept, {n_skipped} skipped")
     for reason, names in sorted(skipped.items()):
         print(f"  skipped {len(names)}: {reason} (e.g. {', '.join(names[:3])})")
     if not images:
-        raise UserError(f"{image_dir}: no usable captcha image (expected names like 2b827.png or "
-                        f"00001-2b827.png, or a --labels file)")
+        most = max(skipped.items(), key=lambda item: len(item[1]))[0] if skipped else "none found"
+        raise UserError(f"{image_dir}: no usable captcha image (most skipped: {most}); expected names like 2b827.png "
+                        f"or 00001-2b827.png, or a --labels file, and codes that --charset and --length allow")
+    if not args.labels and args.label_regex.pattern == LABEL_REGEX:
+        for warning in doubtful_codes(codes):
+            print(f"warning: {warning}", file=sys.stderr)
     charset = charset or "".join(sorted(set("".join(codes))))
     lengths = sorted({len(code) for code in codes})
     end = len(charset)   # the end symbol: the class after the last character, padding every shorter code
@@ -898,7 +949,7 @@ def build_parser():
                         "(header optional; file names relative to --image-dir)")
     p.add_argument("--charset", default="auto",
                    help=f"characters a code may hold: auto (those the codes use), one of {', '.join(CHARSETS)}, "
-                        "or a literal string; codes with other characters are skipped")
+                        "or a literal string, where a-f stands for abcdef; codes with other characters are skipped")
     p.add_argument("--case-sensitive", action="store_true", help="keep the case of codes (otherwise they are lower-cased)")
     p.add_argument("--length", type=length_arg, default="auto",
                    help=f"characters per code: auto (every length up to {MAX_LENGTH}) or N (other lengths skipped)")

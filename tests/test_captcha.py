@@ -392,6 +392,39 @@ def test_init_from_a_model_of_another_style(tmp, trained, no_prefix):
     assert (data / "model.pt").read_bytes() == before and not (data / "previous").exists()
 
 
+def test_prepare_says_what_it_did_not_read(tmp, wide):
+    """Images in subfolders are counted, not read (and named when they are all there is); names that do not look
+    like codes (img_001.png) are read but warned about; one skip reason for every code outside the charset, whose
+    ranges (a-f) are expanded; the error when nothing is left names the most common reason."""
+    folder = tmp / "layout"
+    shutil.copytree(wide, folder / "train")
+    line = assert_one_line_error(run("captcha.py", "prepare", "--image-dir", folder, "--data-dir", tmp / "layout_d"), 1)
+    assert "no images in the folder itself, 40 in its subfolders (e.g. train/" in line and "--image-dir" in line
+    for p in sorted(wide.iterdir())[:12]:
+        shutil.copy(p, folder / f"img_{p.stem.split('-')[1]}.png")
+    proc = run("captcha.py", "prepare", "--image-dir", folder, "--data-dir", tmp / "layout_d", "--workers", 1)
+    assert proc.returncode == 0, proc.stderr
+    meta = json.loads((tmp / "layout_d" / "meta.json").read_text())
+    assert meta["kept"] == 12 and meta["skipped_by_reason"] == {
+        "in a subfolder (pass the subfolder as --image-dir, or a --labels file naming them)": 40}
+    assert "warning: every code begins with 'img_'" in proc.stderr and "warning: 12 codes hold '_'" in proc.stderr
+    # --charset a-f0-9: the codes of other letters are skipped under one reason listing the letters
+    codes = [p.stem.split("-")[1].lower() for p in sorted(wide.iterdir())]
+    proc = run("captcha.py", "prepare", "--image-dir", folder / "train", "--data-dir", tmp / "layout_hex",
+               "--charset", "a-f0-9", "--workers", 1)
+    hex_codes = [c for c in codes if set(c) <= set("abcdef0123456789")]
+    outside = "".join(sorted(set("".join(codes)) - set("abcdef0123456789")))
+    if hex_codes:
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads((tmp / "layout_hex" / "meta.json").read_text())["kept"] == len(hex_codes)
+    else:
+        assert "most skipped: characters outside the charset: " + outside in proc.stderr
+    skips = [line for line in proc.stdout.splitlines() if "characters outside the charset" in line]
+    assert skips == [f"  skipped {40 - len(hex_codes)}: characters outside the charset: {outside[:40]}"
+                     f"{'...' if len(outside) > 40 else ''} (e.g. " + skips[0].split("(e.g. ")[1]]
+    assert_one_line_error(run("captcha.py", "prepare", "--image-dir", folder, "--charset", "z-a"), 2)
+
+
 def test_prepare_labels_files(tmp, wide):
     """--labels: CSV with a header or whitespace text; files outside the folder, missing, listed twice or not
     listed, and lines without a code are skipped and counted; the codes come from the file."""
