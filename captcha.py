@@ -139,7 +139,11 @@ def resolve_charset(name, case_sensitive):
     """--charset NAME|STRING -> the characters, in order; None for auto (taken from the codes in prepare)."""
     if name == "auto":
         return None
-    chars = CHARSETS.get(name) or re.sub(r"([0-9a-zA-Z])-([0-9a-zA-Z])", expand_range, name)
+    name = unicodedata.normalize("NFC", name)   # as the codes are
+    if name not in CHARSETS and not re.fullmatch(r"-?(?:[^-]-[^-]|[^-])*-?", name):
+        raise UserError(f"--charset {name!r}: a '-' inside the string joins the two ends of a range (a-f); a literal "
+                        "'-' goes first or last", 2)
+    chars = CHARSETS.get(name) or re.sub(r"([^-])-([^-])", expand_range, name)
     if not case_sensitive:
         chars = chars.lower()
     chars = "".join(dict.fromkeys(chars))  # unique, order kept
@@ -153,7 +157,8 @@ def expand_range(match):
     first, last = match.groups()
     if not (first <= last and any(first in kind and last in kind for kind in (
             "0123456789", "abcdefghijklmnopqrstuvwxyz", "ABCDEFGHIJKLMNOPQRSTUVWXYZ"))):
-        raise UserError(f"--charset: {match.group(0)!r} is not a range of digits or of letters of one case", 2)
+        raise UserError(f"--charset: {match.group(0)!r} is not a range of digits or of letters of one case (a "
+                        "literal '-' goes first or last)", 2)
     return "".join(map(chr, range(ord(first), ord(last) + 1)))
 
 
@@ -652,8 +657,8 @@ def cmd_prepare(args):
         raise UserError(f"{image_dir}: no usable captcha image (most skipped: {most}); expected names like 2b827.png "
                         f"or 00001-2b827.png, or a --labels file, and codes that --charset and --length allow")
     if not args.labels and args.label_regex.pattern == LABEL_REGEX:
-        for warning in doubtful_codes(codes):
-            print(f"warning: {warning}", file=sys.stderr)
+        for doubt in doubtful_codes(codes):
+            print(f"warning: {doubt}", file=sys.stderr)
     charset = charset or "".join(sorted(set("".join(codes))))
     lengths = sorted({len(code) for code in codes})
     end = len(charset)   # the end symbol: the class after the last character, padding every shorter code
@@ -1368,8 +1373,11 @@ def resume_training(path, model_args, model, optimizer, scaler, scheduler=None, 
             raise UserError(f"{path} was trained on other data or options ({ckpt['model_args']}, now {model_args}); "
                             f"train without --resume")
         if ckpt.get("classes", classes) != classes:   # same count, other order: every output would change meaning
-            raise UserError(f"{path} was trained on data of other classes ({str(ckpt['classes'])[:60]}, now "
-                            f"{str(classes)[:60]}); train without --resume")
+            old, new = ckpt["classes"], classes
+            i = next((i for i, (a, b) in enumerate(zip(old, new)) if a != b), min(len(old), len(new)))
+            raise UserError(f"{path} was trained on data of other classes (class {i}: "
+                            f"{old[i] if i < len(old) else 'none'!r}, now {new[i] if i < len(new) else 'none'!r}); "
+                            f"train without --resume")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         if ckpt.get("scaler"):
@@ -1416,7 +1424,7 @@ def keep_previous(out_dir, data_dir):
 
 def save_epoch(out_dir, args, model, optimizer, scheduler, scaler, state, best_model=None, plot_keys=()):
     """After each epoch, in the main process: model.pt when the score improved (best_model: what eval needs beside
-    the weights), checkpoint.pt (state: epoch, history, best_score, bad_epochs, model_args) and the history table
+    the weights), checkpoint.pt (state: epoch, history, best_score, bad_epochs, model_args, classes) and the history table
     and plot. All written atomically, before the epoch's line is printed; the first epoch of a fresh run moves the
     files of the run before aside first (keep_previous)."""
     if state["epoch"] == 1:

@@ -104,7 +104,7 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # THRESHOLD: train calibrates the scores so that 0.5 counts the validation photos' faces best (fit_calibration)
 THRESHOLD, NMS_IOU = 0.5, 0.3
 FLIP, FLIP_MIN = True, 0.001   # proposals with a chance >= FLIP_MIN are scored on the mirrored photo too (and refined)
-MIN_SCORE = 0.001        # eval returns no box scoring under this: NMS and voting skip the ~90% of boxes below it
+MIN_SCORE = 0.001        # eval: NMS (and the boxes voted on) leave out the ~90% of boxes scoring under this
 VOTE_IOU = 0.5           # box voting after NMS: mean of the boxes overlapping a kept one by >= this
 REFINE = True            # eval: the likely faces scored again where the box head moved them
 # letterboxed photos, true boxes (padded) and their counts, selective search boxes (padded) and counts, photo sizes
@@ -664,7 +664,7 @@ def predict(net, info, device, args, images, looks=None):
     x, props, sizes, factors = zip(*(looks or [look(img, info) for img in images]))
     dets = detect(net, torch.stack(x), list(props), torch.tensor(sizes), device, args.nms_iou,
                   regress=not getattr(args, "no_regress", False), calibration=info.get("calibration", (1.0, 0.0)),
-                  flip=not getattr(args, "no_flip", False), min_score=MIN_SCORE)
+                  flip=not getattr(args, "no_flip", False), min_score=min(MIN_SCORE, args.threshold))
     return [{"boxes": found_boxes(clip_boxes_to_image(boxes * f, (img.height, img.width)), scores, args.threshold)}
             for (boxes, scores), f, img in zip(dets, factors, images)]
 
@@ -722,7 +722,7 @@ def build_parser():
     seed.add_argument("--seed", type=seed_int, default=0, help="split and training seed")
     detection = argparse.ArgumentParser(add_help=False)
     detection.add_argument("--threshold", type=probability, default=THRESHOLD,
-                           help=f"keep boxes with face probability >= X (eval returns none under {MIN_SCORE})")
+                           help="keep boxes with face probability >= X")
     detection.add_argument("--nms-iou", type=probability, default=NMS_IOU,
                            help="NMS: drop a box overlapping a better one by IoU > X")
     fmt = argparse.ArgumentDefaultsHelpFormatter
@@ -1497,8 +1497,11 @@ def resume_training(path, model_args, model, optimizer, scaler, scheduler=None, 
             raise UserError(f"{path} was trained on other data or options ({ckpt['model_args']}, now {model_args}); "
                             f"train without --resume")
         if ckpt.get("classes", classes) != classes:   # same count, other order: every output would change meaning
-            raise UserError(f"{path} was trained on data of other classes ({str(ckpt['classes'])[:60]}, now "
-                            f"{str(classes)[:60]}); train without --resume")
+            old, new = ckpt["classes"], classes
+            i = next((i for i, (a, b) in enumerate(zip(old, new)) if a != b), min(len(old), len(new)))
+            raise UserError(f"{path} was trained on data of other classes (class {i}: "
+                            f"{old[i] if i < len(old) else 'none'!r}, now {new[i] if i < len(new) else 'none'!r}); "
+                            f"train without --resume")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         if ckpt.get("scaler"):
@@ -1545,7 +1548,7 @@ def keep_previous(out_dir, data_dir):
 
 def save_epoch(out_dir, args, model, optimizer, scheduler, scaler, state, best_model=None, plot_keys=()):
     """After each epoch, in the main process: model.pt when the score improved (best_model: what eval needs beside
-    the weights), checkpoint.pt (state: epoch, history, best_score, bad_epochs, model_args) and the history table
+    the weights), checkpoint.pt (state: epoch, history, best_score, bad_epochs, model_args, classes) and the history table
     and plot. All written atomically, before the epoch's line is printed; the first epoch of a fresh run moves the
     files of the run before aside first (keep_previous)."""
     if state["epoch"] == 1:

@@ -1352,8 +1352,11 @@ def resume_training(path, model_args, model, optimizer, scaler, scheduler=None, 
             raise UserError(f"{path} was trained on other data or options ({ckpt['model_args']}, now {model_args}); "
                             f"train without --resume")
         if ckpt.get("classes", classes) != classes:   # same count, other order: every output would change meaning
-            raise UserError(f"{path} was trained on data of other classes ({str(ckpt['classes'])[:60]}, now "
-                            f"{str(classes)[:60]}); train without --resume")
+            old, new = ckpt["classes"], classes
+            i = next((i for i, (a, b) in enumerate(zip(old, new)) if a != b), min(len(old), len(new)))
+            raise UserError(f"{path} was trained on data of other classes (class {i}: "
+                            f"{old[i] if i < len(old) else 'none'!r}, now {new[i] if i < len(new) else 'none'!r}); "
+                            f"train without --resume")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         if ckpt.get("scaler"):
@@ -1400,7 +1403,7 @@ def keep_previous(out_dir, data_dir):
 
 def save_epoch(out_dir, args, model, optimizer, scheduler, scaler, state, best_model=None, plot_keys=()):
     """After each epoch, in the main process: model.pt when the score improved (best_model: what eval needs beside
-    the weights), checkpoint.pt (state: epoch, history, best_score, bad_epochs, model_args) and the history table
+    the weights), checkpoint.pt (state: epoch, history, best_score, bad_epochs, model_args, classes) and the history table
     and plot. All written atomically, before the epoch's line is printed; the first epoch of a fresh run moves the
     files of the run before aside first (keep_previous)."""
     if state["epoch"] == 1:

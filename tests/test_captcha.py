@@ -422,7 +422,15 @@ def test_prepare_says_what_it_did_not_read(tmp, wide):
     skips = [line for line in proc.stdout.splitlines() if "characters outside the charset" in line]
     assert skips == [f"  skipped {40 - len(hex_codes)}: characters outside the charset: {outside[:40]}"
                      f"{'...' if len(outside) > 40 else ''} (e.g. " + skips[0].split("(e.g. ")[1]]
-    assert_one_line_error(run("captcha.py", "prepare", "--image-dir", folder, "--charset", "z-a"), 2)
+    for charset in ("z-a", "a-c-e", "0123456789-abc"):   # not ranges; a literal '-' goes first or last
+        assert_one_line_error(run("captcha.py", "prepare", "--image-dir", folder, "--charset", charset), 2)
+    line = assert_one_line_error(run("captcha.py", "prepare", "--image-dir", folder / "train", "--data-dir",
+                                     tmp / "layout_3", "--length", 3), 1)
+    assert "no usable captcha image (most skipped: code of length " in line and ", not 3)" in line
+    # a name written on macOS holds é as e + a combining accent: the code and the charset both read é
+    mod = load_script("captcha.py")
+    charset = mod.resolve_charset("-a-fe\u0301", False)
+    assert charset == "-abcdef\u00e9" and mod.check_code("Cafe\u0301", charset, None, False) == ("caf\u00e9", None)
 
 
 def test_prepare_labels_files(tmp, wide):
