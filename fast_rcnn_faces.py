@@ -14,8 +14,8 @@ Each photo is letterboxed (black borders) to SIZE x SIZE; proposals are selectiv
 of the photo plus a fixed multi-scale grid of square-ish windows (small faces are missed by selective search).
 Result: AP@0.5 0.906 and face-count RMSE 1.26 (boxes scoring >= 0.5) on 200 test photos, the default 24 epochs on
 1,600 training photos (18.5 minutes with native bf16; ~44 estimated on a 2-core AVX2 CPU); 16 epochs: 0.848-0.885
-over four runs. Eval 0.13-0.34 s per photo; it looks at likely faces twice (photo and mirror) and averages each
-face's boxes.
+over four runs. Eval 0.10-0.12 s per photo on a 2-core CPU with AVX512 (~0.22 expected with AVX2 only); it looks
+at likely faces twice (photo and mirror) and averages each face's boxes.
 """
 import argparse
 import asyncio
