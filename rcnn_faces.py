@@ -1000,7 +1000,7 @@ def load_image(path):
             raise UserError("no such file" if not os.path.lexists(path) else "not a file")
         with warnings.catch_warnings():  # PIL's own bomb warning becomes an error here, not a line on stderr
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(path) if isinstance(path, bytes) else path) as img:
+            with Image.open(io.BytesIO(path) if isinstance(path, bytes) else path, formats=IMAGE_FORMATS) as img:
                 if img.width * img.height > MAX_PIXELS:
                     raise UserError(f"{img.width}x{img.height} pixels, over the limit of {MAX_PIXELS:,} (MAX_PIXELS)")
                 img.seek(0)  # first frame of a GIF
@@ -1021,7 +1021,7 @@ def load_image(path):
     except (Image.DecompressionBombWarning, Image.DecompressionBombError):
         raise UserError(f"over the limit of {MAX_PIXELS:,} pixels (MAX_PIXELS)")
     except UnidentifiedImageError:
-        raise UserError("not an image, or a format PIL cannot read")
+        raise UserError("not an image, or not of a format read here (PNG, JPEG, GIF, BMP, WebP)")
     except Exception as e:  # any decoder error of any format: truncated, damaged, unsupported mode, ...
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip() or type(e).__name__
         raise UserError(reason.splitlines()[0][:200])
@@ -1619,7 +1619,9 @@ def grid_runs(args, parser):
 # ---- Ship and serve: ONNX export, ONNX Runtime, HTTP ----
 ONNX_OPSET = 18          # ONNX Runtime >= 1.14 runs it
 MAX_UPLOAD = 8 * 2**20   # serve: default --max-bytes of one request
-BODY_SECONDS = 30        # serve: a request body that stalls this long is answered 408 (multipart: 10x, in all)
+BODY_SECONDS = 30        # serve: a request body not complete after this long is answered 408 (multipart: 10x)
+SERVE_CONNECTIONS = 100  # serve: connections (and requests) at once per process; more are answered 503
+IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "DIB", "WEBP")   # what load_image decodes (JPEG: camera MPO files too)
 SERVE_OPTIONS = "SUITE_SERVE_OPTIONS"   # serve --workers N: the options, passed to each process in this variable
 
 
@@ -1736,6 +1738,37 @@ def cmd_export(args):
     return 0
 
 
+def pixel_count(data):
+    """The pixels an image file says it holds (its header only; 0 when it is not an image of IMAGE_FORMATS)."""
+    try:
+        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as img:
+            return img.width * img.height
+    except Exception:   # load_image says why
+        return 0
+
+
+class PixelBudget:
+    """serve: the pixels of decoded images waiting for a forward pass, at most `limit` at a time (a PNG of a few KB
+    decodes to 48 MB: many at once would exhaust memory). A request waits for room before it decodes; one image
+    alone always gets room."""
+
+    def __init__(self, limit):
+        self.limit, self.used, self.changed = limit, 0, None
+
+    @contextlib.asynccontextmanager
+    async def room(self, n):
+        self.changed = self.changed or asyncio.Condition()
+        async with self.changed:
+            await self.changed.wait_for(lambda: self.used == 0 or self.used + n <= self.limit)
+            self.used += n
+        try:
+            yield
+        finally:
+            async with self.changed:
+                self.used -= n
+                self.changed.notify_all()
+
+
 class Batcher:
     """serve: requests that arrive together share one forward pass. The first waiting image opens a batch, which
     takes up to max_batch images or waits max_wait seconds for more; batches run one at a time in a thread."""
@@ -1832,13 +1865,18 @@ def cmd_serve(args):
     print(f"serving {path} on http://{args.host}:{args.port}/ "
           f"({args.workers} process{'es' if args.workers > 1 else ''}; Ctrl-C stops)", flush=True)
     if args.workers == 1:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", **SERVE_LIMITS)
         return 0
     del app   # the worker processes load their own model; this one only checked that it loads
     os.environ[SERVE_OPTIONS] = json.dumps({k: v for k, v in vars(args).items() if k != "func"})
     uvicorn.run(f"{SCRIPT}:serve_worker", factory=True, app_dir=str(Path(__file__).resolve().parent),
-                workers=args.workers, host=args.host, port=args.port, log_level="warning")
+                workers=args.workers, host=args.host, port=args.port, log_level="warning", **SERVE_LIMITS)
     return 0
+
+
+# serve: connections beyond the limit are answered 503 (before the process runs out of file descriptors), and a stop
+# waits at most 5 s for the requests in flight
+SERVE_LIMITS = {"limit_concurrency": SERVE_CONNECTIONS, "timeout_graceful_shutdown": 5}
 
 
 def serve_worker():
@@ -1882,20 +1920,28 @@ def serve_app(args):
         return PAGE.format(script=f"{SCRIPT}.py", about=html.escape(__doc__.split("\n")[0]))
 
     client_disconnect = importlib.import_module("starlette.requests").ClientDisconnect   # starlette: fastapi's base
-    decoding = asyncio.Semaphore(2)
+    decoding, pixels = asyncio.Semaphore(2), PixelBudget(2 * MAX_PIXELS)
 
     async def read_body(request):
-        """The raw body, up to one byte over --max-bytes; asyncio.TimeoutError when no byte comes for BODY_SECONDS."""
+        """The raw body, up to one byte over --max-bytes; asyncio.TimeoutError when it is not complete within
+        BODY_SECONDS (a client sending a byte now and then holds its buffer no longer)."""
         data, chunks = bytearray(), request.stream().__aiter__()
+        deadline = asyncio.get_running_loop().time() + BODY_SECONDS
         while len(data) <= args.max_bytes:
             try:
-                data += await asyncio.wait_for(chunks.__anext__(), BODY_SECONDS)
+                data += await asyncio.wait_for(chunks.__anext__(), deadline - asyncio.get_running_loop().time())
             except StopAsyncIteration:
                 break
         return data
 
     @app.post("/predict")
     async def predict_image(request: fastapi.Request):
+        try:
+            return await answer(request)
+        except asyncio.CancelledError:   # serve stopping (uvicorn cancels what is in flight after 5 s): no traceback
+            return error(503, "the server is stopping")
+
+    async def answer(request):
         kind = request.headers.get("content-type", "application/octet-stream").split(";")[0].strip().lower()
         length = request.headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > args.max_bytes + 4096):
@@ -1927,18 +1973,19 @@ def serve_app(args):
             return error(400, "empty body: send an image")
         if len(data) > args.max_bytes:
             return error(413, f"image over the limit of {args.max_bytes:,} bytes (--max-bytes)")
-        try:
-            async with decoding:   # beside the event loop, not in it; two at a time (memory)
-                img = await asyncio.to_thread(load_image, bytes(data))
-        except UserError as e:
-            return error(400, f"cannot read image: {e}")
-        try:
-            return await batcher(img)
-        except UserError as e:
-            return error(422, str(e))
-        except Exception as e:  # a bug, not the client's: its name in the answer and on stderr, and serve on
-            print(f"error: /predict failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-            return error(500, f"prediction failed ({type(e).__name__})")
+        async with pixels.room(await asyncio.to_thread(pixel_count, bytes(data))):   # decoded images: bounded memory
+            try:
+                async with decoding:   # beside the event loop, not in it; two at a time
+                    img = await asyncio.to_thread(load_image, bytes(data))
+            except UserError as e:
+                return error(400, f"cannot read image: {e}")
+            try:
+                return await batcher(img)
+            except UserError as e:
+                return error(422, str(e))
+            except Exception as e:  # a bug, not the client's: its name in the answer and on stderr, and serve on
+                print(f"error: /predict failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+                return error(500, f"prediction failed ({type(e).__name__})")
 
     return app, path
 

@@ -1,5 +1,7 @@
 """captcha pipeline end to end: generate -> prepare -> train -> eval, plus bad input."""
+import asyncio
 import csv
+import io
 import json
 import os
 import pty
@@ -736,11 +738,57 @@ def test_eval_reads_modes_and_formats(trained, image_dir):
 
 def test_serve_ends_on_sigterm(trained):
     """A `kill` ends serve as Ctrl-C does: one line, status 143 (SIGTERM is no KeyboardInterrupt, which uvicorn
-    takes as its own: serve ended in status 0). train under SIGTERM: test_hostile's lock test."""
+    takes as its own: serve ended in status 0), within seconds even while a client trickles an upload (it waited
+    for the upload for ever). Connections past SERVE_CONNECTIONS are answered 503 (idle clients used to hold file
+    descriptors until the process ran out). train under SIGTERM: test_hostile's lock test."""
+    mod = load_script("captcha.py")
     with serving("captcha.py", "--data-dir", trained[0], "--device", "cpu") as (url, proc):
+        port = int(url.rsplit(":", 1)[1])
+        upload = socket.create_connection(("127.0.0.1", port))
+        upload.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 1000\r\n\r\n01")
+        idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(mod.SERVE_CONNECTIONS)]
+        assert http(url + "/health")[0] == 503
+        for connection in idle:
+            connection.close()
+        for _ in range(50):   # the server notices the closed connections
+            if http(url + "/health")[0] == 200:
+                break
+            time.sleep(0.1)
+        assert http(url + "/health")[0] == 200
+        start = time.time()
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=60)
+        upload.close()
     assert proc.returncode == 143 and err.strip().splitlines()[-1] == "terminated" and "Traceback" not in err, err
+    assert time.time() - start < 20
+
+
+def test_serve_bounds_the_memory_of_decoded_images():
+    """PixelBudget: a request waits for room before it decodes (at most `limit` pixels of images at once, one image
+    alone always gets room); load_image reads only IMAGE_FORMATS (a TIFF is refused; an EPS would go through Ghostscript)."""
+    mod = load_script("captcha.py")
+    budget, log = mod.PixelBudget(100), []
+
+    async def request(name, pixels, seconds):
+        async with budget.room(pixels):
+            log.append(f"{name} in")
+            await asyncio.sleep(seconds)
+            log.append(f"{name} out")
+
+    async def scenario():
+        await asyncio.gather(request("a", 80, 0.2), request("b", 50, 0), request("c", 500, 0), request("d", 20, 0))
+
+    asyncio.run(scenario())
+    assert log[:3] == ["a in", "d in", "d out"] and log.index("b in") > log.index("a out")
+    assert log.index("c in") > log.index("a out") and budget.used == 0   # 500 > 100: alone
+    eps = io.BytesIO()
+    Image.new("RGB", (20, 10)).save(eps, format="TIFF")
+    with pytest.raises(mod.UserError, match="not of a format read here"):
+        mod.load_image(eps.getvalue())
+    assert mod.pixel_count(eps.getvalue()) == 0
+    png = io.BytesIO()
+    Image.new("RGB", (20, 10)).save(png, format="PNG")
+    assert mod.pixel_count(png.getvalue()) == 200 and mod.load_image(png.getvalue()).size == (20, 10)
 
 
 def test_eval_interactive_prompt_until_eof(trained, generated):

@@ -41,12 +41,12 @@ FACE_SHARED = ["CSV_COLUMNS", "read_boxes_csv", "count_skip", "split_indices", "
                "start_reader", "boxes_inside", "prepare_photos", "working_copy", "draw_boxes", "encode_offsets",
                "decode_offsets"]
 # every call that reads a file, and the only functions allowed to make it (they turn failures into UserError)
-READERS = {"open": {"setup_distributed", "lock_data_dir"}, "os.open": {"lock_data_dir"}, "Image.open": {"load_image"},
+READERS = {"open": {"setup_distributed", "lock_data_dir"}, "os.open": {"lock_data_dir"}, "Image.open": {"load_image", "pixel_count"},
            "gzip.open": {"load_shard"}, "torch.load": {"load_shard", "load_model_file"},
            "pd.read_csv": {"read_boxes_csv"}, ".read_text": {"read_text"}, ".read_bytes": set(),
            ".open": set(), "json.load": set(), "json.loads": {"read_meta", "OnnxNetwork", "serve_worker"}, "np.load": set(), "cv2.imread": set(),
            "csv.reader": {"read_labels"}, "csv.DictReader": {"read_runs"}, ".InferenceSession": {"OnnxNetwork"}}   # read_labels: lines of read_text
-# serve_worker: the options serve --workers passes to its own processes
+# serve_worker: the options serve --workers passes to its own processes; pixel_count: the header of bytes serve received
 
 
 COMMON_MARK = "# ==== Common to all five scripts: keep identical ===="
