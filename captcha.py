@@ -1927,8 +1927,10 @@ def serve_app(args):
 
     app = fastapi.FastAPI(title=SCRIPT, lifespan=lifespan)
     error = lambda status, reason: responses.JSONResponse({"error": reason}, status_code=status)
+    app.add_exception_handler(importlib.import_module("starlette.exceptions").HTTPException,   # 404, 405: {"error"}
+                              lambda request, e: error(e.status_code, str(e.detail)))
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])   # HEAD: what uptime monitors send
     def health():
         return {"status": "ok", "images": batcher.images, "batches": batcher.batches, "pid": os.getpid()}
 
@@ -1936,7 +1938,7 @@ def serve_app(args):
     def model_info():
         return about
 
-    @app.get("/", response_class=responses.HTMLResponse)
+    @app.api_route("/", methods=["GET", "HEAD"], response_class=responses.HTMLResponse)
     def page():
         return PAGE.format(script=f"{SCRIPT}.py", about=html.escape(__doc__.split("\n")[0]))
 
@@ -1974,8 +1976,8 @@ def serve_app(args):
                 form = await asyncio.wait_for(request.form(max_files=1, max_fields=8), 10 * BODY_SECONDS)
             except asyncio.TimeoutError:
                 return error(408, f"the multipart body did not arrive within {10 * BODY_SECONDS} s")
-            except Exception as e:  # starlette's own parse errors, a client gone
-                return error(400, f"cannot read the multipart body ({type(e).__name__})")
+            except Exception as e:  # starlette's own parse errors (their detail says why), a client gone
+                return error(400, f"cannot read the multipart body ({getattr(e, 'detail', type(e).__name__)})")
             uploads = [v for v in form.values() if hasattr(v, "read")]
             if not uploads:
                 return error(400, "the multipart body has no file field")

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -967,6 +968,10 @@ def test_serve(trained, generated, tmp_path):
         assert info["charset"] == torch.load(data / "model.pt", weights_only=True)["charset"]
         status, page = http(url + "/")
         assert status == 200 and 'type="file"' in page and 'fetch("predict"' in page and "http" not in page
+        with urllib.request.urlopen(urllib.request.Request(url + "/", method="HEAD")) as response:   # monitors
+            assert response.status == 200
+        assert http(url + "/nothing") == (404, {"error": "Not Found"})
+        assert http(url + "/info", b"x") == (405, {"error": "Method Not Allowed"})
         assert http(url + "/predict", png, {"Content-Type": "image/png"}) == (200, expected[str(images[0])])
         assert http(url + "/predict", *multipart("file", images[0].name, png)) == (200, expected[str(images[0])])
         for body, headers, status, words in [
