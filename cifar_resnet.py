@@ -1439,7 +1439,8 @@ def cmd_serve(args):
         socket.create_server((args.host, args.port), family=family).close()
     except OSError as e:
         raise UserError(f"--host {args.host} --port {args.port}: cannot listen there ({e.strerror or e})")
-    print(f"serving {path} on http://{args.host}:{args.port}/ "
+    host = f"[{args.host}]" if ":" in args.host else args.host   # an IPv6 address in a URL
+    print(f"serving {path} on http://{host}:{args.port}/ "
           f"({args.workers} process{'es' if args.workers > 1 else ''}; Ctrl-C stops)", flush=True)
     if args.workers == 1:
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning", **SERVE_LIMITS)
