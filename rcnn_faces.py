@@ -997,7 +997,9 @@ def load_image(path):
     refused from its header before decoding."""
     try:
         if not isinstance(path, bytes) and not os.path.isfile(path):
-            raise UserError("no such file" if not os.path.lexists(path) else "not a file")
+            raise UserError("no such file" if not os.path.lexists(path) else
+                            f"a folder with no images ({', '.join(sorted(IMAGE_EXTS))})" if os.path.isdir(path) else
+                            "not a file")
         with warnings.catch_warnings():  # PIL's own bomb warning becomes an error here, not a line on stderr
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(path) if isinstance(path, bytes) else path, formats=IMAGE_FORMATS) as img:
@@ -2177,14 +2179,15 @@ def cmd_train(args):
 
 def iter_eval_inputs(paths):
     """Yield image paths: from arguments (files or folders), else piped stdin, else the interactive prompt. A folder
-    without images is a UserError (nothing to do is a mistake, not a success)."""
+    without images is a UserError when it is the only argument (nothing to do is a mistake, not a success); among
+    others it is yielded itself, and answered as an image that cannot be read, so the others are still read."""
     if paths:
         for p in paths:
             if Path(p).is_dir():
                 images = list_images(p)
-                if not images:
+                if not images and len(paths) == 1:
                     raise UserError(f"{p}: no images in this folder (extensions {', '.join(sorted(IMAGE_EXTS))})")
-                yield from (str(q) for q in images)
+                yield from (str(q) for q in images) if images else [p]
             else:
                 yield p
     elif sys.stdin.isatty():

@@ -900,6 +900,13 @@ def test_hostile_input_one_line_and_nothing_lost(tmp, trained):
     (tmp / "no_images").mkdir()
     assert "no images" in assert_one_line_error(run_main("captcha.py", "eval", "--data-dir", src,
                                                          tmp / "no_images"), 1)
+    # among other inputs, a folder without images is answered as an image that cannot be read: the others are read
+    image = next(p for p in sorted((tmp / "images").iterdir()) if p.name.startswith("0"))
+    proc = run("captcha.py", "eval", "--data-dir", src, "--json", image, tmp / "no_images", "--device", "cpu")
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert proc.returncode == 1 and "code" in rows[0] and rows[1] == {
+        "image": str(tmp / "no_images"), "error": "cannot read image: a folder with no images (.bmp, .gif, .jpeg, "
+        ".jpg, .png, .webp)"}
     data = tmp / "keep"
     shutil.copytree(src, data)
     before = tree_bytes(data)
