@@ -1012,8 +1012,8 @@ class UserError(Exception):
 
 
 def load_image(path):
-    """Open any image file (or the bytes of one) as RGB, the format decided by content, not extension; alpha is
-    composited onto white. Every failure is a UserError with a one-line reason: missing, not a file, not an image,
+    """Open an image file (or the bytes of one) of IMAGE_FORMATS as RGB, the format decided by content, not
+    extension; alpha is composited onto white. Every failure is a UserError with a one-line reason: missing, not a file, not an image,
     damaged, or more than MAX_PIXELS pixels (a decompression bomb: a small file that would decode to gigabytes),
     refused from its header before decoding."""
     try:
@@ -1643,7 +1643,7 @@ def grid_runs(args, parser):
 ONNX_OPSET = 18          # ONNX Runtime >= 1.14 runs it
 MAX_UPLOAD = 8 * 2**20   # serve: default --max-bytes of one request
 BODY_SECONDS = 30        # serve: a request body not complete after this long is answered 408 (multipart: 10x)
-SERVE_CONNECTIONS = 100  # serve: connections (and requests) at once per process; more are answered 503
+UPLOAD_RATE = 32 << 10   # serve: bytes/s a body must keep up on average (beyond BODY_SECONDS): 8 MB in 286 s
 IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "DIB", "WEBP")   # what load_image decodes (JPEG: camera MPO files too)
 SERVE_OPTIONS = "SUITE_SERVE_OPTIONS"   # serve --workers N: the options, passed to each process in this variable
 
@@ -1773,16 +1773,23 @@ def pixel_count(data):
 class PixelBudget:
     """serve: the pixels of decoded images waiting for a forward pass, at most `limit` at a time (a PNG of a few KB
     decodes to 48 MB: many at once would exhaust memory). A request waits for room before it decodes; one image
-    alone always gets room."""
+    alone always gets room. Requests enter in their order of arrival (a large photo is not passed for ever by a
+    stream of small ones)."""
 
     def __init__(self, limit):
-        self.limit, self.used, self.changed = limit, 0, None
+        self.limit, self.used, self.changed, self.waiting = limit, 0, None, []
 
     @contextlib.asynccontextmanager
     async def room(self, n):
-        self.changed = self.changed or asyncio.Condition()
+        self.changed, ticket = self.changed or asyncio.Condition(), object()
         async with self.changed:
-            await self.changed.wait_for(lambda: self.used == 0 or self.used + n <= self.limit)
+            self.waiting.append(ticket)
+            try:
+                await self.changed.wait_for(lambda: self.waiting[0] is ticket and (
+                    self.used == 0 or self.used + n <= self.limit))
+            finally:   # entered, or cancelled while waiting: the next in line may go
+                self.waiting.remove(ticket)
+                self.changed.notify_all()
             self.used += n
         try:
             yield
@@ -1880,6 +1887,10 @@ def cmd_serve(args):
     --workers N: uvicorn runs N processes on one port, each building the app with serve_worker()."""
     uvicorn = import_optional("uvicorn", "uvicorn", "serve")
     app, path = serve_app(args)   # also with --workers: a bad model or option fails here, in one line
+    with contextlib.suppress(ImportError, ValueError, OSError):   # each connection holds a file descriptor: as many
+        import resource                                          # as the system allows (the soft limit is often 1,024)
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else max(soft, 65536), hard))
     try:   # a port in use or a host that is not this machine: one line, before "serving"
         family = socket.getaddrinfo(args.host, args.port, type=socket.SOCK_STREAM)[0][0]
         socket.create_server((args.host, args.port), family=family).close()
@@ -1898,9 +1909,7 @@ def cmd_serve(args):
     return 0
 
 
-# serve: connections beyond the limit are answered 503 (before the process runs out of file descriptors), and a stop
-# waits at most 5 s for the requests in flight
-SERVE_LIMITS = {"limit_concurrency": SERVE_CONNECTIONS, "timeout_graceful_shutdown": 5}
+SERVE_LIMITS = {"timeout_graceful_shutdown": 5}   # serve: a stop waits at most 5 s for the requests in flight
 
 
 def serve_worker():
@@ -1931,7 +1940,8 @@ def serve_app(args):
     app = fastapi.FastAPI(title=SCRIPT, lifespan=lifespan)
     error = lambda status, reason: responses.JSONResponse({"error": reason}, status_code=status)
     app.add_exception_handler(importlib.import_module("starlette.exceptions").HTTPException,   # 404, 405: {"error"}
-                              lambda request, e: error(e.status_code, str(e.detail)))
+                              lambda request, e: responses.JSONResponse({"error": str(e.detail)}, e.status_code,
+                                                                        headers=getattr(e, "headers", None)))
 
     @app.api_route("/health", methods=["GET", "HEAD"])   # HEAD: what uptime monitors send
     def health():
@@ -1948,11 +1958,17 @@ def serve_app(args):
     client_disconnect = importlib.import_module("starlette.requests").ClientDisconnect   # starlette: fastapi's base
     decoding, pixels = asyncio.Semaphore(2), PixelBudget(2 * MAX_PIXELS)
 
+    def body_seconds(request):
+        """How long a body may take: BODY_SECONDS, plus its length (Content-Length, else --max-bytes) at UPLOAD_RATE
+        (a client sending a byte now and then holds its buffer no longer than that)."""
+        length = request.headers.get("content-length", "")
+        return BODY_SECONDS + (int(length) if length.isdigit() else args.max_bytes) / UPLOAD_RATE
+
     async def read_body(request):
         """The raw body, up to one byte over --max-bytes; asyncio.TimeoutError when it is not complete within
-        BODY_SECONDS (a client sending a byte now and then holds its buffer no longer)."""
+        body_seconds()."""
         data, chunks = bytearray(), request.stream().__aiter__()
-        deadline = asyncio.get_running_loop().time() + BODY_SECONDS
+        deadline = asyncio.get_running_loop().time() + body_seconds(request)
         while len(data) <= args.max_bytes:
             try:
                 data += await asyncio.wait_for(chunks.__anext__(), deadline - asyncio.get_running_loop().time())
@@ -1989,7 +2005,7 @@ def serve_app(args):
             try:
                 data = await read_body(request)
             except asyncio.TimeoutError:
-                return error(408, f"the body stalled for {BODY_SECONDS} s")
+                return error(408, f"the body did not arrive within {body_seconds(request):.0f} s")
             except client_disconnect:   # nobody to answer; no traceback in the log either
                 return error(400, "the client went away before the body was complete")
         else:
@@ -1999,7 +2015,8 @@ def serve_app(args):
             return error(400, "empty body: send an image")
         if len(data) > args.max_bytes:
             return error(413, f"image over the limit of {args.max_bytes:,} bytes (--max-bytes)")
-        async with pixels.room(await asyncio.to_thread(pixel_count, bytes(data))):   # decoded images: bounded memory
+        n = await asyncio.to_thread(pixel_count, bytes(data))   # over MAX_PIXELS: refused from its header, no room
+        async with pixels.room(n if n <= MAX_PIXELS else 0):      # decoded images: bounded memory
             try:
                 async with decoding:   # beside the event loop, not in it; two at a time
                     img = await asyncio.to_thread(load_image, bytes(data))

@@ -6,6 +6,7 @@ import importlib.util
 import io
 import json
 import os
+import resource
 import select
 import signal
 import socket
@@ -316,13 +317,17 @@ def multipart(field, filename, data):
 
 
 @contextlib.contextmanager
-def serving(script, *args):
+def serving(script, *args, open_files=None):
     """`python SCRIPT serve --port FREE args...` in a subprocess, once /health answers: yields (base URL, process).
-    On leaving, Ctrl-C (SIGINT), as a user stops it; the process's exit is the caller's to check."""
+    open_files: the soft limit of open files it starts with. On leaving, Ctrl-C (SIGINT), as a user stops it; the
+    process's exit is the caller's to check."""
     port = free_port()
     env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONWARNINGS="ignore")
+    limit = (lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, resource.getrlimit(
+        resource.RLIMIT_NOFILE)[1]))) if open_files else None
     proc = subprocess.Popen([sys.executable, str(ROOT / script), "serve", "--port", str(port), *map(str, args)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env,
+                            preexec_fn=limit)
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(600):
