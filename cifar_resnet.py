@@ -569,9 +569,9 @@ class UserError(Exception):
 
 def load_image(path):
     """Open an image file (or the bytes of one) of IMAGE_FORMATS as RGB, the format decided by content, not
-    extension; alpha is composited onto white. Every failure is a UserError with a one-line reason: missing, not a file, not an image,
-    damaged, or more than MAX_PIXELS pixels (a decompression bomb: a small file that would decode to gigabytes),
-    refused from its header before decoding."""
+    extension; alpha is composited onto white. Every failure is a UserError with a one-line reason: missing, not a
+    file, not an image, damaged, or more than MAX_PIXELS pixels (a decompression bomb: a small file that would
+    decode to gigabytes), refused from its header before decoding."""
     try:
         if not isinstance(path, bytes) and not os.path.isfile(path):
             raise UserError("no such file" if not os.path.lexists(path) else
@@ -1200,6 +1200,7 @@ ONNX_OPSET = 18          # ONNX Runtime >= 1.14 runs it
 MAX_UPLOAD = 8 * 2**20   # serve: default --max-bytes of one request
 BODY_SECONDS = 30        # serve: a request body not complete after this long is answered 408 (multipart: 10x)
 UPLOAD_RATE = 32 << 10   # serve: bytes/s a body must keep up on average (beyond BODY_SECONDS): 8 MB in 286 s
+SERVE_LIMITS = {"timeout_graceful_shutdown": 5}   # serve: a stop waits at most 5 s for the requests in flight
 IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "DIB", "WEBP")   # what load_image decodes (JPEG: camera MPO files too)
 SERVE_OPTIONS = "SUITE_SERVE_OPTIONS"   # serve --workers N: the options, passed to each process in this variable
 
@@ -1465,8 +1466,6 @@ def cmd_serve(args):
     return 0
 
 
-SERVE_LIMITS = {"timeout_graceful_shutdown": 5}   # serve: a stop waits at most 5 s for the requests in flight
-
 
 def serve_worker():
     """uvicorn's app factory in each process of serve --workers N: the parent's options, a share of the cores."""
@@ -1571,11 +1570,12 @@ def serve_app(args):
             return error(400, "empty body: send an image")
         if len(data) > args.max_bytes:
             return error(413, f"image over the limit of {args.max_bytes:,} bytes (--max-bytes)")
-        n = await asyncio.to_thread(pixel_count, bytes(data))   # over MAX_PIXELS: refused from its header, no room
-        async with pixels.room(n if n <= MAX_PIXELS else 0):      # decoded images: bounded memory
+        data = bytes(data)
+        n = await asyncio.to_thread(pixel_count, data)   # over MAX_PIXELS: refused from its header, no room
+        async with pixels.room(n if n <= MAX_PIXELS else 0):   # decoded images: bounded memory
             try:
                 async with decoding:   # beside the event loop, not in it; two at a time
-                    img = await asyncio.to_thread(load_image, bytes(data))
+                    img = await asyncio.to_thread(load_image, data)
             except UserError as e:
                 return error(400, f"cannot read image: {e}")
             try:

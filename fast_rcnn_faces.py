@@ -790,7 +790,7 @@ def read_boxes_csv(csv_path):
     if Path(csv_path).stat().st_size > MAX_CSV_BYTES:
         raise UserError(f"{csv_path}: {Path(csv_path).stat().st_size:,} bytes, over the limit of {MAX_CSV_BYTES:,} "
                         "(MAX_CSV_BYTES)")
-    rows, skipped = {}, {}
+    rows, skipped, seen = {}, {}, set()   # seen: (name, box), so a repeated row is found in constant time
     try:
         df = pd.read_csv(csv_path, dtype=str, keep_default_na=False, encoding="utf-8", engine="python",
                          on_bad_lines=lambda fields: count_skip(skipped, "wrong number of fields", fields[0]))
@@ -804,15 +804,16 @@ def read_boxes_csv(csv_path):
     coords = df[CSV_COLUMNS[1:]].apply(pd.to_numeric, errors="coerce")
     for name, text, box in zip(df["Name"], df[CSV_COLUMNS[1:]].itertuples(index=False),
                                coords.itertuples(index=False)):   # examples name the row by its text, not number
-        x1, y1, x2, y2 = box
-        if not all(math.isfinite(v) for v in box):   # a short row's missing fields are NaN, not text
+        x1, y1, x2, y2 = face = tuple(map(float, box))
+        if not all(math.isfinite(v) for v in face):   # a short row's missing fields are NaN, not text
             count_skip(skipped, "non-numeric box", f"{name} {','.join(v if isinstance(v, str) else '' for v in text)}")
         elif x2 <= x1 or y2 <= y1:
             count_skip(skipped, "zero-size box", f"{name} {x1:g},{y1:g},{x2:g},{y2:g}")
-        elif (float(x1), float(y1), float(x2), float(y2)) in rows.get(name, []):   # one face, not two
+        elif (name, face) in seen:   # one face, not two
             count_skip(skipped, "duplicate row", f"{name} {x1:g},{y1:g},{x2:g},{y2:g}")
         else:
-            rows.setdefault(name, []).append((float(x1), float(y1), float(x2), float(y2)))
+            seen.add((name, face))
+            rows.setdefault(name, []).append(face)
     for name in [name for name, boxes in rows.items() if len(boxes) > MAX_FACES]:
         count_skip(skipped, f"photo with over {MAX_FACES} boxes (MAX_FACES)", name, len(rows.pop(name)))
     return rows, skipped
@@ -830,7 +831,7 @@ def photo_jobs(image_dir, rows_by_photo, opts, seed, skipped):
     """{Name: prepare_photo's job} for the CSV's photos found inside --image-dir. One file under two Names
     (`a.jpg` and `./a.jpg`, or a symlink to it) is one photo: the later Name's boxes join the first's, where they
     would have made two photos, each with faces the other's boxes leave unlabelled."""
-    jobs, first = {}, {}
+    jobs, first, seen = {}, {}, {}   # seen: each photo's boxes, as a set
     for i, name in enumerate(sorted(rows_by_photo)):
         path, why = photo_path(image_dir, name)
         if path is None:   # missing, or outside --image-dir: never opened
@@ -838,13 +839,14 @@ def photo_jobs(image_dir, rows_by_photo, opts, seed, skipped):
         elif path in first:
             boxes = rows_by_photo[first[path]]
             for box in rows_by_photo[name]:
-                if box in boxes:
+                if box in seen[path]:
                     count_skip(skipped, "duplicate row", f"{name} {','.join(f'{v:g}' for v in box)}")
                 else:
+                    seen[path].add(box)
                     boxes.append(box)
             print(f"{name!r} is the photo {first[path]!r}: its boxes are joined to that name's")
         else:
-            first[path] = name
+            first[path], seen[path] = name, set(rows_by_photo[name])
             jobs[name] = (str(path), rows_by_photo[name], opts, seed * 1_000_003 + i)
     for name in [name for name, job in jobs.items() if len(job[1]) > MAX_FACES]:   # over the limit once joined
         count_skip(skipped, f"photo with over {MAX_FACES} boxes (MAX_FACES)", name, len(jobs.pop(name)[1]))
@@ -1070,8 +1072,8 @@ class OutputFiles:
         self.interactive = not inputs and sys.stdin.isatty()
         if self.output_dir:   # files named on the command line stay
             named = {os.path.realpath(p) for p in args.images or [] if os.path.isfile(p)}
-            ours = [p for p in inputs if Path(os.path.realpath(self.output_dir)) in Path(os.path.realpath(p)).parents
-                    and os.path.realpath(p) not in named]
+            where = Path(os.path.realpath(self.output_dir))
+            ours = [p for p in inputs if where in Path(os.path.realpath(p)).parents and os.path.realpath(p) not in named]
             inputs[:] = [p for p in inputs if p not in ours]
             if ours and not inputs:
                 raise UserError(f"no images but the annotated copies in --output-dir {self.output_dir}")
@@ -1137,9 +1139,9 @@ class UserError(Exception):
 
 def load_image(path):
     """Open an image file (or the bytes of one) of IMAGE_FORMATS as RGB, the format decided by content, not
-    extension; alpha is composited onto white. Every failure is a UserError with a one-line reason: missing, not a file, not an image,
-    damaged, or more than MAX_PIXELS pixels (a decompression bomb: a small file that would decode to gigabytes),
-    refused from its header before decoding."""
+    extension; alpha is composited onto white. Every failure is a UserError with a one-line reason: missing, not a
+    file, not an image, damaged, or more than MAX_PIXELS pixels (a decompression bomb: a small file that would
+    decode to gigabytes), refused from its header before decoding."""
     try:
         if not isinstance(path, bytes) and not os.path.isfile(path):
             raise UserError("no such file" if not os.path.lexists(path) else
@@ -1768,6 +1770,7 @@ ONNX_OPSET = 18          # ONNX Runtime >= 1.14 runs it
 MAX_UPLOAD = 8 * 2**20   # serve: default --max-bytes of one request
 BODY_SECONDS = 30        # serve: a request body not complete after this long is answered 408 (multipart: 10x)
 UPLOAD_RATE = 32 << 10   # serve: bytes/s a body must keep up on average (beyond BODY_SECONDS): 8 MB in 286 s
+SERVE_LIMITS = {"timeout_graceful_shutdown": 5}   # serve: a stop waits at most 5 s for the requests in flight
 IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "DIB", "WEBP")   # what load_image decodes (JPEG: camera MPO files too)
 SERVE_OPTIONS = "SUITE_SERVE_OPTIONS"   # serve --workers N: the options, passed to each process in this variable
 
@@ -2033,8 +2036,6 @@ def cmd_serve(args):
     return 0
 
 
-SERVE_LIMITS = {"timeout_graceful_shutdown": 5}   # serve: a stop waits at most 5 s for the requests in flight
-
 
 def serve_worker():
     """uvicorn's app factory in each process of serve --workers N: the parent's options, a share of the cores."""
@@ -2139,11 +2140,12 @@ def serve_app(args):
             return error(400, "empty body: send an image")
         if len(data) > args.max_bytes:
             return error(413, f"image over the limit of {args.max_bytes:,} bytes (--max-bytes)")
-        n = await asyncio.to_thread(pixel_count, bytes(data))   # over MAX_PIXELS: refused from its header, no room
-        async with pixels.room(n if n <= MAX_PIXELS else 0):      # decoded images: bounded memory
+        data = bytes(data)
+        n = await asyncio.to_thread(pixel_count, data)   # over MAX_PIXELS: refused from its header, no room
+        async with pixels.room(n if n <= MAX_PIXELS else 0):   # decoded images: bounded memory
             try:
                 async with decoding:   # beside the event loop, not in it; two at a time
-                    img = await asyncio.to_thread(load_image, bytes(data))
+                    img = await asyncio.to_thread(load_image, data)
             except UserError as e:
                 return error(400, f"cannot read image: {e}")
             try:
