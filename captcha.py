@@ -55,7 +55,7 @@ except ImportError:
 
 QUIET_START = signal.getsignal(signal.SIGINT) is signal.default_int_handler
 if QUIET_START:   # Ctrl-C while torch loads (a second or two): exit 130 without a traceback
-    signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
+    signal.signal(signal.SIGINT, lambda *_: os._exit(130))   # not SystemExit: raised inside torch's C++ it aborts
 import numpy as np
 import torch
 import torch.distributed as dist
