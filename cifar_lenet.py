@@ -523,18 +523,9 @@ def cmd_eval(args):
 
 
 def build_parser():
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--data-dir", default=f"data/{SCRIPT}", help="prepared batches, model and history")
-    device = argparse.ArgumentParser(add_help=False)
-    device.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
-                        help="auto: cuda if available, else mps, else cpu")
-    seed = argparse.ArgumentParser(add_help=False)
-    seed.add_argument("--seed", type=seed_int, default=0, help="split and training seed")
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    parser, sub, common, device, seed = base_parser()
 
-    parser = OneLineParser(description=__doc__.split("\n")[0], formatter_class=fmt)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{prepare,train,eval,export,serve}")
-    p = sub.add_parser("prepare", parents=[common, seed], formatter_class=fmt, help="images -> tensor batches")
+    p = sub.add_parser("prepare", parents=[common, seed], help="images -> tensor batches")
     p.add_argument("--image-dir", default=IMAGE_DIR, help="labels.txt + N_label images, or one folder per class; "
                    f"images over {MAX_PIXELS:,} pixels are skipped")
     p.add_argument("--labels", default=None, help="label list file (default: IMAGE_DIR/labels.txt or folder names)")
@@ -542,7 +533,7 @@ def build_parser():
                    "if there is one, as in the tutorial's cifar/test)")
     p.add_argument("--workers", type=worker_count, default=os.cpu_count() or 1, help="parallel decoding processes")
     p.set_defaults(func=cmd_prepare)
-    p = sub.add_parser("train", parents=[common, device, seed], formatter_class=fmt, help="train with early stopping")
+    p = sub.add_parser("train", parents=[common, device, seed], help="train with early stopping")
     p.add_argument("--epochs", type=positive_int, default=EPOCHS,
                    help="maximum epochs (also the length of the lr schedule)")
     p.add_argument("--patience", type=positive_int, default=20,
@@ -556,7 +547,7 @@ def build_parser():
     p.add_argument("--resume", action="store_true", help="continue from DATA_DIR/checkpoint.pt")
     add_scale_options(p)
     p.set_defaults(func=cmd_train, train_parser=p)
-    p = sub.add_parser("eval", parents=[common, device], formatter_class=fmt, help="predict images")
+    p = sub.add_parser("eval", parents=[common, device], help="predict images")
     p.add_argument("images", nargs="*", metavar="IMAGE", help="image files or folders; none: read paths from stdin; "
                    f"images over {MAX_PIXELS:,} pixels are refused")
     p.add_argument("--model", default=None, help="model file (default: DATA_DIR/model.pt)")
@@ -1603,13 +1594,12 @@ def serve_app(args):
 
 def add_ship_commands(sub, common, serve_parents):
     """The export and serve commands of every script; serve_parents: the script's options for predictions."""
-    fmt = argparse.ArgumentDefaultsHelpFormatter
-    p = sub.add_parser("export", parents=[common], formatter_class=fmt, help="model.pt -> ONNX (for onnxruntime)")
+    p = sub.add_parser("export", parents=[common], help="model.pt -> ONNX (for onnxruntime)")
     p.add_argument("--model", default=None, help="model file (default: DATA_DIR/model.pt)")
     p.add_argument("--output", default=None, help="ONNX file (default: the model's name with .onnx)")
     p.add_argument("--force", action="store_true", help="replace --output if it exists")
     p.set_defaults(func=cmd_export)
-    p = sub.add_parser("serve", parents=[common, *serve_parents], formatter_class=fmt,
+    p = sub.add_parser("serve", parents=[common, *serve_parents],
                        help="HTTP service: POST /predict, GET /health, /info, / (a page to try it)")
     p.add_argument("--model", default=None, help="model.pt or model.onnx (default: DATA_DIR/model.pt)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
@@ -1738,11 +1728,37 @@ def start_worker():
     torch.set_num_threads(1)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with each option's default, except where there is none to show (None, or a flag's False)."""
+
+    def _get_help_string(self, action):   # the method argparse's own ArgumentDefaultsHelpFormatter overrides
+        return action.help if action.default is None or action.default is False else super()._get_help_string(action)
+
+
 class OneLineParser(argparse.ArgumentParser):
-    """argparse that reports a usage mistake in one line (`error: PROG: MESSAGE (see PROG --help)`), status 2."""
+    """argparse that reports a usage mistake in one line (`error: PROG: MESSAGE (see PROG --help)`), status 2; its
+    help lists the defaults (subcommands' parsers are of this class too)."""
+
+    def __init__(self, *args, formatter_class=HelpFormatter, **kwargs):
+        super().__init__(*args, formatter_class=formatter_class, **kwargs)
 
     def error(self, message):
         self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def base_parser():
+    """The parser every script starts from, its subcommands, and the option groups they share: --data-dir (every
+    command), --device (train, eval), --seed (prepare, train)."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--data-dir", default=f"data/{SCRIPT}", help="prepared batches, model and history")
+    device = argparse.ArgumentParser(add_help=False)
+    device.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
+                        help="auto: cuda if available, else mps, else cpu")
+    seed = argparse.ArgumentParser(add_help=False)
+    seed.add_argument("--seed", type=seed_int, default=0, help="split and training seed")
+    parser = OneLineParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{prepare,train,eval,export,serve}")
+    return parser, sub, common, device, seed
 
 
 def cmd_train(args):

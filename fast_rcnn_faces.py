@@ -713,23 +713,14 @@ def parse_size(text):
 
 
 def build_parser():
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--data-dir", default=f"data/{SCRIPT}", help="prepared batches, model and history")
-    device = argparse.ArgumentParser(add_help=False)
-    device.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
-                        help="auto: cuda if available, else mps, else cpu")
-    seed = argparse.ArgumentParser(add_help=False)
-    seed.add_argument("--seed", type=seed_int, default=0, help="split and training seed")
+    parser, sub, common, device, seed = base_parser()
     detection = argparse.ArgumentParser(add_help=False)
     detection.add_argument("--threshold", type=probability, default=THRESHOLD,
                            help="keep boxes with face probability >= X")
     detection.add_argument("--nms-iou", type=probability, default=NMS_IOU,
                            help="NMS: drop a box overlapping a better one by IoU > X")
-    fmt = argparse.ArgumentDefaultsHelpFormatter
 
-    parser = OneLineParser(description=__doc__.split("\n")[0], formatter_class=fmt)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{prepare,train,eval,export,serve}")
-    p = sub.add_parser("prepare", parents=[common, seed], formatter_class=fmt, help="photos -> tensor batches")
+    p = sub.add_parser("prepare", parents=[common, seed], help="photos -> tensor batches")
     p.add_argument("--image-dir", default=IMAGE_DIR, help="folder of source photos; photos over "
                    f"{MAX_PIXELS:,} pixels are skipped")
     p.add_argument("--csv", default=CSV_PATH, help="face boxes: Name,xmin,ymin,xmax,ymax (one row per face); a Name "
@@ -743,7 +734,7 @@ def build_parser():
     p.add_argument("--proposals", "--max-proposals", type=nonneg_int, default=MAX_PROPOSALS,
                    help="first N selective-search regions per photo (0: no search, the dense windows only)")
     p.set_defaults(func=cmd_prepare)
-    p = sub.add_parser("train", parents=[common, device, seed, detection], formatter_class=fmt,
+    p = sub.add_parser("train", parents=[common, device, seed, detection],
                        help="train the detector with early stopping, then score it on test photos")
     p.add_argument("--epochs", type=positive_int, default=EPOCHS, help="maximum epochs (the cosine schedule's length)")
     p.add_argument("--patience", type=positive_int, default=20,
@@ -755,7 +746,7 @@ def build_parser():
     p.add_argument("--resume", action="store_true", help="continue from DATA_DIR/checkpoint.pt")
     add_scale_options(p)
     p.set_defaults(func=cmd_train, train_parser=p)
-    p = sub.add_parser("eval", parents=[common, device, detection], formatter_class=fmt, help="detect faces in photos")
+    p = sub.add_parser("eval", parents=[common, device, detection], help="detect faces in photos")
     p.add_argument("images", nargs="*", metavar="IMAGE", help="image files or folders; none: read paths from stdin; "
                    f"images over {MAX_PIXELS:,} pixels are refused")
     p.add_argument("--model", default=None, help="model file (default: DATA_DIR/model.pt)")
@@ -1088,9 +1079,9 @@ class OutputFiles:
         elif self.output.is_dir() or not self.output.resolve().parent.is_dir():
             raise UserError(f"--output {self.output}: not a file in an existing folder; create the folder or pass "
                             f"--output-dir DIR", 2)
-        elif len(inputs) > 1:
-            raise UserError(f"--output {self.output} takes one image, not {len(inputs)} (each would overwrite the one "
-                            f"before); pass --output-dir DIR", 2)
+        elif sum(map(os.path.isfile, inputs)) > 1:   # a missing file or an empty folder is an error line, no image
+            raise UserError(f"--output {self.output} takes one image, not {sum(map(os.path.isfile, inputs))} (each "
+                            f"would overwrite the one before); pass --output-dir DIR", 2)
         elif self.output.suffix.lower() != ".png":
             raise UserError(f"--output {self.output}: name it NAME.png (eval writes a PNG)", 2)
 
@@ -2161,13 +2152,12 @@ def serve_app(args):
 
 def add_ship_commands(sub, common, serve_parents):
     """The export and serve commands of every script; serve_parents: the script's options for predictions."""
-    fmt = argparse.ArgumentDefaultsHelpFormatter
-    p = sub.add_parser("export", parents=[common], formatter_class=fmt, help="model.pt -> ONNX (for onnxruntime)")
+    p = sub.add_parser("export", parents=[common], help="model.pt -> ONNX (for onnxruntime)")
     p.add_argument("--model", default=None, help="model file (default: DATA_DIR/model.pt)")
     p.add_argument("--output", default=None, help="ONNX file (default: the model's name with .onnx)")
     p.add_argument("--force", action="store_true", help="replace --output if it exists")
     p.set_defaults(func=cmd_export)
-    p = sub.add_parser("serve", parents=[common, *serve_parents], formatter_class=fmt,
+    p = sub.add_parser("serve", parents=[common, *serve_parents],
                        help="HTTP service: POST /predict, GET /health, /info, / (a page to try it)")
     p.add_argument("--model", default=None, help="model.pt or model.onnx (default: DATA_DIR/model.pt)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
@@ -2296,11 +2286,37 @@ def start_worker():
     torch.set_num_threads(1)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with each option's default, except where there is none to show (None, or a flag's False)."""
+
+    def _get_help_string(self, action):   # the method argparse's own ArgumentDefaultsHelpFormatter overrides
+        return action.help if action.default is None or action.default is False else super()._get_help_string(action)
+
+
 class OneLineParser(argparse.ArgumentParser):
-    """argparse that reports a usage mistake in one line (`error: PROG: MESSAGE (see PROG --help)`), status 2."""
+    """argparse that reports a usage mistake in one line (`error: PROG: MESSAGE (see PROG --help)`), status 2; its
+    help lists the defaults (subcommands' parsers are of this class too)."""
+
+    def __init__(self, *args, formatter_class=HelpFormatter, **kwargs):
+        super().__init__(*args, formatter_class=formatter_class, **kwargs)
 
     def error(self, message):
         self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def base_parser():
+    """The parser every script starts from, its subcommands, and the option groups they share: --data-dir (every
+    command), --device (train, eval), --seed (prepare, train)."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--data-dir", default=f"data/{SCRIPT}", help="prepared batches, model and history")
+    device = argparse.ArgumentParser(add_help=False)
+    device.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
+                        help="auto: cuda if available, else mps, else cpu")
+    seed = argparse.ArgumentParser(add_help=False)
+    seed.add_argument("--seed", type=seed_int, default=0, help="split and training seed")
+    parser = OneLineParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{prepare,train,eval,export,serve}")
+    return parser, sub, common, device, seed
 
 
 def cmd_train(args):

@@ -931,9 +931,11 @@ def test_hostile_input_one_line_and_nothing_lost(tmp, trained):
 
 
 def test_help_and_usage_errors():
-    for args in ([], ["prepare"], ["train"], ["eval"]):
+    for args in ([], ["prepare"], ["train"], ["eval"], ["export"], ["serve"]):
         proc = run_main("captcha.py", *args, "--help")
         assert proc.returncode == 0 and "usage:" in proc.stdout
+        assert "(default: None)" not in proc.stdout and "(default: False)" not in proc.stdout   # nothing to show
+    assert "(default: 0)" in run_main("captcha.py", "prepare", "--help").stdout   # --seed: a 0 is shown
     assert "16,000,000" in run_main("captcha.py", "eval", "--help").stdout   # MAX_PIXELS, said in --help
     assert "the following arguments are required" in assert_one_line_error(run("captcha.py"), 2)   # a real process
     assert "tpu" in assert_one_line_error(run_main("captcha.py", "train", "--device", "tpu"), 2)

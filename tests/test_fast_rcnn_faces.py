@@ -432,10 +432,15 @@ def test_eval_large_and_faceless_photos(faces, tmp_path):
 
 
 def test_eval_output_refusals(faces, tmp_path):
-    """--output takes one image and needs an existing folder: one line, status 2, before the model loads."""
+    """--output takes one image and needs an existing folder: one line, status 2, before the model loads. An empty
+    folder beside the one image is an error line, not a second image."""
     line = assert_one_line_error(run_main(SCRIPT, "eval", *faces.photos, "--output", tmp_path / "x.png",
                                           "--data-dir", faces.data), 2)
     assert "takes one image, not 2" in line
+    (tmp_path / "empty").mkdir()
+    proc = run_main(SCRIPT, "eval", tmp_path / "empty", faces.photos[0], "--output", tmp_path / "one.png",
+                    "--data-dir", faces.data)
+    assert proc.returncode == 1 and "a folder with no images" in proc.stderr and (tmp_path / "one.png").is_file()
     line = assert_one_line_error(run_main(SCRIPT, "eval", faces.photos[0], "--output", tmp_path / "none" / "x.png",
                                           "--data-dir", faces.data), 2)
     assert "none" in line and "existing folder" in line
