@@ -1729,10 +1729,11 @@ def start_worker():
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """--help with each option's default, except where there is none to show (None, or a flag's False)."""
+    """--help with each option's default, except where there is none to show (None, "", or a flag's False)."""
 
     def _get_help_string(self, action):   # the method argparse's own ArgumentDefaultsHelpFormatter overrides
-        return action.help if action.default is None or action.default is False else super()._get_help_string(action)
+        shown = not (action.default is None or action.default is False or action.default == "")
+        return super()._get_help_string(action) if shown else action.help
 
 
 class OneLineParser(argparse.ArgumentParser):

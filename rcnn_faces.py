@@ -511,6 +511,12 @@ def export_example(info):
         ({0: torch.export.Dim("regions")},), about
 
 
+def working_size(info):
+    """(W, H) eval works on a photo at (the square selective search runs on): working_copy reduces a much larger
+    photo towards it."""
+    return [info["search_side"]] * 2
+
+
 def look(img, info):
     """A PIL photo -> what detect needs of it: (its working copy, uint8 3,H,W; the copy's selective search
     proposals; the copy's reduction factor)."""
@@ -531,93 +537,25 @@ def predict(net, info, device, args, images, looks=None):
     return results
 
 
-def cmd_eval(args):
-    inputs = list(iter_eval_inputs(args.images)) if args.images else []
-    outputs = OutputFiles(args, inputs)
-    net, info, device = load_network(args.model or Path(args.data_dir) / "model.pt", args.device)
-    info["search_side"] = args.search_side or info["search_side"]
-    failed = False
-    # files and folders: a known count, so a progress bar (shown on a terminal only)
-    paths = progress(inputs, unit="img", desc="eval", leave=False) if args.images else iter_eval_inputs(None)
-    looks = read_ahead(paths, partial(look, info=info), 2 if args.images else 0, SEARCH_PROCESSES)
-    for path, img, seen, reason in looks:
-        if reason is None:
-            try:
-                out = outputs.path_for(path)
-            except UserError as e:
-                reason = str(e)
-        if reason:
-            failed = True
-            if args.json:
-                print(json.dumps({"image": path, "error": reason}), flush=True)
-            else:
-                print(f"{path}: {reason}", file=sys.stderr)
-            continue
-        found = predict(net, info, device, args, [img], [seen])[0]["boxes"]
-        draw_boxes(img, found, out, [info["search_side"]] * 2)
-        if args.json:
-            print(json.dumps({"image": path, "boxes": found, "output": str(out)}), flush=True)
-        else:
-            for b in found:
-                print(f"{b['x']} {b['y']} {b['w']} {b['h']}")
-            print(f"saved to {out}", flush=True)
-    return 1 if failed else 0
 
 
 def build_parser():
-    parser, sub, common, device, seed = base_parser()
-    detection = argparse.ArgumentParser(add_help=False)
-    detection.add_argument("--threshold", type=probability, default=THRESHOLD,
-                           help="keep boxes with face probability >= X")
-    detection.add_argument("--nms-iou", type=probability, default=NMS_IOU,
-                           help="NMS: drop a box overlapping a better one by IoU > X")
-
-    p = sub.add_parser("prepare", parents=[common, seed], help="photos -> labelled region crops")
-    p.add_argument("--image-dir", default=IMAGE_DIR, help="folder of source photos; photos over "
-                   f"{MAX_PIXELS:,} pixels are skipped")
-    p.add_argument("--csv", default=CSV_PATH, help="face boxes: Name,xmin,ymin,xmax,ymax (one row per face); a Name "
-                   "must lead to a file inside --image-dir (subfolders are fine; '..', absolute paths and symlinks "
-                   "out of it are skipped)")
-    p.add_argument("--workers", type=worker_count, default=os.cpu_count() or 1,
-                   help="parallel selective-search processes")
-    p.add_argument("--search-side", "--ss-side", type=side_arg, default=SEARCH_SIDE,
-                   help="longest side (px) of the copy searched for regions")
-    p.add_argument("--proposals", "--max-proposals", type=positive_int, default=MAX_PROPOSALS,
-                   help="first N selective-search regions per photo")
-    p.add_argument("--pos-iou", type=probability, default=POS_IOU, help="region is a face if IoU with a true box > X")
-    p.add_argument("--neg-iou", type=probability, default=NEG_IOU,
-                   help="region is background if IoU with every true box < X")
-    p.add_argument("--backgrounds", type=nonneg_int, default=BACKGROUNDS, help="background regions per photo")
-    p.add_argument("--crop-size", type=lambda text: parse_number(text, int, 1, 256), default=CROP_SIZE,
-                   help="crops are resized to S x S (1 to 256)")
-    p.set_defaults(func=cmd_prepare)
-    p = sub.add_parser("train", parents=[common, device, seed, detection],
-                       help="train the crop classifier with early stopping, then score the detector on test photos")
-    p.add_argument("--epochs", type=positive_int, default=EPOCHS, help="maximum epochs (the cosine schedule's length)")
-    p.add_argument("--patience", type=positive_int, default=20,
-                   help="stop after N epochs without a better validation score")
-    p.add_argument("--batch-size", type=positive_int, default=128,
-                   help="crops per batch (under torchrun: the global batch)")
-    p.add_argument("--lr", type=nonneg_float, default=1e-3)
-    p.add_argument("--width", type=width_arg, default=WIDTH,
-                   help="channels of the first ResNet stage (64 = resnet18)")
-    p.add_argument("--resume", action="store_true", help="continue from DATA_DIR/checkpoint.pt")
-    add_scale_options(p)
-    p.set_defaults(func=cmd_train, train_parser=p)
-    p = sub.add_parser("eval", parents=[common, device, detection], help="detect faces in photos")
-    p.add_argument("images", nargs="*", metavar="IMAGE", help="image files or folders; none: read paths from stdin; "
-                   f"images over {MAX_PIXELS:,} pixels are refused")
-    p.add_argument("--model", default=None, help="model file (default: DATA_DIR/model.pt)")
-    p.add_argument("--json", action="store_true", help="one JSON object per image on stdout")
-    p.add_argument("--output", default="img_output.png",
-                   help="annotated image of one input image, in an existing folder (the interactive prompt rewrites "
-                        "it for each image)")
-    p.add_argument("--output-dir", default=None, help="write DIR/<image name>.png per input image instead of --output "
-                   "(DIR is created; a second image of the same name gets NAME-2.png)")
-    p.add_argument("--search-side", type=side_arg, default=None,
-                   help="selective search size (default: as in training)")
-    p.set_defaults(func=cmd_eval)
-    add_ship_commands(sub, common, [device, detection])
+    parser, prepare, train, evaluate = face_parser("photos -> labelled region crops", "train the crop classifier "
+                                                   "with early stopping, then score the detector on test photos")
+    prepare.add_argument("--proposals", "--max-proposals", type=positive_int, default=MAX_PROPOSALS,
+                         help="first N selective-search regions per photo")
+    prepare.add_argument("--pos-iou", type=probability, default=POS_IOU,
+                         help="region is a face if IoU with a true box > X")
+    prepare.add_argument("--neg-iou", type=probability, default=NEG_IOU,
+                         help="region is background if IoU with every true box < X")
+    prepare.add_argument("--backgrounds", type=nonneg_int, default=BACKGROUNDS, help="background regions per photo")
+    prepare.add_argument("--crop-size", type=lambda text: parse_number(text, int, 1, 256), default=CROP_SIZE,
+                         help="crops are resized to S x S (1 to 256)")
+    train.add_argument("--batch-size", type=positive_int, default=128,
+                       help="crops per batch (under torchrun: the global batch)")
+    train.add_argument("--lr", type=nonneg_float, default=1e-3, help="learning rate of Adam (cosine decay from it)")
+    train.add_argument("--width", type=width_arg, default=WIDTH,
+                       help="channels of the first ResNet stage (64 = resnet18)")
     return parser
 
 
@@ -968,6 +906,89 @@ def side_arg(text):
 def width_arg(text):
     """--width: channels of the first stage, 1 to 256 (the network grows with its square)."""
     return parse_number(text, int, 1, 256)
+
+
+# ---- Commands: eval, the parser ----
+
+
+def cmd_eval(args):
+    """eval: boxes of the faces in each photo (JSON or text), and the photo with them drawn."""
+    inputs = list(iter_eval_inputs(args.images)) if args.images else []
+    outputs = OutputFiles(args, inputs)
+    net, info, device = load_network(args.model or Path(args.data_dir) / "model.pt", args.device)
+    info["search_side"] = args.search_side or info["search_side"]
+    failed = False
+    # files and folders: a known count, so a progress bar (shown on a terminal only)
+    paths = progress(inputs, unit="img", desc="eval", leave=False) if args.images else iter_eval_inputs(None)
+    looks = read_ahead(paths, partial(look, info=info), 2 if args.images else 0, SEARCH_PROCESSES)
+    for path, img, seen, reason in looks:
+        if reason is None:
+            try:
+                out = outputs.path_for(path)
+            except UserError as e:
+                reason = str(e)
+        if reason:
+            failed = True
+            if args.json:
+                print(json.dumps({"image": path, "error": reason}), flush=True)
+            else:
+                print(f"{path}: {reason}", file=sys.stderr)
+            continue
+        found = predict(net, info, device, args, [img], [seen])[0]["boxes"]
+        draw_boxes(img, found, out, working_size(info))
+        if args.json:
+            print(json.dumps({"image": path, "boxes": found, "output": str(out)}), flush=True)
+        else:
+            for b in found:
+                print(f"{b['x']} {b['y']} {b['w']} {b['h']}")
+            print(f"saved to {out}", flush=True)
+    return 1 if failed else 0
+
+
+def face_parser(prepare_help, train_help):
+    """The face scripts' parser with the options both read alike (the photos and CSV, the schedule, the detection
+    threshold, eval's inputs and outputs), its export and serve commands, and the prepare, train and eval
+    parsers, to which the script adds its own options."""
+    parser, sub, common, device, seed = base_parser()
+    detection = argparse.ArgumentParser(add_help=False)
+    detection.add_argument("--threshold", type=probability, default=THRESHOLD,
+                           help="keep boxes with face probability >= X")
+    detection.add_argument("--nms-iou", type=probability, default=NMS_IOU,
+                           help="NMS: drop a box overlapping a better one by IoU > X")
+    prepare = sub.add_parser("prepare", parents=[common, seed], help=prepare_help)
+    prepare.add_argument("--image-dir", default=IMAGE_DIR, help="folder of source photos; photos over "
+                         f"{MAX_PIXELS:,} pixels are skipped")
+    prepare.add_argument("--csv", default=CSV_PATH, help="face boxes: Name,xmin,ymin,xmax,ymax (one row per face); a "
+                         "Name must lead to a file inside --image-dir (subfolders are fine; '..', absolute paths and "
+                         "symlinks out of it are skipped)")
+    prepare.add_argument("--workers", type=worker_count, default=os.cpu_count() or 1,
+                         help="parallel selective-search processes")
+    prepare.add_argument("--search-side", "--ss-side", type=side_arg, default=SEARCH_SIDE,
+                         help="longest side (px) of the copy searched for regions")
+    prepare.set_defaults(func=cmd_prepare)
+    train = sub.add_parser("train", parents=[common, device, seed, detection], help=train_help)
+    train.add_argument("--epochs", type=positive_int, default=EPOCHS,
+                       help="maximum epochs (the cosine schedule's length)")
+    train.add_argument("--patience", type=positive_int, default=20,
+                       help="stop after N epochs without a better validation score")
+    train.add_argument("--resume", action="store_true", help="continue from DATA_DIR/checkpoint.pt")
+    add_scale_options(train)
+    train.set_defaults(func=cmd_train, train_parser=train)
+    evaluate = sub.add_parser("eval", parents=[common, device, detection], help="detect faces in photos")
+    evaluate.add_argument("images", nargs="*", metavar="IMAGE", help="image files or folders; none: read paths from "
+                          f"stdin; images over {MAX_PIXELS:,} pixels are refused")
+    evaluate.add_argument("--model", default=None, help="model file (default: DATA_DIR/model.pt)")
+    evaluate.add_argument("--json", action="store_true", help="one JSON object per image on stdout")
+    evaluate.add_argument("--output", default="img_output.png",
+                          help="annotated image of one input image, in an existing folder (the interactive prompt "
+                               "rewrites it for each image)")
+    evaluate.add_argument("--output-dir", default=None, help="write DIR/<image name>.png per input image instead of "
+                          "--output (DIR is created; a second image of the same name gets NAME-2.png)")
+    evaluate.add_argument("--search-side", type=side_arg, default=None,
+                          help="selective search size (default: as in training)")
+    evaluate.set_defaults(func=cmd_eval)
+    add_ship_commands(sub, common, [device, detection])
+    return parser, prepare, train, evaluate
 
 
 # ==== Common to all five scripts: keep identical ====
@@ -2142,10 +2163,11 @@ def start_worker():
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """--help with each option's default, except where there is none to show (None, or a flag's False)."""
+    """--help with each option's default, except where there is none to show (None, "", or a flag's False)."""
 
     def _get_help_string(self, action):   # the method argparse's own ArgumentDefaultsHelpFormatter overrides
-        return action.help if action.default is None or action.default is False else super()._get_help_string(action)
+        shown = not (action.default is None or action.default is False or action.default == "")
+        return super()._get_help_string(action) if shown else action.help
 
 
 class OneLineParser(argparse.ArgumentParser):
