@@ -624,21 +624,7 @@ def cmd_prepare(args):
     paths = [p for p, _ in labelled]
     image_size = auto_image_size(paths) if args.image_size == "auto" else tuple(args.image_size)
     decode = partial(decode_file, image_size=image_size)
-    bar = progress(total=len(paths), unit="img", desc="prepare")
-    results = []
-    if args.workers == 1 or len(paths) < 200:
-        for p in paths:
-            results.append(decode(p))
-            bar.update()
-    else:
-        try:
-            with ProcessPoolExecutor(args.workers, initializer=start_worker) as pool:
-                for r in pool.map(decode, paths, chunksize=256):
-                    results.append(r)
-                    bar.update()
-        except BrokenProcessPool:
-            raise UserError("a decoding process died (out of memory?); run prepare again with --workers 1")
-    bar.close()
+    results = parallel_map(decode, paths, 1 if len(paths) < 200 else args.workers, "prepare", "img", 256)
 
     images, codes = [], []
     for (p, code), (array, reason) in zip(labelled, results):
@@ -2160,6 +2146,18 @@ def start_worker():
     torch.set_num_threads(1)
 
 
+def parallel_map(work, items, workers, desc, unit, chunksize=1):
+    """[work(item) for item in items] in `workers` processes (in this one for 1), in order, with a progress bar.
+    Ctrl-C drops the items still queued; a process that dies (out of memory) ends the command (run_command)."""
+    pool = ProcessPoolExecutor(workers, initializer=start_worker) if workers > 1 else None
+    try:
+        answers = pool.map(work, items, chunksize=chunksize) if pool else map(work, items)
+        return list(progress(answers, total=len(items), desc=desc, unit=unit))
+    finally:
+        if pool:
+            pool.shutdown(cancel_futures=True)
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """--help with each option's default, except where there is none to show (None, "", or a flag's False)."""
 
@@ -2319,6 +2317,10 @@ def run_command(args):
         return 143 if isinstance(e, Terminated) else 130
     except BrokenPipeError:  # e.g. `eval ... | head`
         sys.stderr.close()
+        return 1
+    except BrokenProcessPool:   # a worker killed, most often by the system for want of memory
+        print("error: a worker process died (out of memory, or killed); nothing was replaced; run it again "
+              "(prepare: with fewer --workers)", file=sys.stderr)
         return 1
     except OSError as e:   # a full disk, a folder where a file goes, a read-only place: the system's own words
         where = e.filename2 or e.filename   # a rename: where the file was going, not its temporary name

@@ -43,6 +43,7 @@ import warnings
 import zipfile
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 try:
@@ -198,13 +199,7 @@ def decode_images(kept, workers, desc):
     """Decode the kept files in parallel -> (uint8 N,3,32,32, int64 N, [(path, why skipped)])."""
     paths = [p for p, _ in kept]
     chunk = max(1, min(256, len(paths) // (4 * max(workers, 1))))
-    pool = ProcessPoolExecutor(workers, initializer=start_worker) if workers > 1 else None
-    try:
-        results = pool.map(decode, paths, chunksize=chunk) if pool else map(decode, paths)
-        results = list(progress(results, total=len(paths), desc=desc, unit="img"))
-    finally:
-        if pool:
-            pool.shutdown(cancel_futures=True)  # Ctrl-C: queued images are dropped, not decoded first
+    results = parallel_map(decode, paths, workers, desc, "img", chunk)
     good = [i for i, (array, _) in enumerate(results) if array is not None]
     skipped = [(paths[i], "unreadable", why) for i, (array, why) in enumerate(results) if array is None]
     images = torch.from_numpy(np.stack([results[i][0] for i in good])) if good else torch.zeros(0, 3, 32, 32,
@@ -1728,6 +1723,18 @@ def start_worker():
     torch.set_num_threads(1)
 
 
+def parallel_map(work, items, workers, desc, unit, chunksize=1):
+    """[work(item) for item in items] in `workers` processes (in this one for 1), in order, with a progress bar.
+    Ctrl-C drops the items still queued; a process that dies (out of memory) ends the command (run_command)."""
+    pool = ProcessPoolExecutor(workers, initializer=start_worker) if workers > 1 else None
+    try:
+        answers = pool.map(work, items, chunksize=chunksize) if pool else map(work, items)
+        return list(progress(answers, total=len(items), desc=desc, unit=unit))
+    finally:
+        if pool:
+            pool.shutdown(cancel_futures=True)
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """--help with each option's default, except where there is none to show (None, "", or a flag's False)."""
 
@@ -1887,6 +1894,10 @@ def run_command(args):
         return 143 if isinstance(e, Terminated) else 130
     except BrokenPipeError:  # e.g. `eval ... | head`
         sys.stderr.close()
+        return 1
+    except BrokenProcessPool:   # a worker killed, most often by the system for want of memory
+        print("error: a worker process died (out of memory, or killed); nothing was replaced; run it again "
+              "(prepare: with fewer --workers)", file=sys.stderr)
         return 1
     except OSError as e:   # a full disk, a folder where a file goes, a read-only place: the system's own words
         where = e.filename2 or e.filename   # a rename: where the file was going, not its temporary name

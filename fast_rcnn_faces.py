@@ -45,6 +45,7 @@ import warnings
 import zipfile
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from functools import lru_cache, partial
 from pathlib import Path
 
@@ -813,24 +814,19 @@ def prepare_photos(jobs, workers, rows_by_photo, skipped):
     answer as tensors} of the photos with a face box inside them, photos/s). Unreadable photos and boxes outside
     their photo are counted in `skipped`, and the counts printed; Ctrl-C drops the queued photos."""
     start, kept, clipped = time.time(), {}, {}
-    pool = ProcessPoolExecutor(workers, initializer=start_worker) if workers > 1 else None
-    try:
-        answers = pool.map(prepare_photo, jobs.values(), chunksize=4) if pool else map(prepare_photo, jobs.values())
-        for name, res in zip(jobs, progress(answers, total=len(jobs), desc="prepare", unit="photo")):
-            if "error" in res:
-                count_skip(skipped, res["error"], res["detail"], len(rows_by_photo[name]))
-                continue
-            for box in res["outside"]:
-                count_skip(skipped, "box outside photo", f"{name} {','.join(f'{v:g}' for v in box)}")
-            for box in res["clipped"]:
-                count_skip(clipped, "box partly outside its photo", f"{name} {','.join(f'{v:g}' for v in box)}")
-            if len(res["gt"]):
-                kept[name] = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in res.items()}
-            else:
-                count_skip(skipped, "photo without a usable box", name)
-    finally:
-        if pool:
-            pool.shutdown(cancel_futures=True)   # Ctrl-C: queued photos are dropped, not searched first
+    answers = parallel_map(prepare_photo, list(jobs.values()), workers, "prepare", "photo", 4)
+    for name, res in zip(jobs, answers):
+        if "error" in res:
+            count_skip(skipped, res["error"], res["detail"], len(rows_by_photo[name]))
+            continue
+        for box in res["outside"]:
+            count_skip(skipped, "box outside photo", f"{name} {','.join(f'{v:g}' for v in box)}")
+        for box in res["clipped"]:
+            count_skip(clipped, "box partly outside its photo", f"{name} {','.join(f'{v:g}' for v in box)}")
+        if len(res["gt"]):
+            kept[name] = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in res.items()}
+        else:
+            count_skip(skipped, "photo without a usable box", name)
     photos_per_s = len(jobs) / max(time.time() - start, 1e-9)
     faces = sum(len(r["gt"]) for r in kept.values())
     print(f"kept {len(kept)} photos with {faces} faces of {len(rows_by_photo)} named ({photos_per_s:.2f} photos/s)")
@@ -2306,6 +2302,18 @@ def start_worker():
     torch.set_num_threads(1)
 
 
+def parallel_map(work, items, workers, desc, unit, chunksize=1):
+    """[work(item) for item in items] in `workers` processes (in this one for 1), in order, with a progress bar.
+    Ctrl-C drops the items still queued; a process that dies (out of memory) ends the command (run_command)."""
+    pool = ProcessPoolExecutor(workers, initializer=start_worker) if workers > 1 else None
+    try:
+        answers = pool.map(work, items, chunksize=chunksize) if pool else map(work, items)
+        return list(progress(answers, total=len(items), desc=desc, unit=unit))
+    finally:
+        if pool:
+            pool.shutdown(cancel_futures=True)
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """--help with each option's default, except where there is none to show (None, "", or a flag's False)."""
 
@@ -2465,6 +2473,10 @@ def run_command(args):
         return 143 if isinstance(e, Terminated) else 130
     except BrokenPipeError:  # e.g. `eval ... | head`
         sys.stderr.close()
+        return 1
+    except BrokenProcessPool:   # a worker killed, most often by the system for want of memory
+        print("error: a worker process died (out of memory, or killed); nothing was replaced; run it again "
+              "(prepare: with fewer --workers)", file=sys.stderr)
         return 1
     except OSError as e:   # a full disk, a folder where a file goes, a read-only place: the system's own words
         where = e.filename2 or e.filename   # a rename: where the file was going, not its temporary name

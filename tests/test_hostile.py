@@ -35,11 +35,12 @@ SHARED = ["UserError", "load_image", "image_to_tensor", "save_shard", "load_shar
           "open_tensorboard", "log_epoch", "append_run", "grid_runs", "parse_number", "positive_int", "nonneg_int",
           "nonneg_float", "wait_ms", "probability", "seed_int", "worker_count", "lock_data_dir", "import_optional", "json_ready",
           "OnnxNetwork", "load_network", "cmd_export", "Batcher", "PAGE", "cmd_serve", "add_ship_commands", "port_number",
-          "start_worker", "OneLineParser", "cmd_train", "iter_eval_inputs", "add_scale_options", "main"]
+          "start_worker", "parallel_map", "HelpFormatter", "OneLineParser", "base_parser", "cmd_train",
+          "iter_eval_inputs", "add_scale_options", "main", "run_command"]
 FACE_SHARED = ["CSV_COLUMNS", "read_boxes_csv", "count_skip", "split_indices", "side_arg", "width_arg", "photo_path", "OutputFiles", "cosine_schedule", "found_boxes", "match_detections",
                "fit_calibration", "detection_scores", "read_ahead", "read_photo",
                "start_reader", "boxes_inside", "prepare_photos", "working_copy", "draw_boxes", "encode_offsets",
-               "decode_offsets"]
+               "decode_offsets", "cmd_eval", "face_parser"]
 # every call that reads a file, and the only functions allowed to make it (they turn failures into UserError)
 READERS = {"open": {"setup_distributed", "lock_data_dir"}, "os.open": {"lock_data_dir"}, "Image.open": {"load_image", "pixel_count"},
            "gzip.open": {"load_shard"}, "torch.load": {"load_shard", "load_model_file"},
@@ -485,6 +486,32 @@ def test_prepare_ctrl_c_mid_swap_end_to_end(cifar_source, prepared_with_model):
                            "--image-dir", str(cifar_source), "--data-dir", str(data), "--workers", "2", "--seed", "1"],
                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert proc.returncode == 130 and "interrupted" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert tree_bytes(data) == before and not leftovers(data)
+
+
+DIE_IN_WORKER = """
+import os, runpy, sys
+import PIL.Image
+parent, real_open = os.getpid(), PIL.Image.open
+def dying_open(*args, **kwargs):   # decoding happens in the workers: each ends as the out-of-memory killer ends one
+    if os.getpid() != parent:
+        os._exit(9)
+    return real_open(*args, **kwargs)
+PIL.Image.open = dying_open
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_a_worker_that_dies_is_one_line(cifar_source, prepared_with_model):
+    """A prepare worker killed (by the system, for want of memory): one error line, status 1, old data intact (it
+    was a BrokenProcessPool traceback)."""
+    data = prepared_with_model
+    before = tree_bytes(data)
+    proc = subprocess.run([sys.executable, "-c", DIE_IN_WORKER, str(ROOT / "cifar_lenet.py"), "prepare",
+                           "--image-dir", str(cifar_source), "--data-dir", str(data), "--workers", "2"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert "a worker process died" in assert_one_line_error(proc, 1)
     assert tree_bytes(data) == before and not leftovers(data)
 
 
