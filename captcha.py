@@ -1170,6 +1170,20 @@ def read_meta(data_dir):
     return meta
 
 
+def refuse_other_data(data_dir):
+    """prepare into a DATA_DIR that holds another script's prepared data would replace that data: refused before any
+    work. A meta.json that cannot be read is this script's to replace (read_meta asks for a new prepare)."""
+    path = Path(data_dir) / "meta.json"
+    try:
+        meta = json.loads(read_text(path)) if path.is_file() else {}
+    except (UserError, ValueError, RecursionError):
+        return
+    if isinstance(meta, dict) and meta.get("kind", DATA_KIND) != DATA_KIND:
+        other = str(meta.get("script", "another script")).removesuffix(".py")
+        raise UserError(f"{data_dir} holds data prepared by {other}.py, which a prepare of {SCRIPT}.py would "
+                        f"replace; use another --data-dir")
+
+
 STAGING_MARK = ".prepare-staging"   # in each folder staging_dir makes: only such folders are ever cleared
 
 
@@ -2231,18 +2245,19 @@ def cmd_train(args):
 
 
 def iter_eval_inputs(paths):
-    """Yield image paths: from arguments (files or folders), else piped stdin, else the interactive prompt. A folder
-    without images is a UserError when it is the only argument (nothing to do is a mistake, not a success); among
-    others it is yielded itself, and answered as an image that cannot be read, so the others are still read."""
+    """Yield image paths: from arguments, else piped stdin, else the interactive prompt; a folder stands for its
+    images. A folder without images is a UserError when it is the only argument (nothing to do is a mistake, not a
+    success); among others, or from stdin, it is yielded itself, and answered as an image that cannot be read, so
+    the others are still read."""
+    def expand(p, alone=False):
+        images = list_images(p) if os.path.isdir(p) else None
+        if images == [] and alone:
+            raise UserError(f"{p}: no images in this folder (extensions {', '.join(sorted(IMAGE_EXTS))})")
+        return [str(q) for q in images] if images else [p]
+
     if paths:
         for p in paths:
-            if Path(p).is_dir():
-                images = list_images(p)
-                if not images and len(paths) == 1:
-                    raise UserError(f"{p}: no images in this folder (extensions {', '.join(sorted(IMAGE_EXTS))})")
-                yield from (str(q) for q in images) if images else [p]
-            else:
-                yield p
+            yield from expand(p, len(paths) == 1)
     elif sys.stdin.isatty():
         while True:
             try:
@@ -2251,11 +2266,11 @@ def iter_eval_inputs(paths):
                 print(file=sys.stderr)
                 return
             if line:
-                yield line
+                yield from expand(line)
     else:
         for line in sys.stdin:
             if line.strip():
-                yield line.strip()
+                yield from expand(line.strip())
 
 
 def add_scale_options(p):
@@ -2306,6 +2321,8 @@ def run_command(args):
         writes = args.command in ("prepare", "train") or (   # one at a time per DATA_DIR (lock_data_dir); export:
             args.command == "export" and not args.model and not args.output)   # DATA_DIR/model.onnx from its model
         with lock_data_dir(args.data_dir, args.command == "prepare") if writes else contextlib.nullcontext():
+            if args.command == "prepare":
+                refuse_other_data(args.data_dir)
             return args.func(args)
     except UserError as e:
         if main_process() or getattr(e, "all_ranks", False):   # under torchrun: one line, not one per process
@@ -2330,4 +2347,6 @@ def run_command(args):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # done: a Ctrl-C while Python shuts down is no traceback
+    sys.exit(status)

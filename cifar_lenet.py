@@ -138,8 +138,9 @@ def read_label_list(path):
     labels = [line.strip() for line in read_text(path).splitlines() if line.strip()]
     if not labels:
         raise UserError(f"{path}: no labels in it (one label per line)")
-    if len(set(labels)) != len(labels):
-        raise UserError(f"{path}: a label is listed twice")
+    twice = [label for label, n in Counter(labels).items() if n > 1]
+    if twice:
+        raise UserError(f"{path}: the label {twice[0]!r} is listed twice")
     odd = [label for label in labels if label in (".", "..") or "/" in label or "\\" in label]
     if odd:   # a label names a class folder or ends a file name: never a path
         raise UserError(f"{path}: {odd[0]!r} is not a label (one plain name per line)")
@@ -171,10 +172,11 @@ def is_within(path, folder):
 
 def label_files(folder, labels, exclude=None):
     """([(path, label index)], [(path, why skipped)]) for the images below `folder` (except below `exclude`).
-    When top-level folders are named after labels, a file's label is its folder (ImageFolder layout), else
-    the part of its name after the last '_' (N_label.ext)."""
+    When top-level folders are named after two labels or more, a file's label is its folder (ImageFolder layout),
+    else the end of its name after a '_' (N_label.ext; the longest label that fits: 00001_pickup_truck.png is a
+    pickup_truck, not a truck)."""
     index = {name: i for i, name in enumerate(labels)}
-    by_folder = any((folder / name).is_dir() for name in labels)
+    by_folder = sum((folder / name).is_dir() for name in labels) >= 2   # one: the tutorial's train/ for a label "train"
     kept, skipped, excluded = [], [], {}   # excluded: folder -> below `exclude`, resolved once per folder
     for path in list_images(folder):
         if exclude is not None and path.parent not in excluded:
@@ -185,7 +187,9 @@ def label_files(folder, labels, exclude=None):
         if by_folder:
             name = parts[0] if len(parts) > 1 else None
         else:
-            name = path.stem.rsplit("_", 1)[1] if "_" in path.stem else None
+            ends = path.stem.split("_")
+            ends = ["_".join(ends[i:]) for i in range(1, len(ends))]   # after each '_', the longest first
+            name = next((end for end in ends if end in index), ends[-1] if ends else None)
         if name is None:
             skipped.append((path, "no label", "not in a class folder" if by_folder else "no _label in its name"))
         elif name not in index:
@@ -355,12 +359,21 @@ def cmd_prepare(args):
                         "on", 2)
     labels = find_labels(image_dir, args.labels, test_dir)
     sources = {"train": (image_dir, test_dir)} | ({"test": (test_dir, None)} if test_dir else {})
-    decoded, skipped = {}, []
-    for name, (folder, exclude) in sources.items():
+    decoded, skipped, tested = {}, [], set()
+    for name, (folder, exclude) in reversed(sources.items()):   # test first: its files never train
         kept, bad = label_files(folder, labels, exclude)
+        if name == "test":
+            tested = {os.path.realpath(p) for p, _ in kept}
+        else:   # one file in both folders (a link, or a link's target): a test image would be trained on
+            bad += [(p, "also in --test-dir", "the same file is a test image") for p, _ in kept
+                    if tested and os.path.realpath(p) in tested]
+            kept = [(p, i) for p, i in kept if not (tested and os.path.realpath(p) in tested)]
         images, targets, unreadable = decode_images(kept, args.workers, f"decode {folder}")
         decoded[name] = (images, targets)
         skipped += bad + unreadable
+    print(f"skipped {len(skipped)}" + "".join(f", {v} {k}" for k, v in Counter(s[1] for s in skipped).items()))
+    for path, _, why in skipped[:5]:
+        print(f"  skipped {path}: {why}")
     images, targets = decoded["train"]
     found = set(torch.cat([t for _, t in decoded.values()]).unique().tolist())   # classes with an image
     if not args.labels and not (image_dir / "labels.txt").is_file() and len(found) < len(labels):
@@ -368,17 +381,18 @@ def cmd_prepare(args):
                         f"{', '.join(n for i, n in enumerate(labels) if i not in found)} (a symlinked folder is not "
                         "followed); remove them or fill them")
     if len(found) < 2:
-        raise UserError(f"{image_dir}: images of {len(found)} class found; a classifier needs at least 2")
+        raise UserError(f"{image_dir}: images of {len(found)} class found; a classifier needs at least 2 (see what "
+                        "was skipped above; a symlinked folder is not followed)")
+    if len(found) < len(labels):   # a classifier's output never trained, never right
+        print(f"warning: no image of {', '.join(repr(n) for i, n in enumerate(labels) if i not in found)} (in the "
+              f"label list): the model will never answer it", file=sys.stderr)
     train, val, test = split_indices(len(targets), args.seed, (0.9, 0.1, 0) if test_dir else (0.8, 0.1, 0.1))
     if test_dir:  # rounding leftovers go to training; the test split is the separate folder
         train, test = train + test, None
     splits = {SPLITS[0]: (images[train], targets[train]), SPLITS[1]: (images[val], targets[val]),
               SPLITS[2]: decoded["test"] if test_dir else (images[test], targets[test])}
     counts = {name: len(t) for name, (_, t) in splits.items()}
-    print(f"kept {sum(counts.values())} images ({', '.join(f'{k} {v}' for k, v in counts.items())}); "
-          f"skipped {len(skipped)}" + "".join(f", {v} {k}" for k, v in Counter(s[1] for s in skipped).items()))
-    for path, _, why in skipped[:5]:
-        print(f"  skipped {path}: {why}")
+    print(f"kept {sum(counts.values())} images ({', '.join(f'{k} {v}' for k, v in counts.items())})")
     if min(counts.values()) == 0:
         raise UserError(f"{image_dir}: too few usable images for a train/validation/test split "
                         f"({', '.join(f'{k} {v}' for k, v in counts.items())}); need at least 10 labelled images")
@@ -745,6 +759,20 @@ def read_meta(data_dir):
             what = f"not a {kind.__name__}" if isinstance(kind, type) else "malformed"
             raise UserError(f"{path}: {key!r} is missing or {what}; {again}")
     return meta
+
+
+def refuse_other_data(data_dir):
+    """prepare into a DATA_DIR that holds another script's prepared data would replace that data: refused before any
+    work. A meta.json that cannot be read is this script's to replace (read_meta asks for a new prepare)."""
+    path = Path(data_dir) / "meta.json"
+    try:
+        meta = json.loads(read_text(path)) if path.is_file() else {}
+    except (UserError, ValueError, RecursionError):
+        return
+    if isinstance(meta, dict) and meta.get("kind", DATA_KIND) != DATA_KIND:
+        other = str(meta.get("script", "another script")).removesuffix(".py")
+        raise UserError(f"{data_dir} holds data prepared by {other}.py, which a prepare of {SCRIPT}.py would "
+                        f"replace; use another --data-dir")
 
 
 STAGING_MARK = ".prepare-staging"   # in each folder staging_dir makes: only such folders are ever cleared
@@ -1808,18 +1836,19 @@ def cmd_train(args):
 
 
 def iter_eval_inputs(paths):
-    """Yield image paths: from arguments (files or folders), else piped stdin, else the interactive prompt. A folder
-    without images is a UserError when it is the only argument (nothing to do is a mistake, not a success); among
-    others it is yielded itself, and answered as an image that cannot be read, so the others are still read."""
+    """Yield image paths: from arguments, else piped stdin, else the interactive prompt; a folder stands for its
+    images. A folder without images is a UserError when it is the only argument (nothing to do is a mistake, not a
+    success); among others, or from stdin, it is yielded itself, and answered as an image that cannot be read, so
+    the others are still read."""
+    def expand(p, alone=False):
+        images = list_images(p) if os.path.isdir(p) else None
+        if images == [] and alone:
+            raise UserError(f"{p}: no images in this folder (extensions {', '.join(sorted(IMAGE_EXTS))})")
+        return [str(q) for q in images] if images else [p]
+
     if paths:
         for p in paths:
-            if Path(p).is_dir():
-                images = list_images(p)
-                if not images and len(paths) == 1:
-                    raise UserError(f"{p}: no images in this folder (extensions {', '.join(sorted(IMAGE_EXTS))})")
-                yield from (str(q) for q in images) if images else [p]
-            else:
-                yield p
+            yield from expand(p, len(paths) == 1)
     elif sys.stdin.isatty():
         while True:
             try:
@@ -1828,11 +1857,11 @@ def iter_eval_inputs(paths):
                 print(file=sys.stderr)
                 return
             if line:
-                yield line
+                yield from expand(line)
     else:
         for line in sys.stdin:
             if line.strip():
-                yield line.strip()
+                yield from expand(line.strip())
 
 
 def add_scale_options(p):
@@ -1883,6 +1912,8 @@ def run_command(args):
         writes = args.command in ("prepare", "train") or (   # one at a time per DATA_DIR (lock_data_dir); export:
             args.command == "export" and not args.model and not args.output)   # DATA_DIR/model.onnx from its model
         with lock_data_dir(args.data_dir, args.command == "prepare") if writes else contextlib.nullcontext():
+            if args.command == "prepare":
+                refuse_other_data(args.data_dir)
             return args.func(args)
     except UserError as e:
         if main_process() or getattr(e, "all_ranks", False):   # under torchrun: one line, not one per process
@@ -1907,4 +1938,6 @@ def run_command(args):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # done: a Ctrl-C while Python shuts down is no traceback
+    sys.exit(status)

@@ -720,16 +720,28 @@ def read_boxes_csv(csv_path):
         raise UserError(f"{csv_path}: {Path(csv_path).stat().st_size:,} bytes, over the limit of {MAX_CSV_BYTES:,} "
                         "(MAX_CSV_BYTES)")
     rows, skipped, seen = {}, {}, set()   # seen: (name, box), so a repeated row is found in constant time
+    text = read_text(csv_path)
+    records = csv.reader(io.StringIO(text))
+    line = 1   # where the record read next starts
+    try:   # rows pandas would drop without a word: a quote left open swallows the lines after it into one field
+        for record in records:
+            if any("\n" in field or "\r" in field for field in record):
+                raise UserError(f"{csv_path}: a quote opened in the row at line {line} is never closed, so the lines "
+                                f"after it would be one field; fix that row")
+            line = records.line_num + 1
+    except csv.Error as e:   # a field over the csv module's limit (131,072 characters)
+        raise UserError(f"{csv_path}: not a readable CSV (line {records.line_num}: {e})")
     try:
-        df = pd.read_csv(csv_path, dtype=str, keep_default_na=False, encoding="utf-8", engine="python",
+        df = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, engine="python",
                          on_bad_lines=lambda fields: count_skip(skipped, "wrong number of fields", fields[0]))
-    except UnicodeDecodeError as e:
-        raise UserError(f"{csv_path}: not UTF-8 text (byte {e.start}); save it as UTF-8")
-    except (ValueError, OSError) as e:  # pandas' ParserError and EmptyDataError are ValueErrors
+    except ValueError as e:  # pandas' ParserError and EmptyDataError are ValueErrors
         raise UserError(f"{csv_path}: not a readable CSV ({(str(e).splitlines() or [type(e).__name__])[0]})")
+    df.columns = [str(c).strip() for c in df.columns]   # `Name, xmin, ymin`: spaces after the commas
     missing = [c for c in CSV_COLUMNS if c not in df.columns]
     if missing:
-        raise UserError(f"{csv_path}: missing column(s) {', '.join(missing)}; expected {','.join(CSV_COLUMNS)}")
+        other = [sep for sep in (";", "\t", "|") if sep in text.partition("\n")[0]]
+        hint = f" (its header is separated by {other[0]!r}: save it with commas)" if other else ""
+        raise UserError(f"{csv_path}: missing column(s) {', '.join(missing)}; expected {','.join(CSV_COLUMNS)}{hint}")
     coords = df[CSV_COLUMNS[1:]].apply(pd.to_numeric, errors="coerce")
     for name, text, box in zip(df["Name"], df[CSV_COLUMNS[1:]].itertuples(index=False),
                                coords.itertuples(index=False)):   # examples name the row by its text, not number
@@ -737,7 +749,7 @@ def read_boxes_csv(csv_path):
         if not all(math.isfinite(v) for v in face):   # a short row's missing fields are NaN, not text
             count_skip(skipped, "non-numeric box", f"{name} {','.join(v if isinstance(v, str) else '' for v in text)}")
         elif x2 <= x1 or y2 <= y1:
-            count_skip(skipped, "zero-size box", f"{name} {x1:g},{y1:g},{x2:g},{y2:g}")
+            count_skip(skipped, "zero-size or inverted box", f"{name} {x1:g},{y1:g},{x2:g},{y2:g}")
         elif (name, face) in seen:   # one face, not two
             count_skip(skipped, "duplicate row", f"{name} {x1:g},{y1:g},{x2:g},{y2:g}")
         else:
@@ -745,6 +757,9 @@ def read_boxes_csv(csv_path):
             rows.setdefault(name, []).append(face)
     for name in [name for name, boxes in rows.items() if len(boxes) > MAX_FACES]:
         count_skip(skipped, f"photo with over {MAX_FACES} boxes (MAX_FACES)", name, len(rows.pop(name)))
+    if rows and max(max(face) for boxes in rows.values() for face in boxes) <= 1:
+        raise UserError(f"{csv_path}: every box lies within 0..1, as fractions of the photo would; the CSV must hold "
+                        "pixels (xmin * photo width, ...)")
     return rows, skipped
 
 
@@ -764,7 +779,8 @@ def photo_jobs(image_dir, rows_by_photo, opts, seed, skipped):
     for i, name in enumerate(sorted(rows_by_photo)):
         path, why = photo_path(image_dir, name)
         if path is None:   # missing, or outside --image-dir: never opened
-            count_skip(skipped, why, name or repr(name), len(rows_by_photo[name]))
+            shown = name if name and name.strip() == name and name.isprintable() else repr(name)   # a space, a NUL
+            count_skip(skipped, why, shown, len(rows_by_photo[name]))
         elif path in first:
             boxes = rows_by_photo[first[path]]
             for box in rows_by_photo[name]:
@@ -997,6 +1013,11 @@ class OutputFiles:
         if self.output_dir:   # files named on the command line stay
             named = {os.path.realpath(p) for p in args.images or [] if os.path.isfile(p)}
             where = Path(os.path.realpath(self.output_dir))
+            for folder in [p for p in args.images or [] if os.path.isdir(p)]:
+                if where == Path(os.path.realpath(folder)) or where in Path(os.path.realpath(folder)).parents:
+                    raise UserError(f"--output-dir {self.output_dir} holds the input folder {folder}: its photos "
+                                    f"would pass for annotated copies; write them elsewhere (e.g. "
+                                    f"{Path(folder) / 'annotated'})", 2)
             ours = [p for p in inputs if where in Path(os.path.realpath(p)).parents and os.path.realpath(p) not in named]
             inputs[:] = [p for p in inputs if p not in ours]
             if ours and not inputs:
@@ -1324,6 +1345,20 @@ def read_meta(data_dir):
             what = f"not a {kind.__name__}" if isinstance(kind, type) else "malformed"
             raise UserError(f"{path}: {key!r} is missing or {what}; {again}")
     return meta
+
+
+def refuse_other_data(data_dir):
+    """prepare into a DATA_DIR that holds another script's prepared data would replace that data: refused before any
+    work. A meta.json that cannot be read is this script's to replace (read_meta asks for a new prepare)."""
+    path = Path(data_dir) / "meta.json"
+    try:
+        meta = json.loads(read_text(path)) if path.is_file() else {}
+    except (UserError, ValueError, RecursionError):
+        return
+    if isinstance(meta, dict) and meta.get("kind", DATA_KIND) != DATA_KIND:
+        other = str(meta.get("script", "another script")).removesuffix(".py")
+        raise UserError(f"{data_dir} holds data prepared by {other}.py, which a prepare of {SCRIPT}.py would "
+                        f"replace; use another --data-dir")
 
 
 STAGING_MARK = ".prepare-staging"   # in each folder staging_dir makes: only such folders are ever cleared
@@ -2387,18 +2422,19 @@ def cmd_train(args):
 
 
 def iter_eval_inputs(paths):
-    """Yield image paths: from arguments (files or folders), else piped stdin, else the interactive prompt. A folder
-    without images is a UserError when it is the only argument (nothing to do is a mistake, not a success); among
-    others it is yielded itself, and answered as an image that cannot be read, so the others are still read."""
+    """Yield image paths: from arguments, else piped stdin, else the interactive prompt; a folder stands for its
+    images. A folder without images is a UserError when it is the only argument (nothing to do is a mistake, not a
+    success); among others, or from stdin, it is yielded itself, and answered as an image that cannot be read, so
+    the others are still read."""
+    def expand(p, alone=False):
+        images = list_images(p) if os.path.isdir(p) else None
+        if images == [] and alone:
+            raise UserError(f"{p}: no images in this folder (extensions {', '.join(sorted(IMAGE_EXTS))})")
+        return [str(q) for q in images] if images else [p]
+
     if paths:
         for p in paths:
-            if Path(p).is_dir():
-                images = list_images(p)
-                if not images and len(paths) == 1:
-                    raise UserError(f"{p}: no images in this folder (extensions {', '.join(sorted(IMAGE_EXTS))})")
-                yield from (str(q) for q in images) if images else [p]
-            else:
-                yield p
+            yield from expand(p, len(paths) == 1)
     elif sys.stdin.isatty():
         while True:
             try:
@@ -2407,11 +2443,11 @@ def iter_eval_inputs(paths):
                 print(file=sys.stderr)
                 return
             if line:
-                yield line
+                yield from expand(line)
     else:
         for line in sys.stdin:
             if line.strip():
-                yield line.strip()
+                yield from expand(line.strip())
 
 
 def add_scale_options(p):
@@ -2462,6 +2498,8 @@ def run_command(args):
         writes = args.command in ("prepare", "train") or (   # one at a time per DATA_DIR (lock_data_dir); export:
             args.command == "export" and not args.model and not args.output)   # DATA_DIR/model.onnx from its model
         with lock_data_dir(args.data_dir, args.command == "prepare") if writes else contextlib.nullcontext():
+            if args.command == "prepare":
+                refuse_other_data(args.data_dir)
             return args.func(args)
     except UserError as e:
         if main_process() or getattr(e, "all_ranks", False):   # under torchrun: one line, not one per process
@@ -2486,4 +2524,6 @@ def run_command(args):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # done: a Ctrl-C while Python shuts down is no traceback
+    sys.exit(status)

@@ -721,14 +721,22 @@ def test_eval_folder_json(trained, generated):
         assert re.fullmatch(r"[0-9a-z]{0,4}", r["code"]) and 0 <= r["confidence"] <= 1
 
 
-def test_eval_stdin_and_bad_image(trained, generated, image_dir):
-    good = [str(p) for p in sorted(generated.iterdir())[:2]]
-    stdin = "\n".join([good[0], str(image_dir / "90003-abcd.png"), "/nonexistent.png", "", good[1]]) + "\n"
+def test_eval_stdin_and_bad_image(trained, generated, image_dir, tmp_path):
+    """Paths from stdin: a bad or missing image is an error object, a folder stands for its images (it was called
+    a folder with no images), an empty one is an error object."""
+    good = [str(p) for p in sorted(generated.iterdir())[:3]]
+    (tmp_path / "one").mkdir()
+    (tmp_path / "one" / "a.png").symlink_to(good[2])
+    (tmp_path / "none").mkdir()
+    stdin = "\n".join([good[0], str(image_dir / "90003-abcd.png"), "/nonexistent.png", "", good[1],
+                       str(tmp_path / "one"), str(tmp_path / "none")]) + "\n"
     proc, rows = eval_json(trained, stdin=stdin)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert [r["image"] for r in rows] == [good[0], str(image_dir / "90003-abcd.png"), "/nonexistent.png", good[1]]
-    assert "code" in rows[0] and "code" in rows[3]
+    assert [r["image"] for r in rows] == [good[0], str(image_dir / "90003-abcd.png"), "/nonexistent.png", good[1],
+                                          str(tmp_path / "one" / "a.png"), str(tmp_path / "none")]
+    assert "code" in rows[0] and "code" in rows[3] and "code" in rows[4]
     assert rows[1]["error"].startswith("cannot read image") and rows[2]["error"].startswith("cannot read image")
+    assert "a folder with no images" in rows[5]["error"]
 
 
 def test_eval_reads_modes_and_formats(trained, image_dir):

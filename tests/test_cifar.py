@@ -183,8 +183,9 @@ def test_prepare_overlapping_folders_and_empty_classes(names_dir, folders_dir, t
     hidden = src / FOLDER_CLASSES[0] / ".ipynb_checkpoints"   # a notebook's copies: left out, like any hidden file
     hidden.mkdir()
     link(next((folders_dir / FOLDER_CLASSES[1]).iterdir()), hidden / "copy.jpg")
-    for path in sorted((folders_dir / FOLDER_CLASSES[2]).iterdir())[:5]:   # test/CLASS/ inside: the test split,
-        link(path, src / "test" / FOLDER_CLASSES[2] / path.name)             # not a class named "test"
+    others = sorted((CIFAR_DIR / "train").glob(f"*_{FOLDER_CLASSES[2]}.jpg"))[PER_CLASS:PER_CLASS + 5]
+    for path in others:   # test/CLASS/ inside: the test split, not a class named "test"
+        link(path, src / "test" / FOLDER_CLASSES[2] / path.name)
     proc = run(LENET, "prepare", "--image-dir", src, "--data-dir", tmp_path / "h", "--workers", 1)
     assert proc.returncode == 0 and f"kept {len(FOLDER_CLASSES) * PER_CLASS + 5} images" in proc.stdout, proc.stdout
     meta = json.loads((tmp_path / "h" / "meta.json").read_text())
@@ -210,6 +211,34 @@ def test_prepare_overlapping_folders_and_empty_classes(names_dir, folders_dir, t
     line = assert_one_line_error(run(LENET, "prepare", "--image-dir", src, "--data-dir", tmp_path / "e",
                                      "--workers", 1), 1)
     assert "images of 1 class found; a classifier needs at least 2" in line
+
+
+def test_prepare_reads_labels_as_written(cifar_dir, tmp_path):
+    """N_label names whose label holds a '_' (CIFAR-100's pickup_truck) take the longest label that fits, not the
+    end after the last '_'; a listed label without images is a warning; a file linked into both --image-dir and
+    --test-dir stays a test image only; a label listed twice is named."""
+    src = tmp_path / "src"
+    (src / "train").mkdir(parents=True)
+    (src / "holdout").mkdir()
+    (src / "labels.txt").write_text("cat\ntruck\npickup_truck\nzebra\n")
+    for label, n in (("cat", 8), ("truck", 8)):
+        for i, path in enumerate(sorted((cifar_dir / "train").glob(f"*_{label}.jpg"))[:n]):
+            link(path, src / "train" / f"{i:05d}_{label}.jpg")
+    for i, path in enumerate(sorted((cifar_dir / "train").glob("*_truck.jpg"))[8:14]):
+        link(path, src / "train" / f"{100 + i:05d}_pickup_truck.jpg")
+    for i, path in enumerate(sorted((cifar_dir / "train").glob("*_cat.jpg"))[8:11]):
+        link(path, src / "holdout" / f"{200 + i:05d}_cat.jpg")
+    (src / "train" / "00200_cat.jpg").symlink_to(src / "holdout" / "00200_cat.jpg")   # a test image, also here
+    proc = run(LENET, "prepare", "--image-dir", src, "--test-dir", src / "holdout", "--data-dir", tmp_path / "d",
+               "--workers", 1)
+    assert proc.returncode == 0, proc.stderr
+    assert "skipped 1, 1 also in --test-dir" in proc.stdout and "warning: no image of 'zebra'" in proc.stderr
+    splits = [read_shards(tmp_path / "d", name)[1] for name in ("training_set", "validating_set", "testing_set")]
+    assert torch.bincount(torch.cat(splits[:2]), minlength=4).tolist() == [8, 8, 6, 0]   # cat, truck, pickup_truck
+    assert splits[2].tolist() == [0, 0, 0]
+    (src / "labels.txt").write_text("cat\ntruck\ncat\n")
+    line = assert_one_line_error(run_main(LENET, "prepare", "--image-dir", src, "--data-dir", tmp_path / "e"), 1)
+    assert "the label 'cat' is listed twice" in line
 
 
 def test_shards_hold_only_their_own_images(tmp_path):

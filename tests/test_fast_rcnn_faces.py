@@ -254,7 +254,7 @@ def test_prepare_counts_and_split_by_photo(faces, frc):
     assert f"kept {N_PHOTOS} photos with {len(faces.rows)} faces" in faces.prep.stdout
     meta = json.loads((faces.data / "meta.json").read_text())
     assert meta["kind"] == "fast_rcnn_faces" and meta["script"] == SCRIPT
-    assert meta["skipped"] == {"non-numeric box": 1, "zero-size box": 1, "box outside photo": 1,
+    assert meta["skipped"] == {"non-numeric box": 1, "zero-size or inverted box": 1, "box outside photo": 1,
                                "missing photo": 1, "unreadable photo": 2, "Name outside --image-dir": 3,
                                "empty Name": 1}
     for reason, n in meta["skipped"].items():
@@ -403,8 +403,8 @@ def test_eval_hostile_images_and_same_names(faces, tmp_path):
     proc = run(SCRIPT, "eval", named, "--data-dir", faces.data, "--json", "--output-dir", named.parent, "--device", "cpu")
     assert json.loads(proc.stdout)["output"] == str(named.parent / "photo-3.png") and "left out" not in proc.stderr
     line = assert_one_line_error(run_main(SCRIPT, "eval", named.parent, "--data-dir", faces.data, "--output-dir",
-                                          named.parent), 1)
-    assert "no images but the annotated copies" in line
+                                          named.parent), 2)
+    assert "holds the input folder" in line   # its own annotated copies, or the user's photos: never read as input
     assert all("boxes" in obj and Path(obj["output"]).exists() for obj in lines[:2 + len(odd)])
     for obj, (_, words) in zip(lines[2 + len(odd):], bad):
         assert obj["error"].startswith("cannot read image: ") and words in obj["error"], obj
@@ -441,6 +441,12 @@ def test_eval_output_refusals(faces, tmp_path):
     proc = run_main(SCRIPT, "eval", tmp_path / "empty", faces.photos[0], "--output", tmp_path / "one.png",
                     "--data-dir", faces.data)
     assert proc.returncode == 1 and "a folder with no images" in proc.stderr and (tmp_path / "one.png").is_file()
+    photos = tmp_path / "photos"   # --output-dir on (or above) the input folder: its photos are no annotated copies
+    photos.mkdir()
+    (photos / "a.jpg").symlink_to(faces.photos[0])
+    for out in (photos, tmp_path):
+        line = assert_one_line_error(run_main(SCRIPT, "eval", photos, "--output-dir", out, "--data-dir", faces.data), 2)
+        assert f"holds the input folder {photos}" in line
     line = assert_one_line_error(run_main(SCRIPT, "eval", faces.photos[0], "--output", tmp_path / "none" / "x.png",
                                           "--data-dir", faces.data), 2)
     assert "none" in line and "existing folder" in line

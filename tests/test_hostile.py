@@ -36,7 +36,7 @@ SHARED = ["UserError", "load_image", "image_to_tensor", "save_shard", "load_shar
           "nonneg_float", "wait_ms", "probability", "seed_int", "worker_count", "lock_data_dir", "import_optional", "json_ready",
           "OnnxNetwork", "load_network", "cmd_export", "Batcher", "PAGE", "cmd_serve", "add_ship_commands", "port_number",
           "start_worker", "parallel_map", "HelpFormatter", "OneLineParser", "base_parser", "cmd_train",
-          "iter_eval_inputs", "add_scale_options", "main", "run_command"]
+          "iter_eval_inputs", "add_scale_options", "main", "run_command", "refuse_other_data"]
 FACE_SHARED = ["CSV_COLUMNS", "read_boxes_csv", "count_skip", "split_indices", "side_arg", "width_arg", "photo_path", "OutputFiles", "cosine_schedule", "found_boxes", "match_detections",
                "fit_calibration", "detection_scores", "read_ahead", "read_photo",
                "start_reader", "boxes_inside", "prepare_photos", "working_copy", "draw_boxes", "encode_offsets",
@@ -45,8 +45,8 @@ FACE_SHARED = ["CSV_COLUMNS", "read_boxes_csv", "count_skip", "split_indices", "
 READERS = {"open": {"setup_distributed", "lock_data_dir"}, "os.open": {"lock_data_dir"}, "Image.open": {"load_image", "pixel_count"},
            "gzip.open": {"load_shard"}, "torch.load": {"load_shard", "load_model_file"},
            "pd.read_csv": {"read_boxes_csv"}, ".read_text": {"read_text"}, ".read_bytes": set(),
-           ".open": set(), "json.load": set(), "json.loads": {"read_meta", "OnnxNetwork", "serve_worker"}, "np.load": set(), "cv2.imread": set(),
-           "csv.reader": {"read_labels"}, "csv.DictReader": {"read_runs"}, ".InferenceSession": {"OnnxNetwork"}}   # read_labels: lines of read_text
+           ".open": set(), "json.load": set(), "json.loads": {"read_meta", "refuse_other_data", "OnnxNetwork", "serve_worker"}, "np.load": set(), "cv2.imread": set(),
+           "csv.reader": {"read_labels", "read_boxes_csv"}, "csv.DictReader": {"read_runs"}, ".InferenceSession": {"OnnxNetwork"}}   # read_labels: lines of read_text
 # serve_worker: the options serve --workers passes to its own processes; pixel_count: the header of bytes serve received
 
 
@@ -515,6 +515,17 @@ def test_a_worker_that_dies_is_one_line(cifar_source, prepared_with_model):
     assert tree_bytes(data) == before and not leftovers(data)
 
 
+@pytest.mark.parametrize("script", ["captcha.py", "rcnn_faces.py"])
+def test_prepare_refuses_another_scripts_data(script, prepared_with_model):
+    """prepare into a DATA_DIR holding another script's prepared data: one line before any work, every file as it
+    was (it replaced cifar_lenet.py's shards and meta.json, and left its model beside the new data)."""
+    before = tree_bytes(prepared_with_model)
+    line = assert_one_line_error(run_main(script, "prepare", "--data-dir", prepared_with_model, "--image-dir",
+                                          prepared_with_model, "--workers", 1), 1)
+    assert "prepared by cifar_lenet.py" in line and "another --data-dir" in line
+    assert tree_bytes(prepared_with_model) == before and not leftovers(prepared_with_model)
+
+
 def test_a_shard_copied_in_by_hand_is_refused(prepared_with_model):
     """A shard beside the prepared ones (left from another prepare, or copied in) is not trained on silently: the
     split no longer holds the count meta.json has (the tutorial read stale batches into the next run)."""
@@ -576,8 +587,19 @@ def test_face_csv_bad_rows_and_crowds_are_skipped(script, tmp_path):
     assert outside == [[700, 5, 720, 30], [600, 5, 700, 30]] and clipped == [[-1, 5, 20, 30]]
     # examples quote the row (row numbers shift where pandas drops a line), cut to 80 characters
     assert skipped["non-numeric box"][1] == ["d.jpg x,2,30,40", "f.jpg 1,2,,", "g.jpg 0,0,inf,inf"]   # f: short
-    assert skipped["zero-size box"] == [1, ["e" * 77 + "..."]]
+    assert skipped["zero-size or inverted box"] == [1, ["e" * 77 + "..."]]
     assert skipped[f"photo with over {mod.MAX_FACES} boxes (MAX_FACES)"] == [mod.MAX_FACES + 1, ["crowd.jpg"]]
+    # rows pandas dropped without a word: a quote never closed (it swallowed the rows after it), a huge field
+    for text, message in [('Name,xmin,ymin,xmax,ymax\na.jpg,1,2,30,40\n"b.jpg,1,2,30,40\nc.jpg,1,2,30,40\n',
+                            "opened in the row at line 3 is never closed"),
+                          ("Name,xmin,ymin,xmax,ymax\n" + "n" * 140_000 + ".jpg,1,2,30,40\n", "line 2: field larger"),
+                          ("Name;xmin;ymin;xmax;ymax\na.jpg;1;2;30;40\n", "separated by ';'"),
+                          ("Name,xmin,ymin,xmax,ymax\na.jpg,0.1,0.2,0.3,0.4\n", "within 0..1")]:
+        (tmp_path / "odd.csv").write_text(text)
+        with pytest.raises(mod.UserError, match=message):
+            mod.read_boxes_csv(tmp_path / "odd.csv")
+    (tmp_path / "odd.csv").write_text("Name, xmin, ymin, xmax, ymax\na.jpg, 1, 2, 30, 40\n")   # spaces after commas
+    assert mod.read_boxes_csv(tmp_path / "odd.csv")[0] == {"a.jpg": [(1, 2, 30, 40)]}
     with open(csv_path, "r+b") as f:
         f.truncate(mod.MAX_CSV_BYTES + 1)
     with pytest.raises(mod.UserError, match="MAX_CSV_BYTES"):

@@ -88,7 +88,7 @@ def test_prepare_counts_skips_and_split_by_photo(faces, prepared):
     data, proc = prepared
     meta = json.loads((data / "meta.json").read_text())
     assert meta["kind"] == "rcnn_faces" and meta["script"] == "rcnn_faces.py"
-    assert meta["skipped"] == {"non-numeric box": 1, "zero-size box": 2, "box outside photo": 1,
+    assert meta["skipped"] == {"non-numeric box": 1, "zero-size or inverted box": 2, "box outside photo": 1,
                                "missing photo": 1, "unreadable photo": 2, "Name outside --image-dir": 3,
                                "empty Name": 1}
     # the photo whose only row has a zero-size box is counted by that row (the CSV reader drops it)
