@@ -216,11 +216,12 @@ def test_prepare_overlapping_folders_and_empty_classes(names_dir, folders_dir, t
 def test_prepare_reads_labels_as_written(cifar_dir, tmp_path):
     """N_label names whose label holds a '_' (CIFAR-100's pickup_truck) take the longest label that fits, not the
     end after the last '_'; a listed label without images is a warning; a file linked into both --image-dir and
-    --test-dir stays a test image only; a label listed twice is named."""
+    --test-dir stays a test image only; a label listed twice is named. A label named like the train/ folder does
+    not make the folder a class."""
     src = tmp_path / "src"
     (src / "train").mkdir(parents=True)
     (src / "holdout").mkdir()
-    (src / "labels.txt").write_text("cat\ntruck\npickup_truck\nzebra\n")
+    (src / "labels.txt").write_text("cat\ntruck\npickup_truck\nzebra\ntrain\n")   # CIFAR-100 has a train
     for label, n in (("cat", 8), ("truck", 8)):
         for i, path in enumerate(sorted((cifar_dir / "train").glob(f"*_{label}.jpg"))[:n]):
             link(path, src / "train" / f"{i:05d}_{label}.jpg")
@@ -232,9 +233,9 @@ def test_prepare_reads_labels_as_written(cifar_dir, tmp_path):
     proc = run(LENET, "prepare", "--image-dir", src, "--test-dir", src / "holdout", "--data-dir", tmp_path / "d",
                "--workers", 1)
     assert proc.returncode == 0, proc.stderr
-    assert "skipped 1, 1 also in --test-dir" in proc.stdout and "warning: no image of 'zebra'" in proc.stderr
+    assert "skipped 1, 1 also in --test-dir" in proc.stdout and "warning: no image of 'zebra', 'train'" in proc.stderr
     splits = [read_shards(tmp_path / "d", name)[1] for name in ("training_set", "validating_set", "testing_set")]
-    assert torch.bincount(torch.cat(splits[:2]), minlength=4).tolist() == [8, 8, 6, 0]   # cat, truck, pickup_truck
+    assert torch.bincount(torch.cat(splits[:2]), minlength=5).tolist() == [8, 8, 6, 0, 0]   # cat, truck, pickup_truck
     assert splits[2].tolist() == [0, 0, 0]
     (src / "labels.txt").write_text("cat\ntruck\ncat\n")
     line = assert_one_line_error(run_main(LENET, "prepare", "--image-dir", src, "--data-dir", tmp_path / "e"), 1)
