@@ -1124,7 +1124,10 @@ def atomic_path(path):
 
 def atomic_torch_save(obj, path):
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        try:
+            torch.save(obj, tmp)
+        except RuntimeError as e:   # torch's zip writer says a full disk as "[enforce fail ...] unexpected pos"
+            raise OSError(f"{path}: cannot write it (a full disk? {str(e).splitlines()[0][:80]})") from None
 
 
 def atomic_write_text(path, text):
@@ -1328,16 +1331,16 @@ def save_history(data_dir, history, plot_keys):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = list(history[0].keys())
+    keys = list(dict.fromkeys(k for h in history for k in h))   # rows of a run resumed from an older version differ
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=keys)
+    writer = csv.DictWriter(buf, fieldnames=keys, lineterminator="\n")
     writer.writeheader()
     writer.writerows(history)
     atomic_write_text(Path(data_dir) / "history.csv", buf.getvalue())
     epochs = [h["epoch"] for h in history]
     fig, ax = plt.subplots(figsize=(7, 4))
     for key in plot_keys:
-        ax.plot(epochs, [h[key] for h in history], label=key)
+        ax.plot(epochs, [h.get(key, float("nan")) for h in history], label=key)
     ax.set_xlabel("epoch")
     ax.legend()
     ax.grid(alpha=0.3)
@@ -1367,7 +1370,7 @@ def load_model_file(path, keys=None):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # not a torch file, or one holding pickled code
-        raise UserError(f"{path}: not a model file of this suite ({type(e).__name__})")
+        raise UserError(f"{path}: damaged, or not a model file of this suite ({type(e).__name__})")
     if not isinstance(ckpt, dict) or ckpt.get("script") != SCRIPT:
         other = ckpt.get("script") if isinstance(ckpt, dict) else None
         raise UserError(f"{path}: model was trained by {other or 'another program'}"
@@ -1377,6 +1380,9 @@ def load_model_file(path, keys=None):
         raise UserError(f"{path}: a training checkpoint (what train --resume reads), not a model; pass model.pt")
     if missing:
         raise UserError(f"{path}: incomplete, no {', '.join(missing)}; train again")
+    weights = ckpt["model"].values() if isinstance(ckpt.get("model"), dict) else []
+    if not all(torch.isfinite(w).all() for w in weights if isinstance(w, torch.Tensor) and w.is_floating_point()):
+        raise UserError(f"{path}: its weights hold NaN or infinity (answers would be NaN); train again")
     return ckpt
 
 
@@ -1388,11 +1394,12 @@ def resume_path(args, out_dir):
     return path if args.resume else None
 
 
-def resume_training(path, model_args, model, optimizer, scaler, scheduler=None, classes=None):
-    """train --resume: model, optimizer, scaler (and a step-wise scheduler, whose position is kept when --epochs or
-    --batch-size changed its length) from checkpoint.pt. Returns (epochs done, history, best score, bad epochs).
-    classes: what the network's outputs stand for (a charset, labels); the checkpoint's must be the same (checkpoints
-    saved before they were stored are not checked)."""
+def resume_training(path, model_args, model, optimizer, scaler, scheduler=None, classes=None, steps_per_epoch=None):
+    """train --resume: model, optimizer, scaler (and a step-wise scheduler of `steps_per_epoch` steps an epoch: when
+    --epochs, --batch-size or the data changed its length, the same shape over the new length from the epoch reached)
+    from checkpoint.pt. Returns (epochs done, history, best score, bad epochs). classes: what the network's outputs
+    stand for (a charset, labels); the checkpoint's must be the same (checkpoints saved before they were stored are
+    not checked)."""
     ckpt = load_model_file(path, CHECKPOINT_KEYS)
     try:
         if ckpt["model_args"] != model_args:
@@ -1410,23 +1417,30 @@ def resume_training(path, model_args, model, optimizer, scaler, scheduler=None, 
             scaler.load_state_dict(ckpt["scaler"])
         if scheduler is not None and ckpt["scheduler"].get("total_steps") == getattr(scheduler, "total_steps", None):
             scheduler.load_state_dict(ckpt["scheduler"])
-        elif scheduler is not None:   # the same schedule shape over the new length, from here on
-            scheduler.last_epoch = ckpt["scheduler"]["last_epoch"]
+        elif scheduler is not None:   # the same schedule shape over the new length, from the epoch reached
+            scheduler.last_epoch = min(ckpt["epoch"] * steps_per_epoch, scheduler.total_steps) - 1
+            with warnings.catch_warnings():   # "step() before optimizer.step()": this step sets the rate only
+                warnings.simplefilter("ignore")
+                scheduler.step()
         done = ckpt["epoch"], ckpt["history"], ckpt["best_score"], ckpt["bad_epochs"]
         if not (numbers([done[0], done[3]], 2, 0, MAX_INT, True) and isinstance(done[1], list)
-                and numbers([done[2]], 1, -1, 1e9)):
-            raise ValueError("epoch, history, best score")
+                and all(isinstance(h, dict) for h in done[1]) and numbers([done[2]], 1, -1, 1e9)
+                and (scheduler is None or 0 <= scheduler.last_epoch <= getattr(scheduler, "total_steps", MAX_INT))):
+            raise ValueError("epoch, history, best score or the schedule's position")
     except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:  # a checkpoint of another version
         raise UserError(f"{path}: does not fit this run ({type(e).__name__}); train without --resume")
+    if done[2] >= 0 and not Path(path).with_name("model.pt").is_file():   # the run's best model: test and calibration
+        raise UserError(f"{Path(path).with_name('model.pt')}: missing, the best model of the run to resume (moved?); "
+                        f"put it back, or train without --resume")
     print(f"resumed from {path} after epoch {done[0]} (best validation score {done[2]:.4g})", flush=True)
     return done
 
 
-def keep_previous(out_dir, data_dir):
+def keep_previous(out_dir, data_dir, names=("model.pt", "model.onnx", "checkpoint.pt", "history.csv", "history.png",
+                                             "confusion.png")):
     """Move the model (and its export), checkpoint and history of the run before into out_dir/previous/TIME/ (and
-    the run_dir of its rows in DATA_DIR/runs.csv with them): never lost, and no stale model.onnx left beside the
-    new model."""
-    names = ("model.pt", "model.onnx", "checkpoint.pt", "history.csv", "history.png", "confusion.png")
+    the run_dir of its rows in DATA_DIR/runs.csv with them; data_dir None: the files `names` alone): never lost, and
+    no stale model.onnx left beside the new model."""
     old = [out_dir / name for name in names if (out_dir / name).exists()]
     if not old:
         return
@@ -1438,7 +1452,10 @@ def keep_previous(out_dir, data_dir):
     keep.mkdir(parents=True)
     for p in old:
         os.replace(p, keep / p.name)
-    print(f"the previous run's {', '.join(p.name for p in old)}: moved to {keep}", flush=True)
+    print(f"the previous {'run' if data_dir else 'model'}'s {', '.join(p.name for p in old)}: moved to {keep}",
+          flush=True)
+    if data_dir is None:
+        return
     with contextlib.suppress(UserError, OSError, ValueError):   # runs.csv rows of that run: run_dir follows the files
         rows = read_runs(Path(data_dir) / "runs.csv")
         moved = [r for r in rows if r.get("run_dir") and Path(r["run_dir"]).resolve() == out_dir.resolve()]
@@ -1457,6 +1474,8 @@ def save_epoch(out_dir, args, model, optimizer, scheduler, scaler, state, best_m
         keep_previous(out_dir, args.data_dir)
     if best_model is not None:
         atomic_torch_save({"script": SCRIPT, "model": model.state_dict(), **best_model}, out_dir / "model.pt")
+        if (out_dir / "model.onnx").exists():   # exported from the model before (a resumed run): not this one
+            keep_previous(out_dir, None, ("model.onnx",))
     config = {k: v for k, v in vars(args).items() if k not in ("func", "train_parser")}
     atomic_torch_save({"script": SCRIPT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                        "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), **state,
@@ -1621,7 +1640,8 @@ def read_runs(path):
 def write_runs(path, rows):
     """runs.csv rewritten atomically; columns: the union over all rows."""
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for r in rows for k in r)), restval="")
+    writer = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for r in rows for k in r)), restval="",
+                            lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_text(path, buf.getvalue())
@@ -1659,7 +1679,9 @@ def grid_runs(args, parser):
         run_args = argparse.Namespace(**vars(args))
         for _, dest, _, value in combo:
             setattr(run_args, dest, value)
-        runs.append(("_".join(f"{key}={text}" for key, _, text, _ in combo), run_args))
+        name = "_".join(f"{key}={''.join(c if c.isalnum() or c in '.+-' else '-' for c in text)}"
+                        for key, _, text, _ in combo)   # a folder name: a '/' in a value (a path) leads nowhere
+        runs.append((name if name not in [n for n, _ in runs] else f"{name}-{len(runs) + 1}", run_args))
     return runs
 
 
@@ -1710,7 +1732,8 @@ class OnnxNetwork:
             raise UserError(f"{path}: not an ONNX model exported by `python {SCRIPT}.py export` ({type(e).__name__})")
         if not isinstance(self.info, dict) or self.info.get("script") != SCRIPT:
             other = self.info.get("script") if isinstance(self.info, dict) else None
-            raise UserError(f"{path}: exported by {other or 'another program'}, not {SCRIPT}.py")
+            raise UserError(f"{path}: exported by {f'{other}.py' if other else 'another program'}, not "
+                            f"{SCRIPT}.py")
         self.names = [i.name for i in self.session.get_inputs()]
 
     def eval(self):  # as a torch network: always in inference mode
@@ -1767,7 +1790,7 @@ def cmd_export(args):
     model, info, device = load_network(path, "cpu")
     inputs, input_names, output_names, dynamic, about = export_example(info)
     meta = json.dumps({**json_ready({k: v for k, v in info.items() if k != "model"}), "input": about})
-    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():  # the exporter's progress lines
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings(), signals_held():  # progress lines
         warnings.simplefilter("ignore")
         program = torch.onnx.export(model, inputs, dynamo=True, opset_version=ONNX_OPSET, input_names=input_names,
                                     output_names=output_names, dynamic_shapes=dynamic)
@@ -1784,6 +1807,23 @@ def cmd_export(args):
     print(f"exported {out}: {out.stat().st_size / 2**20:.1f} MB, ONNX opset {ONNX_OPSET}, inputs "
           f"{', '.join(input_names)} (first axis dynamic); largest difference to torch on an example {diff:.1e}")
     return 0
+
+
+@contextlib.contextmanager
+def signals_held():
+    """Ctrl-C and SIGTERM wait while the body runs, then act: torch.export catches what a signal handler raises
+    inside its tracing (it went on and wrote the file) or turns it into its own error (a traceback)."""
+    got, before = [], {}
+    with contextlib.suppress(ValueError):   # not the main thread: signals are not ours to hold
+        before = {s: signal.signal(s, lambda signum, frame: got.append(signum))
+                  for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)   # None: a handler set outside Python
+    if got:
+        raise KeyboardInterrupt() if got[0] == signal.SIGINT else Terminated()
 
 
 def pixel_count(data):

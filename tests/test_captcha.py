@@ -383,12 +383,17 @@ def test_init_from_a_model_of_another_style(tmp, trained, no_prefix):
     line = assert_one_line_error(run("captcha.py", "train", "--data-dir", data, "--init", tmp / "broken_init.pt",
                                      "--device", "cpu"), 1)
     assert "not a captcha model this run can start from" in line
-    # a network that computes NaN (here a weight of the --init model): train stops before it saves anything, and
-    # the model of the run before stays where it is, unmoved
+    # a model with a NaN weight is refused as it loads; a network that computes NaN (here from a huge weight of the
+    # --init model): train stops before it saves anything, and the model of the run before stays where it is
     broken = torch.load(src, weights_only=True)
     broken["model"]["stem.0.weight"][0, 0, 0, 0] = float("nan")
     torch.save(broken, tmp / "nan_init.pt")
     before = (data / "model.pt").read_bytes()
+    line = assert_one_line_error(run_main("captcha.py", "train", "--data-dir", data, "--init", tmp / "nan_init.pt",
+                                          "--epochs", 1, "--epoch-size", 0, "--device", "cpu"), 1)
+    assert "its weights hold NaN or infinity" in line
+    broken["model"]["stem.0.weight"][0, 0, 0, 0] = 3e38
+    torch.save(broken, tmp / "nan_init.pt")
     line = assert_one_line_error(run("captcha.py", "train", "--data-dir", data, "--init", tmp / "nan_init.pt",
                                      "--epochs", 1, "--epoch-size", 0, "--device", "cpu"), 1)
     assert "epoch 1: training loss is nan" in line

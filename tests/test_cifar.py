@@ -6,6 +6,7 @@ Two source folders are built in a temporary directory from ../shared/datasets/ci
   (grayscale, RGBA, any size);
 - `folders`: one folder per class (3 classes, ImageFolder layout).
 """
+import csv
 import gzip
 import io
 import json
@@ -320,6 +321,31 @@ def test_train_resnet_on_shared_data(resnet_trained):
     assert model["script"] == "cifar_resnet" and model["labels"] == sorted(FOLDER_CLASSES)
     assert model["model"]["conv1.weight"].shape == (64, 3, 3, 3)   # CIFAR stem
     assert (data / "confusion.png").exists() and (data / "history.png").exists()
+
+
+def test_resume_after_changes(folders_data, tmp_path):
+    """--resume with a larger --batch-size: the one-cycle schedule goes on from the epoch reached (it had been
+    stepped past its end: a ValueError traceback); a checkpoint whose history rows lack a key (an older version)
+    resumes; without the run's model.pt, one line before any epoch, the checkpoint untouched."""
+    for path in folders_data.glob("*"):
+        if path.name == "meta.json" or path.name.endswith(".pt.gz"):
+            shutil.copy(path, tmp_path / path.name)
+    first = run(LENET, "train", "--data-dir", tmp_path, "--epochs", 2, "--batch-size", 8, "--device", "cpu")
+    assert first.returncode == 0, first.stderr
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    for row in ckpt["history"]:
+        row.pop("img_per_s")
+    torch.save(ckpt, tmp_path / "checkpoint.pt")
+    proc = run(LENET, "train", "--data-dir", tmp_path, "--epochs", 4, "--batch-size", 64, "--resume", "--device", "cpu")
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    rows = list(csv.DictReader(io.StringIO((tmp_path / "history.csv").read_text())))
+    assert [r["epoch"] for r in rows] == ["1", "2", "3", "4"] and rows[0]["img_per_s"] == ""
+    assert float(rows[2]["lr"]) > float(rows[3]["lr"]) > 0   # the schedule's end, not its start again
+    saved = (tmp_path / "checkpoint.pt").read_bytes()
+    (tmp_path / "model.pt").rename(tmp_path / "elsewhere.pt")
+    line = assert_one_line_error(run(LENET, "train", "--data-dir", tmp_path, "--epochs", 6, "--resume", "--device",
+                                     "cpu"), 1)
+    assert "model.pt: missing" in line and (tmp_path / "checkpoint.pt").read_bytes() == saved
 
 
 def test_resume_without_checkpoint(folders_data, tmp_path):

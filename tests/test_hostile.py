@@ -35,7 +35,7 @@ SHARED = ["UserError", "load_image", "image_to_tensor", "save_shard", "load_shar
           "open_tensorboard", "log_epoch", "append_run", "grid_runs", "parse_number", "positive_int", "nonneg_int",
           "nonneg_float", "wait_ms", "probability", "seed_int", "worker_count", "lock_data_dir", "import_optional", "json_ready",
           "OnnxNetwork", "load_network", "cmd_export", "Batcher", "PAGE", "cmd_serve", "add_ship_commands", "port_number",
-          "start_worker", "parallel_map", "HelpFormatter", "OneLineParser", "base_parser", "cmd_train",
+          "start_worker", "parallel_map", "signals_held", "save_epoch", "keep_previous", "resume_training", "HelpFormatter", "OneLineParser", "base_parser", "cmd_train",
           "iter_eval_inputs", "add_scale_options", "main", "run_command", "refuse_other_data"]
 FACE_SHARED = ["CSV_COLUMNS", "read_boxes_csv", "count_skip", "split_indices", "side_arg", "width_arg", "photo_path", "OutputFiles", "cosine_schedule", "found_boxes", "match_detections",
                "fit_calibration", "detection_scores", "read_ahead", "read_photo",
@@ -361,6 +361,47 @@ def test_meta_entries_checked_before_training(script, tmp_path):
             module.read_meta(data)
 
 
+def test_train_and_export_helpers_under_stress(tmp_path, monkeypatch):
+    """Signals wait while torch.export traces (it swallowed a Ctrl-C and wrote the file, and turned SIGTERM into a
+    traceback) and act after; a full disk in torch.save is an OSError (one line in run_command), not a RuntimeError
+    traceback; a new best model of a resumed run moves the model.onnx exported before aside; --grid values that hold
+    a path make folder names without one; a model.pt with NaN weights is refused (eval printed bare NaN)."""
+    module = load_script("cifar_lenet.py")
+    for sig, raised in ((signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, module.Terminated)):
+        reached = []
+        with pytest.raises(raised):
+            with module.signals_held():
+                signal.raise_signal(sig)
+                reached.append(True)   # the body runs to its end first
+        assert reached == [True]
+    monkeypatch.setattr(module.torch, "save", lambda obj, f: (_ for _ in ()).throw(RuntimeError("unexpected pos 64")))
+    with pytest.raises(OSError, match="a full disk"):
+        module.atomic_torch_save({}, tmp_path / "x.pt")
+    monkeypatch.undo()
+    assert not list(tmp_path.iterdir())   # no temporary file left
+    model = module.build_model({"num_classes": 3})
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
+    (tmp_path / "model.onnx").write_bytes(b"exported from the model before")
+    args = argparse.Namespace(data_dir=str(tmp_path))
+    state = {"epoch": 3, "history": [{"epoch": 3, "val_acc": 0.5}], "best_score": 0.5, "bad_epochs": 0,
+             "model_args": {"num_classes": 3}}
+    module.save_epoch(tmp_path, args, model, optimizer, scheduler, torch.amp.GradScaler("cpu", enabled=False), state,
+                      {"model_args": {"num_classes": 3}}, ["val_acc"])
+    assert not (tmp_path / "model.onnx").exists() and (tmp_path / "model.pt").exists()
+    assert [p.read_bytes() for p in (tmp_path / "previous").glob("*/model.onnx")] == [b"exported from the model before"]
+    parser = module.build_parser()
+    args = parser.parse_args(["train", "--grid", "tag=q/../../..,w", "--grid", "lr=0.1,0.2"])
+    names = [name for name, _ in module.grid_runs(args, args.train_parser)]
+    assert len(set(names)) == 4 and not any("/" in name for name in names), names
+    good = {"script": "cifar_lenet", "model": model.state_dict(), "model_args": {"num_classes": 3},
+            "labels": ["a", "b", "c"], "mean": [0.5] * 3, "std": [0.2] * 3}
+    good["model"]["fc3.weight" if "fc3.weight" in good["model"] else next(iter(good["model"]))].fill_(float("nan"))
+    torch.save(good, tmp_path / "nan.pt")
+    with pytest.raises(module.UserError, match="NaN or infinity"):
+        module.load_model_file(tmp_path / "nan.pt")
+
+
 def test_resume_refuses_a_damaged_checkpoint(tmp_path):
     """train --resume: a checkpoint whose epoch, history or best score was edited is one line, before training."""
     module = load_script("cifar_lenet.py")
@@ -372,6 +413,7 @@ def test_resume_refuses_a_damaged_checkpoint(tmp_path):
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     path = tmp_path / "checkpoint.pt"
     torch.save(good, path)
+    (tmp_path / "model.pt").write_bytes(b"the best model so far")   # beside its checkpoint, as train leaves it
     assert module.resume_training(path, {"num_classes": 3}, model, optimizer, scaler)[0] == 2
     for key, value in [("epoch", "2"), ("epoch", -5), ("best_score", "x"), ("bad_epochs", None), ("history", "abc")]:
         torch.save({**good, key: value}, path)
