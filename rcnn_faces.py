@@ -1185,8 +1185,9 @@ def read_meta(data_dir):
     a) of its type (or passing its check). Anything else is a UserError that asks to prepare again."""
     path = Path(data_dir) / "meta.json"
     if not path.exists():
-        raise UserError(f"{path} not found; run `python {SCRIPT}.py prepare --data-dir {data_dir}` first")
-    again = f"run `python {SCRIPT}.py prepare --data-dir {data_dir}` again"
+        raise UserError(f"{path} not found; run `python {SCRIPT}.py prepare --data-dir {shlex.quote(str(data_dir))}` "
+                        f"first")
+    again = f"run `python {SCRIPT}.py prepare --data-dir {shlex.quote(str(data_dir))}` again"
     try:
         meta = json.loads(read_text(path))
     except (ValueError, RecursionError) as e:
@@ -2293,6 +2294,9 @@ def cmd_train(args):
             tb_dir = args.tensorboard and Path(args.tensorboard) / name
             if name:
                 print(f"\n== grid run {name}: {out_dir}")
+            if name and run_args.resume and not (out_dir / "checkpoint.pt").exists():   # a --grid cut short
+                print("no checkpoint of this run: it starts fresh")
+                run_args.resume = False
             started, t0 = time.strftime("%Y-%m-%d %H:%M:%S"), time.time()
             result = train(run_args, device, out_dir, tb_dir)
             options = {k: v for k, v in vars(run_args).items() if k not in ("command", "func", "train_parser", "grid")}

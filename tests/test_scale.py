@@ -189,6 +189,19 @@ def test_grid_runs_every_combination(prepared):
     assert scores == sorted(scores, reverse=True)          # sorted by best validation score
 
 
+def test_grid_resumed_after_a_cut(prepared):
+    """A --grid cut short, run again with --resume: the runs with a checkpoint go on, the others start fresh (the
+    first run without one stopped the grid: 'nothing to resume')."""
+    data = data_of(prepared, "captcha.py", "grid-resume")
+    common = ["train", "--data-dir", data, "--device", "cpu", "--batch-size", 64, "--epoch-size", 0]
+    assert run("captcha.py", *common, "--epochs", 1, "--grid", "lr=0.003").returncode == 0
+    proc = run("captcha.py", *common, "--epochs", 2, "--grid", "lr=0.003,0.001", "--resume")
+    assert proc.returncode == 0, proc.stderr
+    assert "after epoch 1" in proc.stdout and "no checkpoint of this run: it starts fresh" in proc.stdout
+    assert [row["epoch"] for row in history(data / "grid" / "lr=0.003")] == ["1", "2"]
+    assert [row["epoch"] for row in history(data / "grid" / "lr=0.001")] == ["1", "2"]
+
+
 @pytest.mark.parametrize("grid", ["nope=1,2", "lr", "lr=abc", "resume=1", "device=cpu,cuda", "amp=1"])
 def test_grid_bad_option(prepared, grid):
     data = data_of(prepared, "captcha.py", f"badgrid-{grid.replace('=', '_')}")
