@@ -69,6 +69,7 @@ if QUIET_START:
 
 # ---- Config ----
 SCRIPT = Path(__file__).stem
+IMAGE_DIR = "generate-captcha/output"   # --image-dir: where generate-captcha/generate.py writes (beside this script)
 DATA_KIND = SCRIPT
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp"}
 SHARD_SIZE = 1000
@@ -576,6 +577,10 @@ def predict(net, info, device, args, images, per_position=False):
 def cmd_prepare(args):
     image_dir = Path(args.image_dir)
     regex = args.label_regex
+    beside = Path(__file__).resolve().parent / IMAGE_DIR   # where generate.py writes, from any working folder
+    if args.image_dir == IMAGE_DIR and not image_dir.is_dir() and beside.is_dir():
+        image_dir = beside
+        print(f"--image-dir {IMAGE_DIR}: not in the working folder; reading {image_dir}")
     if not image_dir.is_dir():
         raise UserError(f"{image_dir}: image folder not found (generate captchas with "
                         "`python generate-captcha/generate.py` or pass --image-dir)")
@@ -924,7 +929,7 @@ def build_parser():
     parser, sub, common, device, seed = base_parser()
 
     p = sub.add_parser("prepare", parents=[common, seed], help="images -> tensor batches")
-    p.add_argument("--image-dir", default="generate-captcha/output",
+    p.add_argument("--image-dir", default=IMAGE_DIR,
                    help="folder of CODE.ext or PREFIX-CODE.ext images (or of the files a --labels file lists); "
                         f"images over {MAX_PIXELS:,} pixels are skipped")
     p.add_argument("--labels", metavar="FILE", default=None,
@@ -969,7 +974,7 @@ def build_parser():
     p = sub.add_parser("eval", parents=[common, device], help="read captcha images")
     p.add_argument("images", nargs="*", metavar="IMAGE", help="image files or folders; none: read paths from stdin; "
                    f"images over {MAX_PIXELS:,} pixels are refused")
-    p.add_argument("--model", default=None, help="model file (default: DATA_DIR/model.pt)")
+    p.add_argument("--model", default=None, help="model.pt or model.onnx (default: DATA_DIR/model.pt)")
     p.add_argument("--json", action="store_true", help="one JSON object per image on stdout")
     p.set_defaults(func=cmd_eval)
     add_ship_commands(sub, common, [device])
@@ -2310,6 +2315,8 @@ def iter_eval_inputs(paths):
             except (EOFError, KeyboardInterrupt):
                 print(file=sys.stderr)
                 return
+            if len(line) > 1 and line[0] == line[-1] and line[0] in "'\"":   # a path dropped into a terminal
+                line = line[1:-1]
             if line:
                 yield from expand(line)
     else:

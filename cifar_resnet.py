@@ -547,7 +547,7 @@ def build_parser():
     p = sub.add_parser("eval", parents=[common, device], help="predict images")
     p.add_argument("images", nargs="*", metavar="IMAGE", help="image files or folders; none: read paths from stdin; "
                    f"images over {MAX_PIXELS:,} pixels are refused")
-    p.add_argument("--model", default=None, help="model file (default: DATA_DIR/model.pt)")
+    p.add_argument("--model", default=None, help="model.pt or model.onnx (default: DATA_DIR/model.pt)")
     p.add_argument("--json", action="store_true", help="one JSON object per image on stdout")
     p.set_defaults(func=cmd_eval)
     add_ship_commands(sub, common, [device])
@@ -1888,6 +1888,8 @@ def iter_eval_inputs(paths):
             except (EOFError, KeyboardInterrupt):
                 print(file=sys.stderr)
                 return
+            if len(line) > 1 and line[0] == line[-1] and line[0] in "'\"":   # a path dropped into a terminal
+                line = line[1:-1]
             if line:
                 yield from expand(line)
     else:

@@ -994,7 +994,7 @@ def face_parser(prepare_help, train_help):
     evaluate = sub.add_parser("eval", parents=[common, device, detection], help="detect faces in photos")
     evaluate.add_argument("images", nargs="*", metavar="IMAGE", help="image files or folders; none: read paths from "
                           f"stdin; images over {MAX_PIXELS:,} pixels are refused")
-    evaluate.add_argument("--model", default=None, help="model file (default: DATA_DIR/model.pt)")
+    evaluate.add_argument("--model", default=None, help="model.pt or model.onnx (default: DATA_DIR/model.pt)")
     evaluate.add_argument("--json", action="store_true", help="one JSON object per image on stdout")
     evaluate.add_argument("--output", default="img_output.png",
                           help="annotated image of one input image, in an existing folder (the interactive prompt "
@@ -2342,6 +2342,8 @@ def iter_eval_inputs(paths):
             except (EOFError, KeyboardInterrupt):
                 print(file=sys.stderr)
                 return
+            if len(line) > 1 and line[0] == line[-1] and line[0] in "'\"":   # a path dropped into a terminal
+                line = line[1:-1]
             if line:
                 yield from expand(line)
     else:

@@ -17,15 +17,21 @@ import math
 import os
 import random
 import re
+import shutil
 import signal
 import sys
 import time
 from functools import lru_cache
+try:
+    import fcntl   # one generator per --output (not on Windows)
+except ImportError:
+    fcntl = None
 from multiprocessing import Pool
 from pathlib import Path
 
 import matplotlib
-from PIL import Image, ImageDraw, ImageFilter, ImageFont
+from matplotlib.ft2font import FT2Font
+from PIL import Image, ImageDraw, ImageFilter, ImageFont, PngImagePlugin
 from tqdm import tqdm
 
 # ---- Config ----
@@ -78,17 +84,24 @@ def font_pool(fonts_dir=None):
         usable = [p for p in extra if draws_all_characters(str(p))]
         for p in sorted(set(extra) - set(usable)):
             print(f"skipping font {p}: it cannot draw every captcha character", file=sys.stderr)
+        if not usable:
+            print(f"--fonts {fonts_dir}: no usable .ttf font in it (subfolders and .otf are not read); the "
+                  f"built-in fonts alone", file=sys.stderr)
         pool += [(str(p), None, None, None) for p in usable]
     return pool
 
 
 def draws_all_characters(path):
+    """The font maps every captcha character to a glyph of its own (a missing one would be drawn as the font's
+    empty box, and the image would not show its file name's code) that draws something."""
     try:
+        charmap = FT2Font(path).get_charmap()
         font = ImageFont.truetype(path, 32)
         masks = {c: font.getmask(c).getbbox() for c in DIGITS + LETTERS}
-    except OSError:
+    except (OSError, RuntimeError, ValueError):
         return False
-    return all(box is not None for box in masks.values()) and len(set(map(str, masks.values()))) > 1
+    return (all(ord(c) in charmap and charmap[ord(c)] != 0 for c in DIGITS + LETTERS)
+            and all(box is not None for box in masks.values()) and len(set(map(str, masks.values()))) > 1)
 
 
 @lru_cache(maxsize=None)
@@ -194,11 +207,14 @@ def generate_range(start_stop):
         img = draw_captcha(rng, code, job["families"], job["style"])
         name = f"{index:0{job['digits']}d}-{code}.png"
         tmp = Path(job["output"]) / f".{name}.tmp"
-        img.save(tmp, format="PNG", compress_level=1)
+        img.save(tmp, format="PNG", compress_level=1, pnginfo=PNG_INFO)
         os.replace(tmp, Path(job["output"]) / name)
     return start_stop[1] - start_stop[0]
 
 
+MARK = "generate-captcha/generate.py"   # each PNG's Software text: what --clean may replace (a user's own, never)
+PNG_INFO = PngImagePlugin.PngInfo()
+PNG_INFO.add_text("Software", MARK)
 CAPTCHA_NAME = re.compile(r"^\d{5,}-[0-9A-Za-z]+\.png$")
 
 
@@ -238,15 +254,28 @@ def build_parser():
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--count", type=whole_number(1, 10 ** 8), default=100000, help="number of captchas")
     p.add_argument("--output", default=str(Path(__file__).parent / "output"), help="output folder")
-    p.add_argument("--length", type=length_range, default=(4, 4), metavar="N|A-B",
+    p.add_argument("--length", type=length_range, default="4", metavar="N|A-B",
                    help="characters per captcha: N, or A-B for lengths drawn uniformly from A to B")
-    p.add_argument("--size", type=image_size, default=SIZE, metavar="WxH", help="image size in pixels")
+    p.add_argument("--size", type=image_size, default=f"{SIZE[0]}x{SIZE[1]}", metavar="WxH",
+                   help="image size in pixels (at least 8 wide per character)")
     p.add_argument("--palette", choices=sorted(PALETTES), default="hei", help="background and ink colours")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--workers", type=whole_number(1, 256), default=os.cpu_count() or 1, help="parallel processes")
     p.add_argument("--fonts", default=None, help="folder of extra .ttf fonts added to the pool")
-    p.add_argument("--clean", action="store_true", help="delete captchas of an earlier run in --output first")
+    p.add_argument("--clean", action="store_true",
+                   help="replace the captchas an earlier run wrote in --output (never other files)")
     return p
+
+
+
+
+def ours(path):
+    """A PNG this generator wrote (its Software text), read from the header alone."""
+    try:
+        with Image.open(path, formats=["PNG"]) as img:
+            return img.info.get("Software") == MARK
+    except Exception:   # a folder, not a PNG, unreadable: not ours
+        return False
 
 
 def run(args):
@@ -254,22 +283,38 @@ def run(args):
         raise UserError(f"--fonts {args.fonts}: {'not a folder' if Path(args.fonts).exists() else 'folder not found'}")
     if not args.output:
         raise UserError("--output: empty; name a folder")
+    if args.size[0] < 8 * args.length[1]:
+        raise UserError(f"--size {args.size[0]}x{args.size[1]}: {args.size[0] // args.length[1]} px wide for each of "
+                        f"{args.length[1]} characters; at least 8 (--size {8 * args.length[1]}x{args.size[1]})")
     families = font_pool(args.fonts)
     out = Path(args.output)
     try:
         out.mkdir(parents=True, exist_ok=True)
+        if fcntl is not None:   # held until the process ends
+            fcntl.flock(os.open(out, os.O_RDONLY), fcntl.LOCK_EX | fcntl.LOCK_NB)
         old = [p for p in out.iterdir() if CAPTCHA_NAME.match(p.name)]
+    except BlockingIOError:
+        raise UserError(f"--output {out}: another generate.py is writing there; wait for it or choose another folder")
     except OSError as e:   # a file of that name, a folder that takes no new entry
         raise UserError(f"--output {out}: {e.strerror or e}")
+    foreign = [p.name for p in old if not ours(p)]
+    if foreign:   # named like captchas, but not of a run of this generator: a user's own, never removed
+        raise UserError(f"{out} holds {len(foreign)} files named like captchas that no earlier run wrote there (e.g. "
+                        f"{foreign[0]}); move them, or choose another --output")
     if old and not args.clean:
-        raise UserError(f"{out} already holds {len(old)} captchas; pass --clean to replace them "
+        raise UserError(f"{out} already holds {len(old)} captchas of an earlier run; pass --clean to replace them "
                         "or choose another --output")
+    staged = out / f".generate-{os.getpid()}"   # the new captchas are drawn here, then replace the old ones at once
+    shutil.rmtree(staged, ignore_errors=True)
+    staged.mkdir()
     try:
-        for p in old:
-            p.unlink()
-    except OSError as e:
-        raise UserError(f"--output {out}: cannot remove {p.name} ({e.strerror or e})")
-    job = {"seed": args.seed, "length": args.length, "families": families, "output": str(out),
+        return draw_all(args, families, out, staged, old)
+    finally:   # done, failed or interrupted: the staging folder goes; the old captchas stay unless replaced
+        shutil.rmtree(staged, ignore_errors=True)
+
+
+def draw_all(args, families, out, staged, old):
+    job = {"seed": args.seed, "length": args.length, "families": families, "output": str(staged),
            "style": {"size": args.size, "palette": PALETTES[args.palette]},
            "digits": max(5, len(str(args.count - 1)))}
     chunk = 200
@@ -285,14 +330,17 @@ def run(args):
             with Pool(args.workers, initializer=init_worker, initargs=(job,)) as pool:
                 for n in pool.imap_unordered(generate_range, ranges):
                     bar.update(n)
-    except (KeyboardInterrupt, Terminated, OSError) as e:  # every written image is whole (temp file, then rename)
-        for tmp in out.glob(".*.png.tmp"):
-            tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError):   # a full disk, a read-only folder
-            raise UserError(f"--output {out}: {e.strerror or e}")
-        raise
+    except OSError as e:   # a full disk, a read-only folder
+        raise UserError(f"--output {out}: {e.strerror or e}")
     finally:
         bar.close()
+    try:   # the swap: the old set out, the new one in (a second or two for 100,000)
+        for p in old:
+            p.unlink()
+        for name in sorted(p.name for p in staged.iterdir() if CAPTCHA_NAME.match(p.name)):
+            os.replace(staged / name, out / name)
+    except OSError as e:
+        raise UserError(f"--output {out}: cannot put the new captchas in place ({e.strerror or e})")
     seconds = time.perf_counter() - start
     print(f"wrote {args.count} captchas to {out} in {seconds:.1f}s ({args.count / seconds:.0f} images/s)")
     return 0

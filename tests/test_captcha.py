@@ -113,9 +113,11 @@ def test_generator_refuses_to_mix_runs(tmp, generated):
     assert len(list(out.iterdir())) == 3
     (tmp / "a-file").write_text("not a folder")
     assert "--output" in assert_one_line_error(run(GENERATE, "--count", 3, "--output", tmp / "a-file"), 2)
-    (out / "00009-abcd.png").mkdir()   # a folder named like a captcha: --clean cannot remove it, one line
+    (out / "00009-abcd.png").mkdir()   # named like a captcha, not written by a run: never removed, one line
+    (out / "00042-8cA6.png").write_bytes(b"a captcha the user labelled")
     line = assert_one_line_error(run(GENERATE, "--count", 3, "--output", out, "--clean"), 2)
-    assert "cannot remove" in line and not list(out.glob(".*.tmp"))
+    assert "2 files named like captchas that no earlier run wrote there" in line
+    assert (out / "00042-8cA6.png").read_bytes() == b"a captcha the user labelled" and len(list(out.iterdir())) == 5
 
 
 @pytest.mark.parametrize("workers", [1, 2])
@@ -127,14 +129,13 @@ def test_generator_sigterm_stops_every_worker(tmp, workers):
                              str(workers)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     deadline = time.time() + 60
-    while (not out.is_dir() or len(list(out.glob("*.png"))) < 50) and time.time() < deadline:
+    while len(list(out.glob(".generate-*/*.png"))) < 50 and time.time() < deadline:   # drawn aside, then put in
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
-    written = len(list(out.glob("*.png")))
     time.sleep(1)
     assert proc.returncode == 143 and err.strip().endswith("terminated") and "Traceback" not in err, err
-    assert len(list(out.glob("*.png"))) == written < 20000 and not list(out.glob(".*.tmp"))
+    assert not list(out.iterdir())   # no half set, no temporary file, nothing a later worker wrote
 
 
 @pytest.mark.parametrize("args", [["--count", "0"], ["--length", "0"], ["--fonts", "/nonexistent/fonts"],
