@@ -138,6 +138,25 @@ def test_generator_sigterm_stops_every_worker(tmp, workers):
     assert not list(out.iterdir())   # no half set, no temporary file, nothing a later worker wrote
 
 
+def test_generator_keeps_the_old_set_until_the_new_one_is_complete(tmp):
+    """A --clean run is drawn aside: killed midway, the old captchas are all there (they were deleted first); a
+    second generator on the same folder meanwhile stops at once (both wrote, under the same numbers)."""
+    out = tmp / "swap"
+    assert run(GENERATE, "--count", 20, "--output", out, "--seed", 1, "--workers", 1).returncode == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    proc = subprocess.Popen([sys.executable, GENERATE, "--count", "20000", "--output", str(out), "--clean",
+                             "--workers", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    deadline = time.time() + 60
+    while len(list(out.glob(".generate-*/*.png"))) < 20 and time.time() < deadline:
+        time.sleep(0.05)
+    line = assert_one_line_error(run(GENERATE, "--count", 5, "--output", out, "--clean", "--workers", 1), 2)
+    assert "another generate.py is writing there" in line
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and "Traceback" not in err, err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
 @pytest.mark.parametrize("args", [["--count", "0"], ["--length", "0"], ["--fonts", "/nonexistent/fonts"],
                                   ["--workers", "100000"], ["--length", "4-"], ["--output", ""]])
 def test_generator_bad_options(tmp, args):
