@@ -304,8 +304,9 @@ def run(args):
     if old and not args.clean:
         raise UserError(f"{out} already holds {len(old)} captchas of an earlier run; pass --clean to replace them "
                         "or choose another --output")
+    for stale in out.glob(".generate-*"):   # left by a run killed outright: with the lock held, none is in use
+        shutil.rmtree(stale, ignore_errors=True)
     staged = out / f".generate-{os.getpid()}"   # the new captchas are drawn here, then replace the old ones at once
-    shutil.rmtree(staged, ignore_errors=True)
     staged.mkdir()
     try:
         return draw_all(args, families, out, staged, old)

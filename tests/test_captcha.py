@@ -140,10 +140,14 @@ def test_generator_sigterm_stops_every_worker(tmp, workers):
 
 def test_generator_keeps_the_old_set_until_the_new_one_is_complete(tmp):
     """A --clean run is drawn aside: killed midway, the old captchas are all there (they were deleted first); a
-    second generator on the same folder meanwhile stops at once (both wrote, under the same numbers)."""
+    second generator on the same folder meanwhile stops at once (both wrote, under the same numbers); the staging
+    folder of a run killed outright is cleared by the next."""
     out = tmp / "swap"
+    (out / ".generate-99999").mkdir(parents=True)   # the staging folder of a run killed outright (SIGKILL)
+    (out / ".generate-99999" / "00000-abcd.png").write_bytes(b"drawn before the kill")
     assert run(GENERATE, "--count", 20, "--output", out, "--seed", 1, "--workers", 1).returncode == 0
     before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert len(before) == 20   # the stale staging folder cleared
     proc = subprocess.Popen([sys.executable, GENERATE, "--count", "20000", "--output", str(out), "--clean",
                              "--workers", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     deadline = time.time() + 60
