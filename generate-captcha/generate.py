@@ -300,14 +300,18 @@ def run(args):
     foreign = [p.name for p in old if not ours(p)]
     if foreign:   # named like captchas, but not of a run of this generator: a user's own, never removed
         raise UserError(f"{out} holds {len(foreign)} files named like captchas that no earlier run wrote there (e.g. "
-                        f"{foreign[0]}); move them, or choose another --output")
+                        f"{foreign[0]}: a user's own, or from a version of generate.py before its mark); move them, "
+                        f"or choose another --output")
     if old and not args.clean:
         raise UserError(f"{out} already holds {len(old)} captchas of an earlier run; pass --clean to replace them "
                         "or choose another --output")
     for stale in out.glob(".generate-*"):   # left by a run killed outright: with the lock held, none is in use
         shutil.rmtree(stale, ignore_errors=True)
     staged = out / f".generate-{os.getpid()}"   # the new captchas are drawn here, then replace the old ones at once
-    staged.mkdir()
+    try:
+        staged.mkdir()
+    except OSError as e:   # a folder that takes no new entry
+        raise UserError(f"--output {out}: {e.strerror or e}")
     try:
         return draw_all(args, families, out, staged, old)
     finally:   # done, failed or interrupted: the staging folder goes; the old captchas stay unless replaced
