@@ -209,11 +209,11 @@ def doubtful_codes(codes):
     prefix = os.path.commonprefix(codes)
     if len(codes) >= 10 and len(prefix) >= 3:
         doubts.append(f"every code begins with {prefix!r}: are the file names codes? Name files CODE.png or "
-                        f"PREFIX-CODE.png, or pass --labels FILE or --label-regex")
+                      f"PREFIX-CODE.png, or pass --labels FILE or --label-regex")
     joined = [c for c in codes if "_" in c]
     if joined:
         doubts.append(f"{len(joined)} codes hold '_' (e.g. {joined[0]!r}); if it joins a prefix to the code, pass "
-                        "--label-regex '^(?:.*_)?([^_]+)\\.[^.]+$'")
+                      "--label-regex '^(?:.*_)?([^_]+)\\.[^.]+$'")
     return doubts
 
 
@@ -1946,7 +1946,6 @@ def cmd_serve(args):
     uvicorn.run(f"{SCRIPT}:serve_worker", factory=True, app_dir=str(Path(__file__).resolve().parent),
                 workers=args.workers, host=args.host, port=args.port, log_level="warning", **SERVE_LIMITS)
     return 0
-
 
 
 def serve_worker():

@@ -1521,7 +1521,6 @@ def cmd_serve(args):
     return 0
 
 
-
 def serve_worker():
     """uvicorn's app factory in each process of serve --workers N: the parent's options, a share of the cores."""
     args = argparse.Namespace(**json.loads(os.environ[SERVE_OPTIONS]))

@@ -658,7 +658,7 @@ def working_size(info):
 def look(img, info):
     """A PIL photo -> what detect needs of it: (its working copy letterboxed, uint8 3,H,W; its proposals in
     letterbox pixels; the copy's (width, height); the copy's reduction factor)."""
-    size = tuple(info["size"])
+    size = working_size(info)
     copy, factor = working_copy(img, size)   # a copy's pixel is factor x factor pixels of the photo
     proposals = selective_search(copy, size, info["search_side"], info["proposals"])
     return letterbox_image(copy, size), photo_proposals(proposals, copy.width, copy.height, size), copy.size, factor
@@ -1033,9 +1033,9 @@ class OutputFiles:
         elif self.output.is_dir() or not self.output.resolve().parent.is_dir():
             raise UserError(f"--output {self.output}: not a file in an existing folder; create the folder or pass "
                             f"--output-dir DIR", 2)
-        elif sum(map(os.path.isfile, inputs)) > 1:   # a missing file or an empty folder is an error line, no image
-            raise UserError(f"--output {self.output} takes one image, not {sum(map(os.path.isfile, inputs))} (each "
-                            f"would overwrite the one before); pass --output-dir DIR", 2)
+        elif (images := sum(map(os.path.isfile, inputs))) > 1:   # a missing file or an empty folder: no image
+            raise UserError(f"--output {self.output} takes one image, not {images} (each would overwrite the one "
+                            f"before); pass --output-dir DIR", 2)
         elif self.output.suffix.lower() != ".png":
             raise UserError(f"--output {self.output}: name it NAME.png (eval writes a PNG)", 2)
 
@@ -2117,7 +2117,6 @@ def cmd_serve(args):
     uvicorn.run(f"{SCRIPT}:serve_worker", factory=True, app_dir=str(Path(__file__).resolve().parent),
                 workers=args.workers, host=args.host, port=args.port, log_level="warning", **SERVE_LIMITS)
     return 0
-
 
 
 def serve_worker():

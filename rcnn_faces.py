@@ -521,7 +521,7 @@ def working_size(info):
 def look(img, info):
     """A PIL photo -> what detect needs of it: (its working copy, uint8 3,H,W; the copy's selective search
     proposals; the copy's reduction factor)."""
-    copy, factor = working_copy(img, [info["search_side"]] * 2)   # a copy's pixel is factor x factor of the photo
+    copy, factor = working_copy(img, working_size(info))   # a copy's pixel is factor x factor of the photo
     copy = image_to_tensor(copy)
     return copy, selective_search(copy, info["search_side"]), factor
 
@@ -889,9 +889,9 @@ class OutputFiles:
         elif self.output.is_dir() or not self.output.resolve().parent.is_dir():
             raise UserError(f"--output {self.output}: not a file in an existing folder; create the folder or pass "
                             f"--output-dir DIR", 2)
-        elif sum(map(os.path.isfile, inputs)) > 1:   # a missing file or an empty folder is an error line, no image
-            raise UserError(f"--output {self.output} takes one image, not {sum(map(os.path.isfile, inputs))} (each "
-                            f"would overwrite the one before); pass --output-dir DIR", 2)
+        elif (images := sum(map(os.path.isfile, inputs))) > 1:   # a missing file or an empty folder: no image
+            raise UserError(f"--output {self.output} takes one image, not {images} (each would overwrite the one "
+                            f"before); pass --output-dir DIR", 2)
         elif self.output.suffix.lower() != ".png":
             raise UserError(f"--output {self.output}: name it NAME.png (eval writes a PNG)", 2)
 
@@ -1973,7 +1973,6 @@ def cmd_serve(args):
     uvicorn.run(f"{SCRIPT}:serve_worker", factory=True, app_dir=str(Path(__file__).resolve().parent),
                 workers=args.workers, host=args.host, port=args.port, log_level="warning", **SERVE_LIMITS)
     return 0
-
 
 
 def serve_worker():
