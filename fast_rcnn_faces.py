@@ -28,6 +28,7 @@ import gzip
 import html
 import importlib
 import io
+import ipaddress
 import itertools
 import json
 import math
@@ -41,6 +42,7 @@ import signal
 import socket
 import sys
 import time
+import urllib.parse
 import warnings
 import zipfile
 from collections import deque
@@ -1542,7 +1544,8 @@ def resume_path(args, out_dir):
 def resume_training(path, model_args, model, optimizer, scaler, scheduler=None, classes=None, steps_per_epoch=None):
     """train --resume: model, optimizer, scaler (and a step-wise scheduler of `steps_per_epoch` steps an epoch: when
     --epochs, --batch-size or the data changed its length, the same shape over the new length from the epoch reached)
-    from checkpoint.pt. Returns (epochs done, history, best score, bad epochs). classes: what the network's outputs
+    from checkpoint.pt, the learning rate scaled to the one `optimizer` was built with (its run's, or a --lr given
+    now: resume_options). Returns (epochs done, history, best score, bad epochs). classes: what the network's outputs
     stand for (a charset, labels); the checkpoint's must be the same (checkpoints saved before they were stored are
     not checked)."""
     ckpt = load_model_file(path, CHECKPOINT_KEYS)
@@ -1557,7 +1560,13 @@ def resume_training(path, model_args, model, optimizer, scaler, scheduler=None, 
                             f"{old[i] if i < len(old) else 'none'!r}, now {new[i] if i < len(new) else 'none'!r}); "
                             f"train without --resume")
         model.load_state_dict(ckpt["model"])
+        asked = [dict(group) for group in optimizer.param_groups]   # built from this run's options
         optimizer.load_state_dict(ckpt["optimizer"])
+        for group, new in zip(optimizer.param_groups, asked):   # a --lr or --weight-decay given now holds from here
+            base = lambda g: g.get("max_lr", g.get("initial_lr", g["lr"]))   # the schedule's peak, else its start
+            ratio = base(new) / base(group) if base(group) > 0 else 1.0
+            group.update({key: group[key] * ratio for key in ("lr", "initial_lr", "max_lr", "min_lr") if key in group})
+            group.update({key: new[key] for key in ("weight_decay",) if key in group})
         if ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         if scheduler is not None and ckpt["scheduler"].get("total_steps") == getattr(scheduler, "total_steps", None):
@@ -1579,6 +1588,49 @@ def resume_training(path, model_args, model, optimizer, scaler, scheduler=None, 
                         f"put it back, or train without --resume")
     print(f"resumed from {path} after epoch {done[0]} (best validation score {done[2]:.4g})", flush=True)
     return done
+
+
+RESUME_OWN = ("command", "data_dir", "device", "grid", "histogram_every", "init", "resume", "sync_bn", "tag",
+              "tensorboard", "compile")   # train --resume: options of the command line, not of the run resumed
+
+
+def resume_options(args, parser, path, given):
+    """train --resume: args with the options of the run resumed (its checkpoint's) where the command line gives none
+    (`given`: the options it names), so that a run goes on as it started (--lr, --epochs, --width ...); those given
+    that differ from the run's are said. A checkpoint without its options (an older version) changes nothing."""
+    config = load_model_file(path, CHECKPOINT_KEYS).get("config")
+    args, taken, changed = argparse.Namespace(**vars(args)), [], []
+    for action in parser._actions if isinstance(config, dict) else []:   # argparse has no public list of options
+        dest, flag = action.dest, action.option_strings[-1] if action.option_strings else action.dest
+        if dest in RESUME_OWN or dest not in config or config[dest] == getattr(args, dest, None):
+            continue
+        value = config[dest]
+        if dest in given:
+            changed.append(f"{flag} {getattr(args, dest)} (the run's: {value})")
+            continue
+        try:   # what the parser would make of it: a checkpoint edited by hand passes the same checks as the options
+            ok = (action.type(str(value)) == value if action.type else type(value) is type(action.default)) and (
+                value in (action.choices or [value]))
+        except (argparse.ArgumentTypeError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise UserError(f"{path}: its option {flag} {value!r} is not valid; train without --resume")
+        setattr(args, dest, value)
+        taken.append(f"{flag} {value}")
+    if taken:
+        print(f"options of the run resumed: {', '.join(taken)}")
+    if changed:
+        print(f"options changed from the run resumed: {', '.join(changed)}")
+    return args
+
+
+def given_options(parser, argv):
+    """The options (dests) that the arguments `argv` of `parser` name: argparse fills in a default only where the
+    namespace has no value yet, so those still holding a marker after parsing were not given."""
+    unset = object()
+    probe = argparse.Namespace(**{a.dest: unset for a in parser._actions if not isinstance(a, argparse._AppendAction)})
+    parser.parse_known_args(argv, probe)
+    return {dest for dest, value in vars(probe).items() if value is not unset}
 
 
 def keep_previous(out_dir, data_dir, names=("model.pt", "model.onnx", "checkpoint.pt", "history.csv", "history.png",
@@ -1621,7 +1673,7 @@ def save_epoch(out_dir, args, model, optimizer, scheduler, scaler, state, best_m
         atomic_torch_save({"script": SCRIPT, "model": model.state_dict(), **best_model}, out_dir / "model.pt")
         if (out_dir / "model.onnx").exists():   # exported from the model before (a resumed run): not this one
             keep_previous(out_dir, None, ("model.onnx",))
-    config = {k: v for k, v in vars(args).items() if k not in ("func", "train_parser")}
+    config = {k: v for k, v in vars(args).items() if k not in ("func", "train_parser", "argv")}
     atomic_torch_save({"script": SCRIPT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                        "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), **state,
                        "config": config}, out_dir / "checkpoint.pt")
@@ -2238,7 +2290,33 @@ def serve_app(args):
                 print(f"error: /predict failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
                 return error(500, f"prediction failed ({type(e).__name__})")
 
-    return app, path
+    return loopback_only(app, args.host, error), path
+
+
+def loopback_only(app, host, error):
+    """The app, answering on a loopback --host (the default) only requests whose Host header names this machine:
+    a web page whose name its site points at 127.0.0.1 (DNS rebinding) would otherwise use the service from any
+    visitor's browser, which sends the name it looked up. A request without Host (HTTP/1.0) is answered."""
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:   # a name: only localhost is sure to be this machine alone
+        loopback = host == "localhost"
+    if not loopback:
+        return app
+    names = {"localhost", "127.0.0.1", "::1", host}
+
+    async def guarded(scope, receive, send):
+        asked = dict(scope.get("headers", ())).get(b"host", b"").decode("latin-1")
+        try:
+            name = urllib.parse.urlsplit(f"//{asked}").hostname
+        except ValueError:   # e.g. "[" without its "]"
+            name = None
+        if scope["type"] == "http" and asked and name not in names:
+            await error(400, f"Host {asked[:100]!r}: this service answers requests to {host} only "
+                             f"(serve --host 0.0.0.0 answers every name)")(scope, receive, send)
+            return
+        await app(scope, receive, send)
+    return guarded
 
 
 def add_ship_commands(sub, common, serve_parents):
@@ -2426,6 +2504,7 @@ def base_parser():
 def cmd_train(args):
     """Train once, or once per --grid combination (each in DATA_DIR/grid/NAME/); one runs.csv row per run."""
     runs = grid_runs(args, args.train_parser)
+    given = given_options(args.train_parser, args.argv[args.argv.index("train") + 1:]) if args.resume else set()
     device = setup_distributed(args.device)
     data_dir = Path(args.data_dir)
     if main_process():
@@ -2440,9 +2519,13 @@ def cmd_train(args):
             if name and run_args.resume and not (out_dir / "checkpoint.pt").exists():   # a --grid cut short
                 print("no checkpoint of this run: it starts fresh")
                 run_args.resume = False
+            if run_args.resume and (out_dir / "checkpoint.pt").is_file():   # the run's options where none are given
+                run_args = resume_options(run_args, args.train_parser, out_dir / "checkpoint.pt",
+                                          given | {k for k, v in vars(run_args).items() if v != getattr(args, k)})
             started, t0 = time.strftime("%Y-%m-%d %H:%M:%S"), time.time()
             result = train(run_args, device, out_dir, tb_dir)
-            options = {k: v for k, v in vars(run_args).items() if k not in ("command", "func", "train_parser", "grid")}
+            options = {k: v for k, v in vars(run_args).items()
+                       if k not in ("command", "func", "train_parser", "grid", "argv")}
             row = {"start": started, "tag": "/".join(filter(None, (run_args.tag, name))),
                    "run_dir": os.path.abspath(out_dir), **result, "seconds": round(time.time() - t0, 1),
                    "device": str(device), "world_size": rank_and_world()[1]}
@@ -2526,6 +2609,7 @@ def main(argv=None):
             if stream.errors == "strict":
                 stream.reconfigure(errors="backslashreplace")
     args = build_parser().parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else [str(a) for a in argv]   # train --resume: which options are given
     before = signal.getsignal(signal.SIGTERM)
     with contextlib.suppress(ValueError):   # main() called from another thread keeps the default
         if before is not signal.SIG_IGN:    # nohup and the like: ignored it stays

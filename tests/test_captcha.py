@@ -782,7 +782,7 @@ def test_serve_ends_on_sigterm(trained):
     with serving("captcha.py", "--data-dir", trained[0], "--device", "cpu", open_files=256) as (url, proc):
         port = int(url.rsplit(":", 1)[1])
         upload = socket.create_connection(("127.0.0.1", port))
-        upload.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 1000\r\n\r\n01")
+        upload.sendall(b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\nContent-Length: 1000\r\n\r\n01")
         limits = [line.split() for line in open(f"/proc/{proc.pid}/limits").read().splitlines()
                   if line.startswith("Max open files")]
         assert limits and limits[0][3] == limits[0][4] != "256", limits   # soft raised to hard
@@ -997,7 +997,7 @@ def test_export_onnx_reads_as_torch(trained, generated, tmp_path):
 
 def test_serve(trained, generated, tmp_path):
     """serve: /health, /info, the page, /predict by body and by multipart with eval's answers, a 4xx JSON error
-    for each bad request (and serving on after it), 50 concurrent requests answered right in shared batches,
+    for each bad request (and serving on after it; a Host header naming another machine: DNS rebinding), 50 concurrent requests answered right in shared batches,
     the page used in a real browser, and a clean stop on Ctrl-C."""
     data, _ = trained
     images = sorted(generated.iterdir())[:50]
@@ -1034,11 +1034,13 @@ def test_serve(trained, generated, tmp_path):
                 (b"x" * 30000, {"Content-Type": "image/png"}, 413, "--max-bytes"),
                 (png, {"Content-Type": "text/plain"}, 415, "content type"),
                 (*text_field, 400, "no file field"),
-                (*multipart("file", "big.png", b"x" * 30000), 413, "--max-bytes")]:
+                (*multipart("file", "big.png", b"x" * 30000), 413, "--max-bytes"),
+                (png, {"Content-Type": "image/png", "Host": "rebound.example:80"}, 400, "answers requests to 127.0.0.1"),
+                (png, {"Content-Type": "image/png", "Host": "[::1"}, 400, "Host '[::1'")]:
             got, answer = http(url + "/predict", body, headers)
             assert got == status and words in answer["error"], (words, got, answer)
         with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1]))) as gone:   # leaves mid-body
-            gone.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+            gone.sendall(b"POST /predict HTTP/1.1\r\nHost: localhost\r\nContent-Type: image/png\r\n"
                          b"Content-Length: 999\r\n\r\nabc")
         time.sleep(0.5)   # no traceback in the log for it (checked at the end)
         assert http(url + "/health")[0] == 200

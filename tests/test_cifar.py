@@ -330,7 +330,8 @@ def test_resume_after_changes(folders_data, tmp_path):
     for path in folders_data.glob("*"):
         if path.name == "meta.json" or path.name.endswith(".pt.gz"):
             shutil.copy(path, tmp_path / path.name)
-    first = run(LENET, "train", "--data-dir", tmp_path, "--epochs", 2, "--batch-size", 8, "--device", "cpu")
+    first = run(LENET, "train", "--data-dir", tmp_path, "--epochs", 2, "--batch-size", 8, "--lr", 0.006,
+                "--label-smoothing", 0.2, "--device", "cpu")
     assert first.returncode == 0, first.stderr
     ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     for row in ckpt["history"]:
@@ -341,6 +342,17 @@ def test_resume_after_changes(folders_data, tmp_path):
     rows = list(csv.DictReader(io.StringIO((tmp_path / "history.csv").read_text())))
     assert [r["epoch"] for r in rows] == ["1", "2", "3", "4"] and rows[0]["img_per_s"] == ""
     assert float(rows[2]["lr"]) > float(rows[3]["lr"]) > 0   # the schedule's end, not its start again
+    # options not given take the run's (they were the defaults: --label-smoothing 0.1 changed the loss silently)
+    assert "options of the run resumed: --lr 0.006, --label-smoothing 0.2" in proc.stdout
+    changed = next(line for line in proc.stdout.splitlines() if line.startswith("options changed from the run resumed"))
+    assert "--batch-size 64 (the run's: 8)" in changed and "--epochs 4 (the run's: 2)" in changed
+    config = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["config"]
+    assert (config["lr"], config["label_smoothing"], config["batch_size"]) == (0.006, 0.2, 64)
+    # a --lr given on resume holds from there: the schedule's rate scaled by 0.0006 / 0.006
+    proc = run(LENET, "train", "--data-dir", tmp_path, "--epochs", 5, "--lr", 0.0006, "--resume", "--device", "cpu")
+    assert "--lr 0.0006 (the run's: 0.006)" in proc.stdout, proc.stdout + proc.stderr
+    rows = list(csv.DictReader(io.StringIO((tmp_path / "history.csv").read_text())))
+    assert 0 < float(rows[4]["lr"]) < 0.0001   # unscaled, 4/5 into a 0.006 one-cycle: about 0.0009
     saved = (tmp_path / "checkpoint.pt").read_bytes()
     (tmp_path / "model.pt").rename(tmp_path / "elsewhere.pt")
     line = assert_one_line_error(run(LENET, "train", "--data-dir", tmp_path, "--epochs", 6, "--resume", "--device",
