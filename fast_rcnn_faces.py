@@ -9,7 +9,8 @@ Usage:
     torchrun --standalone --nproc_per_node=N fast_rcnn_faces.py train [...]   # DDP over N processes/GPUs (README.md)
 
 Data layout: a folder of photos plus a Kaggle-style CSV with one row per face,
-`Name,width,height,xmin,ymin,xmax,ymax` (width/height optional), boxes in photo pixels.
+`Name,width,height,xmin,ymin,xmax,ymax`, boxes in photo pixels (width/height optional: the size
+they were drawn on; a photo resized since gets its boxes scaled).
 Each photo is letterboxed (black borders) to SIZE x SIZE; proposals are selective search on a small copy
 of the photo plus a fixed multi-scale grid of square-ish windows (small faces are missed by selective search).
 Result: AP@0.5 0.906 and face-count RMSE 1.26 (boxes scoring >= 0.5) on 200 test photos, the default 24 epochs on
@@ -200,24 +201,24 @@ def photo_proposals(ss_boxes, width, height, size):
 
 
 def prepare_photo(job):
-    """Worker: (path, boxes, opts, seed) -> {"image", "gt", "ss", "hw": numpy arrays, "outside", "clipped":
-    boxes}, or {"error", "detail"}. Numpy, not torch: a tensor sent from a worker process holds a file descriptor
-    open, and thousands exhaust the process's limit."""
-    path, boxes, opts, seed = job
+    """Worker: (path, boxes, opts, seed, CSV width and height or None) -> {"image", "gt", "ss", "hw": numpy arrays,
+    "outside", "clipped": boxes, "note"}, or {"error", "detail"}. Numpy, not torch: a tensor sent from a worker process holds a
+    file descriptor open, and thousands exhaust the process's limit."""
+    path, boxes, opts, seed, drawn_on = job
     cv2.setNumThreads(1)
     torch.set_num_threads(1)
     try:
         img = load_image(path)
     except UserError as e:  # not an image, damaged, too many pixels
         return {"error": "unreadable photo", "detail": f"{Path(path).name} ({e})"}
-    gt, outside, clipped = boxes_inside(boxes, img.width, img.height)
+    gt, outside, clipped, note = boxes_inside(boxes, img.width, img.height, drawn_on)
     if not len(gt):
-        return {"gt": gt.numpy(), "outside": outside, "clipped": clipped}
+        return {"gt": gt.numpy(), "outside": outside, "clipped": clipped, "note": note}
     size = tuple(opts["size"])
     ss = selective_search(img, size, opts["search_side"], opts["proposals"])
     return {"image": letterbox_image(img, size).numpy(), "gt": to_letterbox(gt, img.width, img.height, size).numpy(),
             "ss": ss[remove_small_boxes(ss, 4.0)].numpy(), "hw": np.array([img.width, img.height]), "outside": outside,
-            "clipped": clipped}
+            "clipped": clipped, "note": note}
 
 
 def pad_stack(tensors):
@@ -510,11 +511,11 @@ def cmd_prepare(args):
     image_dir = Path(args.image_dir)
     if not image_dir.is_dir():
         raise UserError(f"{image_dir}: image folder not found; pass --image-dir")
-    rows_by_photo, skipped = read_boxes_csv(args.csv)
+    rows_by_photo, skipped, sizes = read_boxes_csv(args.csv)
     if not rows_by_photo:
         raise UserError(f"{args.csv}: no rows with a usable box")
     opts = {"size": list(args.size), "search_side": args.search_side, "proposals": args.proposals}
-    jobs = photo_jobs(image_dir, rows_by_photo, opts, args.seed, skipped)
+    jobs = photo_jobs(image_dir, rows_by_photo, opts, args.seed, skipped, sizes)
     kept, photos_per_s = prepare_photos(jobs, args.workers, rows_by_photo, skipped)
     if not kept:
         raise UserError(f"{args.csv}: no usable photo in {image_dir} (see the skipped counts above)")
@@ -713,9 +714,10 @@ def build_parser():
 
 
 def read_boxes_csv(csv_path):
-    """CSV -> ({photo name: [(x1, y1, x2, y2), ...]}, {reason: [count, examples]}): the rows with a
-    numeric box of non-zero size, and the others counted by reason. Names are kept as written (an empty one too:
-    photo_path judges them); a file that is not a UTF-8 CSV is a UserError."""
+    """CSV -> ({photo name: [(x1, y1, x2, y2), ...]}, {reason: [count, examples]}, {photo name: (width, height)}):
+    the rows with a numeric box of non-zero size, the others counted by reason, and the size of the photo the boxes
+    were drawn on where the optional width and height columns give one. Names are kept as written (an empty one
+    too: photo_path judges them); a file that is not a UTF-8 CSV is a UserError."""
     if not Path(csv_path).is_file():
         raise UserError(f"{csv_path}: CSV not found; pass --csv FILE (columns {','.join(CSV_COLUMNS)})")
     if Path(csv_path).stat().st_size > MAX_CSV_BYTES:
@@ -762,7 +764,13 @@ def read_boxes_csv(csv_path):
     if rows and max(max(face) for boxes in rows.values() for face in boxes) <= 1:
         raise UserError(f"{csv_path}: every box lies within 0..1, as fractions of the photo would; the CSV must hold "
                         "pixels (xmin * photo width, ...)")
-    return rows, skipped
+    sizes = {}
+    if {"width", "height"} <= set(df.columns):
+        size = df[["width", "height"]].apply(pd.to_numeric, errors="coerce")
+        for name, w, h in zip(df["Name"], size["width"], size["height"]):
+            if name in rows and 0 < w < math.inf and 0 < h < math.inf:   # NaN: neither
+                sizes.setdefault(name, (float(w), float(h)))
+    return rows, skipped, sizes
 
 
 def count_skip(skipped, reason, example, n=1):
@@ -773,8 +781,9 @@ def count_skip(skipped, reason, example, n=1):
         entry[1].append(example if len(example) <= 80 else f"{example[:77]}...")
 
 
-def photo_jobs(image_dir, rows_by_photo, opts, seed, skipped):
-    """{Name: prepare_photo's job} for the CSV's photos found inside --image-dir. One file under two Names
+def photo_jobs(image_dir, rows_by_photo, opts, seed, skipped, sizes=None):
+    """{Name: prepare_photo's job} for the CSV's photos found inside --image-dir (sizes: the CSV's width and height
+    by Name, passed on to boxes_inside). One file under two Names
     (`a.jpg` and `./a.jpg`, or a symlink to it) is one photo: the later Name's boxes join the first's, where they
     would have made two photos, each with faces the other's boxes leave unlabelled."""
     jobs, first, seen = {}, {}, {}   # seen: each photo's boxes, as a set
@@ -794,7 +803,7 @@ def photo_jobs(image_dir, rows_by_photo, opts, seed, skipped):
             print(f"{name!r} is the photo {first[path]!r}: its boxes are joined to that name's")
         else:
             first[path], seen[path] = name, set(rows_by_photo[name])
-            jobs[name] = (str(path), rows_by_photo[name], opts, seed * 1_000_003 + i)
+            jobs[name] = (str(path), rows_by_photo[name], opts, seed * 1_000_003 + i, (sizes or {}).get(name))
     for name in [name for name, job in jobs.items() if len(job[1]) > MAX_FACES]:   # over the limit once joined
         count_skip(skipped, f"photo with over {MAX_FACES} boxes (MAX_FACES)", name, len(jobs.pop(name)[1]))
     return jobs
@@ -817,26 +826,37 @@ def photo_path(image_dir, name):
     return None, "missing photo" if inside else "Name outside --image-dir"
 
 
-def boxes_inside(boxes, width, height):
+def boxes_inside(boxes, width, height, drawn_on=None):
     """A photo's CSV boxes -> (its face boxes, G,4, clipped to the photo; the boxes wholly outside it, and those
-    partly outside (clipped), as lists). A face cut by the photo's edge keeps the part inside: dropped, it would be
-    an unlabelled face, trained on as background and scored as a false box."""
-    boxes = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+    partly outside (clipped), as lists; a note or None). A face cut by the photo's edge keeps the part inside:
+    dropped, it would be an unlabelled face, trained on as background and scored as a false box. drawn_on: the
+    CSV's width and height; a photo resized since (same shape, other size) gets its boxes scaled to it, one of
+    another shape (turned?) is noted and its boxes taken as they are."""
+    boxes, note = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4), None
+    if drawn_on and tuple(drawn_on) != (width, height):
+        w, h = drawn_on
+        resized = abs(w / h * height / width - 1) < 0.02   # a resize rounds each side to whole pixels
+        note = ("photo resized since the CSV, boxes scaled" if resized else "photo of another shape than the CSV, "
+                "boxes as they are") + f" (CSV width,height {w:g}x{h:g}, photo {width}x{height})"
+        if resized:
+            boxes = boxes * boxes.new_tensor([width / w, height / h] * 2)
     clipped = clip_boxes_to_image(boxes, (height, width))
     usable = box_area(clipped) >= box_area(boxes) / 2   # most of the face in the photo: kept, clipped
-    return clipped[usable], boxes[~usable].tolist(), boxes[usable & (clipped != boxes).any(1)].tolist()
+    return clipped[usable], boxes[~usable].tolist(), boxes[usable & (clipped != boxes).any(1)].tolist(), note
 
 
 def prepare_photos(jobs, workers, rows_by_photo, skipped):
     """prepare_photo for each {name: job}, in `workers` processes (selective search is the slow part) -> ({name: its
     answer as tensors} of the photos with a face box inside them, photos/s). Unreadable photos and boxes outside
     their photo are counted in `skipped`, and the counts printed; Ctrl-C drops the queued photos."""
-    start, kept, clipped = time.time(), {}, {}
+    start, kept, clipped, noted = time.time(), {}, {}, {}
     answers = parallel_map(prepare_photo, list(jobs.values()), workers, "prepare", "photo", 4)
     for name, res in zip(jobs, answers):
         if "error" in res:
             count_skip(skipped, res["error"], res["detail"], len(rows_by_photo[name]))
             continue
+        if res["note"]:   # "photo resized ... (CSV width,height ..., photo ...)": counted by its words before "("
+            count_skip(noted, res["note"].split(" (")[0], f"{name} ({res['note'].split(' (')[1]}")
         for box in res["outside"]:
             count_skip(skipped, "box outside photo", f"{name} {','.join(f'{v:g}' for v in box)}")
         for box in res["clipped"]:
@@ -852,6 +872,8 @@ def prepare_photos(jobs, workers, rows_by_photo, skipped):
         print(f"skipped {n} x {reason}: {', '.join(examples)}")
     for reason, (n, examples) in clipped.items():
         print(f"clipped to the photo {n} x {reason}: {', '.join(examples)}")
+    for reason, (n, examples) in noted.items():
+        print(f"{n} x {reason}: {', '.join(examples)}")
     return kept, photos_per_s
 
 

@@ -605,15 +605,16 @@ def test_staging_folders_of_killed_runs_are_cleared(prepared_with_model):
 @pytest.mark.parametrize("script", FACES)
 def test_face_csv_bad_rows_and_crowds_are_skipped(script, tmp_path):
     """A row with extra fields and a photo with over MAX_FACES boxes are skipped and counted, the rest kept; a
-    CSV over MAX_CSV_BYTES is one error."""
+    CSV over MAX_CSV_BYTES is one error; boxes drawn on a photo since resized (the CSV's width and height) are
+    scaled to it."""
     mod = load_script(script)
     csv_path = tmp_path / "boxes.csv"
     crowd = "".join(f"crowd.jpg,{i},1,{i + 10},20\n" for i in range(mod.MAX_FACES + 1))
     csv_path.write_text("Name,xmin,ymin,xmax,ymax\na.jpg,1,2,30,40\nb.jpg,1,2,30,40,extra,fields\n" + crowd
                         + "c.jpg,5,5,25,25\nd.jpg,x,2,30,40\n" + "e" * 100 + ".jpg,5,5,5,25\nf.jpg,1,2\n"
                         + "a.jpg,1,2,30,40\ng.jpg,0,0,inf,inf\n")
-    rows, skipped = mod.read_boxes_csv(csv_path)
-    assert rows == {"a.jpg": [(1, 2, 30, 40)], "c.jpg": [(5, 5, 25, 25)]}
+    rows, skipped, sizes = mod.read_boxes_csv(csv_path)
+    assert rows == {"a.jpg": [(1, 2, 30, 40)], "c.jpg": [(5, 5, 25, 25)]} and sizes == {}
     assert skipped["non-numeric box"][0] == 3   # d.jpg, f.jpg and the infinite g.jpg
     assert skipped["wrong number of fields"] == [1, ["b.jpg"]] and skipped["duplicate row"] == [1, ["a.jpg 1,2,30,40"]]
     # one file under three Names is one photo with every box once; a face cut by the edge keeps its part inside
@@ -623,10 +624,15 @@ def test_face_csv_bad_rows_and_crowds_are_skipped(script, tmp_path):
     jobs = mod.photo_jobs(tmp_path, named, {}, 0, skipped)
     assert list(jobs) == ["./a.jpg"] and jobs["./a.jpg"][1] == [(5, 5, 25, 25), (1, 2, 30, 40), (7, 7, 27, 27)]
     assert skipped["duplicate row"][0] == 2
-    gt, outside, clipped = mod.boxes_inside([(-1, 5, 20, 30), (700, 5, 720, 30), (5, 5, 20, 30), (600, 5, 700, 30),
-                                             (10, 10, 10.5, 20)], 612, 408)   # most of a box must be in the photo
-    assert gt.tolist() == [[0, 5, 20, 30], [5, 5, 20, 30], [10, 10, 10.5, 20]]
-    assert outside == [[700, 5, 720, 30], [600, 5, 700, 30]] and clipped == [[-1, 5, 20, 30]]
+    gt, outside, clipped, note = mod.boxes_inside([(-1, 5, 20, 30), (700, 5, 720, 30), (5, 5, 20, 30),
+                                                   (600, 5, 700, 30), (10, 10, 10.5, 20)], 612, 408, (612, 408))
+    assert gt.tolist() == [[0, 5, 20, 30], [5, 5, 20, 30], [10, 10, 10.5, 20]]   # most of a box must be in the photo
+    assert outside == [[700, 5, 720, 30], [600, 5, 700, 30]] and clipped == [[-1, 5, 20, 30]] and note is None
+    # the CSV's width and height: a photo halved since has its boxes halved; one turned keeps them, noted
+    gt, _, _, note = mod.boxes_inside([(10, 20, 30, 40)], 306, 204, (612, 408))
+    assert gt.tolist() == [[5, 10, 15, 20]] and note.startswith("photo resized since the CSV, boxes scaled (CSV width")
+    gt, _, _, note = mod.boxes_inside([(10, 20, 30, 40)], 408, 612, (612, 408))
+    assert gt.tolist() == [[10, 20, 30, 40]] and note.startswith("photo of another shape than the CSV")
     # examples quote the row (row numbers shift where pandas drops a line), cut to 80 characters
     assert skipped["non-numeric box"][1] == ["d.jpg x,2,30,40", "f.jpg 1,2,,", "g.jpg 0,0,inf,inf"]   # f: short
     assert skipped["zero-size or inverted box"] == [1, ["e" * 77 + "..."]]
@@ -652,9 +658,12 @@ def test_face_csv_bad_rows_and_crowds_are_skipped(script, tmp_path):
     assert [len(i) for i in mod.split_indices(2000, 0)] == [1600, 200, 200]
     if not FACES_DIR.exists():
         return
-    first = (FACES_DIR / "bbox_train.csv").read_text().splitlines()[:2]
-    csv_path.write_text("\n".join(first) + "\n")
+    header, first = (FACES_DIR / "bbox_train.csv").read_text().splitlines()[:2]   # its photo's own size
+    name, *numbers = first.split(",")
+    csv_path.write_text(f"{header}\n{name},{','.join(str(2 * int(v)) for v in numbers)}\n")   # drawn on twice the size
+    assert mod.read_boxes_csv(csv_path)[2] == {name: (2 * int(numbers[0]), 2 * int(numbers[1]))}
     proc = run_main(script, "prepare", "--image-dir", FACES_DIR / "image_data", "--csv", csv_path, "--data-dir",
                     tmp_path / "data", "--workers", 1)
     assert "leave none for training or validation" in assert_one_line_error(proc, 1)
+    assert f"1 x photo resized since the CSV, boxes scaled: {name} (CSV width,height" in proc.stdout
     assert not list((tmp_path / "data").glob("*.pt.gz"))
