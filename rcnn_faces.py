@@ -1506,16 +1506,21 @@ def given_options(parser, argv):
     """The options (dests) that the arguments `argv` of `parser` name: argparse fills in a default only where the
     namespace has no value yet, so those still holding a marker after parsing were not given."""
     unset = object()
-    probe = argparse.Namespace(**{a.dest: unset for a in parser._actions if not isinstance(a, argparse._AppendAction)})
+    probe = argparse.Namespace(**{a.dest: unset for a in parser._actions   # no public list of options (as above)
+                                  if not isinstance(a, argparse._AppendAction)})   # --grid: appends to what is there
     parser.parse_known_args(argv, probe)
     return {dest for dest, value in vars(probe).items() if value is not unset}
+
+
+KEEP_NOTE = 5   # keep_previous: from this many earlier runs in previous/ on, each new one says what they take
 
 
 def keep_previous(out_dir, data_dir, names=("model.pt", "model.onnx", "checkpoint.pt", "history.csv", "history.png",
                                              "confusion.png")):
     """Move the model (and its export), checkpoint and history of the run before into out_dir/previous/TIME/ (and
     the run_dir of its rows in DATA_DIR/runs.csv with them; data_dir None: the files `names` alone): never lost, and
-    no stale model.onnx left beside the new model."""
+    no stale model.onnx left beside the new model. Nothing there is ever deleted; from KEEP_NOTE runs on, their
+    count and size are said."""
     old = [out_dir / name for name in names if (out_dir / name).exists()]
     if not old:
         return
@@ -1529,6 +1534,11 @@ def keep_previous(out_dir, data_dir, names=("model.pt", "model.onnx", "checkpoin
         os.replace(p, keep / p.name)
     print(f"the previous {'run' if data_dir else 'model'}'s {', '.join(p.name for p in old)}: moved to {keep}",
           flush=True)
+    kept = [path for path in (out_dir / "previous").iterdir() if path.is_dir()]
+    if len(kept) >= KEEP_NOTE:   # never deleted here: the user decides, told what it costs
+        size = sum(f.stat().st_size for run in kept for f in run.rglob("*") if f.is_file())
+        print(f"{out_dir / 'previous'} keeps {len(kept)} earlier runs ({size / 2**20:,.0f} MB); delete those you no "
+              f"longer need", flush=True)
     if data_dir is None:
         return
     with contextlib.suppress(UserError, OSError, ValueError):   # runs.csv rows of that run: run_dir follows the files

@@ -35,7 +35,7 @@ SHARED = ["UserError", "load_image", "image_to_tensor", "save_shard", "load_shar
           "open_tensorboard", "log_epoch", "append_run", "grid_runs", "parse_number", "positive_int", "nonneg_int",
           "nonneg_float", "wait_ms", "probability", "seed_int", "worker_count", "lock_data_dir", "import_optional", "json_ready",
           "OnnxNetwork", "load_network", "cmd_export", "Batcher", "PAGE", "cmd_serve", "loopback_only", "add_ship_commands", "port_number",
-          "start_worker", "parallel_map", "signals_held", "save_epoch", "keep_previous", "resume_training", "RESUME_OWN", "resume_options", "given_options", "HelpFormatter", "OneLineParser", "base_parser", "cmd_train",
+          "start_worker", "parallel_map", "signals_held", "save_epoch", "KEEP_NOTE", "keep_previous", "resume_training", "RESUME_OWN", "resume_options", "given_options", "HelpFormatter", "OneLineParser", "base_parser", "cmd_train",
           "iter_eval_inputs", "add_scale_options", "main", "run_command", "refuse_other_data"]
 FACE_SHARED = ["CSV_COLUMNS", "read_boxes_csv", "count_skip", "split_indices", "side_arg", "width_arg", "photo_path", "OutputFiles", "cosine_schedule", "found_boxes", "match_detections",
                "fit_calibration", "detection_scores", "read_ahead", "read_photo",
@@ -361,7 +361,7 @@ def test_meta_entries_checked_before_training(script, tmp_path):
             module.read_meta(data)
 
 
-def test_train_and_export_helpers_under_stress(tmp_path, monkeypatch):
+def test_train_and_export_helpers_under_stress(tmp_path, monkeypatch, capsys):
     """Signals wait while torch.export traces (it swallowed a Ctrl-C and wrote the file, and turned SIGTERM into a
     traceback) and act after; a full disk in torch.save is an OSError (one line in run_command), not a RuntimeError
     traceback; a new best model of a resumed run moves the model.onnx exported before aside; --grid values that hold
@@ -390,6 +390,13 @@ def test_train_and_export_helpers_under_stress(tmp_path, monkeypatch):
                       {"model_args": {"num_classes": 3}}, ["val_acc"])
     assert not (tmp_path / "model.onnx").exists() and (tmp_path / "model.pt").exists()
     assert [p.read_bytes() for p in (tmp_path / "previous").glob("*/model.onnx")] == [b"exported from the model before"]
+    capsys.readouterr()
+    for n in range(2, module.KEEP_NOTE + 1):   # previous/ is never pruned: from KEEP_NOTE runs on, their size is said
+        (tmp_path / "model.pt").write_bytes(b"m" * 2**20)
+        module.keep_previous(tmp_path, None, ("model.pt",))
+        assert len(list((tmp_path / "previous").iterdir())) == n
+        said = capsys.readouterr().out
+        assert (f"keeps {n} earlier runs ({n - 1} MB); delete those you no longer need" in said) == (n == module.KEEP_NOTE)
     parser = module.build_parser()
     args = parser.parse_args(["train", "--grid", "tag=q/../../..,w", "--grid", "lr=0.1,0.2"])
     names = [name for name, _ in module.grid_runs(args, args.train_parser)]
