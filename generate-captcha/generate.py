@@ -244,14 +244,21 @@ def image_size(text):
     return int(w), int(h)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with each option's default, except where there is none to show (None, or a flag's False)."""
+
+    def _get_help_string(self, action):   # the method argparse's own ArgumentDefaultsHelpFormatter overrides
+        shown = not (action.default is None or action.default is False)   # 0 == False: compared by identity
+        return super()._get_help_string(action) if shown else action.help
+
+
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, like every other mistake
         self.exit(2, f"error: {message} (see --help)\n")
 
 
 def build_parser():
-    p = Parser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--count", type=whole_number(1, 10 ** 8), default=100000, help="number of captchas")
     p.add_argument("--output", default=str(Path(__file__).parent / "output"), help="output folder")
     p.add_argument("--length", type=length_range, default="4", metavar="N|A-B",
@@ -265,8 +272,6 @@ def build_parser():
     p.add_argument("--clean", action="store_true",
                    help="replace the captchas an earlier run wrote in --output (never other files)")
     return p
-
-
 
 
 def ours(path):

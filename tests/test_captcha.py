@@ -973,6 +973,8 @@ def test_help_and_usage_errors():
         assert proc.returncode == 0 and "usage:" in proc.stdout
         assert "(default: None)" not in proc.stdout and "(default: False)" not in proc.stdout   # nothing to show
     assert "(default: 0)" in run_main("captcha.py", "prepare", "--help").stdout   # --seed: a 0 is shown
+    shown = run(GENERATE, "--help").stdout   # the generator's help alike
+    assert "(default: 0)" in shown and "(default: None)" not in shown and "(default: False)" not in shown, shown
     assert "16,000,000" in run_main("captcha.py", "eval", "--help").stdout   # MAX_PIXELS, said in --help
     assert "the following arguments are required" in assert_one_line_error(run("captcha.py"), 2)   # a real process
     assert "tpu" in assert_one_line_error(run_main("captcha.py", "train", "--device", "tpu"), 2)
