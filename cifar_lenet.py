@@ -39,6 +39,7 @@ import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
 import urllib.parse
 import warnings
@@ -46,6 +47,7 @@ import zipfile
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from functools import cache
 from pathlib import Path
 
 try:
@@ -1312,6 +1314,9 @@ MAX_UPLOAD = 8 * 2**20   # serve: default --max-bytes of one request
 BODY_SECONDS = 30        # serve: a request body not complete after this long is answered 408 (multipart: 10x)
 UPLOAD_RATE = 32 << 10   # serve: bytes/s a body must keep up on average (beyond BODY_SECONDS): 8 MB in 286 s
 SERVE_LIMITS = {"timeout_graceful_shutdown": 5}   # serve: a stop waits at most 5 s for the requests in flight
+HEADER_SECONDS = 10      # serve: a connection whose request line and headers are not all in after this is closed
+MAX_CONNECTIONS = 1000   # serve: open connections per process; one more is closed at once (serve_protocol)
+UPLOADS_HELD = 16        # serve: raw bodies held at once (arriving or answered), in --max-bytes; more bytes: 503
 IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "DIB", "WEBP")   # what load_image decodes (JPEG: camera MPO files too)
 SERVE_OPTIONS = "SUITE_SERVE_OPTIONS"   # serve --workers N: the options, passed to each process in this variable
 
@@ -1381,6 +1386,16 @@ def load_network(path, device_name, serving=False):
     if Path(path).suffix.lower() == ".onnx":
         net = OnnxNetwork(path, spin=not serving)
         check_model(path, net.info)
+        try:   # the graph against its metadata: an example through it and through the network the metadata describes
+            inputs = export_example(net.info)[0]
+            with torch.no_grad():
+                expected, got = build_model(net.info["model_args"]).eval()(*inputs), net(*inputs)
+            expected, got = [y if isinstance(y, tuple) else (y,) for y in (expected, got)]
+            fits = len(expected) == len(got) and all(a.shape == b.shape for a, b in zip(expected, got))
+        except Exception:   # onnxruntime's errors (an input of another shape) are of its own types
+            fits = False
+        if not fits:
+            raise UserError(f"{path}: its network does not fit the metadata stored with it (edited?); export it again")
         return net, net.info, pick_device("cpu")
     device = pick_device(device_name)
     info = load_model_file(path)
@@ -1586,13 +1601,52 @@ def cmd_serve(args):
     print(f"serving {path} on http://{host}:{args.port}/ "
           f"({args.workers} process{'es' if args.workers > 1 else ''}; Ctrl-C stops)", flush=True)
     if args.workers == 1:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", **SERVE_LIMITS)
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", http=serve_protocol, **SERVE_LIMITS)
         return 0
     del app   # the worker processes load their own model; this one only checked that it loads
-    os.environ[SERVE_OPTIONS] = json.dumps({k: v for k, v in vars(args).items() if k != "func"})
-    uvicorn.run(f"{SCRIPT}:serve_worker", factory=True, app_dir=str(Path(__file__).resolve().parent),
-                workers=args.workers, host=args.host, port=args.port, log_level="warning", **SERVE_LIMITS)
+    with tempfile.TemporaryDirectory(prefix=f"{SCRIPT}-serve-") as private:   # a worker restarted after a crash
+        copy = Path(private) / Path(path).name       # loads the model the others run, whatever DATA_DIR holds now
+        shutil.copyfile(path, copy)
+        os.environ[SERVE_OPTIONS] = json.dumps({**{k: v for k, v in vars(args).items() if k != "func"},
+                                                "model": str(path), "model_copy": str(copy)})
+        uvicorn.run(f"{SCRIPT}:serve_worker", factory=True, app_dir=str(Path(__file__).resolve().parent),
+                    workers=args.workers, host=args.host, port=args.port, log_level="warning",
+                    http=f"{SCRIPT}:serve_protocol", **SERVE_LIMITS)
     return 0
+
+
+def serve_protocol(**kwargs):
+    """uvicorn's HTTP/1.1 protocol (h11) for one connection of serve, with what uvicorn leaves out: a deadline of
+    HEADER_SECONDS for each request's line and headers (a client could open connections and send nothing, or a
+    byte now and then, until no file descriptor is left), and at most MAX_CONNECTIONS open at once."""
+    return serve_protocol_class()(**kwargs)
+
+
+@cache
+def serve_protocol_class():
+    """The class of serve_protocol, made once: uvicorn is an optional package."""
+    base = importlib.import_module("uvicorn.protocols.http.h11_impl").H11Protocol
+    most = MAX_CONNECTIONS
+    with contextlib.suppress(ImportError, ValueError, OSError):   # below the descriptors this process may open
+        import resource
+        most = min(most, resource.getrlimit(resource.RLIMIT_NOFILE)[0] - 100)
+
+    class Protocol(base):
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            if len(self.connections) > most:
+                transport.abort()   # closed at once, its descriptor freed
+            else:
+                self.deadline()
+
+        def on_response_complete(self):
+            super().on_response_complete()
+            self.deadline()   # the next request on this connection has as long
+
+        def deadline(self):
+            cycle = self.cycle   # complete headers start a new cycle
+            self.loop.call_later(HEADER_SECONDS, lambda: self.cycle is cycle and self.transport.close())
+    return Protocol
 
 
 def serve_worker():
@@ -1608,7 +1662,7 @@ def serve_app(args):
     import_optional("python_multipart", "python-multipart", "serve")   # fastapi reads multipart uploads with it
     responses = importlib.import_module("fastapi.responses")
     path = args.model or Path(args.data_dir) / "model.pt"
-    net, info, device = load_network(path, args.device, serving=True)
+    net, info, device = load_network(getattr(args, "model_copy", None) or path, args.device, serving=True)
     batcher = Batcher(lambda images: predict(net, info, device, args, images), args.max_batch,
                       args.max_wait_ms / 1000)
     about = {"script": SCRIPT, "model": str(path), "format": "onnx" if isinstance(net, OnnxNetwork) else "torch",
@@ -1620,7 +1674,7 @@ def serve_app(args):
         yield
         task.cancel()
 
-    app = fastapi.FastAPI(title=SCRIPT, lifespan=lifespan)
+    app = fastapi.FastAPI(title=SCRIPT, lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     error = lambda status, reason: responses.JSONResponse({"error": reason}, status_code=status)
     app.add_exception_handler(importlib.import_module("starlette.exceptions").HTTPException,   # 404, 405: {"error"}
                               lambda request, e: responses.JSONResponse({"error": str(e.detail)}, e.status_code,
@@ -1630,7 +1684,7 @@ def serve_app(args):
     def health():
         return {"status": "ok", "images": batcher.images, "batches": batcher.batches, "pid": os.getpid()}
 
-    @app.get("/info")
+    @app.api_route("/info", methods=["GET", "HEAD"])
     def model_info():
         return about
 
@@ -1640,6 +1694,7 @@ def serve_app(args):
 
     client_disconnect = importlib.import_module("starlette.requests").ClientDisconnect   # starlette: fastapi's base
     decoding, pixels = asyncio.Semaphore(2), PixelBudget(2 * MAX_PIXELS)
+    bodies = {"held": 0, "limit": UPLOADS_HELD * args.max_bytes}   # bytes of raw bodies (default: 128 MB)
 
     def body_seconds(request):
         """How long a body may take: BODY_SECONDS, plus its length (Content-Length, else --max-bytes) at UPLOAD_RATE
@@ -1647,28 +1702,40 @@ def serve_app(args):
         length = request.headers.get("content-length", "")
         return BODY_SECONDS + (int(length) if length.isdigit() else args.max_bytes) / UPLOAD_RATE
 
-    async def read_body(request):
-        """The raw body, up to one byte over --max-bytes; asyncio.TimeoutError when it is not complete within
-        body_seconds()."""
+    async def read_body(request, held):
+        """The raw body, up to one byte over --max-bytes, its bytes counted in `bodies` (and in held[0], for the
+        caller to give back); asyncio.TimeoutError when it is not complete within body_seconds(), MemoryError when
+        the bodies held would pass UPLOADS_HELD times --max-bytes."""
         data, chunks = bytearray(), request.stream().__aiter__()
         deadline = asyncio.get_running_loop().time() + body_seconds(request)
         while len(data) <= args.max_bytes:
             try:
-                data += await asyncio.wait_for(chunks.__anext__(), deadline - asyncio.get_running_loop().time())
+                chunk = await asyncio.wait_for(chunks.__anext__(), deadline - asyncio.get_running_loop().time())
             except StopAsyncIteration:
                 break
+            if bodies["held"] + len(chunk) > bodies["limit"]:
+                raise MemoryError()
+            bodies["held"] += len(chunk)
+            held[0] += len(chunk)
+            data += chunk
         return data
 
     @app.post("/predict")
     async def predict_image(request: fastapi.Request):
+        held = [0]   # bytes of this request's body in `bodies`
         try:
-            return await answer(request)
+            return await answer(request, held)
         except asyncio.CancelledError:   # serve stopping (uvicorn cancels what is in flight after 5 s): no traceback
             return error(503, "the server is stopping")
+        finally:
+            bodies["held"] -= held[0]
 
-    async def answer(request):
+    async def answer(request, held):
         kind = request.headers.get("content-type", "application/octet-stream").split(";")[0].strip().lower()
         length = request.headers.get("content-length")
+        if request.headers.get("content-encoding", "identity").strip().lower() not in ("", "identity"):
+            return error(415, f"Content-Encoding {request.headers['content-encoding'][:40]!r}: send the image "
+                              "itself, not compressed")
         if length is not None and (not length.isdigit() or int(length) > args.max_bytes + 4096):
             return error(413, f"request over the limit of {args.max_bytes:,} bytes (--max-bytes)")
         if kind == "multipart/form-data":
@@ -1686,9 +1753,13 @@ def serve_app(args):
             data = await uploads[0].read(args.max_bytes + 1)
         elif kind.startswith("image/") or kind == "application/octet-stream":
             try:
-                data = await read_body(request)
+                data = await read_body(request, held)
             except asyncio.TimeoutError:
                 return error(408, f"the body did not arrive within {body_seconds(request):.0f} s")
+            except MemoryError:
+                return responses.JSONResponse({"error": f"busy: {bodies['held']:,} bytes of uploads in progress "
+                                               f"(at most {UPLOADS_HELD} x --max-bytes); try again in a few seconds"},
+                                              503, {"Retry-After": "5"})
             except client_disconnect:   # nobody to answer; no traceback in the log either
                 return error(400, "the client went away before the body was complete")
         else:

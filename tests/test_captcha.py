@@ -999,8 +999,10 @@ def test_export_onnx_reads_as_torch(trained, generated, tmp_path):
 
 def test_serve(trained, generated, tmp_path):
     """serve: /health, /info, the page, /predict by body and by multipart with eval's answers, a 4xx JSON error
-    for each bad request (and serving on after it; a Host header naming another machine: DNS rebinding), 50 concurrent requests answered right in shared batches,
-    the page used in a real browser, and a clean stop on Ctrl-C."""
+    for each bad request (and serving on after it; a Host header naming another machine: DNS rebinding; a
+    compressed body), 503 beyond UPLOADS_HELD bodies, a connection that sends nothing closed after HEADER_SECONDS,
+    50 concurrent requests answered right in shared batches, the page used in a real browser, and a clean stop on
+    Ctrl-C."""
     data, _ = trained
     images = sorted(generated.iterdir())[:50]
     ev = run("captcha.py", "eval", *images, "--data-dir", data, "--json", "--device", "cpu")
@@ -1017,6 +1019,8 @@ def test_serve(trained, generated, tmp_path):
                   {"Content-Type": "multipart/form-data; boundary=b"})
     with serving("captcha.py", "--data-dir", data, "--device", "cpu", "--max-bytes", 20000,
                  "--max-wait-ms", 20) as (url, proc):
+        port = int(url.rsplit(":", 1)[1])
+        idle, opened = socket.create_connection(("127.0.0.1", port)), time.time()   # sends nothing: closed in 10 s
         status, info = http(url + "/info")
         assert status == 200 and info["script"] == "captcha" and info["format"] == "torch"
         assert info["charset"] == torch.load(data / "model.pt", weights_only=True)["charset"]
@@ -1024,7 +1028,9 @@ def test_serve(trained, generated, tmp_path):
         assert status == 200 and 'type="file"' in page and 'fetch("predict"' in page and "http" not in page
         with urllib.request.urlopen(urllib.request.Request(url + "/", method="HEAD")) as response:   # monitors
             assert response.status == 200
-        assert http(url + "/nothing") == (404, {"error": "Not Found"})
+        assert http(url + "/nothing") == (404, {"error": "Not Found"}) and http(url + "/openapi.json")[0] == 404
+        with urllib.request.urlopen(urllib.request.Request(url + "/info", method="HEAD")) as response:
+            assert response.status == 200
         assert http(url + "/info", b"x") == (405, {"error": "Method Not Allowed"})
         assert http(url + "/predict", png, {"Content-Type": "image/png"}) == (200, expected[str(images[0])])
         assert http(url + "/predict", *multipart("file", images[0].name, png)) == (200, expected[str(images[0])])
@@ -1038,7 +1044,8 @@ def test_serve(trained, generated, tmp_path):
                 (*text_field, 400, "no file field"),
                 (*multipart("file", "big.png", b"x" * 30000), 413, "--max-bytes"),
                 (png, {"Content-Type": "image/png", "Host": "rebound.example:80"}, 400, "answers requests to 127.0.0.1"),
-                (png, {"Content-Type": "image/png", "Host": "[::1"}, 400, "Host '[::1'")]:
+                (png, {"Content-Type": "image/png", "Host": "[::1"}, 400, "Host '[::1'"),
+                (png, {"Content-Type": "image/png", "Content-Encoding": "gzip"}, 415, "not compressed")]:
             got, answer = http(url + "/predict", body, headers)
             assert got == status and words in answer["error"], (words, got, answer)
         with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1]))) as gone:   # leaves mid-body
@@ -1046,6 +1053,17 @@ def test_serve(trained, generated, tmp_path):
                          b"Content-Length: 999\r\n\r\nabc")
         time.sleep(0.5)   # no traceback in the log for it (checked at the end)
         assert http(url + "/health")[0] == 200
+        held = []   # raw bodies held at once: 16 x --max-bytes; a request beyond: 503, the next after them: served
+        for _ in range(16):
+            held.append(socket.create_connection(("127.0.0.1", port)))
+            held[-1].sendall(b"POST /predict HTTP/1.1\r\nHost: localhost\r\nContent-Type: image/png\r\n"
+                             b"Content-Length: 20000\r\n\r\n" + b"x" * 19999)
+        time.sleep(1)
+        got, answer = http(url + "/predict", png, {"Content-Type": "image/png"})
+        assert got == 503 and "busy: 319,984 bytes of uploads" in answer["error"], (got, answer)
+        for connection in held:
+            connection.close()
+        time.sleep(0.5)
         with ThreadPoolExecutor(16) as pool:
             answers = list(pool.map(lambda p: http(url + "/predict", p.read_bytes(), {"Content-Type": "image/png"}),
                                     images))
@@ -1054,6 +1072,10 @@ def test_serve(trained, generated, tmp_path):
             same_answers(answer, expected[str(path)], 2e-4)
         health = http(url + "/health")[1]
         assert health["images"] == len(images) + 2 and health["batches"] < health["images"] - 10
+        time.sleep(max(0.0, opened + 11 - time.time()))
+        idle.settimeout(5)
+        assert idle.recv(100) == b""   # closed by serve (HEADER_SECONDS), not left open for ever
+        idle.close()
         browser = page_in_a_browser(url, images[0])
         if browser:
             answer, width = browser

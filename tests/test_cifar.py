@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -561,7 +562,8 @@ def test_prepare_label_file_not_utf8(names_dir, tmp_path):
 # ---- ship and serve ----
 def test_lenet_export_and_serve_onnx(lenet_trained, names_dir, tmp_path):
     """export, eval of the .onnx (the .pt's answers), then serve of the .onnx in two processes (--workers 2): /info
-    says so, /predict answers as eval, by body and by multipart, from either process; Ctrl-C stops it cleanly."""
+    says so, /predict answers as eval, by body and by multipart, from either process, also a process restarted after
+    a crash while the model file is gone; Ctrl-C stops it cleanly. An .onnx whose metadata was edited: one line."""
     data = lenet_trained[0]
     images = sorted((names_dir / "test").iterdir())[:24]
     onnx, answers = check_onnx(LENET, data / "model.pt", images, tmp_path)
@@ -583,8 +585,27 @@ def test_lenet_export_and_serve_onnx(lenet_trained, names_dir, tmp_path):
                 break
             time.sleep(0.2)
         assert seen == set(map(int, workers))
+        onnx.rename(tmp_path / "moved.onnx")   # a process restarted after a crash loads the model the others run
+        os.kill(int(workers[0]), signal.SIGKILL)
+        for _ in range(300):
+            restarted = {http(url + "/health")[1]["pid"] for _ in range(8)} - seen
+            if restarted:
+                break
+            time.sleep(0.2)
+        assert restarted and all(http(url + "/predict", body, {"Content-Type": "image/jpeg"}) == (200, expected)
+                                 for _ in range(16))
     out, err = proc.communicate()
     assert proc.returncode == 0 and "Traceback" not in err and "2 processes" in out, err
+    # metadata edited to describe another network than the graph (3 classes of 10 outputs): one line, not a traceback
+    import onnx as onnx_package
+    proto = onnx_package.load(str(tmp_path / "moved.onnx"))
+    entry = next(p for p in proto.metadata_props if p.key == "suite")
+    meta = json.loads(entry.value)
+    meta["labels"], meta["model_args"]["num_classes"] = meta["labels"][:3], 3
+    entry.value = json.dumps(meta)
+    onnx_package.save(proto, str(tmp_path / "edited.onnx"))
+    line = assert_one_line_error(run(LENET, "eval", images[0], "--model", tmp_path / "edited.onnx"), 1)
+    assert "does not fit the metadata stored with it" in line
 
 
 def test_resnet_export_onnx(resnet_trained, folders_dir, tmp_path):

@@ -34,7 +34,8 @@ SHARED = ["UserError", "load_image", "image_to_tensor", "save_shard", "load_shar
           "shard", "sum_over_processes", "mean_over_processes", "sync_buffers", "wrap_model", "amp_dtype", "autocast",
           "open_tensorboard", "log_epoch", "append_run", "grid_runs", "parse_number", "positive_int", "nonneg_int",
           "nonneg_float", "wait_ms", "probability", "seed_int", "worker_count", "lock_data_dir", "import_optional", "json_ready",
-          "OnnxNetwork", "load_network", "cmd_export", "Batcher", "PAGE", "cmd_serve", "loopback_only", "add_ship_commands", "port_number",
+          "OnnxNetwork", "load_network", "cmd_export", "Batcher", "PAGE", "cmd_serve", "serve_protocol", "serve_protocol_class", "HEADER_SECONDS", "MAX_CONNECTIONS",
+          "UPLOADS_HELD", "loopback_only", "add_ship_commands", "port_number",
           "start_worker", "parallel_map", "signals_held", "save_epoch", "KEEP_NOTE", "keep_previous", "resume_training", "RESUME_OWN", "resume_options", "given_options", "HelpFormatter", "OneLineParser", "base_parser", "cmd_train",
           "iter_eval_inputs", "add_scale_options", "main", "run_command", "refuse_other_data"]
 FACE_SHARED = ["CSV_COLUMNS", "read_boxes_csv", "count_skip", "split_indices", "side_arg", "width_arg", "photo_path", "OutputFiles", "cosine_schedule", "found_boxes", "match_detections",
