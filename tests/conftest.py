@@ -246,7 +246,7 @@ def same_answers(a, b, tol, path="result"):
         for i, (x, y) in enumerate(zip(a, b)):
             same_answers(x, y, tol, f"{path}[{i}]")
     elif isinstance(a, float) or isinstance(b, float):
-        assert abs(a - b) <= tol, (path, a, b)
+        assert abs(a - b) <= tol + 1e-9, (path, a, b)   # 0.3002 - 0.3001 is a hair over 1e-4 in floating point
     elif isinstance(a, int):
         assert abs(a - b) <= 1, (path, a, b)
     else:
@@ -255,8 +255,8 @@ def same_answers(a, b, tol, path="result"):
 
 def check_onnx(script, model, images, tmp_path, *eval_args):
     """`export` the model, then `eval --json` with the .pt and the .onnx on the same images: the same answers
-    (probabilities within 1e-4, or 3e-2 where the .pt runs in bf16 on this CPU). Returns the .onnx path and the
-    answers."""
+    (probabilities within 1e-4 of the .pt's in fp32; where the .pt runs in bf16 on this CPU, its first answer within
+    3e-2 of fp32's too). Returns the .onnx path and the answers."""
     onnx = tmp_path / "model.onnx"
     proc = run_main(script, "export", "--model", model, "--output", onnx)   # in this process: the exporter's
     assert proc.returncode == 0, proc.stderr                                 # first use costs seconds, once
@@ -286,7 +286,17 @@ def check_onnx(script, model, images, tmp_path, *eval_args):
         finally:
             module.CPU_BF16 = saved
         assert ev.returncode == 0, ev.stderr
-        answers[0] = [json.loads(line) for line in ev.stdout.splitlines()]
+        fp32 = [json.loads(line) for line in ev.stdout.splitlines()]
+        for a, b in zip(answers[0], fp32):   # the bf16 answers: close to fp32's (a near tie may swap the order)
+            if "top" in a:
+                fp32_probability = {t["label"]: t["probability"] for t in b["top"]}
+                assert abs(fp32_probability[a["top"][0]["label"]] - a["top"][0]["probability"]) <= 3e-2, (a, b)
+            elif "boxes" in a:
+                assert abs(max([x["score"] for x in a["boxes"]] or [0]) - max([x["score"] for x in b["boxes"]] or [0])
+                           ) <= 3e-2, (a, b)
+            elif a["code"] == b["code"]:
+                assert abs(a["confidence"] - b["confidence"]) <= 3e-2, (a, b)
+        answers[0] = fp32
     same_answers(answers[0], answers[1], 1e-4)
     return onnx, answers[1]
 

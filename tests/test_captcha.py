@@ -268,6 +268,7 @@ def test_prepare_case_sensitive_and_custom_charset(tmp, generated):
     assert meta["kept"] == N_CAPTCHAS and len(meta["charset"]) == 62
     digits = tmp / "digits"
     proc = run("captcha.py", "prepare", "--image-dir", generated, "--data-dir", digits, "--charset", "0-9")
+    assert proc.returncode == 0, proc.stderr
     meta = json.loads((digits / "meta.json").read_text())
     assert meta["kept"] + meta["skipped"] == N_CAPTCHAS
     assert meta["kept"] == sum(all(c.isdigit() for c in p.name[6:10]) for p in generated.iterdir())
@@ -602,7 +603,8 @@ def test_shifted_views_unit():
 
 def test_network_learns():
     """The model, loss, augmentation and optimizer together learn to read drawn digits of 2 to 4 characters
-    (> 80% exact): the end symbol (class 10) pads the shorter codes and ends them in decode_code."""
+    (> 80% exact): the end symbol (class 10) pads the shorter codes and ends them in decode_code; predict (eval's
+    and serve's answers) reads them from the pictures."""
     mod = load_script("captcha.py")
     torch.manual_seed(0)
     from PIL import ImageDraw, ImageFont
@@ -611,13 +613,14 @@ def test_network_learns():
     y = torch.randint(0, 10, (64, 4), generator=gen)
     y[torch.arange(64) % 3 == 1, 3:] = 10     # a third of the codes 3 digits long, a third 2
     y[torch.arange(64) % 3 == 2, 2:] = 10
-    images = []
+    images, pictures = [], []
     for code in y.tolist():
         img = Image.new("RGB", (96, 40), "white")
         for i, c in enumerate(code):
             if c < 10:
                 ImageDraw.Draw(img).text((4 + 23 * i, 4), str(c), font=font, fill="black")
         images.append(mod.image_to_tensor(img))
+        pictures.append(img)
     x = torch.stack(images)
     model = mod.build_model({"n_classes": 11, "length": 4, "image_size": [40, 96]})
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -635,6 +638,9 @@ def test_network_learns():
         codes = [mod.decode_code(p, "0123456789") for p in pred.tolist()]
         assert sorted(set(map(len, truth))) == [2, 3, 4] and sum(c == t for c, t in zip(codes, truth)) / 64 > 0.8
     assert (scores <= 0).all()
+    answers = mod.predict(model, {"image_size": [40, 96], "charset": "0123456789", "views": mod.VIEWS}, cpu, None,
+                          pictures)   # what eval, serve and the .onnx answer: the codes themselves
+    assert sum(a["code"] == t for a, t in zip(answers, truth)) / 64 > 0.8, answers[:5]
     saved_before_the_prior = {k: v for k, v in model.state_dict().items() if k != "prior"}
     older = mod.build_model({"n_classes": 11, "length": 4, "image_size": [40, 96]})
     older.load_state_dict(saved_before_the_prior)   # reads with a flat prior

@@ -4,6 +4,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import shutil
 import sys
 from functools import partial
@@ -275,7 +276,10 @@ def test_prepare_counts_and_split_by_photo(faces, frc):
 def test_train_one_epoch(faces, frc):
     out = faces.train.stdout
     assert "epoch 1/1  train loss" in out and "AP50" in out, out
-    assert "test photos: 5  AP@0.5" in out
+    m = re.search(r"^test photos: 5  AP@0.5 ([\d.]+)", out, re.M)
+    assert m, out
+    row = list(csv.DictReader((faces.data / "runs.csv").open()))[-1]   # the table holds the figure printed
+    assert float(row["test"]) == pytest.approx(float(m.group(1)), abs=5e-4)
     history = (faces.data / "history.csv").read_text().splitlines()
     assert len(history) == 2 and "val_ap50" in history[0]
     assert (faces.data / "history.png").stat().st_size > 0
@@ -312,13 +316,20 @@ def test_eval_json_and_output_dir(faces):
         assert Image.open(line["output"]).size == Image.open(photo).size
         w, h = Image.open(photo).size
         scores = [b["score"] for b in line["boxes"]]
-        assert scores == sorted(scores, reverse=True) and all(0.05 <= s <= 1 for s in scores)
+        assert line["boxes"] and scores == sorted(scores, reverse=True) and all(0.05 <= s <= 1 for s in scores)
         for b in line["boxes"]:
             assert b["x"] >= 0 and b["y"] >= 0 and b["x"] + b["w"] <= w and b["y"] + b["h"] <= h
-    # NMS never depends on the threshold: a higher threshold keeps exactly the higher-scored boxes
-    high = run(SCRIPT, *args[:4], "--threshold", "0.3", *args[6:], faces.photos[0])
+        drawn = Image.open(line["output"]).convert("RGB")
+        assert all(drawn.getpixel((b["x"], b["y"])) == (255, 0, 0) for b in line["boxes"])   # each box drawn, in red
+    # NMS never depends on the threshold: a higher threshold keeps exactly the higher-scored boxes (one between two
+    # scores of the middle of the list, so that it drops some and keeps some)
+    scores = [b["score"] for b in lines[0]["boxes"]]
+    middle = scores[len(scores) // 2 - 1:]
+    cut = next((a + b) / 2 for a, b in zip(middle, middle[1:]) if a - b >= 2e-4)
+    high = run(SCRIPT, *args[:4], "--threshold", cut, *args[6:], faces.photos[0])
+    assert high.returncode == 0, high.stderr
     kept = json.loads(high.stdout)["boxes"]
-    assert kept == [b for b in lines[0]["boxes"] if b["score"] >= 0.3]
+    assert 0 < len(kept) < len(scores) and kept == [b for b in lines[0]["boxes"] if b["score"] >= cut]
 
 
 def test_eval_human_output_stdin_and_no_regress(faces):
@@ -329,9 +340,11 @@ def test_eval_human_output_stdin_and_no_regress(faces):
     lines = proc.stdout.splitlines()
     assert lines[-1] == f"saved to {out}" and out.exists()
     assert all(len(line.split()) == 4 and all(v.lstrip("-").isdigit() for v in line.split()) for line in lines[:-1])
-    raw = run(SCRIPT, "eval", "--data-dir", faces.data, "--output", out, "--no-regress", "--json", "--device", "cpu",
-              faces.photos[0])
-    assert raw.returncode == 0 and "boxes" in json.loads(raw.stdout)
+    raw = run(SCRIPT, "eval", "--data-dir", faces.data, "--no-regress", "--json", "--threshold", "0.05", "--device",
+              "cpu", faces.photos[0])
+    assert raw.returncode == 0, raw.stderr
+    raw_boxes = [[b[k] for k in "xywh"] for b in json.loads(raw.stdout)["boxes"]]
+    assert raw_boxes and raw_boxes != [list(map(int, line.split())) for line in lines[:-1]]   # the head moved boxes
 
 
 def test_bad_input(faces, tmp_path):
@@ -434,8 +447,8 @@ def test_eval_large_and_faceless_photos(faces, tmp_path):
 def test_eval_output_refusals(faces, tmp_path):
     """--output takes one image and needs an existing folder: one line, status 2, before the model loads. An empty
     folder beside the one image is an error line, not a second image."""
-    line = assert_one_line_error(run_main(SCRIPT, "eval", *faces.photos, "--output", tmp_path / "x.png",
-                                          "--data-dir", faces.data), 2)
+    absent = ["--model", tmp_path / "absent.pt"]   # these are refused before the model would load
+    line = assert_one_line_error(run_main(SCRIPT, "eval", *faces.photos, "--output", tmp_path / "x.png", *absent), 2)
     assert "takes one image, not 2" in line
     (tmp_path / "empty").mkdir()
     proc = run_main(SCRIPT, "eval", tmp_path / "empty", faces.photos[0], "--output", tmp_path / "one.png",
@@ -445,13 +458,13 @@ def test_eval_output_refusals(faces, tmp_path):
     photos.mkdir()
     (photos / "a.jpg").symlink_to(faces.photos[0])
     for out in (photos, tmp_path):
-        line = assert_one_line_error(run_main(SCRIPT, "eval", photos, "--output-dir", out, "--data-dir", faces.data), 2)
+        line = assert_one_line_error(run_main(SCRIPT, "eval", photos, "--output-dir", out, *absent), 2)
         assert f"holds the input folder {photos}" in line
     line = assert_one_line_error(run_main(SCRIPT, "eval", faces.photos[0], "--output", tmp_path / "none" / "x.png",
-                                          "--data-dir", faces.data), 2)
+                                          *absent), 2)
     assert "none" in line and "existing folder" in line
     line = assert_one_line_error(run_main(SCRIPT, "eval", faces.photos[0], "--output", faces.data / "model.pt",
-                                          "--data-dir", faces.data), 2)
+                                          *absent), 2)
     assert "name it NAME.png" in line   # never the model (nor any file but a PNG)
     line = assert_one_line_error(run_main(SCRIPT, "eval", faces.photos[0], "--model", faces.data / "checkpoint.pt"), 1)
     assert "checkpoint" in line

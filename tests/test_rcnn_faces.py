@@ -131,7 +131,9 @@ def test_train_one_epoch_and_resume(trained):
     assert re.search(r"^epoch 1/1  train loss [\d.]+ bacc [\d.]+%  val loss [\d.]+ bacc [\d.]+%.* crops/s  \*$",
                      proc.stdout, re.M), proc.stdout
     m = re.search(r"^test photos: 3  AP@0.5 ([\d.]+)  recall ([\d.]+)  count RMSE ([\d.]+)", proc.stdout, re.M)
-    assert m and 0 <= float(m.group(1)) <= 1 and 0 <= float(m.group(2)) <= 1, proc.stdout
+    assert m, proc.stdout
+    row = list(csv.DictReader((data / "runs.csv").open()))[-1]   # the table holds the figure printed
+    assert float(row["test"]) == pytest.approx(float(m.group(1)), abs=5e-4)
     for name in ("model.pt", "checkpoint.pt", "history.csv", "history.png"):
         assert (data / name).exists()
     model = torch.load(data / "model.pt", weights_only=True)
@@ -155,9 +157,13 @@ def test_eval_human_output_and_image(faces, trained, tmp_path):
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[-1] == f"saved to {out}"
-    assert lines[:-1] and all(re.fullmatch(r"-?\d+ -?\d+ \d+ \d+", line) for line in lines[:-1]), lines
+    assert lines[:-1] and all(re.fullmatch(r"\d+ \d+ \d+ \d+", line) for line in lines[:-1]), lines
+    boxes = [tuple(map(int, line.split())) for line in lines[:-1]]
     with Image.open(out) as img, Image.open(photo) as src:
         assert img.format == "PNG" and img.size == src.size
+        assert all(x + w <= src.width and y + h <= src.height for x, y, w, h in boxes)
+        drawn = img.convert("RGB")
+        assert all(drawn.getpixel((x, y)) == (255, 0, 0) for x, y, _, _ in boxes)   # each box drawn, in red
 
 
 def test_eval_large_and_faceless_photos(faces, trained, tmp_path):
@@ -199,10 +205,15 @@ def test_eval_json_output_dir_and_bad_image(faces, trained, tmp_path):
         scores = [b["score"] for b in r["boxes"]]
         assert r["boxes"] and scores == sorted(scores, reverse=True) and all(0 <= s <= 1 for s in scores)
         assert all(b["x"] >= 0 and b["y"] >= 0 and b["x"] + b["w"] <= w and b["y"] + b["h"] <= h for b in r["boxes"])
-    # NMS runs before the threshold: a higher threshold only drops boxes from the end of the list
-    proc = run(SCRIPT, "eval", photos[0], *args, "--threshold", 0.5)
+    # NMS runs before the threshold: a higher threshold only drops boxes from the end of the list (one between two
+    # scores of the middle of the list, so that it drops some and keeps some)
+    scores = [b["score"] for b in results[0]["boxes"]]
+    middle = scores[len(scores) // 2 - 1:]
+    cut = next((a + b) / 2 for a, b in zip(middle, middle[1:]) if a - b >= 2e-4)
+    proc = run(SCRIPT, "eval", photos[0], *args, "--threshold", cut)
+    assert proc.returncode == 0, proc.stderr
     high = json.loads(proc.stdout)["boxes"]
-    assert high == [b for b in results[0]["boxes"] if b["score"] >= 0.5]
+    assert 0 < len(high) < len(scores) and high == [b for b in results[0]["boxes"] if b["score"] >= cut]
     proc = run(SCRIPT, "eval", "--data-dir", data, "--json", "--output", tmp_path / "x.png", "--device", "cpu",
                stdin=f"{photos[1]}\n\n")  # piped stdin: one path per line
     assert proc.returncode == 0 and json.loads(proc.stdout)["image"] == str(photos[1])
@@ -368,6 +379,8 @@ def test_eval_output_refusals(faces, trained, tmp_path):
                     stdin=f"{photos[0]}\n{photos[1]}\n")
     first, second = [json.loads(line) for line in proc.stdout.splitlines()]
     assert proc.returncode == 1 and first["output"] == str(out) and "earlier image" in second["error"]
+    with Image.open(out) as img, Image.open(photos[0]) as src:   # the first result stays
+        assert img.size == src.size
 
 
 def test_prepare_keeps_model_and_refuses_bad_csv(faces, trained, tmp_path):

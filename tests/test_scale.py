@@ -3,6 +3,7 @@ DATA_DIR/runs.csv, --tag and --grid. Run end to end on a few hundred generated c
 import csv
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -155,15 +156,18 @@ def test_torchrun_resume(prepared):
 # ---- runs.csv, --tag, --grid ----
 def test_runs_csv_row_per_train(prepared):
     data = data_of(prepared, "captcha.py", "runs")
+    printed = []
     for tag in ("first", "second"):
         proc = run("captcha.py", "train", "--data-dir", data, "--epochs", 1, "--batch-size", 64, "--device", "cpu",
                    "--tag", tag)
         assert proc.returncode == 0, proc.stderr
+        printed.append(re.search(r"^test \(\d+ images.*exact-match ([\d.]+)%", proc.stdout, re.M))
+        assert printed[-1], proc.stdout
     rows = runs(data)
     assert [row["tag"] for row in rows] == ["first", "second"]
-    for row in rows:
+    for row, test in zip(rows, printed):
         assert row["epochs_run"] == "1" and row["world_size"] == "1" and row["device"] == "cpu"
-        assert 0 <= float(row["best_val"]) <= 1 and 0 <= float(row["test"]) <= 1 and float(row["seconds"]) > 0
+        assert float(row["test"]) == pytest.approx(float(test[1]) / 100, abs=5e-5) and float(row["seconds"]) > 0
         assert row["batch_size"] == "64" and row["lr"] == "0.003" and row["start"][:2] == "20"
     history_acc = max(float(r["val_acc"]) for r in history(data))
     assert float(rows[-1]["best_val"]) == pytest.approx(history_acc, abs=1e-5)
