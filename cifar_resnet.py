@@ -30,6 +30,7 @@ import io
 import ipaddress
 import itertools
 import json
+import logging
 import math
 import os
 import random
@@ -1659,6 +1660,9 @@ def serve_app(args):
     @contextlib.asynccontextmanager
     async def lifespan(app):
         task = asyncio.create_task(batcher.run())
+        # a second Ctrl-C skips the lifespan's end, then cancels it: starlette reports that as a traceback (text)
+        logging.getLogger("uvicorn.error").addFilter(
+            lambda record: not record.getMessage().rstrip().endswith("asyncio.exceptions.CancelledError"))
         yield
         task.cancel()
 

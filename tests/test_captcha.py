@@ -801,6 +801,22 @@ def test_serve_ends_on_sigterm(trained):
     assert time.time() - start < 20
 
 
+def test_serve_ctrl_c_twice(trained):
+    """A second Ctrl-C while an upload holds the graceful stop ends serve at once, without the traceback starlette
+    wrote for the lifespan it cancels."""
+    with serving("captcha.py", "--data-dir", trained[0], "--device", "cpu") as (url, proc):
+        upload = socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])))
+        upload.sendall(b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\n"
+                       b"Content-Length: 1000\r\n\r\n01")
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+        upload.close()
+    assert proc.returncode == 0 and "Traceback" not in err and "Error" not in err, err
+
+
 def test_serve_bounds_the_memory_of_decoded_images():
     """PixelBudget: a request waits for room before it decodes (at most `limit` pixels of images at once, one image
     alone always gets room); load_image reads only IMAGE_FORMATS (a TIFF is refused; an EPS would go through Ghostscript)."""
