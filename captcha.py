@@ -90,9 +90,13 @@ CHARSETS = {  # --charset accepts auto (the characters of the codes), one of the
 }
 LABEL_REGEX = r"^(?:.*-)?([^-]+)\.[^.]+$"   # the code: the file name after its last '-', or the whole stem
 MAX_LENGTH = 16           # longest code a model reads; longer codes are skipped
-MAX_LABELS_BYTES = 64 << 20   # a --labels file larger than this is refused
+MAX_LABELS_BYTES = 32 << 20   # a --labels file larger than this is refused
+MAX_LABELS_LINES = 500_000    # ... or longer (each line's file is looked up: ~1 KB of memory a line)
+MAX_LABEL_LINE = 4096         # a longer line of a --labels file is skipped, not read
 OUTSIDE = "characters outside the charset: "   # a skip reason, followed by the characters
-LABEL_HEADERS = {"file", "filename", "file_name", "name", "image", "path"}   # first column of an optional header
+LABEL_HEADERS = {"file", "filename", "file_name", "name", "image", "image_name", "img", "path", "filepath",
+                 "file_path", "image_path"}   # the file column of an optional header (lower case, '_' for spaces)
+CODE_HEADERS = {"code", "label", "text", "captcha", "answer", "solution", "value", "truth"}   # its code column
 # Input 40 px high, as wide as the images' median aspect ratio (a multiple of 8): 40x96 for 120x50 captchas,
 # 40x160 for 200x50 ones. The tutorial resized to 24x56 and ran a full ResNet-18 on it at 45 images/s here;
 # 40 px keeps strokes 1-2 px wide, and a stride-2 stem makes the network cheaper than the tutorial's.
@@ -173,6 +177,8 @@ def check_code(code, charset, length, case_sensitive):
     code = code if case_sensitive else code.lower()
     if not code:
         return None, "empty code"
+    if any("\udc80" <= c <= "\udcff" for c in code):   # bytes of a name that is not UTF-8 (surrogateescape)
+        return None, "file name not UTF-8"
     if any(c.isspace() or not c.isprintable() for c in code):
         return None, "code with spaces or control characters"
     if length is not None and len(code) != length:
@@ -214,6 +220,10 @@ def doubtful_codes(codes):
     if len(codes) >= 10 and len(prefix) >= 3:
         doubts.append(f"every code begins with {prefix!r}: are the file names codes? Name files CODE.png or "
                       f"PREFIX-CODE.png, or pass --labels FILE or --label-regex")
+    numbers = sorted(int(c) for c in codes if c.isdigit() and c.isascii())
+    if len(codes) >= 10 and len(numbers) == len(codes) and numbers == list(range(numbers[0], numbers[0] + len(codes))):
+        doubts.append(f"the codes are the numbers {numbers[0]} to {numbers[-1]}: are the files numbered rather than "
+                      "named by their codes? Pass --labels FILE")
     joined = [c for c in codes if "_" in c]
     if joined:
         doubts.append(f"{len(joined)} codes hold '_' (e.g. {joined[0]!r}); if it joins a prefix to the code, pass "
@@ -222,34 +232,70 @@ def doubtful_codes(codes):
 
 
 def read_labels(path, image_dir):
-    """--labels FILE -> ({image path: code as written}, {reason: [line numbers]}). CSV lines `file,code` or
-    whitespace-separated `file code` lines, an optional header; a file must resolve inside image_dir."""
+    """--labels FILE -> ({image path: code as written}, {reason: [line numbers or names]}, {every file a line names,
+    as resolved and as written}). Lines `file,code` (CSV), `file<TAB>code` or `file code`, an optional header (which
+    names the code column when there are more); a file must resolve inside image_dir. A line that cannot be used is
+    skipped and counted, never the end of prepare."""
     path, root = Path(path), Path(image_dir).resolve()
-    if not path.is_file():
+    if not path.exists():
         raise UserError(f"--labels {path}: file not found")
+    if not path.is_file():   # a folder, or a FIFO (a pipe would block the read)
+        raise UserError(f"--labels {path}: not a regular file; pass the labels file itself")
     if path.stat().st_size > MAX_LABELS_BYTES:
         raise UserError(f"--labels {path}: larger than {MAX_LABELS_BYTES >> 20} MB")
     lines = read_text(path).splitlines()
+    if len(lines) > MAX_LABELS_LINES:
+        raise UserError(f"--labels {path}: {len(lines):,} lines, over the limit of {MAX_LABELS_LINES:,} "
+                        "(MAX_LABELS_LINES)")
     first = next((line for line in lines if line.strip()), "")
-    rows = csv.reader(lines) if "," in first else (line.split(None, 1) for line in lines)
-    labels, skipped = {}, {}
-    for number, row in enumerate(rows, 1):
-        row = [cell.strip() for cell in row]
+    split = ((lambda line: line.split("\t")) if "\t" in first else
+             (lambda line: next(csv.reader([line], skipinitialspace=True), [])) if "," in first else
+             (lambda line: line.split(None, 1)))
+    labels, skipped, mentioned, column = {}, {}, set(), 1
+    for number, line in enumerate(lines, 1):
+        if len(line) > MAX_LABEL_LINE:
+            skipped.setdefault(f"line over {MAX_LABEL_LINE} characters", []).append(f"line {number}")
+            continue
+        row = [cell.strip() for cell in split(line)]
+        while len(row) > 2 and not row[-1]:   # `file,code,`: a trailing comma is no third field
+            row.pop()
         if not any(row):
             continue
-        if len(row) < 2 or not row[0] or not row[1]:
-            skipped.setdefault("line without a file name and a code", []).append(f"line {number}")
+        names = [cell.lower().replace(" ", "_") for cell in row]
+        if line is first and (names[0] in LABEL_HEADERS or any(n in CODE_HEADERS for n in names[1:])
+                              and not os.path.isfile(root / row[0])):   # `x.png,text`: an image coded "text"
+            column = next((i for i, n in enumerate(names) if i and n in CODE_HEADERS), 1 if len(row) == 2 else None)
+            if column is None:
+                raise UserError(f"--labels {path}: which column holds the code? name it 'code' in the header "
+                                f"(header: {line[:80]!r})")
             continue
-        if not labels and not skipped and row[0].lower() in LABEL_HEADERS:
-            continue   # a header line
-        target = (root / row[0]).resolve()
-        if not target.is_relative_to(root):
+        if len(row) > max(2, column + 1) and column == 1:   # file,code,more: which field is the code?
+            skipped.setdefault("line of more than two fields (a header naming the code column says which)",
+                               []).append(f"line {number}")
+            continue
+        code = row[column] if len(row) > column else ""
+        if row[0]:
+            mentioned.add(os.path.normpath(Path(image_dir).absolute() / row[0]))
+        try:
+            target = (root / row[0]).resolve()
+            kind = "file" if target.is_file() else "missing" if not target.exists() else "other"
+        except (OSError, ValueError, RuntimeError):   # a NUL byte, a name too long, a symlink loop
+            skipped.setdefault("unusable file name", []).append(f"line {number}")
+            continue
+        if row[0]:
+            mentioned.add(target)
+        if not row[0] or not code:
+            skipped.setdefault("line without a file name and a code", []).append(f"line {number}")
+        elif not target.is_relative_to(root):
             skipped.setdefault("file outside --image-dir", []).append(row[0])
+        elif kind != "file":
+            skipped.setdefault("listed file not found" if kind == "missing" else "listed, not a regular file",
+                               []).append(row[0][:80])
         elif target in labels:
             skipped.setdefault("file listed twice (first code kept)", []).append(row[0])
         else:
-            labels[target] = row[1]
-    return labels, skipped
+            labels[target] = code
+    return labels, skipped, mentioned
 
 
 def length_text(lengths):
@@ -581,6 +627,8 @@ def predict(net, info, device, args, images, per_position=False):
 def cmd_prepare(args):
     image_dir = Path(args.image_dir)
     regex = args.label_regex
+    if args.labels and regex.pattern != LABEL_REGEX:
+        raise UserError("--label-regex reads codes from file names, --labels from a file: pass one of them", 2)
     beside = Path(__file__).resolve().parent / IMAGE_DIR   # where generate.py writes, from any working folder
     if args.image_dir == IMAGE_DIR and not image_dir.is_dir() and beside.is_dir():
         image_dir = beside
@@ -605,16 +653,15 @@ def cmd_prepare(args):
                                             if nested else "the folder is empty"))
 
     odd = [p.name for p in entries if p.suffix.lower() in IMAGE_EXTS and not p.is_file()]
-    if odd:   # a folder, a FIFO or a dangling link named like an image: said, not silently passed over
+    if odd and not args.labels:   # a folder, a FIFO or a dangling link named like an image: said, not passed over
         skipped["not a regular file"] = odd
     labelled = []
     if args.labels:
-        listed, refused = read_labels(args.labels, image_dir)
+        listed, refused, mentioned = read_labels(args.labels, image_dir)
         skipped |= refused
-        named = {os.path.normpath(image_dir.absolute() / n) for n in refused.get("file outside --image-dir", [])}
         for p in files:   # each file counted once: one the labels name but refused is not "not in the labels file"
-            if (p.resolve() not in listed and p.suffix.lower() in IMAGE_EXTS
-                    and os.path.normpath(p.absolute()) not in named):
+            if (p.suffix.lower() in IMAGE_EXTS and p.resolve() not in mentioned
+                    and os.path.normpath(p.absolute()) not in mentioned):
                 skipped.setdefault("image not in the labels file", []).append(p.name)
         candidates = [(p, code, None) for p, code in listed.items()]
     else:
@@ -622,7 +669,6 @@ def cmd_prepare(args):
     for p, code, reason in candidates:
         if args.labels:
             code, reason = check_code(code, charset, length, args.case_sensitive)
-            reason = reason or (None if p.is_file() else "listed file not found")
         elif p.suffix.lower() not in IMAGE_EXTS:
             reason = "not an image file"
         if reason:
@@ -1240,8 +1286,10 @@ def swap_prepared(staged, data_dir):
     previous = staged / "previous"
     previous.mkdir()
     moved, placed = [], []
+    ours = [p for p in data_dir.glob("*_set.*.pt.gz") if p.name.split(".")[0] in ("training_set", "validating_set",
+            "testing_set") and p.name.split(".")[1].isdigit() and p.name.count(".") == 3]   # a user's own: left
     try:
-        for path in [data_dir / "meta.json", *sorted(data_dir.glob("*_set.*.pt.gz"))]:
+        for path in [data_dir / "meta.json", *sorted(ours)]:
             if path.exists():
                 moved.append(path)
                 os.replace(path, previous / path.name)

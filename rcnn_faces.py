@@ -1289,8 +1289,10 @@ def swap_prepared(staged, data_dir):
     previous = staged / "previous"
     previous.mkdir()
     moved, placed = [], []
+    ours = [p for p in data_dir.glob("*_set.*.pt.gz") if p.name.split(".")[0] in ("training_set", "validating_set",
+            "testing_set") and p.name.split(".")[1].isdigit() and p.name.count(".") == 3]   # a user's own: left
     try:
-        for path in [data_dir / "meta.json", *sorted(data_dir.glob("*_set.*.pt.gz"))]:
+        for path in [data_dir / "meta.json", *sorted(ours)]:
             if path.exists():
                 moved.append(path)
                 os.replace(path, previous / path.name)

@@ -477,7 +477,7 @@ def leftovers(data):
 def test_prepare_interrupted_or_failing_at_every_rename(cifar_source, prepared_with_model, monkeypatch):
     """Ctrl-C or a write error at each file rename of prepare (shards and meta.json into the new folder, old files
     aside, new files in): the old data are as they were, byte for byte, and nothing is left behind; a complete
-    prepare replaces shards and meta.json and keeps the rest."""
+    prepare replaces shards and meta.json and keeps the rest (a user's file named like a shard too)."""
     data = prepared_with_model
     before = tree_bytes(data)
     args = ["prepare", "--image-dir", cifar_source, "--data-dir", data, "--workers", 1]
@@ -505,7 +505,10 @@ def test_prepare_interrupted_or_failing_at_every_rename(cifar_source, prepared_w
             assert tree_bytes(data) == before, (fail_at, calls[-1])
             assert not leftovers(data), (fail_at, leftovers(data))
     fail_at = 0
+    (data / "training_set.backup.pt.gz").write_bytes(b"a user's own copy")   # named like a shard, not one: kept
     assert run_main("cifar_lenet.py", *args, "--seed", 1).returncode == 0
+    assert (data / "training_set.backup.pt.gz").read_bytes() == b"a user's own copy"
+    (data / "training_set.backup.pt.gz").unlink()
     after = tree_bytes(data)
     assert sorted(after) == sorted(before) and not leftovers(data)
     assert all(after[name] == before[name] for name in ("model.pt", "checkpoint.pt", "history.csv", "runs.csv"))
