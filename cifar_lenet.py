@@ -449,7 +449,7 @@ def train(args, device, out_dir, tb_dir):
         if bad_epochs >= args.patience:
             break
         t0 = time.perf_counter()
-        lr = scheduler.get_last_lr()[0]
+        lr = optimizer.param_groups[0]["lr"]
         batches = epoch_batches(len(train_set[1]), args.batch_size, args.seed, epoch, device)
         train_loss, train_acc, n = train_one_epoch(step_model, train_set, norm, optimizer, scheduler, scaler, loss_fn,
                                                    batches, dtype, f"epoch {epoch}")
@@ -713,11 +713,17 @@ def write_split(data_dir, name, tensors):
         save_shard(Path(data_dir) / f"{name}.{i}.pt.gz", [t[start:start + SHARD_SIZE].clone() for t in tensors])
 
 
+def shard_paths(folder, name):
+    """The shards of split `name` in folder, in order: name.N.pt.gz with N a whole number (a user's
+    name.0.bak.pt.gz is none of them: prepare leaves it, train does not read it)."""
+    paths = [p for p in Path(folder).glob(f"{name}.*.pt.gz") if p.name.count(".") == 3 and p.name.split(".")[1].isdigit()]
+    return sorted(paths, key=lambda p: int(p.name.split(".")[1]))
+
+
 def read_split(data_dir, name, meta=None):
     """Read all shards of a split once and concatenate them (no per-epoch decompression); with meta (meta.json),
     their count must be the one prepare wrote."""
-    paths = sorted((p for p in Path(data_dir).glob(f"{name}.*.pt.gz") if p.name.split(".")[1].isdigit()),
-                   key=lambda p: int(p.name.split(".")[1]))
+    paths = shard_paths(data_dir, name)
     parts = [load_shard(p) for p in paths]
     if not parts:
         raise UserError(f"{data_dir}: no {name} shards; run `python {SCRIPT}.py prepare` first")
@@ -826,10 +832,9 @@ def swap_prepared(staged, data_dir):
     previous = staged / "previous"
     previous.mkdir()
     moved, placed = [], []
-    ours = [p for p in data_dir.glob("*_set.*.pt.gz") if p.name.split(".")[0] in ("training_set", "validating_set",
-            "testing_set") and p.name.split(".")[1].isdigit() and p.name.count(".") == 3]   # a user's own: left
+    ours = [p for split in ("training_set", "validating_set", "testing_set") for p in shard_paths(data_dir, split)]
     try:
-        for path in [data_dir / "meta.json", *sorted(ours)]:
+        for path in [data_dir / "meta.json", *ours]:   # a user's own file named like a shard stays
             if path.exists():
                 moved.append(path)
                 os.replace(path, previous / path.name)
@@ -983,8 +988,11 @@ def resume_training(path, model_args, model, optimizer, scaler, scheduler=None, 
         optimizer.load_state_dict(ckpt["optimizer"])
         for group, new in zip(optimizer.param_groups, asked):   # a --lr or --weight-decay given now holds from here
             base = lambda g: g.get("max_lr", g.get("initial_lr", g["lr"]))   # the schedule's peak, else its start
-            ratio = base(new) / base(group) if base(group) > 0 else 1.0
-            group.update({key: group[key] * ratio for key in ("lr", "initial_lr", "max_lr", "min_lr") if key in group})
+            keys = [key for key in ("lr", "initial_lr", "max_lr", "min_lr") if key in group]
+            if base(group) > 0:
+                group.update({key: group[key] * base(new) / base(group) for key in keys})
+            else:   # a run at lr 0 (a check of the data): the rates asked for now, as a fresh run starts
+                group.update({key: new.get(key, new["lr"]) for key in keys})
             group.update({key: new[key] for key in ("weight_decay",) if key in group})
         if ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
@@ -1020,12 +1028,12 @@ def resume_options(args, parser, path, given):
     config = load_model_file(path, CHECKPOINT_KEYS).get("config")
     args, taken, changed = argparse.Namespace(**vars(args)), [], []
     for action in parser._actions if isinstance(config, dict) else []:   # argparse has no public list of options
-        dest, flag = action.dest, action.option_strings[-1] if action.option_strings else action.dest
+        dest = action.dest
         if dest in RESUME_OWN or dest not in config or config[dest] == getattr(args, dest, None):
             continue
         value = config[dest]
         if dest in given:
-            changed.append(f"{flag} {getattr(args, dest)} (the run's: {value})")
+            changed.append(f"{shown(action, getattr(args, dest))} (the run's: {shown(action, value, bare=True)})")
             continue
         try:   # what the parser would make of it: a checkpoint edited by hand passes the same checks as the options
             ok = (action.type(str(value)) == value if action.type else type(value) is type(action.default)) and (
@@ -1035,12 +1043,21 @@ def resume_options(args, parser, path, given):
         if not ok:
             raise UserError(f"{path}: its option {flag} {value!r} is not valid; train without --resume")
         setattr(args, dest, value)
-        taken.append(f"{flag} {value}")
+        taken.append(shown(action, value))
     if taken:
         print(f"options of the run resumed: {', '.join(taken)}")
     if changed:
         print(f"options changed from the run resumed: {', '.join(changed)}")
     return args
+
+
+def shown(action, value, bare=False):
+    """An option as a command line writes it: `--lr 0.01` (bare: `0.01`), `--amp` or `--no-amp`, `--sync-bn` or
+    `no --sync-bn`."""
+    flags = action.option_strings or [action.dest]
+    if action.nargs == 0 or isinstance(action, argparse.BooleanOptionalAction):   # on/off
+        return flags[0] if value else flags[1] if len(flags) > 1 else f"no {flags[0]}"
+    return str(value) if bare else f"{flags[0]} {value}"
 
 
 def given_options(parser, argv):
@@ -1640,14 +1657,15 @@ def serve_protocol_class():
             if len(self.connections) > most:
                 transport.abort()   # closed at once, its descriptor freed
             else:
-                self.deadline()
+                self.deadline(self.cycle)
 
         def on_response_complete(self):
+            cycle = self.cycle   # before the next request, pipelined behind this one, may start its cycle
             super().on_response_complete()
-            self.deadline()   # the next request on this connection has as long
+            self.deadline(cycle)   # the next request on this connection has as long
 
-        def deadline(self):
-            cycle = self.cycle   # complete headers start a new cycle
+        def deadline(self, cycle=None):
+            # complete headers start a new cycle: the connection is closed only when none has started since
             self.loop.call_later(HEADER_SECONDS, lambda: self.cycle is cycle and self.transport.close())
     return Protocol
 
@@ -1757,6 +1775,12 @@ def serve_app(args):
             if not uploads:
                 return error(400, "the multipart body has no file field")
             data = await uploads[0].read(args.max_bytes + 1)
+            if bodies["held"] + len(data) > bodies["limit"]:
+                return responses.JSONResponse({"error": f"busy: {bodies['held']:,} bytes of uploads in progress "
+                                               f"(at most {UPLOADS_HELD} x --max-bytes); try again in a few seconds"},
+                                              503, {"Retry-After": "5"})
+            bodies["held"] += len(data)
+            held[0] += len(data)
         elif kind.startswith("image/") or kind == "application/octet-stream":
             try:
                 data = await read_body(request, held)
@@ -1791,10 +1815,10 @@ def serve_app(args):
                 print(f"error: /predict failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
                 return error(500, f"prediction failed ({type(e).__name__})")
 
-    return loopback_only(app, args.host, error), path
+    return loopback_only(app, args.host, error, args.allowed_host or []), path
 
 
-def loopback_only(app, host, error):
+def loopback_only(app, host, error, allowed=()):
     """The app, answering on a loopback --host (the default) only requests whose Host header names this machine:
     a web page whose name its site points at 127.0.0.1 (DNS rebinding) would otherwise use the service from any
     visitor's browser, which sends the name it looked up. A request without Host (HTTP/1.0) is answered."""
@@ -1804,7 +1828,7 @@ def loopback_only(app, host, error):
         loopback = host == "localhost"
     if not loopback:
         return app
-    names = {"localhost", "127.0.0.1", "::1", host}
+    names = {"localhost", "127.0.0.1", "::1", host, *(name.lower() for name in allowed)}
 
     async def guarded(scope, receive, send):
         asked = dict(scope.get("headers", ())).get(b"host", b"").decode("latin-1")
@@ -1813,8 +1837,9 @@ def loopback_only(app, host, error):
         except ValueError:   # e.g. "[" without its "]"
             name = None
         if scope["type"] == "http" and asked and name not in names:
-            await error(400, f"Host {asked[:100]!r}: this service answers requests to {host} only "
-                             f"(serve --host 0.0.0.0 answers every name)")(scope, receive, send)
+            await error(400, f"Host {asked[:100]!r}: this service answers requests to {host} only (behind a "
+                             f"reverse proxy that passes its own name on: serve --allowed-host NAME)")(scope, receive,
+                                                                                                       send)
             return
         await app(scope, receive, send)
     return guarded
@@ -1831,6 +1856,8 @@ def add_ship_commands(sub, common, serve_parents):
                        help="HTTP service: POST /predict, GET /health, /info, / (a page to try it)")
     p.add_argument("--model", default=None, help="model.pt or model.onnx (default: DATA_DIR/model.pt)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--allowed-host", action="append", metavar="NAME", help="on a loopback --host, a Host header "
+                   "answered besides localhost (a reverse proxy's name; repeatable)")
     p.add_argument("--port", type=port_number, default=8000, help="TCP port")
     p.add_argument("--max-bytes", type=positive_int, default=MAX_UPLOAD, help="largest image accepted, in bytes")
     p.add_argument("--max-batch", type=positive_int, default=32, help="images of requests arriving together "

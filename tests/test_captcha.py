@@ -528,6 +528,9 @@ def test_prepare_labels_files(tmp, wide):
     for text, codes, reasons in [
             (f'file, code\n"{name}", "{truth[name]}"\n', {name: truth[name]}, {}),   # quoted, a space after commas
             (f"file,width,height,code\n{name},120,50,{truth[name]}\n", {name: truth[name]}, {}),   # column by name
+            (f"file,code,source\n{name},{truth[name]},site\n", {name: truth[name]}, {}),
+            (f",image,label\n0,{name},{truth[name]}\n", {name: truth[name]}, {}),   # pandas' index column first
+            (f"missing.png,value\n{name},{truth[name]}\n", {name: truth[name]}, {"listed file not found": 1}),
             (f"image_name,label\n{name},{truth[name]},\n", {name: truth[name]}, {}),   # a trailing comma
             (f"{name},{truth[name]},extra\n", {}, {"line of more than two fields": 1}),
             (f"{name}\t{truth[name]}\nmy img.png\tabc\n", {name: truth[name]}, {"listed file not found": 1}),
@@ -549,6 +552,13 @@ def test_prepare_labels_files(tmp, wide):
         line = assert_one_line_error(run_main("captcha.py", "prepare", "--image-dir", folder, "--data-dir",
                                               tmp / "l3", *args), status)
         assert words in line
+    (tmp / "three.csv").write_text("".join(f"{n},{truth[n]}\n" for n in listed[:5]) + f"{listed[5]},abc,extra\n")
+    proc = run_main("captcha.py", "prepare", "--image-dir", folder, "--data-dir", tmp / "l4", "--labels",
+                    tmp / "three.csv", "--workers", 1)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp / "l4" / "meta.json").read_text())["skipped_by_reason"] == {   # each file counted once
+        "line of more than two fields (a header naming the code column says which)": 1,
+        "image not in the labels file": len(truth) - 6}
     assert any("numbered" in doubt for doubt in mod.doubtful_codes([str(i) for i in range(1, 31)]))
     assert not mod.doubtful_codes(["2841", "0317", "5520", "9012", "1177", "6304", "4450", "7788", "3001", "8265"])
 
@@ -1073,7 +1083,7 @@ def test_serve(trained, generated, tmp_path):
     text_field = (b"--b\r\nContent-Disposition: form-data; name=\"note\"\r\n\r\nhello\r\n--b--\r\n",
                   {"Content-Type": "multipart/form-data; boundary=b"})
     with serving("captcha.py", "--data-dir", data, "--device", "cpu", "--max-bytes", 20000,
-                 "--max-wait-ms", 20) as (url, proc):
+                 "--max-wait-ms", 20, "--allowed-host", "Proxy.Example") as (url, proc):
         port = int(url.rsplit(":", 1)[1])
         idle, opened = socket.create_connection(("127.0.0.1", port)), time.time()   # sends nothing: closed in 10 s
         status, info = http(url + "/info")
@@ -1088,6 +1098,7 @@ def test_serve(trained, generated, tmp_path):
             assert response.status == 200
         assert http(url + "/info", b"x") == (405, {"error": "Method Not Allowed"})
         assert http(url + "/predict", png, {"Content-Type": "image/png"}) == (200, expected[str(images[0])])
+        assert http(url + "/health", None, {"Host": "proxy.example:8080"})[0] == 200   # --allowed-host: a proxy
         assert http(url + "/predict", *multipart("file", images[0].name, png)) == (200, expected[str(images[0])])
         for body, headers, status, words in [
                 (b"not an image", {"Content-Type": "image/png"}, 400, "not an image"),
@@ -1116,6 +1127,7 @@ def test_serve(trained, generated, tmp_path):
         time.sleep(1)
         got, answer = http(url + "/predict", png, {"Content-Type": "image/png"})
         assert got == 503 and "busy: 319,984 bytes of uploads" in answer["error"], (got, answer)
+        assert http(url + "/predict", *multipart("file", "x.png", png))[0] == 503   # a multipart one counts too
         for connection in held:
             connection.close()
         time.sleep(0.5)

@@ -412,7 +412,8 @@ def test_train_and_export_helpers_under_stress(tmp_path, monkeypatch, capsys):
 
 
 def test_resume_refuses_a_damaged_checkpoint(tmp_path):
-    """train --resume: a checkpoint whose epoch, history or best score was edited is one line, before training."""
+    """train --resume: a checkpoint whose epoch, history or best score was edited is one line, before training; a
+    new --lr holds from the resumed epoch on (also after a run at lr 0); on/off options are said as flags."""
     module = load_script("cifar_lenet.py")
     model = module.build_model({"num_classes": 3})
     optimizer = torch.optim.AdamW(model.parameters())
@@ -428,6 +429,15 @@ def test_resume_refuses_a_damaged_checkpoint(tmp_path):
         torch.save({**good, key: value}, path)
         with pytest.raises(module.UserError, match="does not fit this run"):
             module.resume_training(path, {"num_classes": 3}, model, optimizer, scaler)
+    # the learning rate asked for now holds: scaled from the run's, or taken as it is where the run's was 0
+    for stored, asked in [(0.002, 0.01), (0.0, 0.01)]:
+        torch.save({**good, "optimizer": torch.optim.AdamW(model.parameters(), lr=stored).state_dict()}, path)
+        fresh = torch.optim.AdamW(model.parameters(), lr=asked)
+        module.resume_training(path, {"num_classes": 3}, model, fresh, scaler)
+        assert fresh.param_groups[0]["lr"] == pytest.approx(asked)
+    parser = module.build_parser().parse_args(["train"]).train_parser
+    amp = next(a for a in parser._actions if a.dest == "amp")
+    assert (module.shown(amp, False), module.shown(amp, True)) == ("--no-amp", "--amp")   # not "--no-amp False"
 
 
 @pytest.mark.parametrize("script", ["captcha.py", "fast_rcnn_faces.py"])
@@ -505,10 +515,13 @@ def test_prepare_interrupted_or_failing_at_every_rename(cifar_source, prepared_w
             assert tree_bytes(data) == before, (fail_at, calls[-1])
             assert not leftovers(data), (fail_at, leftovers(data))
     fail_at = 0
-    (data / "training_set.backup.pt.gz").write_bytes(b"a user's own copy")   # named like a shard, not one: kept
+    for name in ("training_set.backup.pt.gz", "training_set.0.bak.pt.gz"):   # named like a shard, not one: kept
+        (data / name).write_bytes(b"a user's own copy")
     assert run_main("cifar_lenet.py", *args, "--seed", 1).returncode == 0
-    assert (data / "training_set.backup.pt.gz").read_bytes() == b"a user's own copy"
-    (data / "training_set.backup.pt.gz").unlink()
+    for name in ("training_set.backup.pt.gz", "training_set.0.bak.pt.gz"):   # and not read as one either
+        assert (data / name).read_bytes() == b"a user's own copy"
+        assert data / name not in load_script("cifar_lenet.py").shard_paths(data, "training_set")
+        (data / name).unlink()
     after = tree_bytes(data)
     assert sorted(after) == sorted(before) and not leftovers(data)
     assert all(after[name] == before[name] for name in ("model.pt", "checkpoint.pt", "history.csv", "runs.csv"))
@@ -643,8 +656,13 @@ def test_face_csv_bad_rows_and_crowds_are_skipped(script, tmp_path):
     # the CSV's width and height: a photo halved since has its boxes halved; one turned keeps them, noted
     gt, _, _, note = mod.boxes_inside([(10, 20, 30, 40)], 306, 204, (612, 408))
     assert gt.tolist() == [[5, 10, 15, 20]] and note.startswith("photo resized since the CSV, boxes scaled (CSV width")
-    gt, _, _, note = mod.boxes_inside([(10, 20, 30, 40)], 408, 612, (612, 408))
+    gt, _, _, note = mod.boxes_inside([(10, 20, 30, 40)], 400, 400, (612, 408))
     assert gt.tolist() == [[10, 20, 30, 40]] and note.startswith("photo of another shape than the CSV")
+    # a photo its EXIF orientation turns upright: the CSV may give the size as stored (width and height swapped)
+    gt, _, _, note = mod.boxes_inside([(10, 20, 30, 40)], 408, 612, (612, 408))
+    assert gt.tolist() == [[10, 20, 30, 40]] and note is None
+    gt, _, _, note = mod.boxes_inside([(10, 20, 30, 40)], 204, 306, (612, 408))
+    assert gt.tolist() == [[5, 10, 15, 20]] and note.startswith("photo resized since the CSV, boxes scaled")
     # examples quote the row (row numbers shift where pandas drops a line), cut to 80 characters
     assert skipped["non-numeric box"][1] == ["d.jpg x,2,30,40", "f.jpg 1,2,,", "g.jpg 0,0,inf,inf"]   # f: short
     assert skipped["zero-size or inverted box"] == [1, ["e" * 77 + "..."]]
