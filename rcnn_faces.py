@@ -692,14 +692,17 @@ def boxes_inside(boxes, width, height, drawn_on=None):
     scaled to it, one of another shape is noted and its boxes taken as they are."""
     boxes, note = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4), None
     w, h = drawn_on or (width, height)
-    if abs(w / h * height / width - 1) >= 0.02 and abs(h / w * height / width - 1) < 0.02:
-        w, h = h, w   # the size as stored, of a photo that its EXIF orientation turns upright
-    if (w, h) != (width, height):
-        resized = abs(w / h * height / width - 1) < 0.02   # a resize rounds each side to whole pixels
-        note = ("photo resized since the CSV, boxes scaled" if resized else "photo of another shape than the CSV, "
-                "boxes as they are") + f" (CSV width,height {w:g}x{h:g}, photo {width}x{height})"
-        if resized:
-            boxes = boxes * boxes.new_tensor([width / w, height / h] * 2)
+    same_shape = lambda w, h: abs(w / h * height / width - 1) < 0.02   # a resize rounds each side to whole pixels
+    turned = not same_shape(w, h) and same_shape(h, w)   # the size as stored, of a photo EXIF turns upright?
+    if turned or (w, h) != (width, height):
+        scaled = same_shape(*((h, w) if turned else (w, h))) and sorted((w, h)) != sorted((width, height))
+        note = ("photo resized since the CSV, boxes scaled" if scaled and not turned else
+                "photo turned a quarter and resized since the CSV (EXIF?), boxes scaled" if scaled else
+                "photo turned a quarter since the CSV (EXIF?), boxes as they are" if turned else
+                "photo of another shape than the CSV, boxes as they are") + \
+            f" (CSV width,height {w:g}x{h:g}, photo {width}x{height})"
+        if scaled:
+            boxes = boxes * boxes.new_tensor([width / h, height / w] * 2 if turned else [width / w, height / h] * 2)
     clipped = clip_boxes_to_image(boxes, (height, width))
     usable = box_area(clipped) >= box_area(boxes) / 2   # most of the face in the photo: kept, clipped
     return clipped[usable], boxes[~usable].tolist(), boxes[usable & (clipped != boxes).any(1)].tolist(), note
@@ -1181,7 +1184,8 @@ def write_split(data_dir, name, tensors):
 def shard_paths(folder, name):
     """The shards of split `name` in folder, in order: name.N.pt.gz with N a whole number (a user's
     name.0.bak.pt.gz is none of them: prepare leaves it, train does not read it)."""
-    paths = [p for p in Path(folder).glob(f"{name}.*.pt.gz") if p.name.count(".") == 3 and p.name.split(".")[1].isdigit()]
+    paths = [p for p in Path(folder).glob(f"{name}.*.pt.gz")
+             if p.name.count(".") == 3 and p.name.split(".")[1].isascii() and p.name.split(".")[1].isdigit()]
     return sorted(paths, key=lambda p: int(p.name.split(".")[1]))
 
 
@@ -1189,6 +1193,10 @@ def read_split(data_dir, name, meta=None):
     """Read all shards of a split once and concatenate them (no per-epoch decompression); with meta (meta.json),
     their count must be the one prepare wrote."""
     paths = shard_paths(data_dir, name)
+    numbers = [int(p.name.split(".")[1]) for p in paths]
+    if numbers and numbers != list(range(len(numbers))):   # a shard deleted or renamed
+        missing = min(set(range(len(numbers) + 1)) - set(numbers))
+        raise UserError(f"{data_dir}: {name}.{missing}.pt.gz is missing; run `python {SCRIPT}.py prepare` again")
     parts = [load_shard(p) for p in paths]
     if not parts:
         raise UserError(f"{data_dir}: no {name} shards; run `python {SCRIPT}.py prepare` first")
@@ -1461,10 +1469,12 @@ def resume_training(path, model_args, model, optimizer, scaler, scheduler=None, 
             group.update({key: new[key] for key in ("weight_decay",) if key in group})
         if ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
-        if scheduler is not None and ckpt["scheduler"].get("total_steps") == getattr(scheduler, "total_steps", None):
-            scheduler.load_state_dict(ckpt["scheduler"])
-        elif scheduler is not None:   # the same schedule shape over the new length, from the epoch reached
-            scheduler.last_epoch = min(ckpt["epoch"] * steps_per_epoch, scheduler.total_steps) - 1
+        if scheduler is not None:
+            if ckpt["scheduler"].get("total_steps") == getattr(scheduler, "total_steps", None):
+                scheduler.load_state_dict(ckpt["scheduler"])
+            else:   # the same schedule shape over the new length, from the epoch reached
+                scheduler.last_epoch = min(ckpt["epoch"] * steps_per_epoch, scheduler.total_steps)
+            scheduler.last_epoch -= 1   # one step back and again: the rate there, from the rates asked for now
             with warnings.catch_warnings():   # "step() before optimizer.step()": this step sets the rate only
                 warnings.simplefilter("ignore")
                 scheduler.step()
@@ -1506,7 +1516,7 @@ def resume_options(args, parser, path, given):
         except (argparse.ArgumentTypeError, TypeError, ValueError):
             ok = False
         if not ok:
-            raise UserError(f"{path}: its option {flag} {value!r} is not valid; train without --resume")
+            raise UserError(f"{path}: its option {shown(action, repr(value))} is not valid; train without --resume")
         setattr(args, dest, value)
         taken.append(shown(action, value))
     if taken:
@@ -2293,12 +2303,12 @@ def loopback_only(app, host, error, allowed=()):
         loopback = host == "localhost"
     if not loopback:
         return app
-    names = {"localhost", "127.0.0.1", "::1", host, *(name.lower() for name in allowed)}
+    names = {"localhost", "127.0.0.1", "::1", host, *allowed}
 
     async def guarded(scope, receive, send):
         asked = dict(scope.get("headers", ())).get(b"host", b"").decode("latin-1")
         try:
-            name = urllib.parse.urlsplit(f"//{asked}").hostname
+            name = (urllib.parse.urlsplit(f"//{asked}").hostname or "").rstrip(".")
         except ValueError:   # e.g. "[" without its "]"
             name = None
         if scope["type"] == "http" and asked and name not in names:
@@ -2321,8 +2331,9 @@ def add_ship_commands(sub, common, serve_parents):
                        help="HTTP service: POST /predict, GET /health, /info, / (a page to try it)")
     p.add_argument("--model", default=None, help="model.pt or model.onnx (default: DATA_DIR/model.pt)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    p.add_argument("--allowed-host", action="append", metavar="NAME", help="on a loopback --host, a Host header "
-                   "answered besides localhost (a reverse proxy's name; repeatable)")
+    p.add_argument("--allowed-host", action="append", type=host_name, metavar="NAME",
+                   help="on a loopback --host, a Host header answered besides localhost (a reverse proxy's name; "
+                        "repeatable)")
     p.add_argument("--port", type=port_number, default=8000, help="TCP port")
     p.add_argument("--max-bytes", type=positive_int, default=MAX_UPLOAD, help="largest image accepted, in bytes")
     p.add_argument("--max-batch", type=positive_int, default=32, help="images of requests arriving together "
@@ -2376,6 +2387,18 @@ def port_number(text):
 
 def seed_int(text):
     return parse_number(text, int, 0, 2 ** 31 - 1)  # numpy takes 32-bit seeds; torchrun adds the rank
+
+
+def host_name(text):
+    """--allowed-host: a host name or address as a Host header gives it (lower case; a port, scheme or final dot
+    dropped)."""
+    try:
+        name = urllib.parse.urlsplit(text if "//" in text else f"//{text}").hostname
+    except ValueError:   # "[" without "]"
+        name = None
+    if not name:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a host name")
+    return name.rstrip(".")
 
 
 def worker_count(text):

@@ -531,6 +531,7 @@ def test_prepare_labels_files(tmp, wide):
             (f"file,code,source\n{name},{truth[name]},site\n", {name: truth[name]}, {}),
             (f",image,label\n0,{name},{truth[name]}\n", {name: truth[name]}, {}),   # pandas' index column first
             (f"missing.png,value\n{name},{truth[name]}\n", {name: truth[name]}, {"listed file not found": 1}),
+            (f"id file code\n1 {name} {truth[name]}\n", {name: truth[name]}, {}),   # a header of three words
             (f"image_name,label\n{name},{truth[name]},\n", {name: truth[name]}, {}),   # a trailing comma
             (f"{name},{truth[name]},extra\n", {}, {"line of more than two fields": 1}),
             (f"{name}\t{truth[name]}\nmy img.png\tabc\n", {name: truth[name]}, {"listed file not found": 1}),

@@ -438,6 +438,18 @@ def test_resume_refuses_a_damaged_checkpoint(tmp_path):
     parser = module.build_parser().parse_args(["train"]).train_parser
     amp = next(a for a in parser._actions if a.dest == "amp")
     assert (module.shown(amp, False), module.shown(amp, True)) == ("--no-amp", "--amp")   # not "--no-amp False"
+    torch.save({**good, "config": {"batch_size": -3}}, path)   # an option edited in the checkpoint: one line
+    with pytest.raises(module.UserError, match="its option --batch-size -3 is not valid"):
+        module.resume_options(argparse.Namespace(batch_size=64), parser, path, set())
+    # a shard missing between others: said, not a shorter split read without a word
+    for n in (0, 2):
+        module.save_shard(tmp_path / f"training_set.{n}.pt.gz", [torch.zeros(2)])
+    with pytest.raises(module.UserError, match="training_set.1.pt.gz is missing"):
+        module.read_split(tmp_path, "training_set")
+    assert [module.host_name(name) for name in ("Proxy.Example:8080", "http://proxy.example/", "[::1]:80", "a.b.")
+            ] == ["proxy.example", "proxy.example", "::1", "a.b"]
+    with pytest.raises(argparse.ArgumentTypeError):
+        module.host_name("[")
 
 
 @pytest.mark.parametrize("script", ["captcha.py", "fast_rcnn_faces.py"])
@@ -660,9 +672,10 @@ def test_face_csv_bad_rows_and_crowds_are_skipped(script, tmp_path):
     assert gt.tolist() == [[10, 20, 30, 40]] and note.startswith("photo of another shape than the CSV")
     # a photo its EXIF orientation turns upright: the CSV may give the size as stored (width and height swapped)
     gt, _, _, note = mod.boxes_inside([(10, 20, 30, 40)], 408, 612, (612, 408))
-    assert gt.tolist() == [[10, 20, 30, 40]] and note is None
+    assert gt.tolist() == [[10, 20, 30, 40]] and note.startswith("photo turned a quarter since the CSV (EXIF?)")
     gt, _, _, note = mod.boxes_inside([(10, 20, 30, 40)], 204, 306, (612, 408))
-    assert gt.tolist() == [[5, 10, 15, 20]] and note.startswith("photo resized since the CSV, boxes scaled")
+    assert gt.tolist() == [[5, 10, 15, 20]] and note.startswith("photo turned a quarter and resized")
+    assert note.endswith("(CSV width,height 612x408, photo 204x306)")
     # examples quote the row (row numbers shift where pandas drops a line), cut to 80 characters
     assert skipped["non-numeric box"][1] == ["d.jpg x,2,30,40", "f.jpg 1,2,,", "g.jpg 0,0,inf,inf"]   # f: short
     assert skipped["zero-size or inverted box"] == [1, ["e" * 77 + "..."]]
