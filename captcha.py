@@ -265,9 +265,9 @@ def read_labels(path, image_dir):
         if not any(row):
             continue
         names = [cell.lower().replace(" ", "_") for cell in row]
-        image = any(Path(cell).suffix.lower() in IMAGE_EXTS or os.path.isfile(root / cell) for cell in row)
-        if line is first and not image and (any(n in LABEL_HEADERS for n in names)
-                                            or any(n in CODE_HEADERS for n in names[1:])):   # a header
+        image = lambda: any(Path(cell).suffix.lower() in IMAGE_EXTS or os.path.isfile(root / cell) for cell in row)
+        if line is first and (any(n in LABEL_HEADERS for n in names) or any(n in CODE_HEADERS for n in names[1:])
+                              ) and not image():   # a header (no line but the first is looked at)
             file_column = next((i for i, n in enumerate(names) if n in LABEL_HEADERS), 0)
             code_column = next((i for i, n in enumerate(names) if i != file_column and n in CODE_HEADERS),
                                1 - file_column if len(row) == 2 else None)
