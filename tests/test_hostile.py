@@ -48,8 +48,9 @@ READERS = {"open": {"setup_distributed", "lock_data_dir"}, "os.open": {"lock_dat
            "pd.read_csv": {"read_boxes_csv"}, ".read_text": {"read_text"}, ".read_bytes": set(),
            ".open": set(), "json.load": set(), "json.loads": {"read_meta", "refuse_other_data", "OnnxNetwork", "serve_worker"}, "np.load": set(), "cv2.imread": set(),
            "csv.reader": {"read_labels", "read_boxes_csv"}, "csv.DictReader": {"read_runs"}, ".InferenceSession": {"OnnxNetwork"},
-           ".load": set()}   # pickle.load, onnx.load, torch.jit.load ...: nowhere   # read_labels: lines of read_text
-# serve_worker: the options serve --workers passes to its own processes; pixel_count: the header of bytes serve received
+           ".load": set()}   # .load: pickle.load, onnx.load, torch.jit.load ... nowhere
+# read_labels: lines of read_text; serve_worker: the options serve --workers passes to its own processes; pixel_count:
+# the header of bytes serve received
 
 
 COMMON_MARK = "# ==== Common to all five scripts: keep identical ===="
