@@ -2283,9 +2283,16 @@ def serve_protocol_class():
             super().on_response_complete()
             self.deadline(cycle)   # the next request on this connection has as long
 
-        def deadline(self, cycle=None):
+        def connection_lost(self, exc):
+            self.deadline(None, arm=False)   # no timer keeps a closed connection for HEADER_SECONDS
+            super().connection_lost(exc)
+
+        def deadline(self, cycle=None, arm=True):
             # complete headers start a new cycle: the connection is closed only when none has started since
-            self.loop.call_later(HEADER_SECONDS, lambda: self.cycle is cycle and self.transport.close())
+            if getattr(self, "header_timer", None):
+                self.header_timer.cancel()
+            self.header_timer = arm and self.loop.call_later(
+                HEADER_SECONDS, lambda: self.cycle is cycle and self.transport.close())
     return Protocol
 
 
