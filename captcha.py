@@ -255,6 +255,7 @@ def read_labels(path, image_dir):
              (lambda line: next(csv.reader([line], skipinitialspace=True), [])) if "," in first else
              (lambda line: line.split(None, fields - 1)))
     labels, skipped, mentioned, columns, named = {}, {}, set(), (0, 1), False
+    folder = Path(image_dir).absolute()   # names as written, for the files counted "not in the labels file"
     for number, line in enumerate(lines, 1):
         if len(line) > MAX_LABEL_LINE:
             skipped.setdefault(f"line over {MAX_LABEL_LINE} characters", []).append(f"line {number}")
@@ -264,10 +265,9 @@ def read_labels(path, image_dir):
             row.pop()
         if not any(row):
             continue
-        names = [cell.lower().replace(" ", "_") for cell in row]
-        image = lambda: any(Path(cell).suffix.lower() in IMAGE_EXTS or os.path.isfile(root / cell) for cell in row)
-        if line is first and (any(n in LABEL_HEADERS for n in names) or any(n in CODE_HEADERS for n in names[1:])
-                              ) and not image():   # a header (no line but the first is looked at)
+        names = [cell.lower().replace(" ", "_") for cell in row] if line is first else []   # a header's words
+        if (any(n in LABEL_HEADERS for n in names) or any(n in CODE_HEADERS for n in names[1:])) \
+                and not any(Path(cell).suffix.lower() in IMAGE_EXTS or os.path.isfile(root / cell) for cell in row):
             file_column = next((i for i, n in enumerate(names) if n in LABEL_HEADERS), 0)
             code_column = next((i for i, n in enumerate(names) if i != file_column and n in CODE_HEADERS),
                                1 - file_column if len(row) == 2 else None)
@@ -277,7 +277,7 @@ def read_labels(path, image_dir):
             columns, named = (file_column, code_column), True
             continue
         if len(row) > columns[0] and row[columns[0]]:   # counted once, whatever becomes of the line
-            mentioned.add(os.path.normpath(Path(image_dir).absolute() / row[columns[0]]))
+            mentioned.add(os.path.normpath(folder / row[columns[0]]))
         if len(row) > 2 and not named:   # file,code,more: which field is the code?
             skipped.setdefault("line of more than two fields (a header naming the code column says which)",
                                []).append(f"line {number}")
@@ -2235,6 +2235,11 @@ def serve_app(args):
         finally:
             bodies["held"] -= held[0]
 
+    def busy():
+        return responses.JSONResponse({"error": f"busy: {bodies['held']:,} bytes of uploads in progress (at most "
+                                       f"{UPLOADS_HELD} x --max-bytes); try again in a few seconds"}, 503,
+                                      {"Retry-After": "5"})
+
     async def answer(request, held):
         kind = request.headers.get("content-type", "application/octet-stream").split(";")[0].strip().lower()
         length = request.headers.get("content-length")
@@ -2257,9 +2262,7 @@ def serve_app(args):
                 return error(400, "the multipart body has no file field")
             data = await uploads[0].read(args.max_bytes + 1)
             if bodies["held"] + len(data) > bodies["limit"]:
-                return responses.JSONResponse({"error": f"busy: {bodies['held']:,} bytes of uploads in progress "
-                                               f"(at most {UPLOADS_HELD} x --max-bytes); try again in a few seconds"},
-                                              503, {"Retry-After": "5"})
+                return busy()
             bodies["held"] += len(data)
             held[0] += len(data)
         elif kind.startswith("image/") or kind == "application/octet-stream":
@@ -2268,9 +2271,7 @@ def serve_app(args):
             except asyncio.TimeoutError:
                 return error(408, f"the body did not arrive within {body_seconds(request):.0f} s")
             except MemoryError:
-                return responses.JSONResponse({"error": f"busy: {bodies['held']:,} bytes of uploads in progress "
-                                               f"(at most {UPLOADS_HELD} x --max-bytes); try again in a few seconds"},
-                                              503, {"Retry-After": "5"})
+                return busy()
             except client_disconnect:   # nobody to answer; no traceback in the log either
                 return error(400, "the client went away before the body was complete")
         else:
@@ -2312,12 +2313,15 @@ def loopback_only(app, host, error, allowed=()):
     names = {"localhost", "127.0.0.1", "::1", host, *allowed}
 
     async def guarded(scope, receive, send):
-        asked = dict(scope.get("headers", ())).get(b"host", b"").decode("latin-1")
+        if scope["type"] != "http":   # the lifespan's start and end
+            await app(scope, receive, send)
+            return
+        asked = next((value for key, value in scope["headers"] if key == b"host"), b"").decode("latin-1")
         try:
             name = (urllib.parse.urlsplit(f"//{asked}").hostname or "").rstrip(".")
         except ValueError:   # e.g. "[" without its "]"
             name = None
-        if scope["type"] == "http" and asked and name not in names:
+        if asked and name not in names:
             await error(400, f"Host {asked[:100]!r}: this service answers requests to {host} only (behind a "
                              f"reverse proxy that passes its own name on: serve --allowed-host NAME)")(scope, receive,
                                                                                                        send)

@@ -1756,6 +1756,11 @@ def serve_app(args):
         finally:
             bodies["held"] -= held[0]
 
+    def busy():
+        return responses.JSONResponse({"error": f"busy: {bodies['held']:,} bytes of uploads in progress (at most "
+                                       f"{UPLOADS_HELD} x --max-bytes); try again in a few seconds"}, 503,
+                                      {"Retry-After": "5"})
+
     async def answer(request, held):
         kind = request.headers.get("content-type", "application/octet-stream").split(";")[0].strip().lower()
         length = request.headers.get("content-length")
@@ -1778,9 +1783,7 @@ def serve_app(args):
                 return error(400, "the multipart body has no file field")
             data = await uploads[0].read(args.max_bytes + 1)
             if bodies["held"] + len(data) > bodies["limit"]:
-                return responses.JSONResponse({"error": f"busy: {bodies['held']:,} bytes of uploads in progress "
-                                               f"(at most {UPLOADS_HELD} x --max-bytes); try again in a few seconds"},
-                                              503, {"Retry-After": "5"})
+                return busy()
             bodies["held"] += len(data)
             held[0] += len(data)
         elif kind.startswith("image/") or kind == "application/octet-stream":
@@ -1789,9 +1792,7 @@ def serve_app(args):
             except asyncio.TimeoutError:
                 return error(408, f"the body did not arrive within {body_seconds(request):.0f} s")
             except MemoryError:
-                return responses.JSONResponse({"error": f"busy: {bodies['held']:,} bytes of uploads in progress "
-                                               f"(at most {UPLOADS_HELD} x --max-bytes); try again in a few seconds"},
-                                              503, {"Retry-After": "5"})
+                return busy()
             except client_disconnect:   # nobody to answer; no traceback in the log either
                 return error(400, "the client went away before the body was complete")
         else:
@@ -1833,12 +1834,15 @@ def loopback_only(app, host, error, allowed=()):
     names = {"localhost", "127.0.0.1", "::1", host, *allowed}
 
     async def guarded(scope, receive, send):
-        asked = dict(scope.get("headers", ())).get(b"host", b"").decode("latin-1")
+        if scope["type"] != "http":   # the lifespan's start and end
+            await app(scope, receive, send)
+            return
+        asked = next((value for key, value in scope["headers"] if key == b"host"), b"").decode("latin-1")
         try:
             name = (urllib.parse.urlsplit(f"//{asked}").hostname or "").rstrip(".")
         except ValueError:   # e.g. "[" without its "]"
             name = None
-        if scope["type"] == "http" and asked and name not in names:
+        if asked and name not in names:
             await error(400, f"Host {asked[:100]!r}: this service answers requests to {host} only (behind a "
                              f"reverse proxy that passes its own name on: serve --allowed-host NAME)")(scope, receive,
                                                                                                        send)
