@@ -267,7 +267,7 @@ def read_labels(path, image_dir):
             continue
         names = [cell.lower().replace(" ", "_") for cell in row] if line is first else []   # a header's words
         if (any(n in LABEL_HEADERS for n in names) or any(n in CODE_HEADERS for n in names[1:])) \
-                and not any(Path(cell).suffix.lower() in IMAGE_EXTS or os.path.isfile(root / cell) for cell in row):
+                and not any(Path(cell).suffix.lower() in IMAGE_EXTS or image_in(root, cell) for cell in row):
             file_column = next((i for i, n in enumerate(names) if n in LABEL_HEADERS), 0)
             code_column = next((i for i, n in enumerate(names) if i != file_column and n in CODE_HEADERS),
                                1 - file_column if len(row) == 2 else None)
@@ -283,9 +283,10 @@ def read_labels(path, image_dir):
                                []).append(f"line {number}")
             continue
         name, code = (row[i] if len(row) > i else "" for i in columns)
-        try:
+        try:   # nothing outside image_dir is looked at beyond where the name leads
             target = (root / name).resolve()
-            kind = "file" if target.is_file() else "missing" if not target.exists() else "other"
+            kind = ("file" if target.is_file() else "missing" if not target.exists() else "other"
+                    ) if target.is_relative_to(root) else "outside"
         except (OSError, ValueError, RuntimeError):   # a NUL byte, a name too long, a symlink loop
             skipped.setdefault("unusable file name", []).append(f"line {number}")
             continue
@@ -293,7 +294,7 @@ def read_labels(path, image_dir):
             mentioned.add(target)
         if not name or not code:
             skipped.setdefault("line without a file name and a code", []).append(f"line {number}")
-        elif not target.is_relative_to(root):
+        elif kind == "outside":
             skipped.setdefault("file outside --image-dir", []).append(name)
         elif kind != "file":
             skipped.setdefault("listed file not found" if kind == "missing" else "listed, not a regular file",
@@ -303,6 +304,15 @@ def read_labels(path, image_dir):
         else:
             labels[target] = code
     return labels, skipped, mentioned
+
+
+def image_in(root, name):
+    """Is `name` a file inside the folder `root` (resolved)? Nothing outside it is looked at; no name raises."""
+    try:
+        target = (root / name).resolve()
+        return target.is_relative_to(root) and target.is_file()
+    except (OSError, ValueError, RuntimeError):   # a NUL byte, a name too long, a symlink loop
+        return False
 
 
 def length_text(lengths):
