@@ -85,6 +85,7 @@ META_KEYS = {"labels": list, "mean": lambda v: numbers(v, 3, -1e3, 1e3),   # wha
              "std": lambda v: numbers(v, 3, 1e-6, 1e3)}
 MODEL_KEYS = ("model", "model_args", "labels", "mean", "std")   # what eval reads from model.pt
 PAD = 4                                  # random crop: zero padding of 4 pixels, then a 32x32 window
+CONFUSION_MAX = 100                      # confusion.png is drawn for at most this many classes
 # Recipe: kuangliu/pytorch-cifar's (SGD momentum 0.9, wd 5e-4, crop + flip: 95% in 200 epochs) made short: one-cycle
 # (DAWNBench style, ~94% in 30-40 epochs), Nesterov, label smoothing 0.1, batch 256 at peak lr 0.2 (0.1 per 128).
 EPOCHS = 40
@@ -147,7 +148,7 @@ def read_label_list(path):
     twice = [label for label, n in Counter(labels).items() if n > 1]
     if twice:
         raise UserError(f"{path}: the label {twice[0]!r} is listed twice")
-    odd = [label for label in labels if label in (".", "..") or "/" in label or "\\" in label]
+    odd = [label for label in labels if label in (".", "..") or "/" in label or "\\" in label or not label.isprintable()]
     if odd:   # a label names a class folder or ends a file name: never a path
         raise UserError(f"{path}: {odd[0]!r} is not a label (one plain name per line)")
     return labels
@@ -158,8 +159,10 @@ def find_labels(image_dir, labels_file, test_dir=None):
     inside DIR is none)."""
     if labels_file:
         if not Path(labels_file).is_file():
-            raise UserError(f"--labels {labels_file}: file not found")
+            raise UserError(f"--labels {labels_file}: {'not a file' if Path(labels_file).exists() else 'file not found'}")
         return read_label_list(labels_file)
+    if (image_dir / "labels.txt").exists() and not (image_dir / "labels.txt").is_file():
+        raise UserError(f"{image_dir / 'labels.txt'}: not a file; labels.txt holds one label per line")
     if (image_dir / "labels.txt").is_file():
         return read_label_list(image_dir / "labels.txt")
     folders = sorted(p.name for p in image_dir.iterdir() if p.is_dir() and not p.name.startswith(".")
@@ -168,6 +171,11 @@ def find_labels(image_dir, labels_file, test_dir=None):
         raise UserError(f"{image_dir}: no labels.txt and no class folders; add labels.txt (one label per line), "
                         f"put the images in one folder per class, or pass --labels FILE")
     return folders
+
+
+def few(names, n=5):
+    """A long list of names for one message: the first n, then how many more."""
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
 def is_within(path, folder):
@@ -242,6 +250,7 @@ def check_model(path, info):
     read: a hand-edited or damaged entry is a UserError, not a traceback or a NaN in the JSON."""
     labels, args = info.get("labels"), info.get("model_args")
     if not (isinstance(labels, list) and labels and all(isinstance(s, str) for s in labels)
+            and all(labels) and len(set(labels)) == len(labels)
             and args == {"num_classes": len(labels)} and numbers(info.get("mean"), 3, -1e3, 1e3)
             and numbers(info.get("std"), 3, 1e-6, 1e3)):
         raise UserError(f"{path}: its labels, mean, std or network arguments are malformed; train it again")
@@ -315,11 +324,15 @@ def report_test(data_dir, labels, test_labels, logits):
     top1 = (top[:, 0] == test_labels).float().mean().item()
     top3 = (top == test_labels[:, None]).any(1).float().mean().item()
     print(f"test ({len(test_labels)} images): top-1 {top1:.2%}  top-3 {top3:.2%}")
-    confusion = torch.bincount(test_labels * k + top[:, 0], minlength=k * k).view(k, k)
+    count = torch.bincount(test_labels, minlength=k).tolist()
+    right = torch.bincount(test_labels[top[:, 0] == test_labels], minlength=k).tolist()
     print(f"{'class':<16}{'images':>8}{'top-1':>9}")
-    for i, name in enumerate(labels):
-        count = confusion[i].sum().item()
-        print(f"{name:<16}{count:>8}{confusion[i, i].item() / max(count, 1):>9.2%}")
+    for name, n, r in zip(labels, count, right):
+        print(f"{name:<16}{n:>8}{r / max(n, 1):>9.2%}")
+    if k > CONFUSION_MAX:   # k x k cells, each a number drawn: 1,000 classes took 22 GB
+        print(f"confusion.png not drawn: {k} classes (at most {CONFUSION_MAX})")
+        return top1
+    confusion = torch.bincount(test_labels * k + top[:, 0], minlength=k * k).view(k, k)
     fig, ax = plt.subplots(figsize=(1 + 0.6 * k, 1 + 0.5 * k))
     ax.imshow(confusion, cmap="Blues")
     ax.set_xticks(range(k), labels, rotation=90)
@@ -371,13 +384,13 @@ def cmd_prepare(args):
     found = set(torch.cat([t for _, t in decoded.values()]).unique().tolist())   # classes with an image
     if not args.labels and not (image_dir / "labels.txt").is_file() and len(found) < len(labels):
         raise UserError(f"{image_dir}: class folders without images: "
-                        f"{', '.join(n for i, n in enumerate(labels) if i not in found)} (a symlinked folder is not "
+                        f"{few([n for i, n in enumerate(labels) if i not in found])} (a symlinked folder is not "
                         "followed); remove them or fill them")
     if len(found) < 2:
         raise UserError(f"{image_dir}: images of {len(found)} class found; a classifier needs at least 2 (see what "
                         "was skipped above; a symlinked folder is not followed)")
     if len(found) < len(labels):   # a classifier's output never trained, never right
-        print(f"warning: no image of {', '.join(repr(n) for i, n in enumerate(labels) if i not in found)} (in the "
+        print(f"warning: no image of {few([repr(n) for i, n in enumerate(labels) if i not in found])} (in the "
               f"label list): the model will never answer it", file=sys.stderr)
     train, val, test = split_indices(len(targets), args.seed, (0.9, 0.1, 0) if test_dir else (0.8, 0.1, 0.1))
     if test_dir:  # rounding leftovers go to training; the test split is the separate folder
@@ -491,7 +504,7 @@ def predict(net, info, device, args, images):
     """PIL images -> eval's JSON objects {"top": the 5 likeliest labels with their probabilities}."""
     x = torch.stack([to_input(img) for img in images]).to(device)
     with autocast(device, amp_dtype(device)):
-        probs = net(preprocess(x, info["mean"], info["std"])).float().softmax(1).cpu()
+        probs = finite(net(preprocess(x, info["mean"], info["std"])).float().softmax(1).cpu())
     top = probs.topk(min(5, len(info["labels"])))
     return [{"top": [{"label": info["labels"][i], "probability": round(p, 6)} for p, i in zip(ps, idx)]}
             for ps, idx in zip(top.values.tolist(), top.indices.tolist())]
@@ -1361,8 +1374,10 @@ class OnnxNetwork:
 
     def __init__(self, path, spin=True):
         ort = import_optional("onnxruntime", "onnxruntime", "a .onnx model")
-        if not Path(path).is_file():
+        if not Path(path).exists():
             raise UserError(f"{path}: model not found; make one with `python {SCRIPT}.py export`")
+        if not Path(path).is_file():
+            raise UserError(f"{path}: not a file; pass the model.onnx that export wrote")
         try:
             options = ort.SessionOptions()   # spin=False: waiting threads sleep, leaving the CPU to serve's others
             options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
@@ -1394,11 +1409,23 @@ def numbers(value, n, low, high, whole=False):
         and (not whole or float(v).is_integer()) for v in value)
 
 
+def finite(values):
+    """eval's and serve's numbers, checked: a model whose weights overflow (a damaged or hand-edited file) answers
+    NaN or infinity, which JSON cannot carry and nobody can use."""
+    if not torch.isfinite(values).all():
+        raise UserError("the model answers NaN or infinity (its weights overflow: a damaged or hand-edited model "
+                        "file?); train it again")
+    return values
+
+
 def load_network(path, device_name, serving=False):
     """model.pt -> (the torch network in eval mode, the file's entries, device); model.onnx -> (an OnnxNetwork,
     the same entries from its metadata, the CPU). eval and serve call either the same way; serving, ONNX Runtime's
     waiting threads sleep (measured: 1.5x the requests/s of one client)."""
     if Path(path).suffix.lower() == ".onnx":
+        if device_name not in ("auto", "cpu"):
+            raise UserError(f"--device {device_name}: a .onnx model runs on the CPU (ONNX Runtime); use --device cpu "
+                            "or auto, or the model.pt it came from", 2)
         net = OnnxNetwork(path, spin=not serving)
         check_model(path, net.info)
         try:   # the graph against its metadata: an example through it and through the network the metadata describes
@@ -1434,11 +1461,11 @@ def cmd_export(args):
         raise UserError(f"{path}: already an ONNX model; pass the model.pt it came from")
     if out.suffix.lower() != ".onnx":   # and never the model itself, nor its checkpoint
         raise UserError(f"--output {out}: name it NAME.onnx (eval and serve tell a model's format by its name)", 2)
-    if out.exists() and not args.force:
+    model, info, device = load_network(path, "cpu")   # a missing model is said first, whatever --output is
+    if os.path.lexists(out) and not args.force:   # a link to nowhere is the user's too
         raise UserError(f"{out} exists; pass --force to replace it, or --output FILE")
     if not out.parent.is_dir():
         raise UserError(f"--output {out}: no folder {out.parent}; create it first")
-    model, info, device = load_network(path, "cpu")
     inputs, input_names, output_names, dynamic, about = export_example(info)
     meta = json.dumps({**json_ready({k: v for k, v in info.items() if k != "model"}), "input": about})
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings(), signals_held():  # progress lines
@@ -2110,8 +2137,10 @@ def iter_eval_inputs(paths):
             yield from expand(p, len(paths) == 1)
     elif sys.stdin.isatty():
         while True:
+            if not sys.stdout.isatty():   # eval --json > FILE: the prompt on the terminal, stdout holds answers only
+                print("Image path: ", end="", file=sys.stderr, flush=True)
             try:
-                line = input("Image path: ").strip()
+                line = input("Image path: " if sys.stdout.isatty() else "").strip()
             except (EOFError, KeyboardInterrupt):
                 print(file=sys.stderr)
                 return

@@ -1024,9 +1024,9 @@ def draw_boxes(img, found, path, size):
 
 def found_boxes(boxes, scores, threshold):
     """Boxes (xyxy) and scores, best first -> eval's JSON boxes {x, y, w, h, score} with score >= threshold."""
-    keep = scores >= threshold
+    keep = finite(scores) >= threshold
     return [{"x": x1, "y": y1, "w": x2 - x1, "h": y2 - y1, "score": round(s, 4)}
-            for (x1, y1, x2, y2), s in zip(boxes[keep].round().int().tolist(), scores[keep].tolist())]
+            for (x1, y1, x2, y2), s in zip(finite(boxes[keep]).round().int().tolist(), scores[keep].tolist())]
 
 
 class OutputFiles:
@@ -1985,8 +1985,10 @@ class OnnxNetwork:
 
     def __init__(self, path, spin=True):
         ort = import_optional("onnxruntime", "onnxruntime", "a .onnx model")
-        if not Path(path).is_file():
+        if not Path(path).exists():
             raise UserError(f"{path}: model not found; make one with `python {SCRIPT}.py export`")
+        if not Path(path).is_file():
+            raise UserError(f"{path}: not a file; pass the model.onnx that export wrote")
         try:
             options = ort.SessionOptions()   # spin=False: waiting threads sleep, leaving the CPU to serve's others
             options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
@@ -2018,11 +2020,23 @@ def numbers(value, n, low, high, whole=False):
         and (not whole or float(v).is_integer()) for v in value)
 
 
+def finite(values):
+    """eval's and serve's numbers, checked: a model whose weights overflow (a damaged or hand-edited file) answers
+    NaN or infinity, which JSON cannot carry and nobody can use."""
+    if not torch.isfinite(values).all():
+        raise UserError("the model answers NaN or infinity (its weights overflow: a damaged or hand-edited model "
+                        "file?); train it again")
+    return values
+
+
 def load_network(path, device_name, serving=False):
     """model.pt -> (the torch network in eval mode, the file's entries, device); model.onnx -> (an OnnxNetwork,
     the same entries from its metadata, the CPU). eval and serve call either the same way; serving, ONNX Runtime's
     waiting threads sleep (measured: 1.5x the requests/s of one client)."""
     if Path(path).suffix.lower() == ".onnx":
+        if device_name not in ("auto", "cpu"):
+            raise UserError(f"--device {device_name}: a .onnx model runs on the CPU (ONNX Runtime); use --device cpu "
+                            "or auto, or the model.pt it came from", 2)
         net = OnnxNetwork(path, spin=not serving)
         check_model(path, net.info)
         try:   # the graph against its metadata: an example through it and through the network the metadata describes
@@ -2058,11 +2072,11 @@ def cmd_export(args):
         raise UserError(f"{path}: already an ONNX model; pass the model.pt it came from")
     if out.suffix.lower() != ".onnx":   # and never the model itself, nor its checkpoint
         raise UserError(f"--output {out}: name it NAME.onnx (eval and serve tell a model's format by its name)", 2)
-    if out.exists() and not args.force:
+    model, info, device = load_network(path, "cpu")   # a missing model is said first, whatever --output is
+    if os.path.lexists(out) and not args.force:   # a link to nowhere is the user's too
         raise UserError(f"{out} exists; pass --force to replace it, or --output FILE")
     if not out.parent.is_dir():
         raise UserError(f"--output {out}: no folder {out.parent}; create it first")
-    model, info, device = load_network(path, "cpu")
     inputs, input_names, output_names, dynamic, about = export_example(info)
     meta = json.dumps({**json_ready({k: v for k, v in info.items() if k != "model"}), "input": about})
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings(), signals_held():  # progress lines
@@ -2734,8 +2748,10 @@ def iter_eval_inputs(paths):
             yield from expand(p, len(paths) == 1)
     elif sys.stdin.isatty():
         while True:
+            if not sys.stdout.isatty():   # eval --json > FILE: the prompt on the terminal, stdout holds answers only
+                print("Image path: ", end="", file=sys.stderr, flush=True)
             try:
-                line = input("Image path: ").strip()
+                line = input("Image path: " if sys.stdout.isatty() else "").strip()
             except (EOFError, KeyboardInterrupt):
                 print(file=sys.stderr)
                 return

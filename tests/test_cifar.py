@@ -430,9 +430,9 @@ def test_eval_interactive_prompt(lenet_trained, names_dir):
     finally:
         os.close(master)
     assert proc.returncode == 0, err
-    assert out.count("Image path: ") == 3 and "Traceback" not in err
-    lines = out.replace("Image path: ", "\n").splitlines()
-    assert len([line for line in lines if TOP_LINE.match(line)]) == 5 and str(image) not in out   # no path header
+    assert err.count("Image path: ") == 3 and "Traceback" not in err   # stdout is not a terminal: prompts on stderr
+    assert len([line for line in out.splitlines() if TOP_LINE.match(line)]) == 5 and str(image) not in out   # no path
+    assert "Image path" not in out   # header, nothing but the answers
 
 
 def test_eval_model_from_another_script(lenet_trained, resnet_trained):
@@ -507,6 +507,21 @@ def test_eval_refusals(lenet_trained, tmp_path):
     torch.save({**model, "model_args": {"num_classes": 3}, "labels": model["labels"][:3]}, tmp_path / "other_net.pt")
     line = assert_one_line_error(run_main(LENET, "eval", "--model", tmp_path / "other_net.pt", image), 1)
     assert "do not fit" in line   # entries that agree, weights of another network
+    weights = model["model"]
+    torch.save({**model, "model": {**weights, "features.0.weight": weights["features.0.weight"].fill_(1e38)}},
+               tmp_path / "overflows.pt")   # a damaged file: its answers overflow to NaN, which JSON cannot carry
+    proc = run_main(LENET, "eval", "--model", tmp_path / "overflows.pt", "--json", image)
+    assert "NaN or infinity" in assert_one_line_error(proc, 1) and "NaN" not in proc.stdout
+    (tmp_path / "folder.onnx").mkdir()
+    assert "not a file" in assert_one_line_error(run_main(LENET, "eval", "--model", tmp_path / "folder.onnx", image), 1)
+    line = assert_one_line_error(run_main(LENET, "eval", "--model", tmp_path / "folder.onnx", "--device", "cuda", image), 2)
+    assert "--device cuda" in line and "CPU" in line   # a .onnx runs on the CPU: the option is not dropped silently
+    line = assert_one_line_error(run_main(LENET, "export", "--data-dir", tmp_path / "nowhere"), 1)
+    assert "model not found" in line   # not "--output ...: no folder", an option the user never gave
+    (tmp_path / "dangling.onnx").symlink_to(tmp_path / "nowhere" / "x.onnx")
+    line = assert_one_line_error(run_main(LENET, "export", "--model", data / "model.pt", "--output",
+                                          tmp_path / "dangling.onnx"), 1)
+    assert "exists" in line and (tmp_path / "dangling.onnx").is_symlink()   # the user's link stays a link
 
 
 class NotATensor:
@@ -549,6 +564,33 @@ def test_train_refuses_damaged_prepared_data(names_data, tmp_path):
         line = assert_one_line_error(run_main(LENET, "train", "--data-dir", data, "--epochs", 1, "--device", "cpu"), 1)
         assert words in line and str(data) in line, (case, line)
         assert not (data / "model.pt").exists()
+
+
+def test_many_labels_and_odd_label_files(cifar_dir, tmp_path):
+    """A label list of 152 labels, two with images: the missing ones are named five at a time; the run trains and
+    tests without drawing a 152 x 152 confusion plot (1,000 classes took 22 GB). A labels.txt that is a folder, and a
+    label with a control character, are one-line refusals."""
+    src = tmp_path / "src"
+    for label in ("cat", "truck"):
+        for i, path in enumerate(sorted((cifar_dir / "train").glob(f"*_{label}.jpg"))[:12]):
+            link(path, src / f"{i:05d}_{label}.jpg")
+    (src / "labels.txt").write_text("cat\ntruck\n" + "".join(f"x{i}\n" for i in range(150)))
+    data = tmp_path / "d"
+    proc = run(LENET, "prepare", "--image-dir", src, "--data-dir", data, "--workers", 1)
+    assert proc.returncode == 0, proc.stderr
+    assert "warning: no image of 'x0', 'x1', 'x2', 'x3', 'x4' and 145 more (in the label list)" in proc.stderr
+    proc = run(LENET, "train", "--data-dir", data, "--epochs", 1, "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    assert "confusion.png not drawn: 152 classes (at most 100)" in proc.stdout and "test (" in proc.stdout
+    assert (data / "model.pt").is_file() and not (data / "confusion.png").exists()
+    (src / "labels.txt").unlink()
+    (src / "labels.txt").mkdir()
+    line = assert_one_line_error(run_main(LENET, "prepare", "--image-dir", src, "--data-dir", tmp_path / "e"), 1)
+    assert "labels.txt: not a file" in line
+    (tmp_path / "labels.txt").write_text("cat\x00\ntruck\n")
+    line = assert_one_line_error(run_main(LENET, "prepare", "--image-dir", src, "--labels", tmp_path / "labels.txt",
+                                          "--data-dir", tmp_path / "e"), 1)
+    assert "is not a label" in line
 
 
 def test_prepare_label_file_not_utf8(names_dir, tmp_path):
