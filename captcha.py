@@ -936,7 +936,7 @@ def cmd_eval(args):
             prefix = "" if interactive else f"{path}  "
             print(f"{prefix}code: {result['code']}  confidence {result['confidence']:.2f} (per position {per_position})",
                   flush=True)
-    return 1 if failed else 0
+    return 1 if failed and not interactive else 0   # the prompt said each failure as it came
 
 
 def length_arg(text):

@@ -148,7 +148,8 @@ def read_label_list(path):
     twice = [label for label, n in Counter(labels).items() if n > 1]
     if twice:
         raise UserError(f"{path}: the label {twice[0]!r} is listed twice")
-    odd = [label for label in labels if label in (".", "..") or "/" in label or "\\" in label or not label.isprintable()]
+    odd = [label for label in labels
+           if label in (".", "..") or "/" in label or "\\" in label or not label.isprintable()]
     if odd:   # a label names a class folder or ends a file name: never a path
         raise UserError(f"{path}: {odd[0]!r} is not a label (one plain name per line)")
     return labels
@@ -159,7 +160,8 @@ def find_labels(image_dir, labels_file, test_dir=None):
     inside DIR is none)."""
     if labels_file:
         if not Path(labels_file).is_file():
-            raise UserError(f"--labels {labels_file}: {'not a file' if Path(labels_file).exists() else 'file not found'}")
+            what = "not a file" if Path(labels_file).exists() else "file not found"
+            raise UserError(f"--labels {labels_file}: {what}")
         return read_label_list(labels_file)
     if (image_dir / "labels.txt").exists() and not (image_dir / "labels.txt").is_file():
         raise UserError(f"{image_dir / 'labels.txt'}: not a file; labels.txt holds one label per line")
@@ -534,7 +536,7 @@ def cmd_eval(args):
         else:
             print("\n".join(([] if interactive else [f"{path}"]) +
                             [f"{t['label']}: {t['probability']:.2%}" for t in result["top"]]), flush=True)
-    return 1 if failed else 0
+    return 1 if failed and not interactive else 0   # the prompt said each failure as it came
 
 
 def build_parser():

@@ -319,9 +319,10 @@ def check_model(path, info):
     args, calibration = info.get("model_args"), info.get("calibration", (1.0, 0.0))
     if not (numbers(info.get("size"), 2, 32, 4096, True) and numbers([info.get("search_side")], 1, 1, 4096, True)
             and numbers([info.get("proposals")], 1, 0, MAX_INT, True) and isinstance(args, dict)
-            and {"width"} <= set(args) <= {"width", "samples"} and numbers([args["width"]], 1, 1, 256, True)
+            and {"width"} <= set(args) <= {"width", "samples"} and numbers([args["width"]], 1, 2, 256, True)
             and numbers([args.get("samples", 0)], 1, 0, 16, True) and isinstance(calibration, (list, tuple))
-            and len(calibration) in (2, 3) and numbers(calibration, len(calibration), -math.inf, math.inf)):
+            and len(calibration) in (2, 3) and numbers(calibration, len(calibration), -1e6, 1e6)
+            and calibration[0] > 0):
         raise UserError(f"{path}: its size, search side, proposals, calibration or network arguments are malformed; "
                         "train it again")
 
@@ -427,7 +428,8 @@ def vote_boxes(kept, boxes, scores, iou):
     """Box voting: each kept box becomes the score-weighted mean of the boxes (before NMS) that overlap it by
     >= iou, itself included; the many overlapping guesses of one face average out the error of the best one."""
     weight = (box_iou(kept, boxes) >= iou) * scores
-    return weight @ boxes / weight.sum(1, keepdim=True)
+    total = weight.sum(1, keepdim=True)   # 0 where every score is 0 (--threshold 0): the box stays as it is
+    return torch.where(total > 0, weight @ boxes / total.clamp(min=1e-30), kept)
 
 
 def score_views(model, x, rois, views, device, dtype, maps):
@@ -515,7 +517,8 @@ def cmd_prepare(args):
         raise UserError(f"{image_dir}: image folder not found; pass --image-dir")
     rows_by_photo, skipped, sizes = read_boxes_csv(args.csv)
     if not rows_by_photo:
-        raise UserError(f"{args.csv}: no rows with a usable box")
+        raise UserError(f"{args.csv}: no rows with a usable box" + "".join(
+            f"; {n} x {reason} (e.g. {examples[0]})" for reason, (n, examples) in skipped.items()))
     opts = {"size": list(args.size), "search_side": args.search_side, "proposals": args.proposals}
     jobs = photo_jobs(image_dir, rows_by_photo, opts, args.seed, skipped, sizes)
     kept, photos_per_s = prepare_photos(jobs, args.workers, rows_by_photo, skipped)
@@ -863,7 +866,8 @@ def prepare_photos(jobs, workers, rows_by_photo, skipped):
             count_skip(skipped, res["error"], res["detail"], len(rows_by_photo[name]))
             continue
         if res["note"]:   # "photo resized ... (CSV width,height ..., photo ...)": counted by its words before "("
-            count_skip(noted, res["note"].split(" (")[0], f"{name} ({res['note'].split(' (')[1]}")
+            reason, _, sizes = res["note"].rpartition(" (")
+            count_skip(noted, reason, f"{name} ({sizes}")
         for box in res["outside"]:
             count_skip(skipped, "box outside photo", f"{name} {','.join(f'{v:g}' for v in box)}")
         for box in res["clipped"]:
@@ -1029,6 +1033,15 @@ def found_boxes(boxes, scores, threshold):
             for (x1, y1, x2, y2), s in zip(finite(boxes[keep]).round().int().tolist(), scores[keep].tolist())]
 
 
+def is_png(path):
+    """True for a file that starts as a PNG does (eval's --output replaces nothing else)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(8) == b"\x89PNG\r\n\x1a\n"
+    except OSError:
+        return False
+
+
 class OutputFiles:
     """Where eval writes the annotated images: --output, or DIR/<image name>.png with --output-dir, numbered
     NAME-2.png, NAME-3.png, ... past files that exist, this run wrote or reads, so nothing there is overwritten and
@@ -1069,6 +1082,14 @@ class OutputFiles:
                             f"before); pass --output-dir DIR", 2)
         elif self.output.suffix.lower() != ".png":
             raise UserError(f"--output {self.output}: name it NAME.png (eval writes a PNG)", 2)
+        elif os.path.lexists(self.output) and not is_png(self.output):
+            raise UserError(f"--output {self.output} exists and is not a PNG image: eval replaces only an image it "
+                            f"wrote; pass another --output", 2)
+        try:   # a folder that takes no file (read-only, /proc) is said before any photo is searched
+            tempfile.NamedTemporaryFile(dir=self.output_dir or self.output.resolve().parent, prefix=".eval-").close()
+        except OSError as e:
+            raise UserError(f"--output{'-dir' if self.output_dir else ''} {self.output_dir or self.output}: cannot "
+                            f"write there ({e.strerror or e})", 2)
 
     def path_for(self, image):
         """The file for the annotated copy of `image`; a UserError when --output cannot take it."""
@@ -1081,7 +1102,7 @@ class OutputFiles:
                 out = self.output_dir / f"{stem}-{n}.png"
         else:
             out = self.output
-            if os.path.realpath(out) in self.inputs:
+            if os.path.realpath(out) in ({os.path.realpath(image)} if self.interactive else self.inputs):
                 raise UserError(f"--output {out} is an input image; pass another --output")
             if os.path.realpath(out) in self.written and not self.interactive:
                 raise UserError(f"--output {out} holds the result of an earlier image; pass --output-dir DIR for "
@@ -1096,8 +1117,8 @@ def side_arg(text):
 
 
 def width_arg(text):
-    """--width: channels of the first stage, 1 to 256 (the network grows with its square)."""
-    return parse_number(text, int, 1, 256)
+    """--width: channels of the first stage, 4 to 256 (the network grows with its square)."""
+    return parse_number(text, int, 4, 256)
 
 
 # ---- Commands: eval, the parser ----
@@ -1134,7 +1155,7 @@ def cmd_eval(args):
             for b in found:
                 print(f"{b['x']} {b['y']} {b['w']} {b['h']}")
             print(f"saved to {out}", flush=True)
-    return 1 if failed else 0
+    return 1 if failed and not outputs.interactive else 0   # the prompt said each failure as it came
 
 
 def face_parser(prepare_help, train_help):

@@ -240,7 +240,8 @@ def check_model(path, info):
             and isinstance(args, dict) and {"width", "crop_size"} <= set(args) <= {"width", "crop_size", "regress"}
             and args["crop_size"] == info["crop_size"] and numbers([args["width"]], 1, 1, 256, True)
             and isinstance(args.get("regress", False), bool) and isinstance(calibration, (list, tuple))
-            and len(calibration) in (2, 3) and numbers(calibration, len(calibration), -math.inf, math.inf)):
+            and len(calibration) in (2, 3) and numbers(calibration, len(calibration), -1e6, 1e6)
+            and calibration[0] > 0):
         raise UserError(f"{path}: its crop size, search side, calibration or network arguments are malformed; "
                         "train it again")
 
@@ -366,7 +367,8 @@ def cmd_prepare(args):
         raise UserError(f"{image_dir}: image folder not found; pass --image-dir")
     rows_by_photo, skipped, sizes = read_boxes_csv(args.csv)
     if not rows_by_photo:
-        raise UserError(f"{args.csv}: no rows with a usable box")
+        raise UserError(f"{args.csv}: no rows with a usable box" + "".join(
+            f"; {n} x {reason} (e.g. {examples[0]})" for reason, (n, examples) in skipped.items()))
     if args.neg_iou > args.pos_iou:
         raise UserError(f"--neg-iou {args.neg_iou} is above --pos-iou {args.pos_iou}: a region would be both", 2)
     opts = {"search_side": args.search_side, "proposals": args.proposals, "pos_iou": args.pos_iou,
@@ -555,8 +557,9 @@ def build_parser():
     prepare.add_argument("--neg-iou", type=probability, default=NEG_IOU,
                          help="region is background if IoU with every true box < X")
     prepare.add_argument("--backgrounds", type=nonneg_int, default=BACKGROUNDS, help="background regions per photo")
-    prepare.add_argument("--crop-size", type=lambda text: parse_number(text, int, 1, 256), default=CROP_SIZE,
-                         help="crops are resized to S x S (1 to 256)")
+    prepare.add_argument("--crop-size", type=lambda text: parse_number(text, int, 24, 256), default=CROP_SIZE,
+                         help="crops are resized to S x S (24 to 256: below 24 the network's last map is 1x1, where "
+                              "BatchNorm cannot train on a batch of one crop)")
     train.add_argument("--batch-size", type=positive_int, default=128,
                        help="crops per batch (under torchrun: the global batch)")
     train.add_argument("--lr", type=nonneg_float, default=1e-3, help="learning rate of Adam (cosine decay from it)")
@@ -719,7 +722,8 @@ def prepare_photos(jobs, workers, rows_by_photo, skipped):
             count_skip(skipped, res["error"], res["detail"], len(rows_by_photo[name]))
             continue
         if res["note"]:   # "photo resized ... (CSV width,height ..., photo ...)": counted by its words before "("
-            count_skip(noted, res["note"].split(" (")[0], f"{name} ({res['note'].split(' (')[1]}")
+            reason, _, sizes = res["note"].rpartition(" (")
+            count_skip(noted, reason, f"{name} ({sizes}")
         for box in res["outside"]:
             count_skip(skipped, "box outside photo", f"{name} {','.join(f'{v:g}' for v in box)}")
         for box in res["clipped"]:
@@ -885,6 +889,15 @@ def found_boxes(boxes, scores, threshold):
             for (x1, y1, x2, y2), s in zip(finite(boxes[keep]).round().int().tolist(), scores[keep].tolist())]
 
 
+def is_png(path):
+    """True for a file that starts as a PNG does (eval's --output replaces nothing else)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(8) == b"\x89PNG\r\n\x1a\n"
+    except OSError:
+        return False
+
+
 class OutputFiles:
     """Where eval writes the annotated images: --output, or DIR/<image name>.png with --output-dir, numbered
     NAME-2.png, NAME-3.png, ... past files that exist, this run wrote or reads, so nothing there is overwritten and
@@ -925,6 +938,14 @@ class OutputFiles:
                             f"before); pass --output-dir DIR", 2)
         elif self.output.suffix.lower() != ".png":
             raise UserError(f"--output {self.output}: name it NAME.png (eval writes a PNG)", 2)
+        elif os.path.lexists(self.output) and not is_png(self.output):
+            raise UserError(f"--output {self.output} exists and is not a PNG image: eval replaces only an image it "
+                            f"wrote; pass another --output", 2)
+        try:   # a folder that takes no file (read-only, /proc) is said before any photo is searched
+            tempfile.NamedTemporaryFile(dir=self.output_dir or self.output.resolve().parent, prefix=".eval-").close()
+        except OSError as e:
+            raise UserError(f"--output{'-dir' if self.output_dir else ''} {self.output_dir or self.output}: cannot "
+                            f"write there ({e.strerror or e})", 2)
 
     def path_for(self, image):
         """The file for the annotated copy of `image`; a UserError when --output cannot take it."""
@@ -937,7 +958,7 @@ class OutputFiles:
                 out = self.output_dir / f"{stem}-{n}.png"
         else:
             out = self.output
-            if os.path.realpath(out) in self.inputs:
+            if os.path.realpath(out) in ({os.path.realpath(image)} if self.interactive else self.inputs):
                 raise UserError(f"--output {out} is an input image; pass another --output")
             if os.path.realpath(out) in self.written and not self.interactive:
                 raise UserError(f"--output {out} holds the result of an earlier image; pass --output-dir DIR for "
@@ -952,8 +973,8 @@ def side_arg(text):
 
 
 def width_arg(text):
-    """--width: channels of the first stage, 1 to 256 (the network grows with its square)."""
-    return parse_number(text, int, 1, 256)
+    """--width: channels of the first stage, 4 to 256 (the network grows with its square)."""
+    return parse_number(text, int, 4, 256)
 
 
 # ---- Commands: eval, the parser ----
@@ -990,7 +1011,7 @@ def cmd_eval(args):
             for b in found:
                 print(f"{b['x']} {b['y']} {b['w']} {b['h']}")
             print(f"saved to {out}", flush=True)
-    return 1 if failed else 0
+    return 1 if failed and not outputs.interactive else 0   # the prompt said each failure as it came
 
 
 def face_parser(prepare_help, train_help):

@@ -417,20 +417,22 @@ def test_eval_stdin_folder_and_bad_image(lenet_trained, names_dir):
 
 
 def test_eval_interactive_prompt(lenet_trained, names_dir):
-    """stdin is a terminal: the tutorial's prompt, an empty line prompts again, Ctrl-D ends with status 0."""
+    """stdin is a terminal: the tutorial's prompt, an empty line prompts again, Ctrl-D ends with status 0 (also after
+    a path that could not be read)."""
     image = sorted((names_dir / "test").iterdir())[0]
     master, slave = os.openpty()
     proc = subprocess.Popen([sys.executable, str(ROOT / LENET), "eval", "--data-dir", str(lenet_trained[0]),
                              "--device", "cpu"], stdin=slave, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, cwd=ROOT)
     os.close(slave)
-    os.write(master, f"{image}\n\n".encode() + b"\x04")   # a path, an empty line, end of input
+    os.write(master, f"{image}\n\n/no/such.jpg\n".encode() + b"\x04")   # a path, an empty line, a typo, the end
     try:
         out, err = proc.communicate(timeout=120)
     finally:
         os.close(master)
     assert proc.returncode == 0, err
-    assert err.count("Image path: ") == 3 and "Traceback" not in err   # stdout is not a terminal: prompts on stderr
+    assert err.count("Image path: ") == 4 and "Traceback" not in err   # stdout is not a terminal: prompts on stderr
+    assert "/no/such.jpg: cannot read image" in err   # said at once; Ctrl-D after it still ends with status 0
     assert len([line for line in out.splitlines() if TOP_LINE.match(line)]) == 5 and str(image) not in out   # no path
     assert "Image path" not in out   # header, nothing but the answers
 
@@ -514,7 +516,8 @@ def test_eval_refusals(lenet_trained, tmp_path):
     assert "NaN or infinity" in assert_one_line_error(proc, 1) and "NaN" not in proc.stdout
     (tmp_path / "folder.onnx").mkdir()
     assert "not a file" in assert_one_line_error(run_main(LENET, "eval", "--model", tmp_path / "folder.onnx", image), 1)
-    line = assert_one_line_error(run_main(LENET, "eval", "--model", tmp_path / "folder.onnx", "--device", "cuda", image), 2)
+    line = assert_one_line_error(run_main(LENET, "eval", "--model", tmp_path / "folder.onnx", "--device", "cuda",
+                                          image), 2)
     assert "--device cuda" in line and "CPU" in line   # a .onnx runs on the CPU: the option is not dropped silently
     line = assert_one_line_error(run_main(LENET, "export", "--data-dir", tmp_path / "nowhere"), 1)
     assert "model not found" in line   # not "--output ...: no folder", an option the user never gave

@@ -131,6 +131,14 @@ def test_min_score_leaves_the_better_boxes_as_they_were(frc):
         assert torch.equal(b1[s1 >= floor], b2) and torch.equal(s1[s1 >= floor], s2)
 
 
+def test_vote_with_no_weight_keeps_the_box(frc):
+    """Box voting where every overlapping score is 0 (eval --threshold 0): the kept box as it was, not NaN."""
+    kept, boxes = torch.tensor([[10., 10, 50, 50]]), torch.tensor([[10., 10, 50, 50], [12, 12, 52, 52]])
+    assert torch.equal(frc.vote_boxes(kept, boxes, torch.zeros(2), 0.5), kept)
+    voted = frc.vote_boxes(kept, boxes, torch.tensor([1.0, 1.0]), 0.5)
+    assert torch.allclose(voted, torch.tensor([[11., 11, 51, 51]]))
+
+
 def test_roi_extraction_shapes(frc):
     model = frc.FastRCNN(width=8).eval()
     with torch.no_grad():
@@ -466,6 +474,12 @@ def test_eval_output_refusals(faces, tmp_path):
     line = assert_one_line_error(run_main(SCRIPT, "eval", faces.photos[0], "--output", faces.data / "model.pt",
                                           *absent), 2)
     assert "name it NAME.png" in line   # never the model (nor any file but a PNG)
+    (tmp_path / "notes.png").write_text("my notes")
+    line = assert_one_line_error(run_main(SCRIPT, "eval", faces.photos[0], "--output", tmp_path / "notes.png",
+                                          *absent), 2)
+    assert "not a PNG image" in line and (tmp_path / "notes.png").read_text() == "my notes"
+    line = assert_one_line_error(run_main(SCRIPT, "eval", faces.photos[0], "--output-dir", "/proc/1", *absent), 2)
+    assert "--output-dir /proc/1: cannot write there" in line   # said before any photo is searched
     line = assert_one_line_error(run_main(SCRIPT, "eval", faces.photos[0], "--model", faces.data / "checkpoint.pt"), 1)
     assert "checkpoint" in line
 

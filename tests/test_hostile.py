@@ -156,13 +156,14 @@ SCRIPT_BAD = {
     "cifar_resnet.py": [["train", "--lr", "inf"]],
     "rcnn_faces.py": [["prepare", "--pos-iou", "1.5"], ["prepare", "--neg-iou", "-0.1"],
                       ["prepare", "--crop-size", "0"], ["prepare", "--crop-size", "100000"],
+                      ["prepare", "--crop-size", "16"],
                       ["prepare", "--search-side", "0"], ["train", "--width", "100000"],
                       ["prepare", "--proposals", "0"], ["prepare", "--backgrounds", "-1"],
                       ["train", "--width", "0"], ["train", "--threshold", "2"], ["train", "--nms-iou", "-1"],
                       ["eval", "--threshold", "1.01"], ["eval", "--search-side", "0"]],
     "fast_rcnn_faces.py": [["prepare", "--size", "0x0"], ["prepare", "--size", "100000x100000"],
                            ["prepare", "--search-side", "0"], ["prepare", "--search-side", "99999999999999999999"],
-                           ["prepare", "--proposals", "-1"], ["train", "--width", "0"], ["train", "--width", "100000"],
+                           ["prepare", "--proposals", "-1"], ["train", "--width", "1"], ["train", "--width", "100000"],
                            ["train", "--nms-iou", "2"], ["eval", "--threshold", "-0.5"]],
 }
 
@@ -321,9 +322,11 @@ BAD_ENTRIES = {   # hand-edited entries that ended in a traceback, gigabytes all
     "cifar_lenet.py": [("labels", ["a", "b"]), ("labels", 5), ("labels", []), ("labels", ["a", "a", "b"]),
                        ("labels", ["", "b", "c"]), ("mean", [0.5]), ("std", [0, 0, 0])],
     "rcnn_faces.py": [("calibration", [float("nan"), 0]), ("calibration", "ab"), ("calibration", []),
+                      ("calibration", [-1.0, 0.0]), ("calibration", [1e30, 0.0, 0.0]),
                       ("search_side", 0), ("search_side", -5), ("crop_size", 100000)],
     "fast_rcnn_faces.py": [("size", [0, 0]), ("size", "ab"), ("size", [100000, 100000]), ("calibration", "ab"),
-                           ("calibration", 5), ("proposals", -1), ("search_side", 0)],
+                           ("calibration", 5), ("calibration", [-1.0, 0.0, 0.0]), ("proposals", -1),
+                           ("search_side", 0), ("model_args", {"width": 1})],
 }
 BAD_ENTRIES["cifar_resnet.py"] = BAD_ENTRIES["cifar_lenet.py"]
 
@@ -712,3 +715,33 @@ def test_face_csv_bad_rows_and_crowds_are_skipped(script, tmp_path):
     assert "leave none for training or validation" in assert_one_line_error(proc, 1)
     assert f"1 x photo resized since the CSV, boxes scaled: {name} (CSV width,height" in proc.stdout
     assert not list((tmp_path / "data").glob("*.pt.gz"))
+
+
+@pytest.mark.parametrize("script", FACES)
+def test_face_prepare_says_why_and_eval_output_rules(script, tmp_path, monkeypatch, capsys):
+    """A CSV without one usable row says why (it said only "no rows with a usable box"); a photo's note keeps its
+    reason and sizes whole (it was cut at the "(" of "(EXIF?)"); at the interactive prompt, --output is refused only
+    for the image that is --output itself (every later image was refused too)."""
+    mod = load_script(script)
+    (tmp_path / "img").mkdir()
+    swapped = tmp_path / "swapped.csv"
+    swapped.write_text("Name,xmin,ymin,xmax,ymax\na.jpg,30,40,1,2\nb.jpg,50,60,5,5\n")   # max and min swapped
+    line = assert_one_line_error(run_main(script, "prepare", "--image-dir", tmp_path / "img", "--csv", swapped,
+                                          "--data-dir", tmp_path / "d"), 1)
+    assert "no rows with a usable box; 2 x zero-size or inverted box (e.g. a.jpg 30,40,1,2)" in line
+    note = ("photo turned a quarter and resized since the CSV (EXIF?), boxes scaled (CSV width,height 612x408, "
+            "photo 204x306)")
+    answer = {"gt": torch.zeros(1, 4).numpy(), "outside": [], "clipped": [], "note": note}
+    monkeypatch.setattr(mod, "parallel_map", lambda *args: [answer])
+    mod.prepare_photos({"t.jpg": None}, 1, {"t.jpg": [(1, 2, 3, 4)]}, {})
+    assert ("1 x photo turned a quarter and resized since the CSV (EXIF?), boxes scaled: t.jpg (CSV width,height "
+            "612x408, photo 204x306)") in capsys.readouterr().out
+    class Terminal:
+        def isatty(self):
+            return True
+    monkeypatch.setattr(mod.sys, "stdin", Terminal())
+    out = tmp_path / "out.png"
+    outputs = mod.OutputFiles(argparse.Namespace(output=str(out), output_dir=None, images=None), [])
+    with pytest.raises(mod.UserError, match="is an input image"):
+        outputs.path_for(str(out))
+    assert outputs.path_for(str(tmp_path / "a.jpg")) == out and outputs.path_for(str(tmp_path / "b.jpg")) == out
