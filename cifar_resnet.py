@@ -57,8 +57,10 @@ except ImportError:
     fcntl = None
 
 QUIET_START = signal.getsignal(signal.SIGINT) is signal.default_int_handler
-if QUIET_START:   # Ctrl-C while torch loads (a second or two): exit 130 without a traceback
-    signal.signal(signal.SIGINT, lambda *_: os._exit(130))   # not SystemExit: raised inside torch's C++ it aborts
+if QUIET_START:   # Ctrl-C or SIGTERM while torch loads (a second or two): one line, 130 or 143, no traceback
+    # (os._exit, not SystemExit: raised inside torch's C++, it aborts)
+    signal.signal(signal.SIGINT, lambda *_: (os.write(2, b"\ninterrupted\n"), os._exit(130)))
+    TERM_BEFORE = signal.signal(signal.SIGTERM, lambda *_: (os.write(2, b"\nterminated\n"), os._exit(143)))
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -69,7 +71,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
 if QUIET_START:
-    signal.signal(signal.SIGINT, signal.default_int_handler)   # from here on: main() reports it
+    signal.signal(signal.SIGINT, signal.default_int_handler)   # from here on: main() reports them
+    signal.signal(signal.SIGTERM, TERM_BEFORE if TERM_BEFORE is not None else signal.SIG_DFL)
 
 # ---- Config ----
 SCRIPT = Path(__file__).stem             # stored in model.pt and checkpoint.pt
@@ -850,13 +853,14 @@ def swap_prepared(staged, data_dir):
             placed.append(data_dir / path.name)
             os.replace(path, data_dir / path.name)
     except BaseException:
-        for path in placed:
-            path.unlink(missing_ok=True)
-        for path in reversed(moved):
-            if (previous / path.name).exists():
-                os.replace(previous / path.name, path)
-        with contextlib.suppress(OSError):  # not empty if a file could not go back: staging_dir keeps it then
-            previous.rmdir()
+        with signals_held():   # a second Ctrl-C during the undo left no meta.json and no shards
+            for path in placed:
+                path.unlink(missing_ok=True)
+            for path in reversed(moved):
+                if (previous / path.name).exists():
+                    os.replace(previous / path.name, path)
+            with contextlib.suppress(OSError):  # not empty if a file could not go back: staging_dir keeps it then
+                previous.rmdir()
         raise
     previous.rename(staged / "replaced")  # the old files, removed with `staged`
 
@@ -1091,7 +1095,7 @@ def keep_previous(out_dir, data_dir, names=("model.pt", "model.onnx", "checkpoin
     count and size are said."""
     old = [out_dir / name for name in names if (out_dir / name).exists()]
     if not old:
-        return
+        return None
     stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(max(p.stat().st_mtime for p in old)))
     keep, n = out_dir / "previous" / stamp, 1
     while keep.exists():
@@ -1107,13 +1111,18 @@ def keep_previous(out_dir, data_dir, names=("model.pt", "model.onnx", "checkpoin
         size = sum(f.stat().st_size for run in kept for f in run.rglob("*") if f.is_file())
         print(f"{out_dir / 'previous'} keeps {len(kept)} earlier runs ({size / 2**20:,.0f} MB); delete those you no "
               f"longer need", flush=True)
-    if data_dir is None:
-        return
-    with contextlib.suppress(UserError, OSError, ValueError):   # runs.csv rows of that run: run_dir follows the files
+    if data_dir is not None:
+        move_run_rows(data_dir, out_dir, keep)
+    return keep
+
+
+def move_run_rows(data_dir, old, new):
+    """The rows of DATA_DIR/runs.csv whose run_dir is `old` get `new`: run_dir follows the files."""
+    with contextlib.suppress(UserError, OSError, ValueError):
         rows = read_runs(Path(data_dir) / "runs.csv")
-        moved = [r for r in rows if r.get("run_dir") and Path(r["run_dir"]).resolve() == out_dir.resolve()]
+        moved = [r for r in rows if r.get("run_dir") and Path(r["run_dir"]).resolve() == Path(old).resolve()]
         for r in moved:
-            r["run_dir"] = os.path.abspath(keep)
+            r["run_dir"] = os.path.abspath(new)
         if moved:
             write_runs(Path(data_dir) / "runs.csv", rows)
 
@@ -1122,18 +1131,29 @@ def save_epoch(out_dir, args, model, optimizer, scheduler, scaler, state, best_m
     """After each epoch, in the main process: model.pt when the score improved (best_model: what eval needs beside
     the weights), checkpoint.pt (state: epoch, history, best_score, bad_epochs, model_args, classes) and the history table
     and plot. All written atomically, before the epoch's line is printed; the first epoch of a fresh run moves the
-    files of the run before aside first (keep_previous)."""
-    if state["epoch"] == 1:
-        keep_previous(out_dir, args.data_dir)
-    if best_model is not None:
-        atomic_torch_save({"script": SCRIPT, "model": model.state_dict(), **best_model}, out_dir / "model.pt")
-        if (out_dir / "model.onnx").exists():   # exported from the model before (a resumed run): not this one
-            keep_previous(out_dir, None, ("model.onnx",))
-    config = {k: v for k, v in vars(args).items() if k not in ("func", "train_parser", "argv")}
-    atomic_torch_save({"script": SCRIPT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                       "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), **state,
-                       "config": config}, out_dir / "checkpoint.pt")
-    save_history(out_dir, state["history"], plot_keys)
+    files of the run before aside first (keep_previous), and back in place if this epoch's cannot all be written (a
+    full disk). Ctrl-C and SIGTERM wait until the epoch's files are written: a model.pt never sits beside the
+    checkpoint of another epoch."""
+    with signals_held():
+        keep = keep_previous(out_dir, args.data_dir) if state["epoch"] == 1 else None
+        try:
+            if best_model is not None:
+                atomic_torch_save({"script": SCRIPT, "model": model.state_dict(), **best_model}, out_dir / "model.pt")
+                if (out_dir / "model.onnx").exists():   # exported from the model before (a resumed run): not this one
+                    keep_previous(out_dir, None, ("model.onnx",))
+            config = {k: v for k, v in vars(args).items() if k not in ("func", "train_parser", "argv")}
+            atomic_torch_save({"script": SCRIPT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                               "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), **state,
+                               "config": config}, out_dir / "checkpoint.pt")
+            save_history(out_dir, state["history"], plot_keys)
+        except BaseException:
+            if keep is not None:   # the run before, whole, where it was
+                for path in keep.iterdir():
+                    os.replace(path, out_dir / path.name)
+                keep.rmdir()
+                move_run_rows(args.data_dir, keep, out_dir)
+                print(f"the previous run's files: back in {out_dir}", file=sys.stderr, flush=True)
+            raise
 
 
 # ---- Scale out and observe: torchrun, mixed precision, TensorBoard, runs.csv, --grid ----

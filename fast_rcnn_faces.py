@@ -60,8 +60,10 @@ except ImportError:
     fcntl = None
 
 QUIET_START = signal.getsignal(signal.SIGINT) is signal.default_int_handler
-if QUIET_START:   # Ctrl-C while torch loads (a second or two): exit 130 without a traceback
-    signal.signal(signal.SIGINT, lambda *_: os._exit(130))   # not SystemExit: raised inside torch's C++ it aborts
+if QUIET_START:   # Ctrl-C or SIGTERM while torch loads (a second or two): one line, 130 or 143, no traceback
+    # (os._exit, not SystemExit: raised inside torch's C++, it aborts)
+    signal.signal(signal.SIGINT, lambda *_: (os.write(2, b"\ninterrupted\n"), os._exit(130)))
+    TERM_BEFORE = signal.signal(signal.SIGTERM, lambda *_: (os.write(2, b"\nterminated\n"), os._exit(143)))
 import cv2
 import numpy as np
 import pandas as pd
@@ -70,13 +72,14 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
-from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageOps, PngImagePlugin, UnidentifiedImageError
 from torchvision.models.resnet import BasicBlock
 from torchvision.ops import box_area, box_convert, box_iou, clip_boxes_to_image, nms, remove_small_boxes, roi_align
 from tqdm import tqdm
 
 if QUIET_START:
-    signal.signal(signal.SIGINT, signal.default_int_handler)   # from here on: main() reports it
+    signal.signal(signal.SIGINT, signal.default_int_handler)   # from here on: main() reports them
+    signal.signal(signal.SIGTERM, TERM_BEFORE if TERM_BEFORE is not None else signal.SIG_DFL)
 
 # ---- Config ----
 C_RAND = ctypes.CDLL(None) if os.name == "posix" else ctypes.cdll.msvcrt   # srand(): see selective search
@@ -1020,8 +1023,8 @@ def draw_boxes(img, found, path, size):
         draw.rectangle([x, y, x + w, y + h], outline=(255, 0, 0), width=2)
         draw.text((x + 2, y + 1), f"{b['score']:.2f}", fill=(255, 0, 0))
     try:
-        with atomic_path(path) as tmp:
-            img.save(tmp, format="PNG", compress_level=1)  # 3x faster than the default 6, 3% larger
+        with atomic_path(path) as tmp:   # compress_level 1: 3x faster than the default 6, 3% larger
+            img.save(tmp, format="PNG", compress_level=1, pnginfo=eval_mark())
     except OSError as e:
         raise UserError(f"{path}: cannot write the annotated image ({e.strerror or e})")
 
@@ -1033,21 +1036,31 @@ def found_boxes(boxes, scores, threshold):
             for (x1, y1, x2, y2), s in zip(finite(boxes[keep]).round().int().tolist(), scores[keep].tolist())]
 
 
-def is_png(path):
-    """True for a file that starts as a PNG does (eval's --output replaces nothing else)."""
+EVAL_MARK = "faces drawn by eval of rcnn_faces.py or fast_rcnn_faces.py"   # a PNG text chunk: --output replaces it
+
+
+def eval_mark():
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Comment", EVAL_MARK)
+    return info
+
+
+def written_by_eval(path):
+    """True for a PNG that eval wrote (its Comment chunk, before the pixels): the only file --output replaces."""
     try:
         with open(path, "rb") as f:
-            return f.read(8) == b"\x89PNG\r\n\x1a\n"
+            head = f.read(4096)
     except OSError:
         return False
+    return head.startswith(b"\x89PNG\r\n\x1a\n") and b"tEXtComment\0" + EVAL_MARK.encode() in head
 
 
 class OutputFiles:
     """Where eval writes the annotated images: --output, or DIR/<image name>.png with --output-dir, numbered
     NAME-2.png, NAME-3.png, ... past files that exist, this run wrote or reads, so nothing there is overwritten and
     two inputs of one name never overwrite each other. Checked before any work: --output-dir is created; --output
-    must be a .png in an existing folder (a PNG there is replaced, as the tutorial's img_output.png was; a model or
-    any other file never) and takes one image (the interactive prompt rewrites it)."""
+    must be a .png in an existing folder (an image eval wrote there is replaced, as the tutorial's img_output.png
+    was; any other file never) and takes one image (the interactive prompt rewrites it)."""
 
     def __init__(self, args, inputs):
         """`inputs` loses the images inside --output-dir: found again in a folder given as input, eval's annotated
@@ -1082,9 +1095,9 @@ class OutputFiles:
                             f"before); pass --output-dir DIR", 2)
         elif self.output.suffix.lower() != ".png":
             raise UserError(f"--output {self.output}: name it NAME.png (eval writes a PNG)", 2)
-        elif os.path.lexists(self.output) and not is_png(self.output):
-            raise UserError(f"--output {self.output} exists and is not a PNG image: eval replaces only an image it "
-                            f"wrote; pass another --output", 2)
+        elif os.path.lexists(self.output) and not written_by_eval(self.output):
+            raise UserError(f"--output {self.output} exists and is not an image eval wrote (it replaces only its "
+                            f"own): pass another --output, or move that file", 2)
         try:   # a folder that takes no file (read-only, /proc) is said before any photo is searched
             tempfile.NamedTemporaryFile(dir=self.output_dir or self.output.resolve().parent, prefix=".eval-").close()
         except OSError as e:
@@ -1480,13 +1493,14 @@ def swap_prepared(staged, data_dir):
             placed.append(data_dir / path.name)
             os.replace(path, data_dir / path.name)
     except BaseException:
-        for path in placed:
-            path.unlink(missing_ok=True)
-        for path in reversed(moved):
-            if (previous / path.name).exists():
-                os.replace(previous / path.name, path)
-        with contextlib.suppress(OSError):  # not empty if a file could not go back: staging_dir keeps it then
-            previous.rmdir()
+        with signals_held():   # a second Ctrl-C during the undo left no meta.json and no shards
+            for path in placed:
+                path.unlink(missing_ok=True)
+            for path in reversed(moved):
+                if (previous / path.name).exists():
+                    os.replace(previous / path.name, path)
+            with contextlib.suppress(OSError):  # not empty if a file could not go back: staging_dir keeps it then
+                previous.rmdir()
         raise
     previous.rename(staged / "replaced")  # the old files, removed with `staged`
 
@@ -1721,7 +1735,7 @@ def keep_previous(out_dir, data_dir, names=("model.pt", "model.onnx", "checkpoin
     count and size are said."""
     old = [out_dir / name for name in names if (out_dir / name).exists()]
     if not old:
-        return
+        return None
     stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(max(p.stat().st_mtime for p in old)))
     keep, n = out_dir / "previous" / stamp, 1
     while keep.exists():
@@ -1737,13 +1751,18 @@ def keep_previous(out_dir, data_dir, names=("model.pt", "model.onnx", "checkpoin
         size = sum(f.stat().st_size for run in kept for f in run.rglob("*") if f.is_file())
         print(f"{out_dir / 'previous'} keeps {len(kept)} earlier runs ({size / 2**20:,.0f} MB); delete those you no "
               f"longer need", flush=True)
-    if data_dir is None:
-        return
-    with contextlib.suppress(UserError, OSError, ValueError):   # runs.csv rows of that run: run_dir follows the files
+    if data_dir is not None:
+        move_run_rows(data_dir, out_dir, keep)
+    return keep
+
+
+def move_run_rows(data_dir, old, new):
+    """The rows of DATA_DIR/runs.csv whose run_dir is `old` get `new`: run_dir follows the files."""
+    with contextlib.suppress(UserError, OSError, ValueError):
         rows = read_runs(Path(data_dir) / "runs.csv")
-        moved = [r for r in rows if r.get("run_dir") and Path(r["run_dir"]).resolve() == out_dir.resolve()]
+        moved = [r for r in rows if r.get("run_dir") and Path(r["run_dir"]).resolve() == Path(old).resolve()]
         for r in moved:
-            r["run_dir"] = os.path.abspath(keep)
+            r["run_dir"] = os.path.abspath(new)
         if moved:
             write_runs(Path(data_dir) / "runs.csv", rows)
 
@@ -1752,18 +1771,29 @@ def save_epoch(out_dir, args, model, optimizer, scheduler, scaler, state, best_m
     """After each epoch, in the main process: model.pt when the score improved (best_model: what eval needs beside
     the weights), checkpoint.pt (state: epoch, history, best_score, bad_epochs, model_args, classes) and the history table
     and plot. All written atomically, before the epoch's line is printed; the first epoch of a fresh run moves the
-    files of the run before aside first (keep_previous)."""
-    if state["epoch"] == 1:
-        keep_previous(out_dir, args.data_dir)
-    if best_model is not None:
-        atomic_torch_save({"script": SCRIPT, "model": model.state_dict(), **best_model}, out_dir / "model.pt")
-        if (out_dir / "model.onnx").exists():   # exported from the model before (a resumed run): not this one
-            keep_previous(out_dir, None, ("model.onnx",))
-    config = {k: v for k, v in vars(args).items() if k not in ("func", "train_parser", "argv")}
-    atomic_torch_save({"script": SCRIPT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                       "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), **state,
-                       "config": config}, out_dir / "checkpoint.pt")
-    save_history(out_dir, state["history"], plot_keys)
+    files of the run before aside first (keep_previous), and back in place if this epoch's cannot all be written (a
+    full disk). Ctrl-C and SIGTERM wait until the epoch's files are written: a model.pt never sits beside the
+    checkpoint of another epoch."""
+    with signals_held():
+        keep = keep_previous(out_dir, args.data_dir) if state["epoch"] == 1 else None
+        try:
+            if best_model is not None:
+                atomic_torch_save({"script": SCRIPT, "model": model.state_dict(), **best_model}, out_dir / "model.pt")
+                if (out_dir / "model.onnx").exists():   # exported from the model before (a resumed run): not this one
+                    keep_previous(out_dir, None, ("model.onnx",))
+            config = {k: v for k, v in vars(args).items() if k not in ("func", "train_parser", "argv")}
+            atomic_torch_save({"script": SCRIPT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                               "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), **state,
+                               "config": config}, out_dir / "checkpoint.pt")
+            save_history(out_dir, state["history"], plot_keys)
+        except BaseException:
+            if keep is not None:   # the run before, whole, where it was
+                for path in keep.iterdir():
+                    os.replace(path, out_dir / path.name)
+                keep.rmdir()
+                move_run_rows(args.data_dir, keep, out_dir)
+                print(f"the previous run's files: back in {out_dir}", file=sys.stderr, flush=True)
+            raise
 
 
 # ---- Scale out and observe: torchrun, mixed precision, TensorBoard, runs.csv, --grid ----

@@ -462,6 +462,9 @@ def test_eval_output_refusals(faces, tmp_path):
     proc = run_main(SCRIPT, "eval", tmp_path / "empty", faces.photos[0], "--output", tmp_path / "one.png",
                     "--data-dir", faces.data)
     assert proc.returncode == 1 and "a folder with no images" in proc.stderr and (tmp_path / "one.png").is_file()
+    first = (tmp_path / "one.png").read_bytes()
+    proc = run_main(SCRIPT, "eval", faces.photos[1], "--output", tmp_path / "one.png", "--data-dir", faces.data)
+    assert proc.returncode == 0 and (tmp_path / "one.png").read_bytes() != first   # eval's own image: replaced
     photos = tmp_path / "photos"   # --output-dir on (or above) the input folder: its photos are no annotated copies
     photos.mkdir()
     (photos / "a.jpg").symlink_to(faces.photos[0])
@@ -477,7 +480,11 @@ def test_eval_output_refusals(faces, tmp_path):
     (tmp_path / "notes.png").write_text("my notes")
     line = assert_one_line_error(run_main(SCRIPT, "eval", faces.photos[0], "--output", tmp_path / "notes.png",
                                           *absent), 2)
-    assert "not a PNG image" in line and (tmp_path / "notes.png").read_text() == "my notes"
+    assert "not an image eval wrote" in line and (tmp_path / "notes.png").read_text() == "my notes"
+    Image.new("RGB", (8, 8)).save(tmp_path / "mine.png")   # the user's own picture: not eval's to replace either
+    line = assert_one_line_error(run_main(SCRIPT, "eval", faces.photos[0], "--output", tmp_path / "mine.png",
+                                          *absent), 2)
+    assert "not an image eval wrote" in line
     line = assert_one_line_error(run_main(SCRIPT, "eval", faces.photos[0], "--output-dir", "/proc/1", *absent), 2)
     assert "--output-dir /proc/1: cannot write there" in line   # said before any photo is searched
     line = assert_one_line_error(run_main(SCRIPT, "eval", faces.photos[0], "--model", faces.data / "checkpoint.pt"), 1)

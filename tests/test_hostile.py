@@ -18,6 +18,8 @@ import subprocess
 import sys
 import time
 import zipfile
+from functools import partial
+from pathlib import Path
 
 import pytest
 import torch
@@ -416,6 +418,50 @@ def test_train_and_export_helpers_under_stress(tmp_path, monkeypatch, capsys):
         module.load_model_file(tmp_path / "nan.pt")
 
 
+def test_epoch_files_are_whole_or_the_run_before(tmp_path, monkeypatch):
+    """save_epoch: a full disk while the first epoch's files are written puts the run before back in place (its model,
+    checkpoint and history were left in previous/, and runs.csv pointing there); a Ctrl-C while they are written
+    waits until all are (a new model.pt beside no checkpoint, or no history, before)."""
+    module = load_script("cifar_lenet.py")
+    old = {name: f"the run before: {name}".encode() for name in ("model.pt", "checkpoint.pt", "history.csv")}
+    for name, data in old.items():
+        (tmp_path / name).write_bytes(data)
+    module.write_runs(tmp_path / "runs.csv", [{"run_dir": str(tmp_path), "test": "0.5"}])
+    model = module.build_model({"num_classes": 3})
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
+    state = {"epoch": 1, "history": [{"epoch": 1, "val_acc": 0.5}], "best_score": 0.5, "bad_epochs": 0,
+             "model_args": {"num_classes": 3}}
+    save = partial(module.save_epoch, tmp_path, argparse.Namespace(data_dir=str(tmp_path)), model, optimizer,
+                   scheduler, torch.amp.GradScaler("cpu", enabled=False), state, {"model_args": {"num_classes": 3}},
+                   ["val_acc"])
+    real_save = module.atomic_torch_save
+
+    def disk_full_at_the_checkpoint(obj, path):
+        if Path(path).name == "checkpoint.pt":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(obj, path)
+    monkeypatch.setattr(module, "atomic_torch_save", disk_full_at_the_checkpoint)
+    with pytest.raises(OSError):
+        save()
+    assert {name: (tmp_path / name).read_bytes() for name in old} == old
+    assert not list((tmp_path / "previous").iterdir())
+    assert module.read_runs(tmp_path / "runs.csv")[0]["run_dir"] == str(tmp_path)
+    monkeypatch.setattr(module, "atomic_torch_save", real_save)
+    real_history = module.save_history
+
+    def ctrl_c_midway(*args):
+        signal.raise_signal(signal.SIGINT)
+        real_history(*args)
+    monkeypatch.setattr(module, "save_history", ctrl_c_midway)
+    with pytest.raises(KeyboardInterrupt):
+        save()
+    assert all((tmp_path / name).read_bytes() != data for name, data in old.items())   # all three of the new run
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    [before] = (tmp_path / "previous").iterdir()
+    assert {p.name: p.read_bytes() for p in before.iterdir()} == old
+
+
 def test_resume_refuses_a_damaged_checkpoint(tmp_path):
     """train --resume: a checkpoint whose epoch, history or best score was edited is one line, before training; a
     new --lr holds from the resumed epoch on (also after a run at lr 0); on/off options are said as flags."""
@@ -468,7 +514,13 @@ def test_ctrl_c_while_starting(script):
     time.sleep(0.8)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert proc.returncode == 130 and "Traceback" not in err and err.strip() == "interrupted", err
+    proc = subprocess.Popen([sys.executable, str(ROOT / script), "eval", "--device", "cpu"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    time.sleep(0.8)
+    proc.send_signal(signal.SIGTERM)   # a scheduler's stop: one line too (it ended silently, status -15)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and err.strip() == "terminated", (proc.returncode, err)
 
 
 # ---- prepare: nothing lost ----
@@ -549,10 +601,11 @@ def test_prepare_interrupted_or_failing_at_every_rename(cifar_source, prepared_w
 INTERRUPT_AT_RENAME = """
 import os, runpy, signal, sys
 signal.signal(signal.SIGINT, signal.default_int_handler)   # a background job's child starts with SIGINT ignored
-real_replace, calls, at = os.replace, [], int(os.environ["INTERRUPT_AT_RENAME"])
+real_replace, calls = os.replace, []
+at = {int(n) for n in os.environ["INTERRUPT_AT_RENAME"].split(",")}
 def replace(src, dst):
     calls.append(dst)
-    if len(calls) == at:
+    if len(calls) in at:
         signal.raise_signal(signal.SIGINT)   # Ctrl-C, delivered as to any process
     return real_replace(src, dst)
 os.replace = replace
@@ -562,15 +615,17 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 
 def test_prepare_ctrl_c_mid_swap_end_to_end(cifar_source, prepared_with_model):
-    """A real SIGINT to a real prepare while it swaps (old shards aside, new ones half in): old data intact."""
+    """A real SIGINT to a real prepare while it swaps (old shards aside, new ones half in): old data intact; also
+    when a second one comes while the old files go back (it left no meta.json and no shards)."""
     data = prepared_with_model
     before = tree_bytes(data)
-    env = dict(os.environ, INTERRUPT_AT_RENAME="10", PYTHONWARNINGS="ignore")
-    proc = subprocess.run([sys.executable, "-c", INTERRUPT_AT_RENAME, str(ROOT / "cifar_lenet.py"), "prepare",
-                           "--image-dir", str(cifar_source), "--data-dir", str(data), "--workers", "2", "--seed", "1"],
-                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
-    assert proc.returncode == 130 and "interrupted" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
-    assert tree_bytes(data) == before and not leftovers(data)
+    for at in ("10", "10,11"):
+        env = dict(os.environ, INTERRUPT_AT_RENAME=at, PYTHONWARNINGS="ignore")
+        proc = subprocess.run([sys.executable, "-c", INTERRUPT_AT_RENAME, str(ROOT / "cifar_lenet.py"), "prepare",
+                               "--image-dir", str(cifar_source), "--data-dir", str(data), "--workers", "2", "--seed",
+                               "1"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+        assert proc.returncode == 130 and "interrupted" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+        assert tree_bytes(data) == before and not leftovers(data), at
 
 
 DIE_IN_WORKER = """
