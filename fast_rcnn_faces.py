@@ -11,7 +11,7 @@ Usage:
 Data layout: a folder of photos plus a Kaggle-style CSV with one row per face,
 `Name,width,height,xmin,ymin,xmax,ymax`, boxes in photo pixels (width/height optional: the size
 they were drawn on; a photo resized since gets its boxes scaled).
-Each photo is letterboxed (black borders) to SIZE x SIZE; proposals are selective search on a small copy
+Each photo is letterboxed (black borders) to --size WxH (384x256); proposals are selective search on a small copy
 of the photo plus a fixed multi-scale grid of square-ish windows (small faces are missed by selective search).
 Result: AP@0.5 0.906 and face-count RMSE 1.26 (boxes scoring >= 0.5) on 200 test photos, the default 24 epochs on
 1,600 training photos (18.5 minutes with native bf16; ~44 estimated on a 2-core AVX2 CPU); 16 epochs: 0.848-0.885

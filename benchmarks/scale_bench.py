@@ -1,6 +1,6 @@
 """Training speed with 1 and N processes (torchrun), and with and without --amp, for one suite script.
 
-Prepares a CIFAR-10 subset from ../shared/datasets/cifar10 once (or uses --data-dir), then runs the script's real
+Prepares a CIFAR-10 subset from ../shared/datasets/cifar10 once (reused from WORKDIR/prepared on a rerun), then runs the script's real
 `train` command for each setting, each on its own copy of the prepared data:
 
   processes   1 process (plain `python SCRIPT train`) and `torchrun --standalone --nproc_per_node=N`
