@@ -42,6 +42,7 @@ import socket
 import sys
 import tempfile
 import time
+import unicodedata
 import urllib.parse
 import warnings
 import zipfile
@@ -56,11 +57,21 @@ try:
 except ImportError:
     fcntl = None
 
+
+def quit_starting(message, status):
+    """Ctrl-C or SIGTERM while torch loads (a second or two): one line, 130 or 143, no traceback (os._exit, not
+    SystemExit: raised inside torch's C++, it aborts); a closed stderr must not keep the process alive."""
+    with contextlib.suppress(OSError):
+        os.write(2, message)
+    os._exit(status)
+
+
 QUIET_START = signal.getsignal(signal.SIGINT) is signal.default_int_handler
-if QUIET_START:   # Ctrl-C or SIGTERM while torch loads (a second or two): one line, 130 or 143, no traceback
-    # (os._exit, not SystemExit: raised inside torch's C++, it aborts)
-    signal.signal(signal.SIGINT, lambda *_: (os.write(2, b"\ninterrupted\n"), os._exit(130)))
-    TERM_BEFORE = signal.signal(signal.SIGTERM, lambda *_: (os.write(2, b"\nterminated\n"), os._exit(143)))
+QUIET_TERM = signal.getsignal(signal.SIGTERM) == signal.SIG_DFL   # not one a parent set (ignored)
+if QUIET_START:
+    signal.signal(signal.SIGINT, lambda *_: quit_starting(b"\ninterrupted\n", 130))
+if QUIET_TERM:
+    signal.signal(signal.SIGTERM, lambda *_: quit_starting(b"\nterminated\n", 143))
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -70,9 +81,10 @@ import torchvision
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
-if QUIET_START:
-    signal.signal(signal.SIGINT, signal.default_int_handler)   # from here on: main() reports them
-    signal.signal(signal.SIGTERM, TERM_BEFORE if TERM_BEFORE is not None else signal.SIG_DFL)
+if QUIET_START:   # from here on: main() reports them
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+if QUIET_TERM:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 # ---- Config ----
 SCRIPT = Path(__file__).stem             # stored in model.pt and checkpoint.pt
@@ -152,7 +164,8 @@ def read_label_list(path):
     if twice:
         raise UserError(f"{path}: the label {twice[0]!r} is listed twice")
     odd = [label for label in labels
-           if label in (".", "..") or "/" in label or "\\" in label or not label.isprintable()]
+           if label in (".", "..") or "/" in label or "\\" in label
+           or any(unicodedata.category(c) in ("Cc", "Cs") for c in label)]   # control characters, lone surrogates
     if odd:   # a label names a class folder or ends a file name: never a path
         raise UserError(f"{path}: {odd[0]!r} is not a label (one plain name per line)")
     return labels
@@ -844,16 +857,16 @@ def swap_prepared(staged, data_dir):
     previous.mkdir()
     moved, placed = [], []
     ours = [p for split in ("training_set", "validating_set", "testing_set") for p in shard_paths(data_dir, split)]
-    try:
-        for path in [data_dir / "meta.json", *ours]:   # a user's own file named like a shard stays
-            if path.exists():
-                moved.append(path)
-                os.replace(path, previous / path.name)
-        for path in [*sorted(staged.glob("*_set.*.pt.gz")), staged / "meta.json"]:
-            placed.append(data_dir / path.name)
-            os.replace(path, data_dir / path.name)
-    except BaseException:
-        with signals_held():   # a second Ctrl-C during the undo left no meta.json and no shards
+    with signals_held():   # a few renames: a Ctrl-C waits for them (one during the undo left no meta.json, no shards)
+        try:
+            for path in [data_dir / "meta.json", *ours]:   # a user's own file named like a shard stays
+                if path.exists():
+                    moved.append(path)
+                    os.replace(path, previous / path.name)
+            for path in [*sorted(staged.glob("*_set.*.pt.gz")), staged / "meta.json"]:
+                placed.append(data_dir / path.name)
+                os.replace(path, data_dir / path.name)
+        except BaseException:   # a file system error: the old files back
             for path in placed:
                 path.unlink(missing_ok=True)
             for path in reversed(moved):
@@ -861,8 +874,8 @@ def swap_prepared(staged, data_dir):
                     os.replace(previous / path.name, path)
             with contextlib.suppress(OSError):  # not empty if a file could not go back: staging_dir keeps it then
                 previous.rmdir()
-        raise
-    previous.rename(staged / "replaced")  # the old files, removed with `staged`
+            raise
+        previous.rename(staged / "replaced")  # the old files, removed with `staged`
 
 
 def save_prepared(data_dir, splits, meta):
@@ -1087,8 +1100,10 @@ def given_options(parser, argv):
 KEEP_NOTE = 5   # keep_previous: from this many earlier runs in previous/ on, each new one says what they take
 
 
-def keep_previous(out_dir, data_dir, names=("model.pt", "model.onnx", "checkpoint.pt", "history.csv", "history.png",
-                                             "confusion.png")):
+RUN_FILES = ("model.pt", "model.onnx", "checkpoint.pt", "history.csv", "history.png", "confusion.png")
+
+
+def keep_previous(out_dir, data_dir, names=RUN_FILES):
     """Move the model (and its export), checkpoint and history of the run before into out_dir/previous/TIME/ (and
     the run_dir of its rows in DATA_DIR/runs.csv with them; data_dir None: the files `names` alone): never lost, and
     no stale model.onnx left beside the new model. Nothing there is ever deleted; from KEEP_NOTE runs on, their
@@ -1147,7 +1162,11 @@ def save_epoch(out_dir, args, model, optimizer, scheduler, scaler, state, best_m
                                "config": config}, out_dir / "checkpoint.pt")
             save_history(out_dir, state["history"], plot_keys)
         except BaseException:
-            if keep is not None:   # the run before, whole, where it was
+            if state["epoch"] == 1:   # nothing of this run; the run before, whole, where it was
+                for name in RUN_FILES:
+                    if keep is None or not (keep / name).exists():
+                        (out_dir / name).unlink(missing_ok=True)
+            if keep is not None:
                 for path in keep.iterdir():
                     os.replace(path, out_dir / path.name)
                 keep.rmdir()
@@ -1431,12 +1450,16 @@ def numbers(value, n, low, high, whole=False):
         and (not whole or float(v).is_integer()) for v in value)
 
 
+class BrokenModel(UserError):
+    """A model file that loads but cannot answer: one line from eval, a 500 (not the client's fault) from serve."""
+
+
 def finite(values):
     """eval's and serve's numbers, checked: a model whose weights overflow (a damaged or hand-edited file) answers
     NaN or infinity, which JSON cannot carry and nobody can use."""
     if not torch.isfinite(values).all():
-        raise UserError("the model answers NaN or infinity (its weights overflow: a damaged or hand-edited model "
-                        "file?); train it again")
+        raise BrokenModel("the model answers NaN or infinity (its weights overflow: a damaged or hand-edited model "
+                          "file?); train it again")
     return values
 
 
@@ -1514,16 +1537,16 @@ def signals_held():
     """Ctrl-C and SIGTERM wait while the body runs, then act: torch.export catches what a signal handler raises
     inside its tracing (it went on and wrote the file) or turns it into its own error (a traceback)."""
     got, before = [], {}
-    with contextlib.suppress(ValueError):   # not the main thread: signals are not ours to hold
-        before = {s: signal.signal(s, lambda signum, frame: got.append(signum))
-                  for s in (signal.SIGINT, signal.SIGTERM)}
     try:
+        with contextlib.suppress(ValueError):   # not the main thread: signals are not ours to hold
+            for s in (signal.SIGINT, signal.SIGTERM):
+                before[s] = signal.signal(s, lambda signum, frame: got.append(signum))
         yield
     finally:
         for s, handler in before.items():
             signal.signal(s, handler if handler is not None else signal.SIG_DFL)   # None: a handler set outside Python
-    if got:
-        raise KeyboardInterrupt() if got[0] == signal.SIGINT else Terminated()
+        if got:   # also over an error of the body (a full disk): the user asked to stop; 130 / 143 say so
+            raise KeyboardInterrupt() if got[0] == signal.SIGINT else Terminated()
 
 
 def pixel_count(data):
@@ -1861,6 +1884,9 @@ def serve_app(args):
                 return error(400, f"cannot read image: {e}")
             try:
                 return await batcher(img)
+            except BrokenModel as e:
+                print(f"error: /predict failed: {e}", file=sys.stderr, flush=True)
+                return error(500, str(e))
             except UserError as e:
                 return error(422, str(e))
             except Exception as e:  # a bug, not the client's: its name in the answer and on stderr, and serve on

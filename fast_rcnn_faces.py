@@ -59,11 +59,21 @@ try:
 except ImportError:
     fcntl = None
 
+
+def quit_starting(message, status):
+    """Ctrl-C or SIGTERM while torch loads (a second or two): one line, 130 or 143, no traceback (os._exit, not
+    SystemExit: raised inside torch's C++, it aborts); a closed stderr must not keep the process alive."""
+    with contextlib.suppress(OSError):
+        os.write(2, message)
+    os._exit(status)
+
+
 QUIET_START = signal.getsignal(signal.SIGINT) is signal.default_int_handler
-if QUIET_START:   # Ctrl-C or SIGTERM while torch loads (a second or two): one line, 130 or 143, no traceback
-    # (os._exit, not SystemExit: raised inside torch's C++, it aborts)
-    signal.signal(signal.SIGINT, lambda *_: (os.write(2, b"\ninterrupted\n"), os._exit(130)))
-    TERM_BEFORE = signal.signal(signal.SIGTERM, lambda *_: (os.write(2, b"\nterminated\n"), os._exit(143)))
+QUIET_TERM = signal.getsignal(signal.SIGTERM) == signal.SIG_DFL   # not one a parent set (ignored)
+if QUIET_START:
+    signal.signal(signal.SIGINT, lambda *_: quit_starting(b"\ninterrupted\n", 130))
+if QUIET_TERM:
+    signal.signal(signal.SIGTERM, lambda *_: quit_starting(b"\nterminated\n", 143))
 import cv2
 import numpy as np
 import pandas as pd
@@ -77,9 +87,10 @@ from torchvision.models.resnet import BasicBlock
 from torchvision.ops import box_area, box_convert, box_iou, clip_boxes_to_image, nms, remove_small_boxes, roi_align
 from tqdm import tqdm
 
-if QUIET_START:
-    signal.signal(signal.SIGINT, signal.default_int_handler)   # from here on: main() reports them
-    signal.signal(signal.SIGTERM, TERM_BEFORE if TERM_BEFORE is not None else signal.SIG_DFL)
+if QUIET_START:   # from here on: main() reports them
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+if QUIET_TERM:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 # ---- Config ----
 C_RAND = ctypes.CDLL(None) if os.name == "posix" else ctypes.cdll.msvcrt   # srand(): see selective search
@@ -432,7 +443,7 @@ def vote_boxes(kept, boxes, scores, iou):
     >= iou, itself included; the many overlapping guesses of one face average out the error of the best one."""
     weight = (box_iou(kept, boxes) >= iou) * scores
     total = weight.sum(1, keepdim=True)   # 0 where every score is 0 (--threshold 0): the box stays as it is
-    return torch.where(total > 0, weight @ boxes / total.clamp(min=1e-30), kept)
+    return torch.where(total > 0, weight @ boxes / torch.where(total > 0, total, torch.ones_like(total)), kept)
 
 
 def score_views(model, x, rois, views, device, dtype, maps):
@@ -1037,6 +1048,7 @@ def found_boxes(boxes, scores, threshold):
 
 
 EVAL_MARK = "faces drawn by eval of rcnn_faces.py or fast_rcnn_faces.py"   # a PNG text chunk: --output replaces it
+OUTPUT = "img_output.png"   # eval's default --output, the tutorial's
 
 
 def eval_mark():
@@ -1045,14 +1057,14 @@ def eval_mark():
     return info
 
 
-def written_by_eval(path):
-    """True for a PNG that eval wrote (its Comment chunk, before the pixels): the only file --output replaces."""
+def written_by_eval(path, any_png=False):
+    """True for a PNG that eval wrote (its Comment chunk, read before the pixels): the only file --output replaces;
+    any_png: any PNG (the tutorial's img_output.png, written before the mark)."""
     try:
-        with open(path, "rb") as f:
-            head = f.read(4096)
-    except OSError:
+        with Image.open(path, formats=["PNG"]) as img:
+            return any_png or img.info.get("Comment") == EVAL_MARK
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):   # not a PNG, unreadable
         return False
-    return head.startswith(b"\x89PNG\r\n\x1a\n") and b"tEXtComment\0" + EVAL_MARK.encode() in head
 
 
 class OutputFiles:
@@ -1095,7 +1107,7 @@ class OutputFiles:
                             f"before); pass --output-dir DIR", 2)
         elif self.output.suffix.lower() != ".png":
             raise UserError(f"--output {self.output}: name it NAME.png (eval writes a PNG)", 2)
-        elif os.path.lexists(self.output) and not written_by_eval(self.output):
+        elif os.path.lexists(self.output) and not written_by_eval(self.output, str(self.output) == OUTPUT):
             raise UserError(f"--output {self.output} exists and is not an image eval wrote (it replaces only its "
                             f"own): pass another --output, or move that file", 2)
         try:   # a folder that takes no file (read-only, /proc) is said before any photo is searched
@@ -1205,7 +1217,7 @@ def face_parser(prepare_help, train_help):
                           f"stdin; images over {MAX_PIXELS:,} pixels are refused")
     evaluate.add_argument("--model", default=None, help="model.pt or model.onnx (default: DATA_DIR/model.pt)")
     evaluate.add_argument("--json", action="store_true", help="one JSON object per image on stdout")
-    evaluate.add_argument("--output", default="img_output.png",
+    evaluate.add_argument("--output", default=OUTPUT,
                           help="annotated image of one input image, in an existing folder (the interactive prompt "
                                "rewrites it for each image)")
     evaluate.add_argument("--output-dir", default=None, help="write DIR/<image name>.png per input image instead of "
@@ -1484,16 +1496,16 @@ def swap_prepared(staged, data_dir):
     previous.mkdir()
     moved, placed = [], []
     ours = [p for split in ("training_set", "validating_set", "testing_set") for p in shard_paths(data_dir, split)]
-    try:
-        for path in [data_dir / "meta.json", *ours]:   # a user's own file named like a shard stays
-            if path.exists():
-                moved.append(path)
-                os.replace(path, previous / path.name)
-        for path in [*sorted(staged.glob("*_set.*.pt.gz")), staged / "meta.json"]:
-            placed.append(data_dir / path.name)
-            os.replace(path, data_dir / path.name)
-    except BaseException:
-        with signals_held():   # a second Ctrl-C during the undo left no meta.json and no shards
+    with signals_held():   # a few renames: a Ctrl-C waits for them (one during the undo left no meta.json, no shards)
+        try:
+            for path in [data_dir / "meta.json", *ours]:   # a user's own file named like a shard stays
+                if path.exists():
+                    moved.append(path)
+                    os.replace(path, previous / path.name)
+            for path in [*sorted(staged.glob("*_set.*.pt.gz")), staged / "meta.json"]:
+                placed.append(data_dir / path.name)
+                os.replace(path, data_dir / path.name)
+        except BaseException:   # a file system error: the old files back
             for path in placed:
                 path.unlink(missing_ok=True)
             for path in reversed(moved):
@@ -1501,8 +1513,8 @@ def swap_prepared(staged, data_dir):
                     os.replace(previous / path.name, path)
             with contextlib.suppress(OSError):  # not empty if a file could not go back: staging_dir keeps it then
                 previous.rmdir()
-        raise
-    previous.rename(staged / "replaced")  # the old files, removed with `staged`
+            raise
+        previous.rename(staged / "replaced")  # the old files, removed with `staged`
 
 
 def save_prepared(data_dir, splits, meta):
@@ -1727,8 +1739,10 @@ def given_options(parser, argv):
 KEEP_NOTE = 5   # keep_previous: from this many earlier runs in previous/ on, each new one says what they take
 
 
-def keep_previous(out_dir, data_dir, names=("model.pt", "model.onnx", "checkpoint.pt", "history.csv", "history.png",
-                                             "confusion.png")):
+RUN_FILES = ("model.pt", "model.onnx", "checkpoint.pt", "history.csv", "history.png", "confusion.png")
+
+
+def keep_previous(out_dir, data_dir, names=RUN_FILES):
     """Move the model (and its export), checkpoint and history of the run before into out_dir/previous/TIME/ (and
     the run_dir of its rows in DATA_DIR/runs.csv with them; data_dir None: the files `names` alone): never lost, and
     no stale model.onnx left beside the new model. Nothing there is ever deleted; from KEEP_NOTE runs on, their
@@ -1787,7 +1801,11 @@ def save_epoch(out_dir, args, model, optimizer, scheduler, scaler, state, best_m
                                "config": config}, out_dir / "checkpoint.pt")
             save_history(out_dir, state["history"], plot_keys)
         except BaseException:
-            if keep is not None:   # the run before, whole, where it was
+            if state["epoch"] == 1:   # nothing of this run; the run before, whole, where it was
+                for name in RUN_FILES:
+                    if keep is None or not (keep / name).exists():
+                        (out_dir / name).unlink(missing_ok=True)
+            if keep is not None:
                 for path in keep.iterdir():
                     os.replace(path, out_dir / path.name)
                 keep.rmdir()
@@ -2071,12 +2089,16 @@ def numbers(value, n, low, high, whole=False):
         and (not whole or float(v).is_integer()) for v in value)
 
 
+class BrokenModel(UserError):
+    """A model file that loads but cannot answer: one line from eval, a 500 (not the client's fault) from serve."""
+
+
 def finite(values):
     """eval's and serve's numbers, checked: a model whose weights overflow (a damaged or hand-edited file) answers
     NaN or infinity, which JSON cannot carry and nobody can use."""
     if not torch.isfinite(values).all():
-        raise UserError("the model answers NaN or infinity (its weights overflow: a damaged or hand-edited model "
-                        "file?); train it again")
+        raise BrokenModel("the model answers NaN or infinity (its weights overflow: a damaged or hand-edited model "
+                          "file?); train it again")
     return values
 
 
@@ -2154,16 +2176,16 @@ def signals_held():
     """Ctrl-C and SIGTERM wait while the body runs, then act: torch.export catches what a signal handler raises
     inside its tracing (it went on and wrote the file) or turns it into its own error (a traceback)."""
     got, before = [], {}
-    with contextlib.suppress(ValueError):   # not the main thread: signals are not ours to hold
-        before = {s: signal.signal(s, lambda signum, frame: got.append(signum))
-                  for s in (signal.SIGINT, signal.SIGTERM)}
     try:
+        with contextlib.suppress(ValueError):   # not the main thread: signals are not ours to hold
+            for s in (signal.SIGINT, signal.SIGTERM):
+                before[s] = signal.signal(s, lambda signum, frame: got.append(signum))
         yield
     finally:
         for s, handler in before.items():
             signal.signal(s, handler if handler is not None else signal.SIG_DFL)   # None: a handler set outside Python
-    if got:
-        raise KeyboardInterrupt() if got[0] == signal.SIGINT else Terminated()
+        if got:   # also over an error of the body (a full disk): the user asked to stop; 130 / 143 say so
+            raise KeyboardInterrupt() if got[0] == signal.SIGINT else Terminated()
 
 
 def pixel_count(data):
@@ -2501,6 +2523,9 @@ def serve_app(args):
                 return error(400, f"cannot read image: {e}")
             try:
                 return await batcher(img)
+            except BrokenModel as e:
+                print(f"error: /predict failed: {e}", file=sys.stderr, flush=True)
+                return error(500, str(e))
             except UserError as e:
                 return error(422, str(e))
             except Exception as e:  # a bug, not the client's: its name in the answer and on stderr, and serve on

@@ -514,6 +514,10 @@ def test_eval_refusals(lenet_trained, tmp_path):
                tmp_path / "overflows.pt")   # a damaged file: its answers overflow to NaN, which JSON cannot carry
     proc = run_main(LENET, "eval", "--model", tmp_path / "overflows.pt", "--json", image)
     assert "NaN or infinity" in assert_one_line_error(proc, 1) and "NaN" not in proc.stdout
+    with serving(LENET, "--model", tmp_path / "overflows.pt", "--device", "cpu") as (url, server):
+        status, answer = http(url + "/predict", image.read_bytes(), {"Content-Type": "image/jpeg"})
+    assert status == 500 and "NaN or infinity" in answer["error"]   # the server's fault, said in its log too
+    assert "error: /predict failed: the model answers NaN" in server.communicate()[1]
     (tmp_path / "folder.onnx").mkdir()
     assert "not a file" in assert_one_line_error(run_main(LENET, "eval", "--model", tmp_path / "folder.onnx", image), 1)
     line = assert_one_line_error(run_main(LENET, "eval", "--model", tmp_path / "folder.onnx", "--device", "cuda",
@@ -594,6 +598,8 @@ def test_many_labels_and_odd_label_files(cifar_dir, tmp_path):
     line = assert_one_line_error(run_main(LENET, "prepare", "--image-dir", src, "--labels", tmp_path / "labels.txt",
                                           "--data-dir", tmp_path / "e"), 1)
     assert "is not a label" in line
+    (tmp_path / "labels.txt").write_text("赤い\u3000車\nzwj\u200dlabel\n")   # an ideographic space, a joiner: names
+    assert load_script(LENET).read_label_list(tmp_path / "labels.txt") == ["赤い\u3000車", "zwj\u200dlabel"]
 
 
 def test_prepare_label_file_not_utf8(names_dir, tmp_path):

@@ -132,11 +132,25 @@ def test_min_score_leaves_the_better_boxes_as_they_were(frc):
 
 
 def test_vote_with_no_weight_keeps_the_box(frc):
-    """Box voting where every overlapping score is 0 (eval --threshold 0): the kept box as it was, not NaN."""
+    """Box voting where every overlapping score is 0 (eval --threshold 0): the kept box as it was, not NaN; scores
+    under 1e-30 are weights like any other (a clamp once moved those boxes to the origin)."""
     kept, boxes = torch.tensor([[10., 10, 50, 50]]), torch.tensor([[10., 10, 50, 50], [12, 12, 52, 52]])
     assert torch.equal(frc.vote_boxes(kept, boxes, torch.zeros(2), 0.5), kept)
-    voted = frc.vote_boxes(kept, boxes, torch.tensor([1.0, 1.0]), 0.5)
-    assert torch.allclose(voted, torch.tensor([[11., 11, 51, 51]]))
+    for scores in (torch.tensor([1.0, 1.0]), torch.tensor([1e-35, 1e-35])):   # tiny weights: still their mean
+        assert torch.allclose(frc.vote_boxes(kept, boxes, scores, 0.5), torch.tensor([[11., 11, 51, 51]]))
+
+
+def test_eval_mark_behind_a_colour_profile(frc, tmp_path):
+    """eval's PNG carries its mark after the photo's ICC profile (8 KB here): still found, so a second eval replaces
+    it; a PNG without the mark is not eval's, unless it has the tutorial's default name."""
+    img = Image.new("RGB", (40, 30))
+    img.info["icc_profile"] = os.urandom(8000)
+    frc.draw_boxes(img, [{"x": 1, "y": 2, "w": 10, "h": 10, "score": 0.9}], tmp_path / "out.png", frc.SIZE)
+    assert frc.written_by_eval(tmp_path / "out.png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "mine.png")
+    assert not frc.written_by_eval(tmp_path / "mine.png") and frc.written_by_eval(tmp_path / "mine.png", any_png=True)
+    (tmp_path / "text.png").write_text("not an image")
+    assert not frc.written_by_eval(tmp_path / "text.png", any_png=True)
 
 
 def test_roi_extraction_shapes(frc):

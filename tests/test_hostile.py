@@ -36,16 +36,16 @@ SHARED = ["UserError", "load_image", "image_to_tensor", "save_shard", "load_shar
           "shard", "sum_over_processes", "mean_over_processes", "sync_buffers", "wrap_model", "amp_dtype", "autocast",
           "open_tensorboard", "log_epoch", "append_run", "grid_runs", "parse_number", "positive_int", "nonneg_int",
           "nonneg_float", "wait_ms", "probability", "seed_int", "worker_count", "lock_data_dir", "import_optional", "json_ready",
-          "OnnxNetwork", "finite", "load_network", "cmd_export", "Batcher", "PAGE", "cmd_serve", "serve_protocol", "serve_protocol_class", "HEADER_SECONDS", "MAX_CONNECTIONS",
+          "OnnxNetwork", "BrokenModel", "finite", "load_network", "cmd_export", "Batcher", "PAGE", "cmd_serve", "serve_protocol", "serve_protocol_class", "HEADER_SECONDS", "MAX_CONNECTIONS",
           "UPLOADS_HELD", "loopback_only", "add_ship_commands", "port_number",
-          "start_worker", "parallel_map", "signals_held", "save_epoch", "KEEP_NOTE", "keep_previous", "resume_training", "RESUME_OWN", "resume_options", "given_options", "HelpFormatter", "OneLineParser", "base_parser", "cmd_train",
+          "start_worker", "parallel_map", "signals_held", "save_epoch", "KEEP_NOTE", "RUN_FILES", "keep_previous", "move_run_rows", "resume_training", "RESUME_OWN", "resume_options", "given_options", "HelpFormatter", "OneLineParser", "base_parser", "cmd_train",
           "iter_eval_inputs", "add_scale_options", "main", "run_command", "refuse_other_data"]
-FACE_SHARED = ["CSV_COLUMNS", "read_boxes_csv", "count_skip", "split_indices", "side_arg", "width_arg", "photo_path", "OutputFiles", "cosine_schedule", "found_boxes", "match_detections",
+FACE_SHARED = ["CSV_COLUMNS", "written_by_eval", "read_boxes_csv", "count_skip", "split_indices", "side_arg", "width_arg", "photo_path", "OutputFiles", "cosine_schedule", "found_boxes", "match_detections",
                "fit_calibration", "detection_scores", "read_ahead", "read_photo",
                "start_reader", "boxes_inside", "prepare_photos", "working_copy", "draw_boxes", "encode_offsets",
                "decode_offsets", "cmd_eval", "face_parser"]
 # every call that reads a file, and the only functions allowed to make it (they turn failures into UserError)
-READERS = {"open": {"setup_distributed", "lock_data_dir"}, "os.open": {"lock_data_dir"}, "Image.open": {"load_image", "pixel_count"},
+READERS = {"open": {"setup_distributed", "lock_data_dir"}, "os.open": {"lock_data_dir"}, "Image.open": {"load_image", "pixel_count", "written_by_eval"},
            "gzip.open": {"load_shard"}, "torch.load": {"load_shard", "load_model_file"},
            "pd.read_csv": {"read_boxes_csv"}, ".read_text": {"read_text"}, ".read_bytes": set(),
            ".open": set(), "json.load": set(), "json.loads": {"read_meta", "refuse_other_data", "OnnxNetwork", "serve_worker"}, "np.load": set(), "cv2.imread": set(),
@@ -449,6 +449,13 @@ def test_epoch_files_are_whole_or_the_run_before(tmp_path, monkeypatch):
     assert module.read_runs(tmp_path / "runs.csv")[0]["run_dir"] == str(tmp_path)
     monkeypatch.setattr(module, "atomic_torch_save", real_save)
     real_history = module.save_history
+    (tmp_path / "checkpoint.pt").unlink()   # a run before without a checkpoint: none of this run's stays beside it
+    monkeypatch.setattr(module, "save_history", lambda *args: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full")))
+    with pytest.raises(OSError):
+        save()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["history.csv", "model.pt", "previous", "runs.csv"]
+    assert (tmp_path / "model.pt").read_bytes() == old["model.pt"]
+    (tmp_path / "checkpoint.pt").write_bytes(old["checkpoint.pt"])
 
     def ctrl_c_midway(*args):
         signal.raise_signal(signal.SIGINT)
@@ -460,6 +467,11 @@ def test_epoch_files_are_whole_or_the_run_before(tmp_path, monkeypatch):
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["epoch"] == 1
     [before] = (tmp_path / "previous").iterdir()
     assert {p.name: p.read_bytes() for p in before.iterdir()} == old
+    for sig, raised in ((signal.SIGTERM, module.Terminated), (signal.SIGINT, KeyboardInterrupt)):
+        with pytest.raises(raised):   # a signal held while the body fails: the stop wins (130 / 143), not the error
+            with module.signals_held():
+                signal.raise_signal(sig)
+                raise OSError(errno.ENOSPC, "full")
 
 
 def test_resume_refuses_a_damaged_checkpoint(tmp_path):
@@ -615,8 +627,9 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 
 def test_prepare_ctrl_c_mid_swap_end_to_end(cifar_source, prepared_with_model):
-    """A real SIGINT to a real prepare while it swaps (old shards aside, new ones half in): old data intact; also
-    when a second one comes while the old files go back (it left no meta.json and no shards)."""
+    """A real SIGINT (or two) to a real prepare while it swaps: the few renames finish first, then "interrupted"; the
+    new data are whole and nothing else changed (an interrupt during the undo of the swap left no meta.json and no
+    shards). test_prepare_interrupted_or_failing_at_every_rename has the undo, on errors raised at each rename."""
     data = prepared_with_model
     before = tree_bytes(data)
     for at in ("10", "10,11"):
@@ -625,7 +638,11 @@ def test_prepare_ctrl_c_mid_swap_end_to_end(cifar_source, prepared_with_model):
                                "--image-dir", str(cifar_source), "--data-dir", str(data), "--workers", "2", "--seed",
                                "1"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
         assert proc.returncode == 130 and "interrupted" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
-        assert tree_bytes(data) == before and not leftovers(data), at
+        after = tree_bytes(data)
+        assert sorted(after) == sorted(before) and not leftovers(data), at
+        assert all(after[name] == before[name] for name in ("model.pt", "checkpoint.pt", "history.csv", "runs.csv"))
+        assert json.loads(after["meta.json"])["seed"] == 1 and after["training_set.0.pt.gz"] != before[
+            "training_set.0.pt.gz"]
 
 
 DIE_IN_WORKER = """
