@@ -2004,15 +2004,23 @@ def grid_runs(args, parser):
             raise UserError(f"--grid {item}: not a valid value for --{key} ({e})", 2)
         if action.choices and any(v not in action.choices for v in converted):
             raise UserError(f"--grid {item}: --{key} takes one of {', '.join(map(str, action.choices))}", 2)
+        if any(axis[0][1] == action.dest for axis in axes):   # two axes of one option: the last one's value wins
+            raise UserError(f"--grid {item}: --{key} has a --grid already; list all its values in one", 2)
         axes.append([(key, action.dest, text, value) for text, value in zip(values.split(","), converted)])
-    runs = []
+    if math.prod(map(len, axes)) > MAX_GRID:
+        raise UserError(f"--grid: {math.prod(map(len, axes)):,} combinations, more than {MAX_GRID:,}; fewer values", 2)
+    runs, names = [], set()
     for combo in itertools.product(*axes):
         run_args = argparse.Namespace(**vars(args))
         for _, dest, _, value in combo:
             setattr(run_args, dest, value)
         name = "_".join(f"{key}={''.join(c if c.isalnum() or c in '.+-' else '-' for c in text)}"
                         for key, _, text, _ in combo)   # a folder name: a '/' in a value (a path) leads nowhere
-        runs.append((name if name not in [n for n, _ in runs] else f"{name}-{len(runs) + 1}", run_args))
+        name = name if name not in names else f"{name}-{len(runs) + 1}"
+        if len(name.encode()) > 255:   # DATA_DIR/grid/NAME: said now, not after the runs before it trained
+            raise UserError(f"--grid: the run folder name {name[:60]}... is over 255 bytes; shorter values", 2)
+        names.add(name)
+        runs.append((name, run_args))
     return runs
 
 
@@ -2591,6 +2599,8 @@ def add_ship_commands(sub, common, serve_parents):
 
 # ---- Options, DATA_DIR lock, train command, eval input, main ----
 MAX_INT, MAX_FLOAT = 2 ** 31 - 1, 1e4   # the largest whole number and number an option takes
+MAX_GRID = 1000          # --grid: combinations at most (each a whole training run)
+MAX_TAG = 200            # --tag: characters at most (a row of runs.csv)
 
 
 def parse_number(text, kind, low, high=None):
@@ -2632,6 +2642,21 @@ def port_number(text):
 
 def seed_int(text):
     return parse_number(text, int, 0, 2 ** 31 - 1)  # numpy takes 32-bit seeds; torchrun adds the rank
+
+
+def folder_arg(text):
+    """A folder to write into (--tensorboard): one that exists as a file is refused before any work."""
+    if os.path.exists(text) and not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a folder")
+    return text
+
+
+def tag_text(text):
+    """--tag: a label of at most MAX_TAG printable characters (a long one made runs.csv unreadable)."""
+    if len(text) > MAX_TAG or not text.isprintable():
+        raise argparse.ArgumentTypeError(f"{text[:40]!r}{'...' if len(text) > 40 else ''}: at most {MAX_TAG} "
+                                         "printable characters")
+    return text
 
 
 def host_name(text):
@@ -2847,11 +2872,11 @@ def add_scale_options(p):
                    help="mixed precision: bf16 on CUDA where supported, else fp16 with loss scaling; the CPU uses "
                         "bf16 only where measured faster")
     p.add_argument("--sync-bn", action="store_true", help="under torchrun on CUDA: synchronise BatchNorm statistics")
-    p.add_argument("--tensorboard", metavar="DIR", default=None,
+    p.add_argument("--tensorboard", type=folder_arg, metavar="DIR", default=None,
                    help="write TensorBoard logs to DIR (needs `pip install tensorboard`)")
     p.add_argument("--histogram-every", type=nonneg_int, default=5, metavar="N",
                    help="with --tensorboard: weight histograms every N epochs (0: never)")
-    p.add_argument("--tag", default="", help="a label for this run in DATA_DIR/runs.csv")
+    p.add_argument("--tag", type=tag_text, default="", help="a label for this run in DATA_DIR/runs.csv")
     p.add_argument("--grid", action="append", metavar="OPTION=V1,V2",
                    help="run every combination of these option values, each in DATA_DIR/grid/NAME/ "
                         "(repeatable, e.g. --grid lr=0.01,0.001 --grid batch-size=128,256)")
@@ -2907,6 +2932,12 @@ def run_command(args):
     except BrokenProcessPool:   # a worker killed, most often by the system for want of memory
         print("error: a worker process died (out of memory, or killed); nothing was replaced; run it again "
               "(prepare: with fewer --workers)", file=sys.stderr)
+        return 1
+    except RuntimeError as e:   # under torchrun: another process stopped (its collective fails here: 60 lines)
+        if not (dist.is_available() and dist.is_initialized()):
+            raise
+        print(f"error (process {os.environ.get('RANK')}): {str(e).strip().splitlines()[0][:200]} (another torchrun "
+              "process may have stopped: see its message)", file=sys.stderr)
         return 1
     except OSError as e:   # a full disk, a folder where a file goes, a read-only place: the system's own words
         where = e.filename2 or e.filename   # a rename: where the file was going, not its temporary name

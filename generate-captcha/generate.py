@@ -277,6 +277,8 @@ def build_parser():
 def ours(path):
     """A PNG this generator wrote (its Software text), read from the header alone."""
     try:
+        if not path.is_file():   # a FIFO would block open() forever
+            return False
         with Image.open(path, formats=["PNG"]) as img:
             return img.info.get("Software") == MARK
     except Exception:   # a folder, not a PNG, unreadable: not ours
@@ -311,7 +313,9 @@ def run(args):
         raise UserError(f"{out} already holds {len(old)} captchas of an earlier run; pass --clean to replace them "
                         "or choose another --output")
     for stale in out.glob(".generate-*"):   # left by a run killed outright: with the lock held, none is in use
-        shutil.rmtree(stale, ignore_errors=True)
+        if re.fullmatch(r"\.generate-\d+", stale.name) and stale.is_dir() and not stale.is_symlink() and all(
+                CAPTCHA_NAME.match(f.name.removeprefix(".").removesuffix(".tmp")) for f in stale.iterdir()):
+            shutil.rmtree(stale, ignore_errors=True)   # only a staging folder of ours: a user's .generate-x stays
     staged = out / f".generate-{os.getpid()}"   # the new captchas are drawn here, then replace the old ones at once
     try:
         staged.mkdir()
@@ -344,13 +348,18 @@ def draw_all(args, families, out, staged, old):
         raise UserError(f"--output {out}: {e.strerror or e}")
     finally:
         bar.close()
-    try:   # the swap: the old set out, the new one in (a second or two for 100,000)
-        for p in old:
-            p.unlink()
-        for name in sorted(p.name for p in staged.iterdir() if CAPTCHA_NAME.match(p.name)):
+    held = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:   # the swap, not interrupted: the new set in (same names replaced at once), then the old rest out
+        names = sorted(p.name for p in staged.iterdir() if CAPTCHA_NAME.match(p.name))
+        for name in names:
             os.replace(staged / name, out / name)
+        for p in set(old) - {out / name for name in names}:
+            p.unlink()
     except OSError as e:
         raise UserError(f"--output {out}: cannot put the new captchas in place ({e.strerror or e})")
+    finally:
+        for sig, handler in held.items():
+            signal.signal(sig, handler)
     seconds = time.perf_counter() - start
     print(f"wrote {args.count} captchas to {out} in {seconds:.1f}s ({args.count / seconds:.0f} images/s)")
     return 0

@@ -145,7 +145,16 @@ def test_generator_keeps_the_old_set_until_the_new_one_is_complete(tmp):
     out = tmp / "swap"
     (out / ".generate-99999").mkdir(parents=True)   # the staging folder of a run killed outright (SIGKILL)
     (out / ".generate-99999" / "00000-abcd.png").write_bytes(b"drawn before the kill")
+    (out / ".generate-notes").mkdir()   # a user's own folder of that name: not a staging folder, never removed
+    (out / ".generate-notes" / "todo.txt").write_text("precious")
+    os.mkfifo(out / "00001-abcd.png")   # named like a captcha, a FIFO: not read (it blocked the run forever)
+    line = assert_one_line_error(run(GENERATE, "--count", 20, "--output", out, "--seed", 1, "--workers", 1,
+                                     timeout=60), 2)
+    assert "00001-abcd.png" in line and "no earlier run wrote there" in line
+    (out / "00001-abcd.png").unlink()
     assert run(GENERATE, "--count", 20, "--output", out, "--seed", 1, "--workers", 1).returncode == 0
+    assert (out / ".generate-notes" / "todo.txt").read_text() == "precious" and not (out / ".generate-99999").exists()
+    shutil.rmtree(out / ".generate-notes")
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     assert len(before) == 20   # the stale staging folder cleared
     proc = subprocess.Popen([sys.executable, GENERATE, "--count", "20000", "--output", str(out), "--clean",

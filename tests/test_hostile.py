@@ -180,6 +180,20 @@ def test_numeric_options_out_of_range(script, tmp_path):
     # --grid values go through the same checks
     line = assert_one_line_error(run_main(script, "train", "--data-dir", tmp_path / "data", "--grid", "epochs=1,0"), 2)
     assert "--grid epochs=1,0" in line and "at least 1" in line
+    data = ["train", "--data-dir", tmp_path / "data"]   # a wrong --grid or --tag is said before any run trains
+    line = assert_one_line_error(run_main(script, *data, "--grid", "lr=0.1,0.2", "--grid", "lr=0.3"), 2)
+    assert "--lr has a --grid already" in line   # both runs trained at 0.3, named 0.1 and 0.2
+    line = assert_one_line_error(run_main(script, *data, "--grid", "seed=" + ",".join(map(str, range(100))),
+                                          "--grid", "patience=" + ",".join(map(str, range(1, 101)))), 2)
+    assert "10,000 combinations, more than 1,000" in line
+    line = assert_one_line_error(run_main(script, *data, "--grid", "tag=short," + "é" * 130, "--grid", "seed=1,2"), 2)
+    assert "over 255 bytes" in line   # the second run failed, after the first had trained
+    line = assert_one_line_error(run_main(script, *data, "--tag", "x" * 201), 2)
+    assert "--tag" in line and "at most 200 printable characters" in line   # made runs.csv unreadable
+    (tmp_path / "a-file").write_text("not a folder")
+    line = assert_one_line_error(run_main(script, *data, "--tensorboard", tmp_path / "a-file"), 2)
+    assert "--tensorboard" in line and "not a folder" in line
+    assert not (tmp_path / "data").exists()
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -245,7 +259,7 @@ def test_second_command_on_a_data_dir_fails_at_once(tmp_path):
 
 def test_train_refuses_what_it_cannot_write_before_training(tmp_path):
     """A damaged runs.csv is said before any epoch (it used to end a whole training run with an error and lose the
-    run's row); a --tensorboard that names a file: the system's error in one line, not a traceback."""
+    run's row); a --tensorboard that names a file: a usage error in one line, before any work."""
     data = synthetic_cifar(tmp_path / "data")
     (data / "runs.csv").mkdir()
     proc = run_main("cifar_lenet.py", "train", "--data-dir", data, "--epochs", 1, "--device", "cpu")
@@ -253,7 +267,7 @@ def test_train_refuses_what_it_cannot_write_before_training(tmp_path):
     (data / "runs.csv").rmdir()
     (tmp_path / "tb").write_text("a file")
     line = assert_one_line_error(run_main("cifar_lenet.py", "train", "--data-dir", data, "--epochs", 1, "--device",
-                                          "cpu", "--tensorboard", tmp_path / "tb"), 1)
+                                          "cpu", "--tensorboard", tmp_path / "tb"), 2)
     assert str(tmp_path / "tb") in line and not (data / "model.pt").exists()
 
 
@@ -472,6 +486,22 @@ def test_epoch_files_are_whole_or_the_run_before(tmp_path, monkeypatch):
             with module.signals_held():
                 signal.raise_signal(sig)
                 raise OSError(errno.ENOSPC, "full")
+
+
+def test_torchrun_peer_gone_is_one_line(monkeypatch, capsys):
+    """Under torchrun, a collective that fails because another process died is one line naming the process (it was
+    60 lines of traceback from each survivor); outside torchrun a RuntimeError stays a bug's traceback."""
+    module = load_script("cifar_lenet.py")
+    def lost(args):
+        raise RuntimeError("[../gloo/transport/tcp/pair.cc:561] Connection closed by peer [127.0.0.1]:9099\nmore")
+    args = argparse.Namespace(command="eval", data_dir="unused", func=lost)
+    with pytest.raises(RuntimeError):
+        module.run_command(args)
+    monkeypatch.setattr(module.dist, "is_initialized", lambda: True)
+    monkeypatch.setenv("RANK", "1")
+    assert module.run_command(args) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error (process 1): [../gloo") and "another torchrun" in err
 
 
 def test_resume_refuses_a_damaged_checkpoint(tmp_path):
