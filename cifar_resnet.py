@@ -1377,7 +1377,9 @@ def grid_runs(args, parser):
             setattr(run_args, dest, value)
         name = "_".join(f"{key}={''.join(c if c.isalnum() or c in '.+-' else '-' for c in text)}"
                         for key, _, text, _ in combo)   # a folder name: a '/' in a value (a path) leads nowhere
-        name = name if name not in names else f"{name}-{len(runs) + 1}"
+        base, k = name, len(runs) + 1
+        while name in names:   # a suffix that is free itself
+            name, k = f"{base}-{k}", k + 1
         if len(name.encode()) > 255:   # DATA_DIR/grid/NAME: said now, not after the runs before it trained
             raise UserError(f"--grid: the run folder name {name[:60]}... is over 255 bytes; shorter values", 2)
         names.add(name)
@@ -2294,11 +2296,14 @@ def run_command(args):
         print("error: a worker process died (out of memory, or killed); nothing was replaced; run it again "
               "(prepare: with fewer --workers)", file=sys.stderr)
         return 1
-    except RuntimeError as e:   # under torchrun: another process stopped (its collective fails here: 60 lines)
-        if not (dist.is_available() and dist.is_initialized()):
+    except RuntimeError as e:   # under torchrun: another process stopped, this one's collective failed (60 lines)
+        lost = isinstance(e, getattr(dist, "DistError", ())) or any(
+            word in str(e) for word in ("gloo", "NCCL", "Connection", "connection", "peer"))
+        if int(os.environ.get("WORLD_SIZE", "1")) < 2 or not lost:   # a bug: its traceback
             raise
-        print(f"error (process {os.environ.get('RANK')}): {str(e).strip().splitlines()[0][:200]} (another torchrun "
-              "process may have stopped: see its message)", file=sys.stderr)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        print(f"error (process {os.environ.get('RANK')}): {first[:200]} (another torchrun process may have stopped: "
+              "see its message)", file=sys.stderr)
         return 1
     except OSError as e:   # a full disk, a folder where a file goes, a read-only place: the system's own words
         where = e.filename2 or e.filename   # a rename: where the file was going, not its temporary name

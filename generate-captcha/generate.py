@@ -313,9 +313,10 @@ def run(args):
         raise UserError(f"{out} already holds {len(old)} captchas of an earlier run; pass --clean to replace them "
                         "or choose another --output")
     for stale in out.glob(".generate-*"):   # left by a run killed outright: with the lock held, none is in use
-        if re.fullmatch(r"\.generate-\d+", stale.name) and stale.is_dir() and not stale.is_symlink() and all(
-                CAPTCHA_NAME.match(f.name.removeprefix(".").removesuffix(".tmp")) for f in stale.iterdir()):
-            shutil.rmtree(stale, ignore_errors=True)   # only a staging folder of ours: a user's .generate-x stays
+        with contextlib.suppress(OSError):   # unreadable: left as it is
+            if re.fullmatch(r"\.generate-\d+", stale.name) and stale.is_dir() and not stale.is_symlink() and all(
+                    CAPTCHA_NAME.match(f.name.removeprefix(".").removesuffix(".tmp")) for f in stale.iterdir()):
+                shutil.rmtree(stale, ignore_errors=True)   # only a staging folder of ours: a user's .generate-x stays
     staged = out / f".generate-{os.getpid()}"   # the new captchas are drawn here, then replace the old ones at once
     try:
         staged.mkdir()
@@ -348,21 +349,35 @@ def draw_all(args, families, out, staged, old):
         raise UserError(f"--output {out}: {e.strerror or e}")
     finally:
         bar.close()
-    held = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:   # the swap, not interrupted: the new set in (same names replaced at once), then the old rest out
-        names = sorted(p.name for p in staged.iterdir() if CAPTCHA_NAME.match(p.name))
-        for name in names:
-            os.replace(staged / name, out / name)
-        for p in set(old) - {out / name for name in names}:
-            p.unlink()
-    except OSError as e:
-        raise UserError(f"--output {out}: cannot put the new captchas in place ({e.strerror or e})")
-    finally:
-        for sig, handler in held.items():
-            signal.signal(sig, handler)
+    with signals_held():   # the swap whole: the new set in (same names replaced at once), then the old rest out
+        try:
+            names = sorted(p.name for p in staged.iterdir() if CAPTCHA_NAME.match(p.name))
+            for name in names:
+                os.replace(staged / name, out / name)
+            for p in set(old) - {out / name for name in names}:
+                p.unlink(missing_ok=True)
+        except OSError as e:
+            raise UserError(f"--output {out}: cannot put all the new captchas in place ({e.strerror or e}); it may "
+                            "hold some of each set now: run again with --clean")
     seconds = time.perf_counter() - start
     print(f"wrote {args.count} captchas to {out} in {seconds:.1f}s ({args.count / seconds:.0f} images/s)")
     return 0
+
+
+@contextlib.contextmanager
+def signals_held():
+    """Ctrl-C and SIGTERM wait while the body runs, then act (130 / 143): the swap of the sets is never cut."""
+    got, before = [], {}
+    try:
+        with contextlib.suppress(ValueError):   # not the main thread: signals are not ours to hold
+            for s in (signal.SIGINT, signal.SIGTERM):
+                before[s] = signal.signal(s, lambda signum, frame: got.append(signum))
+        yield
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+        if got:
+            raise KeyboardInterrupt() if got[0] == signal.SIGINT else Terminated()
 
 
 def main(argv=None):

@@ -170,6 +170,35 @@ def test_generator_keeps_the_old_set_until_the_new_one_is_complete(tmp):
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
+SIGTERM_AT_RENAME = """
+import os, runpy, signal, sys
+real_replace, calls = os.replace, []
+def replace(src, dst):
+    calls.append(dst)
+    if len(calls) == int(os.environ["SIGTERM_AT_RENAME"]):
+        os.kill(os.getpid(), signal.SIGTERM)   # a scheduler's stop, at the first rename of the swap
+    return real_replace(src, dst)
+os.replace = replace
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_generator_swap_is_never_cut(tmp):
+    """A SIGTERM during the final swap of a --clean run waits for it: status 143, and the folder holds the new set
+    whole, of another count and length, none of the old (an interrupt there lost the old set and most of the new)."""
+    out = tmp / "cut"
+    assert run(GENERATE, "--count", 8, "--output", out, "--workers", 1).returncode == 0
+    old = {p.name for p in out.iterdir()}
+    env = dict(os.environ, SIGTERM_AT_RENAME="6")   # 5 renames as the 5 captchas are drawn, then the swap
+    proc = subprocess.run([sys.executable, "-c", SIGTERM_AT_RENAME, str(ROOT / GENERATE), "--count", "5", "--length",
+                           "5", "--seed", "3", "--output", str(out), "--workers", "1", "--clean"],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert proc.returncode == 143 and proc.stderr.strip() == "terminated", proc.stderr
+    new = {p.name for p in out.iterdir()}
+    assert len(new) == 5 and not new & old and all(len(name.split("-")[1]) == 9 for name in new)   # CODE.png
+
+
 @pytest.mark.parametrize("args", [["--count", "0"], ["--length", "0"], ["--fonts", "/nonexistent/fonts"],
                                   ["--workers", "100000"], ["--length", "4-"], ["--output", ""]])
 def test_generator_bad_options(tmp, args):

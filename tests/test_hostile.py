@@ -490,18 +490,27 @@ def test_epoch_files_are_whole_or_the_run_before(tmp_path, monkeypatch):
 
 def test_torchrun_peer_gone_is_one_line(monkeypatch, capsys):
     """Under torchrun, a collective that fails because another process died is one line naming the process (it was
-    60 lines of traceback from each survivor); outside torchrun a RuntimeError stays a bug's traceback."""
+    60 lines of traceback from each survivor); any other RuntimeError, and any outside torchrun, keeps its
+    traceback (a bug)."""
     module = load_script("cifar_lenet.py")
     def lost(args):
         raise RuntimeError("[../gloo/transport/tcp/pair.cc:561] Connection closed by peer [127.0.0.1]:9099\nmore")
+    def bug(args):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
     args = argparse.Namespace(command="eval", data_dir="unused", func=lost)
     with pytest.raises(RuntimeError):
         module.run_command(args)
-    monkeypatch.setattr(module.dist, "is_initialized", lambda: True)
+    monkeypatch.setenv("WORLD_SIZE", "2")   # cmd_train has left the process group by then: the environment tells
     monkeypatch.setenv("RANK", "1")
     assert module.run_command(args) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error (process 1): [../gloo") and "another torchrun" in err
+    with pytest.raises(RuntimeError, match="shapes"):   # a bug under torchrun keeps its traceback
+        module.run_command(argparse.Namespace(command="eval", data_dir="unused", func=bug))
+    parser = module.build_parser()   # --grid names made unique by a suffix: the suffix free too
+    args = parser.parse_args(["train", "--grid", "tag=a-b-3,a-b,a/b"])
+    names = [name for name, _ in module.grid_runs(args, args.train_parser)]
+    assert len(set(names)) == 3, names
 
 
 def test_resume_refuses_a_damaged_checkpoint(tmp_path):
