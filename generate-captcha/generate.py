@@ -21,12 +21,13 @@ import shutil
 import signal
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from functools import lru_cache
 try:
     import fcntl   # one generator per --output (not on Windows)
 except ImportError:
     fcntl = None
-from multiprocessing import Pool
 from pathlib import Path
 
 import matplotlib
@@ -342,9 +343,16 @@ def draw_all(args, families, out, staged, old):
             for n in map(generate_range, ranges):
                 bar.update(n)
         else:
-            with Pool(args.workers, initializer=init_worker, initargs=(job,)) as pool:
-                for n in pool.imap_unordered(generate_range, ranges):
-                    bar.update(n)
+            with ProcessPoolExecutor(args.workers, initializer=init_worker, initargs=(job,)) as pool:
+                try:
+                    for n in pool.map(generate_range, ranges):
+                        bar.update(n)
+                except BaseException:   # Ctrl-C, SIGTERM, an error: the chunks not started are dropped
+                    pool.shutdown(cancel_futures=True)
+                    raise
+    except BrokenProcessPool:   # a worker killed (out of memory): multiprocessing.Pool waited for it forever
+        raise UserError("a worker process died (out of memory, or killed); nothing was replaced; run it again, with "
+                        "fewer --workers")
     except OSError as e:   # a full disk, a read-only folder
         raise UserError(f"--output {out}: {e.strerror or e}")
     finally:

@@ -16,6 +16,7 @@ import sys
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import torch
@@ -136,6 +137,22 @@ def test_generator_sigterm_stops_every_worker(tmp, workers):
     time.sleep(1)
     assert proc.returncode == 143 and err.strip().endswith("terminated") and "Traceback" not in err, err
     assert not list(out.iterdir())   # no half set, no temporary file, nothing a later worker wrote
+
+
+def test_generator_worker_killed_is_one_line(tmp):
+    """A worker killed outright (the system's out-of-memory killer) ends the run in one line, nothing written
+    (multiprocessing.Pool waited for its lost chunk forever)."""
+    out = tmp / "oom"
+    proc = subprocess.Popen([sys.executable, GENERATE, "--count", "20000", "--output", str(out), "--workers", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    deadline = time.time() + 60
+    while len(list(out.glob(".generate-*/*.png"))) < 50 and time.time() < deadline:
+        time.sleep(0.05)
+    worker = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()[0]
+    os.kill(int(worker), signal.SIGKILL)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "a worker process died" in err and "Traceback" not in err, err
+    assert not list(out.iterdir())
 
 
 def test_generator_keeps_the_old_set_until_the_new_one_is_complete(tmp):
