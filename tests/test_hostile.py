@@ -171,7 +171,7 @@ SCRIPT_BAD = {
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_numeric_options_out_of_range(script, tmp_path):
+def test_numeric_options_out_of_range(script, tmp_path, monkeypatch):
     for args in COMMON_BAD + SCRIPT_BAD[script]:
         proc = run_main(script, *args, "--data-dir", tmp_path / "data")
         line = assert_one_line_error(proc, 2)
@@ -193,6 +193,10 @@ def test_numeric_options_out_of_range(script, tmp_path):
     (tmp_path / "a-file").write_text("not a folder")
     line = assert_one_line_error(run_main(script, *data, "--tensorboard", tmp_path / "a-file"), 2)
     assert "--tensorboard" in line and "not a folder" in line
+    if script.startswith("cifar"):   # --compile on the CPU without a compiler: said before the data are read
+        monkeypatch.setenv("CXX", "/nonexistent/g++")
+        line = assert_one_line_error(run_main(script, *data, "--compile", "--device", "cpu"), 2)
+        assert "--compile on the CPU needs a C++ compiler (/nonexistent/g++)" in line
     assert not (tmp_path / "data").exists()
 
 
