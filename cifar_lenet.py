@@ -442,10 +442,10 @@ def cmd_prepare(args):
 
 def train(args, device, out_dir, tb_dir):
     """One training run on DATA_DIR's prepared data; model, checkpoint and history go to out_dir."""
-    compilers = os.environ.get("CXX", "").split()[:1] or ["g++", "c++", "clang++"]   # CXX may be "ccache g++"
-    if args.compile and device.type == "cpu" and not any(map(shutil.which, compilers)):   # inductor builds C++
-        raise UserError(f"--compile on the CPU needs a C++ compiler ({' or '.join(compilers)}); install one or "
-                        "leave --compile out", 2)
+    cxx = os.environ.get("CXX", "g++")   # the compiler torch's inductor runs on the CPU ("ccache g++" works too)
+    if args.compile and device.type == "cpu" and not shutil.which((shlex.split(cxx) or [""])[0]):
+        raise UserError(f"--compile on the CPU needs a C++ compiler: {cxx!r} (CXX, or g++ when unset) is not "
+                        "there; install one or leave --compile out", 2)
     data_dir = Path(args.data_dir)
     meta = read_meta(data_dir)
     rank = rank_and_world()[0]

@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import math
 import os
+import pickle
 import random
 import re
 import shutil
@@ -195,6 +196,8 @@ _JOB = {}
 def init_worker(job):
     signal.signal(signal.SIGINT, signal.SIG_IGN)    # Ctrl-C is the main process's to handle: no worker tracebacks
     signal.signal(signal.SIGTERM, signal.SIG_DFL)   # the pool ends its workers with it
+    if job["lock"] is not None:   # the --output lock is the main process's: a worker left behind must not hold it
+        os.close(job["lock"])
     _JOB.update(job)
 
 
@@ -295,11 +298,12 @@ def run(args):
         raise UserError(f"--size {args.size[0]}x{args.size[1]}: {args.size[0] // args.length[1]} px wide for each of "
                         f"{args.length[1]} characters; at least 8 (--size {8 * args.length[1]}x{args.size[1]})")
     families = font_pool(args.fonts)
-    out = Path(args.output)
+    out, lock = Path(args.output), None
     try:
         out.mkdir(parents=True, exist_ok=True)
         if fcntl is not None:   # held until the process ends
-            fcntl.flock(os.open(out, os.O_RDONLY), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            lock = os.open(out, os.O_RDONLY)
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         old = [p for p in out.iterdir() if CAPTCHA_NAME.match(p.name)]
     except BlockingIOError:
         raise UserError(f"--output {out}: another generate.py is writing there; wait for it or choose another folder")
@@ -324,13 +328,13 @@ def run(args):
     except OSError as e:   # a folder that takes no new entry
         raise UserError(f"--output {out}: {e.strerror or e}")
     try:
-        return draw_all(args, families, out, staged, old)
+        return draw_all(args, families, out, staged, old, lock)
     finally:   # done, failed or interrupted: the staging folder goes; the old captchas stay unless replaced
         shutil.rmtree(staged, ignore_errors=True)
 
 
-def draw_all(args, families, out, staged, old):
-    job = {"seed": args.seed, "length": args.length, "families": families, "output": str(staged),
+def draw_all(args, families, out, staged, old, lock=None):
+    job = {"lock": lock, "seed": args.seed, "length": args.length, "families": families, "output": str(staged),
            "style": {"size": args.size, "palette": PALETTES[args.palette]},
            "digits": max(5, len(str(args.count - 1)))}
     chunk = 200
@@ -338,17 +342,24 @@ def draw_all(args, families, out, staged, old):
     start = time.perf_counter()
     bar = tqdm(total=args.count, unit="img", disable=not sys.stderr.isatty(), file=sys.stderr)
     try:
-        if args.workers == 1:
+        workers = args.workers
+        try:
+            pickle.dumps(generate_range)
+        except Exception:   # a module loaded under no importable name: its workers could not find it (they hung)
+            workers = 1
+        if workers == 1:
             _JOB.update(job)   # not init_worker: this process keeps its own Ctrl-C and SIGTERM handling
             for n in map(generate_range, ranges):
                 bar.update(n)
         else:
-            with ProcessPoolExecutor(args.workers, initializer=init_worker, initargs=(job,)) as pool:
+            with ProcessPoolExecutor(workers, initializer=init_worker, initargs=(job,)) as pool:
                 try:
                     for n in pool.map(generate_range, ranges):
                         bar.update(n)
-                except BaseException:   # Ctrl-C, SIGTERM, an error: the chunks not started are dropped
-                    pool.shutdown(cancel_futures=True)
+                except BaseException:   # Ctrl-C, SIGTERM, an error: the workers stop now, as Pool's did (no public
+                    for worker in list((getattr(pool, "_processes", None) or {}).values()):   # way before 3.14)
+                        worker.terminate()
+                    pool.shutdown(wait=False, cancel_futures=True)
                     raise
     except BrokenProcessPool:   # a worker killed (out of memory): multiprocessing.Pool waited for it forever
         raise UserError("a worker process died (out of memory, or killed); nothing was replaced; run it again, with "

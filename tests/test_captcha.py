@@ -132,11 +132,15 @@ def test_generator_sigterm_stops_every_worker(tmp, workers):
     deadline = time.time() + 60
     while len(list(out.glob(".generate-*/*.png"))) < 50 and time.time() < deadline:   # drawn aside, then put in
         time.sleep(0.05)
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     time.sleep(1)
     assert proc.returncode == 143 and err.strip().endswith("terminated") and "Traceback" not in err, err
     assert not list(out.iterdir())   # no half set, no temporary file, nothing a later worker wrote
+    running = [pid for pid in children if Path(f"/proc/{pid}/stat").exists()
+               and Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"]
+    assert not running   # the workers stopped with it (left behind, they held the --output lock)
 
 
 def test_generator_worker_killed_is_one_line(tmp):
@@ -148,9 +152,12 @@ def test_generator_worker_killed_is_one_line(tmp):
     deadline = time.time() + 60
     while len(list(out.glob(".generate-*/*.png"))) < 50 and time.time() < deadline:
         time.sleep(0.05)
-    worker = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()[0]
-    os.kill(int(worker), signal.SIGKILL)
-    _, err = proc.communicate(timeout=120)
+    try:
+        worker = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()[0]
+        os.kill(int(worker), signal.SIGKILL)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
     assert proc.returncode == 2 and "a worker process died" in err and "Traceback" not in err, err
     assert not list(out.iterdir())
 
