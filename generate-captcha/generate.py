@@ -353,13 +353,13 @@ def draw_all(args, families, out, staged, old, lock=None):
                 bar.update(n)
         else:
             with ProcessPoolExecutor(workers, initializer=init_worker, initargs=(job,)) as pool:
-                try:
-                    for n in pool.map(generate_range, ranges):
-                        bar.update(n)
+                chunks = [pool.submit(generate_range, r) for r in ranges]   # not map(): it cancels what is left, and
+                try:                                                        # Python 3.11's pool then printed an
+                    for chunk in chunks:                                    # InvalidStateError traceback
+                        bar.update(chunk.result())
                 except BaseException:   # Ctrl-C, SIGTERM, an error: the workers stop now, as Pool's did (no public
-                    for worker in list((getattr(pool, "_processes", None) or {}).values()):   # way before 3.14)
-                        worker.terminate()
-                    pool.shutdown(wait=False, cancel_futures=True)
+                    for worker in list((getattr(pool, "_processes", None) or {}).values()):   # way before 3.14);
+                        worker.terminate()   # the pool then fails the chunks left
                     raise
     except BrokenProcessPool:   # a worker killed (out of memory): multiprocessing.Pool waited for it forever
         raise UserError("a worker process died (out of memory, or killed); nothing was replaced; run it again, with "
