@@ -2169,8 +2169,14 @@ def base_parser():
 def cmd_train(args):
     """Train once, or once per --grid combination (each in DATA_DIR/grid/NAME/); one runs.csv row per run."""
     runs = grid_runs(args, args.train_parser)
-    given = given_options(args.train_parser, args.argv[args.argv.index("train") + 1:]) if args.resume else set()
+    named = given_options(args.train_parser, args.argv[args.argv.index("train") + 1:])
+    if "histogram_every" in named and not args.tensorboard:
+        raise UserError("--histogram-every sets how often TensorBoard gets weight histograms; pass --tensorboard DIR "
+                        "too", 2)
+    given = named if args.resume else set()
     device = setup_distributed(args.device)
+    if args.sync_bn and not dist.is_initialized() and main_process():
+        print("warning: --sync-bn: one process (not under torchrun), nothing to synchronise", file=sys.stderr)
     data_dir = Path(args.data_dir)
     if main_process():
         read_runs(data_dir / "runs.csv")   # a damaged runs.csv: said now, not after the training it would lose
@@ -2240,9 +2246,13 @@ def iter_eval_inputs(paths):
             if line:
                 yield from expand(line)
     else:
+        read = False
         for line in sys.stdin:
             if line.strip():
+                read = True
                 yield from expand(line.strip())
+        if not read:   # `eval < /dev/null`, or a `find` that found nothing: said, not a silent success
+            raise UserError("no image path on stdin (pass IMAGE arguments, or one path per line on stdin)")
 
 
 def add_scale_options(p):

@@ -864,7 +864,7 @@ def test_eval_folder_json(trained, generated):
 
 def test_eval_stdin_and_bad_image(trained, generated, image_dir, tmp_path):
     """Paths from stdin: a bad or missing image is an error object, a folder stands for its images (it was called
-    a folder with no images), an empty one is an error object."""
+    a folder with no images), an empty one is an error object; no path at all is an error."""
     good = [str(p) for p in sorted(generated.iterdir())[:3]]
     (tmp_path / "one").mkdir()
     (tmp_path / "one" / "a.png").symlink_to(good[2])
@@ -878,6 +878,8 @@ def test_eval_stdin_and_bad_image(trained, generated, image_dir, tmp_path):
     assert "code" in rows[0] and "code" in rows[3] and "code" in rows[4]
     assert rows[1]["error"].startswith("cannot read image") and rows[2]["error"].startswith("cannot read image")
     assert "a folder with no images" in rows[5]["error"]
+    proc, rows = eval_json(trained, stdin="\n  \n")   # `eval < /dev/null` was a silent success
+    assert "no image path on stdin" in assert_one_line_error(proc, 1) and not rows
 
 
 def test_eval_reads_modes_and_formats(trained, image_dir):

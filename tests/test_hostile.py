@@ -193,6 +193,8 @@ def test_numeric_options_out_of_range(script, tmp_path, monkeypatch):
     (tmp_path / "a-file").write_text("not a folder")
     line = assert_one_line_error(run_main(script, *data, "--tensorboard", tmp_path / "a-file"), 2)
     assert "--tensorboard" in line and "not a folder" in line
+    line = assert_one_line_error(run_main(script, *data, "--histogram-every", 2), 2)   # was silently ignored
+    assert "--histogram-every" in line and "pass --tensorboard DIR too" in line
     if script.startswith("cifar"):   # --compile on the CPU without a compiler: said before the data are read
         for cxx in ("/nonexistent/g++", ""):   # inductor runs $CXX, g++ when unset (an empty one: nothing)
             monkeypatch.setenv("CXX", cxx)
@@ -264,7 +266,8 @@ def test_second_command_on_a_data_dir_fails_at_once(tmp_path):
 
 def test_train_refuses_what_it_cannot_write_before_training(tmp_path):
     """A damaged runs.csv is said before any epoch (it used to end a whole training run with an error and lose the
-    run's row); a --tensorboard that names a file: a usage error in one line, before any work."""
+    run's row); a --tensorboard that names a file: a usage error in one line, before any work; --sync-bn in one
+    process: a warning."""
     data = synthetic_cifar(tmp_path / "data")
     (data / "runs.csv").mkdir()
     proc = run_main("cifar_lenet.py", "train", "--data-dir", data, "--epochs", 1, "--device", "cpu")
@@ -274,6 +277,9 @@ def test_train_refuses_what_it_cannot_write_before_training(tmp_path):
     line = assert_one_line_error(run_main("cifar_lenet.py", "train", "--data-dir", data, "--epochs", 1, "--device",
                                           "cpu", "--tensorboard", tmp_path / "tb"), 2)
     assert str(tmp_path / "tb") in line and not (data / "model.pt").exists()
+    proc = run_main("cifar_lenet.py", "train", "--data-dir", data, "--epochs", 1, "--device", "cpu", "--sync-bn")
+    assert proc.returncode == 0, proc.stderr   # one process: said, not silently ignored, and the run goes on
+    assert "warning: --sync-bn: one process (not under torchrun)" in proc.stderr and (data / "model.pt").is_file()
 
 
 def test_a_file_system_error_is_one_line(tmp_path, capsys):

@@ -217,6 +217,8 @@ def test_eval_json_output_dir_and_bad_image(faces, trained, tmp_path):
     proc = run(SCRIPT, "eval", "--data-dir", data, "--json", "--output", tmp_path / "x.png", "--device", "cpu",
                stdin=f"{photos[1]}\n\n")  # piped stdin: one path per line
     assert proc.returncode == 0 and json.loads(proc.stdout)["image"] == str(photos[1])
+    proc = run_main(SCRIPT, "eval", "--data-dir", data, "--json", "--device", "cpu", stdin="\n")   # no path at all
+    assert "no image path on stdin" in assert_one_line_error(proc, 1)
 
 
 def test_eval_missing_and_foreign_model(faces, trained, tmp_path):
