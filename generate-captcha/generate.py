@@ -83,9 +83,13 @@ def font_pool(fonts_dir=None):
     pool = [tuple(str(mpl_dir / f) if f else None for f in files) for files in MPL_FAMILIES.values()]
     if fonts_dir is not None:
         extra = sorted(p for p in Path(fonts_dir).iterdir() if p.suffix.lower() == ".ttf" and p.is_file())
-        usable = [p for p in extra if draws_all_characters(str(p))]
-        for p in sorted(set(extra) - set(usable)):
-            print(f"skipping font {p}: it cannot draw every captcha character", file=sys.stderr)
+        usable = []
+        for p in extra:
+            why = font_problem(str(p))
+            if why:
+                print(f"skipping font {p}: {why}", file=sys.stderr)
+            else:
+                usable.append(p)
         if not usable:
             print(f"--fonts {fonts_dir}: no usable .ttf font in it (subfolders and .otf are not read); the "
                   f"built-in fonts alone", file=sys.stderr)
@@ -93,17 +97,38 @@ def font_pool(fonts_dir=None):
     return pool
 
 
-def draws_all_characters(path):
-    """The font maps every captcha character to a glyph of its own (a missing one would be drawn as the font's
-    empty box, and the image would not show its file name's code) that draws something."""
+def font_problem(path):
+    """Why a font cannot draw the captchas, or None: each captcha character must map to a glyph of its own (a
+    missing one would be drawn as the font's empty box, and the image would not show its file name's code) that
+    draws something, and is that character's (not a symbol's, as in a symbol font)."""
     try:
-        charmap = FT2Font(path).get_charmap()
+        face = FT2Font(path)
+        charmap = face.get_charmap()
         font = ImageFont.truetype(path, 32)
         masks = {c: font.getmask(c).getbbox() for c in DIGITS + LETTERS}
     except (OSError, RuntimeError, ValueError):
-        return False
-    return (all(ord(c) in charmap and charmap[ord(c)] != 0 for c in DIGITS + LETTERS)
-            and all(box is not None for box in masks.values()) and len(set(map(str, masks.values()))) > 1)
+        return "it cannot draw every captcha character"
+    if not (all(ord(c) in charmap and charmap[ord(c)] != 0 for c in DIGITS + LETTERS)
+            and all(box is not None for box in masks.values()) and len(set(map(str, masks.values()))) > 1):
+        return "it cannot draw every captcha character"
+    other = [c for c in DIGITS + LETTERS if other_glyph(face.get_glyph_name(charmap[ord(c)]), c)]
+    if other:
+        return (f"it draws other glyphs for {len(other)} captcha characters ({other[0]!r} is "
+                f"{face.get_glyph_name(charmap[ord(other[0])])!r}): a symbol font?")
+    return None
+
+
+NUMBER_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+
+def other_glyph(name, char):
+    """Does a glyph's name say it draws something else (a symbol font maps 'a' to a glyph named 'turnstileright')?
+    Glyph names follow the Adobe Glyph List (a, K, seven, seven.alt, sevenoldstyle, uni0037); a font without
+    such names (glyph12, gid12, none) is given the benefit of the doubt."""
+    expected = NUMBER_NAMES[int(char)] if char.isdigit() else char
+    return (bool(re.fullmatch(r"[A-Za-z][A-Za-z0-9_.]*", name))
+            and not re.fullmatch(r"(?:glyph|gid|cid|index|g)\d+|uni[0-9A-Fa-f]{4}.*|u[0-9A-Fa-f]{4,6}.*", name)
+            and not name.startswith(expected))
 
 
 @lru_cache(maxsize=None)

@@ -236,10 +236,13 @@ def test_generator_length_and_extra_fonts(tmp):
     import matplotlib
     shutil.copy(os.path.join(matplotlib.get_data_path(), "fonts", "ttf", "DejaVuSans.ttf"), fonts / "extra.ttf")
     (fonts / "broken.ttf").write_text("not a font")
+    # a symbol font maps every character to a glyph, but not to its own: images that would not show their codes
+    shutil.copy(os.path.join(matplotlib.get_data_path(), "fonts", "ttf", "cmsy10.ttf"), fonts / "symbols.ttf")
     out = tmp / "len6"
     proc = run(GENERATE, "--count", 10, "--length", 6, "--output", out, "--fonts", fonts)
     assert proc.returncode == 0, proc.stderr
-    assert "broken.ttf" in proc.stderr
+    assert "broken.ttf" in proc.stderr and "symbols.ttf: it draws other glyphs" in proc.stderr
+    assert "extra.ttf" not in proc.stderr
     assert all(re.fullmatch(r"\d{5}-\w{6}\.png", p.name) for p in out.iterdir())
 
 
