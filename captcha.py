@@ -2626,13 +2626,15 @@ def cmd_train(args):
     """Train once, or once per --grid combination (each in DATA_DIR/grid/NAME/); one runs.csv row per run."""
     runs = grid_runs(args, args.train_parser)
     named = given_options(args.train_parser, args.argv[args.argv.index("train") + 1:])
-    if "histogram_every" in named and not args.tensorboard:
+    asked = "histogram_every" in named or any(r.histogram_every != args.histogram_every for _, r in runs)   # --grid
+    if asked and not args.tensorboard and any(r.histogram_every for _, r in runs):   # 0 (never) needs no TensorBoard
         raise UserError("--histogram-every sets how often TensorBoard gets weight histograms; pass --tensorboard DIR "
                         "too", 2)
     given = named if args.resume else set()
     device = setup_distributed(args.device)
     if args.sync_bn and not dist.is_initialized() and main_process():
-        print("warning: --sync-bn: one process (not under torchrun), nothing to synchronise", file=sys.stderr)
+        print("warning: --sync-bn: one process, nothing to synchronise (torchrun with 2 or more processes on CUDA "
+              "synchronises BatchNorm)", file=sys.stderr)
     data_dir = Path(args.data_dir)
     if main_process():
         read_runs(data_dir / "runs.csv")   # a damaged runs.csv: said now, not after the training it would lose

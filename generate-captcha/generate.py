@@ -112,9 +112,13 @@ def font_problem(path):
             and all(box is not None for box in masks.values()) and len(set(map(str, masks.values()))) > 1):
         return "it cannot draw every captcha character"
     other = [c for c in DIGITS + LETTERS if other_glyph(face.get_glyph_name(charmap[ord(c)]), c)]
+    name = other and face.get_glyph_name(charmap[ord(other[0])])
+    if other and not other[0].isdigit() and not other_glyph(name, other[0].swapcase()):
+        return (f"it draws {other[0]!r} as {other[0].swapcase()!r} ({name!r}): an all-caps or small-caps font cannot "
+                "show the codes' case")
     if other:
         return (f"it draws other glyphs for {len(other)} captcha characters ({other[0]!r} is "
-                f"{face.get_glyph_name(charmap[ord(other[0])])!r}): a symbol font?")
+                f"{name!r}): a symbol font?")
     return None
 
 
@@ -127,7 +131,7 @@ def other_glyph(name, char):
     such names (glyph12, gid12, none) is given the benefit of the doubt."""
     expected = NUMBER_NAMES[int(char)] if char.isdigit() else char
     return (bool(re.fullmatch(r"[A-Za-z][A-Za-z0-9_.]*", name))
-            and not re.fullmatch(r"(?:glyph|gid|cid|index|g)\d+|uni[0-9A-Fa-f]{4}.*|u[0-9A-Fa-f]{4,6}.*", name)
+            and not re.fullmatch(r"(?:glyph|gid|cid|index|char|g)\d+|uni[0-9A-F]{4}.*|u[0-9A-F]{4,6}.*", name, re.I)
             and not name.startswith(expected))
 
 

@@ -246,6 +246,17 @@ def test_generator_length_and_extra_fonts(tmp):
     assert all(re.fullmatch(r"\d{5}-\w{6}\.png", p.name) for p in out.iterdir())
 
 
+def test_glyph_names_that_draw_other_characters():
+    """generate.py --fonts: a glyph named for its character (with a variant suffix, a uniXXXX name, or a font's own
+    numbering) draws it; a symbol's name, a capital for a small letter, a Zapf Dingbats number do not."""
+    gen = load_script(GENERATE)
+    for name, char in [("a", "a"), ("a.sc", "a"), ("K_", "K"), ("seven", "7"), ("seven.lf", "7"), ("sevenoldstyle", "7"),
+                       ("uni0037", "7"), ("Glyph12", "K"), ("gid7", "b"), ("cid00012", "b"), ("", "b")]:
+        assert not gen.other_glyph(name, char), (name, char)
+    for name, char in [("turnstileright", "a"), ("element", "2"), ("A.sc", "a"), ("a1", "b"), ("Eta", "H")]:
+        assert gen.other_glyph(name, char), (name, char)
+
+
 # ---- prepare ----
 def test_prepare_counts_skips_and_meta(prepared):
     data, proc = prepared

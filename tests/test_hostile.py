@@ -193,8 +193,10 @@ def test_numeric_options_out_of_range(script, tmp_path, monkeypatch):
     (tmp_path / "a-file").write_text("not a folder")
     line = assert_one_line_error(run_main(script, *data, "--tensorboard", tmp_path / "a-file"), 2)
     assert "--tensorboard" in line and "not a folder" in line
-    line = assert_one_line_error(run_main(script, *data, "--histogram-every", 2), 2)   # was silently ignored
-    assert "--histogram-every" in line and "pass --tensorboard DIR too" in line
+    for asked in (["--histogram-every", 2], ["--grid", "histogram-every=1,2"]):   # were silently ignored
+        line = assert_one_line_error(run_main(script, *data, *asked), 2)
+        assert "--histogram-every" in line and "pass --tensorboard DIR too" in line
+    assert "meta.json not found" in assert_one_line_error(run_main(script, *data, "--histogram-every", 0), 1)   # never
     if script.startswith("cifar"):   # --compile on the CPU without a compiler: said before the data are read
         for cxx in ("/nonexistent/g++", ""):   # inductor runs $CXX, g++ when unset (an empty one: nothing)
             monkeypatch.setenv("CXX", cxx)
@@ -279,7 +281,7 @@ def test_train_refuses_what_it_cannot_write_before_training(tmp_path):
     assert str(tmp_path / "tb") in line and not (data / "model.pt").exists()
     proc = run_main("cifar_lenet.py", "train", "--data-dir", data, "--epochs", 1, "--device", "cpu", "--sync-bn")
     assert proc.returncode == 0, proc.stderr   # one process: said, not silently ignored, and the run goes on
-    assert "warning: --sync-bn: one process (not under torchrun)" in proc.stderr and (data / "model.pt").is_file()
+    assert "warning: --sync-bn: one process, nothing to synchronise" in proc.stderr and (data / "model.pt").is_file()
 
 
 def test_a_file_system_error_is_one_line(tmp_path, capsys):
