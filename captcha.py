@@ -913,7 +913,9 @@ def calibrate_and_test(model, model_path, data_dir, meta, device, batch_size, dt
     x_test, y_test = (t.to(device) for t in read_split(data_dir, "testing_set", meta))
     if not len(x_test):
         print(f"no test split: validation exact-match {best:.2%} (best model of epoch {best_model['epoch']}) is the "
-              f"estimate, slightly optimistic as it chose the model")
+              f"estimate, slightly optimistic as it chose the model" if len(x_val) else
+              f"no validation or test split: exact-match {best:.2%} on the training images themselves says nothing of "
+              f"new captchas; prepare with a validation share (--split auto)")
         return float("nan")
     pred, _ = read_codes(model, x_test, device, batch_size, dtype, VIEWS)
     correct, is_char = pred == y_test, y_test < len(meta["charset"])   # not the end symbol
@@ -996,13 +998,16 @@ def auto_augment(n_train, passes=AUGMENT_PASSES):
 
 
 class ImageSizeAction(argparse.Action):
-    """--image-size auto | H W (each 16 to 1024 pixels)."""
+    """--image-size auto | H W (each 16 to 1024 pixels, one over 16: the network's last map, a 16th of the input,
+    must hold two places, as BatchNorm cannot train on one value per channel in a batch of one)."""
 
     def __call__(self, parser, namespace, values, option_string=None):
         if values == ["auto"]:
             return setattr(namespace, self.dest, "auto")
-        if len(values) != 2 or not all(v.isdigit() and 16 <= int(v) <= 1024 for v in values):
-            parser.error(f"argument {option_string}: expected auto or H W, each from 16 to 1024 pixels")
+        if (len(values) != 2 or not all(v.isdigit() and 16 <= int(v) <= 1024 for v in values)
+                or max(map(int, values)) <= 16):
+            parser.error(f"argument {option_string}: expected auto or H W, each from 16 to 1024 pixels and one of them "
+                         "over 16")
         setattr(namespace, self.dest, tuple(map(int, values)))
 
 
@@ -1038,7 +1043,7 @@ def build_parser():
                    help="stop after N epochs without a better validation score")
     p.add_argument("--batch-size", type=positive_int, default=128,
                    help="mini-batch size (under torchrun: the global batch)")
-    p.add_argument("--lr", type=nonneg_float, default=3e-3, help="peak learning rate of the one-cycle schedule")
+    p.add_argument("--lr", type=positive_float, default=3e-3, help="peak learning rate of the one-cycle schedule")
     p.add_argument("--resume", action="store_true", help="continue from DATA_DIR/checkpoint.pt")
     p.add_argument("--init", metavar="MODEL", default=None,
                    help="start from the weights of another captcha model.pt, e.g. one trained on generated captchas: "
@@ -1164,11 +1169,12 @@ def load_shard(path):
 
 @contextlib.contextmanager
 def atomic_path(path):
-    """A temporary name next to `path`, unique to this write (NAME.tmp-PID-RANDOM.EXT): renamed to `path` when the
+    """A temporary name next to `path`, unique to this write (NAME.tmp-PID-RANDOM.EXT, NAME cut to 48 characters so
+    that a long name still fits the file system's 255 bytes): renamed to `path` when the
     block ends, removed when it fails or is interrupted, so `path` is always either the old file or the whole new
     one, whatever else writes next to it."""
     path = Path(path)
-    tmp = path.with_name(f"{path.stem}.tmp-{os.getpid()}-{secrets.token_hex(4)}{path.suffix}")
+    tmp = path.with_name(f"{path.stem[:48]}.tmp-{os.getpid()}-{secrets.token_hex(4)}{path.suffix[:16]}")   # <255 B
     try:
         yield tmp
         os.replace(tmp, path)
@@ -1296,7 +1302,7 @@ def staging_dir(data_dir):
     the block ends, unless a swap cut short left the old data in its previous/ (swap_prepared). Folders of killed
     runs (that name, holding STAGING_MARK) are removed first: the caller holds DATA_DIR's lock, so no other prepare
     uses them; a folder of the user's whose name merely starts the same stays."""
-    data_dir = Path(os.path.abspath(data_dir))
+    data_dir = Path(os.path.realpath(data_dir))   # not abspath: LINK/../data is beside the folder LINK names
     parent = data_dir.parent
     if not os.access(parent, os.W_OK) or os.stat(parent).st_dev != os.stat(data_dir).st_dev:
         parent = data_dir
@@ -1724,11 +1730,15 @@ def mean_over_processes(values, count, device):
     return [v / max(total, 1) for v in sums]
 
 
+MAX_LOSS = 1e4   # check_loss: a mean loss above this has diverged (cross-entropy starts near ln(classes), 1 to 7)
+
+
 def check_loss(epoch, split, loss):
-    """A loss that is nan or inf ends the run before the epoch is saved: the last good model and checkpoint stay.
-    The loss is the mean over all processes, so every process stops together."""
-    if not math.isfinite(loss):
-        raise UserError(f"epoch {epoch}: {split} loss is {loss}; lower --lr", 1)
+    """A loss that is nan, inf or over MAX_LOSS (diverged, though finite) ends the run before the epoch is saved: the
+    last good model and checkpoint stay. The loss is the mean over all processes, so every process stops together."""
+    if not math.isfinite(loss) or loss > MAX_LOSS:
+        raise UserError(f"epoch {epoch}: {split} loss is {loss:.4g}{' (diverged)' if math.isfinite(loss) else ''}; "
+                        "lower --lr", 1)
 
 
 def sync_buffers(model):
@@ -2461,6 +2471,14 @@ def nonneg_int(text):
 
 def nonneg_float(text):
     return parse_number(text, float, 0, MAX_FLOAT)
+
+
+def positive_float(text):
+    """A number over 0: --lr 0 trains nothing (the weights stay random) and would still save a model."""
+    value = parse_number(text, float, 0, MAX_FLOAT)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is out of range: it must be more than 0")
+    return value
 
 
 def wait_ms(text):

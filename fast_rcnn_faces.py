@@ -718,7 +718,7 @@ def build_parser():
                          help="first N selective-search regions per photo (0: no search, the dense windows only)")
     train.add_argument("--batch-size", type=positive_int, default=8,
                        help="photos per batch (under torchrun: the global batch)")
-    train.add_argument("--lr", type=nonneg_float, default=2e-3, help="learning rate of AdamW (cosine decay from it)")
+    train.add_argument("--lr", type=positive_float, default=2e-3, help="learning rate of AdamW (cosine decay from it)")
     train.add_argument("--width", type=width_arg, default=24, help="backbone channels of the first stage")
     evaluate.add_argument("--no-regress", action="store_true", help="show proposals before box correction")
     evaluate.add_argument("--no-flip", action="store_true", help="skip the second look at the mirrored photo "
@@ -1331,11 +1331,12 @@ def load_shard(path):
 
 @contextlib.contextmanager
 def atomic_path(path):
-    """A temporary name next to `path`, unique to this write (NAME.tmp-PID-RANDOM.EXT): renamed to `path` when the
+    """A temporary name next to `path`, unique to this write (NAME.tmp-PID-RANDOM.EXT, NAME cut to 48 characters so
+    that a long name still fits the file system's 255 bytes): renamed to `path` when the
     block ends, removed when it fails or is interrupted, so `path` is always either the old file or the whole new
     one, whatever else writes next to it."""
     path = Path(path)
-    tmp = path.with_name(f"{path.stem}.tmp-{os.getpid()}-{secrets.token_hex(4)}{path.suffix}")
+    tmp = path.with_name(f"{path.stem[:48]}.tmp-{os.getpid()}-{secrets.token_hex(4)}{path.suffix[:16]}")   # <255 B
     try:
         yield tmp
         os.replace(tmp, path)
@@ -1463,7 +1464,7 @@ def staging_dir(data_dir):
     the block ends, unless a swap cut short left the old data in its previous/ (swap_prepared). Folders of killed
     runs (that name, holding STAGING_MARK) are removed first: the caller holds DATA_DIR's lock, so no other prepare
     uses them; a folder of the user's whose name merely starts the same stays."""
-    data_dir = Path(os.path.abspath(data_dir))
+    data_dir = Path(os.path.realpath(data_dir))   # not abspath: LINK/../data is beside the folder LINK names
     parent = data_dir.parent
     if not os.access(parent, os.W_OK) or os.stat(parent).st_dev != os.stat(data_dir).st_dev:
         parent = data_dir
@@ -1891,11 +1892,15 @@ def mean_over_processes(values, count, device):
     return [v / max(total, 1) for v in sums]
 
 
+MAX_LOSS = 1e4   # check_loss: a mean loss above this has diverged (cross-entropy starts near ln(classes), 1 to 7)
+
+
 def check_loss(epoch, split, loss):
-    """A loss that is nan or inf ends the run before the epoch is saved: the last good model and checkpoint stay.
-    The loss is the mean over all processes, so every process stops together."""
-    if not math.isfinite(loss):
-        raise UserError(f"epoch {epoch}: {split} loss is {loss}; lower --lr", 1)
+    """A loss that is nan, inf or over MAX_LOSS (diverged, though finite) ends the run before the epoch is saved: the
+    last good model and checkpoint stay. The loss is the mean over all processes, so every process stops together."""
+    if not math.isfinite(loss) or loss > MAX_LOSS:
+        raise UserError(f"epoch {epoch}: {split} loss is {loss:.4g}{' (diverged)' if math.isfinite(loss) else ''}; "
+                        "lower --lr", 1)
 
 
 def sync_buffers(model):
@@ -2628,6 +2633,14 @@ def nonneg_int(text):
 
 def nonneg_float(text):
     return parse_number(text, float, 0, MAX_FLOAT)
+
+
+def positive_float(text):
+    """A number over 0: --lr 0 trains nothing (the weights stay random) and would still save a model."""
+    value = parse_number(text, float, 0, MAX_FLOAT)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is out of range: it must be more than 0")
+    return value
 
 
 def wait_ms(text):

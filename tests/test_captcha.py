@@ -453,12 +453,12 @@ def test_mixed_lengths_end_to_end(no_prefix):
 def test_init_from_a_model_of_another_style(tmp, trained, no_prefix):
     """--init: the Hei-style model (40x96 input, 4 characters) starts a run on 200x50 captchas of 5-6 characters.
     The network's tensors are copied, the attention's that depend on length and size start fresh, the classifier's
-    rows follow the characters; with --lr 0 the copied weights come out unchanged. --init with --resume is refused."""
+    rows follow the characters; with --lr 1e-30 (0 is refused) the copied weights come out unchanged. --init with --resume is refused."""
     src = trained[0] / "model.pt"
     data = tmp / "init"
     shutil.copytree(no_prefix[1], data, ignore=shutil.ignore_patterns("model.pt", "checkpoint.pt", "history.*"))
     proc = run("captcha.py", "train", "--data-dir", data, "--init", src, "--epochs", 1, "--epoch-size", 0,
-               "--batch-size", 12, "--lr", 0, "--device", "cpu")
+               "--batch-size", 12, "--lr", "1e-30", "--device", "cpu")
     assert proc.returncode == 0, proc.stderr
     m = re.search(r"^initialised from .*model.pt: (\d+) of (\d+) tensors, (\d+) of (\d+) characters \(new: (.*)\)$",
                   proc.stdout, re.M)
@@ -1031,6 +1031,13 @@ def test_prepare_split_leaving_no_training_image(tmp, generated):
                                           "--split", "1/1/98", "--workers", 1), 2)   # 0 / 0 / 20 images
     assert "--split" in line and "no image left for training" in line
     assert not list((tmp / "d0").glob("*.pt.gz"))
+    # 100/0/0: trained and validated on the same 20 images, and said so (it was "the estimate, slightly optimistic")
+    assert run_main("captcha.py", "prepare", "--image-dir", few, "--data-dir", tmp / "d100", "--split", "100/0/0",
+                    "--workers", 1).returncode == 0
+    proc = run_main("captcha.py", "train", "--data-dir", tmp / "d100", "--epochs", 1, "--epoch-size", 0,
+                    "--batch-size", 10, "--device", "cpu")
+    assert proc.returncode == 0 and "validating on the training split" in proc.stderr, proc.stderr
+    assert "no validation or test split: exact-match" in proc.stdout and "says nothing of new captchas" in proc.stdout
 
 
 def test_prepare_nothing_usable(tmp):

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from conftest import CIFAR_DIR, FACES_DIR, ROOT, assert_one_line_error, load_script, run_main, tree_bytes
 
@@ -148,11 +149,12 @@ COMMON_BAD = [["train", "--epochs", "0"], ["train", "--epochs", "2.5"], ["train"
               ["train", "--seed", "-1"], ["train", "--histogram-every", "-1"], ["prepare", "--workers", "0"],
               ["prepare", "--workers", "100000"], ["prepare", "--seed", "abc"], ["eval", "--device", "tpu"],
               ["train", "--batch-size", "99999999999999999999"], ["train", "--lr", "1e300"],
-              ["serve", "--max-wait-ms", "1e300"], ["serve", "--workers", "100000"]]
+              ["serve", "--max-wait-ms", "1e300"], ["serve", "--workers", "100000"], ["train", "--lr", "0"]]
 SCRIPT_BAD = {
     "captcha.py": [["train", "--epoch-size", "-1"], ["train", "--epoch-size", "99999999999999999999"], ["train", "--augment", "nan"], ["train", "--augment", "4"], ["train", "--augment", "strong"],
                    ["prepare", "--length", "0"], ["prepare", "--split", "50/50/1"], ["prepare", "--label-regex", "("],
-                   ["prepare", "--label-regex", "[a-z]+"], ["prepare", "--image-size", "0", "0"]],
+                   ["prepare", "--label-regex", "[a-z]+"], ["prepare", "--image-size", "0", "0"],
+                   ["prepare", "--image-size", "16", "16"]],   # a 1x1 last map: BatchNorm failed on a batch of one
     "cifar_lenet.py": [["train", "--label-smoothing", "1.5"], ["train", "--weight-decay", "-0.1"],
                        ["train", "--weight-decay", "1e300"]],
     "cifar_resnet.py": [["train", "--lr", "inf"]],
@@ -282,6 +284,31 @@ def test_train_refuses_what_it_cannot_write_before_training(tmp_path):
     proc = run_main("cifar_lenet.py", "train", "--data-dir", data, "--epochs", 1, "--device", "cpu", "--sync-bn")
     assert proc.returncode == 0, proc.stderr   # one process: said, not silently ignored, and the run goes on
     assert "warning: --sync-bn: one process, nothing to synchronise" in proc.stderr and (data / "model.pt").is_file()
+
+
+def test_divergence_long_names_and_a_link_in_data_dir(tmp_path):
+    """A loss that explodes but stays finite ends the run in one line (5e17 trained on, was saved and scored); a file
+    whose name is near 255 bytes is written atomically (the temporary name was longer than the file system takes);
+    prepare into LINK/../data works (the staging folder was looked for beside the link's parent)."""
+    data = synthetic_cifar(tmp_path / "data")
+    proc = run_main("cifar_lenet.py", "train", "--data-dir", data, "--epochs", 2, "--batch-size", 16, "--lr", 1000,
+                    "--device", "cpu")
+    assert "(diverged); lower --lr" in assert_one_line_error(proc, 1) and not (data / "model.pt").exists()
+    module = load_script("cifar_lenet.py")
+    long_name = tmp_path / ("é" * 120 + ".png")   # 244 bytes
+    module.atomic_write_text(long_name, "whole")
+    assert long_name.read_text() == "whole" and sorted(p.name for p in tmp_path.iterdir()) == ["data", long_name.name]
+    (tmp_path / "deep" / "sub").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "deep" / "sub")
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(12):
+        Image.new("RGB", (32, 32), (20 * i, 0, 0)).save(images / f"{i:05d}_{'ab'[i % 2]}.png")
+    (images / "labels.txt").write_text("a\nb\n")
+    proc = run_main("cifar_lenet.py", "prepare", "--image-dir", images, "--data-dir", tmp_path / "link" / ".." / "d",
+                    "--workers", 1)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "deep" / "d" / "meta.json").is_file() and not (tmp_path / "d").exists()
 
 
 def test_a_file_system_error_is_one_line(tmp_path, capsys):
