@@ -463,6 +463,21 @@ def test_prepare_bad_input(case, tmp_path, names_dir):
     assert str(src) in line
 
 
+def test_prepare_counts_what_is_named_like_an_image_but_is_none(tmp_path, names_dir):
+    """A folder, a dangling link and a link loop named like images: skipped and counted (they were passed over)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(names_dir / "labels.txt", src / "labels.txt")
+    for p in sorted((names_dir / "train").iterdir())[:12]:
+        link(p, src / p.name)
+    (src / "90000_cat.png").mkdir()
+    (src / "90001_cat.png").symlink_to(tmp_path / "nothing")
+    (src / "90002_cat.png").symlink_to(src / "90002_cat.png")
+    proc = run_main(LENET, "prepare", "--image-dir", src, "--data-dir", tmp_path / "d", "--workers", 1)
+    assert proc.returncode == 0, proc.stderr
+    assert "3 not a regular file" in proc.stdout and all(f"9000{i}_cat.png" in proc.stdout for i in range(3))
+
+
 def test_data_from_another_script(tmp_path):
     (tmp_path / "meta.json").write_text(json.dumps({"kind": "captcha", "script": "captcha"}))
     line = assert_one_line_error(run(RESNET, "train", "--data-dir", tmp_path, "--device", "cpu"), 1)
