@@ -65,7 +65,12 @@ MPL_FAMILIES = {
 
 
 class UserError(Exception):
-    pass
+    """A mistake said in one line: status 2 for the options (the default), 1 for the data or the system (a full disk,
+    a worker killed)."""
+
+    def __init__(self, message, status=2):
+        super().__init__(message)
+        self.status = status
 
 
 class Terminated(BaseException):
@@ -327,7 +332,20 @@ def run(args):
         raise UserError(f"--size {args.size[0]}x{args.size[1]}: {args.size[0] // args.length[1]} px wide for each of "
                         f"{args.length[1]} characters; at least 8 (--size {8 * args.length[1]}x{args.size[1]})")
     families = font_pool(args.fonts)
-    out, lock = Path(args.output), None
+    out = Path(args.output)
+    made = not os.path.lexists(out)   # a folder this run makes goes again if the run fails before writing in it
+    try:
+        return write_captchas(args, families, out)
+    except BaseException:
+        if made:
+            with contextlib.suppress(OSError):
+                out.rmdir()   # only if empty
+        raise
+
+
+def write_captchas(args, families, out):
+    """run's work once the options are checked: lock --output, check what it holds, draw, swap."""
+    lock = None
     try:
         out.mkdir(parents=True, exist_ok=True)
         if fcntl is not None:   # held until the process ends
@@ -392,9 +410,9 @@ def draw_all(args, families, out, staged, old, lock=None):
                     raise
     except BrokenProcessPool:   # a worker killed (out of memory): multiprocessing.Pool waited for it forever
         raise UserError("a worker process died (out of memory, or killed); nothing was replaced; run it again, with "
-                        "fewer --workers")
+                        "fewer --workers", 1)
     except OSError as e:   # a full disk, a read-only folder
-        raise UserError(f"--output {out}: {e.strerror or e}")
+        raise UserError(f"--output {out}: {e.strerror or e}", 1)
     finally:
         bar.close()
     with signals_held():   # the swap whole: the new set in (same names replaced at once), then the old rest out
@@ -406,7 +424,7 @@ def draw_all(args, families, out, staged, old, lock=None):
                 p.unlink(missing_ok=True)
         except OSError as e:
             raise UserError(f"--output {out}: cannot put all the new captchas in place ({e.strerror or e}); it may "
-                            "hold some of each set now: run again with --clean")
+                            "hold some of each set now: run again with --clean", 1)
     seconds = time.perf_counter() - start
     print(f"wrote {args.count} captchas to {out} in {seconds:.1f}s ({args.count / seconds:.0f} images/s)")
     return 0
@@ -438,7 +456,7 @@ def main(argv=None):
         return run(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return e.status
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
