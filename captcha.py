@@ -723,7 +723,7 @@ def cmd_prepare(args):
     n_skipped = sum(map(len, skipped.values()))
     print(f"{image_dir}: {len(images)} images kept, {n_skipped} skipped")
     for reason, names in sorted(skipped.items()):
-        print(f"  skipped {len(names)}: {reason} (e.g. {', '.join(names[:3])})")
+        print(printable(f"  skipped {len(names)}: {reason} (e.g. {', '.join(names[:3])})"))
     if not images:
         most = max(skipped.items(), key=lambda item: len(item[1]))[0] if skipped else "none found"
         raise UserError(f"{image_dir}: no usable captcha image (most skipped: {most}); expected names like 2b827.png "
@@ -942,14 +942,14 @@ def cmd_eval(args):
             if args.json:
                 print(json.dumps({"image": path, "error": reason}), flush=True)
             else:
-                print(f"{path}: {reason}", file=sys.stderr)
+                print(printable(f"{path}: {reason}"), file=sys.stderr)
             continue
         result, = predict(net, info, device, args, [img], per_position=not args.json)
         if args.json:
             print(json.dumps({"image": path, **result}), flush=True)
         else:
             per_position = " ".join(f"{v:.2f}" for v in result["per_position"])
-            prefix = "" if interactive else f"{path}  "
+            prefix = "" if interactive else f"{printable(path)}  "
             print(f"{prefix}code: {result['code']}  confidence {result['confidence']:.2f} (per position {per_position})",
                   flush=True)
     return 1 if failed and not interactive else 0   # the prompt said each failure as it came
@@ -2473,6 +2473,12 @@ def nonneg_float(text):
     return parse_number(text, float, 0, MAX_FLOAT)
 
 
+def printable(text):
+    """Text as printed for a person: characters that are not printable (a newline or an escape sequence in a file
+    name) written as escapes, so that one name stays on its line and cannot drive the terminal."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+
+
 def positive_float(text):
     """A number over 0: --lr 0 trains nothing (the weights stay random) and would still save a model."""
     value = parse_number(text, float, 0, MAX_FLOAT)
@@ -2785,7 +2791,7 @@ def run_command(args):
             return args.func(args)
     except UserError as e:
         if main_process() or getattr(e, "all_ranks", False):   # under torchrun: one line, not one per process
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {printable(e)}", file=sys.stderr)
         return e.status
     except (KeyboardInterrupt, Terminated) as e:
         if main_process():

@@ -401,7 +401,7 @@ def cmd_prepare(args):
         skipped += bad + unreadable
     print(f"skipped {len(skipped)}" + "".join(f", {v} {k}" for k, v in Counter(s[1] for s in skipped).items()))
     for path, _, why in skipped[:5]:
-        print(f"  skipped {path}: {why}")
+        print(printable(f"  skipped {path}: {why}"))
     images, targets = decoded["train"]
     found = set(torch.cat([t for _, t in decoded.values()]).unique().tolist())   # classes with an image
     if not args.labels and not (image_dir / "labels.txt").is_file() and len(found) < len(labels):
@@ -552,13 +552,13 @@ def cmd_eval(args):
             if args.json:
                 print(json.dumps({"image": path, "error": reason}), flush=True)
             else:
-                print(f"{path}: {reason}", file=sys.stderr)
+                print(printable(f"{path}: {reason}"), file=sys.stderr)
             continue
         result, = predict(net, info, device, args, [img])
         if args.json:
             print(json.dumps({"image": path, **result}), flush=True)
         else:
-            print("\n".join(([] if interactive else [f"{path}"]) +
+            print("\n".join(([] if interactive else [printable(path)]) +
                             [f"{t['label']}: {t['probability']:.2%}" for t in result["top"]]), flush=True)
     return 1 if failed and not interactive else 0   # the prompt said each failure as it came
 
@@ -2004,6 +2004,12 @@ def nonneg_float(text):
     return parse_number(text, float, 0, MAX_FLOAT)
 
 
+def printable(text):
+    """Text as printed for a person: characters that are not printable (a newline or an escape sequence in a file
+    name) written as escapes, so that one name stays on its line and cannot drive the terminal."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+
+
 def positive_float(text):
     """A number over 0: --lr 0 trains nothing (the weights stay random) and would still save a model."""
     value = parse_number(text, float, 0, MAX_FLOAT)
@@ -2316,7 +2322,7 @@ def run_command(args):
             return args.func(args)
     except UserError as e:
         if main_process() or getattr(e, "all_ranks", False):   # under torchrun: one line, not one per process
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {printable(e)}", file=sys.stderr)
         return e.status
     except (KeyboardInterrupt, Terminated) as e:
         if main_process():

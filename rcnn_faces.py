@@ -653,7 +653,7 @@ def count_skip(skipped, reason, example, n=1):
     entry = skipped.setdefault(reason, [0, []])
     entry[0] += n
     if len(entry[1]) < 3:
-        entry[1].append(example if len(example) <= 80 else f"{example[:77]}...")
+        entry[1].append(printable(example if len(example) <= 80 else f"{example[:77]}..."))
 
 
 def photo_jobs(image_dir, rows_by_photo, opts, seed, skipped, sizes=None):
@@ -1026,7 +1026,7 @@ def cmd_eval(args):
             if args.json:
                 print(json.dumps({"image": path, "error": reason}), flush=True)
             else:
-                print(f"{path}: {reason}", file=sys.stderr)
+                print(printable(f"{path}: {reason}"), file=sys.stderr)
             continue
         found = predict(net, info, device, args, [img], [seen])[0]["boxes"]
         draw_boxes(img, found, out, working_size(info))
@@ -1035,7 +1035,7 @@ def cmd_eval(args):
         else:
             for b in found:
                 print(f"{b['x']} {b['y']} {b['w']} {b['h']}")
-            print(f"saved to {out}", flush=True)
+            print(f"saved to {printable(out)}", flush=True)
     return 1 if failed and not outputs.interactive else 0   # the prompt said each failure as it came
 
 
@@ -2491,6 +2491,12 @@ def nonneg_float(text):
     return parse_number(text, float, 0, MAX_FLOAT)
 
 
+def printable(text):
+    """Text as printed for a person: characters that are not printable (a newline or an escape sequence in a file
+    name) written as escapes, so that one name stays on its line and cannot drive the terminal."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+
+
 def positive_float(text):
     """A number over 0: --lr 0 trains nothing (the weights stay random) and would still save a model."""
     value = parse_number(text, float, 0, MAX_FLOAT)
@@ -2803,7 +2809,7 @@ def run_command(args):
             return args.func(args)
     except UserError as e:
         if main_process() or getattr(e, "all_ranks", False):   # under torchrun: one line, not one per process
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {printable(e)}", file=sys.stderr)
         return e.status
     except (KeyboardInterrupt, Terminated) as e:
         if main_process():

@@ -1045,9 +1045,14 @@ def test_prepare_nothing_usable(tmp):
     folder.mkdir()
     (folder / "00001-abcd.png").write_text("text, not an image")
     Image.new("RGB", (120, 50)).save(folder / "00002-abc def.png")
+    Image.new("RGB", (120, 50)).save(folder / "00003-ab\ncd\x1b[2J.png")   # a newline, a clear-screen sequence
     proc = run("captcha.py", "prepare", "--image-dir", folder, "--data-dir", tmp / "d3")
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "no usable captcha image" in proc.stderr
+    assert "00003-ab\\ncd\\x1b[2J.png" in proc.stdout and "\x1b" not in proc.stdout + proc.stderr   # printed escaped
+    line = assert_one_line_error(run_main("captcha.py", "prepare", "--image-dir", tmp / "no\nsuch", "--data-dir",
+                                          tmp / "d4"), 1)   # an error naming it: one line still
+    assert "no\\nsuch" in line
     assert not (tmp / "d3" / "meta.json").exists()
 
 
