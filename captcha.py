@@ -1530,7 +1530,8 @@ def resume_options(args, parser, path, given):
     """train --resume: args with the options of the run resumed (its checkpoint's) where the command line gives none
     (`given`: the options it names), so that a run goes on as it started (--lr, --epochs, --width ...); those given
     that differ from the run's are said. A checkpoint without its options (an older version) changes nothing."""
-    config = load_model_file(path, CHECKPOINT_KEYS).get("config")
+    state = load_model_file(path, CHECKPOINT_KEYS)
+    config = state.get("config")
     args, taken, changed = argparse.Namespace(**vars(args)), [], []
     for action in parser._actions if isinstance(config, dict) else []:   # argparse has no public list of options
         dest = action.dest
@@ -1553,6 +1554,9 @@ def resume_options(args, parser, path, given):
         print(f"options of the run resumed: {', '.join(taken)}")
     if changed:
         print(f"options changed from the run resumed: {', '.join(changed)}")
+    if type(state["epoch"]) is int and state["epoch"] >= args.epochs:   # a run that ends at once: said, not silent
+        print(f"the run resumed has run {state['epoch']} epochs, --epochs {args.epochs}: no epoch to train (raise "
+              "--epochs to train more); its best model is scored again")
     return args
 
 

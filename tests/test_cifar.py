@@ -354,6 +354,9 @@ def test_resume_after_changes(folders_data, tmp_path):
     assert proc.returncode == 0 and "--lr 0.0006 (the run's: 0.006)" in proc.stdout, proc.stdout + proc.stderr
     rows = list(csv.DictReader(io.StringIO((tmp_path / "history.csv").read_text())))
     assert 0 < float(rows[4]["lr"]) < 0.0001   # unscaled, 4/5 into a 0.006 one-cycle: about 0.0009
+    proc = run(LENET, "train", "--data-dir", tmp_path, "--epochs", 3, "--resume", "--device", "cpu")   # 5 run
+    assert proc.returncode == 0 and "has run 5 epochs, --epochs 3: no epoch to train" in proc.stdout, proc.stdout
+    assert len(list(csv.DictReader(io.StringIO((tmp_path / "history.csv").read_text())))) == 5
     saved = (tmp_path / "checkpoint.pt").read_bytes()
     (tmp_path / "model.pt").rename(tmp_path / "elsewhere.pt")
     line = assert_one_line_error(run(LENET, "train", "--data-dir", tmp_path, "--epochs", 6, "--resume", "--device",
