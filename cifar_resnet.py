@@ -350,7 +350,7 @@ def report_test(data_dir, labels, test_labels, logits):
     right = torch.bincount(test_labels[top[:, 0] == test_labels], minlength=k).tolist()
     print(f"{'class':<16}{'images':>8}{'top-1':>9}")
     for name, n, r in zip(labels, count, right):
-        print(f"{name:<16}{n:>8}{r / max(n, 1):>9.2%}")
+        print(f"{name:<16}{n:>8}{f'{r / n:.2%}' if n else '-':>9}")   # '-': no test image of the class
     if k > CONFUSION_MAX:   # k x k cells, each a number drawn: 1,000 classes took 22 GB
         print(f"confusion.png not drawn: {k} classes (at most {CONFUSION_MAX})")
         return top1

@@ -282,6 +282,16 @@ def test_augment_is_a_padded_crop_or_flip():
     assert x.dtype == torch.float32 and abs(x.mean().item()) < 0.1
 
 
+def test_per_class_table_says_when_a_class_has_no_test_image(tmp_path, capsys):
+    """report_test: a class without test images shows '-' (it showed 0.00%, as if every one had been missed)."""
+    logits = torch.tensor([[5.0, 0.0, 0.0], [0.0, 5.0, 0.0], [5.0, 0.0, 0.0]])
+    top1 = load_script(LENET).report_test(tmp_path, ["cat", "dog", "emu"], torch.tensor([0, 1, 1]), logits)
+    out = capsys.readouterr().out
+    assert abs(top1 - 2 / 3) < 1e-6 and (tmp_path / "confusion.png").is_file()
+    assert re.search(r"^cat\s+1\s+100\.00%$", out, re.M) and re.search(r"^dog\s+2\s+50\.00%$", out, re.M)
+    assert re.search(r"^emu\s+0\s+-$", out, re.M)
+
+
 # ---- train ----
 def test_train_lenet_writes_everything(lenet_trained):
     data, first, _, history = lenet_trained
@@ -289,7 +299,7 @@ def test_train_lenet_writes_everything(lenet_trained):
                           r"[\d.]+s  \d+ img/s", first.stdout, re.M)) == 2
     assert re.search(r"^test \(\d+ images\): top-1 [\d.]+%  top-3 [\d.]+%$", first.stdout, re.M)
     for label in LABELS:                                       # the per-class table
-        assert re.search(rf"^{label}\s+\d+\s+[\d.]+%$", first.stdout, re.M)
+        assert re.search(rf"^{label}\s+\d+\s+([\d.]+%|-)$", first.stdout, re.M)
     for name in ("model.pt", "checkpoint.pt", "history.csv", "history.png", "confusion.png"):
         assert (data / name).stat().st_size > 0
     assert len(history.splitlines()) == 3                      # header + 2 epochs
