@@ -727,10 +727,18 @@ def atomic_write_text(path, text):
 
 
 def list_images(folder):
-    """Image files below `folder` (recursive), sorted, by extension; hidden files and folders (.ipynb_checkpoints,
-    .Trash) left out."""
-    return sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file()
-                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    """Image files below `folder` (recursive; links to folders not followed), sorted, by extension; hidden files and
+    folders (.ipynb_checkpoints, .Trash) left out. A folder that cannot be read is a UserError: its images would be
+    left out unsaid (Path.rglob passes over it in silence)."""
+    images, unreadable = [], []
+    for root, folders, files in os.walk(folder, onerror=unreadable.append):
+        folders[:] = [name for name in folders if not name.startswith(".")]
+        images += [path for path in (Path(root, name) for name in files if not name.startswith("."))
+                   if path.suffix.lower() in IMAGE_EXTS and path.is_file()]
+    if unreadable:
+        raise UserError(f"{unreadable[0].filename}: cannot read this folder ({unreadable[0].strerror}); make it "
+                        f"readable, or move it out of {folder}")
+    return sorted(images)
 
 
 def write_split(data_dir, name, tensors):

@@ -311,6 +311,29 @@ def test_divergence_long_names_and_a_link_in_data_dir(tmp_path):
     assert (tmp_path / "deep" / "d" / "meta.json").is_file() and not (tmp_path / "d").exists()
 
 
+def test_an_unreadable_folder_is_said(tmp_path, monkeypatch):
+    """list_images: a subfolder that cannot be read (no permission: simulated, as root reads everything) is a
+    UserError naming it; Path.rglob passed over it, and prepare and eval left its images out unsaid."""
+    module = load_script("captcha.py")
+    (tmp_path / "ok").mkdir()
+    (tmp_path / "locked").mkdir()
+    (tmp_path / ".hidden").mkdir()
+    for folder in ("ok", "locked", ".hidden", "."):
+        Image.new("RGB", (8, 8)).save(tmp_path / folder / "a.png")
+    (tmp_path / "ok" / ".b.png").write_bytes(b"hidden")
+    assert module.list_images(tmp_path) == [tmp_path / "a.png", tmp_path / "locked" / "a.png", tmp_path / "ok" / "a.png"]
+    scandir = os.scandir
+
+    def refusing(path="."):
+        if os.fspath(path).endswith("locked"):
+            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refusing)
+    with pytest.raises(module.UserError, match=r"locked: cannot read this folder \(Permission denied\)"):
+        module.list_images(tmp_path)
+
+
 def test_a_file_system_error_is_one_line(tmp_path, capsys):
     """An OSError that no reader turned into a UserError (a full disk, a folder where a file goes) ends the command
     in one line, naming where the file was going rather than its temporary name."""
