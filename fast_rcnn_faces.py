@@ -45,6 +45,7 @@ import socket
 import sys
 import tempfile
 import time
+import unicodedata
 import urllib.parse
 import warnings
 import zipfile
@@ -797,7 +798,7 @@ def count_skip(skipped, reason, example, n=1):
     entry = skipped.setdefault(reason, [0, []])
     entry[0] += n
     if len(entry[1]) < 3:
-        entry[1].append(printable(example if len(example) <= 80 else f"{example[:77]}..."))
+        entry[1].append(example if len(example) <= 80 else f"{example[:77]}...")
 
 
 def photo_jobs(image_dir, rows_by_photo, opts, seed, skipped, sizes=None):
@@ -894,11 +895,11 @@ def prepare_photos(jobs, workers, rows_by_photo, skipped):
     faces = sum(len(r["gt"]) for r in kept.values())
     print(f"kept {len(kept)} photos with {faces} faces of {len(rows_by_photo)} named ({photos_per_s:.2f} photos/s)")
     for reason, (n, examples) in skipped.items():
-        print(f"skipped {n} x {reason}: {', '.join(examples)}")
+        print(printable(f"skipped {n} x {reason}: {', '.join(examples)}"))
     for reason, (n, examples) in clipped.items():
-        print(f"clipped to the photo {n} x {reason}: {', '.join(examples)}")
+        print(printable(f"clipped to the photo {n} x {reason}: {', '.join(examples)}"))
     for reason, (n, examples) in noted.items():
-        print(f"{n} x {reason}: {', '.join(examples)}")
+        print(printable(f"{n} x {reason}: {', '.join(examples)}"))
     return kept, photos_per_s
 
 
@@ -1331,12 +1332,15 @@ def load_shard(path):
 
 @contextlib.contextmanager
 def atomic_path(path):
-    """A temporary name next to `path`, unique to this write (NAME.tmp-PID-RANDOM.EXT, NAME cut to 48 characters so
-    that a long name still fits the file system's 255 bytes): renamed to `path` when the
+    """A temporary name next to `path`, unique to this write (NAME.tmp-PID-RANDOM.EXT, NAME cut so that a long name
+    still fits the file system's 255 bytes): renamed to `path` when the
     block ends, removed when it fails or is interrupted, so `path` is always either the old file or the whole new
     one, whatever else writes next to it."""
     path = Path(path)
-    tmp = path.with_name(f"{path.stem[:48]}.tmp-{os.getpid()}-{secrets.token_hex(4)}{path.suffix[:16]}")   # <255 B
+    tag = f".tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    suffix = path.suffix if len(os.fsencode(path.suffix)) <= 16 else ""
+    stem = os.fsdecode(os.fsencode(path.stem)[:255 - len(os.fsencode(tag + suffix))])   # a name's 255 bytes at most
+    tmp = path.with_name(stem + tag + suffix)
     try:
         yield tmp
         os.replace(tmp, path)
@@ -2648,9 +2652,12 @@ def nonneg_float(text):
 
 
 def printable(text):
-    """Text as printed for a person: characters that are not printable (a newline or an escape sequence in a file
-    name) written as escapes, so that one name stays on its line and cannot drive the terminal."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+    """Text as printed for a person: control characters, line and paragraph separators, the bytes of a name that is
+    not UTF-8 and the bidirectional overrides written as escapes, so that one name stays on its line and cannot
+    drive the terminal or reorder what is shown; other spaces and joiners (a no-break space, U+202F in a macOS
+    screenshot's name, an emoji's joiner) stay as they are, and the name as printed is the file's."""
+    return "".join(repr(c)[1:-1] if unicodedata.category(c) in ("Cc", "Zl", "Zp", "Cs")
+                   or "\u202a" <= c <= "\u202e" or "\u2066" <= c <= "\u2069" else c for c in str(text))
 
 
 def positive_float(text):
@@ -2824,7 +2831,7 @@ def cmd_train(args):
     """Train once, or once per --grid combination (each in DATA_DIR/grid/NAME/); one runs.csv row per run."""
     runs = grid_runs(args, args.train_parser)
     named = given_options(args.train_parser, args.argv[args.argv.index("train") + 1:])
-    asked = "histogram_every" in named or any(r.histogram_every != args.histogram_every for _, r in runs)   # --grid
+    asked = "histogram_every" in named or any(item.partition("=")[0] == "histogram-every" for item in args.grid or [])
     if asked and not args.tensorboard and any(r.histogram_every for _, r in runs):   # 0 (never) needs no TensorBoard
         raise UserError("--histogram-every sets how often TensorBoard gets weight histograms; pass --tensorboard DIR "
                         "too", 2)

@@ -333,18 +333,12 @@ def run(args):
                         f"{args.length[1]} characters; at least 8 (--size {8 * args.length[1]}x{args.size[1]})")
     families = font_pool(args.fonts)
     out = Path(args.output)
-    made = not os.path.lexists(out)   # a folder this run makes goes again if the run fails before writing in it
-    try:
-        return write_captchas(args, families, out)
-    except BaseException:
-        if made:
-            with contextlib.suppress(OSError):
-                out.rmdir()   # only if empty
-        raise
+    return write_captchas(args, families, out, made=not os.path.lexists(out))
 
 
-def write_captchas(args, families, out):
-    """run's work once the options are checked: lock --output, check what it holds, draw, swap."""
+def write_captchas(args, families, out, made):
+    """run's work once the options are checked: lock --output, check what it holds, draw, swap. made: the folder is
+    new; if the run fails or is interrupted before writing in it, it goes again (once locked: never another run's)."""
     lock = None
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -356,6 +350,17 @@ def write_captchas(args, families, out):
         raise UserError(f"--output {out}: another generate.py is writing there; wait for it or choose another folder")
     except OSError as e:   # a file of that name, a folder that takes no new entry
         raise UserError(f"--output {out}: {e.strerror or e}")
+    try:
+        return fill(args, families, out, old, lock)
+    except BaseException:
+        if made:
+            with contextlib.suppress(OSError):
+                out.rmdir()   # only if empty
+        raise
+
+
+def fill(args, families, out, old, lock):
+    """write_captchas' work with --output locked: check what it holds, draw aside, swap."""
     foreign = [p.name for p in old if not ours(p)]
     if foreign:   # named like captchas, but not of a run of this generator: a user's own, never removed
         raise UserError(f"{out} holds {len(foreign)} files named like captchas that no earlier run wrote there (e.g. "

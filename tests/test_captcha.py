@@ -1046,10 +1046,12 @@ def test_prepare_nothing_usable(tmp):
     (folder / "00001-abcd.png").write_text("text, not an image")
     Image.new("RGB", (120, 50)).save(folder / "00002-abc def.png")
     Image.new("RGB", (120, 50)).save(folder / "00003-ab\ncd\x1b[2J.png")   # a newline, a clear-screen sequence
+    Image.new("RGB", (120, 50)).save(folder / "00004-ab\u202fcd.png")   # a narrow no-break space (macOS names)
     proc = run("captcha.py", "prepare", "--image-dir", folder, "--data-dir", tmp / "d3")
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "no usable captcha image" in proc.stderr
     assert "00003-ab\\ncd\\x1b[2J.png" in proc.stdout and "\x1b" not in proc.stdout + proc.stderr   # printed escaped
+    assert "00004-ab\u202fcd.png" in proc.stdout   # a space of another kind stays as it is: the name is the file's
     line = assert_one_line_error(run_main("captcha.py", "prepare", "--image-dir", tmp / "no\nsuch", "--data-dir",
                                           tmp / "d4"), 1)   # an error naming it: one line still
     assert "no\\nsuch" in line

@@ -295,9 +295,11 @@ def test_divergence_long_names_and_a_link_in_data_dir(tmp_path):
                     "--device", "cpu")
     assert "(diverged); lower --lr" in assert_one_line_error(proc, 1) and not (data / "model.pt").exists()
     module = load_script("cifar_lenet.py")
-    long_name = tmp_path / ("é" * 120 + ".png")   # 244 bytes
-    module.atomic_write_text(long_name, "whole")
-    assert long_name.read_text() == "whole" and sorted(p.name for p in tmp_path.iterdir()) == ["data", long_name.name]
+    names = ["é" * 120 + ".png", "😀" * 48 + "." + "😀" * 15]   # 244 and 253 bytes
+    for name in names:
+        module.atomic_write_text(tmp_path / name, "whole")
+        assert (tmp_path / name).read_text() == "whole"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["data", *names])   # no temporary file left
     (tmp_path / "deep" / "sub").mkdir(parents=True)
     (tmp_path / "link").symlink_to(tmp_path / "deep" / "sub")
     images = tmp_path / "images"

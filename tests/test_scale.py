@@ -98,11 +98,12 @@ def test_epoch_batches_shard_each_global_batch():
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_torchrun_matches_one_process_stops_together_and_writes_one_model(prepared, script):
-    """The same steps per epoch as one process with the same global batch; with lr 0 validation never improves
-    after epoch 1, so with patience 1 every process must stop after epoch 2 (a process that stopped alone would
-    leave the other waiting in a collective and fail the run); only rank 0 writes, and plain eval loads its model."""
+    """The same steps per epoch as one process with the same global batch; with lr 1e-30 (the weights do not move in
+    float32; 0 is refused) validation never improves after epoch 1, so with patience 1 every process must stop after
+    epoch 2 (a process that stopped alone would leave the other waiting in a collective and fail the run); only
+    rank 0 writes, and plain eval loads its model."""
     single, multi = data_of(prepared, script, f"{script}-1"), data_of(prepared, script, f"{script}-2")
-    args = ["train", "--epochs", 6, "--patience", 1, "--lr", 0, "--batch-size", 50, "--device", "cpu"]
+    args = ["train", "--epochs", 6, "--patience", 1, "--lr", "1e-30", "--batch-size", 50, "--device", "cpu"]
     one = run(script, *args, "--data-dir", single)
     assert one.returncode == 0, one.stderr
     two = torchrun(script, *args, "--data-dir", multi, timeout=240)
