@@ -386,6 +386,8 @@ def report_test(data_dir, labels, test_labels, logits):
 def cmd_prepare(args):
     image_dir = Path(args.image_dir)
     test_dir = Path(args.test_dir) if args.test_dir else None
+    if image_dir.is_dir() and not os.access(image_dir, os.R_OK | os.X_OK):   # said, not as a missing test/ folder
+        raise UserError(f"--image-dir {image_dir}: cannot read this folder (permission denied)")
     if test_dir is None and (image_dir / "test").is_dir():   # the tutorial's layout: its test images never train
         test_dir = image_dir / "test"
         print(f"test split: {test_dir} (a test folder inside --image-dir; its images are kept out of training)")

@@ -530,6 +530,8 @@ def cmd_prepare(args):
     image_dir = Path(args.image_dir)
     if not image_dir.is_dir():
         raise UserError(f"{image_dir}: image folder not found; pass --image-dir")
+    if not os.access(image_dir, os.R_OK | os.X_OK):   # said, not as every photo an "unusable Name"
+        raise UserError(f"--image-dir {image_dir}: cannot read this folder (permission denied)")
     rows_by_photo, skipped, sizes = read_boxes_csv(args.csv)
     if not rows_by_photo:
         raise UserError(f"{args.csv}: no rows with a usable box" + "".join(

@@ -336,6 +336,20 @@ def test_an_unreadable_folder_is_said(tmp_path, monkeypatch):
         module.list_images(tmp_path)
 
 
+@pytest.mark.parametrize("script", ["cifar_lenet.py", "rcnn_faces.py", "fast_rcnn_faces.py"])
+def test_an_image_folder_without_permission_is_said(script, tmp_path, monkeypatch):
+    """prepare of an --image-dir it may not read (simulated: root reads everything): one line saying so (it was a
+    missing test/ folder for CIFAR, and every photo an "unusable Name" for the face scripts)."""
+    images = tmp_path / "images"
+    images.mkdir()
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: Path(path) != images and access(path, mode, **kw))
+    extra = ["--csv", FACES_DIR / "bbox_train.csv"] if "faces" in script else []
+    line = assert_one_line_error(run_main(script, "prepare", "--image-dir", images, *extra, "--data-dir",
+                                          tmp_path / "d"), 1)
+    assert f"--image-dir {images}: cannot read this folder (permission denied)" in line
+
+
 def test_a_file_system_error_is_one_line(tmp_path, capsys):
     """An OSError that no reader turned into a UserError (a full disk, a folder where a file goes) ends the command
     in one line, naming where the file was going rather than its temporary name."""
