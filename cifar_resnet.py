@@ -902,7 +902,9 @@ def swap_prepared(staged, data_dir):
 
 def save_prepared(data_dir, splits, meta):
     """Write the splits ({name: tensors}) as shards and `meta` as meta.json into a new folder, then swap them into
-    DATA_DIR: an error or Ctrl-C before the swap is done leaves the earlier prepared data as it was."""
+    DATA_DIR: an error or Ctrl-C before the swap is done leaves the earlier prepared data as it was. meta.json gets a
+    new "prepared" id: a checkpoint keeps the id of the data it was trained on, and is not resumed on other data."""
+    meta = {**meta, "prepared": secrets.token_hex(8)}
     try:
         with staging_dir(data_dir) as staged:
             for name, tensors in splits.items():
@@ -1075,6 +1077,13 @@ def resume_options(args, parser, path, given):
     (`given`: the options it names), so that a run goes on as it started (--lr, --epochs, --width ...); those given
     that differ from the run's are said. A checkpoint without its options (an older version) changes nothing."""
     state = load_model_file(path, CHECKPOINT_KEYS)
+    if state.get("prepared") and prepared_id(args.data_dir) not in (None, state["prepared"]):
+        raise UserError(f"{path} was trained on data prepared before the last prepare of {args.data_dir} (other "
+                        "images, splits or options): its scores would mix two data sets; train without --resume")
+    best = Path(path).with_name("model.pt")
+    if best.is_file() and load_model_file(best).get("model_args") != state.get("model_args"):
+        raise UserError(f"{best}: not the best model of the run in {path} (other network arguments); put that run's "
+                        "model.pt back, or train without --resume")
     config = state.get("config")
     args, taken, changed = argparse.Namespace(**vars(args)), [], []
     for action in parser._actions if isinstance(config, dict) else []:   # argparse has no public list of options
@@ -1102,6 +1111,14 @@ def resume_options(args, parser, path, given):
         print(f"the run resumed has run {state['epoch']} epochs, --epochs {args.epochs}: no epoch to train (raise "
               "--epochs to train more); its best model is scored again")
     return args
+
+
+def prepared_id(data_dir):
+    """The id prepare gave DATA_DIR's data (meta.json's "prepared"); None for data prepared before there was one."""
+    with contextlib.suppress(UserError, ValueError):
+        meta = json.loads(read_text(Path(data_dir) / "meta.json"))
+        return meta.get("prepared") if isinstance(meta, dict) else None
+    return None
 
 
 def shown(action, value, bare=False):
@@ -1185,7 +1202,7 @@ def save_epoch(out_dir, args, model, optimizer, scheduler, scaler, state, best_m
             config = {k: v for k, v in vars(args).items() if k not in ("func", "train_parser", "argv")}
             atomic_torch_save({"script": SCRIPT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), **state,
-                               "config": config}, out_dir / "checkpoint.pt")
+                               "config": config, "prepared": prepared_id(args.data_dir)}, out_dir / "checkpoint.pt")
             save_history(out_dir, state["history"], plot_keys)
         except BaseException:
             if state["epoch"] == 1:   # nothing of this run; the run before, whole, where it was

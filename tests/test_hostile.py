@@ -350,6 +350,37 @@ def test_an_image_folder_without_permission_is_said(script, tmp_path, monkeypatc
     assert f"--image-dir {images}: cannot read this folder (permission denied)" in line
 
 
+def test_resume_refuses_other_prepared_data_and_another_runs_model(tmp_path):
+    """Each prepare gives meta.json a new id, kept in the checkpoint: --resume after another prepare (other images of
+    the same classes) is one line, before any epoch (it went on, and validated and tested on images it had trained
+    on); a model.pt of another run beside the checkpoint is one line too (a traceback after training)."""
+    module = load_script("cifar_lenet.py")
+    ids = set()
+    for name in ("p1", "p2"):
+        (tmp_path / name).mkdir()
+        module.save_prepared(tmp_path / name, {}, {"kind": "cifar"})
+        ids.add(json.loads((tmp_path / name / "meta.json").read_text())["prepared"])
+    assert len(ids) == 2 and all(len(i) == 16 for i in ids)
+    data = synthetic_cifar(tmp_path / "data")
+    meta = json.loads((data / "meta.json").read_text())
+    (data / "meta.json").write_text(json.dumps({**meta, "prepared": "first"}))
+    train = ["train", "--data-dir", data, "--batch-size", 16, "--device", "cpu"]
+    assert run_main("cifar_lenet.py", *train, "--epochs", 1).returncode == 0
+    (data / "meta.json").write_text(json.dumps({**meta, "prepared": "second"}))   # prepared again
+    proc = run_main("cifar_lenet.py", *train, "--epochs", 2, "--resume")
+    assert "trained on data prepared before the last prepare" in assert_one_line_error(proc, 1)
+    assert "epoch 2" not in proc.stdout and "no epoch to train" not in proc.stdout
+    (data / "meta.json").write_text(json.dumps({**meta, "prepared": "first"}))
+    best = torch.load(data / "model.pt", weights_only=True)
+    other = module.build_model({"num_classes": 5})
+    torch.save({**best, "model": other.state_dict(), "model_args": {"num_classes": 5}}, data / "model.pt")
+    line = assert_one_line_error(run_main("cifar_lenet.py", *train, "--epochs", 2, "--resume"), 1)
+    assert "not the best model of the run" in line
+    torch.save(best, data / "model.pt")
+    proc = run_main("cifar_lenet.py", *train, "--epochs", 2, "--resume")
+    assert proc.returncode == 0 and "epoch 2/2" in proc.stdout, proc.stderr
+
+
 def test_a_file_system_error_is_one_line(tmp_path, capsys):
     """An OSError that no reader turned into a UserError (a full disk, a folder where a file goes) ends the command
     in one line, naming where the file was going rather than its temporary name."""
