@@ -24,6 +24,7 @@ import csv
 import datetime
 import errno
 import gzip
+import hashlib
 import html
 import importlib
 import io
@@ -583,7 +584,7 @@ def build_parser():
                    help="stop after N epochs without a better validation score")
     p.add_argument("--batch-size", type=positive_int, default=BATCH_SIZE,
                    help="training mini-batch size (under torchrun: the global batch)")
-    p.add_argument("--lr", type=positive_float, default=LR, help="peak learning rate of the one-cycle schedule")
+    p.add_argument("--lr", type=positive_float, default=LR, help="peak learning rate of the one-cycle schedule; over 0")
     p.add_argument("--weight-decay", type=nonneg_float, default=WEIGHT_DECAY, help="optimizer weight decay")
     p.add_argument("--label-smoothing", type=probability, default=LABEL_SMOOTHING, help="of the training loss")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (helps most on CUDA)")
@@ -902,9 +903,14 @@ def swap_prepared(staged, data_dir):
 
 def save_prepared(data_dir, splits, meta):
     """Write the splits ({name: tensors}) as shards and `meta` as meta.json into a new folder, then swap them into
-    DATA_DIR: an error or Ctrl-C before the swap is done leaves the earlier prepared data as it was. meta.json gets a
-    new "prepared" id: a checkpoint keeps the id of the data it was trained on, and is not resumed on other data."""
-    meta = {**meta, "prepared": secrets.token_hex(8)}
+    DATA_DIR: an error or Ctrl-C before the swap is done leaves the earlier prepared data as it was. meta.json gets
+    the data's "prepared" id (a digest of meta and every tensor: the same data and options, the same id); a checkpoint
+    keeps the id of the data it was trained on, and is not resumed on other data."""
+    digest = hashlib.sha256(json.dumps(meta, sort_keys=True).encode())
+    for name in sorted(splits):
+        for tensor in splits[name]:
+            digest.update(tensor.contiguous().numpy())   # read in place, not copied
+    meta = {**meta, "prepared": digest.hexdigest()[:16]}
     try:
         with staging_dir(data_dir) as staged:
             for name, tensors in splits.items():
@@ -1115,9 +1121,8 @@ def resume_options(args, parser, path, given):
 
 def prepared_id(data_dir):
     """The id prepare gave DATA_DIR's data (meta.json's "prepared"); None for data prepared before there was one."""
-    with contextlib.suppress(UserError, ValueError):
-        meta = json.loads(read_text(Path(data_dir) / "meta.json"))
-        return meta.get("prepared") if isinstance(meta, dict) else None
+    with contextlib.suppress(UserError):
+        return read_meta(data_dir).get("prepared")
     return None
 
 
@@ -2310,7 +2315,8 @@ def add_scale_options(p):
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
                    help="mixed precision: bf16 on CUDA where supported, else fp16 with loss scaling; the CPU uses "
                         "bf16 only where measured faster")
-    p.add_argument("--sync-bn", action="store_true", help="under torchrun on CUDA: synchronise BatchNorm statistics")
+    p.add_argument("--sync-bn", action="store_true", help="under torchrun on CUDA: synchronise BatchNorm statistics "
+                   "(an error on the CPU, a warning in one process)")
     p.add_argument("--tensorboard", type=folder_arg, metavar="DIR", default=None,
                    help="write TensorBoard logs to DIR (needs `pip install tensorboard`)")
     p.add_argument("--histogram-every", type=nonneg_int, default=5, metavar="N",

@@ -87,7 +87,10 @@ def font_pool(fonts_dir=None):
     mpl_dir = Path(matplotlib.get_data_path()) / "fonts" / "ttf"
     pool = [tuple(str(mpl_dir / f) if f else None for f in files) for files in MPL_FAMILIES.values()]
     if fonts_dir is not None:
-        extra = sorted(p for p in Path(fonts_dir).iterdir() if p.suffix.lower() == ".ttf" and p.is_file())
+        try:
+            extra = sorted(p for p in Path(fonts_dir).iterdir() if p.suffix.lower() == ".ttf" and p.is_file())
+        except OSError as e:   # no permission to read it: one line, not a traceback
+            raise UserError(f"--fonts {fonts_dir}: cannot read this folder ({e.strerror or e})")
         usable = []
         for p in extra:
             why = font_problem(str(p))

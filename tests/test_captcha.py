@@ -250,11 +250,25 @@ def test_glyph_names_that_draw_other_characters():
     """generate.py --fonts: a glyph named for its character (with a variant suffix, a uniXXXX name, or a font's own
     numbering) draws it; a symbol's name, a capital for a small letter, a Zapf Dingbats number do not."""
     gen = load_script(GENERATE)
-    for name, char in [("a", "a"), ("a.sc", "a"), ("K_", "K"), ("seven", "7"), ("seven.lf", "7"), ("sevenoldstyle", "7"),
-                       ("uni0037", "7"), ("Glyph12", "K"), ("gid7", "b"), ("cid00012", "b"), ("", "b")]:
+    for name, char in [("a", "a"), ("a.sc", "a"), ("K_", "K"), ("seven", "7"), ("seven.lf", "7"),
+                       ("sevenoldstyle", "7"), ("uni0037", "7"), ("Glyph12", "K"), ("gid7", "b"), ("cid00012", "b"),
+                       ("", "b")]:
         assert not gen.other_glyph(name, char), (name, char)
     for name, char in [("turnstileright", "a"), ("element", "2"), ("A.sc", "a"), ("a1", "b"), ("Eta", "H")]:
         assert gen.other_glyph(name, char), (name, char)
+
+
+
+def test_generator_fonts_folder_it_cannot_read(tmp, monkeypatch):
+    """--fonts naming a folder it may not list (simulated: root reads everything): one line, not a traceback."""
+    gen = load_script(GENERATE)
+
+    def refuse(self):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "iterdir", refuse)
+    with pytest.raises(gen.UserError, match="--fonts .*: cannot read this folder \\(Permission denied\\)"):
+        gen.font_pool(tmp)
 
 
 # ---- prepare ----
@@ -453,7 +467,8 @@ def test_mixed_lengths_end_to_end(no_prefix):
 def test_init_from_a_model_of_another_style(tmp, trained, no_prefix):
     """--init: the Hei-style model (40x96 input, 4 characters) starts a run on 200x50 captchas of 5-6 characters.
     The network's tensors are copied, the attention's that depend on length and size start fresh, the classifier's
-    rows follow the characters; with --lr 1e-30 (0 is refused) the copied weights come out unchanged. --init with --resume is refused."""
+    rows follow the characters; with --lr 1e-30 (0 is refused) the copied weights come out unchanged. --init with
+    --resume is refused."""
     src = trained[0] / "model.pt"
     data = tmp / "init"
     shutil.copytree(no_prefix[1], data, ignore=shutil.ignore_patterns("model.pt", "checkpoint.pt", "history.*"))
@@ -818,8 +833,12 @@ def test_resume_after_interrupt(tmp, trained, image_dir):
     charset = json.loads((data / "meta.json").read_text())["charset"]
     proc = run("captcha.py", "prepare", "--image-dir", image_dir, "--data-dir", data, "--charset", charset[::-1])
     assert proc.returncode == 0, proc.stderr
-    line = assert_one_line_error(run("captcha.py", "train", "--data-dir", data, "--epochs", 5, "--epoch-size", 0,
-                                     "--device", "cpu", "--resume"), 1)
+    resume = ["train", "--data-dir", data, "--epochs", 5, "--epoch-size", 0, "--device", "cpu", "--resume"]
+    line = assert_one_line_error(run("captcha.py", *resume), 1)
+    assert "trained on data prepared before the last prepare" in line and "train without --resume" in line
+    meta = json.loads((data / "meta.json").read_text())   # data prepared before ids: the classes are compared
+    (data / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "prepared"}))
+    line = assert_one_line_error(run("captcha.py", *resume), 1)
     assert "trained on data of other classes" in line and "train without --resume" in line
 
 

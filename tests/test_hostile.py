@@ -323,7 +323,7 @@ def test_an_unreadable_folder_is_said(tmp_path, monkeypatch):
     for folder in ("ok", "locked", ".hidden", "."):
         Image.new("RGB", (8, 8)).save(tmp_path / folder / "a.png")
     (tmp_path / "ok" / ".b.png").write_bytes(b"hidden")
-    assert module.list_images(tmp_path) == [tmp_path / "a.png", tmp_path / "locked" / "a.png", tmp_path / "ok" / "a.png"]
+    assert module.list_images(tmp_path) == [tmp_path / p for p in ("a.png", "locked/a.png", "ok/a.png")]
     scandir = os.scandir
 
     def refusing(path="."):
@@ -351,16 +351,18 @@ def test_an_image_folder_without_permission_is_said(script, tmp_path, monkeypatc
 
 
 def test_resume_refuses_other_prepared_data_and_another_runs_model(tmp_path):
-    """Each prepare gives meta.json a new id, kept in the checkpoint: --resume after another prepare (other images of
-    the same classes) is one line, before any epoch (it went on, and validated and tested on images it had trained
-    on); a model.pt of another run beside the checkpoint is one line too (a traceback after training)."""
+    """Each prepare gives meta.json the id of its data and options, kept in the checkpoint: --resume after another
+    prepare (other images of the same classes) is one line, before any epoch (it went on, and validated and tested
+    on images it had trained on); a model.pt of another run beside the checkpoint is one line too (a traceback after
+    training)."""
     module = load_script("cifar_lenet.py")
-    ids = set()
-    for name in ("p1", "p2"):
+    ids = []
+    for name, seed, label in [("p1", 1, 0), ("p2", 1, 0), ("p3", 2, 0), ("p4", 1, 1)]:   # same, other seed, other data
         (tmp_path / name).mkdir()
-        module.save_prepared(tmp_path / name, {}, {"kind": "cifar"})
-        ids.add(json.loads((tmp_path / name / "meta.json").read_text())["prepared"])
-    assert len(ids) == 2 and all(len(i) == 16 for i in ids)
+        split = (torch.zeros(2, 3, 4, 4, dtype=torch.uint8), torch.tensor([0, label]))
+        module.save_prepared(tmp_path / name, {"training_set": split}, {"kind": "cifar", "seed": seed})
+        ids.append(json.loads((tmp_path / name / "meta.json").read_text())["prepared"])
+    assert ids[0] == ids[1] and len(set(ids)) == 3 and all(len(i) == 16 for i in ids)
     data = synthetic_cifar(tmp_path / "data")
     meta = json.loads((data / "meta.json").read_text())
     (data / "meta.json").write_text(json.dumps({**meta, "prepared": "first"}))
@@ -650,6 +652,7 @@ def test_resume_refuses_a_damaged_checkpoint(tmp_path):
     parser = module.build_parser().parse_args(["train"]).train_parser
     amp = next(a for a in parser._actions if a.dest == "amp")
     assert (module.shown(amp, False), module.shown(amp, True)) == ("--no-amp", "--amp")   # not "--no-amp False"
+    (tmp_path / "model.pt").unlink()   # (resume_options checks a model.pt beside it: this one is not a model)
     torch.save({**good, "config": {"batch_size": -3}}, path)   # an option edited in the checkpoint: one line
     with pytest.raises(module.UserError, match="its option --batch-size -3 is not valid"):
         module.resume_options(argparse.Namespace(batch_size=64), parser, path, set())
