@@ -119,15 +119,15 @@ def font_problem(path):
     if not (all(ord(c) in charmap and charmap[ord(c)] != 0 for c in DIGITS + LETTERS)
             and all(box is not None for box in masks.values()) and len(set(map(str, masks.values()))) > 1):
         return "it cannot draw every captcha character"
-    other = [c for c in DIGITS + LETTERS if other_glyph(face.get_glyph_name(charmap[ord(c)]), c)]
-    name = other and face.get_glyph_name(charmap[ord(other[0])])
-    if other and not other[0].isdigit() and not other_glyph(name, other[0].swapcase()):
-        return (f"it draws {other[0]!r} as {other[0].swapcase()!r} ({name!r}): an all-caps or small-caps font cannot "
-                "show the codes' case")
-    if other:
-        return (f"it draws other glyphs for {len(other)} captcha characters ({other[0]!r} is "
-                f"{name!r}): a symbol font?")
-    return None
+    names = {c: face.get_glyph_name(charmap[ord(c)]) for c in DIGITS + LETTERS}
+    other = [c for c, name in names.items() if other_glyph(name, c)]
+    if not other:
+        return None
+    first, name = other[0], names[other[0]]
+    if not first.isdigit() and not other_glyph(name, first.swapcase()):
+        return (f"it draws {first!r} as {first.swapcase()!r} ({name!r}): an all-caps or small-caps font cannot show "
+                "the codes' case")
+    return f"it draws other glyphs for {len(other)} captcha characters ({first!r} is {name!r}): a symbol font?"
 
 
 NUMBER_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
