@@ -47,7 +47,7 @@ import unicodedata
 import urllib.parse
 import warnings
 import zipfile
-from collections import Counter
+from collections import Counter, OrderedDict
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from functools import cache
@@ -267,25 +267,6 @@ def split_indices(n, seed, fractions=(0.8, 0.1, 0.1)):
 
 
 # ---- Model ----
-class LeNet(nn.Module):
-    """The tutorial's network: conv5x5 -> pool -> conv5x5 -> pool -> 120 -> 60 -> N with dropout."""
-
-    def __init__(self, num_classes, channels=(16, 32), dropout=0.1):
-        super().__init__()
-        c1, c2 = channels
-        self.features = nn.Sequential(
-            nn.Conv2d(3, c1, 5), nn.ReLU(inplace=True), nn.MaxPool2d(2),    # B,c1,14,14
-            nn.Conv2d(c1, c2, 5), nn.ReLU(inplace=True), nn.MaxPool2d(2),   # B,c2,5,5
-        )
-        self.classifier = nn.Sequential(
-            nn.Flatten(), nn.Linear(c2 * 5 * 5, 120), nn.ReLU(inplace=True), nn.Dropout(dropout),
-            nn.Linear(120, 60), nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(60, num_classes),
-        )
-
-    def forward(self, x):  # B,3,32,32 -> B,N logits
-        return self.classifier(self.features(x))
-
-
 def check_model(path, info):
     """A model file's entries (model.pt, or model.onnx's metadata) checked before the network is built or an image
     read: a hand-edited or damaged entry is a UserError, not a traceback or a NaN in the JSON."""
@@ -298,7 +279,13 @@ def check_model(path, info):
 
 
 def build_model(model_args):
-    return LeNet(**model_args).to(memory_format=MEMORY_FORMAT)
+    """The tutorial's LeNet: conv5x5 -> pool -> conv5x5 -> pool -> 120 -> 60 -> N, with dropout 0.1; B,3,32,32 in."""
+    features = nn.Sequential(nn.Conv2d(3, 16, 5), nn.ReLU(inplace=True), nn.MaxPool2d(2),    # B,16,14,14
+                             nn.Conv2d(16, 32, 5), nn.ReLU(inplace=True), nn.MaxPool2d(2))   # B,32,5,5
+    classifier = nn.Sequential(nn.Flatten(), nn.Linear(32 * 5 * 5, 120), nn.ReLU(inplace=True), nn.Dropout(0.1),
+                               nn.Linear(120, 60), nn.ReLU(inplace=True), nn.Dropout(0.1),
+                               nn.Linear(60, model_args["num_classes"]))
+    return nn.Sequential(OrderedDict(features=features, classifier=classifier)).to(memory_format=MEMORY_FORMAT)
 
 
 def make_optimizer(model, args, steps):
@@ -1202,6 +1189,14 @@ def move_run_rows(data_dir, old, new):
             write_runs(Path(data_dir) / "runs.csv", rows)
 
 
+def save_model(obj, path):
+    """model.pt written atomically; a model.onnx beside it, exported from the model before (a resumed run's new best
+    model, a calibration fitted again), is moved aside (keep_previous): it never stays beside a model it is not."""
+    atomic_torch_save(obj, path)
+    if (path.parent / "model.onnx").exists():
+        keep_previous(path.parent, None, ("model.onnx",))
+
+
 def save_epoch(out_dir, args, model, optimizer, scheduler, scaler, state, best_model=None, plot_keys=()):
     """After each epoch, in the main process: model.pt when the score improved (best_model: what eval needs beside
     the weights), checkpoint.pt (state: epoch, history, best_score, bad_epochs, model_args, classes) and the history table
@@ -1213,9 +1208,7 @@ def save_epoch(out_dir, args, model, optimizer, scheduler, scaler, state, best_m
         keep = keep_previous(out_dir, args.data_dir) if state["epoch"] == 1 else None
         try:
             if best_model is not None:
-                atomic_torch_save({"script": SCRIPT, "model": model.state_dict(), **best_model}, out_dir / "model.pt")
-                if (out_dir / "model.onnx").exists():   # exported from the model before (a resumed run): not this one
-                    keep_previous(out_dir, None, ("model.onnx",))
+                save_model({"script": SCRIPT, "model": model.state_dict(), **best_model}, out_dir / "model.pt")
             config = {k: v for k, v in vars(args).items() if k not in ("func", "train_parser", "argv")}
             atomic_torch_save({"script": SCRIPT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), **state,

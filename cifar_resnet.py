@@ -1190,6 +1190,14 @@ def move_run_rows(data_dir, old, new):
             write_runs(Path(data_dir) / "runs.csv", rows)
 
 
+def save_model(obj, path):
+    """model.pt written atomically; a model.onnx beside it, exported from the model before (a resumed run's new best
+    model, a calibration fitted again), is moved aside (keep_previous): it never stays beside a model it is not."""
+    atomic_torch_save(obj, path)
+    if (path.parent / "model.onnx").exists():
+        keep_previous(path.parent, None, ("model.onnx",))
+
+
 def save_epoch(out_dir, args, model, optimizer, scheduler, scaler, state, best_model=None, plot_keys=()):
     """After each epoch, in the main process: model.pt when the score improved (best_model: what eval needs beside
     the weights), checkpoint.pt (state: epoch, history, best_score, bad_epochs, model_args, classes) and the history table
@@ -1201,9 +1209,7 @@ def save_epoch(out_dir, args, model, optimizer, scheduler, scaler, state, best_m
         keep = keep_previous(out_dir, args.data_dir) if state["epoch"] == 1 else None
         try:
             if best_model is not None:
-                atomic_torch_save({"script": SCRIPT, "model": model.state_dict(), **best_model}, out_dir / "model.pt")
-                if (out_dir / "model.onnx").exists():   # exported from the model before (a resumed run): not this one
-                    keep_previous(out_dir, None, ("model.onnx",))
+                save_model({"script": SCRIPT, "model": model.state_dict(), **best_model}, out_dir / "model.pt")
             config = {k: v for k, v in vars(args).items() if k not in ("func", "train_parser", "argv")}
             atomic_torch_save({"script": SCRIPT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), **state,

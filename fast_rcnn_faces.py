@@ -141,15 +141,6 @@ MODEL_KEYS = ("model", "model_args", "size", "search_side", "proposals")    # wh
 # ---- Data ----
 
 
-def split_indices(n, seed, fractions=(0.8, 0.1, 0.1)):
-    """Deterministic train/val/test split of range(n): same n and seed -> same split. Under 10 photos, one is
-    still kept for validation (train needs one)."""
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-    n_train = int(n * fractions[0])
-    n_val = max(int(n * fractions[1]), min(1, n - n_train))
-    return perm[:n_train], perm[n_train:n_train + n_val], perm[n_train + n_val:]
-
-
 def letterbox_geometry(width, height, size):
     """Resized width, height and offsets that put a width x height photo in the middle of size = (W, H)."""
     scale = min(size[0] / width, size[1] / height)
@@ -255,35 +246,7 @@ def preprocess(images):
     return (images.float() / 255 - mean) / std
 
 
-def encode_offsets(boxes, proposals):
-    """Target offsets that move `proposals` onto `boxes` (centre shift / size, log size ratio)."""
-    pw, ph = proposals[:, 2] - proposals[:, 0], proposals[:, 3] - proposals[:, 1]
-    bw, bh = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
-    dx = (boxes[:, 0] + bw / 2 - proposals[:, 0] - pw / 2) / pw
-    dy = (boxes[:, 1] + bh / 2 - proposals[:, 1] - ph / 2) / ph
-    return torch.stack([dx, dy, torch.log(bw / pw), torch.log(bh / ph)], 1) * boxes.new_tensor(BOX_WEIGHTS)
-
-
-def decode_offsets(offsets, proposals):
-    """Inverse of encode_offsets."""
-    d = offsets / offsets.new_tensor(BOX_WEIGHTS)
-    pw, ph = proposals[:, 2] - proposals[:, 0], proposals[:, 3] - proposals[:, 1]
-    cx, cy = proposals[:, 0] + pw / 2 + d[:, 0] * pw, proposals[:, 1] + ph / 2 + d[:, 1] * ph
-    w, h = pw * torch.exp(d[:, 2].clamp(max=4)), ph * torch.exp(d[:, 3].clamp(max=4))
-    return torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 1)
-
-
 # ---- Model ----
-class Shortcut(nn.Conv2d):
-    """The 1x1 convolution of a ResNet shortcut, its stride taken by slicing (every s-th pixel, then stride 1): the
-    same numbers and weights. torch 2.14's oneDNN backward of a strided 1x1 convolution in channels_last with 6-15
-    input channels and an odd batch corrupts memory on AVX512 CPUs (--width 8 crashed training)."""
-
-    def forward(self, x):
-        s = self.stride
-        return F.conv2d(x[:, :, ::s[0], ::s[1]], self.weight, self.bias)
-
-
 def stage(c_in, c_out, stride, blocks):
     """ResNet stage of BasicBlocks (torchvision's block), the first one changing stride/channels."""
     down = None
@@ -393,15 +356,6 @@ def flip_boxes(boxes, width):
 def flip_batch(images, gts, props, size):
     """Horizontal flip of letterboxed photos and their boxes (training augmentation)."""
     return images.flip(-1), [flip_boxes(g, size[0]) for g in gts], [flip_boxes(p, size[0]) for p in props]
-
-
-def cosine_schedule(optimizer, epochs, done=0):
-    """Cosine learning-rate decay over `epochs` epochs (stepped once per epoch), placed after `done` of them. In a
-    resumed run the rate comes from this formula over the new --epochs, not from the checkpoint's schedule (whose
-    length stayed that of the first run: resumed past its end, it trained at lr 0)."""
-    def factor(epoch):
-        return (1 + math.cos(math.pi * min(epoch, epochs) / epochs)) / 2
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor, last_epoch=done - 1)
 
 
 def run_epoch(model, data, batches, device, dtype, optimizer=None, scaler=None, generator=None, size=SIZE):
@@ -647,7 +601,7 @@ def train(args, device, out_dir, tb_dir):
         print("too few correct/wrong validation detections to calibrate the scores; softmax scores kept")
     else:
         best_model["calibration"] = calibration
-        atomic_torch_save(best_model, out_dir / "model.pt")
+        save_model(best_model, out_dir / "model.pt")
         print(f"scores calibrated on validation photos: sigmoid({calibration[0]:.3f} * log-odds + {calibration[1]:.3f}"
               f" + {calibration[2]:.3f}), the shift making 0.5 the threshold that counts faces best")
     test = load_prepared(data_dir, "testing_set", size) if shard_paths(data_dir, "testing_set") else None
@@ -733,6 +687,55 @@ def build_parser():
 
 # ==== Common to the two face scripts (rcnn_faces.py, fast_rcnn_faces.py): keep identical ====
 # What both face detectors do alike. A fix in one script is copied to the other (tests/test_hostile.py checks).
+
+# ---- Splits, box offsets, the ResNet shortcut, the schedule ----
+
+
+def split_indices(n, seed, fractions=(0.8, 0.1, 0.1)):
+    """Deterministic train/val/test split of range(n): same n and seed -> same split. Under 10 photos, one is
+    still kept for validation (train needs one)."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    n_train = int(n * fractions[0])
+    n_val = max(int(n * fractions[1]), min(1, n - n_train))
+    return perm[:n_train], perm[n_train:n_train + n_val], perm[n_train + n_val:]
+
+
+def encode_offsets(boxes, proposals):
+    """Target offsets that move `proposals` onto `boxes` (centre shift / size, log size ratio)."""
+    pw, ph = proposals[:, 2] - proposals[:, 0], proposals[:, 3] - proposals[:, 1]
+    bw, bh = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    dx = (boxes[:, 0] + bw / 2 - proposals[:, 0] - pw / 2) / pw
+    dy = (boxes[:, 1] + bh / 2 - proposals[:, 1] - ph / 2) / ph
+    return torch.stack([dx, dy, torch.log(bw / pw), torch.log(bh / ph)], 1) * boxes.new_tensor(BOX_WEIGHTS)
+
+
+def decode_offsets(offsets, proposals):
+    """Inverse of encode_offsets."""
+    d = offsets / offsets.new_tensor(BOX_WEIGHTS)
+    pw, ph = proposals[:, 2] - proposals[:, 0], proposals[:, 3] - proposals[:, 1]
+    cx, cy = proposals[:, 0] + pw / 2 + d[:, 0] * pw, proposals[:, 1] + ph / 2 + d[:, 1] * ph
+    w, h = pw * torch.exp(d[:, 2].clamp(max=4)), ph * torch.exp(d[:, 3].clamp(max=4))
+    return torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 1)
+
+
+class Shortcut(nn.Conv2d):
+    """The 1x1 convolution of a ResNet shortcut, its stride taken by slicing (every s-th pixel, then stride 1): the
+    same numbers and weights. torch 2.14's oneDNN backward of a strided 1x1 convolution in channels_last with 6-15
+    input channels and an odd batch corrupts memory on AVX512 CPUs (--width 8 crashed training)."""
+
+    def forward(self, x):
+        s = self.stride
+        return F.conv2d(x[:, :, ::s[0], ::s[1]], self.weight, self.bias)
+
+
+def cosine_schedule(optimizer, epochs, done=0):
+    """Cosine learning-rate decay over `epochs` epochs (stepped once per epoch), placed after `done` of them. In a
+    resumed run the rate comes from this formula over the new --epochs, not from the checkpoint's schedule (whose
+    length stayed that of the first run: resumed past its end, it trained at lr 0)."""
+    def factor(epoch):
+        return (1 + math.cos(math.pi * min(epoch, epochs) / epochs)) / 2
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor, last_epoch=done - 1)
+
 
 # ---- Photos and boxes: the CSV, photo paths, preparing photos in processes ----
 
@@ -1823,6 +1826,14 @@ def move_run_rows(data_dir, old, new):
             write_runs(Path(data_dir) / "runs.csv", rows)
 
 
+def save_model(obj, path):
+    """model.pt written atomically; a model.onnx beside it, exported from the model before (a resumed run's new best
+    model, a calibration fitted again), is moved aside (keep_previous): it never stays beside a model it is not."""
+    atomic_torch_save(obj, path)
+    if (path.parent / "model.onnx").exists():
+        keep_previous(path.parent, None, ("model.onnx",))
+
+
 def save_epoch(out_dir, args, model, optimizer, scheduler, scaler, state, best_model=None, plot_keys=()):
     """After each epoch, in the main process: model.pt when the score improved (best_model: what eval needs beside
     the weights), checkpoint.pt (state: epoch, history, best_score, bad_epochs, model_args, classes) and the history table
@@ -1834,9 +1845,7 @@ def save_epoch(out_dir, args, model, optimizer, scheduler, scaler, state, best_m
         keep = keep_previous(out_dir, args.data_dir) if state["epoch"] == 1 else None
         try:
             if best_model is not None:
-                atomic_torch_save({"script": SCRIPT, "model": model.state_dict(), **best_model}, out_dir / "model.pt")
-                if (out_dir / "model.onnx").exists():   # exported from the model before (a resumed run): not this one
-                    keep_previous(out_dir, None, ("model.onnx",))
+                save_model({"script": SCRIPT, "model": model.state_dict(), **best_model}, out_dir / "model.pt")
             config = {k: v for k, v in vars(args).items() if k not in ("func", "train_parser", "argv")}
             atomic_torch_save({"script": SCRIPT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), **state,

@@ -819,12 +819,16 @@ def test_resume_after_interrupt(tmp, trained, image_dir):
     assert f"resumed from {data / 'checkpoint.pt'} after epoch {done}" in proc.stdout
     assert "epoch 3/3" in proc.stdout and f"epoch {done}/3" not in proc.stdout
     assert len((data / "history.csv").read_text().splitlines()) == 4
+    (data / "model.onnx").write_bytes(b"exported after epoch 3")   # model.pt is written again (calibrated, at least)
     proc = run("captcha.py", "train", "--data-dir", data, "--epochs", 4, "--epoch-size", 0, "--device", "cpu",
                "--resume")
     assert proc.returncode == 0, proc.stderr
     assert re.findall(r"^epoch (\d+)/4", proc.stdout, re.M) == ["4"]
     assert len((data / "history.csv").read_text().splitlines()) == 5
-    assert len(list((data / "previous").iterdir())) == 1   # a resumed run keeps its own files
+    assert not (data / "model.onnx").exists() and "model.onnx: moved to" in proc.stdout   # never beside another model
+    assert sorted(p.read_bytes() for p in (data / "previous").glob("*/model.onnx")) == [
+        b"exported after epoch 3", before["model.onnx"]]
+    assert len(list((data / "previous").iterdir())) == 2   # a resumed run keeps its own files; the export aside
     # runs.csv: the row of the run before follows its files; the interrupted run wrote none, each resume one
     assert [(r["tag"], r["run_dir"]) for r in csv.DictReader((data / "runs.csv").open())] == [
         ("before", str(kept[0])), ("elsewhere", str(tmp)), ("", str(data)), ("", str(data))]
