@@ -177,12 +177,8 @@ def selective_search(img, size, side, limit):
         return torch.zeros(0, 4)
     scale = side / max(img.width, img.height)
     small = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.BILINEAR)
-    search = cv2.ximgproc.segmentation.createSelectiveSearchSegmentation()
-    search.setBaseImage(np.ascontiguousarray(np.asarray(small)[:, :, ::-1]))  # RGB -> BGR, as cv2.imread
-    search.switchToSelectiveSearchFast()
-    C_RAND.srand(1)  # OpenCV ranks the regions with C's rand(): from its first state, a photo's regions never vary
-    rects = torch.as_tensor(search.process()[:limit], dtype=torch.float32).reshape(-1, 4)
-    boxes = box_convert(rects, "xywh", "xyxy") * torch.tensor([img.width / small.width, img.height / small.height] * 2)
+    boxes = search_regions(np.asarray(small), limit) * torch.tensor([img.width / small.width,
+                                                                      img.height / small.height] * 2)
     return to_letterbox(boxes, img.width, img.height, size)
 
 
@@ -595,27 +591,15 @@ def train(args, device, out_dir, tb_dir):
         raise UserError(f"{out_dir}: no epoch finished; nothing to evaluate")
     best_model = load_model_file(out_dir / "model.pt")
     model.load_state_dict(best_model["model"])
-    calibration = fit_calibration(detect(model, val[0], val[2], val[3], device, args.nms_iou, amp=args.amp),
-                                  photo_boxes(val, size))
-    if calibration is None:
-        print("too few correct/wrong validation detections to calibrate the scores; softmax scores kept")
-    else:
-        best_model["calibration"] = calibration
-        save_model(best_model, out_dir / "model.pt")
-        print(f"scores calibrated on validation photos: sigmoid({calibration[0]:.3f} * log-odds + {calibration[1]:.3f}"
-              f" + {calibration[2]:.3f}), the shift making 0.5 the threshold that counts faces best")
+    calibration = calibrate_scores(out_dir / "model.pt", best_model, detect(model, val[0], val[2], val[3], device,
+                                                                            args.nms_iou, amp=args.amp),
+                                   photo_boxes(val, size))
     test = load_prepared(data_dir, "testing_set", size) if shard_paths(data_dir, "testing_set") else None
-    if test is None:
-        print("no test photos; skipping the detection score")
-        return result
     t0 = time.time()
     dets = detect(model, test[0], test[2], test[3], device, args.nms_iou, calibration=calibration or (1.0, 0.0),
-                  amp=args.amp)
-    score = detection_scores(dets, photo_boxes(test, size), args.threshold)
-    result["test"] = round(score["ap50"], 6)
-    print(f"test photos: {len(test[0])}  AP@0.5 {score['ap50']:.3f}  recall {score['recall']:.3f}  "
-          f"count RMSE {score['count_rmse']:.2f} (threshold {args.threshold})  "
-          f"{(time.time() - t0) / len(test[0]):.2f} s/photo")
+                  amp=args.amp) if test else []
+    result["test"] = report_test(dets, photo_boxes(test, size) if test else [], (time.time() - t0) / max(len(dets), 1),
+                                 args.threshold)
     return result
 
 
@@ -689,6 +673,17 @@ def build_parser():
 # What both face detectors do alike. A fix in one script is copied to the other (tests/test_hostile.py checks).
 
 # ---- Splits, box offsets, the ResNet shortcut, the schedule ----
+
+
+def search_regions(rgb, limit):
+    """Selective search (OpenCV, fast mode) on an RGB uint8 H,W,3 array: its first `limit` regions, K,4 xyxy boxes in
+    the array's pixels."""
+    search = cv2.ximgproc.segmentation.createSelectiveSearchSegmentation()
+    search.setBaseImage(np.ascontiguousarray(rgb[:, :, ::-1]))  # RGB -> BGR, as cv2.imread
+    search.switchToSelectiveSearchFast()
+    C_RAND.srand(1)  # OpenCV ranks the regions with C's rand(): from its first state, a photo's regions never vary
+    rects = torch.as_tensor(search.process()[:limit], dtype=torch.float32).reshape(-1, 4)
+    return box_convert(rects, "xywh", "xyxy")
 
 
 def split_indices(n, seed, fractions=(0.8, 0.1, 0.1)):
@@ -978,6 +973,32 @@ def detection_scores(dets, gts, threshold, iou=0.5):
     errors = torch.tensor([float((score >= threshold).sum()) - len(gt) for (_, score), gt in zip(dets, gts)] or [0.0])
     return {"ap50": float(((recall[1:] - recall[:-1]) * precision[1:]).sum()) if n_gt else 0.0,
             "recall": float(hits[above].sum()) / max(n_gt, 1), "count_rmse": errors.pow(2).mean().sqrt().item()}
+
+
+def calibrate_scores(model_path, best_model, dets, gts):
+    """train: the score calibration fitted on the validation photos' detections (fit_calibration) and written into
+    model.pt with the best model; None (softmax scores kept) when there are too few right and wrong detections."""
+    calibration = fit_calibration(dets, gts)
+    if calibration is None:
+        print("too few correct/wrong validation detections to calibrate the scores; softmax scores kept")
+    else:
+        best_model["calibration"] = calibration
+        save_model(best_model, model_path)
+        print(f"scores calibrated on validation photos: sigmoid({calibration[0]:.3f} * log-odds + {calibration[1]:.3f}"
+              f" + {calibration[2]:.3f}), the shift making 0.5 the threshold that counts faces best")
+    return calibration
+
+
+def report_test(dets, gts, seconds, threshold):
+    """train's last line: AP@0.5, recall and face-count RMSE of the detector on the test photos; their AP (NaN
+    without test photos)."""
+    if not gts:
+        print("no test photos: no detection score")
+        return float("nan")
+    score = detection_scores(dets, gts, threshold)
+    print(f"test photos: {len(gts)}  AP@0.5 {score['ap50']:.3f}  recall {score['recall']:.3f}  "
+          f"count RMSE {score['count_rmse']:.2f} (threshold {threshold})  {seconds:.2f} s/photo")
+    return round(score["ap50"], 6)
 
 
 # ---- Eval: reading photos ahead, drawing boxes, output files ----

@@ -149,18 +149,12 @@ MODEL_KEYS = ("model", "model_args", "crop_size", "search_side")       # what ev
 
 def selective_search(img, search_side, max_proposals=MAX_PROPOSALS):
     """Selective search (fast mode) on a copy with longest side `search_side`; K,4 xyxy boxes in `img` pixels."""
-    rgb = img.permute(1, 2, 0).numpy()  # H,W,3
+    rgb = np.ascontiguousarray(img.permute(1, 2, 0).numpy())  # H,W,3
     h, w = rgb.shape[:2]
     scale = min(1.0, search_side / max(h, w))
-    bgr = np.ascontiguousarray(rgb[:, :, ::-1])
     if scale < 1:
-        bgr = cv2.resize(bgr, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
-    search = cv2.ximgproc.segmentation.createSelectiveSearchSegmentation()
-    search.setBaseImage(bgr)
-    search.switchToSelectiveSearchFast()
-    C_RAND.srand(1)  # OpenCV ranks the regions with C's rand(): from its first state, a photo's regions never vary
-    rects = torch.from_numpy(search.process()[:max_proposals].astype(np.float32)).reshape(-1, 4)
-    boxes = clip_boxes_to_image(box_convert(rects, "xywh", "xyxy") / scale, (h, w))
+        rgb = cv2.resize(rgb, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+    boxes = clip_boxes_to_image(search_regions(rgb, max_proposals) / scale, (h, w))
     bw, bh = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
     aspect = bw / bh.clamp(min=1e-6)
     boxes = boxes[(bw >= MIN_BOX) & (bh >= MIN_BOX) & (aspect >= ASPECT_RANGE[0]) & (aspect <= ASPECT_RANGE[1])]
@@ -462,23 +456,10 @@ def train(args, device, out_dir, tb_dir):
                 found.append((str(path), torch.tensor(meta["boxes"][name]).reshape(-1, 4)))
         return [p for p, _ in found], [boxes for _, boxes in found]
 
-    calibration = fit_calibration(*run_detector(model, best_model, *photos("validating"), device, args.nms_iou,
-                                                args.amp)[:2])
-    if calibration is None:
-        print("too few correct/wrong validation detections to calibrate the scores; softmax scores kept")
-    else:
-        best_model["calibration"] = calibration
-        save_model(best_model, out_dir / "model.pt")
-        print(f"scores calibrated on validation photos: sigmoid({calibration[0]:.3f} * log-odds + {calibration[1]:.3f}"
-              f" + {calibration[2]:.3f}), the shift making 0.5 the threshold that counts faces best")
-    detections, kept, seconds = run_detector(model, best_model, *photos("testing"), device, args.nms_iou, args.amp)
-    report = detection_scores(detections, kept, args.threshold)
-    result["test"] = round(report["ap50"], 6) if kept else float("nan")
-    if not kept:
-        print("test photos: none readable, no detection score")
-    else:
-        print(f"test photos: {len(kept)}  AP@0.5 {report['ap50']:.3f}  recall {report['recall']:.3f}  "
-              f"count RMSE {report['count_rmse']:.2f} (threshold {args.threshold})  {seconds:.2f} s/photo")
+    calibrate_scores(out_dir / "model.pt", best_model, *run_detector(model, best_model, *photos("validating"), device,
+                                                                     args.nms_iou, args.amp)[:2])
+    result["test"] = report_test(*run_detector(model, best_model, *photos("testing"), device, args.nms_iou, args.amp),
+                                 args.threshold)
     return result
 
 
@@ -545,6 +526,17 @@ def build_parser():
 # What both face detectors do alike. A fix in one script is copied to the other (tests/test_hostile.py checks).
 
 # ---- Splits, box offsets, the ResNet shortcut, the schedule ----
+
+
+def search_regions(rgb, limit):
+    """Selective search (OpenCV, fast mode) on an RGB uint8 H,W,3 array: its first `limit` regions, K,4 xyxy boxes in
+    the array's pixels."""
+    search = cv2.ximgproc.segmentation.createSelectiveSearchSegmentation()
+    search.setBaseImage(np.ascontiguousarray(rgb[:, :, ::-1]))  # RGB -> BGR, as cv2.imread
+    search.switchToSelectiveSearchFast()
+    C_RAND.srand(1)  # OpenCV ranks the regions with C's rand(): from its first state, a photo's regions never vary
+    rects = torch.as_tensor(search.process()[:limit], dtype=torch.float32).reshape(-1, 4)
+    return box_convert(rects, "xywh", "xyxy")
 
 
 def split_indices(n, seed, fractions=(0.8, 0.1, 0.1)):
@@ -834,6 +826,32 @@ def detection_scores(dets, gts, threshold, iou=0.5):
     errors = torch.tensor([float((score >= threshold).sum()) - len(gt) for (_, score), gt in zip(dets, gts)] or [0.0])
     return {"ap50": float(((recall[1:] - recall[:-1]) * precision[1:]).sum()) if n_gt else 0.0,
             "recall": float(hits[above].sum()) / max(n_gt, 1), "count_rmse": errors.pow(2).mean().sqrt().item()}
+
+
+def calibrate_scores(model_path, best_model, dets, gts):
+    """train: the score calibration fitted on the validation photos' detections (fit_calibration) and written into
+    model.pt with the best model; None (softmax scores kept) when there are too few right and wrong detections."""
+    calibration = fit_calibration(dets, gts)
+    if calibration is None:
+        print("too few correct/wrong validation detections to calibrate the scores; softmax scores kept")
+    else:
+        best_model["calibration"] = calibration
+        save_model(best_model, model_path)
+        print(f"scores calibrated on validation photos: sigmoid({calibration[0]:.3f} * log-odds + {calibration[1]:.3f}"
+              f" + {calibration[2]:.3f}), the shift making 0.5 the threshold that counts faces best")
+    return calibration
+
+
+def report_test(dets, gts, seconds, threshold):
+    """train's last line: AP@0.5, recall and face-count RMSE of the detector on the test photos; their AP (NaN
+    without test photos)."""
+    if not gts:
+        print("no test photos: no detection score")
+        return float("nan")
+    score = detection_scores(dets, gts, threshold)
+    print(f"test photos: {len(gts)}  AP@0.5 {score['ap50']:.3f}  recall {score['recall']:.3f}  "
+          f"count RMSE {score['count_rmse']:.2f} (threshold {threshold})  {seconds:.2f} s/photo")
+    return round(score["ap50"], 6)
 
 
 # ---- Eval: reading photos ahead, drawing boxes, output files ----
