@@ -143,6 +143,7 @@ CPU_BF16 = True          # bf16 autocast on CPUs with native bf16 (AVX512-BF16/A
 # confidence is calibrated on the same views). On 2,000 held-out captchas: a reader of 18,000 generated captchas
 # 93.2% -> 94.5% exact-match; readers trained on 900 labels 80.4% -> 83.4%, 83.0% -> 84.9%, on 450 69.1% -> 72.5%.
 VIEWS = ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1))   # (dx, dy) in pixels of the model's input
+CALIBRATION_MIN = 3      # right and wrong validation codes each that a calibration needs (else: the raw confidence)
 
 
 # ---- Data ----
@@ -243,6 +244,10 @@ def doubtful_codes(codes):
     if joined:
         doubts.append(f"{len(joined)} codes hold '_' (e.g. {joined[0]!r}); if it joins a prefix to the code, pass "
                       "--label-regex '^(?:.*_)?([^_]+)\\.[^.]+$'")
+    copies = [c for c in codes if re.search(r"\(\d+\)$|\.(png|jpe?g|gif|bmp|webp)$", c, re.I)]
+    if copies:   # `2b827(1).png`, `2b827.png.png`: a download's second copy, its mark read as characters
+        doubts.append(f"{len(copies)} codes end like a copied or twice-named file (e.g. {copies[0]!r}): their marks "
+                      "are now characters of the charset; rename or remove those files")
     return doubts
 
 
@@ -266,8 +271,10 @@ def read_labels(path, image_dir):
     words = [w.lower() for w in first.split()]   # a header of the `file code` form sets how many fields a line has
     fields = len(words) if not any(Path(w).suffix in IMAGE_EXTS for w in words) and (
         any(w in LABEL_HEADERS for w in words) or any(w in CODE_HEADERS for w in words[1:])) else 2
-    split = ((lambda line: line.split("\t")) if "\t" in first else
-             (lambda line: next(csv.reader([line], skipinitialspace=True), [])) if "," in first else
+    sample = [line for line in lines if line.strip()][:20]   # the separator most of the first lines hold
+    sep = next((c for c in "\t,;" if 2 * sum(c in line for line in sample) > len(sample)), None)
+    split = ((lambda line: line.split("\t")) if sep == "\t" else
+             (lambda line: next(csv.reader([line], delimiter=sep, skipinitialspace=True), [])) if sep else
              (lambda line: line.split(None, fields - 1)))
     labels, skipped, mentioned, columns, named = {}, {}, set(), (0, 1), False
     folder = Path(image_dir).absolute()   # names as written, for the files counted "not in the labels file"
@@ -293,7 +300,8 @@ def read_labels(path, image_dir):
             continue
         if len(row) > columns[0] and row[columns[0]]:   # counted once, whatever becomes of the line
             mentioned.add(os.path.normpath(folder / row[columns[0]]))
-        if len(row) > 2 and not named:   # file,code,more: which field is the code?
+        if len(row) > 2 and not named or sep is None and len(row) > 1 and len(row[-1].split()) > 1:
+            # file,code,more or `file code more`: which field is the code?
             skipped.setdefault("line of more than two fields (a header naming the code column says which)",
                                []).append(f"line {number}")
             continue
@@ -301,16 +309,27 @@ def read_labels(path, image_dir):
         try:   # nothing outside image_dir is looked at beyond where the name leads
             target = (root / name).resolve()
             kind = ("file" if target.is_file() else "missing" if not target.exists() else "other"
-                    ) if target.is_relative_to(root) else "outside"
+                    ) if target.is_relative_to(root) else "outside" if not Path(os.path.normpath(
+                        root / name)).is_relative_to(root) else "link"
+            if kind == "missing" and Path(name).parts[:1] == (root.name,) and (root.parent / name).is_file():
+                kind = "above"   # `images/x.png` with --image-dir images: a name from the folder above
+                mentioned.add((root.parent / name).resolve())
         except (OSError, ValueError, RuntimeError):   # a NUL byte, a name too long, a symlink loop
             skipped.setdefault("unusable file name", []).append(f"line {number}")
             continue
         if name:
             mentioned.add(target)
         if not name or not code:
-            skipped.setdefault("line without a file name and a code", []).append(f"line {number}")
+            skipped.setdefault("line without a code" if name else "line without a file name" if code else
+                               "line without a file name and a code (tab, comma, semicolon or space separated)",
+                               []).append(f"line {number}")
         elif kind == "outside":
             skipped.setdefault("file outside --image-dir", []).append(name)
+        elif kind == "link":
+            skipped.setdefault("a link leading out of --image-dir (links are followed inside it only)", []).append(name)
+        elif kind == "above":
+            skipped.setdefault(f"listed file not found: names are read inside --image-dir, and these begin with its "
+                               f"own name {root.name!r} (pass the folder above it as --image-dir)", []).append(name)
         elif kind != "file":
             skipped.setdefault("listed file not found" if kind == "missing" else "listed, not a regular file",
                                []).append(name[:80])
@@ -548,9 +567,13 @@ def decode_code(classes, charset):
 
 def fit_calibration(scores, correct):
     """Platt scaling: P(code right) = sigmoid(a * score + b), score the log raw confidence, fitted on the
-    validation codes. Platt's smoothed targets keep the fit finite when every code is right (or wrong)."""
+    validation codes (Platt's smoothed targets). None (eval then gives the raw confidence, in the same order) under
+    CALIBRATION_MIN right or wrong codes, or for a slope a <= 0: a validation split read all right (or all wrong)
+    has nothing to fit the slope on, and a flat fit would give every image, a blank one too, the same confidence."""
     scores, correct = scores.double().cpu(), correct.cpu()
     n_right = correct.sum().item()
+    if min(n_right, len(correct) - n_right) < CALIBRATION_MIN:
+        return None
     targets = torch.where(correct, (n_right + 1) / (n_right + 2), 1 / (len(correct) - n_right + 2)).double()
     a, b = torch.ones((), dtype=torch.float64, requires_grad=True), torch.zeros((), dtype=torch.float64,
                                                                                 requires_grad=True)
@@ -563,7 +586,7 @@ def fit_calibration(scores, correct):
         return loss
 
     optimizer.step(closure)
-    return {"a": max(a.item(), 0.0), "b": b.item()}
+    return {"a": a.item(), "b": b.item()} if a.item() > 0 else None   # a <= 0: the scores do not rank the errors
 
 
 def calibrated(scores, calibration):
@@ -727,8 +750,10 @@ def cmd_prepare(args):
         print(printable(f"  skipped {len(names)}: {reason} (e.g. {', '.join(names[:3])})"))
     if not images:
         most = max(skipped.items(), key=lambda item: len(item[1]))[0] if skipped else "none found"
-        raise UserError(f"{image_dir}: no usable captcha image (most skipped: {most}); expected names like 2b827.png "
-                        f"or 00001-2b827.png, or a --labels file, and codes that --charset and --length allow")
+        raise UserError(f"{image_dir}: no usable captcha image (most skipped: {most}); " + (
+            "check the --labels file: its names are read inside --image-dir, its codes must fit --charset and --length"
+            if args.labels else "expected names like 2b827.png or 00001-2b827.png, or a --labels file, and codes that "
+            "--charset and --length allow"))
     if not args.labels and args.label_regex.pattern == LABEL_REGEX:
         for doubt in doubtful_codes(codes):
             print(f"warning: {doubt}", file=sys.stderr)
@@ -758,7 +783,9 @@ def cmd_prepare(args):
             "counts": {name: len(y) for name, (_, y) in splits.items()}}
     save_prepared(args.data_dir, splits, meta)
     print(f"wrote {args.data_dir}: " + ", ".join(f"{name} {len(y)}" for name, (_, y) in splits.items()))
-    if not sizes[2]:
+    if not sizes[1] and not sizes[2]:
+        print("no validation or test split (too few images for --split): train can score only the images it trains on")
+    elif not sizes[2]:
         print(f"no test split (fewer than {TEST_MIN_SET} images, or --split): train reports the validation score")
     return 0
 
@@ -778,6 +805,10 @@ def train(args, device, out_dir, tb_dir):
     if main_process():
         out_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = resume_path(args, out_dir)   # checked before any work
+    if args.init and (not Path(args.init).is_file() or Path(args.init).suffix.lower() == ".onnx"):   # before work
+        raise UserError(f"--init {args.init}: " + ("an ONNX export" if Path(args.init).is_file() else "not a file" if
+                                                   os.path.lexists(args.init) else "no such file") +
+                        "; --init needs a model.pt that train wrote")
     init = args.init and load_model_file(args.init)
     if init and checkpoint:
         raise UserError("--init and --resume: a resumed run goes on from its checkpoint; pass one of them", 2)
@@ -907,8 +938,11 @@ def calibrate_and_test(model, model_path, data_dir, meta, device, batch_size, dt
         best = right.float().mean().item()
         best_model["calibration"] = fit_calibration(scores, right)
         confident = calibrated(scores, best_model["calibration"]) >= 0.9
-        print(f"validation read in {len(VIEWS)} views as eval does: exact-match {best:.2%}; confidence calibrated on "
-              f"{len(x_val)} codes: {confident.sum().item()} with confidence >= 0.9" +
+        print(f"validation read in {len(VIEWS)} views as eval does: exact-match {best:.2%}; " +
+              (f"confidence calibrated on {len(x_val)} codes" if best_model["calibration"] else
+               f"confidence not calibrated (under {CALIBRATION_MIN} wrong or right codes, or scores that do not rank "
+               f"them: eval gives the raw one)") +
+              f": {confident.sum().item()} with confidence >= 0.9" +
               (f", {right[confident].float().mean().item():.1%} of them right" if confident.any() else ""))
     save_model(best_model, model_path)
     x_test, y_test = (t.to(device) for t in read_split(data_dir, "testing_set", meta))
@@ -1020,8 +1054,8 @@ def build_parser():
                    help="folder of CODE.ext or PREFIX-CODE.ext images (or of the files a --labels file lists); "
                         f"images over {MAX_PIXELS:,} pixels are skipped")
     p.add_argument("--labels", metavar="FILE", default=None,
-                   help="codes from FILE instead of file names: CSV lines `file,code` or `file code` lines "
-                        "(header optional; file names relative to --image-dir)")
+                   help="codes from FILE instead of file names: CSV lines `file,code`, or tab, ';' or space "
+                        "separated lines (header optional; file names relative to --image-dir)")
     p.add_argument("--charset", default="auto",
                    help=f"characters a code may hold: auto (those the codes use), one of {', '.join(CHARSETS)}, "
                         "or a literal string, where a-f stands for abcdef; codes with other characters are skipped")
