@@ -251,6 +251,19 @@ def doubtful_codes(codes):
     return doubts
 
 
+def guess_separator(lines):
+    """The field separator of a labels file's lines: the one of tab, comma and semicolon that splits the most of
+    them into one same number (2 or more) of fields (a tie: in that order); None (whitespace) if none does. A
+    semicolon file with decimal commas (`a.png;abcd;0,93`) is read by its semicolons."""
+    best, best_lines = None, 0
+    for sep in "\t,;":
+        counts = [line.count(sep) + 1 for line in lines]
+        fields = max(set(counts), key=lambda n: (counts.count(n), n)) if counts else 1
+        if fields >= 2 and counts.count(fields) > best_lines:
+            best, best_lines = sep, counts.count(fields)
+    return best
+
+
 def read_labels(path, image_dir):
     """--labels FILE -> ({image path: code as written}, {reason: [line numbers or names]}, {every file a line names,
     as resolved and as written}). Lines `file,code` (CSV), `file<TAB>code` or `file code`, an optional header (which
@@ -271,14 +284,16 @@ def read_labels(path, image_dir):
     words = [w.lower() for w in first.split()]   # a header of the `file code` form sets how many fields a line has
     fields = len(words) if not any(Path(w).suffix in IMAGE_EXTS for w in words) and (
         any(w in LABEL_HEADERS for w in words) or any(w in CODE_HEADERS for w in words[1:])) else 2
-    sample = [line for line in lines if line.strip()][:20]   # the separator most of the first lines hold
-    sep = next((c for c in "\t,;" if 2 * sum(c in line for line in sample) > len(sample)), None)
+    sep = guess_separator([line for line in lines if line.strip() and not line.lstrip().startswith("#")][:20])
     split = ((lambda line: line.split("\t")) if sep == "\t" else
              (lambda line: next(csv.reader([line], delimiter=sep, skipinitialspace=True), [])) if sep else
              (lambda line: line.split(None, fields - 1)))
     labels, skipped, mentioned, columns, named = {}, {}, set(), (0, 1), False
     folder = Path(image_dir).absolute()   # names as written, for the files counted "not in the labels file"
     for number, line in enumerate(lines, 1):
+        text = line.lstrip()
+        if text.startswith("#") and (sep not in text if sep else text[1:2] in ("", " ")):   # a comment line
+            continue
         if len(line) > MAX_LABEL_LINE:
             skipped.setdefault(f"line over {MAX_LABEL_LINE} characters", []).append(f"line {number}")
             continue
@@ -300,7 +315,7 @@ def read_labels(path, image_dir):
             continue
         if len(row) > columns[0] and row[columns[0]]:   # counted once, whatever becomes of the line
             mentioned.add(os.path.normpath(folder / row[columns[0]]))
-        if len(row) > 2 and not named or sep is None and len(row) > 1 and len(row[-1].split()) > 1:
+        if len(row) > 2 and not named or sep is None and len(row) - 1 == columns[1] and len(row[-1].split()) > 1:
             # file,code,more or `file code more`: which field is the code?
             skipped.setdefault("line of more than two fields (a header naming the code column says which)",
                                []).append(f"line {number}")
@@ -311,9 +326,11 @@ def read_labels(path, image_dir):
             kind = ("file" if target.is_file() else "missing" if not target.exists() else "other"
                     ) if target.is_relative_to(root) else "outside" if not Path(os.path.normpath(
                         root / name)).is_relative_to(root) else "link"
-            if kind == "missing" and Path(name).parts[:1] == (root.name,) and (root.parent / name).is_file():
-                kind = "above"   # `images/x.png` with --image-dir images: a name from the folder above
-                mentioned.add((root.parent / name).resolve())
+            below = (root / Path(*Path(name).parts[1:])).resolve() if len(Path(name).parts) > 1 else root
+            if kind == "missing" and Path(name).parts[:1] in ((root.name,), (folder.name,)) and below.is_file() \
+                    and below.is_relative_to(root):   # `images/x.png` with --image-dir images: from the folder above
+                kind = "above"
+                mentioned.add(below)
         except (OSError, ValueError, RuntimeError):   # a NUL byte, a name too long, a symlink loop
             skipped.setdefault("unusable file name", []).append(f"line {number}")
             continue
@@ -329,7 +346,8 @@ def read_labels(path, image_dir):
             skipped.setdefault("a link leading out of --image-dir (links are followed inside it only)", []).append(name)
         elif kind == "above":
             skipped.setdefault(f"listed file not found: names are read inside --image-dir, and these begin with its "
-                               f"own name {root.name!r} (pass the folder above it as --image-dir)", []).append(name)
+                               f"own name {Path(name).parts[0]!r} (pass the folder above it as --image-dir)",
+                               []).append(name)
         elif kind != "file":
             skipped.setdefault("listed file not found" if kind == "missing" else "listed, not a regular file",
                                []).append(name[:80])
@@ -784,7 +802,7 @@ def cmd_prepare(args):
     save_prepared(args.data_dir, splits, meta)
     print(f"wrote {args.data_dir}: " + ", ".join(f"{name} {len(y)}" for name, (_, y) in splits.items()))
     if not sizes[1] and not sizes[2]:
-        print("no validation or test split (too few images for --split): train can score only the images it trains on")
+        print("no validation or test split (too few images, or --split): train can score only the images it trains on")
     elif not sizes[2]:
         print(f"no test split (fewer than {TEST_MIN_SET} images, or --split): train reports the validation score")
     return 0

@@ -993,7 +993,7 @@ def report_test(dets, gts, seconds, threshold):
     """train's last line: AP@0.5, recall and face-count RMSE of the detector on the test photos; their AP (NaN
     without test photos)."""
     if not gts:
-        print("no test photos: no detection score")
+        print("no readable test photos: no detection score")
         return float("nan")
     score = detection_scores(dets, gts, threshold)
     print(f"test photos: {len(gts)}  AP@0.5 {score['ap50']:.3f}  recall {score['recall']:.3f}  "

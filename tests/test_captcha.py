@@ -637,8 +637,11 @@ def test_prepare_labels_files(tmp, wide):
             (f"{name},{truth[name]}\n{'z' * 5000},abc\nloop-a.png,abc\na dir.png,abc\n", {name: truth[name]},
              {"line over 4096 characters": 1, "unusable file name": 1, "listed, not a regular file": 1}),
             (f"filename;label\n{name};{truth[name]}\n", {name: truth[name]}, {}),   # semicolons
-            (f"# labels\n{name},{truth[name]}\n{listed[1]},{truth[listed[1]]}\n",   # the separator of most lines
-             {name: truth[name], listed[1]: truth[listed[1]]}, {"line without a code": 1}),
+            (f"# labels\n{name},{truth[name]}\n{listed[1]},{truth[listed[1]]}\n",   # a comment line
+             {name: truth[name], listed[1]: truth[listed[1]]}, {}),
+            (f"file;code;score\n{name};{truth[name]};0,93\n{listed[1]};{truth[listed[1]]};0,5\n",   # decimal commas
+             {name: truth[name], listed[1]: truth[listed[1]]}, {}),
+            (f"file code note\n{name} {truth[name]} a free text\n", {name: truth[name]}, {}),   # named columns
             (f"{name} {truth[name]} 1\n", {}, {"line of more than two fields": 1}),   # not "a code with spaces"
             (f",abc\n{name},\n", {}, {"line without a file name": 1, "line without a code": 1}),
             (f"{folder.name}/{name},{truth[name]}\n", {},   # a name from the folder above --image-dir
