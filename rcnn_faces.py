@@ -867,11 +867,11 @@ def read_photo(path, work=None):
         return path, None, None, f"cannot read image: {e}"
 
 
-def start_reader(work):
+def start_reader(work, parent=None):
     """Start of each read_ahead process: as start_worker, and the work it does on every photo (inherited through
     fork, never pickled)."""
     global reader_work
-    start_worker()
+    start_worker(parent)
     reader_work = work
 
 
@@ -884,11 +884,12 @@ def read_ahead(paths, work, lookahead, processes=0):
     if lookahead:  # the searches take their cores, the network runs on the others
         torch.set_num_threads(max(1, (os.cpu_count() or 2) - (processes if forked else 1)))
     pool = (ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork"), initializer=start_reader,
-                                initargs=(work,)) if forked else ThreadPoolExecutor(1))
+                                initargs=(work, os.getpid())) if forked else ThreadPoolExecutor(1))
     pending, ahead = deque(), max(lookahead, processes) if forked else lookahead
     try:
         for path in paths:
-            pending.append(pool.submit(read_photo, path, None if forked else work))
+            with signals_held():   # the first one forks: a signal inside a fork is lost
+                pending.append(pool.submit(read_photo, path, None if forked else work))
             if len(pending) > ahead:
                 yield pending.popleft().result()
         while pending:
@@ -1416,7 +1417,8 @@ def save_prepared(data_dir, splits, meta):
     DATA_DIR: an error or Ctrl-C before the swap is done leaves the earlier prepared data as it was. meta.json gets
     the data's "prepared" id (a digest of meta and every tensor: the same data and options, the same id); a checkpoint
     keeps the id of the data it was trained on, and is not resumed on other data."""
-    digest = hashlib.sha256(json.dumps(meta, sort_keys=True).encode())
+    timeless = {k: v for k, v in meta.items() if not k.endswith("_per_s")}   # a speed differs from run to run
+    digest = hashlib.sha256(json.dumps(timeless, sort_keys=True).encode())
     for name in sorted(splits):
         for tensor in splits[name]:
             digest.update(tensor.contiguous().numpy())   # read in place, not copied
@@ -1971,7 +1973,8 @@ SERVE_OPTIONS = "SUITE_SERVE_OPTIONS"   # serve --workers N: the options, passed
 def import_optional(module, package, purpose):
     """An optional package (onnx, onnxruntime, fastapi, uvicorn): missing, one line says how to install it."""
     try:
-        return importlib.import_module(module)
+        with signals_held():   # a Ctrl-C inside onnxruntime's loading became an ImportError: "needs the package"
+            return importlib.import_module(module)
     except ImportError:
         raise UserError(f"{purpose} needs the package {package}: pip install {package}")
 
@@ -2681,20 +2684,27 @@ def lock_data_dir(data_dir, create):
                     data_dir.rmdir()
 
 
-def start_worker():
+def start_worker(parent=None):
     """Start of each process of a prepare pool: one thread (the pool is the parallelism), and Ctrl-C left to the main
-    process, which stops the pool: no traceback from every worker."""
+    process, which stops the pool: no traceback from every worker. On Linux the worker is killed when the command
+    (`parent`, its pid) ends, a SIGKILL too: a worker left behind held DATA_DIR's lock and the terminal's output."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)   # as the pool ends it, not main()'s handler
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
+        if parent is not None and os.getppid() != parent:   # the command ended before that
+            os._exit(1)
     torch.set_num_threads(1)
 
 
 def parallel_map(work, items, workers, desc, unit, chunksize=1):
     """[work(item) for item in items] in `workers` processes (in this one for 1), in order, with a progress bar.
     Ctrl-C drops the items still queued; a process that dies (out of memory) ends the command (run_command)."""
-    pool = ProcessPoolExecutor(workers, initializer=start_worker) if workers > 1 else None
+    pool = ProcessPoolExecutor(workers, initializer=start_worker, initargs=(os.getpid(),)) if workers > 1 else None
     try:
-        answers = pool.map(work, items, chunksize=chunksize) if pool else map(work, items)
+        with signals_held():   # the pool forks here: a signal inside a fork was lost (and the command went on)
+            answers = pool.map(work, items, chunksize=chunksize) if pool else map(work, items)
         return list(progress(answers, total=len(items), desc=desc, unit=unit))
     finally:
         if pool:

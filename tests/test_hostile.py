@@ -969,3 +969,45 @@ def test_face_prepare_says_why_and_eval_output_rules(script, tmp_path, monkeypat
     with pytest.raises(mod.UserError, match="is an input image"):
         outputs.path_for(str(out))
     assert outputs.path_for(str(tmp_path / "a.jpg")) == out and outputs.path_for(str(tmp_path / "b.jpg")) == out
+
+
+WORKERS_LEFT = """
+import importlib.util, os, sys, time
+spec = importlib.util.spec_from_file_location("script", sys.argv[1])
+script = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(script)
+pool = script.ProcessPoolExecutor(2, initializer=script.start_worker, initargs=(os.getpid(),))
+pool.submit(int).result()   # the pool forks its workers at the first job
+print(*pool._processes, flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_pool_workers_end_with_a_killed_command(tmp_path):
+    """A command killed with SIGKILL (or by the out-of-memory killer) takes its pool's workers with it: they held
+    DATA_DIR's lock (every later command: 'in use by' a pid gone) and the terminal's output open."""
+    (tmp_path / "left.py").write_text(WORKERS_LEFT)
+    proc = subprocess.Popen([sys.executable, str(tmp_path / "left.py"), str(ROOT / "cifar_lenet.py")],
+                            stdout=subprocess.PIPE, text=True)
+    workers = {int(pid) for pid in proc.stdout.readline().split()}
+    assert len(workers) == 2 and proc.pid not in workers
+    proc.kill()
+    proc.wait(timeout=10)
+    deadline = time.time() + 10
+    while time.time() < deadline and any(os.path.exists(f"/proc/{pid}") for pid in workers):
+        time.sleep(0.1)
+    assert not any(os.path.exists(f"/proc/{pid}") for pid in workers)
+
+
+def test_prepared_id_leaves_out_speeds(tmp_path):
+    """The same photos prepared again keep their id (train --resume goes on) though the face scripts' meta.json
+    also holds the speed of that prepare; other data gets another id."""
+    module = load_script("rcnn_faces.py")
+    ids = []
+    (tmp_path / "data").mkdir()
+    for speed, value in ((19.5, 0), (7.25, 0), (19.5, 1)):
+        module.save_prepared(tmp_path / "data", {"training_set": (torch.full((3,), value),)},
+                             {"kind": "rcnn_faces", "photos_per_s": speed})
+        ids.append(json.loads((tmp_path / "data" / "meta.json").read_text())["prepared"])
+    assert ids[0] == ids[1] != ids[2]
