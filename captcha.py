@@ -34,6 +34,7 @@ import itertools
 import json
 import logging
 import math
+import multiprocessing
 import os
 import random
 import re
@@ -1427,8 +1428,9 @@ def save_prepared(data_dir, splits, meta):
     DATA_DIR: an error or Ctrl-C before the swap is done leaves the earlier prepared data as it was. meta.json gets
     the data's "prepared" id (a digest of meta and every tensor: the same data and options, the same id); a checkpoint
     keeps the id of the data it was trained on, and is not resumed on other data."""
-    timeless = {k: v for k, v in meta.items() if not k.endswith("_per_s")}   # a speed differs from run to run
-    digest = hashlib.sha256(json.dumps(timeless, sort_keys=True).encode())
+    # a speed differs from run to run, a folder's path with how it is spelled: neither is the data
+    kept = {k: v for k, v in meta.items() if not k.endswith("_per_s") and k not in ("image_dir", "test_dir", "csv")}
+    digest = hashlib.sha256(json.dumps(kept, sort_keys=True).encode())
     for name in sorted(splits):
         for tensor in splits[name]:
             digest.update(tensor.contiguous().numpy())   # read in place, not copied
@@ -2131,7 +2133,8 @@ def signals_held():
     try:
         with contextlib.suppress(ValueError):   # not the main thread: signals are not ours to hold
             for s in (signal.SIGINT, signal.SIGTERM):
-                before[s] = signal.signal(s, lambda signum, frame: got.append(signum))
+                if signal.getsignal(s) is not signal.SIG_IGN:   # an ignored signal stays ignored (a background job)
+                    before[s] = signal.signal(s, lambda signum, frame: got.append(signum))
         yield
     finally:
         for s, handler in before.items():
@@ -2711,7 +2714,8 @@ def start_worker(parent=None):
 def parallel_map(work, items, workers, desc, unit, chunksize=1):
     """[work(item) for item in items] in `workers` processes (in this one for 1), in order, with a progress bar.
     Ctrl-C drops the items still queued; a process that dies (out of memory) ends the command (run_command)."""
-    pool = ProcessPoolExecutor(workers, initializer=start_worker, initargs=(os.getpid(),)) if workers > 1 else None
+    parent = os.getpid() if multiprocessing.get_start_method() == "fork" else None   # forkserver: not its parent
+    pool = ProcessPoolExecutor(workers, initializer=start_worker, initargs=(parent,)) if workers > 1 else None
     try:
         with signals_held():   # the pool forks here: a signal inside a fork was lost (and the command went on)
             answers = pool.map(work, items, chunksize=chunksize) if pool else map(work, items)

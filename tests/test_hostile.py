@@ -1002,12 +1002,25 @@ def test_pool_workers_end_with_a_killed_command(tmp_path):
 
 def test_prepared_id_leaves_out_speeds(tmp_path):
     """The same photos prepared again keep their id (train --resume goes on) though the face scripts' meta.json
-    also holds the speed of that prepare; other data gets another id."""
+    also holds the speed of that prepare, and the folder may be spelled otherwise; other data gets another id."""
     module = load_script("rcnn_faces.py")
     ids = []
     (tmp_path / "data").mkdir()
-    for speed, value in ((19.5, 0), (7.25, 0), (19.5, 1)):
+    for speed, value, folder in ((19.5, 0, "/a/photos"), (7.25, 0, "./photos"), (19.5, 1, "/a/photos")):
         module.save_prepared(tmp_path / "data", {"training_set": (torch.full((3,), value),)},
-                             {"kind": "rcnn_faces", "photos_per_s": speed})
+                             {"kind": "rcnn_faces", "photos_per_s": speed, "image_dir": folder})
         ids.append(json.loads((tmp_path / "data" / "meta.json").read_text())["prepared"])
     assert ids[0] == ids[1] != ids[2]
+
+
+def test_an_ignored_signal_stays_ignored_while_held():
+    """A background job of a shell script runs with SIGINT ignored: a Ctrl-C meant for the script must not end it
+    when it lands while signals are held (a pool's start, an export, a checkpoint)."""
+    module = load_script("cifar_lenet.py")
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with module.signals_held():
+            signal.raise_signal(signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
