@@ -282,19 +282,23 @@ def read_labels(path, image_dir):
     if len(lines) > MAX_LABELS_LINES:
         raise UserError(f"--labels {path}: {len(lines):,} lines, over the limit of {MAX_LABELS_LINES:,} "
                         "(MAX_LABELS_LINES)")
-    first = next((line for line in lines if line.strip()), "")
+    sep = guess_separator([line for line in lines if line.strip() and not line.lstrip().startswith("#")][:20])
+
+    def comment(line):   # `# ...`; a `#name.png,code` line holds the separator and is not one
+        text = line.lstrip()
+        return text.startswith("#") and (sep not in text if sep else text[1:2] in ("", " "))
+
+    first = next((line for line in lines if line.strip() and not comment(line)), "")   # a header, if any
     words = [w.lower() for w in first.split()]   # a header of the `file code` form sets how many fields a line has
     fields = len(words) if not any(Path(w).suffix in IMAGE_EXTS for w in words) and (
         any(w in LABEL_HEADERS for w in words) or any(w in CODE_HEADERS for w in words[1:])) else 2
-    sep = guess_separator([line for line in lines if line.strip() and not line.lstrip().startswith("#")][:20])
     split = ((lambda line: line.split("\t")) if sep == "\t" else
              (lambda line: next(csv.reader([line], delimiter=sep, skipinitialspace=True), [])) if sep else
              (lambda line: line.split(None, fields - 1)))
     labels, skipped, mentioned, columns, named = {}, {}, set(), (0, 1), False
     folder = Path(image_dir).absolute()   # names as written, for the files counted "not in the labels file"
     for number, line in enumerate(lines, 1):
-        text = line.lstrip()
-        if text.startswith("#") and (sep not in text if sep else text[1:2] in ("", " ")):   # a comment line
+        if comment(line):
             continue
         if len(line) > MAX_LABEL_LINE:
             skipped.setdefault(f"line over {MAX_LABEL_LINE} characters", []).append(f"line {number}")
@@ -328,11 +332,12 @@ def read_labels(path, image_dir):
             kind = ("file" if target.is_file() else "missing" if not target.exists() else "other"
                     ) if target.is_relative_to(root) else "outside" if not Path(os.path.normpath(
                         root / name)).is_relative_to(root) else "link"
-            below = (root / Path(*Path(name).parts[1:])).resolve() if len(Path(name).parts) > 1 else root
-            if kind == "missing" and Path(name).parts[:1] in ((root.name,), (folder.name,)) and below.is_file() \
-                    and below.is_relative_to(root):   # `images/x.png` with --image-dir images: from the folder above
-                kind = "above"
-                mentioned.add(below)
+            parts = Path(name).parts
+            if kind == "missing" and len(parts) > 1 and parts[0] in (root.name, folder.name):
+                below = (root / Path(*parts[1:])).resolve()   # `images/x.png` with --image-dir images
+                if below.is_file() and below.is_relative_to(root):
+                    kind = "above"
+                    mentioned.add(below)
         except (OSError, ValueError, RuntimeError):   # a NUL byte, a name too long, a symlink loop
             skipped.setdefault("unusable file name", []).append(f"line {number}")
             continue

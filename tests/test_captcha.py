@@ -639,6 +639,7 @@ def test_prepare_labels_files(tmp, wide):
             (f"filename;label\n{name};{truth[name]}\n", {name: truth[name]}, {}),   # semicolons
             (f"# labels\n{name},{truth[name]}\n{listed[1]},{truth[listed[1]]}\n",   # a comment line
              {name: truth[name], listed[1]: truth[listed[1]]}, {}),
+            (f"# labels\nfile,code\n{name},{truth[name]}\n", {name: truth[name]}, {}),   # a header after it
             (f"file;code;score\n{name};{truth[name]};0,93\n{listed[1]};{truth[listed[1]]};0,5\n",   # decimal commas
              {name: truth[name], listed[1]: truth[listed[1]]}, {}),
             (f"file code note\n{name} {truth[name]} a free text\n", {name: truth[name]}, {}),   # named columns
