@@ -1053,9 +1053,10 @@ def working_copy(img, size):
     return (img.reduce(factor) if factor > 1 else img), factor
 
 
-def draw_boxes(img, found, path, size):
+def draw_boxes(img, found, path, size, replace=True):
     """Annotated copy of the photo (eval's boxes and face probabilities), written atomically as PNG; a photo much
-    larger than `size` is drawn on its working copy (a 4000x3000 PNG takes seconds to write)."""
+    larger than `size` is drawn on its working copy (a 4000x3000 PNG takes seconds to write). replace=False:
+    FileExistsError if `path` exists by then (atomic_path)."""
     img, factor = working_copy(img, size)
     img = img.copy()
     draw = ImageDraw.Draw(img)
@@ -1064,8 +1065,10 @@ def draw_boxes(img, found, path, size):
         draw.rectangle([x, y, x + w, y + h], outline=(255, 0, 0), width=2)
         draw.text((x + 2, y + 1), f"{b['score']:.2f}", fill=(255, 0, 0))
     try:
-        with atomic_path(path) as tmp:   # compress_level 1: 3x faster than the default 6, 3% larger
+        with atomic_path(path, replace) as tmp:   # compress_level 1: 3x faster than the default 6, 3% larger
             img.save(tmp, format="PNG", compress_level=1, pnginfo=eval_mark())
+    except FileExistsError:
+        raise
     except OSError as e:
         raise UserError(f"{path}: cannot write the annotated image ({e.strerror or e})")
 
@@ -1165,6 +1168,17 @@ class OutputFiles:
         self.written.add(os.path.realpath(out))
         return out
 
+    def write(self, image, out, save):
+        """save(path, replace) writes the annotated copy of `image` at `out`, the path_for it; returns the path
+        written. With --output-dir a name another process took since path_for chose it (two evals writing one
+        folder at once) is never overwritten: the next free name is taken."""
+        while True:
+            try:
+                save(out, replace=not self.output_dir)
+                return out
+            except FileExistsError:
+                out = self.path_for(image)
+
 
 def side_arg(text):
     """--search-side: the longest side of the searched copy, 1 to 4096 px."""
@@ -1203,7 +1217,7 @@ def cmd_eval(args):
                 print(printable(f"{path}: {reason}"), file=sys.stderr)
             continue
         found = predict(net, info, device, args, [img], [seen])[0]["boxes"]
-        draw_boxes(img, found, out, working_size(info))
+        out = outputs.write(path, out, partial(draw_boxes, img, found, size=working_size(info)))
         if args.json:
             print(json.dumps({"image": path, "boxes": found, "output": str(out)}), flush=True)
         else:
@@ -1360,11 +1374,12 @@ def load_shard(path):
 
 
 @contextlib.contextmanager
-def atomic_path(path):
+def atomic_path(path, replace=True):
     """A temporary name next to `path`, unique to this write (NAME.tmp-PID-RANDOM.EXT, NAME cut so that a long name
     still fits the file system's 255 bytes): renamed to `path` when the
     block ends, removed when it fails or is interrupted, so `path` is always either the old file or the whole new
-    one, whatever else writes next to it."""
+    one, whatever else writes next to it. replace=False: a `path` that exists by then (another process took the
+    name) stays as it is and FileExistsError is raised."""
     path = Path(path)
     tag = f".tmp-{os.getpid()}-{secrets.token_hex(4)}"
     suffix = path.suffix if len(os.fsencode(path.suffix)) <= 16 else ""
@@ -1372,7 +1387,17 @@ def atomic_path(path):
     tmp = path.with_name(stem + tag + suffix)
     try:
         yield tmp
-        os.replace(tmp, path)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)   # fails on an existing name, unlike a rename
+            except FileExistsError:
+                raise
+            except OSError:   # no hard links on this file system (FAT, some shares): a last look, then the rename
+                if os.path.lexists(path):
+                    raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(path)) from None
+                os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -1528,11 +1553,57 @@ def staging_dir(data_dir):
             shutil.rmtree(staged, ignore_errors=True)
 
 
+def prepared_file(name):
+    """True for the names prepare places in DATA_DIR: meta.json and the shards SPLIT.N.pt.gz."""
+    split, _, rest = name.partition(".")
+    number = rest.removesuffix(".pt.gz")
+    return name == "meta.json" or (split in ("training_set", "validating_set", "testing_set") and number != rest
+                                   and number.isascii() and number.isdigit())
+
+
+def recover_prepared(data_dir):
+    """The earlier prepared data back in DATA_DIR after a prepare killed while it swapped its data in (SIGKILL, the
+    out-of-memory killer, a power cut: swap_prepared's undo never ran), from the staging folder's previous/, the new
+    files placed by then removed (the list in its "placing"); a staging folder of a swap that was done is removed.
+    Called by lock_data_dir with DATA_DIR's lock held, so no prepare is using those folders."""
+    data_dir = Path(os.path.realpath(data_dir))
+    for parent in {data_dir.parent, data_dir}:   # staging_dir makes them in one or the other
+        found = []
+        with contextlib.suppress(OSError):
+            found = [p for p in parent.iterdir() if p.name.startswith(f"{data_dir.name}.prepare-")
+                     and (p / STAGING_MARK).is_file() and (p / "previous").is_dir()]
+        for staged in found:
+            placing = staged / "placing"
+            try:
+                if placing.is_file():
+                    names = json.loads(placing.read_text(encoding="utf-8"))
+                    if not isinstance(names, list) or not all(isinstance(n, str) and prepared_file(n) for n in names):
+                        continue   # not a list that swap_prepared wrote: the folder stays as it is
+                    if "meta.json" in names and not (staged / "meta.json").exists():   # placed: the swap was done
+                        shutil.rmtree(staged, ignore_errors=True)
+                        continue
+                    for name in names:   # a name gone from `staged` was placed in DATA_DIR
+                        if not (staged / name).exists():
+                            (data_dir / name).unlink(missing_ok=True)
+                    placing.unlink()
+                earlier = sorted((staged / "previous").iterdir())
+                for path in earlier:
+                    if not os.path.lexists(data_dir / path.name):
+                        os.replace(path, data_dir / path.name)
+                (staged / "previous").rmdir()   # not empty (a name taken meanwhile): the folder stays
+            except (OSError, ValueError):
+                print(f"the earlier prepared data of {data_dir} is in {staged / 'previous'}", file=sys.stderr)
+                continue
+            shutil.rmtree(staged, ignore_errors=True)
+            print(f"{data_dir}: a prepare was killed while it placed its data; "
+                  f"{'the earlier data put back' if earlier else 'its files removed'}", file=sys.stderr)
+
+
 def swap_prepared(staged, data_dir):
     """Move the shards and meta.json built in `staged` into DATA_DIR in place of the old ones; every other file there
     (model.pt, checkpoint.pt, history, runs.csv) stays. Renames on one file system, so each file is whole, old or new;
     the old meta.json goes aside first and the new one comes last, so a meta.json never sits beside shards of another
-    prepare; an error or Ctrl-C before the end puts the old files back."""
+    prepare; an error or Ctrl-C before the end puts the old files back, a kill the next command (recover_prepared)."""
     data_dir = Path(data_dir)
     previous = staged / "previous"
     previous.mkdir()
@@ -1544,7 +1615,9 @@ def swap_prepared(staged, data_dir):
                 if path.exists():
                     moved.append(path)
                     os.replace(path, previous / path.name)
-            for path in [*sorted(staged.glob("*_set.*.pt.gz")), staged / "meta.json"]:
+            new = [*sorted(staged.glob("*_set.*.pt.gz")), staged / "meta.json"]
+            atomic_write_text(staged / "placing", json.dumps([path.name for path in new]))   # recover_prepared's
+            for path in new:
                 placed.append(data_dir / path.name)
                 os.replace(path, data_dir / path.name)
         except BaseException:   # a file system error: the old files back
@@ -2824,6 +2897,7 @@ def lock_data_dir(data_dir, create):
         f.truncate()
         f.write(f"pid {os.getpid()} ({shlex.join(sys.argv)})\n")
         f.flush()
+        recover_prepared(data_dir)
         try:
             yield
         finally:

@@ -971,6 +971,26 @@ def test_face_prepare_says_why_and_eval_output_rules(script, tmp_path, monkeypat
     assert outputs.path_for(str(tmp_path / "a.jpg")) == out and outputs.path_for(str(tmp_path / "b.jpg")) == out
 
 
+@pytest.mark.parametrize("script", FACES)
+def test_two_evals_never_write_one_name(script, tmp_path):
+    """Two evals writing one --output-dir at once: a name the other took after this one chose it stays the other's
+    (it was overwritten), and this eval writes the next free name; atomic_path(replace=False) never replaces."""
+    mod = load_script(script)
+    photo, folder = str(tmp_path / "a.jpg"), tmp_path / "out"
+    outputs = mod.OutputFiles(argparse.Namespace(output=mod.OUTPUT, output_dir=str(folder), images=[photo]), [photo])
+    out = outputs.path_for(photo)
+    assert out == folder / "a.png"
+    out.write_bytes(b"the other eval's image")   # written by another process since the name was chosen
+    written = outputs.write(photo, out, partial(mod.draw_boxes, Image.new("RGB", (64, 48)), [], size=(384, 256)))
+    assert written == folder / "a-2.png" and out.read_bytes() == b"the other eval's image"
+    assert Image.open(written).info.get("Comment") == mod.EVAL_MARK
+    with pytest.raises(FileExistsError):
+        with mod.atomic_path(out, replace=False) as tmp:
+            tmp.write_bytes(b"new")
+    assert out.read_bytes() == b"the other eval's image" and sorted(p.name for p in folder.iterdir()) == [
+        "a-2.png", "a.png"]
+
+
 WORKERS_LEFT = """
 import importlib.util, os, sys, time
 spec = importlib.util.spec_from_file_location("script", sys.argv[1])
@@ -998,6 +1018,58 @@ def test_pool_workers_end_with_a_killed_command(tmp_path):
     while time.time() < deadline and any(os.path.exists(f"/proc/{pid}") for pid in workers):
         time.sleep(0.1)
     assert not any(os.path.exists(f"/proc/{pid}") for pid in workers)
+
+
+KILLED_SWAP = """
+import importlib.util, os, signal, sys, torch
+spec = importlib.util.spec_from_file_location("script", sys.argv[1])
+script = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(script)
+data, kill_at, renames = os.path.realpath(sys.argv[2]), int(sys.argv[3]), []
+def killing(move):
+    def moving(src, dst):   # the swap's renames: into DATA_DIR, into previous/, previous/ -> replaced
+        if os.path.dirname(os.path.abspath(dst)) == data or os.path.basename(os.path.dirname(dst)) == "previous" \
+                or os.path.basename(dst) == "replaced":
+            renames.append(dst)
+            if len(renames) == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+        return move(src, dst)
+    return moving
+os.replace, os.rename = killing(os.replace), killing(os.rename)
+script.save_prepared(data, {"training_set": (torch.ones(2500),), "testing_set": (torch.ones(5),)}, {"n": 1})
+"""
+
+
+def test_a_prepare_killed_while_swapping_loses_nothing(tmp_path, capsys):
+    """A prepare killed (SIGKILL) at any point of the swap of its data into DATA_DIR: the next command that locks
+    DATA_DIR puts the earlier data back (they were left in a hidden staging folder, DATA_DIR without meta.json or
+    with shards of two prepares), or, when the swap was done, keeps the new data and removes the staging folder."""
+    mod = load_script("rcnn_faces.py")   # SHARD_SIZE 1000: the new data is 4 shards and meta.json, the old 1 and it
+    (tmp_path / "script.py").write_text(KILLED_SWAP)
+    runs = {}
+    for kill_at in (2, 5, 8):   # the old meta.json moved aside (not the shard); 2 new shards placed; the swap done
+        data = tmp_path / str(kill_at) / "data"
+        data.mkdir(parents=True)
+        mod.save_prepared(data, {"training_set": (torch.zeros(3),)}, {"n": 0})
+        (data / "model.pt").write_bytes(b"a model")
+        shard = (data / "training_set.0.pt.gz").read_bytes()
+        runs[kill_at] = subprocess.Popen([sys.executable, str(tmp_path / "script.py"), str(ROOT / "rcnn_faces.py"),
+                                          str(data), str(kill_at)])
+    for kill_at, proc in runs.items():
+        assert proc.wait(timeout=120) == -signal.SIGKILL, kill_at
+        data = tmp_path / str(kill_at) / "data"
+        assert len(list(data.parent.iterdir())) == 2   # DATA_DIR and the staging folder left by the kill
+        with mod.lock_data_dir(data, False):
+            pass
+        message = capsys.readouterr().err
+        meta = json.loads((data / "meta.json").read_text())
+        assert [p.name for p in data.parent.iterdir()] == ["data"] and (data / "model.pt").read_bytes() == b"a model"
+        shards = [p.name for p in mod.shard_paths(data, "training_set") + mod.shard_paths(data, "testing_set")]
+        if kill_at == 8:
+            assert meta["n"] == 1 and len(shards) == 4 and not message
+        else:
+            assert meta["n"] == 0 and "the earlier data put back" in message, kill_at
+            assert shards == ["training_set.0.pt.gz"] and (data / shards[0]).read_bytes() == shard
 
 
 def test_prepared_id_leaves_out_speeds(tmp_path):
