@@ -1255,6 +1255,25 @@ def atomic_path(path, replace=True):
         tmp.unlink(missing_ok=True)
 
 
+def remove_stale_temporaries(folder):
+    """The temporary files (atomic_path's NAME.tmp-PID-RANDOM.EXT) that writes killed with their process left in
+    `folder` (SIGKILL, a power cut: nothing removed them; a checkpoint's is as large as it) are removed; those of a
+    process still running stay. POSIX only (lock_data_dir calls it): os.kill(pid, 0) ends a process on Windows."""
+    for path in Path(folder).glob("*.tmp-*-*"):
+        pid, _, token = path.name.rpartition(".tmp-")[2].partition("-")
+        token = token.partition(".")[0]
+        if not (pid.isascii() and pid.isdigit() and len(token) == 8 and not token.strip("0123456789abcdef")):
+            continue   # not a name atomic_path makes
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:   # no such process
+            with contextlib.suppress(OSError):
+                if path.is_file() and not path.is_symlink():
+                    path.unlink()
+        except (OSError, OverflowError):   # alive (another user's), or not a pid
+            pass
+
+
 def atomic_torch_save(obj, path):
     with atomic_path(path) as tmp:
         try:
@@ -2751,6 +2770,7 @@ def lock_data_dir(data_dir, create):
         f.write(f"pid {os.getpid()} ({shlex.join(sys.argv)})\n")
         f.flush()
         recover_prepared(data_dir)
+        remove_stale_temporaries(data_dir)
         try:
             yield
         finally:

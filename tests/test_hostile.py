@@ -1043,7 +1043,8 @@ script.save_prepared(data, {"training_set": (torch.ones(2500),), "testing_set": 
 def test_a_prepare_killed_while_swapping_loses_nothing(tmp_path, capsys):
     """A prepare killed (SIGKILL) at any point of the swap of its data into DATA_DIR: the next command that locks
     DATA_DIR puts the earlier data back (they were left in a hidden staging folder, DATA_DIR without meta.json or
-    with shards of two prepares), or, when the swap was done, keeps the new data and removes the staging folder."""
+    with shards of two prepares), or, when the swap was done, keeps the new data and removes the staging folder.
+    It also removes the temporary files of writes killed with their process (those of a live one stay)."""
     mod = load_script("rcnn_faces.py")   # SHARD_SIZE 1000: the new data is 4 shards and meta.json, the old 1 and it
     (tmp_path / "script.py").write_text(KILLED_SWAP)
     runs = {}
@@ -1053,15 +1054,20 @@ def test_a_prepare_killed_while_swapping_loses_nothing(tmp_path, capsys):
         mod.save_prepared(data, {"training_set": (torch.zeros(3),)}, {"n": 0})
         (data / "model.pt").write_bytes(b"a model")
         shard = (data / "training_set.0.pt.gz").read_bytes()
+        for name in ("notes.tmp-1-2.txt", f"model.tmp-{os.getpid()}-0123abcd.pt"):   # a user's; a live process's
+            (data / name).write_text("kept")
         runs[kill_at] = subprocess.Popen([sys.executable, str(tmp_path / "script.py"), str(ROOT / "rcnn_faces.py"),
                                           str(data), str(kill_at)])
     for kill_at, proc in runs.items():
         assert proc.wait(timeout=120) == -signal.SIGKILL, kill_at
         data = tmp_path / str(kill_at) / "data"
         assert len(list(data.parent.iterdir())) == 2   # DATA_DIR and the staging folder left by the kill
+        (data / f"checkpoint.tmp-{proc.pid}-a1b2c3d4.pt").write_text("killed")   # a killed write's temporary file
         with mod.lock_data_dir(data, False):
             pass
         message = capsys.readouterr().err
+        assert sorted(p.name for p in data.glob("*.tmp-*")) == ["model.tmp-{}-0123abcd.pt".format(os.getpid()),
+                                                                 "notes.tmp-1-2.txt"]
         meta = json.loads((data / "meta.json").read_text())
         assert [p.name for p in data.parent.iterdir()] == ["data"] and (data / "model.pt").read_bytes() == b"a model"
         shards = [p.name for p in mod.shard_paths(data, "training_set") + mod.shard_paths(data, "testing_set")]
