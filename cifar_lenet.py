@@ -114,7 +114,29 @@ MEMORY_FORMAT = torch.channels_last      # faster convolutions with cuDNN (bf16)
 CPU_BF16 = True          # bf16 autocast on CPUs with native bf16 (AVX512-BF16/AMX): ~2x faster
 
 
-# ---- Data ----
+# ---- Model ----
+def build_model(model_args):
+    """The tutorial's LeNet: conv5x5 -> pool -> conv5x5 -> pool -> 120 -> 60 -> N, with dropout 0.1; B,3,32,32 in."""
+    features = nn.Sequential(nn.Conv2d(3, 16, 5), nn.ReLU(inplace=True), nn.MaxPool2d(2),    # B,16,14,14
+                             nn.Conv2d(16, 32, 5), nn.ReLU(inplace=True), nn.MaxPool2d(2))   # B,32,5,5
+    classifier = nn.Sequential(nn.Flatten(), nn.Linear(32 * 5 * 5, 120), nn.ReLU(inplace=True), nn.Dropout(0.1),
+                               nn.Linear(120, 60), nn.ReLU(inplace=True), nn.Dropout(0.1),
+                               nn.Linear(60, model_args["num_classes"]))
+    return nn.Sequential(OrderedDict(features=features, classifier=classifier)).to(memory_format=MEMORY_FORMAT)
+
+
+def make_optimizer(model, args, steps):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, pct_start=0.2,
+                                                    total_steps=max(steps, 8))  # tiny runs: no 0-step phase
+    return optimizer, scheduler
+
+
+# ==== Common to the two CIFAR scripts (cifar_lenet.py, cifar_resnet.py): keep identical ====
+# What both CIFAR classifiers do alike: all but the network and its recipe (Config, build_model,
+# make_optimizer). A fix in one script is copied to the other (tests/test_hostile.py checks).
+
+# ---- Data: images, label lists and labelled files, decoding in processes, channel statistics, splits ----
 
 
 def read_image(path):
@@ -268,7 +290,9 @@ def split_indices(n, seed, fractions=(0.8, 0.1, 0.1)):
     return perm[:n_train], perm[n_train:n_train + n_val], perm[n_train + n_val:]
 
 
-# ---- Model ----
+# ---- Train / evaluate: a model file's entries, one epoch, a whole split, the test report ----
+
+
 def check_model(path, info):
     """A model file's entries (model.pt, or model.onnx's metadata) checked before the network is built or an image
     read: a hand-edited or damaged entry is a UserError, not a traceback or a NaN in the JSON."""
@@ -278,26 +302,6 @@ def check_model(path, info):
             and args == {"num_classes": len(labels)} and numbers(info.get("mean"), 3, -1e3, 1e3)
             and numbers(info.get("std"), 3, 1e-6, 1e3)):
         raise UserError(f"{path}: its labels, mean, std or network arguments are malformed; train it again")
-
-
-def build_model(model_args):
-    """The tutorial's LeNet: conv5x5 -> pool -> conv5x5 -> pool -> 120 -> 60 -> N, with dropout 0.1; B,3,32,32 in."""
-    features = nn.Sequential(nn.Conv2d(3, 16, 5), nn.ReLU(inplace=True), nn.MaxPool2d(2),    # B,16,14,14
-                             nn.Conv2d(16, 32, 5), nn.ReLU(inplace=True), nn.MaxPool2d(2))   # B,32,5,5
-    classifier = nn.Sequential(nn.Flatten(), nn.Linear(32 * 5 * 5, 120), nn.ReLU(inplace=True), nn.Dropout(0.1),
-                               nn.Linear(120, 60), nn.ReLU(inplace=True), nn.Dropout(0.1),
-                               nn.Linear(60, model_args["num_classes"]))
-    return nn.Sequential(OrderedDict(features=features, classifier=classifier)).to(memory_format=MEMORY_FORMAT)
-
-
-def make_optimizer(model, args, steps):
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, pct_start=0.2,
-                                                    total_steps=max(steps, 8))  # tiny runs: no 0-step phase
-    return optimizer, scheduler
-
-
-# ---- Train / evaluate helpers ----
 
 
 def train_one_epoch(model, data, norm, optimizer, scheduler, scaler, loss_fn, batches, dtype, desc):
@@ -372,7 +376,9 @@ def report_test(data_dir, labels, test_labels, logits):
     return top1
 
 
-# ---- Commands ----
+# ---- Commands: prepare, train, eval (predict, the export's example), the parser ----
+
+
 def cmd_prepare(args):
     image_dir = Path(args.image_dir)
     test_dir = Path(args.test_dir) if args.test_dir else None

@@ -115,7 +115,29 @@ MEMORY_FORMAT = torch.channels_last      # faster convolutions with cuDNN (bf16)
 CPU_BF16 = True          # bf16 autocast on CPUs with native bf16 (AVX512-BF16/AMX): ~2x faster
 
 
-# ---- Data ----
+# ---- Model ----
+def build_model(model_args):
+    """torchvision's resnet18 with the stem replaced for 32x32 inputs: a 3x3 stride-1 conv instead of the 7x7
+    stride-2 one, and no max-pool, so layer1 works on 32x32 maps (the CIFAR ResNet-18 of He et al. / kuangliu)."""
+    model = torchvision.models.resnet18(weights=None, num_classes=model_args["num_classes"])
+    model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    model.maxpool = nn.Identity()
+    return model.to(memory_format=MEMORY_FORMAT)
+
+
+def make_optimizer(model, args, steps):
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True,
+                                weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, pct_start=0.25,
+                                                    total_steps=max(steps, 8))  # tiny runs: no 0-step phase
+    return optimizer, scheduler
+
+
+# ==== Common to the two CIFAR scripts (cifar_lenet.py, cifar_resnet.py): keep identical ====
+# What both CIFAR classifiers do alike: all but the network and its recipe (Config, build_model,
+# make_optimizer). A fix in one script is copied to the other (tests/test_hostile.py checks).
+
+# ---- Data: images, label lists and labelled files, decoding in processes, channel statistics, splits ----
 
 
 def read_image(path):
@@ -269,7 +291,9 @@ def split_indices(n, seed, fractions=(0.8, 0.1, 0.1)):
     return perm[:n_train], perm[n_train:n_train + n_val], perm[n_train + n_val:]
 
 
-# ---- Model ----
+# ---- Train / evaluate: a model file's entries, one epoch, a whole split, the test report ----
+
+
 def check_model(path, info):
     """A model file's entries (model.pt, or model.onnx's metadata) checked before the network is built or an image
     read: a hand-edited or damaged entry is a UserError, not a traceback or a NaN in the JSON."""
@@ -279,26 +303,6 @@ def check_model(path, info):
             and args == {"num_classes": len(labels)} and numbers(info.get("mean"), 3, -1e3, 1e3)
             and numbers(info.get("std"), 3, 1e-6, 1e3)):
         raise UserError(f"{path}: its labels, mean, std or network arguments are malformed; train it again")
-
-
-def build_model(model_args):
-    """torchvision's resnet18 with the stem replaced for 32x32 inputs: a 3x3 stride-1 conv instead of the 7x7
-    stride-2 one, and no max-pool, so layer1 works on 32x32 maps (the CIFAR ResNet-18 of He et al. / kuangliu)."""
-    model = torchvision.models.resnet18(weights=None, num_classes=model_args["num_classes"])
-    model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
-    model.maxpool = nn.Identity()
-    return model.to(memory_format=MEMORY_FORMAT)
-
-
-def make_optimizer(model, args, steps):
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True,
-                                weight_decay=args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, pct_start=0.25,
-                                                    total_steps=max(steps, 8))  # tiny runs: no 0-step phase
-    return optimizer, scheduler
-
-
-# ---- Train / evaluate helpers ----
 
 
 def train_one_epoch(model, data, norm, optimizer, scheduler, scaler, loss_fn, batches, dtype, desc):
@@ -373,7 +377,9 @@ def report_test(data_dir, labels, test_labels, logits):
     return top1
 
 
-# ---- Commands ----
+# ---- Commands: prepare, train, eval (predict, the export's example), the parser ----
+
+
 def cmd_prepare(args):
     image_dir = Path(args.image_dir)
     test_dir = Path(args.test_dir) if args.test_dir else None

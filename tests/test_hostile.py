@@ -29,6 +29,7 @@ from conftest import CIFAR_DIR, FACES_DIR, ROOT, assert_one_line_error, load_scr
 
 SCRIPTS = ["captcha.py", "cifar_lenet.py", "cifar_resnet.py", "rcnn_faces.py", "fast_rcnn_faces.py"]
 FACES = ["rcnn_faces.py", "fast_rcnn_faces.py"]
+CIFARS = ["cifar_lenet.py", "cifar_resnet.py"]
 # helpers that must be the same text (compared as ASTs) in all five scripts
 SHARED = ["UserError", "load_image", "image_to_tensor", "save_shard", "load_shard", "atomic_path", "atomic_torch_save",
           "atomic_write_text", "list_images", "write_split", "read_split", "read_text", "read_meta", "staging_dir",
@@ -58,6 +59,7 @@ READERS = {"open": {"setup_distributed", "lock_data_dir"}, "os.open": {"lock_dat
 
 COMMON_MARK = "# ==== Common to all five scripts: keep identical ===="
 FACE_MARK = "# ==== Common to the two face scripts (rcnn_faces.py, fast_rcnn_faces.py): keep identical ===="
+CIFAR_MARK = "# ==== Common to the two CIFAR scripts (cifar_lenet.py, cifar_resnet.py): keep identical ===="
 
 
 def top_level(script, text=None):
@@ -103,20 +105,31 @@ def test_common_block_is_one_text():
         assert not set(top_level(script, task)) & set(first), f"{script} redefines a name of the common block"
 
 
-def test_face_block_is_one_text():
+@pytest.mark.parametrize("scripts,mark,expected", [
+    (FACES, FACE_MARK, {"read_boxes_csv", "match_detections", "read_ahead", "OutputFiles"}),
+    (CIFARS, CIFAR_MARK, {"read_label_list", "label_files", "decode", "channel_stats", "split_indices", "report_test",
+                          "cmd_prepare", "train", "predict", "cmd_eval", "export_example", "build_parser"})],
+    ids=["face", "cifar"])
+def test_pair_block_is_one_text(scripts, mark, expected):
     """The two face scripts hold their shared photo, scoring and eval helpers in one block between FACE_MARK and
-    COMMON_MARK, the same text in both; neither defines one of its names above it."""
+    COMMON_MARK, the two CIFAR scripts all but their network and recipe between CIFAR_MARK and COMMON_MARK: the same
+    text in both scripts of a pair; neither defines one of its names above it."""
     parts = {}
-    for script in FACES:
+    for script in scripts:
         text = (ROOT / script).read_text()
-        assert text.count(FACE_MARK) == 1, f"{script}: expected one line {FACE_MARK!r}"
-        task, rest = text.split(FACE_MARK)
+        assert text.count(mark) == 1, f"{script}: expected one line {mark!r}"
+        task, rest = text.split(mark)
+        assert rest.count(COMMON_MARK) == 1, f"{script}: {mark!r} is not followed by {COMMON_MARK!r}"
         parts[script] = task, rest.split(COMMON_MARK)[0]
-    assert len({block for _, block in parts.values()}) == 1, "the face blocks differ"
-    names = set(top_level(FACES[0], parts[FACES[0]][1]))
-    assert {"read_boxes_csv", "match_detections", "read_ahead", "OutputFiles"} <= names, names
+    if len({block for _, block in parts.values()}) > 1:
+        trees = [top_level(script, block) for script, (_, block) in parts.items()]
+        differ = sorted(name for name in set(trees[0]) | set(trees[1])
+                        if ast.dump(trees[0].get(name, ast.Pass())) != ast.dump(trees[1].get(name, ast.Pass())))
+        pytest.fail(f"the blocks after {mark!r} differ: {differ or 'in comments or layout'}")
+    names = set(top_level(scripts[0], parts[scripts[0]][1]))
+    assert expected <= names, expected - names
     for script, (task, _) in parts.items():
-        assert not set(top_level(script, task)) & names, f"{script} redefines a name of the face block"
+        assert not set(top_level(script, task)) & names, f"{script} redefines a name of the block after {mark!r}"
 
 
 @pytest.mark.parametrize("names,scripts", [(SHARED, SCRIPTS), (FACE_SHARED, FACES)], ids=["all", "faces"])
