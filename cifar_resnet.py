@@ -931,7 +931,7 @@ def recover_prepared(data_dir):
             placing = staged / "placing"
             try:
                 if placing.is_file():
-                    names = json.loads(placing.read_text(encoding="utf-8"))
+                    names = json.loads(read_text(placing))
                     if not isinstance(names, list) or not all(isinstance(n, str) and prepared_file(n) for n in names):
                         continue   # not a list that swap_prepared wrote: the folder stays as it is
                     if "meta.json" in names and not (staged / "meta.json").exists():   # placed: the swap was done
@@ -946,7 +946,7 @@ def recover_prepared(data_dir):
                     if not os.path.lexists(data_dir / path.name):
                         os.replace(path, data_dir / path.name)
                 (staged / "previous").rmdir()   # not empty (a name taken meanwhile): the folder stays
-            except (OSError, ValueError):
+            except (OSError, ValueError, UserError):
                 print(f"the earlier prepared data of {data_dir} is in {staged / 'previous'}", file=sys.stderr)
                 continue
             shutil.rmtree(staged, ignore_errors=True)

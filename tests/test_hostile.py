@@ -47,14 +47,17 @@ FACE_SHARED = ["CSV_COLUMNS", "written_by_eval", "read_boxes_csv", "count_skip",
                "start_reader", "boxes_inside", "prepare_photos", "working_copy", "draw_boxes", "encode_offsets",
                "decode_offsets", "cmd_eval", "face_parser"]
 # every call that reads a file, and the only functions allowed to make it (they turn failures into UserError)
-READERS = {"open": {"setup_distributed", "lock_data_dir"}, "os.open": {"lock_data_dir"}, "Image.open": {"load_image", "pixel_count", "written_by_eval"},
+READERS = {"open": {"setup_distributed", "lock_data_dir"}, "os.open": {"lock_data_dir"},
+           "Image.open": {"load_image", "pixel_count", "written_by_eval"},
            "gzip.open": {"load_shard"}, "torch.load": {"load_shard", "load_model_file"},
            "pd.read_csv": {"read_boxes_csv"}, ".read_text": {"read_text"}, ".read_bytes": set(),
-           ".open": set(), "json.load": set(), "json.loads": {"read_meta", "refuse_other_data", "OnnxNetwork", "serve_worker"}, "np.load": set(), "cv2.imread": set(),
-           "csv.reader": {"read_labels", "read_boxes_csv"}, "csv.DictReader": {"read_runs"}, ".InferenceSession": {"OnnxNetwork"},
+           ".open": set(), "json.load": set(),
+           "json.loads": {"read_meta", "refuse_other_data", "OnnxNetwork", "serve_worker", "recover_prepared"},
+           "np.load": set(), "cv2.imread": set(), "csv.reader": {"read_labels", "read_boxes_csv"},
+           "csv.DictReader": {"read_runs"}, ".InferenceSession": {"OnnxNetwork"},
            ".load": set()}   # .load: pickle.load, onnx.load, torch.jit.load ... nowhere
 # read_labels: lines of read_text; serve_worker: the options serve --workers passes to its own processes; pixel_count:
-# the header of bytes serve received
+# the header of bytes serve received; recover_prepared: the list of files swap_prepared wrote
 
 
 COMMON_MARK = "# ==== Common to all five scripts: keep identical ===="
