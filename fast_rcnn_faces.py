@@ -1296,7 +1296,8 @@ def load_image(path):
             raise UserError("no such file" if not os.path.lexists(path) else
                             f"a folder with no images ({', '.join(sorted(IMAGE_EXTS))})" if os.path.isdir(path) else
                             "not a file")
-        with warnings.catch_warnings():  # PIL's own bomb warning becomes an error here, not a line on stderr
+        with warnings.catch_warnings():  # PIL's own bomb warning becomes an error here; its others (a damaged EXIF
+            warnings.simplefilter("ignore")   # block) are no lines on stderr: the image is read as stored
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(path) if isinstance(path, bytes) else path, formats=IMAGE_FORMATS) as img:
                 if img.width * img.height > MAX_PIXELS:
@@ -1305,12 +1306,15 @@ def load_image(path):
                 with contextlib.suppress(Exception):   # upright as viewers show it; a damaged EXIF block: as stored
                     if img.getexif().get(0x0112, 1) != 1:   # an orientation tag: only then a transposed copy
                         img = ImageOps.exif_transpose(img)
+                alpha = img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info   # or a colour marked
+                alpha = img.convert("RGBA").getchannel("A") if alpha else None   # transparent (PNG tRNS, any mode)
                 if img.mode.startswith("I"):   # 16-bit grey (I;16, or I holding values over 255): 8 bits, not clipped
                     grey = np.asarray(img, dtype=np.float32)
                     grey = np.rint(grey / 257 if img.mode.startswith("I;16") or grey.max() > 255 else grey).clip(0, 255)
                     img = Image.fromarray(grey.astype(np.uint8))
-                if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+                if alpha is not None:
                     rgba = img.convert("RGBA")
+                    rgba.putalpha(alpha)
                     white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
                     return Image.alpha_composite(white, rgba).convert("RGB")
                 return img.convert("RGB")

@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 import zipfile
 from functools import partial
 from pathlib import Path
@@ -445,6 +446,23 @@ def test_readers_cap_and_straighten_what_they_read(tmp_path, monkeypatch):
     img.save(tmp_path / "side.jpg", exif=exif)
     upright = module.image_to_tensor(module.load_image(tmp_path / "side.jpg"))
     assert upright.shape == (3, 60, 40) and upright[0, 2, -3] > 200 and upright[1, 2, -3] < 60   # now top-right
+
+
+def test_transparent_colour_is_white_and_a_bad_exif_is_silent(tmp_path):
+    """A PNG whose tRNS marks one colour transparent (1-bit, grey, 16-bit grey, RGB) is composited onto white like
+    an alpha channel (it was read black, and the "transparency" left on the RGB image made a face eval's annotated
+    PNG a traceback); a damaged EXIF block prints no Python warning."""
+    module = load_script("cifar_lenet.py")
+    for mode, key in [("1", 0), ("L", 0), ("I;16", 0), ("RGB", (0, 0, 0))]:
+        Image.new(mode, (8, 6), key).save(tmp_path / f"{mode}.png", transparency=key)
+        img = module.load_image(tmp_path / f"{mode}.png")
+        assert img.getpixel((0, 0)) == (255, 255, 255) and "transparency" not in img.info, mode
+        img.save(tmp_path / "annotated.png")   # as draw_boxes saves it
+    Image.new("RGB", (8, 6), "red").save(tmp_path / "exif.jpg", exif=b"Exif\0\0II*\0\x08\0\0\0\xff\xff\x12\x01\x03\0")
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        assert module.load_image(tmp_path / "exif.jpg").size == (8, 6)
+    assert not shown, [str(w.message) for w in shown]
 
 
 GOOD_MODELS = {   # eval's entries of a model file of each script, as train writes them
