@@ -643,6 +643,8 @@ def load_image(path):
                         img = ImageOps.exif_transpose(img)
                 alpha = img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info   # or a colour marked
                 alpha = img.convert("RGBA").getchannel("A") if alpha else None   # transparent (PNG tRNS, any mode)
+                if alpha is not None and img.format in ("BMP", "DIB") and alpha.getextrema() == (0, 0):
+                    alpha = None   # a BMP's alpha all 0: a channel left unused, opaque as browsers show it
                 if img.mode.startswith("I"):   # 16-bit grey (I;16, or I holding values over 255): 8 bits, not clipped
                     grey = np.asarray(img, dtype=np.float32)
                     grey = np.rint(grey / 257 if img.mode.startswith("I;16") or grey.max() > 255 else grey).clip(0, 255)

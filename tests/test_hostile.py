@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -451,13 +452,18 @@ def test_readers_cap_and_straighten_what_they_read(tmp_path, monkeypatch):
 def test_transparent_colour_is_white_and_a_bad_exif_is_silent(tmp_path):
     """A PNG whose tRNS marks one colour transparent (1-bit, grey, 16-bit grey, RGB) is composited onto white like
     an alpha channel (it was read black, and the "transparency" left on the RGB image made a face eval's annotated
-    PNG a traceback); a damaged EXIF block prints no Python warning."""
+    PNG a traceback); a BMP whose alpha is all 0 is opaque, as browsers show it (it was read all white); a damaged
+    EXIF block prints no Python warning."""
     module = load_script("cifar_lenet.py")
     for mode, key in [("1", 0), ("L", 0), ("I;16", 0), ("RGB", (0, 0, 0))]:
         Image.new(mode, (8, 6), key).save(tmp_path / f"{mode}.png", transparency=key)
         img = module.load_image(tmp_path / f"{mode}.png")
         assert img.getpixel((0, 0)) == (255, 255, 255) and "transparency" not in img.info, mode
         img.save(tmp_path / "annotated.png")   # as draw_boxes saves it
+    header = struct.pack("<IiiHHIIiiII4I", 124, 8, 6, 1, 32, 3, 192, 0, 0, 0, 0, 0xff0000, 0xff00, 0xff, 0xff000000)
+    bmp = header.ljust(124, b"\0") + b"\x1e\x1e\xc8\0" * 48   # 32-bit BMP, an alpha mask, alpha 0: red, not white
+    (tmp_path / "alpha0.bmp").write_bytes(b"BM" + struct.pack("<IHHI", 14 + len(bmp), 0, 0, 138) + bmp)
+    assert module.load_image(tmp_path / "alpha0.bmp").getpixel((0, 0)) == (200, 30, 30)
     Image.new("RGB", (8, 6), "red").save(tmp_path / "exif.jpg", exif=b"Exif\0\0II*\0\x08\0\0\0\xff\xff\x12\x01\x03\0")
     with warnings.catch_warnings(record=True) as shown:
         warnings.simplefilter("always")
