@@ -27,7 +27,8 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import CIFAR_DIR, FACES_DIR, ROOT, assert_one_line_error, load_script, run_main, tree_bytes
+from conftest import (CIFAR_DIR, FACES_DIR, ROOT, assert_one_line_error, load_script, png_declaring, run_main,
+                      tree_bytes)
 
 SCRIPTS = ["captcha.py", "cifar_lenet.py", "cifar_resnet.py", "rcnn_faces.py", "fast_rcnn_faces.py"]
 FACES = ["rcnn_faces.py", "fast_rcnn_faces.py"]
@@ -453,7 +454,7 @@ def test_transparent_colour_is_white_and_a_bad_exif_is_silent(tmp_path):
     """A PNG whose tRNS marks one colour transparent (1-bit, grey, 16-bit grey, RGB) is composited onto white like
     an alpha channel (it was read black, and the "transparency" left on the RGB image made a face eval's annotated
     PNG a traceback); a BMP whose alpha is all 0 is opaque, as browsers show it (it was read all white); a damaged
-    EXIF block prints no Python warning."""
+    EXIF block or a bomb's header prints no Python warning (serve's log)."""
     module = load_script("cifar_lenet.py")
     for mode, key in [("1", 0), ("L", 0), ("I;16", 0), ("RGB", (0, 0, 0))]:
         Image.new(mode, (8, 6), key).save(tmp_path / f"{mode}.png", transparency=key)
@@ -468,6 +469,8 @@ def test_transparent_colour_is_white_and_a_bad_exif_is_silent(tmp_path):
     with warnings.catch_warnings(record=True) as shown:
         warnings.simplefilter("always")
         assert module.load_image(tmp_path / "exif.jpg").size == (8, 6)
+        assert module.pixel_count((tmp_path / "exif.jpg").read_bytes()) == 48   # serve, before load_image
+        assert module.pixel_count(png_declaring(tmp_path / "bomb.png", 10000, 10000).read_bytes()) == 10 ** 8
     assert not shown, [str(w.message) for w in shown]
 
 
