@@ -639,9 +639,11 @@ def load_image(path):
                 if img.width * img.height > MAX_PIXELS:
                     raise UserError(f"{img.width}x{img.height} pixels, over the limit of {MAX_PIXELS:,} (MAX_PIXELS)")
                 img.seek(0)  # first frame of a GIF
+                turned = 1   # the EXIF orientation applied, in the image's info (a face CSV's boxes may need it)
                 with contextlib.suppress(Exception):   # upright as viewers show it; a damaged EXIF block: as stored
-                    if img.getexif().get(0x0112, 1) != 1:   # an orientation tag: only then a transposed copy
-                        img = ImageOps.exif_transpose(img)
+                    orientation = img.getexif().get(0x0112, 1)
+                    if orientation != 1:   # an orientation tag: only then a transposed copy
+                        img, turned = ImageOps.exif_transpose(img), orientation
                 alpha = img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info   # or a colour marked
                 alpha = img.convert("RGBA").getchannel("A") if alpha else None   # transparent (PNG tRNS, any mode)
                 if alpha is not None and img.format in ("BMP", "DIB") and alpha.getextrema() == (0, 0):
@@ -653,9 +655,10 @@ def load_image(path):
                 if alpha is not None:
                     rgba = img.convert("RGBA")
                     rgba.putalpha(alpha)
-                    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-                    return Image.alpha_composite(white, rgba).convert("RGB")
-                return img.convert("RGB")
+                    img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+                img = img.convert("RGB")
+                img.info["exif_orientation"] = turned
+                return img
     except UserError:
         raise
     except (Image.DecompressionBombWarning, Image.DecompressionBombError):

@@ -216,7 +216,7 @@ def prepare_photo(job):
         img = load_image(path)
     except UserError as e:  # not an image, damaged, too many pixels
         return {"error": "unreadable photo", "detail": f"{Path(path).name} ({e})"}
-    gt, outside, clipped, note = boxes_inside(boxes, img.width, img.height, drawn_on)
+    gt, outside, clipped, note = boxes_inside(boxes, img.width, img.height, drawn_on, img.info["exif_orientation"])
     if not len(gt):
         return {"gt": gt.numpy(), "outside": outside, "clipped": clipped, "note": note}
     size = tuple(opts["size"])
@@ -848,15 +848,23 @@ def photo_path(image_dir, name):
     return None, "missing photo" if inside else "Name outside --image-dir"
 
 
-def boxes_inside(boxes, width, height, drawn_on=None):
+def boxes_inside(boxes, width, height, drawn_on=None, orientation=1):
     """A photo's CSV boxes -> (its face boxes, G,4, clipped to the photo; the boxes wholly outside it, and those
     partly outside (clipped), as lists; a note or None). A face cut by the photo's edge keeps the part inside:
     dropped, it would be an unlabelled face, trained on as background and scored as a false box. drawn_on: the
     CSV's width and height (as stored, or upright); a photo resized since (same shape, other size) gets its boxes
-    scaled to it, one of another shape is noted and its boxes taken as they are."""
+    scaled to it, one of another shape is noted and its boxes taken as they are. orientation: the EXIF orientation
+    load_image turned the photo upright by; a CSV of the photo as stored (its width and height swapped by a quarter
+    turn, 5 to 8) has its boxes turned with it (annotation tools that ignore EXIF write such CSVs)."""
     boxes, note = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4), None
     w, h = drawn_on or (width, height)
     same_shape = lambda w, h: abs(w / h * height / width - 1) < 0.02   # a resize rounds each side to whole pixels
+    as_stored = orientation in (5, 6, 7, 8) and not same_shape(w, h) and same_shape(h, w)
+    if as_stored:   # (x, y) of the photo as stored, w x h -> upright, as ImageOps.exif_transpose turns its pixels
+        x1, y1, x2, y2 = boxes.unbind(1)
+        boxes = torch.stack({5: (y1, x1, y2, x2), 6: (h - y2, x1, h - y1, x2), 7: (h - y2, w - x2, h - y1, w - x1),
+                             8: (y1, w - x2, y2, w - x1)}[orientation], 1)
+        w, h = h, w
     turned = not same_shape(w, h) and same_shape(h, w)   # the size as stored, of a photo EXIF turns upright?
     if turned or (w, h) != (width, height):
         scaled = same_shape(*((h, w) if turned else (w, h))) and sorted((w, h)) != sorted((width, height))
@@ -867,6 +875,10 @@ def boxes_inside(boxes, width, height, drawn_on=None):
             f" (CSV width,height {w:g}x{h:g}, photo {width}x{height})"
         if scaled:
             boxes = boxes * boxes.new_tensor([width / h, height / w] * 2 if turned else [width / w, height / h] * 2)
+    if as_stored:
+        note = (f"boxes of the photo as stored, turned upright with it (EXIF orientation {orientation})"
+                f"{', and scaled' if (w, h) != (width, height) else ''} (CSV width,height {h:g}x{w:g}, photo "
+                f"{width}x{height})")
     clipped = clip_boxes_to_image(boxes, (height, width))
     usable = box_area(clipped) >= box_area(boxes) / 2   # most of the face in the photo: kept, clipped
     return clipped[usable], boxes[~usable].tolist(), boxes[usable & (clipped != boxes).any(1)].tolist(), note
@@ -1303,9 +1315,11 @@ def load_image(path):
                 if img.width * img.height > MAX_PIXELS:
                     raise UserError(f"{img.width}x{img.height} pixels, over the limit of {MAX_PIXELS:,} (MAX_PIXELS)")
                 img.seek(0)  # first frame of a GIF
+                turned = 1   # the EXIF orientation applied, in the image's info (a face CSV's boxes may need it)
                 with contextlib.suppress(Exception):   # upright as viewers show it; a damaged EXIF block: as stored
-                    if img.getexif().get(0x0112, 1) != 1:   # an orientation tag: only then a transposed copy
-                        img = ImageOps.exif_transpose(img)
+                    orientation = img.getexif().get(0x0112, 1)
+                    if orientation != 1:   # an orientation tag: only then a transposed copy
+                        img, turned = ImageOps.exif_transpose(img), orientation
                 alpha = img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info   # or a colour marked
                 alpha = img.convert("RGBA").getchannel("A") if alpha else None   # transparent (PNG tRNS, any mode)
                 if alpha is not None and img.format in ("BMP", "DIB") and alpha.getextrema() == (0, 0):
@@ -1317,9 +1331,10 @@ def load_image(path):
                 if alpha is not None:
                     rgba = img.convert("RGBA")
                     rgba.putalpha(alpha)
-                    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-                    return Image.alpha_composite(white, rgba).convert("RGB")
-                return img.convert("RGB")
+                    img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+                img = img.convert("RGB")
+                img.info["exif_orientation"] = turned
+                return img
     except UserError:
         raise
     except (Image.DecompressionBombWarning, Image.DecompressionBombError):

@@ -23,6 +23,7 @@ import zipfile
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -948,6 +949,22 @@ def test_face_csv_bad_rows_and_crowds_are_skipped(script, tmp_path):
     gt, _, _, note = mod.boxes_inside([(10, 20, 30, 40)], 204, 306, (612, 408))
     assert gt.tolist() == [[5, 10, 15, 20]] and note.startswith("photo turned a quarter and resized")
     assert note.endswith("(CSV width,height 612x408, photo 204x306)")
+    # a CSV of the photo as stored (a tool that ignores EXIF): its boxes turned upright as load_image turns the photo
+    stored = torch.zeros(40, 60, 3, dtype=torch.uint8)
+    stored[5:15, 10:25] = 255   # a face at (10, 5, 25, 15) of the 60x40 photo as stored
+    for orientation, drawn_on, box in [(5, (60, 40), (10, 5, 25, 15)), (6, (60, 40), (10, 5, 25, 15)),
+                                       (7, (60, 40), (10, 5, 25, 15)), (8, (60, 40), (10, 5, 25, 15)),
+                                       (6, (120, 80), (20, 10, 50, 30))]:   # the last one resized since the CSV
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        Image.fromarray(stored.numpy()).save(tmp_path / "turned.png", exif=exif)
+        photo = mod.load_image(tmp_path / "turned.png")
+        ys, xs = torch.nonzero(torch.from_numpy(np.array(photo))[..., 0] > 127, as_tuple=True)
+        gt, _, _, note = mod.boxes_inside([box], photo.width, photo.height, drawn_on, photo.info["exif_orientation"])
+        assert photo.size == (40, 60) and gt.tolist() == [[xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]]
+        assert note == (f"boxes of the photo as stored, turned upright with it (EXIF orientation {orientation})"
+                        f"{', and scaled' if drawn_on[0] == 120 else ''} (CSV width,height {drawn_on[0]}x"
+                        f"{drawn_on[1]}, photo 40x60)")
     # examples quote the row (row numbers shift where pandas drops a line), cut to 80 characters
     assert skipped["non-numeric box"][1] == ["d.jpg x,2,30,40", "f.jpg 1,2,,", "g.jpg 0,0,inf,inf"]   # f: short
     assert skipped["zero-size or inverted box"] == [1, ["e" * 77 + "..."]]
