@@ -255,7 +255,7 @@ def label_files(folder, labels, exclude=None):
     for path in Path(folder).rglob("*"):   # named like an image, but a folder, a link to nothing or a link loop
         if (path.suffix.lower() in IMAGE_EXTS and not path.is_file() and (exclude is None or not is_within(
                 path.parent, exclude)) and not any(part.startswith(".") for part in path.relative_to(folder).parts)):
-            skipped.append((path, "not a regular file", "a folder, or a link that leads to no file"))
+            skipped.append((path, "not a regular file", "a folder, a pipe, a device or a link to no file"))
     return kept, skipped
 
 

@@ -698,7 +698,9 @@ def photo_path(image_dir, name):
             return path, None
     except (OSError, ValueError, RuntimeError):  # a NUL byte, a name too long, a symlink loop
         return None, "unusable Name"
-    return None, "missing photo" if inside else "Name outside --image-dir"
+    if not inside:
+        return None, "Name outside --image-dir"
+    return None, "missing photo" if not os.path.lexists(path) else "Name of no file (a folder, a pipe, a device)"
 
 
 def boxes_inside(boxes, width, height, drawn_on=None, orientation=1):

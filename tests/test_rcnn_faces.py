@@ -51,6 +51,8 @@ def faces(tmp_path_factory):
     out.append({**first, "ymin": "abc"})                                      # non-numeric
     out.append({**first, "Name": "missing.jpg"})                              # photo not in the folder
     out.append({**first, "Name": "broken.jpg"})                               # unreadable photo
+    out.append({**first, "Name": "folder.jpg"})                               # a folder, not a photo
+    (img_dir / "folder.jpg").mkdir()
     (img_dir / "broken.jpg").write_bytes(b"this is not a jpeg")
     (img_dir / "escape.jpg").symlink_to(FACES_DIR / "image_data" / good[0])
     png_declaring(img_dir / "bomb.png", 15000, 15000)
@@ -90,7 +92,7 @@ def test_prepare_counts_skips_and_split_by_photo(faces, prepared):
     assert meta["kind"] == "rcnn_faces" and meta["script"] == "rcnn_faces.py"
     assert meta["skipped"] == {"non-numeric box": 1, "zero-size or inverted box": 2, "box outside photo": 1,
                                "missing photo": 1, "unreadable photo": 2, "Name outside --image-dir": 3,
-                               "empty Name": 1}
+                               "empty Name": 1, "Name of no file (a folder, a pipe, a device)": 1}
     # the photo whose only row has a zero-size box is counted by that row (the CSV reader drops it)
     assert f"kept {N_PHOTOS} photos with " in proc.stdout
     assert "bomb.png (" in proc.stdout and "pixels" in proc.stdout
