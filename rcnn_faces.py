@@ -456,7 +456,9 @@ def train(args, device, out_dir, tb_dir):
                 found.append((str(path), torch.tensor(meta["boxes"][name]).reshape(-1, 4)))
         return [p for p, _ in found], [boxes for _, boxes in found]
 
-    calibrate_scores(out_dir / "model.pt", best_model, *run_detector(model, best_model, *photos("validating"), device,
+    # fitted on the softmax scores, as eval applies it (a resumed run's model.pt may hold a calibration already)
+    softmax = {k: v for k, v in best_model.items() if k != "calibration"}
+    calibrate_scores(out_dir / "model.pt", best_model, *run_detector(model, softmax, *photos("validating"), device,
                                                                      args.nms_iou, args.amp)[:2])
     result["test"] = report_test(*run_detector(model, best_model, *photos("testing"), device, args.nms_iou, args.amp),
                                  args.threshold)

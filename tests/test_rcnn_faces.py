@@ -299,6 +299,31 @@ def test_score_calibration_matches_hit_rate():
     assert mod.fit_calibration(detections[:2], truths[:2]) is None  # too few detections to fit
 
 
+def test_resumed_run_calibrates_on_softmax_scores(trained, tmp_path, monkeypatch):
+    """A resumed run whose model.pt holds a calibration fits the new one on the softmax scores, which eval maps:
+    fitted on the scores the old calibration had mapped, it scored the same model again with other figures."""
+    data = tmp_path / "data"
+    shutil.copytree(trained[0], data)
+    model = torch.load(data / "model.pt", weights_only=True)
+    torch.save({**model, "calibration": [2.0, -1.0, 0.5]}, data / "model.pt")
+    done = torch.load(data / "checkpoint.pt", weights_only=True)["epoch"]
+    mod, seen = load_script(SCRIPT), []
+    monkeypatch.setattr(mod, "SEARCH_PROCESSES", 0)   # in this process: a forked pool cannot pickle its functions
+    monkeypatch.setattr(mod, "fit_calibration", lambda dets, gts, minimum=20: seen.append(dets))
+    proc = run_main(SCRIPT, "train", "--data-dir", data, "--resume", "--epochs", done, "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    net = mod.build_model(model["model_args"])
+    net.load_state_dict(model["model"])
+    meta = json.loads((data / "meta.json").read_text())
+    photos = [str(Path(meta["image_dir"]) / n) for n in meta["splits"]["validating"]]
+    truths = [torch.tensor(meta["boxes"][n]).reshape(-1, 4) for n in meta["splits"]["validating"]]
+    softmax = mod.run_detector(net, {k: v for k, v in model.items() if k != "calibration"}, photos, truths,
+                               torch.device("cpu"), mod.NMS_IOU)[0]
+    assert len(seen) == 1 and len(seen[0]) == len(softmax) == len(photos)
+    for (_, got), (_, want) in zip(seen[0], softmax):
+        assert torch.allclose(got, want, atol=1e-4)
+
+
 def test_iou_labeller_and_crops():
     mod = load_script(SCRIPT)
     truth = torch.tensor([[0., 0, 10, 10]])
