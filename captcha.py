@@ -698,7 +698,7 @@ def predict(net, info, device, args, images, per_position=False):
     results = []
     for p, i, confidence in zip(best, idx, finite(calibrated(best.sum(1), calibration)).tolist()):
         code = decode_code(i.tolist(), info["charset"])
-        results.append({"code": code, "confidence": round(confidence, 4)}
+        results.append({"code": code, "confidence": round(under_one(confidence, 4), 4)}
                        | ({"per_position": p[:len(code)].exp().tolist()} if per_position else {}))
     return results
 
@@ -963,18 +963,20 @@ def calibrate_and_test(model, model_path, data_dir, meta, device, batch_size, dt
         best = right.float().mean().item()
         best_model["calibration"] = fit_calibration(scores, right)
         confident = calibrated(scores, best_model["calibration"]) >= 0.9
-        print(f"validation read in {len(VIEWS)} views as eval does: exact-match {best:.2%}; " +
+        print(f"validation read in {len(VIEWS)} views as eval does: exact-match {under_one(best, 4):.2%}; " +
               (f"confidence calibrated on {len(x_val)} codes" if best_model["calibration"] else
                f"confidence not calibrated (under {CALIBRATION_MIN} wrong or right codes, or scores that do not rank "
                f"them: eval gives the raw one)") +
               f": {confident.sum().item()} with confidence >= 0.9" +
-              (f", {right[confident].float().mean().item():.1%} of them right" if confident.any() else ""))
+              (f", {under_one(right[confident].float().mean().item(), 3):.1%} of them right" if confident.any()
+               else ""))
     save_model(best_model, model_path)
     x_test, y_test = (t.to(device) for t in read_split(data_dir, "testing_set", meta))
     if not len(x_test):
-        print(f"no test split: validation exact-match {best:.2%} (best model of epoch {best_model['epoch']}) is the "
+        shown = f"{under_one(best, 4):.2%}"
+        print(f"no test split: validation exact-match {shown} (best model of epoch {best_model['epoch']}) is the "
               f"estimate, slightly optimistic as it chose the model" if len(x_val) else
-              f"no validation or test split: exact-match {best:.2%} on the training images themselves says nothing of "
+              f"no validation or test split: exact-match {shown} on the training images themselves says nothing of "
               f"new captchas; prepare with a validation share (--split auto)")
         return float("nan")
     pred, _ = read_codes(model, x_test, device, batch_size, dtype, VIEWS)
@@ -982,7 +984,7 @@ def calibrate_and_test(model, model_path, data_dir, meta, device, batch_size, dt
     test_acc = correct.all(1).float().mean().item()
     test_char = (correct & is_char).sum().item() / max(is_char.sum().item(), 1)
     print(f"test ({len(x_test)} images, best model of epoch {best_model['epoch']}, read as eval does): "
-          f"exact-match {test_acc:.2%}, per-character {test_char:.2%}")
+          f"exact-match {under_one(test_acc, 4):.2%}, per-character {under_one(test_char, 4):.2%}")
     return round(test_acc, 6)
 
 
@@ -1008,9 +1010,10 @@ def cmd_eval(args):
         if args.json:
             print(json.dumps({"image": path, **result}), flush=True)
         else:
-            per_position = " ".join(f"{v:.2f}" for v in result["per_position"])
+            per_position = " ".join(f"{under_one(v, 2):.2f}" for v in result["per_position"])
             prefix = "" if interactive else f"{printable(path)}  "
-            print(f"{prefix}code: {result['code']}  confidence {result['confidence']:.2f} (per position {per_position})",
+            confidence = under_one(result["confidence"], 2)
+            print(f"{prefix}code: {result['code']}  confidence {confidence:.2f} (per position {per_position})",
                   flush=True)
     return 1 if failed and not interactive else 0   # the prompt said each failure as it came
 
@@ -2146,6 +2149,12 @@ def finite(values):
         raise BrokenModel("the model answers NaN or infinity (its weights overflow: a damaged or hand-edited model "
                           "file?); train it again")
     return values
+
+
+def under_one(share, decimals):
+    """A share or probability as shown with `decimals` decimals (of the fraction: 4 for 99.99%): under 1, never 1.
+    Rounding showed 0.99996 as 100.00% (or 1.0): one wrong in 25,000, or a probability short of 1, read as certain."""
+    return min(share, 1 - 10 ** -decimals) if share < 1 else share
 
 
 def load_network(path, device_name, serving=False):

@@ -352,12 +352,12 @@ def report_test(data_dir, labels, test_labels, logits):
     top = logits.topk(min(3, k), dim=1).indices
     top1 = (top[:, 0] == test_labels).float().mean().item()
     top3 = (top == test_labels[:, None]).any(1).float().mean().item()
-    print(f"test ({len(test_labels)} images): top-1 {top1:.2%}  top-3 {top3:.2%}")
+    print(f"test ({len(test_labels)} images): top-1 {under_one(top1, 4):.2%}  top-3 {under_one(top3, 4):.2%}")
     count = torch.bincount(test_labels, minlength=k).tolist()
     right = torch.bincount(test_labels[top[:, 0] == test_labels], minlength=k).tolist()
     print(f"{'class':<16}{'images':>8}{'top-1':>9}")
     for name, n, r in zip(labels, count, right):
-        print(f"{name:<16}{n:>8}{f'{r / n:.2%}' if n else '-':>9}")   # '-': no test image of the class
+        print(f"{name:<16}{n:>8}{f'{under_one(r / n, 4):.2%}' if n else '-':>9}")   # '-': no test image of the class
     if k > CONFUSION_MAX:   # k x k cells, each a number drawn: 1,000 classes took 22 GB
         print(f"confusion.png not drawn: {k} classes (at most {CONFUSION_MAX})")
         return top1
@@ -543,7 +543,7 @@ def predict(net, info, device, args, images):
     with autocast(device, amp_dtype(device)):
         probs = finite(net(preprocess(x, info["mean"], info["std"])).float().softmax(1).cpu())
     top = probs.topk(min(5, len(info["labels"])))
-    return [{"top": [{"label": info["labels"][i], "probability": round(p, 6)} for p, i in zip(ps, idx)]}
+    return [{"top": [{"label": info["labels"][i], "probability": round(under_one(p, 6), 6)} for p, i in zip(ps, idx)]}
             for ps, idx in zip(top.values.tolist(), top.indices.tolist())]
 
 
@@ -570,7 +570,7 @@ def cmd_eval(args):
             print(json.dumps({"image": path, **result}), flush=True)
         else:
             print("\n".join(([] if interactive else [printable(path)]) +
-                            [f"{t['label']}: {t['probability']:.2%}" for t in result["top"]]), flush=True)
+                            [f"{t['label']}: {under_one(t['probability'], 4):.2%}" for t in result["top"]]), flush=True)
     return 1 if failed and not interactive else 0   # the prompt said each failure as it came
 
 
@@ -1627,6 +1627,12 @@ def finite(values):
         raise BrokenModel("the model answers NaN or infinity (its weights overflow: a damaged or hand-edited model "
                           "file?); train it again")
     return values
+
+
+def under_one(share, decimals):
+    """A share or probability as shown with `decimals` decimals (of the fraction: 4 for 99.99%): under 1, never 1.
+    Rounding showed 0.99996 as 100.00% (or 1.0): one wrong in 25,000, or a probability short of 1, read as certain."""
+    return min(share, 1 - 10 ** -decimals) if share < 1 else share
 
 
 def load_network(path, device_name, serving=False):

@@ -1010,7 +1010,8 @@ def report_test(dets, gts, seconds, threshold):
         print("no readable test photos: no detection score")
         return float("nan")
     score = detection_scores(dets, gts, threshold)
-    print(f"test photos: {len(gts)}  AP@0.5 {score['ap50']:.3f}  recall {score['recall']:.3f}  "
+    ap50, recall = (under_one(score[k], 3) for k in ("ap50", "recall"))
+    print(f"test photos: {len(gts)}  AP@0.5 {ap50:.3f}  recall {recall:.3f}  "
           f"count RMSE {score['count_rmse']:.2f} (threshold {threshold})  {seconds:.2f} s/photo")
     return round(score["ap50"], 6)
 
@@ -1077,7 +1078,7 @@ def draw_boxes(img, found, path, size, replace=True):
     for b in found:
         x, y, w, h = (b[k] / factor for k in "xywh")
         draw.rectangle([x, y, x + w, y + h], outline=(255, 0, 0), width=2)
-        draw.text((x + 2, y + 1), f"{b['score']:.2f}", fill=(255, 0, 0))
+        draw.text((x + 2, y + 1), f"{under_one(b['score'], 2):.2f}", fill=(255, 0, 0))
     try:
         with atomic_path(path, replace) as tmp:   # compress_level 1: 3x faster than the default 6, 3% larger
             img.save(tmp, format="PNG", compress_level=1, pnginfo=eval_mark())
@@ -1090,7 +1091,7 @@ def draw_boxes(img, found, path, size, replace=True):
 def found_boxes(boxes, scores, threshold):
     """Boxes (xyxy) and scores, best first -> eval's JSON boxes {x, y, w, h, score} with score >= threshold."""
     keep = finite(scores) >= threshold
-    return [{"x": x1, "y": y1, "w": x2 - x1, "h": y2 - y1, "score": round(s, 4)}
+    return [{"x": x1, "y": y1, "w": x2 - x1, "h": y2 - y1, "score": round(under_one(s, 4), 4)}
             for (x1, y1, x2, y2), s in zip(finite(boxes[keep]).round().int().tolist(), scores[keep].tolist())]
 
 
@@ -2305,6 +2306,12 @@ def finite(values):
         raise BrokenModel("the model answers NaN or infinity (its weights overflow: a damaged or hand-edited model "
                           "file?); train it again")
     return values
+
+
+def under_one(share, decimals):
+    """A share or probability as shown with `decimals` decimals (of the fraction: 4 for 99.99%): under 1, never 1.
+    Rounding showed 0.99996 as 100.00% (or 1.0): one wrong in 25,000, or a probability short of 1, read as certain."""
+    return min(share, 1 - 10 ** -decimals) if share < 1 else share
 
 
 def load_network(path, device_name, serving=False):

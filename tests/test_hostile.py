@@ -91,6 +91,26 @@ def call_name(node):
 
 
 # ---- one text, one way in ----
+def test_near_certain_never_shown_certain():
+    """A probability or share short of 1 never reads 100.00% or 1.0 (rounding made 0.99996 certain): eval's JSON and
+    lines of the three kinds, and the helper every script's test figures go through."""
+    for script in SCRIPTS:
+        under_one = load_script(script).under_one
+        assert f"{under_one(0.99996, 4):.2%}" == "99.99%" and f"{under_one(0.9996, 3):.1%}" == "99.9%"
+        assert (under_one(1.0, 4), under_one(0.5, 4), under_one(0.99996, 6)) == (1.0, 0.5, 0.99996)
+    cpu, blank = torch.device("cpu"), [Image.new("RGB", (96, 40), "white")]
+    info = {"labels": ["cat", "dog"], "mean": [0.5] * 3, "std": [0.25] * 3}
+    sure = lambda x: torch.tensor([[16.0, 0.0]]).expand(len(x), 2)   # softmax 0.9999999
+    top = load_script("cifar_lenet.py").predict(sure, info, cpu, None, blank)[0]["top"]
+    assert top[0]["probability"] == 0.999999
+    info = {"charset": "ab", "image_size": [40, 96], "views": [[0, 0]]}
+    sure = lambda x: torch.tensor([13.0, 0.0, 0.0]).expand(len(x), 4, 3)   # 0.99998
+    assert load_script("captcha.py").predict(sure, info, cpu, None, blank)[0] == {"code": "aaaa", "confidence": 0.9999}
+    for script in ("rcnn_faces.py", "fast_rcnn_faces.py"):
+        boxes = load_script(script).found_boxes(torch.tensor([[0.0, 0, 10, 10]]), torch.tensor([0.99999]), 0.5)
+        assert boxes == [{"x": 0, "y": 0, "w": 10, "h": 10, "score": 0.9999}]
+
+
 def test_common_block_is_one_text():
     """Each script ends with one block, after COMMON_MARK, that is the same text in all five: a fix made in one
     copy alone fails here, naming the definitions that differ. The block holds every shared helper, and no
