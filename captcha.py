@@ -538,7 +538,7 @@ def run_epoch(model, x, y, device, batches, dtype, optimizer=None, scheduler=Non
                 scaler.step(optimizer)
                 scaler.update()
                 scheduler.step()
-            correct = logits.argmax(-1) == yb
+            correct = as_read(logits.argmax(-1), logits.shape[-1] - 1) == yb
             is_char = yb < logits.shape[-1] - 1          # not the end symbol
             total_loss += loss.detach() * len(idx)
             exact += correct.all(1).sum()
@@ -575,9 +575,15 @@ def read_codes(model, x, device, batch_size, dtype, views=((0, 0),)):
         with autocast(device, dtype):
             logp = read_logp(model, x[idx], views)
         best, pred = logp.max(-1)
-        preds.append(pred)
+        preds.append(as_read(pred, logp.shape[-1] - 1))
         scores.append(best.sum(1))
     return torch.cat(preds), torch.cat(scores)
+
+
+def as_read(pred, end):
+    """Predicted classes N,L as eval reads them: every position after the first end symbol is one too (decode_code
+    stops there), so that exact-match and per-character figures are those of the codes eval prints."""
+    return pred.masked_fill((pred == end).cumsum(1) > 0, end)
 
 
 def decode_code(classes, charset):

@@ -705,6 +705,25 @@ def test_calibration_unit():
     assert mod.fit_calibration(scores[:50], ~highest) is None
 
 
+def test_train_figures_read_codes_as_eval_does():
+    """train's exact-match and per-character figures (read_codes, run_epoch) count a code right when eval prints it
+    right: a class after the first end symbol is not read (it made a right code wrong)."""
+    mod = load_script("captcha.py")
+    end = 3   # charset "abc", then the end symbol
+    logits = torch.full((2, 4, 4), -9.0)
+    for row, classes in enumerate([(0, end, 1, end), (0, 1, 2, end)]):   # "a" then a stray "b"; "abc"
+        logits[row, torch.arange(4), torch.tensor(classes)] = 9.0
+
+    class Stand(torch.nn.Module):   # a network that reads these two images so, in any view
+        def forward(self, x):
+            return logits.repeat(len(x) // 2, 1, 1)
+
+    pred, _ = mod.read_codes(Stand(), torch.zeros(2, 3, 8, 8, dtype=torch.uint8), torch.device("cpu"), 2, None)
+    truth = torch.tensor([[0, end, end, end], [0, 1, 2, end]])
+    assert [mod.decode_code(p.tolist(), "abc") for p in pred] == ["a", "abc"]
+    assert (pred == truth).all(1).tolist() == [True, True]
+
+
 def test_prepare_option_errors(tmp, capsys):
     """Out-of-range options stop in the parser, before any work (in-process: no torch start per case)."""
     mod = load_script("captcha.py")
