@@ -887,6 +887,15 @@ def refuse_other_data(data_dir):
 STAGING_MARK = ".prepare-staging"   # in each folder staging_dir makes: only such folders are ever cleared
 
 
+def staged_for(folder, data_dir):
+    """True for a folder staging_dir made for DATA_DIR (a real path): its STAGING_MARK names DATA_DIR (empty: made by
+    an earlier version). Not a folder of another DATA_DIR of the same name nested inside this one."""
+    try:
+        return (folder / STAGING_MARK).is_file() and read_text(folder / STAGING_MARK) in ("", str(data_dir))
+    except UserError:
+        return False
+
+
 @contextlib.contextmanager
 def staging_dir(data_dir):
     """A new empty folder next to DATA_DIR (DATA_DIR.prepare-PID-RANDOM; inside DATA_DIR when its parent is read-only
@@ -902,12 +911,13 @@ def staging_dir(data_dir):
     with contextlib.suppress(OSError):
         for old in (p for p in parent.iterdir() if p.name.startswith(prefix)):
             pid, _, token = old.name[len(prefix):].partition("-")   # a folder of an earlier version: no mark
-            legacy = pid.isdigit() and len(token) == 8 and not token.strip("0123456789abcdef")
-            if ((old / STAGING_MARK).is_file() or legacy) and not (old / "previous").exists():
+            legacy = pid.isdigit() and len(token) == 8 and not token.strip("0123456789abcdef") and not (
+                old / STAGING_MARK).exists()
+            if (staged_for(old, data_dir) or legacy) and not (old / "previous").exists():
                 shutil.rmtree(old, ignore_errors=True)
     staged = parent / f"{prefix}{os.getpid()}-{secrets.token_hex(4)}"
     staged.mkdir()
-    (staged / STAGING_MARK).touch()
+    (staged / STAGING_MARK).write_text(str(data_dir), encoding="utf-8")
     try:
         yield staged
     finally:
@@ -935,7 +945,7 @@ def recover_prepared(data_dir):
         found = []
         with contextlib.suppress(OSError):
             found = [p for p in parent.iterdir() if p.name.startswith(f"{data_dir.name}.prepare-")
-                     and (p / STAGING_MARK).is_file() and (p / "previous").is_dir()]
+                     and staged_for(p, data_dir) and (p / "previous").is_dir()]
         for staged in found:
             placing = staged / "placing"
             try:

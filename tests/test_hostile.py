@@ -1143,6 +1143,10 @@ def test_a_prepare_killed_while_swapping_loses_nothing(tmp_path, capsys):
         data = tmp_path / str(kill_at) / "data"
         assert len(list(data.parent.iterdir())) == 2   # DATA_DIR and the staging folder left by the kill
         (data / f"checkpoint.tmp-{proc.pid}-a1b2c3d4.pt").write_text("killed")   # a killed write's temporary file
+        nested = data / "data.prepare-1-abcdef12"   # a staging folder of another DATA_DIR named data, inside this one
+        (nested / "previous").mkdir(parents=True)
+        (nested / mod.STAGING_MARK).write_text(str(data / "data"))
+        (nested / "previous" / "validating_set.0.pt.gz").write_text("another DATA_DIR's shard")
         with mod.lock_data_dir(data, False):
             pass
         message = capsys.readouterr().err
@@ -1150,6 +1154,8 @@ def test_a_prepare_killed_while_swapping_loses_nothing(tmp_path, capsys):
                                                                  "notes.tmp-1-2.txt"]
         meta = json.loads((data / "meta.json").read_text())
         assert [p.name for p in data.parent.iterdir()] == ["data"] and (data / "model.pt").read_bytes() == b"a model"
+        assert (nested / "previous" / "validating_set.0.pt.gz").exists()   # not ours: left as it is
+        assert not (data / "validating_set.0.pt.gz").exists()
         shards = [p.name for p in mod.shard_paths(data, "training_set") + mod.shard_paths(data, "testing_set")]
         if kill_at == 8:
             assert meta["n"] == 1 and len(shards) == 4 and not message
