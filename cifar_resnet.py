@@ -887,13 +887,30 @@ def refuse_other_data(data_dir):
 STAGING_MARK = ".prepare-staging"   # in each folder staging_dir makes: only such folders are ever cleared
 
 
-def staged_for(folder, data_dir):
-    """True for a folder staging_dir made for DATA_DIR (a real path): its STAGING_MARK names DATA_DIR (empty: made by
-    an earlier version). Not a folder of another DATA_DIR of the same name nested inside this one."""
-    try:
-        return (folder / STAGING_MARK).is_file() and read_text(folder / STAGING_MARK) in ("", str(data_dir))
-    except UserError:
-        return False
+def staging_folders(data_dir):
+    """[(folder, ours)] for the folders staging_dir made for DATA_DIR (a real path): DATA_DIR.prepare-PID-RANDOM
+    beside it or inside it; ours: its STAGING_MARK says where DATA_DIR is ("beside", "inside"), False for a folder of
+    an earlier version (an empty mark or none). A folder whose mark says the other place is another DATA_DIR's
+    (data/data.prepare-... beside data/data is not data's), as is a name that merely starts the same
+    (data.prepare-x.prepare-...: data.prepare-x's)."""
+    prefix, found = f"{data_dir.name}.prepare-", []
+    places = [(data_dir.parent, "beside")] if data_dir.parent != data_dir else []
+    for parent, where in [*places, (data_dir, "inside")]:
+        with contextlib.suppress(OSError):
+            for folder in parent.iterdir():
+                pid, _, token = folder.name.removeprefix(prefix).partition("-")
+                if not (folder.name.startswith(prefix) and pid.isascii() and pid.isdigit() and len(token) == 8
+                        and not token.strip("0123456789abcdef")) or folder.is_symlink() or not folder.is_dir():
+                    continue
+                mark = ""
+                if os.path.lexists(folder / STAGING_MARK):
+                    try:
+                        mark = read_text(folder / STAGING_MARK)
+                    except UserError:   # unreadable, not UTF-8
+                        continue
+                if mark in (where, ""):
+                    found.append((folder, mark == where))
+    return found
 
 
 @contextlib.contextmanager
@@ -901,23 +918,18 @@ def staging_dir(data_dir):
     """A new empty folder next to DATA_DIR (DATA_DIR.prepare-PID-RANDOM; inside DATA_DIR when its parent is read-only
     or another file system, where a rename into DATA_DIR would not be atomic) to build prepared data in. Removed when
     the block ends, unless a swap cut short left the old data in its previous/ (swap_prepared). Folders of killed
-    runs (that name, holding STAGING_MARK) are removed first: the caller holds DATA_DIR's lock, so no other prepare
-    uses them; a folder of the user's whose name merely starts the same stays."""
+    runs (staging_folders) are removed first: the caller holds DATA_DIR's lock, so no other prepare uses them; a
+    folder of the user's whose name merely starts the same stays."""
     data_dir = Path(os.path.realpath(data_dir))   # not abspath: LINK/../data is beside the folder LINK names
     parent = data_dir.parent
     if not os.access(parent, os.W_OK) or os.stat(parent).st_dev != os.stat(data_dir).st_dev:
         parent = data_dir
-    prefix = f"{data_dir.name}.prepare-"
-    with contextlib.suppress(OSError):
-        for old in (p for p in parent.iterdir() if p.name.startswith(prefix)):
-            pid, _, token = old.name[len(prefix):].partition("-")   # a folder of an earlier version: no mark
-            legacy = pid.isdigit() and len(token) == 8 and not token.strip("0123456789abcdef") and not (
-                old / STAGING_MARK).exists()
-            if (staged_for(old, data_dir) or legacy) and not (old / "previous").exists():
-                shutil.rmtree(old, ignore_errors=True)
-    staged = parent / f"{prefix}{os.getpid()}-{secrets.token_hex(4)}"
+    for old, _ in staging_folders(data_dir):
+        if old.parent == parent and not (old / "previous").exists():
+            shutil.rmtree(old, ignore_errors=True)
+    staged = parent / f"{data_dir.name}.prepare-{os.getpid()}-{secrets.token_hex(4)}"
     staged.mkdir()
-    (staged / STAGING_MARK).write_text(str(data_dir), encoding="utf-8")
+    (staged / STAGING_MARK).write_text("inside" if parent == data_dir else "beside", encoding="utf-8")
     try:
         yield staged
     finally:
@@ -935,42 +947,57 @@ def prepared_file(name):
                                    and number.isascii() and number.isdigit())
 
 
+def file_mark(path):
+    """[inode, modification time in ns] of `path` (not followed): the same through a rename, another for a file
+    written anew."""
+    stat = os.lstat(path)
+    return [stat.st_ino, stat.st_mtime_ns]
+
+
 def recover_prepared(data_dir):
     """The earlier prepared data back in DATA_DIR after a prepare killed while it swapped its data in (SIGKILL, the
-    out-of-memory killer, a power cut: swap_prepared's undo never ran), from the staging folder's previous/, the new
-    files placed by then removed (the list in its "placing"); a staging folder of a swap that was done is removed.
-    Called by lock_data_dir with DATA_DIR's lock held, so no prepare is using those folders."""
-    data_dir = Path(os.path.realpath(data_dir))
-    for parent in {data_dir.parent, data_dir}:   # staging_dir makes them in one or the other
-        found = []
-        with contextlib.suppress(OSError):
-            found = [p for p in parent.iterdir() if p.name.startswith(f"{data_dir.name}.prepare-")
-                     and staged_for(p, data_dir) and (p / "previous").is_dir()]
-        for staged in found:
-            placing = staged / "placing"
-            try:
-                if placing.is_file():
-                    names = json.loads(read_text(placing))
-                    if not isinstance(names, list) or not all(isinstance(n, str) and prepared_file(n) for n in names):
-                        continue   # not a list that swap_prepared wrote: the folder stays as it is
-                    if "meta.json" in names and not (staged / "meta.json").exists():   # placed: the swap was done
-                        shutil.rmtree(staged, ignore_errors=True)
-                        continue
-                    for name in names:   # a name gone from `staged` was placed in DATA_DIR
-                        if not (staged / name).exists():
-                            (data_dir / name).unlink(missing_ok=True)
-                    placing.unlink()
-                earlier = sorted((staged / "previous").iterdir())
-                for path in earlier:
-                    if not os.path.lexists(data_dir / path.name):
-                        os.replace(path, data_dir / path.name)
-                (staged / "previous").rmdir()   # not empty (a name taken meanwhile): the folder stays
-            except (OSError, ValueError, UserError):
-                print(f"the earlier prepared data of {data_dir} is in {staged / 'previous'}", file=sys.stderr)
-                continue
-            shutil.rmtree(staged, ignore_errors=True)
-            print(f"{data_dir}: a prepare was killed while it placed its data; "
-                  f"{'the earlier data put back' if earlier else 'its files removed'}", file=sys.stderr)
+    out-of-memory killer: swap_prepared's undo never ran), from the staging folder's previous/, the new files placed
+    by then removed (its "placing" names them with their file_mark); a staging folder of a swap that was done is
+    removed. Called by lock_data_dir with DATA_DIR's lock held, so no prepare is using those folders. A file that
+    is not one it placed (another file_mark: the earlier one its undo put back, the user's) is never removed; a file
+    where the earlier data would go back (DATA_DIR changed since) is a UserError, DATA_DIR left as it is: every
+    command stops until the user has sorted it out, so no later prepare has old files put back beside its own."""
+    shown, data_dir = data_dir, Path(os.path.realpath(data_dir))
+    for staged, ours in staging_folders(data_dir):
+        previous, placing, removed = staged / "previous", staged / "placing", 0
+        if not ours or not previous.is_dir():
+            continue
+        try:
+            if os.path.lexists(placing):
+                placed = json.loads(read_text(placing))
+                if not isinstance(placed, dict) or not all(prepared_file(name) and isinstance(mark, list)
+                                                           for name, mark in placed.items()):
+                    raise ValueError(f"{placing} is not the list of files a prepare placed")
+                if "meta.json" in placed and not (staged / "meta.json").exists():   # placed: the swap was done
+                    previous.rename(staged / "replaced")   # first: rmtree cut short leaves no previous/ to put back
+                    shutil.rmtree(staged, ignore_errors=True)
+                    continue
+                for name, mark in placed.items():   # gone from `staged`: placed in DATA_DIR, and maybe removed since
+                    with contextlib.suppress(FileNotFoundError):   # by the undo or a recovery cut short; another
+                        if not (staged / name).exists() and file_mark(data_dir / name) == mark:   # file there (the
+                            (data_dir / name).unlink()   # earlier one the undo put back, the user's) stays
+                            removed += 1
+                placing.unlink()
+            earlier = sorted(previous.iterdir())
+            if taken := [path.name for path in earlier if os.path.lexists(data_dir / path.name)]:
+                raise FileExistsError(errno.EEXIST, "is there", str(data_dir / taken[0]))
+            for path in earlier:
+                os.replace(path, data_dir / path.name)
+            previous.rmdir()
+        except (OSError, ValueError, UserError) as e:
+            why = f"{e.filename} is there" if isinstance(e, FileExistsError) else getattr(e, "strerror", None) or e
+            raise UserError(f"{shown}: a prepare killed while it swapped its data in left the earlier prepared "
+                            f"data in {previous}, and they cannot go back ({why}); put them back in {data_dir} in "
+                            f"place of its meta.json and shards and remove {staged}, or remove {staged} and "
+                            f"prepare again")
+        shutil.rmtree(staged, ignore_errors=True)
+        done = "the earlier data put back" if earlier else "its files removed" if removed else "none of its files left"
+        print(f"{shown}: a prepare was killed while it swapped its data in; {done}", file=sys.stderr)
 
 
 def swap_prepared(staged, data_dir):
@@ -990,7 +1017,7 @@ def swap_prepared(staged, data_dir):
                     moved.append(path)
                     os.replace(path, previous / path.name)
             new = [*sorted(staged.glob("*_set.*.pt.gz")), staged / "meta.json"]
-            atomic_write_text(staged / "placing", json.dumps([path.name for path in new]))   # recover_prepared's
+            atomic_write_text(staged / "placing", json.dumps({path.name: file_mark(path) for path in new}))
             for path in new:
                 placed.append(data_dir / path.name)
                 os.replace(path, data_dir / path.name)
@@ -2280,9 +2307,9 @@ def lock_data_dir(data_dir, create):
         f.truncate()
         f.write(f"pid {os.getpid()} ({shlex.join(sys.argv)})\n")
         f.flush()
-        recover_prepared(data_dir)
-        remove_stale_temporaries(data_dir)
         try:
+            recover_prepared(data_dir)
+            remove_stale_temporaries(data_dir)
             yield
         finally:
             path.unlink(missing_ok=True)  # still locked here: the next command makes a new file

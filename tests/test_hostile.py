@@ -1105,7 +1105,8 @@ import importlib.util, os, signal, sys, torch
 spec = importlib.util.spec_from_file_location("script", sys.argv[1])
 script = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(script)
-data, kill_at, renames = os.path.realpath(sys.argv[2]), int(sys.argv[3]), []
+data, kill_at, renames, placed = os.path.realpath(sys.argv[2]), int(sys.argv[3]), [], []
+fail_at = int(sys.argv[4]) if len(sys.argv) > 4 else 0   # the new file placed that fails: swap_prepared's undo runs
 def killing(move):
     def moving(src, dst):   # the swap's renames: into DATA_DIR, into previous/, previous/ -> replaced
         if os.path.dirname(os.path.abspath(dst)) == data or os.path.basename(os.path.dirname(dst)) == "previous" \
@@ -1113,6 +1114,10 @@ def killing(move):
             renames.append(dst)
             if len(renames) == kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
+            if os.path.dirname(os.path.abspath(dst)) == data and os.path.basename(os.path.dirname(src)) != "previous":
+                placed.append(dst)
+                if len(placed) == fail_at:
+                    raise OSError(5, "Input/output error")
         return move(src, dst)
     return moving
 os.replace, os.rename = killing(os.replace), killing(os.rename)
@@ -1145,7 +1150,7 @@ def test_a_prepare_killed_while_swapping_loses_nothing(tmp_path, capsys):
         (data / f"checkpoint.tmp-{proc.pid}-a1b2c3d4.pt").write_text("killed")   # a killed write's temporary file
         nested = data / "data.prepare-1-abcdef12"   # a staging folder of another DATA_DIR named data, inside this one
         (nested / "previous").mkdir(parents=True)
-        (nested / mod.STAGING_MARK).write_text(str(data / "data"))
+        (nested / mod.STAGING_MARK).write_text("beside")   # beside data/data
         (nested / "previous" / "validating_set.0.pt.gz").write_text("another DATA_DIR's shard")
         with mod.lock_data_dir(data, False):
             pass
@@ -1162,6 +1167,89 @@ def test_a_prepare_killed_while_swapping_loses_nothing(tmp_path, capsys):
         else:
             assert meta["n"] == 0 and "the earlier data put back" in message, kill_at
             assert shards == ["training_set.0.pt.gz"] and (data / shards[0]).read_bytes() == shard
+
+
+def killed_prepare(tmp_path, data, kill_at, fail_at=0, old=3):
+    """DATA_DIR `data` prepared (`old` items of training_set: 1 shard per SHARD_SIZE 1000, and meta.json "n" 0),
+    then a prepare of 2500 + 5 items (4 shards, "n" 1) into it killed at its rename `kill_at` (KILLED_SWAP)."""
+    mod = load_script("rcnn_faces.py")
+    (tmp_path / "script.py").write_text(KILLED_SWAP)
+    data.mkdir(parents=True, exist_ok=True)
+    mod.save_prepared(data, {"training_set": (torch.zeros(old),)}, {"n": 0})
+    shards = {p.name: p.read_bytes() for p in mod.shard_paths(data, "training_set")}
+    proc = subprocess.run([sys.executable, str(tmp_path / "script.py"), str(ROOT / "rcnn_faces.py"), str(data),
+                           str(kill_at), str(fail_at)])
+    assert proc.returncode == -signal.SIGKILL
+    return mod, shards
+
+
+def prepared_files(mod, data):
+    meta = json.loads((data / "meta.json").read_text())
+    return meta["n"], {p.name: p.read_bytes() for p in mod.shard_paths(data, "training_set")
+                       + mod.shard_paths(data, "testing_set")}
+
+
+def test_a_prepare_killed_while_undoing_or_recovering_loses_nothing(tmp_path, monkeypatch):
+    """A kill during swap_prepared's undo (a placement failed: the earlier shards it had put back were removed as
+    if they were new ones), and a recovery cut short (a Ctrl-C) while it removed the staging folder of a swap that
+    was done (the earlier shards left in it were put back beside the new data next time)."""
+    for kill_at in (12, 15):   # 5 earlier shards and meta.json aside, 3rd placement fails; 3 or 5 shards back
+        data = tmp_path / f"undo{kill_at}" / "data"
+        mod, shards = killed_prepare(tmp_path, data, kill_at, fail_at=3, old=4500)
+        with mod.lock_data_dir(data, False):
+            pass
+        assert prepared_files(mod, data) == (0, shards) and os.listdir(data.parent) == ["data"]
+    data = tmp_path / "done" / "data"
+    mod, shards = killed_prepare(tmp_path, data, 12, old=4500)   # killed as it ended: the new data all placed
+
+    def cut_short(path, ignore_errors=False):   # placing gone first (the order of the folder's names)
+        Path(path, "placing").unlink()
+        raise KeyboardInterrupt
+    with monkeypatch.context() as patch:
+        patch.setattr(shutil, "rmtree", cut_short)
+        with pytest.raises(KeyboardInterrupt):
+            with mod.lock_data_dir(data, False):
+                pass
+    with mod.lock_data_dir(data, False):
+        pass
+    n, new = prepared_files(mod, data)
+    assert n == 1 and sorted(new) == ["testing_set.0.pt.gz", "training_set.0.pt.gz", "training_set.1.pt.gz",
+                                      "training_set.2.pt.gz"]
+    with mod.staging_dir(data):   # the folder left: the next prepare removes it
+        pass
+    assert os.listdir(data.parent) == ["data"]
+
+
+def test_a_recovery_keeps_what_is_not_its_own(tmp_path, capsys):
+    """The recovery of a killed prepare leaves other DATA_DIRs' staging folders (data/data.prepare-... of
+    data/data, data.prepare-x.prepare-... of data.prepare-x: it removed data's shards and put theirs in), keeps a
+    file that is not one the prepare placed, and stops every command while the earlier data cannot go back (a
+    later prepare's data would have them put back beside it, or removed)."""
+    mod, data = load_script("rcnn_faces.py"), tmp_path / "data"
+    data.mkdir()
+    mod.save_prepared(data, {"training_set": (torch.ones(1500),), "testing_set": (torch.ones(2),)}, {"n": 2})
+    before = prepared_files(mod, data)
+    for other in (data / "data", tmp_path / "data.prepare-x"):
+        mod, shards = killed_prepare(tmp_path, other, 5)   # 2 new shards placed
+        with mod.lock_data_dir(data, False):
+            pass
+        assert prepared_files(mod, data) == before and not capsys.readouterr().err
+        with mod.lock_data_dir(other, False):
+            pass
+        assert prepared_files(mod, other) == (0, shards) and "the earlier data put back" in capsys.readouterr().err
+    data = tmp_path / "users" / "data"
+    mod, shards = killed_prepare(tmp_path, data, 5)
+    (data / "testing_set.0.pt.gz").unlink()
+    (data / "testing_set.0.pt.gz").write_bytes(b"the user's")   # another inode: not one it placed
+    (data / "meta.json").write_text("{}")   # where the earlier meta.json goes back
+    for _ in range(2):
+        with pytest.raises(mod.UserError, match=r"cannot go back \(.*meta.json is there\); put them back"):
+            with mod.lock_data_dir(data, False):
+                pass
+    (data / "meta.json").unlink()
+    with mod.lock_data_dir(data, False):
+        pass
+    assert prepared_files(mod, data) == (0, {**shards, "testing_set.0.pt.gz": b"the user's"})
 
 
 def test_prepared_id_leaves_out_speeds(tmp_path):
