@@ -1,12 +1,12 @@
 """CIFAR-10 style image classifier: ResNet-18 in its CIFAR form (3x3 stem, no max-pool), fast modern recipe.
 
-Usage:
-    python cifar_resnet.py prepare [--image-dir cifar/] [--test-dir DIR] [--labels FILE] [--workers N]
-    python cifar_resnet.py train   [--epochs N] [--batch-size N] [--lr X] [--device auto] [--resume]
-    python cifar_resnet.py eval    [IMAGE_OR_FOLDER ...] [--json] [--model PATH]
-    python cifar_resnet.py export  [--model PATH] [--output model.onnx]   # for ONNX Runtime
-    python cifar_resnet.py serve   [--model model.pt|model.onnx] [--port 8000]   # HTTP: POST /predict, a page at /
-    torchrun --standalone --nproc_per_node=N cifar_resnet.py train [...]   # DDP over N processes/GPUs (README.md)
+Usage: python cifar_resnet.py COMMAND [options] (COMMAND --help: all of them):
+    prepare [--image-dir cifar/] [--test-dir DIR] [--labels FILE] [--workers N]
+    train   [--epochs N] [--batch-size N] [--lr X] [--device auto] [--resume]
+    eval    [IMAGE_OR_FOLDER ...] [--json] [--model PATH]
+    export  [--model PATH] [--output model.onnx]   # for ONNX Runtime
+    serve   [--model model.pt|model.onnx] [--port 8000]   # HTTP: POST /predict, a page at /
+    train under `torchrun --standalone --nproc_per_node=N`: DDP over N processes or GPUs (README.md)
 
 Data layout (auto-detected by prepare; --labels FILE overrides the label list):
     DIR/labels.txt and DIR/**/N_label.ext     the tutorial's CIFAR archive (cifar/train/2598_cat.png)

@@ -1,12 +1,12 @@
 """Fast R-CNN face detector: one shared feature map per photo, RoI Align over all proposals, box regression.
 
-Usage:
-    python fast_rcnn_faces.py prepare [--image-dir DIR] [--csv FILE] [--data-dir DIR] [--size 384x256]
-    python fast_rcnn_faces.py train   [--epochs N] [--batch-size N] [--device auto] [--resume]
-    python fast_rcnn_faces.py eval    [IMAGE_OR_FOLDER ...] [--threshold 0.5] [--output-dir DIR] [--json]
-    python fast_rcnn_faces.py export  [--model PATH] [--output model.onnx]   # for ONNX Runtime
-    python fast_rcnn_faces.py serve   [--model model.pt|model.onnx] [--port 8000]   # HTTP: POST /predict, a page at /
-    torchrun --standalone --nproc_per_node=N fast_rcnn_faces.py train [...]   # DDP over N processes/GPUs (README.md)
+Usage: python fast_rcnn_faces.py COMMAND [options] (COMMAND --help: all of them):
+    prepare [--image-dir DIR] [--csv FILE] [--data-dir DIR] [--workers N]
+    train   [--epochs N] [--batch-size N] [--device auto] [--resume]
+    eval    [IMAGE_OR_FOLDER ...] [--threshold 0.5] [--output-dir DIR] [--json]
+    export  [--model PATH] [--output model.onnx]   # for ONNX Runtime
+    serve   [--model model.pt|model.onnx] [--port 8000]   # HTTP: POST /predict, a page at /
+    train under `torchrun --standalone --nproc_per_node=N`: DDP over N processes or GPUs (README.md)
 
 Data layout: a folder of photos plus a Kaggle-style CSV with one row per face,
 `Name,width,height,xmin,ymin,xmax,ymax`, boxes in photo pixels (width/height optional: the size

@@ -1,12 +1,12 @@
 """R-CNN face detector: selective search proposals + a ResNet-18-style crop classifier with a box regression head.
 
-Usage:
-    python rcnn_faces.py prepare [--image-dir DIR] [--csv FILE] [--data-dir data/rcnn_faces] [--workers N]
-    python rcnn_faces.py train   [--epochs N] [--patience N] [--device auto] [--resume]
-    python rcnn_faces.py eval    [IMAGE_OR_FOLDER ...] [--json] [--threshold X] [--output-dir DIR]
-    python rcnn_faces.py export  [--model PATH] [--output model.onnx]   # for ONNX Runtime
-    python rcnn_faces.py serve   [--model model.pt|model.onnx] [--port 8000]   # HTTP: POST /predict, a page at /
-    torchrun --standalone --nproc_per_node=N rcnn_faces.py train [...]   # DDP over N processes/GPUs (README.md)
+Usage: python rcnn_faces.py COMMAND [options] (COMMAND --help: all of them):
+    prepare [--image-dir DIR] [--csv FILE] [--data-dir DIR] [--workers N]
+    train   [--epochs N] [--batch-size N] [--device auto] [--resume]
+    eval    [IMAGE_OR_FOLDER ...] [--threshold 0.5] [--output-dir DIR] [--json]
+    export  [--model PATH] [--output model.onnx]   # for ONNX Runtime
+    serve   [--model model.pt|model.onnx] [--port 8000]   # HTTP: POST /predict, a page at /
+    train under `torchrun --standalone --nproc_per_node=N`: DDP over N processes or GPUs (README.md)
 
 Data layout: a folder of photos plus a Kaggle-style CSV with one row per face,
 `Name,width,height,xmin,ymin,xmax,ymax`, boxes in photo pixels (width/height optional: the size
