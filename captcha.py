@@ -1,12 +1,12 @@
 """Read captchas of any length with a small ResNet: one softmax per code position, plus an end symbol.
 
-Usage:
-    python captcha.py prepare [--image-dir generate-captcha/output] [--labels FILE] [--charset auto] [--length auto]
-    python captcha.py train   [--epochs N] [--device auto] [--resume]
-    python captcha.py eval    [IMAGE_OR_FOLDER ...] [--json]
-    python captcha.py export  [--model PATH] [--output model.onnx]   # for ONNX Runtime
-    python captcha.py serve   [--model model.pt|model.onnx] [--port 8000]   # HTTP: POST /predict, a page at /
-    torchrun --standalone --nproc_per_node=N captcha.py train [...]   # DDP over N processes/GPUs (README.md)
+Usage: python captcha.py COMMAND [options] (COMMAND --help: all of them):
+    prepare [--image-dir generate-captcha/output] [--labels FILE] [--charset auto] [--length auto]
+    train   [--epochs N] [--device auto] [--resume]
+    eval    [IMAGE_OR_FOLDER ...] [--json]
+    export  [--model PATH] [--output model.onnx]   # for ONNX Runtime
+    serve   [--model model.pt|model.onnx] [--port 8000]   # HTTP: POST /predict, a page at /
+    train under `torchrun --standalone --nproc_per_node=N`: DDP over N processes or GPUs (README.md)
 
 Data: a folder of images (png, jpg, jpeg, gif, bmp, webp; the file content decides the format) named
 CODE.ext or PREFIX-CODE.ext (the code is the name after its last '-': `2b827.png`, `00042-8cA6.png`), or any
@@ -146,6 +146,13 @@ CPU_BF16 = True          # bf16 autocast on CPUs with native bf16 (AVX512-BF16/A
 # 93.2% -> 94.5% exact-match; readers trained on 900 labels 80.4% -> 83.4%, 83.0% -> 84.9%, on 450 69.1% -> 72.5%.
 VIEWS = ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1))   # (dx, dy) in pixels of the model's input
 CALIBRATION_MIN = 3      # right and wrong validation codes each that a calibration needs (else: the raw confidence)
+# A validation split read (nearly) all right gives Platt scaling no slope, and the raw confidence is far too low
+# (label smoothing: ~0.6 for a code read right). Its images are then read again under the training distortions at
+# full strength, CALIBRATION_READS reads in all, and the calibration fitted on both. 936 labels of a plain style,
+# 104 validation codes all right: on 2,000 held-out captchas (99.60% read) the raw confidence averaged 0.60 and
+# none reached 0.9 (Brier score 0.157); fitted with 1,976 distorted reads (42 wrong): 0.994, 1,991 codes >= 0.9, of
+# them 99.75% right (Brier 0.0034).
+CALIBRATION_READS = 2000
 
 
 # ---- Data ----
@@ -967,10 +974,16 @@ def calibrate_and_test(model, model_path, data_dir, meta, device, batch_size, dt
         pred, scores = read_codes(model, x_val, device, batch_size, dtype, VIEWS)
         right = (pred == y_val).all(1)
         best = right.float().mean().item()
-        best_model["calibration"] = fit_calibration(scores, right)
+        best_model["calibration"], fitted_on = fit_calibration(scores, right), f"{len(x_val)} codes"
+        if best_model["calibration"] is None and (~right).sum().item() < CALIBRATION_MIN:   # no errors to fit on
+            more_scores, more_right = distorted_reads(model, x_val, y_val, device, batch_size, dtype)
+            best_model["calibration"] = fit_calibration(torch.cat([scores, more_scores]),
+                                                        torch.cat([right, more_right]))
+            fitted_on += (f" and {len(more_right)} distorted copies of them ({(~more_right).sum().item()} read wrong; "
+                          f"the codes alone had too few wrong)")
         confident = calibrated(scores, best_model["calibration"]) >= 0.9
         print(f"validation read in {len(VIEWS)} views as eval does: exact-match {under_one(best, 4):.2%}; " +
-              (f"confidence calibrated on {len(x_val)} codes" if best_model["calibration"] else
+              (f"confidence calibrated on {fitted_on}" if best_model["calibration"] else
                f"confidence not calibrated (under {CALIBRATION_MIN} wrong or right codes, or scores that do not rank "
                f"them: eval gives the raw one)") +
               f": {confident.sum().item()} with confidence >= 0.9" +
@@ -992,6 +1005,20 @@ def calibrate_and_test(model, model_path, data_dir, meta, device, batch_size, dt
     print(f"test ({len(x_test)} images, best model of epoch {best_model['epoch']}, read as eval does): "
           f"exact-match {under_one(test_acc, 4):.2%}, per-character {under_one(test_char, 4):.2%}")
     return round(test_acc, 6)
+
+
+def distorted_reads(model, x, y, device, batch_size, dtype):
+    """Images x (uint8) with codes y read again as eval reads them, each time under fresh training distortions at
+    full strength (augment), CALIBRATION_READS images in all: (log raw confidences, right or not), for a calibration
+    that the undistorted codes, read all right, leave without a slope."""
+    generator = torch.Generator(device=device).manual_seed(0)
+    scores, right = [], []
+    for _ in range(max(1, -(-CALIBRATION_READS // len(x)) - 1)):
+        seen = ((augment(x, generator) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)   # back to pixels
+        pred, score = read_codes(model, seen, device, batch_size, dtype, VIEWS)
+        scores.append(score)
+        right.append((pred == y).all(1))
+    return torch.cat(scores), torch.cat(right)
 
 
 def cmd_eval(args):

@@ -705,6 +705,31 @@ def test_calibration_unit():
     assert mod.fit_calibration(scores[:50], ~highest) is None
 
 
+def test_codes_read_all_right_calibrate_on_distorted_copies():
+    """A validation split read all right leaves Platt scaling no slope; its images read again under the training
+    distortions (CALIBRATION_READS reads in all) give one: a reader that is less sure, then wrong, the more an image
+    is distorted gets a calibration that ranks as its raw confidence does."""
+    mod = load_script("captcha.py")
+
+    class Stand(torch.nn.Module):   # reads "a" on a white image; the further from white, the less sure, then wrong
+        def forward(self, x):
+            out = torch.zeros(len(x), 2, 3)
+            out[:, 0, 0] = 4 - 60 * (1 - x.float()).abs().mean((1, 2, 3))
+            out[:, 1, 2] = 9   # then the end symbol
+            return out
+
+    x, y = torch.full((10, 3, 40, 96), 255, dtype=torch.uint8), torch.tensor([[0, 2]] * 10)
+    pred, scores = mod.read_codes(Stand(), x, torch.device("cpu"), 64, None, mod.VIEWS)
+    right = (pred == y).all(1)
+    assert right.all() and mod.fit_calibration(scores, right) is None
+    more_scores, more_right = mod.distorted_reads(Stand(), x, y, torch.device("cpu"), 64, None)
+    assert len(more_right) == 1990 and 10 < (~more_right).sum() < 1980   # 199 copies of 10 images, some read wrong
+    fit = mod.fit_calibration(torch.cat([scores, more_scores]), torch.cat([right, more_right]))
+    assert fit["a"] > 0 and mod.calibrated(scores, fit).min() > mod.calibrated(more_scores[~more_right], fit).mean()
+    again, _ = mod.distorted_reads(Stand(), x, y, torch.device("cpu"), 64, None)
+    assert torch.equal(again, more_scores)   # the same distortions every time: a run's calibration is repeatable
+
+
 def test_train_figures_read_codes_as_eval_does():
     """train's exact-match and per-character figures (read_codes, run_epoch) count a code right when eval prints it
     right: a class after the first end symbol is not read (it made a right code wrong)."""
@@ -765,8 +790,10 @@ def test_train_writes_model_history_and_scores(trained):
     assert model["model_args"]["n_classes"] == len(meta["charset"]) + 1          # the end symbol
     right = round(float(re.search(r"validation read in 5 views as eval does: exact-match (\d+\.\d+)%; ",
                                   proc.stdout)[1]) * 40 / 100)   # of 40 validation codes, after 2 short epochs
-    if min(right, 40 - right) < 3:   # nothing to fit a slope on: the raw confidence, said
+    if right < 3:   # nothing to fit a slope on: the raw confidence, said
         assert model["calibration"] is None and "; confidence not calibrated (under 3 wrong or right" in proc.stdout
+    elif 40 - right < 3:   # (nearly) all right: fitted on distorted copies too, or said
+        assert re.search(r"; confidence (calibrated on 40 codes and 1960 distorted copies|not calibrated)", proc.stdout)
     else:
         assert set(model["calibration"]) == {"a", "b"} and model["calibration"]["a"] > 0
         assert "; confidence calibrated on 40 codes" in proc.stdout
