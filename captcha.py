@@ -971,16 +971,9 @@ def calibrate_and_test(model, model_path, data_dir, meta, device, batch_size, dt
     # P(code right) as a function of the raw confidence, on the whole validation split
     x_val, y_val = (t.to(device) for t in read_split(data_dir, "validating_set", meta))
     if len(x_val):
-        pred, scores = read_codes(model, x_val, device, batch_size, dtype, VIEWS)
-        right = (pred == y_val).all(1)
+        best_model["calibration"], scores, right, fitted_on = fit_confidence(model, x_val, y_val, device, batch_size,
+                                                                             dtype)
         best = right.float().mean().item()
-        best_model["calibration"], fitted_on = fit_calibration(scores, right), f"{len(x_val)} codes"
-        if best_model["calibration"] is None and (~right).sum().item() < CALIBRATION_MIN:   # no errors to fit on
-            more_scores, more_right = distorted_reads(model, x_val, y_val, device, batch_size, dtype)
-            best_model["calibration"] = fit_calibration(torch.cat([scores, more_scores]),
-                                                        torch.cat([right, more_right]))
-            fitted_on += (f" and {len(more_right)} distorted copies of them ({(~more_right).sum().item()} read wrong; "
-                          f"the codes alone had too few wrong)")
         confident = calibrated(scores, best_model["calibration"]) >= 0.9
         print(f"validation read in {len(VIEWS)} views as eval does: exact-match {under_one(best, 4):.2%}; " +
               (f"confidence calibrated on {fitted_on}" if best_model["calibration"] else
@@ -1007,17 +1000,34 @@ def calibrate_and_test(model, model_path, data_dir, meta, device, batch_size, dt
     return round(test_acc, 6)
 
 
+def fit_confidence(model, x, y, device, batch_size, dtype):
+    """The validation images x (uint8) with codes y read as eval reads them, and the calibration fitted on them ->
+    (calibration or None, log raw confidences, right or not, what it was fitted on). Read with under CALIBRATION_MIN
+    wrong codes but enough right ones, the images are read again under the training distortions (distorted_reads)
+    and the calibration fitted on both."""
+    pred, scores = read_codes(model, x, device, batch_size, dtype, VIEWS)
+    right = (pred == y).all(1)
+    calibration, fitted_on = fit_calibration(scores, right), f"{len(x)} codes"
+    if right.sum().item() >= CALIBRATION_MIN > (~right).sum().item():   # enough right codes, too few errors
+        more_scores, more_right = distorted_reads(model, x, y, device, batch_size, dtype)
+        calibration = fit_calibration(torch.cat([scores, more_scores]), torch.cat([right, more_right]))
+        fitted_on += (f" and {len(more_right)} distorted copies of them ({(~more_right).sum().item()} read wrong; the "
+                      f"codes alone had too few wrong)")
+    return calibration, scores, right, fitted_on
+
+
 def distorted_reads(model, x, y, device, batch_size, dtype):
     """Images x (uint8) with codes y read again as eval reads them, each time under fresh training distortions at
-    full strength (augment), CALIBRATION_READS images in all: (log raw confidences, right or not), for a calibration
-    that the undistorted codes, read all right, leave without a slope."""
+    full strength (augment), about CALIBRATION_READS reads in all, a batch at a time: (log raw confidences, right or
+    not), for a calibration that the undistorted codes, read all right, leave without a slope."""
     generator = torch.Generator(device=device).manual_seed(0)
     scores, right = [], []
-    for _ in range(max(1, -(-CALIBRATION_READS // len(x)) - 1)):
-        seen = ((augment(x, generator) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)   # back to pixels
+    for idx in in_order(max(1, -(-CALIBRATION_READS // len(x)) - 1) * len(x), batch_size, device):
+        idx = idx % len(x)   # copy after copy of the images
+        seen = ((augment(x[idx], generator) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)   # back to pixels
         pred, score = read_codes(model, seen, device, batch_size, dtype, VIEWS)
         scores.append(score)
-        right.append((pred == y).all(1))
+        right.append((pred == y[idx]).all(1))
     return torch.cat(scores), torch.cat(right)
 
 

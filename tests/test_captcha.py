@@ -718,16 +718,24 @@ def test_codes_read_all_right_calibrate_on_distorted_copies():
             out[:, 1, 2] = 9   # then the end symbol
             return out
 
+    cpu = torch.device("cpu")
     x, y = torch.full((10, 3, 40, 96), 255, dtype=torch.uint8), torch.tensor([[0, 2]] * 10)
-    pred, scores = mod.read_codes(Stand(), x, torch.device("cpu"), 64, None, mod.VIEWS)
+    pred, scores = mod.read_codes(Stand(), x, cpu, 64, None, mod.VIEWS)
     right = (pred == y).all(1)
     assert right.all() and mod.fit_calibration(scores, right) is None
-    more_scores, more_right = mod.distorted_reads(Stand(), x, y, torch.device("cpu"), 64, None)
+    more_scores, more_right = mod.distorted_reads(Stand(), x, y, cpu, 64, None)
     assert len(more_right) == 1990 and 10 < (~more_right).sum() < 1980   # 199 copies of 10 images, some read wrong
-    fit = mod.fit_calibration(torch.cat([scores, more_scores]), torch.cat([right, more_right]))
-    assert fit["a"] > 0 and mod.calibrated(scores, fit).min() > mod.calibrated(more_scores[~more_right], fit).mean()
-    again, _ = mod.distorted_reads(Stand(), x, y, torch.device("cpu"), 64, None)
+    fit, own_scores, own_right, said = mod.fit_confidence(Stand(), x, y, cpu, 64, None)   # what train does
+    assert torch.equal(own_scores, scores) and own_right.all() and fit["a"] > 0
+    assert re.fullmatch(r"10 codes and 1990 distorted copies of them \(\d+ read wrong; .*\)", said), said
+    assert fit == mod.fit_calibration(torch.cat([scores, more_scores]), torch.cat([right, more_right]))
+    assert mod.calibrated(scores, fit).min() > mod.calibrated(more_scores[~more_right], fit).mean()
+    again, _ = mod.distorted_reads(Stand(), x, y, cpu, 64, None)
     assert torch.equal(again, more_scores)   # the same distortions every time: a run's calibration is repeatable
+    # under 3 right codes (a tiny or untrained split): no distorted reads, the raw confidence
+    y[2:] = torch.tensor([1, 2])   # 8 of the 10 codes are "b": read wrong
+    fit, _, own_right, said = mod.fit_confidence(Stand(), x, y, cpu, 64, None)
+    assert fit is None and own_right.sum() == 2 and said == "10 codes"
 
 
 def test_train_figures_read_codes_as_eval_does():
