@@ -342,7 +342,8 @@ def evaluate(model, data, norm, loss_fn, batch_size, dtype):
 
 
 def report_test(data_dir, labels, test_labels, logits):
-    """Print test top-1/top-3 and the per-class table; save confusion.png (rows: true class)."""
+    """Print test top-1/top-3 (top-3 from 4 classes on: with 3 or fewer it is always 100%) and the per-class table;
+    save confusion.png (rows: true class)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -351,7 +352,8 @@ def report_test(data_dir, labels, test_labels, logits):
     top = logits.topk(min(3, k), dim=1).indices
     top1 = (top[:, 0] == test_labels).float().mean().item()
     top3 = (top == test_labels[:, None]).any(1).float().mean().item()
-    print(f"test ({len(test_labels)} images): top-1 {under_one(top1, 4):.2%}  top-3 {under_one(top3, 4):.2%}")
+    print(f"test ({len(test_labels)} images): top-1 {under_one(top1, 4):.2%}" +
+          (f"  top-3 {under_one(top3, 4):.2%}" if k > 3 else ""))
     count = torch.bincount(test_labels, minlength=k).tolist()
     right = torch.bincount(test_labels[top[:, 0] == test_labels], minlength=k).tolist()
     print(f"{'class':<16}{'images':>8}{'top-1':>9}")

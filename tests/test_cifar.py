@@ -148,6 +148,17 @@ def test_prepare_class_folders(folders_data):
     assert set(labels.tolist()) == {0, 1, 2}
 
 
+def test_top3_only_from_four_classes(tmp_path, capsys):
+    """With 3 classes or fewer every image's true class is among the top 3: the figure says nothing and is left out."""
+    mod = load_script(LENET)
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0], [0.0, 2.0, 1.0, -1.0], [1.0, -1.0, 2.0, 3.0]])
+    assert mod.report_test(tmp_path, list("abcd"), torch.tensor([1, 1, 1]), logits) == pytest.approx(1 / 3)
+    assert re.search(r"^test \(3 images\): top-1 33.33%  top-3 66.67%$", capsys.readouterr().out, re.M)
+    assert mod.report_test(tmp_path, list("ab"), torch.tensor([1, 1, 1]), logits[:, :2]) == pytest.approx(1 / 3)
+    out = capsys.readouterr().out
+    assert re.search(r"^test \(3 images\): top-1 33.33%$", out, re.M) and "top-3" not in out
+
+
 def test_split_is_deterministic(folders_dir, folders_data, tmp_path):
     same = run(RESNET, "prepare", "--image-dir", folders_dir, "--data-dir", tmp_path / "same", "--workers", 2)
     assert same.returncode == 0, same.stderr
