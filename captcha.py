@@ -1007,13 +1007,12 @@ def fit_confidence(model, x, y, device, batch_size, dtype):
     and the calibration fitted on both."""
     pred, scores = read_codes(model, x, device, batch_size, dtype, VIEWS)
     right = (pred == y).all(1)
-    calibration, fitted_on = fit_calibration(scores, right), f"{len(x)} codes"
-    if right.sum().item() >= CALIBRATION_MIN > (~right).sum().item():   # enough right codes, too few errors
-        more_scores, more_right = distorted_reads(model, x, y, device, batch_size, dtype)
-        calibration = fit_calibration(torch.cat([scores, more_scores]), torch.cat([right, more_right]))
-        fitted_on += (f" and {len(more_right)} distorted copies of them ({(~more_right).sum().item()} read wrong; the "
-                      f"codes alone had too few wrong)")
-    return calibration, scores, right, fitted_on
+    if not right.sum().item() >= CALIBRATION_MIN > (~right).sum().item():   # errors to fit on, or too few right
+        return fit_calibration(scores, right), scores, right, f"{len(x)} codes"
+    more_scores, more_right = distorted_reads(model, x, y, device, batch_size, dtype)
+    return (fit_calibration(torch.cat([scores, more_scores]), torch.cat([right, more_right])), scores, right,
+            f"{len(x)} codes and {len(more_right)} distorted copies of them ({(~more_right).sum().item()} read wrong; "
+            f"the codes alone had too few wrong)")
 
 
 def distorted_reads(model, x, y, device, batch_size, dtype):
