@@ -732,6 +732,15 @@ def test_codes_read_all_right_calibrate_on_distorted_copies():
     assert mod.calibrated(scores, fit).min() > mod.calibrated(more_scores[~more_right], fit).mean()
     again, _ = mod.distorted_reads(Stand(), x, y, cpu, 64, None)
     assert torch.equal(again, more_scores)   # the same distortions every time: a run's calibration is repeatable
+    # 3 wrong codes or more: on a split of under 100 codes the distorted reads still join, from 100 on not
+    four_wrong = torch.cat([torch.tensor([[1, 2]] * 4), y[4:]])   # 4 of the 10 codes are "b": read wrong
+    fit, _, own_right, said = mod.fit_confidence(Stand(), x, four_wrong, cpu, 64, None)
+    assert own_right.sum() == 6 and fit["a"] > 0
+    assert re.fullmatch(r"10 codes and 1990 distorted copies of them \(\d+ read wrong; the codes alone: too few, "
+                        r"under 100\)", said), said
+    x100, y100 = torch.full((100, 3, 40, 96), 255, dtype=torch.uint8), torch.tensor([[0, 2]] * 96 + [[1, 2]] * 4)
+    fit, scores100, _, said = mod.fit_confidence(Stand(), x100, y100, cpu, 64, None)
+    assert said == "100 codes" and fit == mod.fit_calibration(scores100, (y100 == torch.tensor([0, 2])).all(1))
     # under 3 right codes (a tiny or untrained split): no distorted reads, the raw confidence
     y[2:] = torch.tensor([1, 2])   # 8 of the 10 codes are "b": read wrong
     fit, _, own_right, said = mod.fit_confidence(Stand(), x, y, cpu, 64, None)
