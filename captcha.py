@@ -889,8 +889,8 @@ def train(args, device, out_dir, tb_dir):
         done, history, best, bad_epochs = resume_training(checkpoint, model_args, model, optimizer, scaler,
                                                           scheduler, meta["charset"], steps_per_epoch)
         first_epoch = done + 1
-    best_loss = min([h.get("val_loss", math.inf) for h in history if h.get("val_acc") == round(best, 5)],
-                    default=math.inf)
+    best = round(best, 5)   # scores are compared as history.csv keeps them (5 decimals): a resumed run decides alike
+    best_loss = min([h.get("val_loss", math.inf) for h in history if h.get("val_acc") == best], default=math.inf)
     generator = torch.Generator(device=device).manual_seed(args.seed + first_epoch + 7919 * rank)
     step_model = wrap_model(model, device, args.sync_bn)
     print(f"train {n_train} ({n_epoch} per epoch), validate {n_val} images of {tuple(meta['image_size'])}, "
@@ -920,8 +920,9 @@ def train(args, device, out_dir, tb_dir):
         val_loss, val_acc, val_char = mean_over_processes(val_stats, n, device)
         check_loss(epoch, "validation", val_loss)
         seconds = time.perf_counter() - start
-        improved = improves(val_acc, val_loss, best, best_loss)
-        (best, best_loss), bad_epochs = ((val_acc, val_loss), 0) if improved else ((best, best_loss), bad_epochs + 1)
+        score = round(val_acc, 5), round(val_loss, 5)   # also equal counts all-reduced (0.3 vs 0.30000000000000004)
+        improved = improves(*score, best, best_loss)
+        (best, best_loss), bad_epochs = (score, 0) if improved else ((best, best_loss), bad_epochs + 1)
         history.append({"epoch": epoch, "train_loss": round(train_loss, 5), "train_acc": round(train_acc, 5),
                         "val_loss": round(val_loss, 5), "val_acc": round(val_acc, 5),
                         "val_char_acc": round(val_char, 5), "lr": lr, "augment": epoch_strength, "steps": len(batches),
