@@ -780,11 +780,11 @@ def test_prepare_option_errors(tmp, capsys):
     assert mod.split_sizes(1000, "auto") == (900, 100, 0) and mod.split_sizes(20000, "auto") == (18000, 1000, 1000)
     assert mod.split_sizes(1000, (90, 10, 0)) == (900, 100, 0) and mod.split_sizes(1, "auto") == (1, 0, 0)
     assert parser.parse_args(["train"]).augment == "auto" and parser.parse_args(["train", "--augment", "0"]).augment == 0
-    strengths = [mod.auto_augment(n) for n in (1, 500, 1000, 2000, 10000, 18000, 100000)]
-    assert strengths[:3] == [1, 1, 1] and strengths == sorted(strengths, reverse=True), strengths
-    assert 0.1 <= strengths[5] <= 0.12 and strengths[6] < 0.05, strengths
+    strengths = [mod.auto_augment(n) for n in (1, 225, 300, 449, 450, 500, 1000, 2000, 10000, 18000, 100000)]
+    assert strengths[:2] == [1.5, 1.5] and 1 < strengths[2] < 1.5 and strengths[4:7] == [1, 1, 1], strengths
+    assert strengths == sorted(strengths, reverse=True) and 0.1 <= strengths[9] <= 0.12 and strengths[10] < 0.05
     longer = [mod.auto_augment(18000, passes) for passes in (2, 5, 24, 60, 10000)]   # each image seen this often
-    assert longer == sorted(longer) and longer[1] == strengths[5] and 0.27 <= longer[2] <= 0.31 and longer[4] == 1
+    assert longer == sorted(longer) and longer[1] == strengths[9] and 0.27 <= longer[2] <= 0.31 and longer[4] == 1
     assert mod.auto_augment(900, 300) == 1
 
 
