@@ -799,7 +799,7 @@ def test_train_writes_model_history_and_scores(trained):
     rows = list(csv.DictReader((data / "history.csv").open()))
     assert len(rows) == 2 and list(rows[0])[:5] == ["epoch", "train_loss", "train_acc", "val_loss", "val_acc"]
     assert "train 363 (600 per epoch)" in proc.stdout and rows[0]["steps"] == "5"   # a small set repeats to 600
-    assert "augment 1 (from epoch 1), " in proc.stdout                      # --augment auto: full strength on a small set
+    assert "augment 1.138 (from epoch 1), " in proc.stdout   # --augment auto: over full strength under 450 images
     model = torch.load(data / "model.pt", weights_only=True)
     meta = json.loads((data / "meta.json").read_text())
     assert model["script"] == "captcha" and model["charset"] == meta["charset"]
@@ -910,8 +910,8 @@ def test_resume_after_interrupt(tmp, trained, image_dir):
     ckpt = torch.load(data / "checkpoint.pt", weights_only=True)
     assert ckpt["epoch"] in (1, 2)
     done = ckpt["epoch"]
-    # the distortions rise over the first quarter of the 30 epochs (8), here to the full strength of a small set
-    assert [row["augment"] for row in csv.DictReader((data / "history.csv").open())][:2] == ["0.125", "0.25"][:done]
+    # the distortions rise over the first quarter of the 30 epochs (8), here to 1.138, the strength for 363 images
+    assert [row["augment"] for row in csv.DictReader((data / "history.csv").open())][:2] == ["0.1422", "0.2845"][:done]
     # a shorter --epochs on resume: the rest of the schedule shrinks to fit
     proc = run("captcha.py", "train", "--data-dir", data, "--epochs", 3, "--epoch-size", 0, "--device", "cpu",
                "--resume")
