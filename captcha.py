@@ -1114,10 +1114,9 @@ def augment_strength(text):
 def auto_augment(n_train, passes=AUGMENT_PASSES):
     """--augment auto: the distortion strength for a training split of n_train images, each seen `passes` times
     in the run (see AUGMENT_FULL and AUGMENT_FEW)."""
-    strength = min(1.0, (AUGMENT_FULL / max(n_train, 1)) ** 0.75 * (passes / AUGMENT_PASSES) ** 0.6)
-    if strength == 1.0 and n_train < AUGMENT_FEW:
-        strength = min(AUGMENT_MAX, (AUGMENT_FEW / max(n_train, 1)) ** 0.6)
-    return round(strength, 3)
+    n = max(n_train, 1)
+    strength = min(1.0, (AUGMENT_FULL / n) ** 0.75 * (passes / AUGMENT_PASSES) ** 0.6)
+    return round(min(AUGMENT_MAX, (AUGMENT_FEW / n) ** 0.6) if strength == 1.0 and n < AUGMENT_FEW else strength, 3)
 
 
 class ImageSizeAction(argparse.Action):
@@ -1176,9 +1175,9 @@ def build_parser():
     p.add_argument("--epoch-size", type=lambda text: parse_number(text, int, 0, 10 ** 7), default=EPOCH_SIZE,
                    metavar="N", help="images per epoch at least (a smaller training split is repeated, augmented afresh)")
     p.add_argument("--augment", type=augment_strength, default="auto", metavar="X",
-                   help=f"strength of the random distortions while training: 0 (none) to 3, or auto: {AUGMENT_MAX:g} "
-                        f"for a few hundred training images, 1 up to {AUGMENT_FULL:,}, less on larger sets and shorter runs (18,000 images: 0.11 "
-                        f"for 5 epochs, 0.29 for 24)")
+                   help=f"strength of the random distortions while training: 0 (none) to 3, or auto: up to "
+                        f"{AUGMENT_MAX:g} under {AUGMENT_FEW} training images, 1 up to {AUGMENT_FULL:,}, less on larger "
+                        f"sets and shorter runs (18,000 images: 0.11 for 5 epochs, 0.29 for 24)")
     add_scale_options(p)
     p.set_defaults(func=cmd_train, train_parser=p)
     p = sub.add_parser("eval", parents=[common, device], help="read captcha images")
