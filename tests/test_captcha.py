@@ -965,6 +965,26 @@ def test_early_stopping_counts_patience_epochs(tmp, prepared):
     assert "early stop" in proc.stdout
 
 
+def test_small_validation_split_keeps_the_last_epoch(tmp, generated):
+    """Under RANK_MIN validation codes no epoch is chosen by them: the whole schedule runs (no early stop) and the
+    last epoch's model is kept and quoted as the estimate. At lr 1e-9 nothing is read, so the rule for larger splits
+    keeps epoch 1 and stops after epoch 2 (test_early_stopping_counts_patience_epochs)."""
+    few = tmp / "twenty-for-ranking"
+    few.mkdir()
+    for path in sorted(generated.iterdir())[:20]:
+        shutil.copy(path, few / path.name)
+    data = tmp / "rank"
+    assert run_main("captcha.py", "prepare", "--image-dir", few, "--data-dir", data, "--split", "50/50/0",
+                    "--workers", 1).returncode == 0
+    proc = run_main("captcha.py", "train", "--data-dir", data, "--epochs", 3, "--patience", 1, "--lr", 1e-9,
+                    "--epoch-size", 0, "--batch-size", 10, "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    assert "10 validation codes: too few to rank epochs (under 30)" in proc.stdout
+    assert re.findall(r"^epoch (\d+)/3", proc.stdout, re.M) == ["1", "2", "3"] and "early stop" not in proc.stdout
+    assert torch.load(data / "model.pt", weights_only=True)["epoch"] == 3
+    assert "(the last epoch's model) is the estimate" in proc.stdout and "optimistic" not in proc.stdout
+
+
 def test_best_model_rule_unit():
     """Exact-match decides; the loss breaks a tie once some validation code is read."""
     improves = load_script("captcha.py").improves
