@@ -871,7 +871,8 @@ def train(args, device, out_dir, tb_dir):
     seed_everything(args.seed + rank)   # DDP copies rank 0's initial weights to every process
     writer = open_tensorboard(tb_dir) if tb_dir else None
     (x_train, y_train), (x_val, y_val) = load_training_splits(data_dir, meta, device)
-    n_val = len(y_val)
+    n_val, own_val = len(y_val), x_val is not x_train   # an empty validation split is replaced by the training one
+    ranked = own_val and n_val >= RANK_MIN   # else every epoch counts as better: the last one is kept
     x_val, y_val = shard(x_val), shard(y_val)
     # one class per character plus the end symbol
     model_args = {"n_classes": len(meta["charset"]) + 1, "length": meta["length"], "image_size": meta["image_size"]}
@@ -899,6 +900,7 @@ def train(args, device, out_dir, tb_dir):
         done, history, best, bad_epochs = resume_training(checkpoint, model_args, model, optimizer, scaler,
                                                           scheduler, meta["charset"], steps_per_epoch)
         first_epoch = done + 1
+        bad_epochs = bad_epochs if ranked else 0   # a checkpoint of before RANK_MIN may have stopped early
     best = round(best, 5)   # scores are compared as history.csv keeps them (5 decimals): a resumed run decides alike
     best_loss = min([h.get("val_loss", math.inf) for h in history if h.get("val_acc") == best], default=math.inf)
     generator = torch.Generator(device=device).manual_seed(args.seed + first_epoch + 7919 * rank)
@@ -906,9 +908,9 @@ def train(args, device, out_dir, tb_dir):
     print(f"train {n_train} ({n_epoch} per epoch), validate {n_val} images of {tuple(meta['image_size'])}, "
           f"charset {meta['charset']!r}, length {length_text(meta.get('lengths', [meta['length']]))}, "
           f"augment {strength:g} (from epoch {ramp}), precision {dtype or torch.float32}")
-    if n_val < RANK_MIN:
-        print(f"{n_val} validation codes: too few to rank epochs (under {RANK_MIN}); the whole schedule runs and the "
-              f"last epoch's model is kept")
+    if not ranked:
+        print((f"{n_val} validation codes: too few to rank epochs (under {RANK_MIN})" if own_val else
+               "no validation split") + "; the whole schedule runs and the last epoch's model is kept")
     if n_train < FEW_LABELS and not init and not checkpoint:
         print(f"few labels ({n_train}): captchas in many fonts read far more from a model trained on generated "
               f"captchas (--init MODEL); see README.md")
@@ -934,7 +936,7 @@ def train(args, device, out_dir, tb_dir):
         check_loss(epoch, "validation", val_loss)
         seconds = time.perf_counter() - start
         score = round(val_acc, 5), round(val_loss, 5)   # also equal counts all-reduced (0.3 vs 0.30000000000000004)
-        improved = n_val < RANK_MIN or improves(*score, best, best_loss)
+        improved = not ranked or improves(*score, best, best_loss)
         (best, best_loss), bad_epochs = (score, 0) if improved else ((best, best_loss), bad_epochs + 1)
         history.append({"epoch": epoch, "train_loss": round(train_loss, 5), "train_acc": round(train_acc, 5),
                         "val_loss": round(val_loss, 5), "val_acc": round(val_acc, 5),
@@ -1021,7 +1023,8 @@ def calibrate_and_test(model, model_path, data_dir, meta, device, batch_size, dt
     correct, is_char = pred == y_test, y_test < len(meta["charset"])   # not the end symbol
     test_acc = correct.all(1).float().mean().item()
     test_char = (correct & is_char).sum().item() / max(is_char.sum().item(), 1)
-    print(f"test ({len(x_test)} images, best model of epoch {best_model['epoch']}, read as eval does): "
+    kept = "best model of epoch" if len(x_val) >= RANK_MIN else "the last epoch's model, epoch"
+    print(f"test ({len(x_test)} images, {kept} {best_model['epoch']}, read as eval does): "
           f"exact-match {under_one(test_acc, 4):.2%}, per-character {under_one(test_char, 4):.2%}")
     return round(test_acc, 6)
 
@@ -1175,7 +1178,8 @@ def build_parser():
     p.add_argument("--epochs", type=positive_int, default=60,
                    help="maximum epochs (also the length of the lr schedule)")
     p.add_argument("--patience", type=positive_int, default=20,
-                   help="stop after N epochs without a better validation score")
+                   help=f"stop after N epochs without a better validation score (never under {RANK_MIN} validation "
+                        f"codes: the whole schedule runs)")
     p.add_argument("--batch-size", type=positive_int, default=128,
                    help="mini-batch size (under torchrun: the global batch)")
     p.add_argument("--lr", type=positive_float, default=3e-3,

@@ -984,6 +984,22 @@ def test_small_validation_split_keeps_the_last_epoch(tmp, generated):
     assert re.findall(r"^epoch (\d+)/3", proc.stdout, re.M) == ["1", "2", "3"] and "early stop" not in proc.stdout
     assert torch.load(data / "model.pt", weights_only=True)["epoch"] == 3
     assert "(the last epoch's model) is the estimate" in proc.stdout and "optimistic" not in proc.stdout
+    # a checkpoint that had stopped early (as the rule before this one could) goes on with the schedule
+    checkpoint = torch.load(data / "checkpoint.pt", weights_only=True)
+    torch.save({**checkpoint, "bad_epochs": 5}, data / "checkpoint.pt")
+    proc = run_main("captcha.py", "train", "--data-dir", data, "--epochs", 4, "--patience", 1, "--lr", 1e-9,
+                    "--epoch-size", 0, "--batch-size", 10, "--device", "cpu", "--resume")
+    assert proc.returncode == 0, proc.stderr
+    assert re.findall(r"^epoch (\d+)/4", proc.stdout, re.M) == ["4"] and "early stop" not in proc.stdout
+    assert torch.load(data / "model.pt", weights_only=True)["epoch"] == 4
+    # no validation split (the training images stand in) ranks nothing either; a test split names the model
+    assert run_main("captcha.py", "prepare", "--image-dir", few, "--data-dir", tmp / "rank-test", "--split", "50/0/50",
+                    "--workers", 1).returncode == 0
+    proc = run_main("captcha.py", "train", "--data-dir", tmp / "rank-test", "--epochs", 2, "--patience", 1, "--lr",
+                    1e-9, "--epoch-size", 0, "--batch-size", 10, "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    assert "no validation split; the whole schedule runs and the last epoch's model is kept" in proc.stdout
+    assert "test (10 images, the last epoch's model, epoch 2, read as eval does)" in proc.stdout
 
 
 def test_best_model_rule_unit():
