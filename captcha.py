@@ -965,7 +965,7 @@ def train(args, device, out_dir, tb_dir):
     result = {"epochs_run": len(history), "best_val": round(best, 6), "test": float("nan"), "metric": "exact-match"}
     if main_process():
         result["test"] = calibrate_and_test(model, model_path, data_dir, meta, device, 4 * args.batch_size, dtype,
-                                            best)
+                                            best, ranked)
         print(f"saved {model_path}, {out_dir / 'history.csv'}, {out_dir / 'history.png'}")
     return result
 
@@ -987,10 +987,11 @@ def load_training_splits(data_dir, meta, device):
     return (x_train, y_train), (x_val, y_val)
 
 
-def calibrate_and_test(model, model_path, data_dir, meta, device, batch_size, dtype, best):
+def calibrate_and_test(model, model_path, data_dir, meta, device, batch_size, dtype, best, ranked):
     """After training: the best model read as eval reads it (in the VIEWS, averaged), its confidence calibrated on
     the whole validation split and saved into model.pt, then scored on the test split (its exact-match, or NaN).
-    best: the training loop's validation score, quoted when there is neither a validation nor a test split."""
+    best: the training loop's validation score, quoted when there is neither a validation nor a test split; ranked:
+    whether validation chose the model (False: it is the last epoch's, see RANK_MIN)."""
     if not model_path.exists():
         raise UserError(f"{model_path} was not written (no epoch ran); raise --epochs")
     best_model = load_model_file(model_path)
@@ -1016,7 +1017,7 @@ def calibrate_and_test(model, model_path, data_dir, meta, device, batch_size, dt
         if not len(x_val):
             print(f"no validation or test split: exact-match {shown} on the training images themselves says nothing "
                   f"of new captchas; prepare with a validation share (--split auto)")
-        elif len(x_val) < RANK_MIN:   # the last epoch's model: not chosen by this score
+        elif not ranked:   # the last epoch's model: not chosen by this score
             print(f"no test split: validation exact-match {shown} (the last epoch's model) is the estimate")
         else:
             print(f"no test split: validation exact-match {shown} (best model of epoch {best_model['epoch']}) is the "
@@ -1026,7 +1027,7 @@ def calibrate_and_test(model, model_path, data_dir, meta, device, batch_size, dt
     correct, is_char = pred == y_test, y_test < len(meta["charset"])   # not the end symbol
     test_acc = correct.all(1).float().mean().item()
     test_char = (correct & is_char).sum().item() / max(is_char.sum().item(), 1)
-    kept = "best model of epoch" if len(x_val) >= RANK_MIN else "the last epoch's model, epoch"
+    kept = "best model of epoch" if ranked else "the last epoch's model, epoch"
     print(f"test ({len(x_test)} images, {kept} {best_model['epoch']}, read as eval does): "
           f"exact-match {under_one(test_acc, 4):.2%}, per-character {under_one(test_char, 4):.2%}")
     return round(test_acc, 6)
