@@ -745,7 +745,8 @@ def cmd_prepare(args):
         image_dir = beside
         print(f"--image-dir {IMAGE_DIR}: not in the working folder; reading {image_dir}")
     if not image_dir.is_dir():
-        raise UserError(f"{image_dir}: image folder not found (generate captchas with "
+        raise UserError(f"{image_dir}: {'a file, not an' if image_dir.exists() else 'no such'} image folder (generate "
+                        "captchas with "
                         "`python generate-captcha/generate.py` or pass --image-dir)")
     if Path(args.data_dir).resolve() == image_dir.resolve():   # its plots would come back as captchas
         raise UserError(f"--data-dir {args.data_dir} is the image folder; choose another data folder", 2)
@@ -805,7 +806,8 @@ def cmd_prepare(args):
     for reason, names in sorted(skipped.items()):
         print(printable(f"  skipped {len(names)}: {reason} (e.g. {', '.join(names[:3])})"))
     if not images:
-        most = max(skipped.items(), key=lambda item: len(item[1]))[0] if skipped else "none found"
+        causes = {k: v for k, v in skipped.items() if k != "image not in the labels file"} or skipped   # the why
+        most = max(causes.items(), key=lambda item: len(item[1]))[0] if causes else "none found"
         raise UserError(f"{image_dir}: no usable captcha image (most skipped: {most}); " + (
             "check the --labels file: its names are read inside --image-dir, its codes must fit --charset and --length"
             if args.labels else "expected names like 2b827.png or 00001-2b827.png, or a --labels file, and codes that "
@@ -2807,10 +2809,11 @@ def printable(text):
 
 def positive_float(text):
     """A number over 0: --lr 0 trains nothing (the weights stay random) and would still save a model."""
-    value = parse_number(text, float, 0, MAX_FLOAT)
-    if value == 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is out of range: it must be more than 0")
-    return value
+    with contextlib.suppress(ValueError):   # a number out of range (nan, inf and 0 included): one message for all
+        if not 0 < float(text) <= MAX_FLOAT:
+            raise argparse.ArgumentTypeError(f"{text!r} is out of range: it must be more than 0 and at most "
+                                             f"{MAX_FLOAT:g}")
+    return parse_number(text, float, 0, MAX_FLOAT)   # not a number: its message
 
 
 def wait_ms(text):
@@ -3104,8 +3107,11 @@ def main(argv=None):
         with contextlib.suppress(AttributeError, ValueError):
             if stream.errors == "strict":
                 stream.reconfigure(errors="backslashreplace")
-    args = build_parser().parse_args(argv)
-    args.argv = sys.argv[1:] if argv is None else [str(a) for a in argv]   # train --resume: which options are given
+    parser, given = build_parser(), sys.argv[1:] if argv is None else [str(a) for a in argv]
+    if given and given[0].startswith("-") and given[0] not in ("-h", "--help"):   # said "invalid choice: 'data/x'"
+        parser.error(f"options go after the command: python {SCRIPT}.py COMMAND [options]")
+    args = parser.parse_args(argv)
+    args.argv = given   # train --resume: which options are given
     before = signal.getsignal(signal.SIGTERM)
     with contextlib.suppress(ValueError):   # main() called from another thread keeps the default
         if before is not signal.SIG_IGN:    # nohup and the like: ignored it stays

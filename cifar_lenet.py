@@ -2206,10 +2206,11 @@ def printable(text):
 
 def positive_float(text):
     """A number over 0: --lr 0 trains nothing (the weights stay random) and would still save a model."""
-    value = parse_number(text, float, 0, MAX_FLOAT)
-    if value == 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is out of range: it must be more than 0")
-    return value
+    with contextlib.suppress(ValueError):   # a number out of range (nan, inf and 0 included): one message for all
+        if not 0 < float(text) <= MAX_FLOAT:
+            raise argparse.ArgumentTypeError(f"{text!r} is out of range: it must be more than 0 and at most "
+                                             f"{MAX_FLOAT:g}")
+    return parse_number(text, float, 0, MAX_FLOAT)   # not a number: its message
 
 
 def wait_ms(text):
@@ -2503,8 +2504,11 @@ def main(argv=None):
         with contextlib.suppress(AttributeError, ValueError):
             if stream.errors == "strict":
                 stream.reconfigure(errors="backslashreplace")
-    args = build_parser().parse_args(argv)
-    args.argv = sys.argv[1:] if argv is None else [str(a) for a in argv]   # train --resume: which options are given
+    parser, given = build_parser(), sys.argv[1:] if argv is None else [str(a) for a in argv]
+    if given and given[0].startswith("-") and given[0] not in ("-h", "--help"):   # said "invalid choice: 'data/x'"
+        parser.error(f"options go after the command: python {SCRIPT}.py COMMAND [options]")
+    args = parser.parse_args(argv)
+    args.argv = given   # train --resume: which options are given
     before = signal.getsignal(signal.SIGTERM)
     with contextlib.suppress(ValueError):   # main() called from another thread keeps the default
         if before is not signal.SIG_IGN:    # nohup and the like: ignored it stays

@@ -328,7 +328,8 @@ def run_detector(model, ckpt, photos, truths, device, nms_iou, amp=True):
 def cmd_prepare(args):
     image_dir = Path(args.image_dir)
     if not image_dir.is_dir():
-        raise UserError(f"{image_dir}: image folder not found; pass --image-dir")
+        kind = "a file, not a folder" if image_dir.exists() else "no such folder"
+        raise UserError(f"{image_dir}: {kind}; pass --image-dir (the folder of the photos)")
     if not os.access(image_dir, os.R_OK | os.X_OK):   # said, not as every photo an "unusable Name"
         raise UserError(f"--image-dir {image_dir}: cannot read this folder (permission denied)")
     rows_by_photo, skipped, sizes = read_boxes_csv(args.csv)
@@ -596,7 +597,8 @@ def read_boxes_csv(csv_path):
     were drawn on where the optional width and height columns give one. Names are kept as written (an empty one
     too: photo_path judges them); a file that is not a UTF-8 CSV is a UserError."""
     if not Path(csv_path).is_file():
-        raise UserError(f"{csv_path}: CSV not found; pass --csv FILE (columns {','.join(CSV_COLUMNS)})")
+        raise UserError(f"{csv_path}: {'a folder, not a' if Path(csv_path).is_dir() else 'no such'} CSV file; pass "
+                        f"--csv FILE (columns {','.join(CSV_COLUMNS)})")
     if Path(csv_path).stat().st_size > MAX_CSV_BYTES:
         raise UserError(f"{csv_path}: {Path(csv_path).stat().st_size:,} bytes, over the limit of {MAX_CSV_BYTES:,} "
                         "(MAX_CSV_BYTES)")
@@ -1131,10 +1133,11 @@ def face_parser(prepare_help, train_help):
                           f"stdin; images over {MAX_PIXELS:,} pixels are refused")
     evaluate.add_argument("--model", default=None, help="model.pt or model.onnx (default: DATA_DIR/model.pt)")
     evaluate.add_argument("--json", action="store_true", help="one JSON object per image on stdout")
-    evaluate.add_argument("--output", default=OUTPUT,
+    drawn = evaluate.add_mutually_exclusive_group()   # one image's file, or a folder for all
+    drawn.add_argument("--output", default=OUTPUT,
                           help="annotated image of one input image, in an existing folder (the interactive prompt "
                                "rewrites it for each image)")
-    evaluate.add_argument("--output-dir", default=None, help="write DIR/<image name>.png per input image instead of "
+    drawn.add_argument("--output-dir", default=None, help="write DIR/<image name>.png per input image instead of "
                           "--output (DIR is created; a second image of the same name gets NAME-2.png)")
     evaluate.add_argument("--search-side", type=side_arg, default=None,
                           help="selective search size (default: as in training)")
@@ -2739,10 +2742,11 @@ def printable(text):
 
 def positive_float(text):
     """A number over 0: --lr 0 trains nothing (the weights stay random) and would still save a model."""
-    value = parse_number(text, float, 0, MAX_FLOAT)
-    if value == 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is out of range: it must be more than 0")
-    return value
+    with contextlib.suppress(ValueError):   # a number out of range (nan, inf and 0 included): one message for all
+        if not 0 < float(text) <= MAX_FLOAT:
+            raise argparse.ArgumentTypeError(f"{text!r} is out of range: it must be more than 0 and at most "
+                                             f"{MAX_FLOAT:g}")
+    return parse_number(text, float, 0, MAX_FLOAT)   # not a number: its message
 
 
 def wait_ms(text):
@@ -3036,8 +3040,11 @@ def main(argv=None):
         with contextlib.suppress(AttributeError, ValueError):
             if stream.errors == "strict":
                 stream.reconfigure(errors="backslashreplace")
-    args = build_parser().parse_args(argv)
-    args.argv = sys.argv[1:] if argv is None else [str(a) for a in argv]   # train --resume: which options are given
+    parser, given = build_parser(), sys.argv[1:] if argv is None else [str(a) for a in argv]
+    if given and given[0].startswith("-") and given[0] not in ("-h", "--help"):   # said "invalid choice: 'data/x'"
+        parser.error(f"options go after the command: python {SCRIPT}.py COMMAND [options]")
+    args = parser.parse_args(argv)
+    args.argv = given   # train --resume: which options are given
     before = signal.getsignal(signal.SIGTERM)
     with contextlib.suppress(ValueError):   # main() called from another thread keeps the default
         if before is not signal.SIG_IGN:    # nohup and the like: ignored it stays

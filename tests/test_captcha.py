@@ -1214,6 +1214,10 @@ def test_prepare_nothing_usable(tmp):
     assert "no usable captcha image" in proc.stderr
     assert "00003-ab\\ncd\\x1b[2J.png" in proc.stdout and "\x1b" not in proc.stdout + proc.stderr   # printed escaped
     assert "00004-ab\u202fcd.png" in proc.stdout   # a space of another kind stays as it is: the name is the file's
+    (tmp / "three.csv").write_text("a.png,abcd,x\nb.png,abce,x\nc.png,abcf,x\n")   # three fields: no line is read
+    line = assert_one_line_error(run_main("captcha.py", "prepare", "--image-dir", folder, "--labels",
+                                          tmp / "three.csv", "--data-dir", tmp / "d4"), 1)
+    assert "most skipped: line of more than two fields" in line   # the cause, not its 4 "image not in the labels file"
     line = assert_one_line_error(run_main("captcha.py", "prepare", "--image-dir", tmp / "no\nsuch", "--data-dir",
                                           tmp / "d4"), 1)   # an error naming it: one line still
     assert "no\\nsuch" in line

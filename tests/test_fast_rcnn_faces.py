@@ -380,16 +380,20 @@ def test_bad_input(faces, tmp_path):
         finally:
             torch.set_num_threads(threads)   # an in-process prepare worker sets it to 1
 
-    assert "CSV not found" in error("prepare", "--image-dir", faces.img_dir, "--csv", tmp_path / "no.csv",
-                                    "--data-dir", tmp_path / "d")
+    assert "no such CSV file" in error("prepare", "--image-dir", faces.img_dir, "--csv", tmp_path / "no.csv",
+                                       "--data-dir", tmp_path / "d")
+    assert "a folder, not a CSV file" in error("prepare", "--image-dir", faces.img_dir, "--csv", faces.img_dir,
+                                               "--data-dir", tmp_path / "d")   # was "CSV not found"
     no_cols = tmp_path / "cols.csv"
     no_cols.write_text("Name,x1,ymin,xmax,ymax\na.jpg,1,2,3,4\n")
     assert "xmin" in error("prepare", "--image-dir", faces.img_dir, "--csv", no_cols, "--data-dir", tmp_path / "d")
     all_bad = tmp_path / "bad.csv"
     all_bad.write_text("Name,xmin,ymin,xmax,ymax\nmissing.jpg,1,2,30,40\n" + f"{faces.names[0]},5,5,5,9\n")
     assert "no usable photo" in error("prepare", "--image-dir", faces.img_dir, "--csv", all_bad, "--data-dir", tmp_path / "d")
-    assert "image folder not found" in error("prepare", "--image-dir", tmp_path / "nope", "--csv", faces.csv,
-                                             "--data-dir", tmp_path / "d")
+    assert "no such folder" in error("prepare", "--image-dir", tmp_path / "nope", "--csv", faces.csv,
+                                     "--data-dir", tmp_path / "d")
+    assert "a file, not a folder" in error("prepare", "--image-dir", faces.csv, "--csv", faces.csv,
+                                         "--data-dir", tmp_path / "d")
     assert "model not found" in error("eval", "--data-dir", tmp_path, faces.photos[0])
     torch.save({"script": "rcnn_faces", "model": {}}, tmp_path / "other.pt")
     assert "rcnn_faces.py" in error("eval", "--model", tmp_path / "other.pt", faces.photos[0])
@@ -472,6 +476,8 @@ def test_eval_output_refusals(faces, tmp_path):
     absent = ["--model", tmp_path / "absent.pt"]   # these are refused before the model would load
     line = assert_one_line_error(run_main(SCRIPT, "eval", *faces.photos, "--output", tmp_path / "x.png", *absent), 2)
     assert "takes one image, not 2" in line
+    both = run_main(SCRIPT, "eval", faces.photos[0], "--output", tmp_path / "x.png", "--output-dir", tmp_path, *absent)
+    assert "not allowed with argument --output" in assert_one_line_error(both, 2)   # --output was left unwritten
     (tmp_path / "empty").mkdir()
     proc = run_main(SCRIPT, "eval", tmp_path / "empty", faces.photos[0], "--output", tmp_path / "one.png",
                     "--data-dir", faces.data)

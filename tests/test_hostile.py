@@ -219,6 +219,8 @@ def test_numeric_options_out_of_range(script, tmp_path, monkeypatch):
         line = assert_one_line_error(proc, 2)
         assert line.startswith("error: ") and args[1] in line, (args, line)
         assert not (tmp_path / "data").exists(), args
+        if args[1] == "--lr":   # one range however it is missed (0 and nan said "at least 0", -1 "more than 0")
+            assert "out of range: it must be more than 0 and at most 10000" in line, line
     # --grid values go through the same checks
     line = assert_one_line_error(run_main(script, "train", "--data-dir", tmp_path / "data", "--grid", "epochs=1,0"), 2)
     assert "--grid epochs=1,0" in line and "at least 1" in line
@@ -232,6 +234,8 @@ def test_numeric_options_out_of_range(script, tmp_path, monkeypatch):
     assert "over 255 bytes" in line   # the second run failed, after the first had trained
     line = assert_one_line_error(run_main(script, *data, "--tag", "x" * 201), 2)
     assert "--tag" in line and "at most 200 printable characters" in line   # made runs.csv unreadable
+    line = assert_one_line_error(run_main(script, "--data-dir", tmp_path / "data", "eval"), 2)
+    assert "options go after the command" in line   # was "invalid choice: '.../data'"
     (tmp_path / "a-file").write_text("not a folder")
     line = assert_one_line_error(run_main(script, *data, "--tensorboard", tmp_path / "a-file"), 2)
     assert "--tensorboard" in line and "not a folder" in line

@@ -400,6 +400,8 @@ def test_eval_output_refusals(faces, trained, tmp_path):
                           ("--output-dir", faces["csv"])]:
         line = assert_one_line_error(run_main(SCRIPT, "eval", photos[0], option, value, "--model", tmp_path), 2)
         assert str(value) in line
+    both = run_main(SCRIPT, "eval", photos[0], "--output", out, "--output-dir", tmp_path / "od", "--model", tmp_path)
+    assert "not allowed with argument --output" in assert_one_line_error(both, 2)   # --output was left unwritten
     line = assert_one_line_error(run_main(SCRIPT, "eval", tmp_path, "--data-dir", trained[0]), 1)
     assert "no images" in line
     line = assert_one_line_error(run_main(SCRIPT, "eval", photos[0], "--model", trained[0] / "checkpoint.pt"), 1)
