@@ -13,10 +13,10 @@ Data layout: a folder of photos plus a Kaggle-style CSV with one row per face,
 they were drawn on; a photo resized since gets its boxes scaled).
 Each photo is letterboxed (black borders) to --size WxH (384x256); proposals are selective search on a small copy
 of the photo plus a fixed multi-scale grid of square-ish windows (small faces are missed by selective search).
-Result: AP@0.5 0.906 and face-count RMSE 1.26 (boxes scoring >= 0.5) on 200 test photos, the default 24 epochs on
-1,600 training photos (18.5 minutes with native bf16; ~44 estimated on a 2-core AVX2 CPU); 16 epochs: 0.848-0.885
-over four runs. Eval 0.10-0.12 s per photo on a 2-core CPU with AVX512 (~0.22 expected with AVX2 only); it looks
-at likely faces twice (photo and mirror) and averages each face's boxes.
+Result: AP@0.5 0.885-0.906 and face-count RMSE 1.26-1.51 (boxes >= 0.5) on 200 test photos over four runs of the
+default 24 epochs on 1,600 training photos (18.5 minutes with native bf16; ~44 estimated on a 2-core AVX2 CPU);
+16 epochs: 0.848-0.885 over four runs. Eval 0.10-0.12 s per photo on a 2-core CPU with AVX512 (~0.22 expected with
+AVX2 only); it looks at likely faces twice (photo and mirror) and averages each face's boxes.
 """
 import argparse
 import asyncio
