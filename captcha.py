@@ -123,6 +123,8 @@ ASPECT_SAMPLE = 200       # images whose size decides the width with --image-siz
 # Split: validation and test each take 10% (at most 1,000 images); a set under 2,000 images keeps no test split
 # (its validation score is the estimate) so that a few hundred labels are not spent on testing.
 SPLIT_FRACTION, SPLIT_MAX, TEST_MIN_SET = 0.1, 1000, 2000
+# train's defaults (--epochs, --patience, --batch-size, --lr): AdamW, one-cycle schedule peaking at LR
+EPOCHS, PATIENCE, BATCH_SIZE, LR = 60, 20, 128, 3e-3
 # An epoch is at least EPOCH_SIZE training images: a small set is repeated (each copy augmented afresh), so the
 # schedule has enough optimizer steps and early stopping still judges whole epochs.
 EPOCH_SIZE = 5000
@@ -870,7 +872,7 @@ def train(args, device, out_dir, tb_dir):
         raise UserError(f"--init {args.init}: " + ("an ONNX export" if Path(args.init).is_file() else "not a file" if
                                                    os.path.lexists(args.init) else "no such file") +
                         "; --init needs a model.pt that train wrote")
-    init = args.init and load_model_file(args.init)
+    init = args.init and load_model_file(args.init, kin=True)   # a reader of captcha.py or of a renamed copy
     if init and checkpoint:
         raise UserError("--init and --resume: a resumed run goes on from its checkpoint; pass one of them", 2)
     seed_everything(args.seed + rank)   # DDP copies rank 0's initial weights to every process
@@ -1181,14 +1183,14 @@ def build_parser():
     p.add_argument("--workers", type=worker_count, default=os.cpu_count() or 1, help="parallel decoding processes")
     p.set_defaults(func=cmd_prepare)
     p = sub.add_parser("train", parents=[common, device, seed], help="train with early stopping")
-    p.add_argument("--epochs", type=positive_int, default=60,
+    p.add_argument("--epochs", type=positive_int, default=EPOCHS,
                    help="maximum epochs (also the length of the lr schedule)")
-    p.add_argument("--patience", type=positive_int, default=20,
+    p.add_argument("--patience", type=positive_int, default=PATIENCE,
                    help=f"stop after N epochs without a better validation score (never under {RANK_MIN} validation "
                         f"codes: the whole schedule runs)")
-    p.add_argument("--batch-size", type=positive_int, default=128,
+    p.add_argument("--batch-size", type=positive_int, default=BATCH_SIZE,
                    help="mini-batch size (under torchrun: the global batch)")
-    p.add_argument("--lr", type=positive_float, default=3e-3,
+    p.add_argument("--lr", type=positive_float, default=LR,
                    help="peak learning rate of the one-cycle schedule; over 0")
     p.add_argument("--resume", action="store_true", help="continue from DATA_DIR/checkpoint.pt")
     p.add_argument("--init", metavar="MODEL", default=None,
@@ -1717,9 +1719,10 @@ def save_history(data_dir, history, plot_keys):
 CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "epoch", "history", "best_score", "bad_epochs", "model_args")
 
 
-def load_model_file(path, keys=None):
+def load_model_file(path, keys=None, kin=False):
     """model.pt (or, with keys=CHECKPOINT_KEYS, checkpoint.pt) of this script, loaded on the CPU with
-    weights_only=True; it must hold `keys` (default MODEL_KEYS: what eval needs). A missing, foreign, damaged or
+    weights_only=True; it must hold `keys` (default MODEL_KEYS: what eval needs). kin: also one of a copy of this
+    script under another name (train --init), known by holding those keys. A missing, foreign, damaged or
     incomplete file is a UserError naming it."""
     path = Path(path)
     if not path.exists():
@@ -1735,7 +1738,8 @@ def load_model_file(path, keys=None):
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # not a torch file, or one holding pickled code
         raise UserError(f"{path}: damaged, or not a model file of this suite ({type(e).__name__})")
-    if not isinstance(ckpt, dict) or ckpt.get("script") != SCRIPT:
+    if not isinstance(ckpt, dict) or ckpt.get("script") != SCRIPT and not (
+            kin and isinstance(ckpt.get("script"), str) and all(key in ckpt for key in keys or MODEL_KEYS)):
         other = ckpt.get("script") if isinstance(ckpt, dict) else None
         raise UserError(f"{path}: model was trained by {other or 'another program'}"
                         f"{'.py' if other else ''}, not {SCRIPT}.py")
@@ -2490,6 +2494,9 @@ def cmd_serve(args):
     """HTTP service: POST /predict (the image as the body or a multipart file field) -> eval's JSON; GET /health,
     /info and / (a page to try it). Bad input is a JSON error with a 4xx status; Ctrl-C stops it cleanly.
     --workers N: uvicorn runs N processes on one port, each building the app with serve_worker()."""
+    if args.workers > 1 and "." in SCRIPT:   # the workers import this file by its name, where "a.b" means a package
+        raise UserError(f"--workers {args.workers}: the worker processes import {SCRIPT}.py by its name, which cannot "
+                        f"hold a dot; rename the copy ({SCRIPT.replace('.', '_')}.py) or use --workers 1", 2)
     uvicorn = import_optional("uvicorn", "uvicorn", "serve")
     app, path = serve_app(args)   # also with --workers: a bad model or option fails here, in one line
     with contextlib.suppress(ImportError, ValueError, OSError):   # each connection holds a file descriptor: as many

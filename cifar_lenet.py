@@ -95,7 +95,7 @@ IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp"}
 SHARD_SIZE = 1000
 SPLITS = ("training_set", "validating_set", "testing_set")
 IMAGE_DIR = "cifar"
-IMAGE_SIZE = 32
+IMAGE_SIZE = 32          # prepare's images (side, px); a change: prepare and train again (a model keeps its own)
 MAX_PIXELS = 40_000_000                 # bigger images (decompression bombs) are refused before decoding
 SHARD_SPEC = ((torch.uint8, (3, IMAGE_SIZE, IMAGE_SIZE)), (torch.int64, ()))   # images, label indices
 META_KEYS = {"labels": list, "mean": lambda v: numbers(v, 3, -1e3, 1e3),   # what train reads from meta.json
@@ -116,9 +116,11 @@ CPU_BF16 = True          # bf16 autocast on CPUs with native bf16 (AVX512-BF16/A
 
 # ---- Model ----
 def build_model(model_args):
-    """The tutorial's LeNet: conv5x5 -> pool -> conv5x5 -> pool -> 120 -> 60 -> N, with dropout 0.1; B,3,32,32 in."""
+    """The tutorial's LeNet: conv5x5 -> pool -> conv5x5 -> pool -> 120 -> 60 -> N, with dropout 0.1; B,3,32,32 in (any
+    IMAGE_SIZE works)."""
     features = nn.Sequential(nn.Conv2d(3, 16, 5), nn.ReLU(inplace=True), nn.MaxPool2d(2),    # B,16,14,14
-                             nn.Conv2d(16, 32, 5), nn.ReLU(inplace=True), nn.MaxPool2d(2))   # B,32,5,5
+                             nn.Conv2d(16, 32, 5), nn.ReLU(inplace=True), nn.MaxPool2d(2),   # B,32,5,5
+                             nn.AdaptiveAvgPool2d(5))   # 5x5 from any IMAGE_SIZE (at 32: as it is, no weights)
     classifier = nn.Sequential(nn.Flatten(), nn.Linear(32 * 5 * 5, 120), nn.ReLU(inplace=True), nn.Dropout(0.1),
                                nn.Linear(120, 60), nn.ReLU(inplace=True), nn.Dropout(0.1),
                                nn.Linear(60, model_args["num_classes"]))
@@ -144,10 +146,10 @@ def read_image(path):
     return to_input(load_image(path))
 
 
-def to_input(img):
-    """PIL image -> uint8 tensor 3,32,32: prepare and eval alike."""
-    if img.size != (IMAGE_SIZE, IMAGE_SIZE):
-        img = img.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BICUBIC, reducing_gap=2.0)
+def to_input(img, size=IMAGE_SIZE):
+    """PIL image -> uint8 tensor 3,size,size: prepare and eval alike (eval at the size the model was trained at)."""
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.BICUBIC, reducing_gap=2.0)
     return image_to_tensor(img)
 
 
@@ -266,8 +268,8 @@ def decode_images(kept, workers, desc):
     results = parallel_map(decode, paths, workers, desc, "img", chunk)
     good = [i for i, (array, _) in enumerate(results) if array is not None]
     skipped = [(paths[i], "unreadable", why) for i, (array, why) in enumerate(results) if array is None]
-    images = torch.from_numpy(np.stack([results[i][0] for i in good])) if good else torch.zeros(0, 3, 32, 32,
-                                                                                               dtype=torch.uint8)
+    images = torch.from_numpy(np.stack([results[i][0] for i in good])) if good else torch.zeros(
+        0, 3, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.uint8)
     return images, torch.tensor([kept[i][1] for i in good], dtype=torch.int64), skipped
 
 
@@ -300,8 +302,8 @@ def check_model(path, info):
     if not (isinstance(labels, list) and labels and all(isinstance(s, str) for s in labels)
             and all(labels) and len(set(labels)) == len(labels)
             and args == {"num_classes": len(labels)} and numbers(info.get("mean"), 3, -1e3, 1e3)
-            and numbers(info.get("std"), 3, 1e-6, 1e3)):
-        raise UserError(f"{path}: its labels, mean, std or network arguments are malformed; train it again")
+            and numbers(info.get("std"), 3, 1e-6, 1e3) and numbers([info.get("image_size", 32)], 1, 8, 1024, True)):
+        raise UserError(f"{path}: its labels, mean, std, image size or network arguments are malformed; train it again")
 
 
 def train_one_epoch(model, data, norm, optimizer, scheduler, scaler, loss_fn, batches, dtype, desc):
@@ -452,6 +454,9 @@ def train(args, device, out_dir, tb_dir):
                         "there; install one or leave --compile out", 2)
     data_dir = Path(args.data_dir)
     meta = read_meta(data_dir)
+    if meta.get("image_size", IMAGE_SIZE) != IMAGE_SIZE:   # IMAGE_SIZE edited after prepare: the shards say "not ours"
+        raise UserError(f"{data_dir}: prepared at {meta['image_size']} px, IMAGE_SIZE is {IMAGE_SIZE}; run "
+                        f"`python {SCRIPT}.py prepare --data-dir {shlex.quote(str(data_dir))}` again")
     rank = rank_and_world()[0]
     if main_process():
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -532,15 +537,16 @@ def train(args, device, out_dir, tb_dir):
 
 def export_example(info):
     """export: example inputs, input and output names, dynamic axes, and what the input is."""
-    about = f"x: B,3,32,32 float, (RGB pixels / 255 - mean) / std with mean {info['mean']} and std {info['std']}; " \
-            "logits: B,classes (softmax: probabilities)"
-    return (torch.zeros(2, 3, 32, 32),), ["x"], ["logits"], ({0: torch.export.Dim("batch")},), about
+    size = int(info.get("image_size", 32))   # models of before image_size: 32
+    about = f"x: B,3,{size},{size} float, (RGB pixels / 255 - mean) / std with mean {info['mean']} and std " \
+            f"{info['std']}; logits: B,classes (softmax: probabilities)"
+    return (torch.zeros(2, 3, size, size),), ["x"], ["logits"], ({0: torch.export.Dim("batch")},), about
 
 
 @torch.no_grad()
 def predict(net, info, device, args, images):
     """PIL images -> eval's JSON objects {"top": the 5 likeliest labels with their probabilities}."""
-    x = torch.stack([to_input(img) for img in images]).to(device)
+    x = torch.stack([to_input(img, int(info.get("image_size", 32))) for img in images]).to(device)
     with autocast(device, amp_dtype(device)):
         probs = finite(net(preprocess(x, info["mean"], info["std"])).float().softmax(1).cpu())
     top = probs.topk(min(5, len(info["labels"])))
@@ -1114,9 +1120,10 @@ def save_history(data_dir, history, plot_keys):
 CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "epoch", "history", "best_score", "bad_epochs", "model_args")
 
 
-def load_model_file(path, keys=None):
+def load_model_file(path, keys=None, kin=False):
     """model.pt (or, with keys=CHECKPOINT_KEYS, checkpoint.pt) of this script, loaded on the CPU with
-    weights_only=True; it must hold `keys` (default MODEL_KEYS: what eval needs). A missing, foreign, damaged or
+    weights_only=True; it must hold `keys` (default MODEL_KEYS: what eval needs). kin: also one of a copy of this
+    script under another name (train --init), known by holding those keys. A missing, foreign, damaged or
     incomplete file is a UserError naming it."""
     path = Path(path)
     if not path.exists():
@@ -1132,7 +1139,8 @@ def load_model_file(path, keys=None):
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # not a torch file, or one holding pickled code
         raise UserError(f"{path}: damaged, or not a model file of this suite ({type(e).__name__})")
-    if not isinstance(ckpt, dict) or ckpt.get("script") != SCRIPT:
+    if not isinstance(ckpt, dict) or ckpt.get("script") != SCRIPT and not (
+            kin and isinstance(ckpt.get("script"), str) and all(key in ckpt for key in keys or MODEL_KEYS)):
         other = ckpt.get("script") if isinstance(ckpt, dict) else None
         raise UserError(f"{path}: model was trained by {other or 'another program'}"
                         f"{'.py' if other else ''}, not {SCRIPT}.py")
@@ -1887,6 +1895,9 @@ def cmd_serve(args):
     """HTTP service: POST /predict (the image as the body or a multipart file field) -> eval's JSON; GET /health,
     /info and / (a page to try it). Bad input is a JSON error with a 4xx status; Ctrl-C stops it cleanly.
     --workers N: uvicorn runs N processes on one port, each building the app with serve_worker()."""
+    if args.workers > 1 and "." in SCRIPT:   # the workers import this file by its name, where "a.b" means a package
+        raise UserError(f"--workers {args.workers}: the worker processes import {SCRIPT}.py by its name, which cannot "
+                        f"hold a dot; rename the copy ({SCRIPT.replace('.', '_')}.py) or use --workers 1", 2)
     uvicorn = import_optional("uvicorn", "uvicorn", "serve")
     app, path = serve_app(args)   # also with --workers: a bad model or option fails here, in one line
     with contextlib.suppress(ImportError, ValueError, OSError):   # each connection holds a file descriptor: as many

@@ -118,10 +118,13 @@ WINDOW_RATIO = 1.2       # window height / width (faces are slightly taller than
 POS_IOU, NEG_IOU = 0.5, 0.4
 ROIS_PER_PHOTO, POS_FRACTION = 64, 0.25
 EPOCHS = 24              # an epoch of 1,600 photos: 0.8 min (bf16) to 1.8 (AVX2) on 2 cores; 24 fit an hour
+BATCH_SIZE, LR = 8, 2e-3  # photos per step; AdamW's learning rate, cosine decay from it (--batch-size, --lr)
+WIDTH = 24               # channels of the trunk's first stage (--width)
 CPU_BF16 = True          # bf16 autocast on CPUs with native bf16 (AVX512-BF16/AMX): 1.3x faster training
-STRIDE = 8               # feature map stride
+STRIDE = 8               # stride of FastRCNN's feature map: set by its layers (stem 4, layer2 2), not a setting
 ROI_SAMPLES = 1          # RoI Align samples per bin side: 1 (not 2) is 4x fewer, as accurate
-BOX_WEIGHTS = (10.0, 10.0, 5.0, 5.0)     # offset scaling, as torchvision's BoxCoder
+BOX_WEIGHTS = (10.0, 10.0, 5.0, 5.0)     # offset scaling, as torchvision's BoxCoder (models learn it: a change
+                                         # needs train again, as MEAN and STD do)
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # THRESHOLD: train calibrates the scores so that 0.5 counts the validation photos' faces best (fit_calibration)
 THRESHOLD, NMS_IOU = 0.5, 0.3
@@ -659,11 +662,11 @@ def build_parser():
                          help="letterbox WIDTHxHEIGHT in pixels")
     prepare.add_argument("--proposals", "--max-proposals", type=nonneg_int, default=MAX_PROPOSALS,
                          help="first N selective-search regions per photo (0: no search, the dense windows only)")
-    train.add_argument("--batch-size", type=positive_int, default=8,
+    train.add_argument("--batch-size", type=positive_int, default=BATCH_SIZE,
                        help="photos per batch (under torchrun: the global batch)")
-    train.add_argument("--lr", type=positive_float, default=2e-3,
+    train.add_argument("--lr", type=positive_float, default=LR,
                        help="learning rate of AdamW (cosine decay from it); over 0")
-    train.add_argument("--width", type=width_arg, default=24, help="backbone channels of the first stage")
+    train.add_argument("--width", type=width_arg, default=WIDTH, help="backbone channels of the first stage")
     evaluate.add_argument("--no-regress", action="store_true", help="show proposals before box correction")
     evaluate.add_argument("--no-flip", action="store_true", help="skip the second look at the mirrored photo "
                           "(faster, AP@0.5 about 0.02 lower)")
@@ -1795,9 +1798,10 @@ def save_history(data_dir, history, plot_keys):
 CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "epoch", "history", "best_score", "bad_epochs", "model_args")
 
 
-def load_model_file(path, keys=None):
+def load_model_file(path, keys=None, kin=False):
     """model.pt (or, with keys=CHECKPOINT_KEYS, checkpoint.pt) of this script, loaded on the CPU with
-    weights_only=True; it must hold `keys` (default MODEL_KEYS: what eval needs). A missing, foreign, damaged or
+    weights_only=True; it must hold `keys` (default MODEL_KEYS: what eval needs). kin: also one of a copy of this
+    script under another name (train --init), known by holding those keys. A missing, foreign, damaged or
     incomplete file is a UserError naming it."""
     path = Path(path)
     if not path.exists():
@@ -1813,7 +1817,8 @@ def load_model_file(path, keys=None):
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # not a torch file, or one holding pickled code
         raise UserError(f"{path}: damaged, or not a model file of this suite ({type(e).__name__})")
-    if not isinstance(ckpt, dict) or ckpt.get("script") != SCRIPT:
+    if not isinstance(ckpt, dict) or ckpt.get("script") != SCRIPT and not (
+            kin and isinstance(ckpt.get("script"), str) and all(key in ckpt for key in keys or MODEL_KEYS)):
         other = ckpt.get("script") if isinstance(ckpt, dict) else None
         raise UserError(f"{path}: model was trained by {other or 'another program'}"
                         f"{'.py' if other else ''}, not {SCRIPT}.py")
@@ -2568,6 +2573,9 @@ def cmd_serve(args):
     """HTTP service: POST /predict (the image as the body or a multipart file field) -> eval's JSON; GET /health,
     /info and / (a page to try it). Bad input is a JSON error with a 4xx status; Ctrl-C stops it cleanly.
     --workers N: uvicorn runs N processes on one port, each building the app with serve_worker()."""
+    if args.workers > 1 and "." in SCRIPT:   # the workers import this file by its name, where "a.b" means a package
+        raise UserError(f"--workers {args.workers}: the worker processes import {SCRIPT}.py by its name, which cannot "
+                        f"hold a dot; rename the copy ({SCRIPT.replace('.', '_')}.py) or use --workers 1", 2)
     uvicorn = import_optional("uvicorn", "uvicorn", "serve")
     app, path = serve_app(args)   # also with --workers: a bad model or option fails here, in one line
     with contextlib.suppress(ImportError, ValueError, OSError):   # each connection holds a file descriptor: as many

@@ -121,13 +121,15 @@ SEARCH_PROCESSES = max(2, (os.cpu_count() or 2) * 3 // 4)   # eval: selective se
 # gives the tutorial's labelling.
 POS_IOU, NEG_IOU, BACKGROUNDS = 0.5, 0.3, 30
 EPOCHS = 10              # an epoch of 1,600 photos (78,000 crops): 85 s on an idle 2-core CPU; a default train 19 min
+BATCH_SIZE, LR = 128, 1e-3   # crops per step; Adam's learning rate, cosine decay from it (--batch-size, --lr)
 CROP_SIZE = 32
 CPU_BF16 = False         # bf16 on a native-bf16 CPU: epochs 1.35x faster, but test AP 0.818 vs 0.836 (one run
                          # each, benchmarks/RESULTS.md): not proven as accurate, so fp32
 WIDTH = 16               # channels of the first ResNet stage (torchvision's resnet18 uses 64); 16 scores
                          # a photo's ~770 regions in 0.25 CPU-s, 32 takes about 3x as long
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-BOX_WEIGHTS = (10.0, 10.0, 5.0, 5.0)     # offset scaling, as torchvision's BoxCoder
+BOX_WEIGHTS = (10.0, 10.0, 5.0, 5.0)     # offset scaling, as torchvision's BoxCoder (models learn it: a change
+                                         # needs train again, as MEAN and STD do)
 # THRESHOLD: train calibrates the scores so that 0.5 counts the validation photos' faces best (fit_calibration);
 # NMS at IoU 0.3 gave the lowest count RMSE too (AP@0.5 0.795; 0.804 at 0.4)
 THRESHOLD, NMS_IOU = 0.5, 0.3
@@ -516,9 +518,9 @@ def build_parser():
     prepare.add_argument("--crop-size", type=lambda text: parse_number(text, int, 24, 256), default=CROP_SIZE,
                          help="crops are resized to S x S (24 to 256: below 24 the network's last map is 1x1, where "
                               "BatchNorm cannot train on a batch of one crop)")
-    train.add_argument("--batch-size", type=positive_int, default=128,
+    train.add_argument("--batch-size", type=positive_int, default=BATCH_SIZE,
                        help="crops per batch (under torchrun: the global batch)")
-    train.add_argument("--lr", type=positive_float, default=1e-3,
+    train.add_argument("--lr", type=positive_float, default=LR,
                        help="learning rate of Adam (cosine decay from it); over 0")
     train.add_argument("--width", type=width_arg, default=WIDTH,
                        help="channels of the first ResNet stage (64 = resnet18)")
@@ -1650,9 +1652,10 @@ def save_history(data_dir, history, plot_keys):
 CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "epoch", "history", "best_score", "bad_epochs", "model_args")
 
 
-def load_model_file(path, keys=None):
+def load_model_file(path, keys=None, kin=False):
     """model.pt (or, with keys=CHECKPOINT_KEYS, checkpoint.pt) of this script, loaded on the CPU with
-    weights_only=True; it must hold `keys` (default MODEL_KEYS: what eval needs). A missing, foreign, damaged or
+    weights_only=True; it must hold `keys` (default MODEL_KEYS: what eval needs). kin: also one of a copy of this
+    script under another name (train --init), known by holding those keys. A missing, foreign, damaged or
     incomplete file is a UserError naming it."""
     path = Path(path)
     if not path.exists():
@@ -1668,7 +1671,8 @@ def load_model_file(path, keys=None):
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # not a torch file, or one holding pickled code
         raise UserError(f"{path}: damaged, or not a model file of this suite ({type(e).__name__})")
-    if not isinstance(ckpt, dict) or ckpt.get("script") != SCRIPT:
+    if not isinstance(ckpt, dict) or ckpt.get("script") != SCRIPT and not (
+            kin and isinstance(ckpt.get("script"), str) and all(key in ckpt for key in keys or MODEL_KEYS)):
         other = ckpt.get("script") if isinstance(ckpt, dict) else None
         raise UserError(f"{path}: model was trained by {other or 'another program'}"
                         f"{'.py' if other else ''}, not {SCRIPT}.py")
@@ -2423,6 +2427,9 @@ def cmd_serve(args):
     """HTTP service: POST /predict (the image as the body or a multipart file field) -> eval's JSON; GET /health,
     /info and / (a page to try it). Bad input is a JSON error with a 4xx status; Ctrl-C stops it cleanly.
     --workers N: uvicorn runs N processes on one port, each building the app with serve_worker()."""
+    if args.workers > 1 and "." in SCRIPT:   # the workers import this file by its name, where "a.b" means a package
+        raise UserError(f"--workers {args.workers}: the worker processes import {SCRIPT}.py by its name, which cannot "
+                        f"hold a dot; rename the copy ({SCRIPT.replace('.', '_')}.py) or use --workers 1", 2)
     uvicorn = import_optional("uvicorn", "uvicorn", "serve")
     app, path = serve_app(args)   # also with --workers: a bad model or option fails here, in one line
     with contextlib.suppress(ImportError, ValueError, OSError):   # each connection holds a file descriptor: as many

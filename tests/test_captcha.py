@@ -469,12 +469,19 @@ def test_init_from_a_model_of_another_style(tmp, trained, no_prefix):
     """--init: the Hei-style model (40x96 input, 4 characters) starts a run on 200x50 captchas of 5-6 characters.
     The network's tensors are copied, the attention's that depend on length and size start fresh, the classifier's
     rows follow the characters; with --lr 1e-30 (0 is refused) the copied weights come out unchanged. --init with
-    --resume is refused."""
+    --resume is refused. The model may come from a copy of the script under another name (plates.py)."""
     src = trained[0] / "model.pt"
     data = tmp / "init"
     shutil.copytree(no_prefix[1], data, ignore=shutil.ignore_patterns("model.pt", "checkpoint.pt", "history.*"))
-    proc = run("captcha.py", "train", "--data-dir", data, "--init", src, "--epochs", 1, "--epoch-size", 0,
-               "--batch-size", 12, "--lr", "1e-30", "--device", "cpu")
+    renamed = torch.load(src, weights_only=True)
+    torch.save({**renamed, "script": "plates"}, tmp / "plates_model.pt")   # was "trained by plates.py, not captcha.py"
+    foreign = {k: v for k, v in renamed.items() if k != "charset"}   # no charset: not a captcha reader
+    torch.save({**foreign, "script": "cifar_lenet"}, tmp / "foreign_model.pt")
+    line = assert_one_line_error(run_main("captcha.py", "train", "--data-dir", data, "--init", tmp / "foreign_model.pt",
+                                          "--device", "cpu"), 1)
+    assert "model was trained by cifar_lenet.py, not captcha.py" in line
+    proc = run("captcha.py", "train", "--data-dir", data, "--init", tmp / "plates_model.pt", "--epochs", 1,
+               "--epoch-size", 0, "--batch-size", 12, "--lr", "1e-30", "--device", "cpu")
     assert proc.returncode == 0, proc.stderr
     m = re.search(r"^initialised from .*model.pt: (\d+) of (\d+) tensors, (\d+) of (\d+) characters \(new: (.*)\)$",
                   proc.stdout, re.M)

@@ -703,3 +703,28 @@ def test_resnet_export_onnx(resnet_trained, folders_dir, tmp_path):
     data, _ = resnet_trained
     images = sorted(folders_dir.rglob("*.jpg"))[:6]
     check_onnx(RESNET, data / "model.pt", images, tmp_path)
+
+
+def test_image_size_edited_in_a_copy(folders_dir, tmp_path):
+    """A copy with IMAGE_SIZE = 16 (the Config invites it) prepares, trains and exports at 16 px; the script at 32
+    refuses its data with the reason (it said "not a shard of ... prepared data"), and evaluates and exports its model
+    at the model's own size (eval read it at 32, export built a 32x32 graph that failed in eval with a traceback)."""
+    copy = tmp_path / "copy" / LENET
+    copy.parent.mkdir()
+    source = (ROOT / LENET).read_text()
+    assert source.count("\nIMAGE_SIZE = 32 ") == 1
+    copy.write_text(source.replace("\nIMAGE_SIZE = 32 ", "\nIMAGE_SIZE = 16 "))
+    data = tmp_path / "d16"
+    for args in (["prepare", "--image-dir", folders_dir, "--workers", 1], ["train", "--epochs", 1, "--device", "cpu"]):
+        proc = run(copy, *args, "--data-dir", data)
+        assert proc.returncode == 0, proc.stderr
+    line = assert_one_line_error(run(LENET, "train", "--data-dir", data, "--device", "cpu"), 1)
+    assert "prepared at 16 px, IMAGE_SIZE is 32" in line and "prepare" in line
+    images = sorted(folders_dir.rglob("*.jpg"))[:3]
+    answers = {}
+    for name, script in (("copy", copy), ("original", ROOT / LENET)):
+        proc = run(script, "eval", *images, "--model", data / "model.pt", "--json", "--device", "cpu")
+        assert proc.returncode == 0, proc.stderr
+        answers[name] = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert answers["copy"] == answers["original"] and len(answers["copy"]) == 3
+    check_onnx(LENET, data / "model.pt", images, tmp_path)   # a 16x16 graph: the .onnx answers as the .pt
