@@ -182,7 +182,7 @@ def augment(images):
 
 
 def read_label_list(path):
-    labels = [line.strip() for line in read_text(path).splitlines() if line.strip()]
+    labels = [nfc(line.strip()) for line in read_text(path).splitlines() if line.strip()]
     if not labels:
         raise UserError(f"{path}: no labels in it (one label per line)")
     twice = [label for label, n in Counter(labels).items() if n > 1]
@@ -208,12 +208,17 @@ def find_labels(image_dir, labels_file, test_dir=None):
         raise UserError(f"{image_dir / 'labels.txt'}: not a file; labels.txt holds one label per line")
     if (image_dir / "labels.txt").is_file():
         return read_label_list(image_dir / "labels.txt")
-    folders = sorted(p.name for p in image_dir.iterdir() if p.is_dir() and not p.name.startswith(".")
+    folders = sorted(nfc(p.name) for p in image_dir.iterdir() if p.is_dir() and not p.name.startswith(".")
                      and not (test_dir and is_within(p, test_dir)))
     if not folders:
         raise UserError(f"{image_dir}: no labels.txt and no class folders; add labels.txt (one label per line), "
                         f"put the images in one folder per class, or pass --labels FILE")
     return folders
+
+
+def nfc(name):
+    """A label or file name in one Unicode form: a name from macOS holds é as e + a combining accent."""
+    return unicodedata.normalize("NFC", name)
 
 
 def few(names, n=5):
@@ -232,8 +237,9 @@ def label_files(folder, labels, exclude=None):
     When top-level folders are named after two labels or more, a file's label is its folder (ImageFolder layout),
     else the end of its name after a '_' (N_label.ext; the longest label that fits: 00001_pickup_truck.png is a
     pickup_truck, not a truck)."""
-    index = {name: i for i, name in enumerate(labels)}
-    by_folder = sum((folder / name).is_dir() for name in labels) >= 2   # one: the tutorial's train/ for a label "train"
+    index = {name: i for i, name in enumerate(labels)}   # labels in NFC (read_label_list, find_labels)
+    folders = {nfc(p.name) for p in Path(folder).iterdir() if p.is_dir()}
+    by_folder = len(folders & set(index)) >= 2   # one: the tutorial's train/ for a label "train"
     kept, skipped, excluded = [], [], {}   # excluded: folder -> below `exclude`, resolved once per folder
     for path in list_images(folder):
         if exclude is not None and path.parent not in excluded:
@@ -242,9 +248,9 @@ def label_files(folder, labels, exclude=None):
             continue
         parts = path.relative_to(folder).parts
         if by_folder:
-            name = parts[0] if len(parts) > 1 else None
+            name = nfc(parts[0]) if len(parts) > 1 else None
         else:
-            ends = path.stem.split("_")
+            ends = nfc(path.stem).split("_")
             ends = ["_".join(ends[i:]) for i in range(1, len(ends))]   # after each '_', the longest first
             name = next((end for end in ends if end in index), ends[-1] if ends else None)
         if name is None:
@@ -418,6 +424,11 @@ def cmd_prepare(args):
     images, targets = decoded["train"]
     found = set(torch.cat([t for _, t in decoded.values()]).unique().tolist())   # classes with an image
     if not args.labels and not (image_dir / "labels.txt").is_file() and len(found) < len(labels):
+        train = image_dir / "train"
+        if labels == ["train"] and any(p.is_dir() for p in train.iterdir()):   # train/CLASS/ (and test/CLASS/)
+            test = image_dir / "test"
+            raise UserError(f"{image_dir}: its classes are folders inside train/: pass --image-dir {train}"
+                            + (f" --test-dir {test}" if test.is_dir() else ""))
         raise UserError(f"{image_dir}: class folders without images: "
                         f"{few([n for i, n in enumerate(labels) if i not in found])} (a symlinked folder is not "
                         "followed); remove them or fill them")

@@ -230,11 +230,12 @@ def test_prepare_reads_labels_as_written(cifar_dir, tmp_path):
     """N_label names whose label holds a '_' (CIFAR-100's pickup_truck) take the longest label that fits, not the
     end after the last '_'; a listed label without images is a warning; a file linked into both --image-dir and
     --test-dir stays a test image only; a label listed twice is named. A label named like the train/ folder does
-    not make the folder a class."""
+    not make the folder a class. A label's accent written two ways (NFC in labels.txt, NFD in file names from macOS)
+    is one label (the images were skipped as "label 'café' is not in the label list")."""
     src = tmp_path / "src"
     (src / "train").mkdir(parents=True)
     (src / "holdout").mkdir()
-    (src / "labels.txt").write_text("cat\ntruck\npickup_truck\nzebra\ntrain\n")   # CIFAR-100 has a train
+    (src / "labels.txt").write_text("cat\ntruck\npickup_truck\nzebra\ntrain\ncaf\u00e9\n")   # CIFAR-100 has a train
     for label, n in (("cat", 8), ("truck", 8)):
         for i, path in enumerate(sorted((cifar_dir / "train").glob(f"*_{label}.jpg"))[:n]):
             link(path, src / "train" / f"{i:05d}_{label}.jpg")
@@ -242,17 +243,22 @@ def test_prepare_reads_labels_as_written(cifar_dir, tmp_path):
         link(path, src / "train" / f"{100 + i:05d}_pickup_truck.jpg")
     for i, path in enumerate(sorted((cifar_dir / "train").glob("*_cat.jpg"))[8:11]):
         link(path, src / "holdout" / f"{200 + i:05d}_cat.jpg")
+    for i, path in enumerate(sorted((cifar_dir / "train").glob("*_dog.jpg"))[:4]):
+        link(path, src / "train" / f"{300 + i:05d}_cafe\u0301.jpg")
     (src / "train" / "00200_cat.jpg").symlink_to(src / "holdout" / "00200_cat.jpg")   # a test image, also here
     proc = run(LENET, "prepare", "--image-dir", src, "--test-dir", src / "holdout", "--data-dir", tmp_path / "d",
                "--workers", 1)
     assert proc.returncode == 0, proc.stderr
     assert "skipped 1, 1 also in --test-dir" in proc.stdout and "warning: no image of 'zebra', 'train'" in proc.stderr
     splits = [read_shards(tmp_path / "d", name)[1] for name in ("training_set", "validating_set", "testing_set")]
-    assert torch.bincount(torch.cat(splits[:2]), minlength=5).tolist() == [8, 8, 6, 0, 0]   # cat, truck, pickup_truck
+    assert torch.bincount(torch.cat(splits[:2]), minlength=6).tolist() == [8, 8, 6, 0, 0, 4]   # cat, truck, ...
     assert splits[2].tolist() == [0, 0, 0]
     (src / "labels.txt").write_text("cat\ntruck\ncat\n")
     line = assert_one_line_error(run_main(LENET, "prepare", "--image-dir", src, "--data-dir", tmp_path / "e"), 1)
     assert "the label 'cat' is listed twice" in line
+    (src / "labels.txt").write_text("caf\u00e9\ntruck\ncafe\u0301\n")
+    line = assert_one_line_error(run_main(LENET, "prepare", "--image-dir", src, "--data-dir", tmp_path / "e"), 1)
+    assert "the label 'caf\u00e9' is listed twice" in line
 
 
 def test_shards_hold_only_their_own_images(tmp_path):
@@ -728,3 +734,19 @@ def test_image_size_edited_in_a_copy(folders_dir, tmp_path):
         answers[name] = [json.loads(line) for line in proc.stdout.splitlines()]
     assert answers["copy"] == answers["original"] and len(answers["copy"]) == 3
     check_onnx(LENET, data / "model.pt", images, tmp_path)   # a 16x16 graph: the .onnx answers as the .pt
+
+
+def test_prepare_train_and_test_class_folders(folders_dir, tmp_path):
+    """DIR/train/CLASS/ and DIR/test/CLASS/ (a common layout): prepare says which options read it (it said "class
+    folders without images: train"), and they do."""
+    for split, first in (("train", 0), ("test", 6)):
+        for label in FOLDER_CLASSES[:2]:
+            for path in sorted((folders_dir / label).iterdir())[first:first + 6]:
+                link(path, tmp_path / "src" / split / label / path.name)
+    src = tmp_path / "src"
+    line = assert_one_line_error(run_main(LENET, "prepare", "--image-dir", src, "--data-dir", tmp_path / "d",
+                                          "--workers", 1), 1)
+    assert f"its classes are folders inside train/: pass --image-dir {src / 'train'} --test-dir {src / 'test'}" in line
+    proc = run_main(LENET, "prepare", "--image-dir", src / "train", "--test-dir", src / "test", "--data-dir",
+                    tmp_path / "d", "--workers", 1)
+    assert proc.returncode == 0 and "testing_set 12" in proc.stdout, proc.stdout + proc.stderr
