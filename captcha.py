@@ -748,8 +748,7 @@ def cmd_prepare(args):
         print(f"--image-dir {IMAGE_DIR}: not in the working folder; reading {image_dir}")
     if not image_dir.is_dir():
         raise UserError(f"{image_dir}: {'a file, not an' if image_dir.exists() else 'no such'} image folder (generate "
-                        "captchas with "
-                        "`python generate-captcha/generate.py` or pass --image-dir)")
+                        "captchas with `python generate-captcha/generate.py` or pass --image-dir)")
     if Path(args.data_dir).resolve() == image_dir.resolve():   # its plots would come back as captchas
         raise UserError(f"--data-dir {args.data_dir} is the image folder; choose another data folder", 2)
     charset = resolve_charset(args.charset, args.case_sensitive)
@@ -3117,7 +3116,7 @@ def main(argv=None):
     parser, given = build_parser(), sys.argv[1:] if argv is None else [str(a) for a in argv]
     if given and given[0].startswith("-") and given[0] not in ("-h", "--help"):   # said "invalid choice: 'data/x'"
         parser.error(f"options go after the command: python {SCRIPT}.py COMMAND [options]")
-    args = parser.parse_args(argv)
+    args = parser.parse_args(given)
     args.argv = given   # train --resume: which options are given
     before = signal.getsignal(signal.SIGTERM)
     with contextlib.suppress(ValueError):   # main() called from another thread keeps the default

@@ -153,6 +153,12 @@ def to_input(img, size=IMAGE_SIZE):
     return image_to_tensor(img)
 
 
+def model_size(info):
+    """The side of the images a model was trained on (models of before image_size: 32), check_model having
+    checked it."""
+    return int(info.get("image_size", 32))
+
+
 def decode(path):
     """Prepare worker: path -> (uint8 array 3,32,32, None), or (None, reason) for a file that cannot be read."""
     try:
@@ -548,7 +554,7 @@ def train(args, device, out_dir, tb_dir):
 
 def export_example(info):
     """export: example inputs, input and output names, dynamic axes, and what the input is."""
-    size = int(info.get("image_size", 32))   # models of before image_size: 32
+    size = model_size(info)
     about = f"x: B,3,{size},{size} float, (RGB pixels / 255 - mean) / std with mean {info['mean']} and std " \
             f"{info['std']}; logits: B,classes (softmax: probabilities)"
     return (torch.zeros(2, 3, size, size),), ["x"], ["logits"], ({0: torch.export.Dim("batch")},), about
@@ -557,7 +563,7 @@ def export_example(info):
 @torch.no_grad()
 def predict(net, info, device, args, images):
     """PIL images -> eval's JSON objects {"top": the 5 likeliest labels with their probabilities}."""
-    x = torch.stack([to_input(img, int(info.get("image_size", 32))) for img in images]).to(device)
+    x = torch.stack([to_input(img, model_size(info)) for img in images]).to(device)
     with autocast(device, amp_dtype(device)):
         probs = finite(net(preprocess(x, info["mean"], info["std"])).float().softmax(1).cpu())
     top = probs.topk(min(5, len(info["labels"])))
@@ -2529,7 +2535,7 @@ def main(argv=None):
     parser, given = build_parser(), sys.argv[1:] if argv is None else [str(a) for a in argv]
     if given and given[0].startswith("-") and given[0] not in ("-h", "--help"):   # said "invalid choice: 'data/x'"
         parser.error(f"options go after the command: python {SCRIPT}.py COMMAND [options]")
-    args = parser.parse_args(argv)
+    args = parser.parse_args(given)
     args.argv = given   # train --resume: which options are given
     before = signal.getsignal(signal.SIGTERM)
     with contextlib.suppress(ValueError):   # main() called from another thread keeps the default

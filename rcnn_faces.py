@@ -3050,7 +3050,7 @@ def main(argv=None):
     parser, given = build_parser(), sys.argv[1:] if argv is None else [str(a) for a in argv]
     if given and given[0].startswith("-") and given[0] not in ("-h", "--help"):   # said "invalid choice: 'data/x'"
         parser.error(f"options go after the command: python {SCRIPT}.py COMMAND [options]")
-    args = parser.parse_args(argv)
+    args = parser.parse_args(given)
     args.argv = given   # train --resume: which options are given
     before = signal.getsignal(signal.SIGTERM)
     with contextlib.suppress(ValueError):   # main() called from another thread keeps the default
