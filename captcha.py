@@ -300,7 +300,7 @@ def read_labels(path, image_dir):
     skipped and counted, never the end of prepare."""
     path, root = Path(path), Path(image_dir).resolve()
     if not path.exists():
-        raise UserError(f"--labels {path}: file not found")
+        raise UserError(f"--labels {path}: no such file; pass the file that lists each image's code")
     if not path.is_file():   # a folder, or a FIFO (a pipe would block the read)
         raise UserError(f"--labels {path}: not a regular file; pass the labels file itself")
     if path.stat().st_size > MAX_LABELS_BYTES:
@@ -682,6 +682,8 @@ def check_model(path, info):
     """A model file's entries (model.pt, or model.onnx's metadata) checked before the network is built or an image
     read: a hand-edited or damaged entry is a UserError, not a traceback or gigabytes allocated."""
     args, charset = info.get("model_args"), info.get("charset")
+    if isinstance(charset, str) and isinstance(args, dict) and args.get("n_classes") == len(charset):
+        raise UserError(f"{path}: a model of an older captcha.py (no end symbol: one length only); train it again")
     if not (isinstance(charset, str) and 0 < len(charset) == len(set(charset)) and numbers(info.get("image_size"), 2,
             16, 1024, True) and isinstance(args, dict) and set(args) == {"n_classes", "length", "image_size"}
             and args["n_classes"] == len(charset) + 1 and numbers(args["image_size"], 2, 16, 1024, True)
@@ -763,7 +765,8 @@ def cmd_prepare(args):
     if not files and not args.labels:   # a labels file may name images in subfolders
         raise UserError(f"{image_dir}: " + (f"no images in the folder itself, {len(nested)} in its subfolders (e.g. "
                                             f"{nested[0].relative_to(image_dir)}); pass a subfolder as --image-dir"
-                                            if nested else "the folder is empty"))
+                                            if nested else "the folder is empty; put the captchas there or pass "
+                                            "--image-dir"))
 
     odd = [p.name for p in entries if p.suffix.lower() in IMAGE_EXTS and not p.is_file()]
     if odd and not args.labels:   # a folder, a FIFO or a dangling link named like an image: said, not passed over
@@ -872,13 +875,18 @@ def train(args, device, out_dir, tb_dir):
                                                    os.path.lexists(args.init) else "no such file") +
                         "; --init needs a model.pt that train wrote")
     init = args.init and load_model_file(args.init, kin=True)   # a reader of captcha.py or of a renamed copy
+    if init:
+        check_model(args.init, init)
     if init and checkpoint:
         raise UserError("--init and --resume: a resumed run goes on from its checkpoint; pass one of them", 2)
     seed_everything(args.seed + rank)   # DDP copies rank 0's initial weights to every process
     writer = open_tensorboard(tb_dir) if tb_dir else None
     (x_train, y_train), (x_val, y_val) = load_training_splits(data_dir, meta, device)
     n_val, own_val = len(y_val), x_val is not x_train   # an empty validation split is replaced by the training one
-    ranked = own_val and n_val >= RANK_MIN   # else every epoch counts as better: the last one is kept
+    # else every epoch counts as better and the last one is kept, unless --patience is given: the user's choice
+    asked = "patience" in given_options(args.train_parser, args.argv[args.argv.index("train") + 1:]) or any(
+        item.partition("=")[0] == "patience" for item in args.grid or [])
+    ranked = own_val and (n_val >= RANK_MIN or asked)
     x_val, y_val = shard(x_val), shard(y_val)
     # one class per character plus the end symbol
     model_args = {"n_classes": len(meta["charset"]) + 1, "length": meta["length"], "image_size": meta["image_size"]}
@@ -890,7 +898,7 @@ def train(args, device, out_dir, tb_dir):
     if init:
         try:
             print(f"initialised from {args.init}: {init_from(model, init, meta['charset'])}")
-        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:   # a model.pt of another version
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as e:   # another version's
             raise UserError(f"{args.init}: not a captcha model this run can start from ({type(e).__name__})")
     # AdamW + one-cycle: reaches a given accuracy in far fewer epochs than the tutorial's constant-lr Adam
     # (see benchmarks/captcha_bench.py); cross-entropy per position replaces BCE over the one-hot code.
@@ -915,8 +923,11 @@ def train(args, device, out_dir, tb_dir):
           f"charset {meta['charset']!r}, length {length_text(meta.get('lengths', [meta['length']]))}, "
           f"augment {strength:g} (from epoch {ramp}), precision {dtype or torch.float32}")
     if not ranked:
-        print((f"{n_val} validation codes: too few to rank epochs (under {RANK_MIN})" if own_val else
-               "no validation split") + "; the whole schedule runs and the last epoch's model is kept")
+        print(f"{n_val} validation codes: too few to rank epochs (under {RANK_MIN}); the whole schedule runs and the "
+              "last epoch's model is kept (--patience N ranks them)" if own_val else
+              "no validation split; the whole schedule runs and the last epoch's model is kept")
+    elif n_val < RANK_MIN:
+        print(f"{n_val} validation codes rank the epochs (--patience given): a code is {100 / n_val:.1f} points")
     if n_train < FEW_LABELS and not init and not checkpoint:
         print(f"few labels ({n_train}): captchas in many fonts read far more from a model trained on generated "
               f"captchas (--init MODEL); see README.md")
@@ -1185,8 +1196,8 @@ def build_parser():
     p.add_argument("--epochs", type=positive_int, default=EPOCHS,
                    help="maximum epochs (also the length of the lr schedule)")
     p.add_argument("--patience", type=positive_int, default=PATIENCE,
-                   help=f"stop after N epochs without a better validation score (never under {RANK_MIN} validation "
-                        f"codes: the whole schedule runs)")
+                   help=f"stop after N epochs without a better validation score (under {RANK_MIN} validation codes, "
+                        f"only when given: by default the whole schedule runs)")
     p.add_argument("--batch-size", type=positive_int, default=BATCH_SIZE,
                    help="mini-batch size (under torchrun: the global batch)")
     p.add_argument("--lr", type=positive_float, default=LR,
@@ -1824,9 +1835,11 @@ def resume_options(args, parser, path, given):
     (`given`: the options it names), so that a run goes on as it started (--lr, --epochs, --width ...); those given
     that differ from the run's are said. A checkpoint without its options (an older version) changes nothing."""
     state = load_model_file(path, CHECKPOINT_KEYS)
-    if state.get("prepared") and prepared_id(args.data_dir) not in (None, state["prepared"]):
+    ours = prepared_id(args.data_dir)   # a checkpoint without one: a version before the id, so prepared since
+    if ours is not None and state.get("prepared") != ours:
         raise UserError(f"{path} was trained on data prepared before the last prepare of {args.data_dir} (other "
-                        "images, splits or options): its scores would mix two data sets; train without --resume")
+                        f"images, splits or options, or an older {SCRIPT}.py): its scores would mix two data sets; "
+                        "train without --resume")
     best = Path(path).with_name("model.pt")
     if best.is_file() and load_model_file(best).get("model_args") != state.get("model_args"):
         raise UserError(f"{best}: not the best model of the run in {path} (other network arguments); put that run's "
@@ -2324,9 +2337,9 @@ def cmd_export(args):
         raise UserError(f"--output {out}: name it NAME.onnx (eval and serve tell a model's format by its name)", 2)
     model, info, device = load_network(path, "cpu")   # a missing model is said first, whatever --output is
     if os.path.lexists(out) and not args.force:   # a link to nowhere is the user's too
-        raise UserError(f"{out} exists; pass --force to replace it, or --output FILE")
+        raise UserError(f"{out} exists; pass --force to replace it, or --output FILE", 2)
     if not out.parent.is_dir():
-        raise UserError(f"--output {out}: no folder {out.parent}; create it first")
+        raise UserError(f"--output {out}: no folder {out.parent}; create it first", 2)
     inputs, input_names, output_names, dynamic, about = export_example(info)
     meta = json.dumps({**json_ready({k: v for k, v in info.items() if k != "model"}), "input": about})
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings(), signals_held():  # progress lines

@@ -207,8 +207,8 @@ def find_labels(image_dir, labels_file, test_dir=None):
     inside DIR is none)."""
     if labels_file:
         if not Path(labels_file).is_file():
-            what = "not a file" if Path(labels_file).exists() else "file not found"
-            raise UserError(f"--labels {labels_file}: {what}")
+            what = "not a file" if Path(labels_file).exists() else "no such file"
+            raise UserError(f"--labels {labels_file}: {what}; pass the file of one label per line")
         return read_label_list(labels_file)
     if (image_dir / "labels.txt").exists() and not (image_dir / "labels.txt").is_file():
         raise UserError(f"{image_dir / 'labels.txt'}: not a file; labels.txt holds one label per line")
@@ -404,7 +404,7 @@ def cmd_prepare(args):
         print(f"test split: {test_dir} (a test folder inside --image-dir; its images are kept out of training)")
     for flag, folder in (("--image-dir", image_dir), ("--test-dir", test_dir)):
         if folder is not None and not folder.is_dir():
-            raise UserError(f"{flag} {folder}: folder not found")
+            raise UserError(f"{flag} {folder}: no such folder; pass the folder of the images ({flag} DIR)")
         if folder is not None and is_within(Path(args.data_dir), folder):   # its plots would come back as images
             raise UserError(f"--data-dir {args.data_dir} is inside {flag} {folder}; choose a data folder outside it", 2)
     if test_dir and is_within(image_dir, test_dir):
@@ -1242,9 +1242,11 @@ def resume_options(args, parser, path, given):
     (`given`: the options it names), so that a run goes on as it started (--lr, --epochs, --width ...); those given
     that differ from the run's are said. A checkpoint without its options (an older version) changes nothing."""
     state = load_model_file(path, CHECKPOINT_KEYS)
-    if state.get("prepared") and prepared_id(args.data_dir) not in (None, state["prepared"]):
+    ours = prepared_id(args.data_dir)   # a checkpoint without one: a version before the id, so prepared since
+    if ours is not None and state.get("prepared") != ours:
         raise UserError(f"{path} was trained on data prepared before the last prepare of {args.data_dir} (other "
-                        "images, splits or options): its scores would mix two data sets; train without --resume")
+                        f"images, splits or options, or an older {SCRIPT}.py): its scores would mix two data sets; "
+                        "train without --resume")
     best = Path(path).with_name("model.pt")
     if best.is_file() and load_model_file(best).get("model_args") != state.get("model_args"):
         raise UserError(f"{best}: not the best model of the run in {path} (other network arguments); put that run's "
@@ -1742,9 +1744,9 @@ def cmd_export(args):
         raise UserError(f"--output {out}: name it NAME.onnx (eval and serve tell a model's format by its name)", 2)
     model, info, device = load_network(path, "cpu")   # a missing model is said first, whatever --output is
     if os.path.lexists(out) and not args.force:   # a link to nowhere is the user's too
-        raise UserError(f"{out} exists; pass --force to replace it, or --output FILE")
+        raise UserError(f"{out} exists; pass --force to replace it, or --output FILE", 2)
     if not out.parent.is_dir():
-        raise UserError(f"--output {out}: no folder {out.parent}; create it first")
+        raise UserError(f"--output {out}: no folder {out.parent}; create it first", 2)
     inputs, input_names, output_names, dynamic, about = export_example(info)
     meta = json.dumps({**json_ready({k: v for k, v in info.items() if k != "model"}), "input": about})
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings(), signals_held():  # progress lines

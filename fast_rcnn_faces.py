@@ -303,6 +303,8 @@ def check_model(path, info):
             and calibration[0] > 0):
         raise UserError(f"{path}: its size, search side, proposals, calibration or network arguments are malformed; "
                         "train it again")
+    if len(calibration) == 2:   # (a, b) of before the shift (2026-12-06): 0.5 keeps the boxes its default 0.25 kept
+        info["calibration"] = [*calibration, math.log(3)]
 
 
 def build_model(model_args):
@@ -850,8 +852,9 @@ def photo_path(image_dir, name):
             return path, None
     except (OSError, ValueError, RuntimeError):  # a NUL byte, a name too long, a symlink loop
         return None, "unusable Name"
-    if not inside:
-        return None, "Name outside --image-dir"
+    if not inside:   # a plain relative Name that resolves elsewhere goes through a link
+        plain = not Path(name).is_absolute() and ".." not in Path(name).parts
+        return None, "link out of --image-dir (pass the folder it leads to)" if plain else "Name outside --image-dir"
     return None, "missing photo" if not os.path.lexists(path) else "Name of no file (a folder, a pipe, a device)"
 
 
@@ -1183,8 +1186,8 @@ class OutputFiles:
             if os.path.realpath(out) in ({os.path.realpath(image)} if self.interactive else self.inputs):
                 raise UserError(f"--output {out} is an input image; pass another --output")
             if os.path.realpath(out) in self.written and not self.interactive:
-                raise UserError(f"--output {out} holds the result of an earlier image; pass --output-dir DIR for "
-                                f"several images")
+                raise UserError(f"--output {out} takes one image and a second one came on stdin; pass --output-dir "
+                                f"DIR for several images", 2)
         self.written.add(os.path.realpath(out))
         return out
 
@@ -1228,6 +1231,8 @@ def cmd_eval(args):
             try:
                 out = outputs.path_for(path)
             except UserError as e:
+                if e.status == 2:   # a second photo for one --output: the options' mistake, not this photo's
+                    raise
                 reason = str(e)
         if reason:
             failed = True
@@ -1904,9 +1909,11 @@ def resume_options(args, parser, path, given):
     (`given`: the options it names), so that a run goes on as it started (--lr, --epochs, --width ...); those given
     that differ from the run's are said. A checkpoint without its options (an older version) changes nothing."""
     state = load_model_file(path, CHECKPOINT_KEYS)
-    if state.get("prepared") and prepared_id(args.data_dir) not in (None, state["prepared"]):
+    ours = prepared_id(args.data_dir)   # a checkpoint without one: a version before the id, so prepared since
+    if ours is not None and state.get("prepared") != ours:
         raise UserError(f"{path} was trained on data prepared before the last prepare of {args.data_dir} (other "
-                        "images, splits or options): its scores would mix two data sets; train without --resume")
+                        f"images, splits or options, or an older {SCRIPT}.py): its scores would mix two data sets; "
+                        "train without --resume")
     best = Path(path).with_name("model.pt")
     if best.is_file() and load_model_file(best).get("model_args") != state.get("model_args"):
         raise UserError(f"{best}: not the best model of the run in {path} (other network arguments); put that run's "
@@ -2404,9 +2411,9 @@ def cmd_export(args):
         raise UserError(f"--output {out}: name it NAME.onnx (eval and serve tell a model's format by its name)", 2)
     model, info, device = load_network(path, "cpu")   # a missing model is said first, whatever --output is
     if os.path.lexists(out) and not args.force:   # a link to nowhere is the user's too
-        raise UserError(f"{out} exists; pass --force to replace it, or --output FILE")
+        raise UserError(f"{out} exists; pass --force to replace it, or --output FILE", 2)
     if not out.parent.is_dir():
-        raise UserError(f"--output {out}: no folder {out.parent}; create it first")
+        raise UserError(f"--output {out}: no folder {out.parent}; create it first", 2)
     inputs, input_names, output_names, dynamic, about = export_example(info)
     meta = json.dumps({**json_ready({k: v for k, v in info.items() if k != "model"}), "input": about})
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings(), signals_held():  # progress lines

@@ -253,6 +253,20 @@ def same_answers(a, b, tol, path="result"):
         assert a == b, (path, a, b)
 
 
+def check_calibration_before_the_shift(script, model, photo, tmp_path, shift):
+    """A face model calibrated as before 2026-12-06, (a, b) without the count shift c, is read as one with
+    c = `shift`: its boxes at the default threshold 0.5 are those its own default kept (it lost them all once)."""
+    state = torch.load(model, weights_only=True)
+    answers = []
+    for name, calibration in [("old", [1.5, -0.5]), ("shifted", [1.5, -0.5, shift])]:
+        torch.save({**state, "calibration": calibration}, tmp_path / f"{name}.pt")
+        proc = run(script, "eval", photo, "--model", tmp_path / f"{name}.pt", "--json", "--threshold", 0.05,
+                   "--output-dir", tmp_path / name, "--device", "cpu")
+        assert proc.returncode == 0, proc.stderr
+        answers.append(json.loads(proc.stdout)["boxes"])
+    assert answers[0] and answers[0] == answers[1]
+
+
 def check_onnx(script, model, images, tmp_path, *eval_args):
     """`export` the model, then `eval --json` with the .pt and the .onnx on the same images: the same answers
     (probabilities within 1e-4 of the .pt's in fp32; where the .pt runs in bf16 on this CPU, its first answer within
@@ -262,13 +276,13 @@ def check_onnx(script, model, images, tmp_path, *eval_args):
     assert proc.returncode == 0, proc.stderr                                 # first use costs seconds, once
     assert f"exported {onnx}: " in proc.stdout and "opset 18" in proc.stdout, proc.stdout
     assert onnx.stat().st_size > 10_000
-    line = assert_one_line_error(run_main(script, "export", "--model", model, "--output", onnx), 1)
+    line = assert_one_line_error(run_main(script, "export", "--model", model, "--output", onnx), 2)
     assert "exists" in line and "--force" in line
     before = Path(model).read_bytes()
     line = assert_one_line_error(run_main(script, "export", "--model", model, "--output", model, "--force"), 2)
     assert "NAME.onnx" in line and Path(model).read_bytes() == before   # the model stays the model
     nowhere = tmp_path / "no-such-folder" / "model.onnx"
-    line = assert_one_line_error(run_main(script, "export", "--model", model, "--output", nowhere), 1)
+    line = assert_one_line_error(run_main(script, "export", "--model", model, "--output", nowhere), 2)
     assert "no folder" in line and not nowhere.parent.exists()
     answers = []
     out = (lambda name: ["--output-dir", tmp_path / name]) if "faces" in script else (lambda name: [])

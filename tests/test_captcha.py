@@ -507,6 +507,12 @@ def test_init_from_a_model_of_another_style(tmp, trained, no_prefix):
     line = assert_one_line_error(run("captcha.py", "train", "--data-dir", data, "--init", tmp / "broken_init.pt",
                                      "--device", "cpu"), 1)
     assert "not a captcha model this run can start from" in line
+    old = torch.load(src, weights_only=True)   # a reader of before the end symbol (2026-11-28): one class fewer
+    old["model"] = {k: v[:-1] if k.startswith("classifier.1.") else v for k, v in old["model"].items()}
+    torch.save({**old, "model_args": {**old["model_args"], "n_classes": len(old["charset"])}}, tmp / "old_init.pt")
+    for command in (["train", "--data-dir", data, "--init"], ["eval", "--json", "--model"]):   # was an IndexError
+        line = assert_one_line_error(run_main("captcha.py", *command, tmp / "old_init.pt", "--device", "cpu"), 1)
+        assert "a model of an older captcha.py (no end symbol: one length only); train it again" in line
     (tmp / "model.onnx").write_bytes(b"an export")   # said for what it is, in-process, before any work
     for init, words in [(tmp / "model.onnx", "an ONNX export"), (tmp / "gone.pt", "no such file"), (tmp, "not a file")]:
         line = assert_one_line_error(run_main("captcha.py", "train", "--data-dir", data, "--init", init, "--device",
@@ -984,8 +990,8 @@ def test_small_validation_split_keeps_the_last_epoch(tmp, generated):
     data = tmp / "rank"
     assert run_main("captcha.py", "prepare", "--image-dir", few, "--data-dir", data, "--split", "50/50/0",
                     "--workers", 1).returncode == 0
-    proc = run_main("captcha.py", "train", "--data-dir", data, "--epochs", 3, "--patience", 1, "--lr", 1e-9,
-                    "--epoch-size", 0, "--batch-size", 10, "--device", "cpu")
+    small = ["--lr", 1e-9, "--epoch-size", 0, "--batch-size", 10, "--device", "cpu"]
+    proc = run_main("captcha.py", "train", "--data-dir", data, "--epochs", 3, *small)
     assert proc.returncode == 0, proc.stderr
     assert "10 validation codes: too few to rank epochs (under 50)" in proc.stdout
     assert re.findall(r"^epoch (\d+)/3", proc.stdout, re.M) == ["1", "2", "3"] and "early stop" not in proc.stdout
@@ -994,11 +1000,16 @@ def test_small_validation_split_keeps_the_last_epoch(tmp, generated):
     # a checkpoint that had stopped early (as the rule before this one could) goes on with the schedule
     checkpoint = torch.load(data / "checkpoint.pt", weights_only=True)
     torch.save({**checkpoint, "bad_epochs": 5}, data / "checkpoint.pt")
-    proc = run_main("captcha.py", "train", "--data-dir", data, "--epochs", 4, "--patience", 1, "--lr", 1e-9,
-                    "--epoch-size", 0, "--batch-size", 10, "--device", "cpu", "--resume")
+    proc = run_main("captcha.py", "train", "--data-dir", data, "--epochs", 4, *small, "--resume")
     assert proc.returncode == 0, proc.stderr
     assert re.findall(r"^epoch (\d+)/4", proc.stdout, re.M) == ["4"] and "early stop" not in proc.stdout
     assert torch.load(data / "model.pt", weights_only=True)["epoch"] == 4
+    # --patience given: the user's choice, the small split ranks the epochs (epoch 1 kept, a stop after epoch 2)
+    proc = run_main("captcha.py", "train", "--data-dir", data, "--epochs", 3, "--patience", 1, *small)
+    assert proc.returncode == 0, proc.stderr
+    assert "10 validation codes rank the epochs (--patience given)" in proc.stdout and "too few" not in proc.stdout
+    assert re.findall(r"^epoch (\d+)/3", proc.stdout, re.M) == ["1", "2"] and "early stop" in proc.stdout
+    assert torch.load(data / "model.pt", weights_only=True)["epoch"] == 1
     # no validation split (the training images stand in) ranks nothing either; a test split names the model
     assert run_main("captcha.py", "prepare", "--image-dir", few, "--data-dir", tmp / "rank-test", "--split", "50/0/50",
                     "--workers", 1).returncode == 0
@@ -1182,13 +1193,21 @@ def test_eval_interactive_prompt_until_eof(trained, generated):
 
 # ---- bad input ----
 def test_prepare_missing_and_empty_folder(tmp):
+    """Each says what to do (SUITE.md: the line names the file or option and says what to do)."""
     line = assert_one_line_error(run_main("captcha.py", "prepare", "--image-dir", tmp / "missing",
                                      "--data-dir", tmp / "d1"), 1)
-    assert "missing" in line
+    assert "missing: no such image folder" in line and "pass --image-dir" in line
     (tmp / "empty").mkdir()
     line = assert_one_line_error(run_main("captcha.py", "prepare", "--image-dir", tmp / "empty",
                                      "--data-dir", tmp / "d2"), 1)
-    assert "empty" in line
+    assert "the folder is empty; put the captchas there or pass --image-dir" in line
+    line = assert_one_line_error(run_main("captcha.py", "prepare", "--image-dir", tmp / "empty", "--labels",
+                                          tmp / "no-labels.csv", "--data-dir", tmp / "d2"), 1)
+    assert "no-labels.csv: no such file; pass the file that lists each image's code" in line
+    for given, words in [(["--image-dir", tmp / "missing"], "no such folder; pass the folder of the images"),
+                         (["--image-dir", tmp / "empty", "--labels", tmp / "no-labels.txt"],
+                          "no such file; pass the file of one label per line")]:   # and CIFAR's
+        assert words in assert_one_line_error(run_main("cifar_lenet.py", "prepare", *given, "--data-dir", tmp / "d3"), 1)
 
 
 def test_prepare_split_leaving_no_training_image(tmp, generated):

@@ -17,8 +17,9 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import (FACES_DIR, ROOT, assert_one_line_error, check_face_torchrun, check_onnx, hostile_images, http,
-                      load_script, multipart, odd_images, png_declaring, run, run_main, same_answers, serving, tree_bytes)
+from conftest import (FACES_DIR, ROOT, assert_one_line_error, check_calibration_before_the_shift, check_face_torchrun,
+                      check_onnx, hostile_images, http, load_script, multipart, odd_images, png_declaring, run, run_main,
+                      same_answers, serving, tree_bytes)
 
 SCRIPT = "fast_rcnn_faces.py"
 N_PHOTOS = 36
@@ -278,7 +279,8 @@ def test_prepare_counts_and_split_by_photo(faces, frc):
     meta = json.loads((faces.data / "meta.json").read_text())
     assert meta["kind"] == "fast_rcnn_faces" and meta["script"] == SCRIPT
     assert meta["skipped"] == {"non-numeric box": 1, "zero-size or inverted box": 1, "box outside photo": 1,
-                               "missing photo": 1, "unreadable photo": 2, "Name outside --image-dir": 3,
+                               "missing photo": 1, "unreadable photo": 2, "Name outside --image-dir": 2,
+                               "link out of --image-dir (pass the folder it leads to)": 1,
                                "empty Name": 1}
     for reason, n in meta["skipped"].items():
         assert f"skipped {n} x {reason}: " in faces.prep.stdout
@@ -352,6 +354,10 @@ def test_eval_json_and_output_dir(faces):
     assert high.returncode == 0, high.stderr
     kept = json.loads(high.stdout)["boxes"]
     assert 0 < len(kept) < len(scores) and kept == [b for b in lines[0]["boxes"] if b["score"] >= cut]
+
+
+def test_model_calibrated_before_the_shift(faces, tmp_path):
+    check_calibration_before_the_shift(SCRIPT, faces.data / "model.pt", faces.photos[0], tmp_path, math.log(3))
 
 
 def test_eval_human_output_stdin_and_no_regress(faces):

@@ -422,6 +422,11 @@ def test_resume_refuses_other_prepared_data_and_another_runs_model(tmp_path):
     assert "trained on data prepared before the last prepare" in assert_one_line_error(proc, 1)
     assert "epoch 2" not in proc.stdout and "no epoch to train" not in proc.stdout
     (data / "meta.json").write_text(json.dumps({**meta, "prepared": "first"}))
+    ckpt = torch.load(data / "checkpoint.pt", weights_only=True)   # of a version before the id: data prepared since
+    torch.save({k: v for k, v in ckpt.items() if k != "prepared"}, data / "checkpoint.pt")
+    proc = run_main("cifar_lenet.py", *train, "--epochs", 2, "--resume")
+    assert "or an older cifar_lenet.py): its scores would mix" in assert_one_line_error(proc, 1)   # went on silently
+    torch.save(ckpt, data / "checkpoint.pt")
     best = torch.load(data / "model.pt", weights_only=True)
     other = module.build_model({"num_classes": 5})
     torch.save({**best, "model": other.state_dict(), "model_args": {"num_classes": 5}}, data / "model.pt")
@@ -728,7 +733,7 @@ def test_resume_refuses_a_damaged_checkpoint(tmp_path):
     (tmp_path / "model.pt").unlink()   # (resume_options checks a model.pt beside it: this one is not a model)
     torch.save({**good, "config": {"batch_size": -3}}, path)   # an option edited in the checkpoint: one line
     with pytest.raises(module.UserError, match="its option --batch-size -3 is not valid"):
-        module.resume_options(argparse.Namespace(batch_size=64), parser, path, set())
+        module.resume_options(argparse.Namespace(batch_size=64, data_dir=tmp_path / "none"), parser, path, set())
     # a shard missing between others: said, not a shorter split read without a word
     for n in (0, 2):
         module.save_shard(tmp_path / f"training_set.{n}.pt.gz", [torch.zeros(2)])

@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import (FACES_DIR, assert_one_line_error, check_face_torchrun, check_onnx, hostile_images, load_script,
-                      odd_images, png_declaring, run, run_main, tree_bytes)
+from conftest import (FACES_DIR, assert_one_line_error, check_calibration_before_the_shift, check_face_torchrun,
+                      check_onnx, hostile_images, load_script, odd_images, png_declaring, run, run_main, tree_bytes)
 
 SCRIPT = "rcnn_faces.py"
 N_PHOTOS = 30
@@ -91,7 +91,8 @@ def test_prepare_counts_skips_and_split_by_photo(faces, prepared):
     meta = json.loads((data / "meta.json").read_text())
     assert meta["kind"] == "rcnn_faces" and meta["script"] == "rcnn_faces.py"
     assert meta["skipped"] == {"non-numeric box": 1, "zero-size or inverted box": 2, "box outside photo": 1,
-                               "missing photo": 1, "unreadable photo": 2, "Name outside --image-dir": 3,
+                               "missing photo": 1, "unreadable photo": 2, "Name outside --image-dir": 2,
+                               "link out of --image-dir (pass the folder it leads to)": 1,
                                "empty Name": 1, "Name of no file (a folder, a pipe, a device)": 1}
     # the photo whose only row has a zero-size box is counted by that row (the CSV reader drops it)
     assert f"kept {N_PHOTOS} photos with " in proc.stdout
@@ -221,6 +222,11 @@ def test_eval_json_output_dir_and_bad_image(faces, trained, tmp_path):
     assert proc.returncode == 0 and json.loads(proc.stdout)["image"] == str(photos[1])
     proc = run_main(SCRIPT, "eval", "--data-dir", data, "--json", "--device", "cpu", stdin="\n")   # no path at all
     assert "no image path on stdin" in assert_one_line_error(proc, 1)
+
+
+def test_model_calibrated_before_the_shift(faces, trained, tmp_path):   # with a box head: its default was 0.2
+    check_calibration_before_the_shift(SCRIPT, trained[0] / "model.pt", faces["img_dir"] / faces["good"][0], tmp_path,
+                                       math.log(4))
 
 
 def test_eval_missing_and_foreign_model(faces, trained, tmp_path):
@@ -408,8 +414,10 @@ def test_eval_output_refusals(faces, trained, tmp_path):
     assert "checkpoint" in line
     proc = run_main(SCRIPT, "eval", "--output", out, "--json", "--data-dir", trained[0], "--device", "cpu",
                     stdin=f"{photos[0]}\n{photos[1]}\n")
-    first, second = [json.loads(line) for line in proc.stdout.splitlines()]
-    assert proc.returncode == 1 and first["output"] == str(out) and "earlier image" in second["error"]
+    line = assert_one_line_error(proc, 2)   # the second photo stops the run: the options' mistake, said once
+    assert "second one came on stdin" in line and "--output-dir" in line
+    first, = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert first["output"] == str(out)
     with Image.open(out) as img, Image.open(photos[0]) as src:   # the first result stays
         assert img.size == src.size
 
