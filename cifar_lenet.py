@@ -738,7 +738,8 @@ def load_shard(path):
         and all(s is None or s == n for s, n in zip(shape, t.shape[1:]))
         for t, (dtype, shape) in zip(tensors, SHARD_SPEC))
     if not fits:
-        raise UserError(f"{path}: not a shard of {SCRIPT}.py's prepared data; run `python {SCRIPT}.py prepare` again")
+        raise UserError(f"{path}: not a shard of {SCRIPT}.py's prepared data (or of an older {SCRIPT}.py); run "
+                        f"`python {SCRIPT}.py prepare` again")
     return tensors
 
 
