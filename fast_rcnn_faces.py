@@ -303,7 +303,7 @@ def check_model(path, info):
             and calibration[0] > 0):
         raise UserError(f"{path}: its size, search side, proposals, calibration or network arguments are malformed; "
                         "train it again")
-    if len(calibration) == 2:   # (a, b) of before the shift (2026-12-06): 0.5 keeps the boxes its default 0.25 kept
+    if len(info.get("calibration", ())) == 2:   # (a, b) of before the shift (2026-12-06): 0.5 keeps what 0.25 kept
         info["calibration"] = [*calibration, math.log(3)]
 
 

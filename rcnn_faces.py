@@ -229,8 +229,8 @@ def check_model(path, info):
             and calibration[0] > 0):
         raise UserError(f"{path}: its crop size, search side, calibration or network arguments are malformed; "
                         "train it again")
-    if len(calibration) == 2:   # (a, b) of before the shift (2026-12-06): 0.5 keeps the boxes its default kept
-        old = 0.2 if args.get("regress") else 0.1   # the default threshold of then (0.1 before the box head)
+    if len(info.get("calibration", ())) == 2:   # (a, b) of before the shift (2026-12-06): 0.5 keeps what the default
+        old = 0.2 if args.get("regress") else 0.1   # threshold of then kept (0.1 before the box head)
         info["calibration"] = [*calibration, math.log((1 - old) / old)]
 
 

@@ -255,16 +255,18 @@ def same_answers(a, b, tol, path="result"):
 
 def check_calibration_before_the_shift(script, model, photo, tmp_path, shift):
     """A face model calibrated as before 2026-12-06, (a, b) without the count shift c, is read as one with
-    c = `shift`: its boxes at the default threshold 0.5 are those its own default kept (it lost them all once)."""
-    state = torch.load(model, weights_only=True)
+    c = `shift`: its boxes at the default threshold 0.5 are those its own default kept (it lost them all once). A
+    model without a calibration (too few boxes to fit one) keeps the network's softmax, unshifted."""
+    state = {k: v for k, v in torch.load(model, weights_only=True).items() if k != "calibration"}
     answers = []
-    for name, calibration in [("old", [1.5, -0.5]), ("shifted", [1.5, -0.5, shift])]:
-        torch.save({**state, "calibration": calibration}, tmp_path / f"{name}.pt")
+    for name, calibration in [("old", [1.5, -0.5]), ("shifted", [1.5, -0.5, shift]), ("none", None),
+                              ("softmax", [1.0, 0.0, 0.0])]:
+        torch.save({**state, **({"calibration": calibration} if calibration else {})}, tmp_path / f"{name}.pt")
         proc = run(script, "eval", photo, "--model", tmp_path / f"{name}.pt", "--json", "--threshold", 0.05,
                    "--output-dir", tmp_path / name, "--device", "cpu")
         assert proc.returncode == 0, proc.stderr
         answers.append(json.loads(proc.stdout)["boxes"])
-    assert answers[0] and answers[0] == answers[1]
+    assert answers[0] and answers[0] == answers[1] and answers[2] == answers[3] != answers[0]
 
 
 def check_onnx(script, model, images, tmp_path, *eval_args):
