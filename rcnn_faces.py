@@ -47,6 +47,7 @@ import signal
 import socket
 import sys
 import tempfile
+import threading
 import time
 import unicodedata
 import urllib.parse
@@ -96,7 +97,8 @@ if QUIET_TERM:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 # ---- Config ----
-C_RAND = ctypes.CDLL(None) if os.name == "posix" else ctypes.cdll.msvcrt   # srand(): see selective search
+# srand(): see selective search; OpenCV's Windows wheels use the Universal C runtime's rand(), not msvcrt's
+C_RAND = ctypes.CDLL(None) if os.name == "posix" else ctypes.CDLL("ucrtbase")
 SCRIPT = Path(__file__).stem             # stored in model.pt and meta.json
 DATA_KIND = SCRIPT
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp"}
@@ -905,7 +907,8 @@ def read_ahead(paths, work, lookahead, processes=0):
     read and worked on (selective search) ahead while torch scores this one: in a thread (OpenCV and PIL release
     the GIL), or in `processes` forked processes (one photo ahead each at least), for work that one thread cannot
     keep up with."""
-    forked = bool(processes and lookahead) and "fork" in multiprocessing.get_all_start_methods()  # Windows: thread
+    forked = bool(processes and lookahead) and sys.platform.startswith("linux")   # macOS: fork after Accelerate
+    # and OpenCV is unsafe; Windows has no fork: a thread
     if lookahead:  # the searches take their cores, the network runs on the others
         torch.set_num_threads(max(1, (os.cpu_count() or 2) - (processes if forked else 1)))
     pool = (ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork"), initializer=start_reader,
@@ -1337,7 +1340,7 @@ def list_images(folder):
     if unreadable:
         raise UserError(f"{unreadable[0].filename}: cannot read this folder ({unreadable[0].strerror}); make it "
                         f"readable, or move it out of {folder}")
-    return sorted(images)
+    return sorted(images, key=Path.as_posix)   # Windows compares paths without case: the same split everywhere
 
 
 def write_split(data_dir, name, tensors):
@@ -1470,7 +1473,7 @@ def staging_dir(data_dir):
     parent = data_dir.parent
     if not os.access(parent, os.W_OK) or os.stat(parent).st_dev != os.stat(data_dir).st_dev:
         parent = data_dir
-    for old, _ in staging_folders(data_dir):
+    for old, _ in staging_folders(data_dir) if fcntl else []:   # unlocked (Windows): another prepare's, maybe
         if old.parent == parent and not (old / "previous").exists():
             shutil.rmtree(old, ignore_errors=True)
     staged = parent / f"{data_dir.name}.prepare-{os.getpid()}-{secrets.token_hex(4)}"
@@ -2444,7 +2447,11 @@ def cmd_serve(args):
     with contextlib.suppress(ImportError, ValueError, OSError):   # each connection holds a file descriptor: as many
         import resource                                          # as the system allows (the soft limit is often 1,024)
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else max(soft, 65536), hard))
+        want = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
+        for limit in (want, min(want, 10240)):   # macOS refuses more than 10,240 (OPEN_MAX) with no error of its own
+            with contextlib.suppress(ValueError, OSError):
+                resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
+                break
     try:   # a port in use or a host that is not this machine: one line, before "serving"
         family = socket.getaddrinfo(args.host, args.port, type=socket.SOCK_STREAM)[0][0]
         socket.create_server((args.host, args.port), family=family).close()
@@ -2479,7 +2486,7 @@ def serve_protocol(**kwargs):
 def serve_protocol_class():
     """The class of serve_protocol, made once: uvicorn is an optional package."""
     base = importlib.import_module("uvicorn.protocols.http.h11_impl").H11Protocol
-    most = MAX_CONNECTIONS
+    most = MAX_CONNECTIONS if os.name != "nt" else min(MAX_CONNECTIONS, 500)   # Windows' select(): 512 sockets
     with contextlib.suppress(ImportError, ValueError, OSError):   # below the descriptors this process may open
         import resource
         most = min(most, resource.getrlimit(resource.RLIMIT_NOFILE)[0] - 100)
@@ -2829,6 +2836,9 @@ def lock_data_dir(data_dir, create):
             data_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise UserError(f"--data-dir {data_dir}: cannot create it ({e.strerror or e})", 2)
+    if fcntl is None and main_process() and data_dir.is_dir():
+        print(f"note: {data_dir} is not locked on this system (no fcntl): run one command at a time on it",
+              file=sys.stderr)
     if not main_process() or fcntl is None or not data_dir.is_dir():
         yield
         return
@@ -2874,8 +2884,9 @@ def lock_data_dir(data_dir, create):
 
 def start_worker(parent=None):
     """Start of each process of a prepare pool: one thread (the pool is the parallelism), and Ctrl-C left to the main
-    process, which stops the pool: no traceback from every worker. On Linux the worker is killed when the command
-    (`parent`, its pid) ends, a SIGKILL too: a worker left behind held DATA_DIR's lock and the terminal's output."""
+    process, which stops the pool: no traceback from every worker. The worker ends when the command (`parent`, its
+    pid) ends, by a SIGKILL too: a worker left behind held DATA_DIR's lock and the terminal's output. Linux kills it
+    (PR_SET_PDEATHSIG); elsewhere a thread waits for the command's process and ends the worker."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)   # as the pool ends it, not main()'s handler
     if sys.platform.startswith("linux"):
@@ -2883,6 +2894,8 @@ def start_worker(parent=None):
             ctypes.CDLL(None).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
         if parent is not None and os.getppid() != parent:   # the command ended before that
             os._exit(1)
+    elif (command := multiprocessing.parent_process()) is not None:   # macOS, Windows
+        threading.Thread(target=lambda: command.join() or os._exit(1), daemon=True).start()
     torch.set_num_threads(1)
 
 
@@ -2890,6 +2903,7 @@ def parallel_map(work, items, workers, desc, unit, chunksize=1):
     """[work(item) for item in items] in `workers` processes (in this one for 1), in order, with a progress bar.
     Ctrl-C drops the items still queued; a process that dies (out of memory) ends the command (run_command)."""
     parent = os.getpid() if multiprocessing.get_start_method() == "fork" else None   # forkserver: not its parent
+    workers = min(workers, 61) if os.name == "nt" else workers   # ProcessPoolExecutor's limit there
     pool = ProcessPoolExecutor(workers, initializer=start_worker, initargs=(parent,)) if workers > 1 else None
     try:
         with signals_held():   # the pool forks here: a signal inside a fork was lost (and the command went on)
@@ -3017,12 +3031,24 @@ def iter_eval_inputs(paths):
                 yield from expand(line)
     else:
         read = False
-        for line in sys.stdin:
+        for line in stdin_lines():
             if line.strip():
                 read = True
                 yield from expand(line.strip())
         if not read:   # `eval < /dev/null`, or a `find` that found nothing: said, not a silent success
             raise UserError("no image path on stdin (pass IMAGE arguments, or one path per line on stdin)")
+
+
+def stdin_lines():
+    """Piped stdin's lines, decoded as a labels file is: UTF-8 (a BOM dropped) or UTF-16 with its BOM (PowerShell's
+    `>`), not in the console's code page (Windows decodes pipes as cp1252); names that are not UTF-8 keep their
+    bytes (surrogateescape), as file names do."""
+    raw = getattr(sys.stdin, "buffer", None)
+    if raw is None:   # a text stream with no bytes below it
+        return (line.lstrip("\ufeff") for line in sys.stdin)
+    raw = raw if hasattr(raw, "peek") else io.BufferedReader(raw)
+    utf16 = raw.peek(2)[:2] in (b"\xff\xfe", b"\xfe\xff")
+    return io.TextIOWrapper(raw, encoding="utf-16" if utf16 else "utf-8-sig", errors="surrogateescape")
 
 
 def add_scale_options(p):

@@ -14,6 +14,7 @@ random generator seeded by (seed, index).
 import argparse
 import contextlib
 import math
+import multiprocessing
 import os
 import pickle
 import random
@@ -389,8 +390,10 @@ def fill(args, families, out, old, lock):
 
 
 def draw_all(args, families, out, staged, old, lock=None):
-    job = {"lock": lock, "seed": args.seed, "length": args.length, "families": families, "output": str(staged),
-           "style": {"size": args.size, "palette": PALETTES[args.palette]},
+    # a forked worker holds a copy of the lock's descriptor, to close; a spawned one (macOS, Windows) has none
+    forked = multiprocessing.get_start_method() == "fork"
+    job = {"lock": lock if forked else None, "seed": args.seed, "length": args.length, "families": families,
+           "output": str(staged), "style": {"size": args.size, "palette": PALETTES[args.palette]},
            "digits": max(5, len(str(args.count - 1)))}
     chunk = 200
     ranges = [(s, min(s + chunk, args.count)) for s in range(0, args.count, chunk)]

@@ -162,6 +162,18 @@ def test_generator_worker_killed_is_one_line(tmp):
     assert not out.exists()   # the folder this run made, left empty, goes too
 
 
+def test_generator_with_spawned_workers(tmp):
+    """macOS and Windows start the pool's workers by spawn: they never had the --output lock's descriptor, and closing
+    the descriptor of that number broke the pool ("a worker process died")."""
+    code = ("import multiprocessing, os, runpy, sys; multiprocessing.set_start_method('spawn'); "
+            "[os.open(os.devnull, os.O_RDONLY) for _ in range(3)]; "   # the lock: a number no worker has
+            f"sys.argv = ['generate.py', '--count', '400', '--workers', '2', '--output', {str(tmp / 'spawned')!r}]; "
+            f"runpy.run_path({str(GENERATE)!r}, run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert len(list((tmp / "spawned").glob("*.png"))) == 400
+
+
 def test_generator_keeps_the_old_set_until_the_new_one_is_complete(tmp):
     """A --clean run is drawn aside: killed midway, the old captchas are all there (they were deleted first); a
     second generator on the same folder meanwhile stops at once (both wrote, under the same numbers); the staging
@@ -1072,6 +1084,8 @@ def test_eval_stdin_and_bad_image(trained, generated, image_dir, tmp_path):
     assert "code" in rows[0] and "code" in rows[3] and "code" in rows[4]
     assert rows[1]["error"].startswith("cannot read image") and rows[2]["error"].startswith("cannot read image")
     assert "a folder with no images" in rows[5]["error"]
+    proc, rows = eval_json(trained, stdin="\ufeff" + "\r\n".join(good[:2]) + "\r\n")   # a list saved on Windows
+    assert proc.returncode == 0 and [r["image"] for r in rows] == good[:2], proc.stderr   # was "\ufeff...": no file
     proc, rows = eval_json(trained, stdin="\n  \n")   # `eval < /dev/null` was a silent success
     assert "no image path on stdin" in assert_one_line_error(proc, 1) and not rows
 

@@ -594,6 +594,10 @@ def test_read_ahead_keeps_order_and_reads_no_further_than_asked(frc, shared_data
     out = list(frc.read_ahead(paths, lambda img: (img.size, os.getpid()), 2, processes=2))
     assert [o[0] for o in out] == paths and out[1][3].startswith("cannot read image")
     assert [o[2][0] for o in out if o[3] is None] == sizes and os.getpid() not in {o[2][1] for o in out if o[2]}
+    monkeypatch.setattr(frc.sys, "platform", "darwin")   # macOS: forking after torch and OpenCV is unsafe: a thread
+    out = list(frc.read_ahead(paths, lambda img: (img.size, os.getpid()), 2, processes=2))
+    assert [o[2][0] for o in out if o[3] is None] == sizes and {o[2][1] for o in out if o[2]} == {os.getpid()}
+    monkeypatch.undo()
     pulled = []
 
     def typed():

@@ -10,6 +10,7 @@ an interpreter start); the rest run as subprocesses (test_fast_rcnn_faces.py has
 import argparse
 import ast
 import errno
+import io
 import json
 import os
 import shutil
@@ -109,6 +110,18 @@ def test_near_certain_never_shown_certain():
     for script in ("rcnn_faces.py", "fast_rcnn_faces.py"):
         boxes = load_script(script).found_boxes(torch.tensor([[0.0, 0, 10, 10]]), torch.tensor([0.99999]), 0.5)
         assert boxes == [{"x": 0, "y": 0, "w": 10, "h": 10, "score": 0.9999}]
+
+
+def test_stdin_lines_decode_as_files_do(monkeypatch):
+    """eval's paths on stdin: UTF-8 with or without a BOM, and UTF-16 with its BOM (PowerShell 5.1's `>`), read alike,
+    whatever the console's code page; bytes that are not UTF-8 survive as they do in file names."""
+    module = load_script("captcha.py")
+    for data in ("café.png\r\nb.png\n".encode(), "\ufeffcafé.png\r\nb.png\n".encode(),
+                 "café.png\r\nb.png\n".encode("utf-16")):
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data), encoding="cp1252"))
+        assert [line.strip() for line in module.stdin_lines()] == ["café.png", "b.png"], data
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"caf\xe9.png\n"), encoding="cp1252"))
+    assert [os.fsencode(line.strip()) for line in module.stdin_lines()] == [b"caf\xe9.png"]
 
 
 def test_common_block_is_one_text():
@@ -1090,6 +1103,7 @@ import importlib.util, os, sys, time
 spec = importlib.util.spec_from_file_location("script", sys.argv[1])
 script = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(script)
+sys.platform = sys.argv[2]   # "darwin": start_worker as on macOS and Windows (no PR_SET_PDEATHSIG)
 pool = script.ProcessPoolExecutor(2, initializer=script.start_worker, initargs=(os.getpid(),))
 pool.submit(int).result()   # the pool forks its workers at the first job
 print(*pool._processes, flush=True)
@@ -1098,11 +1112,13 @@ time.sleep(60)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
-def test_pool_workers_end_with_a_killed_command(tmp_path):
+@pytest.mark.parametrize("platform", ["linux", "darwin"])
+def test_pool_workers_end_with_a_killed_command(tmp_path, platform):
     """A command killed with SIGKILL (or by the out-of-memory killer) takes its pool's workers with it: they held
-    DATA_DIR's lock (every later command: 'in use by' a pid gone) and the terminal's output open."""
+    DATA_DIR's lock (every later command: 'in use by' a pid gone) and the terminal's output open. Linux kills
+    them; on macOS and Windows ("darwin") a thread in each waits for the command's process (they lived on)."""
     (tmp_path / "left.py").write_text(WORKERS_LEFT)
-    proc = subprocess.Popen([sys.executable, str(tmp_path / "left.py"), str(ROOT / "cifar_lenet.py")],
+    proc = subprocess.Popen([sys.executable, str(tmp_path / "left.py"), str(ROOT / "cifar_lenet.py"), platform],
                             stdout=subprocess.PIPE, text=True)
     workers = {int(pid) for pid in proc.stdout.readline().split()}
     assert len(workers) == 2 and proc.pid not in workers
