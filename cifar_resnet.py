@@ -1328,8 +1328,18 @@ def keep_previous(out_dir, data_dir, names=RUN_FILES):
         n += 1
         keep = out_dir / "previous" / f"{stamp}-{n}"
     keep.mkdir(parents=True)
-    for p in old:
-        os.replace(p, keep / p.name)
+    moved = []
+    try:
+        for p in old:
+            os.replace(p, keep / p.name)
+            moved.append(p)
+    except OSError as e:   # Windows: a file another program holds open cannot move; the run's files stay together
+        for done in reversed(moved):
+            with contextlib.suppress(OSError):
+                os.replace(keep / done.name, done)
+        with contextlib.suppress(OSError):
+            keep.rmdir()
+        raise UserError(f"{p}: cannot move it to {keep} ({e.strerror or e}); close what holds it open and train again")
     print(f"the previous {'run' if data_dir else 'model'}'s {', '.join(p.name for p in old)}: moved to {keep}",
           flush=True)
     kept = [path for path in (out_dir / "previous").iterdir() if path.is_dir()]

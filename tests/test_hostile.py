@@ -112,6 +112,28 @@ def test_near_certain_never_shown_certain():
         assert boxes == [{"x": 0, "y": 0, "w": 10, "h": 10, "score": 0.9999}]
 
 
+def test_keep_previous_moves_all_or_nothing(tmp_path, monkeypatch):
+    """A new train moves the run before into previous/: a file that cannot move (on Windows, one another program holds
+    open) leaves every file where it was, said in one line (it split the run: model and checkpoint moved, history
+    not, and eval then found no model)."""
+    module = load_script("captcha.py")
+    names = ("model.pt", "checkpoint.pt", "history.csv")
+    for name in names:
+        (tmp_path / name).write_text(name)
+    real = os.replace
+
+    def replace(src, dst):
+        if Path(src).name == "history.csv" and "previous" in str(dst):
+            raise PermissionError(errno.EACCES, "Access is denied")
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(module.UserError, match=r"history.csv: cannot move it to .*previous.* \(Access is denied\)"):
+        module.keep_previous(tmp_path, None, names)
+    assert all((tmp_path / name).read_text() == name for name in names)
+    assert not any((tmp_path / "previous").iterdir())
+
+
 def test_stdin_lines_decode_as_files_do(monkeypatch):
     """eval's paths on stdin: UTF-8 with or without a BOM, and UTF-16 with its BOM (PowerShell 5.1's `>`), read alike,
     whatever the console's code page; bytes that are not UTF-8 survive as they do in file names."""
