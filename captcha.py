@@ -885,9 +885,7 @@ def train(args, device, out_dir, tb_dir):
     (x_train, y_train), (x_val, y_val) = load_training_splits(data_dir, meta, device)
     n_val, own_val = len(y_val), x_val is not x_train   # an empty validation split is replaced by the training one
     # else every epoch counts as better and the last one is kept, unless --patience is given: the user's choice
-    asked = "patience" in given_options(args.train_parser, args.argv[args.argv.index("train") + 1:]) or any(
-        item.partition("=")[0] == "patience" for item in args.grid or [])
-    ranked = own_val and (n_val >= RANK_MIN or asked)
+    ranked = own_val and (n_val >= RANK_MIN or asked_for(args, "patience"))
     x_val, y_val = shard(x_val), shard(y_val)
     # one class per character plus the end symbol
     model_args = {"n_classes": len(meta["charset"]) + 1, "length": meta["length"], "image_size": meta["image_size"]}
@@ -1899,6 +1897,12 @@ def given_options(parser, argv):
                                   if not isinstance(a, argparse._AppendAction)})   # --grid: appends to what is there
     parser.parse_known_args(argv, probe)
     return {dest for dest, value in vars(probe).items() if value is not unset}
+
+
+def asked_for(args, dest, named=None):
+    """Whether the train command names option `dest`, itself or in a --grid item (`named`: its given_options)."""
+    named = given_options(args.train_parser, args.argv[args.argv.index("train") + 1:]) if named is None else named
+    return dest in named or any(item.partition("=")[0] == dest.replace("_", "-") for item in args.grid or [])
 
 
 KEEP_NOTE = 5   # keep_previous: from this many earlier runs in previous/ on, each new one says what they take
@@ -3031,8 +3035,8 @@ def cmd_train(args):
     """Train once, or once per --grid combination (each in DATA_DIR/grid/NAME/); one runs.csv row per run."""
     runs = grid_runs(args, args.train_parser)
     named = given_options(args.train_parser, args.argv[args.argv.index("train") + 1:])
-    asked = "histogram_every" in named or any(item.partition("=")[0] == "histogram-every" for item in args.grid or [])
-    if asked and not args.tensorboard and any(r.histogram_every for _, r in runs):   # 0 (never) needs no TensorBoard
+    if asked_for(args, "histogram_every", named) and not args.tensorboard and any(
+            r.histogram_every for _, r in runs):   # 0 (never) needs no TensorBoard
         raise UserError("--histogram-every sets how often TensorBoard gets weight histograms; pass --tensorboard DIR "
                         "too", 2)
     given = named if args.resume else set()

@@ -1309,6 +1309,12 @@ def given_options(parser, argv):
     return {dest for dest, value in vars(probe).items() if value is not unset}
 
 
+def asked_for(args, dest, named=None):
+    """Whether the train command names option `dest`, itself or in a --grid item (`named`: its given_options)."""
+    named = given_options(args.train_parser, args.argv[args.argv.index("train") + 1:]) if named is None else named
+    return dest in named or any(item.partition("=")[0] == dest.replace("_", "-") for item in args.grid or [])
+
+
 KEEP_NOTE = 5   # keep_previous: from this many earlier runs in previous/ on, each new one says what they take
 
 
@@ -2439,8 +2445,8 @@ def cmd_train(args):
     """Train once, or once per --grid combination (each in DATA_DIR/grid/NAME/); one runs.csv row per run."""
     runs = grid_runs(args, args.train_parser)
     named = given_options(args.train_parser, args.argv[args.argv.index("train") + 1:])
-    asked = "histogram_every" in named or any(item.partition("=")[0] == "histogram-every" for item in args.grid or [])
-    if asked and not args.tensorboard and any(r.histogram_every for _, r in runs):   # 0 (never) needs no TensorBoard
+    if asked_for(args, "histogram_every", named) and not args.tensorboard and any(
+            r.histogram_every for _, r in runs):   # 0 (never) needs no TensorBoard
         raise UserError("--histogram-every sets how often TensorBoard gets weight histograms; pass --tensorboard DIR "
                         "too", 2)
     given = named if args.resume else set()
