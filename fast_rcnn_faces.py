@@ -96,17 +96,12 @@ if QUIET_TERM:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 # ---- Config ----
-# srand(): see selective search; OpenCV's Windows wheels use the Universal C runtime's rand(), not msvcrt's
-C_RAND = ctypes.CDLL(None) if os.name == "posix" else ctypes.CDLL("ucrtbase")
 SCRIPT = Path(__file__).stem             # stored in model.pt and meta.json
 DATA_KIND = SCRIPT
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp"}
 SHARD_SIZE = 500
 IMAGE_DIR = "784145_1347673_bundle_archive/train/image_data"  # the tutorial's paths
 CSV_PATH = "784145_1347673_bundle_archive/train/bbox_train.csv"
-CSV_COLUMNS = ["Name", "xmin", "ymin", "xmax", "ymax"]
-MAX_CSV_BYTES = 32 << 20  # a --csv file larger than this is refused (the 2,000-photo set's is 0.2 MB)
-MAX_FACES = 1000         # a photo with more boxes than this in the CSV is skipped
 MAX_PIXELS = 25_000_000  # bigger photos (decompression bombs) are refused before decoding
 SEARCH_SIDE = 200        # selective search runs on a copy whose longest side is this (px)
 MAX_PROPOSALS = 300      # the first selective search regions kept per photo
@@ -125,8 +120,6 @@ WIDTH = 24               # channels of the trunk's first stage (--width)
 CPU_BF16 = True          # bf16 autocast on CPUs with native bf16 (AVX512-BF16/AMX): 1.3x faster training
 STRIDE = 8               # stride of FastRCNN's feature map: set by its layers (stem 4, layer2 2), not a setting
 ROI_SAMPLES = 1          # RoI Align samples per bin side: 1 (not 2) is 4x fewer, as accurate
-BOX_WEIGHTS = (10.0, 10.0, 5.0, 5.0)     # offset scaling, as torchvision's BoxCoder (models learn it: a change
-                                         # needs train again, as MEAN and STD do)
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # THRESHOLD: train calibrates the scores so that 0.5 counts the validation photos' faces best (fit_calibration)
 THRESHOLD, NMS_IOU = 0.5, 0.3
@@ -248,14 +241,6 @@ def preprocess(images):
 
 
 # ---- Model ----
-def stage(c_in, c_out, stride, blocks):
-    """ResNet stage of BasicBlocks (torchvision's block), the first one changing stride/channels."""
-    down = None
-    if stride != 1 or c_in != c_out:
-        down = nn.Sequential(Shortcut(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
-    return nn.Sequential(BasicBlock(c_in, c_out, stride, down), *[BasicBlock(c_out, c_out) for _ in range(blocks - 1)])
-
-
 class FastRCNN(nn.Module):
     """Small ResNet trunk (stride 16) with a stride-8 merged map, RoI Align, then class and box heads."""
 
@@ -680,7 +665,11 @@ def build_parser():
 # ==== Common to the two face scripts (rcnn_faces.py, fast_rcnn_faces.py): keep identical ====
 # What both face detectors do alike. A fix in one script is copied to the other (tests/test_hostile.py checks).
 
-# ---- Splits, box offsets, the ResNet shortcut, the schedule ----
+# ---- Selective search, splits, box offsets, the ResNet shortcut and stage, the schedule ----
+
+
+# srand() for search_regions: OpenCV's Windows wheels use the Universal C runtime's rand(), not msvcrt's
+C_RAND = ctypes.CDLL(None) if os.name == "posix" else ctypes.CDLL("ucrtbase")
 
 
 def search_regions(rgb, limit):
@@ -701,6 +690,10 @@ def split_indices(n, seed, fractions=(0.8, 0.1, 0.1)):
     n_train = int(n * fractions[0])
     n_val = max(int(n * fractions[1]), min(1, n - n_train))
     return perm[:n_train], perm[n_train:n_train + n_val], perm[n_train + n_val:]
+
+
+BOX_WEIGHTS = (10.0, 10.0, 5.0, 5.0)     # offset scaling, as torchvision's BoxCoder (models learn it: a change
+                                         # needs train again, as MEAN and STD do)
 
 
 def encode_offsets(boxes, proposals):
@@ -731,6 +724,14 @@ class Shortcut(nn.Conv2d):
         return F.conv2d(x[:, :, ::s[0], ::s[1]], self.weight, self.bias)
 
 
+def stage(c_in, c_out, stride, blocks):
+    """ResNet stage of BasicBlocks (torchvision's block), the first one changing stride/channels."""
+    down = None
+    if stride != 1 or c_in != c_out:
+        down = nn.Sequential(Shortcut(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+    return nn.Sequential(BasicBlock(c_in, c_out, stride, down), *[BasicBlock(c_out, c_out) for _ in range(blocks - 1)])
+
+
 def cosine_schedule(optimizer, epochs, done=0):
     """Cosine learning-rate decay over `epochs` epochs (stepped once per epoch), placed after `done` of them. In a
     resumed run the rate comes from this formula over the new --epochs, not from the checkpoint's schedule (whose
@@ -741,6 +742,11 @@ def cosine_schedule(optimizer, epochs, done=0):
 
 
 # ---- Photos and boxes: the CSV, photo paths, preparing photos in processes ----
+
+
+CSV_COLUMNS = ["Name", "xmin", "ymin", "xmax", "ymax"]
+MAX_CSV_BYTES = 32 << 20  # a --csv file larger than this is refused (the 2,000-photo set's is 0.2 MB)
+MAX_FACES = 1000         # a photo with more boxes than this in the CSV is skipped
 
 
 def read_boxes_csv(csv_path):

@@ -97,17 +97,12 @@ if QUIET_TERM:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 # ---- Config ----
-# srand(): see selective search; OpenCV's Windows wheels use the Universal C runtime's rand(), not msvcrt's
-C_RAND = ctypes.CDLL(None) if os.name == "posix" else ctypes.CDLL("ucrtbase")
 SCRIPT = Path(__file__).stem             # stored in model.pt and meta.json
 DATA_KIND = SCRIPT
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp"}
 SHARD_SIZE = 1000
 IMAGE_DIR = "784145_1347673_bundle_archive/train/image_data"  # the tutorial's paths
 CSV_PATH = "784145_1347673_bundle_archive/train/bbox_train.csv"
-CSV_COLUMNS = ["Name", "xmin", "ymin", "xmax", "ymax"]
-MAX_CSV_BYTES = 32 << 20  # a --csv file larger than this is refused (the 2,000-photo set's is 0.2 MB)
-MAX_FACES = 1000         # a photo with more boxes than this in the CSV is skipped
 MAX_PIXELS = 25_000_000  # bigger photos (decompression bombs) are refused before decoding; the float copy that
                          # crop_regions makes of a photo takes 12 bytes per pixel
 SEARCH_SIDE = 400        # selective search runs on a copy whose longest side is this (px)
@@ -130,8 +125,6 @@ CPU_BF16 = False         # bf16 on a native-bf16 CPU: epochs 1.35x faster, but t
 WIDTH = 16               # channels of the first ResNet stage (torchvision's resnet18 uses 64); 16 scores
                          # a photo's ~770 regions in 0.25 CPU-s, 32 takes about 3x as long
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-BOX_WEIGHTS = (10.0, 10.0, 5.0, 5.0)     # offset scaling, as torchvision's BoxCoder (models learn it: a change
-                                         # needs train again, as MEAN and STD do)
 # THRESHOLD: train calibrates the scores so that 0.5 counts the validation photos' faces best (fit_calibration);
 # NMS at IoU 0.3 gave the lowest count RMSE too (AP@0.5 0.795; 0.804 at 0.4)
 THRESHOLD, NMS_IOU = 0.5, 0.3
@@ -239,15 +232,10 @@ def check_model(path, info):
 def build_model(model_args):
     """ResNet-18 layout (4 stages x 2 torchvision BasicBlocks, widths w..8w) with a 3x3 stride-2 stem
     for small crops (torchvision's 7x7 stem + max-pool leaves 8x8 of a 32x32 crop after two layers)."""
-    def stage(cin, cout, stride):
-        down = None if stride == 1 and cin == cout else nn.Sequential(
-            Shortcut(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-        return nn.Sequential(BasicBlock(cin, cout, stride, down), BasicBlock(cout, cout))
-
     w, outputs = model_args["width"], 6 if model_args.get("regress") else 2   # logits (+ box offsets)
     model = nn.Sequential(nn.Conv2d(3, w, 3, 2, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True),
-                          stage(w, w, 1), stage(w, 2 * w, 2), stage(2 * w, 4 * w, 2), stage(4 * w, 8 * w, 2),
-                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8 * w, outputs))
+                          stage(w, w, 1, 2), stage(w, 2 * w, 2, 2), stage(2 * w, 4 * w, 2, 2),
+                          stage(4 * w, 8 * w, 2, 2), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8 * w, outputs))
     return model.to(memory_format=torch.channels_last)   # on the CPU: eval scores a photo's regions in 3/4 the time
 
 
@@ -535,7 +523,11 @@ def build_parser():
 # ==== Common to the two face scripts (rcnn_faces.py, fast_rcnn_faces.py): keep identical ====
 # What both face detectors do alike. A fix in one script is copied to the other (tests/test_hostile.py checks).
 
-# ---- Splits, box offsets, the ResNet shortcut, the schedule ----
+# ---- Selective search, splits, box offsets, the ResNet shortcut and stage, the schedule ----
+
+
+# srand() for search_regions: OpenCV's Windows wheels use the Universal C runtime's rand(), not msvcrt's
+C_RAND = ctypes.CDLL(None) if os.name == "posix" else ctypes.CDLL("ucrtbase")
 
 
 def search_regions(rgb, limit):
@@ -556,6 +548,10 @@ def split_indices(n, seed, fractions=(0.8, 0.1, 0.1)):
     n_train = int(n * fractions[0])
     n_val = max(int(n * fractions[1]), min(1, n - n_train))
     return perm[:n_train], perm[n_train:n_train + n_val], perm[n_train + n_val:]
+
+
+BOX_WEIGHTS = (10.0, 10.0, 5.0, 5.0)     # offset scaling, as torchvision's BoxCoder (models learn it: a change
+                                         # needs train again, as MEAN and STD do)
 
 
 def encode_offsets(boxes, proposals):
@@ -586,6 +582,14 @@ class Shortcut(nn.Conv2d):
         return F.conv2d(x[:, :, ::s[0], ::s[1]], self.weight, self.bias)
 
 
+def stage(c_in, c_out, stride, blocks):
+    """ResNet stage of BasicBlocks (torchvision's block), the first one changing stride/channels."""
+    down = None
+    if stride != 1 or c_in != c_out:
+        down = nn.Sequential(Shortcut(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+    return nn.Sequential(BasicBlock(c_in, c_out, stride, down), *[BasicBlock(c_out, c_out) for _ in range(blocks - 1)])
+
+
 def cosine_schedule(optimizer, epochs, done=0):
     """Cosine learning-rate decay over `epochs` epochs (stepped once per epoch), placed after `done` of them. In a
     resumed run the rate comes from this formula over the new --epochs, not from the checkpoint's schedule (whose
@@ -596,6 +600,11 @@ def cosine_schedule(optimizer, epochs, done=0):
 
 
 # ---- Photos and boxes: the CSV, photo paths, preparing photos in processes ----
+
+
+CSV_COLUMNS = ["Name", "xmin", "ymin", "xmax", "ymax"]
+MAX_CSV_BYTES = 32 << 20  # a --csv file larger than this is refused (the 2,000-photo set's is 0.2 MB)
+MAX_FACES = 1000         # a photo with more boxes than this in the CSV is skipped
 
 
 def read_boxes_csv(csv_path):
