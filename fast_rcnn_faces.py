@@ -204,24 +204,18 @@ def photo_proposals(ss_boxes, width, height, size):
 
 
 def prepare_photo(job):
-    """Worker: (path, boxes, opts, seed, CSV width and height or None) -> {"image", "gt", "ss", "hw": numpy arrays,
-    "outside", "clipped": boxes, "note"}, or {"error", "detail"}. Numpy, not torch: a tensor sent from a worker
-    process holds a file descriptor open, and thousands exhaust the process's limit."""
-    path, boxes, opts, seed, drawn_on = job
+    """Worker: a photo_jobs job -> read_job's answer, with the photo's "image" (letterboxed), "gt" (in letterbox
+    pixels), "ss" (selective search boxes) and "hw" (its width and height) if it has a face box (numpy arrays)."""
     cv2.setNumThreads(1)
     torch.set_num_threads(1)
-    try:
-        img = load_image(path)
-    except UserError as e:  # not an image, damaged, too many pixels
-        return {"error": "unreadable photo", "detail": f"{Path(path).name} ({e})"}
-    gt, outside, clipped, note = boxes_inside(boxes, img.width, img.height, drawn_on, img.info["exif_orientation"])
-    if not len(gt):
-        return {"gt": gt.numpy(), "outside": outside, "clipped": clipped, "note": note}
-    size = tuple(opts["size"])
+    img, gt, answer = read_job(job)
+    if img is None or not len(gt):
+        return answer
+    opts, size = job[2], tuple(job[2]["size"])
     ss = selective_search(img, size, opts["search_side"], opts["proposals"])
-    return {"image": letterbox_image(img, size).numpy(), "gt": to_letterbox(gt, img.width, img.height, size).numpy(),
-            "ss": ss[remove_small_boxes(ss, 4.0)].numpy(), "hw": np.array([img.width, img.height]), "outside": outside,
-            "clipped": clipped, "note": note}
+    gt = to_letterbox(gt, img.width, img.height, size)
+    return {**answer, "image": letterbox_image(img, size).numpy(), "gt": gt.numpy(),
+            "ss": ss[remove_small_boxes(ss, 4.0)].numpy(), "hw": np.array([img.width, img.height])}
 
 
 def pad_stack(tensors):
@@ -469,27 +463,17 @@ def photo_boxes(split, size):
 
 
 # ---- Commands ----
-def cmd_prepare(args):
-    image_dir = Path(args.image_dir)
-    if not image_dir.is_dir():
-        kind = "a file, not a folder" if image_dir.exists() else "no such folder"
-        raise UserError(f"{image_dir}: {kind}; pass --image-dir (the folder of the photos)")
-    if not os.access(image_dir, os.R_OK | os.X_OK):   # said, not as every photo an "unusable Name"
-        raise UserError(f"--image-dir {image_dir}: cannot read this folder (permission denied)")
-    rows_by_photo, skipped, sizes = read_boxes_csv(args.csv)
-    if not rows_by_photo:
-        raise UserError(f"{args.csv}: no rows with a usable box" + "".join(
-            f"; {n} x {reason} (e.g. {examples[0]})" for reason, (n, examples) in skipped.items()))
-    opts = {"size": list(args.size), "search_side": args.search_side, "proposals": args.proposals}
-    jobs = photo_jobs(image_dir, rows_by_photo, opts, args.seed, skipped, sizes)
-    kept, photos_per_s = prepare_photos(jobs, args.workers, rows_by_photo, skipped)
-    if not kept:
-        raise UserError(f"{args.csv}: no usable photo in {image_dir} (see the skipped counts above)")
-    names, shards, splits = sorted(kept), {}, {}
-    if not all(len(idx) for idx in split_indices(len(names), args.seed)[:2]):
-        raise UserError(f"{args.csv}: {len(names)} usable photos leave none for training or validation; "
-                        "prepare needs at least 2")
-    for split, idx in zip(("training", "validating", "testing"), split_indices(len(names), args.seed)):
+def prepare_options(args):
+    """prepare's settings, passed to every prepare_photo and kept in meta.json."""
+    return {"size": list(args.size), "search_side": args.search_side, "proposals": args.proposals}
+
+
+def prepared_splits(args, kept, names, parts):
+    """prepare: the photos' answers ({name: prepare_photo's answer}; `names`, sorted, indexed by split_indices'
+    `parts`) -> ({split_set: SHARD_SPEC's tensors} of the splits with photos, meta.json's entries: the letterbox size,
+    search side and proposals, the photo and face counts, photo names)."""
+    shards, splits = {}, {}
+    for split, idx in zip(("training", "validating", "testing"), parts):
         photos = [kept[names[i]] for i in sorted(idx)]
         splits[split] = [names[i] for i in sorted(idx)]
         if photos:
@@ -497,14 +481,8 @@ def cmd_prepare(args):
             ss, n_ss = pad_stack([p["ss"] for p in photos])
             shards[f"{split}_set"] = [torch.stack([p["image"] for p in photos]), gt, n_gt, ss, n_ss,
                                       torch.stack([p["hw"] for p in photos])]
-    meta = {"kind": DATA_KIND, "script": f"{SCRIPT}.py", "csv": str(Path(args.csv).resolve()),
-            "image_dir": str(image_dir.resolve()), "seed": args.seed, "options": opts, "photos_per_s": photos_per_s,
-            "skipped": {k: v[0] for k, v in skipped.items()}, "skipped_examples": {k: v[1] for k, v in skipped.items()},
-            "size": opts["size"], "search_side": args.search_side, "proposals": args.proposals,
-            "photos": len(kept), "faces": sum(len(p["gt"]) for p in kept.values()), "splits": splits}
-    save_prepared(args.data_dir, shards, meta)
-    print(", ".join(f"{k}: {len(v)} photos" for k, v in splits.items()) + f" -> {args.data_dir}")
-    return 0
+    return shards, {"size": list(args.size), "search_side": args.search_side, "proposals": args.proposals,
+                    "photos": len(kept), "faces": sum(len(p["gt"]) for p in kept.values()), "splits": splits}
 
 
 def train(args, device, out_dir, tb_dir):
@@ -902,6 +880,20 @@ def boxes_inside(boxes, width, height, drawn_on=None, orientation=1):
     return clipped[usable], boxes[~usable].tolist(), boxes[usable & (clipped != boxes).any(1)].tolist(), note
 
 
+def read_job(job):
+    """prepare_photo's start, for a photo_jobs job (path, boxes, opts, seed, the CSV's width and height or None): (the
+    photo, its face boxes G,4 (boxes_inside), its answer {"gt", "outside", "clipped", "note"}), or (None, None,
+    {"error", "detail"}) for a photo that cannot be read. An answer holds numpy arrays, not tensors: a tensor sent from
+    a worker process holds a file descriptor open, and thousands exhaust the process's limit."""
+    path, boxes, _, _, drawn_on = job
+    try:
+        img = load_image(path)
+    except UserError as e:  # not an image, damaged, too many pixels
+        return None, None, {"error": "unreadable photo", "detail": f"{Path(path).name} ({e})"}
+    gt, outside, clipped, note = boxes_inside(boxes, img.width, img.height, drawn_on, img.info["exif_orientation"])
+    return img, gt, {"gt": gt.numpy(), "outside": outside, "clipped": clipped, "note": note}
+
+
 def prepare_photos(jobs, workers, rows_by_photo, skipped):
     """prepare_photo for each {name: job}, in `workers` processes (selective search is the slow part) -> ({name: its
     answer as tensors} of the photos with a face box inside them, photos/s). Unreadable photos and boxes outside
@@ -1222,7 +1214,39 @@ def width_arg(text):
     return parse_number(text, int, 4, 256)
 
 
-# ---- Commands: eval, the parser ----
+# ---- Commands: prepare, eval, the parser ----
+
+
+def cmd_prepare(args):
+    """prepare: the CSV's photos in --image-dir -> prepare_photo's answers, split 80/10/10 by photo (split_indices),
+    written into DATA_DIR as the script's shards (prepared_splits) and meta.json."""
+    image_dir = Path(args.image_dir)
+    if not image_dir.is_dir():
+        kind = "a file, not a folder" if image_dir.exists() else "no such folder"
+        raise UserError(f"{image_dir}: {kind}; pass --image-dir (the folder of the photos)")
+    if not os.access(image_dir, os.R_OK | os.X_OK):   # said, not as every photo an "unusable Name"
+        raise UserError(f"--image-dir {image_dir}: cannot read this folder (permission denied)")
+    rows_by_photo, skipped, sizes = read_boxes_csv(args.csv)
+    if not rows_by_photo:
+        raise UserError(f"{args.csv}: no rows with a usable box" + "".join(
+            f"; {n} x {reason} (e.g. {examples[0]})" for reason, (n, examples) in skipped.items()))
+    opts = prepare_options(args)
+    jobs = photo_jobs(image_dir, rows_by_photo, opts, args.seed, skipped, sizes)
+    kept, photos_per_s = prepare_photos(jobs, args.workers, rows_by_photo, skipped)
+    if not kept:
+        raise UserError(f"{args.csv}: no usable photo in {image_dir} (see the skipped counts above)")
+    names, parts = sorted(kept), split_indices(len(kept), args.seed)
+    if not all(len(idx) for idx in parts[:2]):
+        raise UserError(f"{args.csv}: {len(names)} usable photos leave none for training or validation; "
+                        "prepare needs at least 2")
+    shards, entries = prepared_splits(args, kept, names, parts)
+    meta = {"kind": DATA_KIND, "script": f"{SCRIPT}.py", "csv": str(Path(args.csv).resolve()),
+            "image_dir": str(image_dir.resolve()), "seed": args.seed, "options": opts, "photos_per_s": photos_per_s,
+            "skipped": {k: v[0] for k, v in skipped.items()}, "skipped_examples": {k: v[1] for k, v in skipped.items()},
+            **entries}
+    save_prepared(args.data_dir, shards, meta)
+    print(", ".join(f"{k}: {len(v)} photos" for k, v in meta["splits"].items()) + f" -> {args.data_dir}")
+    return 0
 
 
 def cmd_eval(args):

@@ -191,24 +191,18 @@ def label_regions(proposals, truth, pos_iou, neg_iou, backgrounds, generator):
 
 
 def prepare_photo(job):
-    """Worker: (path, boxes, opts, seed, CSV width and height or None) -> {"crops", "labels", "ious", "gt": numpy
-    arrays, "outside", "clipped": boxes, "note"}, or {"error", "detail"}. Numpy, not torch: a tensor sent from a
-    worker process holds a file descriptor open, and thousands exhaust the process's limit."""
-    path, boxes, opts, seed, drawn_on = job
-    try:
-        img = load_image(path)
-    except UserError as e:  # not an image, damaged, too many pixels
-        return {"error": "unreadable photo", "detail": f"{Path(path).name} ({e})"}
-    gt, outside, clipped, note = boxes_inside(boxes, img.width, img.height, drawn_on, img.info["exif_orientation"])
-    if not len(gt):
-        return {"gt": gt.numpy(), "outside": outside, "clipped": clipped, "note": note}
+    """Worker: a photo_jobs job -> read_job's answer, with the photo's labelled regions if it has a face box: "crops",
+    "labels", "ious", "targets" (numpy arrays)."""
+    img, gt, answer = read_job(job)
+    if img is None or not len(gt):
+        return answer
+    opts, seed = job[2], job[3]
     img = image_to_tensor(img)
     proposals = selective_search(img, opts["search_side"], opts["proposals"])
     boxes, labels, ious, targets = label_regions(proposals, gt, opts["pos_iou"], opts["neg_iou"], opts["backgrounds"],
                                                  torch.Generator().manual_seed(seed))
     return {"crops": crop_regions(img, boxes, opts["crop_size"]).numpy(), "labels": labels.numpy(),
-            "ious": ious.numpy(), "targets": targets.numpy(), "gt": gt.numpy(), "outside": outside,
-            "clipped": clipped, "note": note}
+            "ious": ious.numpy(), "targets": targets.numpy(), **answer}
 
 
 # ---- Model ----
@@ -320,31 +314,19 @@ def run_detector(model, ckpt, photos, truths, device, nms_iou, amp=True):
 
 
 # ---- Commands ----
-def cmd_prepare(args):
-    image_dir = Path(args.image_dir)
-    if not image_dir.is_dir():
-        kind = "a file, not a folder" if image_dir.exists() else "no such folder"
-        raise UserError(f"{image_dir}: {kind}; pass --image-dir (the folder of the photos)")
-    if not os.access(image_dir, os.R_OK | os.X_OK):   # said, not as every photo an "unusable Name"
-        raise UserError(f"--image-dir {image_dir}: cannot read this folder (permission denied)")
-    rows_by_photo, skipped, sizes = read_boxes_csv(args.csv)
-    if not rows_by_photo:
-        raise UserError(f"{args.csv}: no rows with a usable box" + "".join(
-            f"; {n} x {reason} (e.g. {examples[0]})" for reason, (n, examples) in skipped.items()))
+def prepare_options(args):
+    """prepare's settings, passed to every prepare_photo and kept in meta.json."""
     if args.neg_iou > args.pos_iou:
         raise UserError(f"--neg-iou {args.neg_iou} is above --pos-iou {args.pos_iou}: a region would be both", 2)
-    opts = {"search_side": args.search_side, "proposals": args.proposals, "pos_iou": args.pos_iou,
+    return {"search_side": args.search_side, "proposals": args.proposals, "pos_iou": args.pos_iou,
             "neg_iou": args.neg_iou, "backgrounds": args.backgrounds, "crop_size": args.crop_size}
-    jobs = photo_jobs(image_dir, rows_by_photo, opts, args.seed, skipped, sizes)
-    kept, photos_per_s = prepare_photos(jobs, args.workers, rows_by_photo, skipped)
-    if not kept:
-        raise UserError(f"{args.csv}: no usable photo in {image_dir} (see the skipped counts above)")
-    names, shards, splits = sorted(kept), {}, {}
-    if not all(len(idx) for idx in split_indices(len(names), args.seed)[:2]):
-        raise UserError(f"{args.csv}: {len(names)} usable photos leave none for training or validation; "
-                        "prepare needs at least 2")
-    counts, truths = {}, {}
-    for split, idx in zip(("training", "validating", "testing"), split_indices(len(names), args.seed)):
+
+
+def prepared_splits(args, kept, names, parts):
+    """prepare: the photos' answers ({name: prepare_photo's answer}; `names`, sorted, indexed by split_indices'
+    `parts`) -> ({split_set: SHARD_SPEC's tensors}, meta.json's entries: crop counts, photo names, true boxes)."""
+    shards, splits, counts, truths = {}, {}, {}, {}
+    for split, idx in zip(("training", "validating", "testing"), parts):
         photos = [kept[names[i]] for i in sorted(idx)]
         crops = torch.cat([p["crops"] for p in photos] + [torch.zeros(0, 3, args.crop_size, args.crop_size,
                                                                        dtype=torch.uint8)])
@@ -359,13 +341,7 @@ def cmd_prepare(args):
             truths.update({names[i]: kept[names[i]]["gt"].tolist() for i in idx})
         counts[split] = {"photos": len(photos), "crops": len(labels), "faces": int(labels.sum())}
         print(f"{split}: {len(photos)} photos, {len(labels)} crops ({int(labels.sum())} faces)")
-    meta = {"kind": DATA_KIND, "script": f"{SCRIPT}.py", "csv": str(Path(args.csv).resolve()),
-            "image_dir": str(image_dir.resolve()), "seed": args.seed, "options": opts, "photos_per_s": photos_per_s,
-            "skipped": {k: v[0] for k, v in skipped.items()}, "skipped_examples": {k: v[1] for k, v in skipped.items()},
-            "counts": counts, "splits": splits, "boxes": truths}
-    save_prepared(args.data_dir, shards, meta)
-    print(", ".join(f"{k}: {len(v)} photos" for k, v in splits.items()) + f" -> {args.data_dir}")
-    return 0
+    return shards, {"counts": counts, "splits": splits, "boxes": truths}
 
 
 def train(args, device, out_dir, tb_dir):
@@ -760,6 +736,20 @@ def boxes_inside(boxes, width, height, drawn_on=None, orientation=1):
     return clipped[usable], boxes[~usable].tolist(), boxes[usable & (clipped != boxes).any(1)].tolist(), note
 
 
+def read_job(job):
+    """prepare_photo's start, for a photo_jobs job (path, boxes, opts, seed, the CSV's width and height or None): (the
+    photo, its face boxes G,4 (boxes_inside), its answer {"gt", "outside", "clipped", "note"}), or (None, None,
+    {"error", "detail"}) for a photo that cannot be read. An answer holds numpy arrays, not tensors: a tensor sent from
+    a worker process holds a file descriptor open, and thousands exhaust the process's limit."""
+    path, boxes, _, _, drawn_on = job
+    try:
+        img = load_image(path)
+    except UserError as e:  # not an image, damaged, too many pixels
+        return None, None, {"error": "unreadable photo", "detail": f"{Path(path).name} ({e})"}
+    gt, outside, clipped, note = boxes_inside(boxes, img.width, img.height, drawn_on, img.info["exif_orientation"])
+    return img, gt, {"gt": gt.numpy(), "outside": outside, "clipped": clipped, "note": note}
+
+
 def prepare_photos(jobs, workers, rows_by_photo, skipped):
     """prepare_photo for each {name: job}, in `workers` processes (selective search is the slow part) -> ({name: its
     answer as tensors} of the photos with a face box inside them, photos/s). Unreadable photos and boxes outside
@@ -1080,7 +1070,39 @@ def width_arg(text):
     return parse_number(text, int, 4, 256)
 
 
-# ---- Commands: eval, the parser ----
+# ---- Commands: prepare, eval, the parser ----
+
+
+def cmd_prepare(args):
+    """prepare: the CSV's photos in --image-dir -> prepare_photo's answers, split 80/10/10 by photo (split_indices),
+    written into DATA_DIR as the script's shards (prepared_splits) and meta.json."""
+    image_dir = Path(args.image_dir)
+    if not image_dir.is_dir():
+        kind = "a file, not a folder" if image_dir.exists() else "no such folder"
+        raise UserError(f"{image_dir}: {kind}; pass --image-dir (the folder of the photos)")
+    if not os.access(image_dir, os.R_OK | os.X_OK):   # said, not as every photo an "unusable Name"
+        raise UserError(f"--image-dir {image_dir}: cannot read this folder (permission denied)")
+    rows_by_photo, skipped, sizes = read_boxes_csv(args.csv)
+    if not rows_by_photo:
+        raise UserError(f"{args.csv}: no rows with a usable box" + "".join(
+            f"; {n} x {reason} (e.g. {examples[0]})" for reason, (n, examples) in skipped.items()))
+    opts = prepare_options(args)
+    jobs = photo_jobs(image_dir, rows_by_photo, opts, args.seed, skipped, sizes)
+    kept, photos_per_s = prepare_photos(jobs, args.workers, rows_by_photo, skipped)
+    if not kept:
+        raise UserError(f"{args.csv}: no usable photo in {image_dir} (see the skipped counts above)")
+    names, parts = sorted(kept), split_indices(len(kept), args.seed)
+    if not all(len(idx) for idx in parts[:2]):
+        raise UserError(f"{args.csv}: {len(names)} usable photos leave none for training or validation; "
+                        "prepare needs at least 2")
+    shards, entries = prepared_splits(args, kept, names, parts)
+    meta = {"kind": DATA_KIND, "script": f"{SCRIPT}.py", "csv": str(Path(args.csv).resolve()),
+            "image_dir": str(image_dir.resolve()), "seed": args.seed, "options": opts, "photos_per_s": photos_per_s,
+            "skipped": {k: v[0] for k, v in skipped.items()}, "skipped_examples": {k: v[1] for k, v in skipped.items()},
+            **entries}
+    save_prepared(args.data_dir, shards, meta)
+    print(", ".join(f"{k}: {len(v)} photos" for k, v in meta["splits"].items()) + f" -> {args.data_dir}")
+    return 0
 
 
 def cmd_eval(args):
