@@ -360,20 +360,14 @@ def run_epoch(model, data, batches, device, dtype, optimizer=None, scaler=None, 
             logits, offsets = logits.float(), offsets.float()
             loss = detection_loss(logits, offsets, labels, targets)
             if optimizer is not None:
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            hit, face = logits.argmax(1) == labels, labels == 1
-            totals += torch.stack([loss.detach() * len(b), loss.new_tensor(len(b)), (hit & face).sum(), face.sum(),
-                                   (hit & ~face).sum(), (~face).sum(), (offsets[face] - targets[face]).abs().sum() / 4,
-                                   face.sum()]).float()
+                optimizer_step(loss, optimizer, scaler)
+            face = labels == 1
+            totals += torch.stack(label_sums(loss, logits, labels, len(b))
+                                  + [(offsets[face] - targets[face]).abs().sum() / 4, face.sum()]).float()
             bar.update(len(b))
     bar.close()
-    totals = torch.tensor(sum_over_processes(totals.tolist(), device))   # one sync per epoch
-    bacc = (totals[2] / totals[3].clamp(min=1) + totals[4] / totals[5].clamp(min=1)).item() / 2
-    return {"loss": (totals[0] / totals[1].clamp(min=1)).item(), "bacc": bacc,
-            "offset": (totals[6] / totals[7].clamp(min=1)).item()}
+    totals, loss, bacc = epoch_scores(totals, device)
+    return {"loss": loss, "bacc": bacc, "offset": (totals[6] / totals[7].clamp(min=1)).item()}
 
 
 def vote_boxes(kept, boxes, scores, iou):
@@ -487,28 +481,13 @@ def prepared_splits(args, kept, names, parts):
 
 def train(args, device, out_dir, tb_dir):
     """One training run on DATA_DIR's prepared photos; model, checkpoint and history go to out_dir."""
-    seed_everything(args.seed)
-    data_dir = Path(args.data_dir)
-    meta = read_meta(data_dir)
-    rank = rank_and_world()[0]
-    if main_process():
-        out_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint = resume_path(args, out_dir)   # checked before any work
-    writer = open_tensorboard(tb_dir) if tb_dir else None
+    data_dir, rank = Path(args.data_dir), rank_and_world()[0]
+    meta, checkpoint, writer = start_training(args, out_dir, tb_dir)
     size = meta["size"]
     train, val = load_prepared(data_dir, "training_set", size), load_prepared(data_dir, "validating_set", size)
     model_args = {"width": args.width, "samples": ROI_SAMPLES}
-    if checkpoint:   # the network of the run being resumed, whatever --width says now
-        model_args = load_model_file(checkpoint, CHECKPOINT_KEYS)["model_args"]
-    model = build_model(model_args).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
-    dtype = amp_dtype(device, args.amp)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    start_epoch, history, best, bad_epochs = 0, [], -1.0, 0
-    if checkpoint:
-        start_epoch, history, best, bad_epochs = resume_training(checkpoint, model_args, model, optimizer, scaler)
-    scheduler = cosine_schedule(optimizer, args.epochs, start_epoch)
-    step_model = wrap_model(model, device, args.sync_bn)
+    model_args, model, step_model, optimizer, dtype, scaler, scheduler, start_epoch, history, best, bad_epochs = \
+        training_state(args, device, model_args, checkpoint, torch.optim.AdamW, weight_decay=1e-4)
     print(f"{len(train[0])} training / {len(val[0])} validation photos, precision {dtype or torch.float32}")
     if writer:
         writer.add_images("inputs", train[0][:8], 0)
@@ -551,17 +530,9 @@ def train(args, device, out_dir, tb_dir):
               f"  val loss {va['loss']:.3f} bacc {va['bacc']:.2%} offset {va['offset']:.3f} AP50 {ap50:.3f}"
               f"  lr {history[-1]['lr']:.5f}  {time.time() - t0:.1f}s  {len(train[0]) / train_s:.1f} photo/s"
               f"{'  *' if improved else ''}", flush=True)
-    if writer:
-        writer.close()
-    if bad_epochs >= args.patience:
-        print(f"early stop: no better validation AP50 for {args.patience} epochs")
-    result = {"epochs_run": len(history), "best_val": round(best, 6), "test": float("nan"), "metric": "AP@0.5"}
-    if not main_process():
+    result, best_model = end_training(writer, args, out_dir, model, history, best, bad_epochs, "AP50", "AP@0.5")
+    if best_model is None:   # a process other than the main one
         return result
-    if not (out_dir / "model.pt").exists():
-        raise UserError(f"{out_dir}: no epoch finished; nothing to evaluate")
-    best_model = load_model_file(out_dir / "model.pt")
-    model.load_state_dict(best_model["model"])
     calibration = calibrate_scores(out_dir / "model.pt", best_model, detect(model, val[0], val[2], val[3], device,
                                                                             args.nms_iou, amp=args.amp),
                                    photo_boxes(val, size))
@@ -925,6 +896,76 @@ def prepare_photos(jobs, workers, rows_by_photo, skipped):
     for reason, (n, examples) in noted.items():
         print(printable(f"{n} x {reason}: {', '.join(examples)}"))
     return kept, photos_per_s
+
+
+# ---- Training: the run's start, one step, an epoch's label sums, the run's end ----
+
+
+def start_training(args, out_dir, tb_dir):
+    """train's first steps: the seed set, DATA_DIR's meta.json read, out_dir made; returns (meta, the checkpoint that
+    --resume continues, checked before any work, or None; a TensorBoard writer, or None without tb_dir)."""
+    seed_everything(args.seed)
+    meta = read_meta(Path(args.data_dir))
+    if main_process():
+        out_dir.mkdir(parents=True, exist_ok=True)
+    return meta, resume_path(args, out_dir), open_tensorboard(tb_dir) if tb_dir else None
+
+
+def training_state(args, device, model_args, checkpoint, optimizer_class, **options):
+    """What train steps: (model_args, those of the run that `checkpoint` resumes whatever --width says now; the
+    network; its DDP wrapper for the training steps; optimizer_class(its parameters, lr=args.lr, **options); the AMP
+    dtype; the gradient scaler; the cosine schedule; then the resumed run's epochs done, history, best score and epochs
+    without a better one, or 0, [], -1.0, 0)."""
+    if checkpoint:
+        model_args = load_model_file(checkpoint, CHECKPOINT_KEYS)["model_args"]
+    model = build_model(model_args).to(device)
+    optimizer = optimizer_class(model.parameters(), lr=args.lr, **options)
+    dtype = amp_dtype(device, args.amp)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    done = resume_training(checkpoint, model_args, model, optimizer, scaler) if checkpoint else (0, [], -1.0, 0)
+    scheduler = cosine_schedule(optimizer, args.epochs, done[0])
+    return (model_args, model, wrap_model(model, device, args.sync_bn), optimizer, dtype, scaler, scheduler, *done)
+
+
+def optimizer_step(loss, optimizer, scaler):
+    """One training step on a batch's loss (scaled by `scaler` for float16)."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+
+
+def label_sums(loss, logits, labels, n):
+    """run_epoch's sums over a batch of n: loss * n, n, correct faces, faces, correct background, background (tensors
+    on the device: no sync per batch)."""
+    hit, face = logits.argmax(1) == labels, labels == 1
+    return [loss.detach() * n, loss.new_tensor(n), (hit & face).sum(), face.sum(), (hit & ~face).sum(), (~face).sum()]
+
+
+def epoch_scores(totals, device):
+    """run_epoch's sums (label_sums' first) added over all processes, one sync per epoch -> (the sums, the mean loss,
+    the balanced label accuracy)."""
+    totals = torch.tensor(sum_over_processes(totals.tolist(), device))
+    bacc = (totals[2] / totals[3].clamp(min=1) + totals[4] / totals[5].clamp(min=1)).item() / 2
+    return totals, (totals[0] / totals[1].clamp(min=1)).item(), bacc
+
+
+def end_training(writer, args, out_dir, model, history, best, bad_epochs, measure, metric):
+    """train's end: the writer closed, an early stop said (no better validation `measure`); returns (the run's result,
+    its test score NaN until the script scores it; model.pt's entries with their weights loaded into `model`, or None
+    on a process other than the main one)."""
+    if writer:
+        writer.close()
+    if bad_epochs >= args.patience:
+        print(f"early stop: no better validation {measure} for {args.patience} epochs")
+    result = {"epochs_run": len(history), "best_val": round(best, 6), "test": float("nan"), "metric": metric}
+    if not main_process():
+        return result, None
+    if not (out_dir / "model.pt").exists():
+        raise UserError(f"{out_dir}: no epoch finished; nothing to evaluate")
+    best_model = load_model_file(out_dir / "model.pt")
+    model.load_state_dict(best_model["model"])
+    return result, best_model
 
 
 # ---- Scoring detections: matching, AP, calibration ----
