@@ -137,8 +137,6 @@ MODEL_KEYS = ("model", "model_args", "size", "search_side", "proposals")    # wh
 
 
 # ---- Data ----
-
-
 def letterbox_geometry(width, height, size):
     """Resized width, height and offsets that put a width x height photo in the middle of size = (W, H)."""
     scale = min(size[0] / width, size[1] / height)
@@ -227,13 +225,6 @@ def unpad(boxes, counts):
     return [b[:int(n)] for b, n in zip(boxes, counts)]
 
 
-def preprocess(images):
-    """uint8 B,3,H,W -> normalised float: the only input transform train and eval both use."""
-    mean = images.new_tensor(MEAN, dtype=torch.float32).view(1, 3, 1, 1)
-    std = images.new_tensor(STD, dtype=torch.float32).view(1, 3, 1, 1)
-    return (images.float() / 255 - mean) / std
-
-
 # ---- Model ----
 class FastRCNN(nn.Module):
     """Small ResNet trunk (stride 16) with a stride-8 merged map, RoI Align, then class and box heads."""
@@ -299,8 +290,6 @@ def roi_batch(rois):
 
 
 # ---- Train / evaluate helpers ----
-
-
 def sample_rois(proposals, gt, generator, n_rois=ROIS_PER_PHOTO, pos_fraction=POS_FRACTION):
     """IoU labelling of one photo's proposals (+ its true boxes): up to n_rois*pos_fraction faces, rest background.
 
@@ -356,7 +345,7 @@ def run_epoch(model, data, batches, device, dtype, optimizer=None, scaler=None, 
             rois, labels, targets = zip(*(sample_rois(pi, gi, generator) for pi, gi in zip(p, g)))
             labels, targets = torch.cat(labels).to(device), torch.cat(targets).to(device)
             with autocast(device, dtype):
-                logits, offsets = model(preprocess(x.to(device)), [r.to(device) for r in rois])
+                logits, offsets = model(preprocess(x, device), [r.to(device) for r in rois])
             logits, offsets = logits.float(), offsets.float()
             loss = detection_loss(logits, offsets, labels, targets)
             if optimizer is not None:
@@ -414,7 +403,7 @@ def detect(model, images, props, sizes, device, nms_iou, regress=True, calibrati
     results = []
     size, dtype = (images.shape[-1], images.shape[-2]), amp_dtype(device, amp)
     for start in range(0, len(images), batch_size):
-        x = preprocess(images[start:start + batch_size].to(device))
+        x = preprocess(images[start:start + batch_size], device)
         rois = roi_batch([p.cpu() for p in props[start:start + batch_size]])   # K,5
         maps = {}   # the feature maps of the photos and their mirror images, computed once
         log_odds, boxes = score_views(model, x, rois, (False,), device, dtype, maps)
@@ -581,8 +570,6 @@ def predict(net, info, device, args, images, looks=None):
             for (boxes, scores), f, img in zip(dets, factors, images)]
 
 
-
-
 def parse_size(text):
     try:
         w, h = (int(v) for v in text.lower().split("x"))
@@ -614,7 +601,7 @@ def build_parser():
 # ==== Common to the two face scripts (rcnn_faces.py, fast_rcnn_faces.py): keep identical ====
 # What both face detectors do alike. A fix in one script is copied to the other (tests/test_hostile.py checks).
 
-# ---- Selective search, splits, box offsets, the ResNet shortcut and stage, the schedule ----
+# ---- Selective search, preprocess, splits, box offsets, the ResNet shortcut and stage, the schedule ----
 
 
 # srand() for search_regions: OpenCV's Windows wheels use the Universal C runtime's rand(), not msvcrt's
@@ -630,6 +617,15 @@ def search_regions(rgb, limit):
     C_RAND.srand(1)  # OpenCV ranks the regions with C's rand(): from its first state, a photo's regions never vary
     rects = torch.as_tensor(search.process()[:limit], dtype=torch.float32).reshape(-1, 4)
     return box_convert(rects, "xywh", "xyxy")
+
+
+def preprocess(images, device):
+    """uint8 B,3,H,W images (region crops, letterboxed photos) -> normalised float on `device`, channels_last as the
+    network: the only input path of train and eval."""
+    x = images.to(device, non_blocking=True).float().div_(255)
+    mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(STD, device=device).view(1, 3, 1, 1)
+    return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
 
 
 def split_indices(n, seed, fractions=(0.8, 0.1, 0.1)):

@@ -16,9 +16,8 @@ true boxes (face / background), cuts them out as uint8 crops and splits the phot
 of a photo stay in one split). train fits the crop classifier and, at the end, runs the whole detector
 on the test photos (AP@0.5, recall, face-count RMSE). eval moves each region by the offsets the network
 predicts, then NMS, and draws the detected faces.
-Result (2,000-photo Kaggle set, 1,600 photos for training, the defaults: 10 epochs, 19 minutes of `train` on an
-idle 2-core AVX2 CPU, 8 on one with AVX512): AP@0.5 0.823-0.836 and face-count RMSE 1.62-1.70 on the 200 test
-photos over two runs (boxes scoring >= 0.5; without the box head: AP 0.557); eval 0.74 s per photo.
+Result (2,000-photo Kaggle set, the defaults: 10 epochs, 19 minutes of `train` on an idle 2-core AVX2 CPU, 8 with
+AVX512): AP@0.5 0.823-0.836, face-count RMSE 1.62-1.70 (boxes >= 0.5) on 200 test photos, two runs; eval 0.74 s a photo.
 """
 import argparse
 import asyncio
@@ -112,18 +111,15 @@ ASPECT_RANGE = (0.4, 2.5)  # w/h of proposals kept; 98% of true faces are within
 DEDUP_IOU = 0.9          # near-identical proposals are scored once
 SEARCH_PROCESSES = max(2, (os.cpu_count() or 2) * 3 // 4)   # eval: selective search (0.9 CPU-s a photo at
                          # 400 px, 3x the network's time) in processes, one photo each, as eval scores others
-# Labelling. The tutorial used face > 0.7, background < 0.3, 10 backgrounds per photo; only 25% of the true
-# faces have a proposal above 0.7 IoU but 79% one above 0.5, and on validation photos face > 0.5 with 30
-# backgrounds per photo scored AP@0.5 0.54 against 0.47 (same net, 4 epochs). --pos-iou 0.7 --backgrounds 10
-# gives the tutorial's labelling.
+# Labelling: face > 0.5 IoU and 30 backgrounds per photo, not the tutorial's 0.7 and 10 (only 25% of the true faces
+# have a proposal above 0.7, 79% one above 0.5): validation AP@0.5 0.54 against 0.47 (benchmarks/RESULTS.md).
+# --pos-iou 0.7 --backgrounds 10 gives the tutorial's labelling.
 POS_IOU, NEG_IOU, BACKGROUNDS = 0.5, 0.3, 30
 EPOCHS = 10              # an epoch of 1,600 photos (78,000 crops): 85 s on an idle 2-core CPU; a default train 19 min
 BATCH_SIZE, LR = 128, 1e-3   # crops per step; Adam's learning rate, cosine decay from it (--batch-size, --lr)
 CROP_SIZE = 32
-CPU_BF16 = False         # bf16 on a native-bf16 CPU: epochs 1.35x faster, but test AP 0.818 vs 0.836 (one run
-                         # each, benchmarks/RESULTS.md): not proven as accurate, so fp32
-WIDTH = 16               # channels of the first ResNet stage (torchvision's resnet18 uses 64); 16 scores
-                         # a photo's ~770 regions in 0.25 CPU-s, 32 takes about 3x as long
+CPU_BF16 = False         # native bf16: epochs 1.35x faster, test AP 0.818 vs 0.836 (benchmarks/RESULTS.md): fp32
+WIDTH = 16               # channels of the first ResNet stage (resnet18: 64): 16 scores a photo in 0.25 CPU-s, 32 in 3x
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # THRESHOLD: train calibrates the scores so that 0.5 counts the validation photos' faces best (fit_calibration);
 # NMS at IoU 0.3 gave the lowest count RMSE too (AP@0.5 0.795; 0.804 at 0.4)
@@ -142,8 +138,6 @@ MODEL_KEYS = ("model", "model_args", "crop_size", "search_side")       # what ev
 
 
 # ---- Data ----
-
-
 def selective_search(img, search_side, max_proposals=MAX_PROPOSALS):
     """Selective search (fast mode) on a copy with longest side `search_side`; K,4 xyxy boxes in `img` pixels."""
     rgb = np.ascontiguousarray(img.permute(1, 2, 0).numpy())  # H,W,3
@@ -165,15 +159,6 @@ def crop_regions(img, boxes, crop_size):
     return crops.round().clamp(0, 255).to(torch.uint8)
 
 
-def preprocess(crops, device):
-    """uint8 K,3,S,S crops -> normalised float on `device`, channels_last as the network; the only input path of
-    train and eval."""
-    x = crops.to(device, non_blocking=True).float().div_(255)
-    mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(STD, device=device).view(1, 3, 1, 1)
-    return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
-
-
 def label_regions(proposals, truth, pos_iou, neg_iou, backgrounds, generator):
     """Training regions of one photo: the true boxes and proposals with IoU > pos_iou are faces (1);
     `backgrounds` random proposals with IoU < neg_iou for every true box are background (0).
@@ -184,7 +169,7 @@ def label_regions(proposals, truth, pos_iou, neg_iou, backgrounds, generator):
     candidates = (best < neg_iou).nonzero().flatten()
     chosen = candidates[torch.randperm(len(candidates), generator=generator)[:backgrounds]]
     boxes = torch.cat([truth, faces, proposals[chosen]])
-    labels = torch.cat([torch.ones(len(truth) + len(faces), dtype=torch.int64), torch.zeros(len(chosen), dtype=torch.int64)])
+    labels = (torch.arange(len(boxes)) < len(truth) + len(faces)).long()   # faces, then background
     targets = torch.cat([torch.zeros(len(truth), 4), encode_offsets(truth[match[best > pos_iou]], faces),
                          torch.zeros(len(chosen), 4)])
     return boxes, labels, torch.cat([torch.ones(len(truth)), best[best > pos_iou], best[chosen]]), targets
@@ -234,8 +219,6 @@ def build_model(model_args):
 
 
 # ---- Train / evaluate helpers ----
-
-
 def run_epoch(model, data, batches, device, dtype, optimizer=None, scaler=None, generator=None):
     """One pass over the crop index `batches` (random horizontal flips when training); the loss is cross-entropy
     plus, for a network with a box head, smooth L1 on the faces' offsets. The numbers are summed over all
@@ -433,15 +416,11 @@ def look(img, info):
 def predict(net, info, device, args, images, looks=None):
     """PIL photos (and their looks, if taken before) -> eval's JSON objects {"boxes": [...]}, in photo pixels,
     best first."""
-    results = []
-    for (x, proposals, factor), img in zip(looks or [look(img, info) for img in images], images):
-        boxes, scores = detect(net, x, proposals, info["crop_size"], device, args.nms_iou,
-                               info.get("calibration", (1.0, 0.0)))
-        boxes = clip_boxes_to_image(boxes * factor, (img.height, img.width))
-        results.append({"boxes": found_boxes(boxes, scores, args.threshold)})
-    return results
-
-
+    looks = looks or [look(img, info) for img in images]
+    dets = [detect(net, x, proposals, info["crop_size"], device, args.nms_iou, info.get("calibration", (1.0, 0.0)))
+            for x, proposals, _ in looks]
+    return [{"boxes": found_boxes(clip_boxes_to_image(boxes * f, (img.height, img.width)), scores, args.threshold)}
+            for (boxes, scores), (_, _, f), img in zip(dets, looks, images)]
 
 
 def build_parser():
@@ -469,7 +448,7 @@ def build_parser():
 # ==== Common to the two face scripts (rcnn_faces.py, fast_rcnn_faces.py): keep identical ====
 # What both face detectors do alike. A fix in one script is copied to the other (tests/test_hostile.py checks).
 
-# ---- Selective search, splits, box offsets, the ResNet shortcut and stage, the schedule ----
+# ---- Selective search, preprocess, splits, box offsets, the ResNet shortcut and stage, the schedule ----
 
 
 # srand() for search_regions: OpenCV's Windows wheels use the Universal C runtime's rand(), not msvcrt's
@@ -485,6 +464,15 @@ def search_regions(rgb, limit):
     C_RAND.srand(1)  # OpenCV ranks the regions with C's rand(): from its first state, a photo's regions never vary
     rects = torch.as_tensor(search.process()[:limit], dtype=torch.float32).reshape(-1, 4)
     return box_convert(rects, "xywh", "xyxy")
+
+
+def preprocess(images, device):
+    """uint8 B,3,H,W images (region crops, letterboxed photos) -> normalised float on `device`, channels_last as the
+    network: the only input path of train and eval."""
+    x = images.to(device, non_blocking=True).float().div_(255)
+    mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(STD, device=device).view(1, 3, 1, 1)
+    return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
 
 
 def split_indices(n, seed, fractions=(0.8, 0.1, 0.1)):
