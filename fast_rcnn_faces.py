@@ -13,10 +13,9 @@ Data layout: a folder of photos plus a Kaggle-style CSV with one row per face,
 they were drawn on; a photo resized since gets its boxes scaled).
 Each photo is letterboxed (black borders) to --size WxH (384x256); proposals are selective search on a small copy
 of the photo plus a fixed multi-scale grid of square-ish windows (small faces are missed by selective search).
-Result: AP@0.5 0.885-0.906 and face-count RMSE 1.26-1.51 (boxes >= 0.5) on 200 test photos over four runs of the
-default 24 epochs on 1,600 training photos (18.5 minutes with native bf16; ~44 estimated on a 2-core AVX2 CPU);
-16 epochs: 0.848-0.885 over four runs. Eval 0.10-0.12 s per photo on a 2-core CPU with AVX512 (~0.22 expected with
-AVX2 only); it looks at likely faces twice (photo and mirror) and averages each face's boxes.
+Result (the defaults: 24 epochs on 1,600 training photos, 18.5 minutes with native bf16, ~44 estimated on a 2-core
+AVX2 CPU): AP@0.5 0.885-0.906, face-count RMSE 1.26-1.51 (boxes >= 0.5) on 200 test photos over four runs. Eval
+looks at likely faces twice (photo and mirror), averaging each face's boxes: 0.10-0.12 s a photo with AVX512.
 """
 import argparse
 import asyncio
@@ -434,7 +433,7 @@ def detect(model, images, props, sizes, device, nms_iou, regress=True, calibrati
 
 
 def load_prepared(data_dir, name, size):
-    """One split: uint8 images N,3,S,S, list of true boxes, list of proposals (selective search + windows), sizes N,2."""
+    """One split: uint8 images N,3,S,S, true boxes and proposals (selective search + windows) per photo, sizes N,2."""
     images, gt, n_gt, ss, n_ss, sizes = read_split(data_dir, name)
     props = [photo_proposals(s, w, h, size) for s, (w, h) in zip(unpad(ss, n_ss), sizes.tolist())]
     return images, unpad(gt, n_gt), props, sizes
@@ -503,10 +502,10 @@ def train(args, device, out_dir, tb_dir):
         ap50 = mean_over_processes([score["ap50"]], 1, device)[0]
         improved = ap50 > best
         best, bad_epochs = (ap50, 0) if improved else (best, bad_epochs + 1)
-        history.append({"epoch": epoch, "train_loss": tr["loss"], "train_bacc": tr["bacc"], "train_offset": tr["offset"],
-                        "val_loss": va["loss"], "val_bacc": va["bacc"], "val_offset": va["offset"],
-                        "val_ap50": ap50, "lr": lr, "steps": len(batches), "seconds": time.time() - t0,
-                        "photos_per_s": len(train[0]) / train_s})
+        history.append({"epoch": epoch, "train_loss": tr["loss"], "train_bacc": tr["bacc"],
+                        "train_offset": tr["offset"], "val_loss": va["loss"], "val_bacc": va["bacc"],
+                        "val_offset": va["offset"], "val_ap50": ap50, "lr": lr, "steps": len(batches),
+                        "seconds": time.time() - t0, "photos_per_s": len(train[0]) / train_s})
         if main_process():   # the epoch is saved before its line is printed
             log_epoch(writer, history[-1], model, args.histogram_every)
             best_model = {"model_args": model_args, "size": meta["size"], "search_side": meta["search_side"],
@@ -515,9 +514,9 @@ def train(args, device, out_dir, tb_dir):
                        {"epoch": epoch, "history": history, "best_score": best, "bad_epochs": bad_epochs,
                         "model_args": model_args}, best_model if improved else None,
                        ["train_loss", "val_loss", "val_bacc", "val_ap50"])
-        print(f"epoch {epoch}/{args.epochs}  train loss {tr['loss']:.3f} bacc {tr['bacc']:.2%} offset {tr['offset']:.3f}"
-              f"  val loss {va['loss']:.3f} bacc {va['bacc']:.2%} offset {va['offset']:.3f} AP50 {ap50:.3f}"
-              f"  lr {history[-1]['lr']:.5f}  {time.time() - t0:.1f}s  {len(train[0]) / train_s:.1f} photo/s"
+        print(f"epoch {epoch}/{args.epochs}  train loss {tr['loss']:.3f} bacc {tr['bacc']:.2%} offset "
+              f"{tr['offset']:.3f}  val loss {va['loss']:.3f} bacc {va['bacc']:.2%} offset {va['offset']:.3f} AP50 "
+              f"{ap50:.3f}  lr {history[-1]['lr']:.5f}  {time.time() - t0:.1f}s  {len(train[0]) / train_s:.1f} photo/s"
               f"{'  *' if improved else ''}", flush=True)
     result, best_model = end_training(writer, args, out_dir, model, history, best, bad_epochs, "AP50", "AP@0.5")
     if best_model is None:   # a process other than the main one
@@ -1181,7 +1180,8 @@ class OutputFiles:
                     raise UserError(f"--output-dir {self.output_dir} holds the input folder {folder}: its photos "
                                     f"would pass for annotated copies; write them elsewhere (e.g. "
                                     f"{Path(folder) / 'annotated'})", 2)
-            ours = [p for p in inputs if where in Path(os.path.realpath(p)).parents and os.path.realpath(p) not in named]
+            ours = [p for p in inputs
+                    if where in Path(os.path.realpath(p)).parents and os.path.realpath(p) not in named]
             inputs[:] = [p for p in inputs if p not in ours]
             if ours and not inputs:
                 raise UserError(f"no images but the annotated copies in --output-dir {self.output_dir}")

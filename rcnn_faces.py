@@ -1028,7 +1028,8 @@ class OutputFiles:
                     raise UserError(f"--output-dir {self.output_dir} holds the input folder {folder}: its photos "
                                     f"would pass for annotated copies; write them elsewhere (e.g. "
                                     f"{Path(folder) / 'annotated'})", 2)
-            ours = [p for p in inputs if where in Path(os.path.realpath(p)).parents and os.path.realpath(p) not in named]
+            ours = [p for p in inputs
+                    if where in Path(os.path.realpath(p)).parents and os.path.realpath(p) not in named]
             inputs[:] = [p for p in inputs if p not in ours]
             if ours and not inputs:
                 raise UserError(f"no images but the annotated copies in --output-dir {self.output_dir}")
