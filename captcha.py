@@ -115,64 +115,31 @@ OUTSIDE = "characters outside the charset: "   # a skip reason, followed by the 
 LABEL_HEADERS = {"file", "filename", "file_name", "name", "image", "image_name", "img", "path", "filepath",
                  "file_path", "image_path"}   # the file column of an optional header (lower case, '_' for spaces)
 CODE_HEADERS = {"code", "label", "text", "captcha", "answer", "solution", "value", "truth"}   # its code column
-# Input 40 px high, as wide as the images' median aspect ratio (a multiple of 8): 40x96 for 120x50 captchas,
-# 40x160 for 200x50 ones. The tutorial resized to 24x56 and ran a full ResNet-18 on it at 45 images/s here;
-# 40 px keeps strokes 1-2 px wide, and a stride-2 stem makes the network cheaper than the tutorial's.
+# The measured reasons for the constants below: benchmarks/RESULTS.md, "Why the captcha recipe's constants are what
+# they are". Input 40 px high (strokes stay 1-2 px wide), as wide as the images' median aspect ratio (a multiple of 8)
 IMAGE_HEIGHT = 40
 WIDTH_RANGE = (48, 256)
 ASPECT_SAMPLE = 200       # images whose size decides the width with --image-size auto
 # Split: validation and test each take 10% (at most 1,000 images); a set under 2,000 images keeps no test split
-# (its validation score is the estimate) so that a few hundred labels are not spent on testing.
 SPLIT_FRACTION, SPLIT_MAX, TEST_MIN_SET = 0.1, 1000, 2000
 # train's defaults (--epochs, --patience, --batch-size, --lr): AdamW, one-cycle schedule peaking at LR
 EPOCHS, PATIENCE, BATCH_SIZE, LR = 60, 20, 128, 3e-3
-# An epoch is at least EPOCH_SIZE training images: a small set is repeated (each copy augmented afresh), so the
-# schedule has enough optimizer steps and early stopping still judges whole epochs.
-EPOCH_SIZE = 5000
-# A validation split of under RANK_MIN codes cannot rank epochs (a code is 2 points or more): train then runs the
-# whole schedule and keeps the last epoch's model. Such a split reads all or nearly all codes early, at a high
-# learning rate, and the model it chose was the worse one whenever that came early: on 2,000 held-out captchas, 360
-# labels (40 codes) epoch 17 of 60 (early stop at 37) read 94.50%, the last epoch 98.00%; 225 labels (25 codes),
-# three sets: 94.60%, 95.05%, 95.75% chosen, 95.95%, 94.85%, 95.65% last. Where it chose a late epoch the last one
-# read 0.1 to 0.35 points less (300 labels, 33 codes: 98.90% / 98.60%; 450, 50 codes: 99.30% / 99.15%, 99.55% /
-# 99.20%): from 50 codes on, validation still chooses.
-RANK_MIN = 50
-# --augment auto: full strength up to AUGMENT_FULL training images, then (AUGMENT_FULL / N) ** 0.75 (0.19 at
-# 10,000, 0.11 at 18,000) for a run of AUGMENT_PASSES passes over them, times (passes / AUGMENT_PASSES) ** 0.6
-# (at most 1). Distortions pay where each image is seen many times, not on plentiful data: on 22,000 generated
-# captchas, 2 epochs, strength 1.0 read 18% of validation, 0.3 read 68%, 0 read 77%; on 18,000, 24 epochs,
-# 0.11 ended at 99.5% training / 93.3% validation exact-match, 0.3 at 98.3% / 94.3% (held-out 93.35% -> 93.65%).
+EPOCH_SIZE = 5000         # training images per epoch at least: a smaller set repeats, each copy augmented afresh
+RANK_MIN = 50             # fewer validation codes do not rank epochs: the whole schedule runs, the last model is kept
+# --augment auto: 1 up to AUGMENT_FULL training images, then (AUGMENT_FULL / N) ** 0.75 * (passes / AUGMENT_PASSES)
+# ** 0.6 (at most 1); under AUGMENT_FEW images (AUGMENT_FEW / N) ** 0.6, at most AUGMENT_MAX
 AUGMENT_FULL, AUGMENT_PASSES = 1000, 5
-# Under AUGMENT_FEW training images (seen many times) stronger still: (AUGMENT_FEW / N) ** 0.6, at most AUGMENT_MAX
-# (1.5 from 225 images on). 225 labels of a plain kind: 1.0 read 90.15% of 2,000 tuning captchas, 1.5 95.05%, 2.0
-# 94.75%; 450 labels: 1.0 99.35% and 99.40% (two sets), 1.5 99.00% and 97.90%.
 AUGMENT_FEW, AUGMENT_MAX = 450, 1.5
-# The strength rises linearly over the first AUGMENT_RAMP of the epochs, from 1/ramp of its value: the reader
-# learns to read first, then to read through distortions. 1,000 captchas, 20,000 images seen: constant strength
-# 1.0 read 3.5% of 2,000 held-out captchas, 0.5 read 23.2%.
-AUGMENT_RAMP = 0.25
-# Under this many training images, train suggests --init: a reader first trained on 18,000 generated captchas of
-# another style (Hei, 120x50, 4 characters) read 80.4% of held-out captchas after 14 epochs on 900 labels of the
-# dark 200x50 style, 5-6 characters; the same run from random weights read 63.7% (67.0% after 60 epochs). On one
-# font and 19 characters the quick start's reader gained nothing (450 labels: 99.40% against 99.30%; 225: less).
-FEW_LABELS = 5000
+AUGMENT_RAMP = 0.25       # the strength rises linearly over this share of the epochs, from 1/ramp of its value
+FEW_LABELS = 5000         # under this many training images, train suggests --init (a reader of generated captchas)
 CPU_BF16 = True          # bf16 autocast on CPUs with native bf16 (AVX512-BF16/AMX): 1.7x faster training
 # eval reads each captcha in 5 views, shifted by one pixel each way, and averages the log-probabilities (the
-# confidence is calibrated on the same views). On 2,000 held-out captchas: a reader of 18,000 generated captchas
-# 93.2% -> 94.5% exact-match; readers trained on 900 labels 80.4% -> 83.4%, 83.0% -> 84.9%, on 450 69.1% -> 72.5%.
+# confidence is calibrated on the same views)
 VIEWS = ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1))   # (dx, dy) in pixels of the model's input
 CALIBRATION_MIN = 3      # right and wrong validation codes each that a calibration needs (else: the raw confidence)
-# A validation split read (nearly) all right gives Platt scaling no slope, and the raw confidence is far too low
-# (label smoothing: ~0.6 for a code read right). Its images are then read again under the training distortions at
-# full strength, CALIBRATION_READS reads in all, and the calibration fitted on both. 936 labels of a plain style,
-# 104 validation codes all right: on 2,000 held-out captchas (99.60% read) the raw confidence averaged 0.60 and
-# none reached 0.9 (Brier score 0.157); fitted with 1,976 distorted reads (37 wrong): 0.995, 1,991 codes >= 0.9, of
-# them 99.75% right (Brier 0.0034).
+# A validation split read (nearly) all right, or of under CALIBRATION_CODES codes, is read again under the training
+# distortions at full strength, CALIBRATION_READS reads in all, and the calibration (Platt scaling) fitted on both
 CALIBRATION_READS = 2000
-# So is a split of under CALIBRATION_CODES codes: Platt's targets hold a right code's chance near (n + 1) / (n + 2) of
-# its n right codes. 225 labels, 25 validation codes (5 wrong): on 2,000 held-out captchas (90.7% read) the codes
-# alone gave no code 0.9 (mean 0.79, Brier 0.081); with 1,975 distorted reads 422 codes >= 0.9, 99.8% of them right
-# (mean 0.82, Brier 0.074).
 CALIBRATION_CODES = 100
 
 
@@ -485,9 +452,7 @@ class CaptchaNet(nn.Module):
         for _ in range(len(widths)):  # stem + 3 strided stages
             h, w = (h + 1) // 2, (w + 1) // 2
         # Head: each code position has a learned query that attends over the feature map's places (plus a
-        # learned position code), and ONE classifier reads every position. The tutorial-style head (flatten,
-        # then a linear layer per position) learns each character 4 times over; measured on 4,000 training
-        # captchas, 8 epochs: 20.6% vs 10.0% test exact-match (68.8% vs 55.0% per character), same speed.
+        # learned position code), and ONE classifier reads every position (measured: benchmarks/RESULTS.md).
         self.positions = nn.Parameter(torch.randn(c_in, h * w) * 0.02)
         self.queries = nn.Parameter(torch.randn(length, c_in) * c_in ** -0.5)
         # A learned prior over the places, started as "character i sits in the i-th slice of the width": without
@@ -855,11 +820,7 @@ def cmd_prepare(args):
 
 def improves(acc, loss, best, best_loss):
     """Is this epoch's model better than the best so far? Higher validation exact-match; at the same exact-match,
-    once some code is read, lower validation loss. A small validation split (50-100 codes) reaches its best
-    exact-match early, at a high learning rate, and only ties it later: the first model to reach it is rarely the
-    best one (900 labels: held-out 98.40% with the model of epoch 9, 99.35% with the lowest-loss one; 450 labels,
-    98% of 50 from epoch 23: 98.35% early-stopped at epoch 43, 99.30% going on). At 0% the loss of a model that
-    does not learn still moves with its BatchNorm statistics, so there the first model stays."""
+    once some code is read, lower validation loss (why: benchmarks/RESULTS.md)."""
     return acc > best or (acc == best > 0 and loss < best_loss)
 
 
