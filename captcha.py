@@ -51,6 +51,7 @@ import unicodedata
 import urllib.parse
 import warnings
 import zipfile
+from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from functools import cache, partial
@@ -284,28 +285,25 @@ def read_labels(path, image_dir):
         return text.startswith("#") and (sep not in text if sep else text[1:2] in ("", " "))
 
     first = next((line for line in lines if line.strip() and not comment(line)), "")   # a header, if any
-    words = [w.lower() for w in first.split()]   # a header of the `file code` form sets how many fields a line has
-    fields = len(words) if not any(Path(w).suffix in IMAGE_EXTS for w in words) and (
-        any(w in LABEL_HEADERS for w in words) or any(w in CODE_HEADERS for w in words[1:])) else 2
+    fields = len(first.split()) if header_names(first.split()) else 2   # as many as a `file code` header names
     split = ((lambda line: line.split("\t")) if sep == "\t" else
              (lambda line: next(csv.reader([line], delimiter=sep, skipinitialspace=True), [])) if sep else
              (lambda line: line.split(None, fields - 1)))
-    labels, skipped, mentioned, columns, named = {}, {}, set(), (0, 1), False
+    labels, skipped, mentioned, columns, named = {}, defaultdict(list), set(), (0, 1), False
     folder = Path(image_dir).absolute()   # names as written, for the files counted "not in the labels file"
     for number, line in enumerate(lines, 1):
         if comment(line):
             continue
         if len(line) > MAX_LABEL_LINE:
-            skipped.setdefault(f"line over {MAX_LABEL_LINE} characters", []).append(f"line {number}")
+            skipped[f"line over {MAX_LABEL_LINE} characters"].append(f"line {number}")
             continue
         row = [cell.strip() for cell in split(line)]
         while len(row) > 2 and not row[-1]:   # `file,code,`: a trailing comma is no third field
             row.pop()
         if not any(row):
             continue
-        names = [cell.lower().replace(" ", "_") for cell in row] if line is first else []   # a header's words
-        if (any(n in LABEL_HEADERS for n in names) or any(n in CODE_HEADERS for n in names[1:])) \
-                and not any(Path(cell).suffix.lower() in IMAGE_EXTS or image_in(root, cell) for cell in row):
+        names = line is first and header_names(row, root)
+        if names:
             file_column = next((i for i, n in enumerate(names) if n in LABEL_HEADERS), 0)
             code_column = next((i for i, n in enumerate(names) if i != file_column and n in CODE_HEADERS),
                                1 - file_column if len(row) == 2 else None)
@@ -318,8 +316,8 @@ def read_labels(path, image_dir):
             mentioned.add(os.path.normpath(folder / row[columns[0]]))
         if len(row) > 2 and not named or sep is None and len(row) - 1 == columns[1] and len(row[-1].split()) > 1:
             # file,code,more or `file code more`: which field is the code?
-            skipped.setdefault("line of more than two fields (a header naming the code column says which)",
-                               []).append(f"line {number}")
+            skipped["line of more than two fields (a header naming the code column says which)"].append(
+                f"line {number}")
             continue
         name, code = (row[i] if len(row) > i else "" for i in columns)
         try:   # nothing outside image_dir is looked at beyond where the name leads
@@ -334,30 +332,38 @@ def read_labels(path, image_dir):
                     kind = "above"
                     mentioned.add(below)
         except (OSError, ValueError, RuntimeError):   # a NUL byte, a name too long, a symlink loop
-            skipped.setdefault("unusable file name", []).append(f"line {number}")
+            skipped["unusable file name"].append(f"line {number}")
             continue
         if name:
             mentioned.add(target)
         if not name or not code:
-            skipped.setdefault("line without a code" if name else "line without a file name" if code else
-                               "line without a file name and a code (tab, comma, semicolon or space separated)",
-                               []).append(f"line {number}")
+            skipped["line without a code" if name else "line without a file name" if code else
+                    "line without a file name and a code (tab, comma, semicolon or space separated)"].append(
+                f"line {number}")
         elif kind == "outside":
-            skipped.setdefault("file outside --image-dir", []).append(name)
+            skipped["file outside --image-dir"].append(name)
         elif kind == "link":
-            skipped.setdefault("a link leading out of --image-dir (links are followed inside it only)", []).append(name)
+            skipped["a link leading out of --image-dir (links are followed inside it only)"].append(name)
         elif kind == "above":
-            skipped.setdefault(f"listed file not found: names are read inside --image-dir, and these begin with its "
-                               f"own name {Path(name).parts[0]!r} (pass the folder above it as --image-dir)",
-                               []).append(name)
+            skipped[f"listed file not found: names are read inside --image-dir, and these begin with its own name "
+                    f"{Path(name).parts[0]!r} (pass the folder above it as --image-dir)"].append(name)
         elif kind != "file":
-            skipped.setdefault("listed file not found" if kind == "missing" else "listed, not a regular file",
-                               []).append(name[:80])
+            skipped["listed file not found" if kind == "missing" else "listed, not a regular file"].append(name[:80])
         elif target in labels:
-            skipped.setdefault("file listed twice (first code kept)", []).append(name)
+            skipped["file listed twice (first code kept)"].append(name)
         else:
             labels[target] = code
-    return labels, skipped, mentioned
+    return labels, dict(skipped), mentioned
+
+
+def header_names(cells, root=None):
+    """A labels file's first line, split -> its words (lower case, '_' for spaces) if they name its columns (a file
+    or code header, and no cell an image name, nor, given root, an image inside it), else None."""
+    names = [cell.lower().replace(" ", "_") for cell in cells]
+    if (any(n in LABEL_HEADERS for n in names) or any(n in CODE_HEADERS for n in names[1:])) and not any(
+            Path(cell).suffix.lower() in IMAGE_EXTS or root and image_in(root, cell) for cell in cells):
+        return names
+    return None
 
 
 def image_in(root, name):
@@ -723,50 +729,43 @@ def cmd_prepare(args):
     length = None if args.length == "auto" else args.length
     entries = sorted(p for p in image_dir.iterdir() if not p.name.startswith("."))
     files = [p for p in entries if p.is_file()]
-    skipped = {}  # reason -> list of file names
-    nested = [] if args.labels else [p for p in list_images(image_dir) if p.parent != image_dir]
-    if nested:   # read only when a labels file names them: a train/ test/ layout must not be merged unasked
-        skipped["in a subfolder (pass the subfolder as --image-dir, or a --labels file naming them)"] = [
-            str(p.relative_to(image_dir)) for p in nested]
-    if not files and not args.labels:   # a labels file may name images in subfolders
-        raise UserError(f"{image_dir}: " + (f"no images in the folder itself, {len(nested)} in its subfolders (e.g. "
-                                            f"{nested[0].relative_to(image_dir)}); pass a subfolder as --image-dir"
-                                            if nested else "the folder is empty; put the captchas there or pass "
-                                            "--image-dir"))
-
-    odd = [p.name for p in entries if p.suffix.lower() in IMAGE_EXTS and not p.is_file()]
-    if odd and not args.labels:   # a folder, a FIFO or a dangling link named like an image: said, not passed over
-        skipped["not a regular file"] = odd
-    labelled = []
-    if args.labels:
+    skipped = defaultdict(list)  # reason -> list of file names
+    if args.labels:   # a labels file may name images in subfolders
         listed, refused, mentioned = read_labels(args.labels, image_dir)
         skipped |= refused
         for p in files:   # each file counted once: one the labels name but refused is not "not in the labels file"
             if (p.suffix.lower() in IMAGE_EXTS and p.resolve() not in mentioned
                     and os.path.normpath(p.absolute()) not in mentioned):
-                skipped.setdefault("image not in the labels file", []).append(p.name)
-        candidates = [(p, code, None) for p, code in listed.items()]
+                skipped["image not in the labels file"].append(p.name)
+        candidates = [(p, *check_code(code, charset, length, args.case_sensitive)) for p, code in listed.items()]
     else:
-        candidates = [(p, *parse_code(p.name, regex, charset, length, args.case_sensitive)) for p in files]
-    for p, code, reason in candidates:
-        if args.labels:
-            code, reason = check_code(code, charset, length, args.case_sensitive)
-        elif p.suffix.lower() not in IMAGE_EXTS:
-            reason = "not an image file"
+        nested = [p for p in list_images(image_dir) if p.parent != image_dir]
+        if nested:   # read only when a labels file names them: a train/ test/ layout must not be merged unasked
+            skipped["in a subfolder (pass the subfolder as --image-dir, or a --labels file naming them)"] = [
+                str(p.relative_to(image_dir)) for p in nested]
+        if not files:
+            raise UserError(f"{image_dir}: " + (f"no images in the folder itself, {len(nested)} in its subfolders "
+                                                f"(e.g. {nested[0].relative_to(image_dir)}); pass a subfolder as "
+                                                "--image-dir" if nested else "the folder is empty; put the captchas "
+                                                "there or pass --image-dir"))
+        odd = [p.name for p in entries if p.suffix.lower() in IMAGE_EXTS and not p.is_file()]
+        if odd:   # a folder, a FIFO or a dangling link named like an image: said, not passed over
+            skipped["not a regular file"] = odd
+        candidates = [(p, *parse_code(p.name, regex, charset, length, args.case_sensitive))
+                      if p.suffix.lower() in IMAGE_EXTS else (p, None, "not an image file") for p in files]
+    for p, _, reason in candidates:
         if reason:
-            skipped.setdefault(reason, []).append(p.name)
-        else:
-            labelled.append((p, code))
-
+            skipped[reason].append(p.name)
+    labelled = [(p, code) for p, code, reason in candidates if not reason]
     paths = [p for p, _ in labelled]
     image_size = auto_image_size(paths) if args.image_size == "auto" else tuple(args.image_size)
-    decode = partial(decode_file, image_size=image_size)
-    results = parallel_map(decode, paths, 1 if len(paths) < 200 else args.workers, "prepare", "img", 256)
+    results = parallel_map(partial(decode_file, image_size=image_size), paths, 1 if len(paths) < 200 else args.workers,
+                           "prepare", "img", 256)
 
     images, codes = [], []
     for (p, code), (array, reason) in zip(labelled, results):
         if reason:
-            skipped.setdefault(reason, []).append(p.name)
+            skipped[reason].append(p.name)
         else:
             images.append(array)
             codes.append(code)
@@ -792,21 +791,16 @@ def cmd_prepare(args):
           f"input {image_size[0]}x{image_size[1]}")
 
     x = torch.from_numpy(np.stack(images))  # N,3,H,W uint8
-    y = torch.full((len(codes), lengths[-1]), end, dtype=torch.long)  # N,L: character indices, then end symbols
-    for i, code in enumerate(codes):
-        y[i, :len(code)] = torch.tensor([charset.index(c) for c in code])
+    y = torch.tensor([[charset.index(c) for c in code] + [end] * (lengths[-1] - len(code)) for code in codes])  # N,L
     sizes = split_sizes(len(x), args.split)
     if not sizes[0]:
         raise UserError(f"--split: no image left for training ({len(x)} kept, {sizes[1]} for validation, {sizes[2]} "
                         f"for test); give training a larger share", 2)
-    splits = {}
-    for name, idx in zip(SPLITS, split_indices(len(x), args.seed, sizes)):
-        idx = torch.tensor(idx, dtype=torch.long)
-        splits[name] = (x[idx], y[idx])
+    splits = {name: (x[idx], y[idx]) for name, idx in
+              zip(SPLITS, (torch.tensor(i, dtype=torch.long) for i in split_indices(len(x), args.seed, sizes)))}
     meta = {"kind": DATA_KIND, "script": SCRIPT, "image_dir": str(image_dir), "image_size": list(image_size),
             "charset": charset, "length": lengths[-1], "lengths": lengths, "case_sensitive": args.case_sensitive,
-            "labels": args.labels, "label_regex": None if args.labels else args.label_regex.pattern,
-            "seed": args.seed,
+            "labels": args.labels, "label_regex": None if args.labels else args.label_regex.pattern, "seed": args.seed,
             "kept": len(x), "skipped": n_skipped, "skipped_by_reason": {k: len(v) for k, v in skipped.items()},
             "counts": {name: len(y) for name, (_, y) in splits.items()}}
     save_prepared(args.data_dir, splits, meta)
