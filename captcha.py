@@ -506,7 +506,8 @@ def augment(x, generator, strength=1.0):
     dist = (xs - w / 2 - r[:, 8, None, None] * w / 2) * torch.sin(angle) - (ys - h / 2) * torch.cos(angle)
     line = (dist.abs() < 0.7) & (r[:, 9, None, None] > 0)                      # B,H,W; about half the images
     out = torch.where(line[:, None], r[:, 10, None, None, None], out)
-    out = out + torch.randn(out.shape, generator=generator, device=x.device) * (0.05 * r[:, 11].abs())[:, None, None, None]
+    noise = torch.randn(out.shape, generator=generator, device=x.device)
+    out = out + noise * (0.05 * r[:, 11].abs())[:, None, None, None]
     return out.clamp(-1, 1).contiguous(memory_format=torch.channels_last)
 
 
@@ -519,9 +520,7 @@ def run_epoch(model, x, y, device, batches, dtype, optimizer=None, scheduler=Non
     model.train(train)
     n = sum(len(idx) for idx in batches)
     total_loss = torch.zeros((), device=device)
-    exact = torch.zeros((), device=device, dtype=torch.long)
-    chars = torch.zeros((), device=device, dtype=torch.long)
-    n_chars = torch.zeros((), device=device, dtype=torch.long)
+    counts = torch.zeros(3, device=device, dtype=torch.long)   # codes read right, characters read right, characters
     bar = progress(total=n, unit="img", leave=False, desc="train" if train else "eval")
     with torch.set_grad_enabled(train):
         for idx in batches:
@@ -540,13 +539,11 @@ def run_epoch(model, x, y, device, batches, dtype, optimizer=None, scheduler=Non
             correct = as_read(logits.argmax(-1), logits.shape[-1] - 1) == yb
             is_char = yb < logits.shape[-1] - 1          # not the end symbol
             total_loss += loss.detach() * len(idx)
-            exact += correct.all(1).sum()
-            chars += (correct & is_char).sum()
-            n_chars += is_char.sum()
+            counts += torch.stack([correct.all(1).sum(), (correct & is_char).sum(), is_char.sum()])
             bar.update(len(idx))
     bar.close()
-    m = max(n, 1)
-    return total_loss.item() / m, exact.item() / m, chars.item() / max(n_chars.item(), 1), n
+    m, (exact, chars, n_chars) = max(n, 1), counts.tolist()
+    return total_loss.item() / m, exact / m, chars / max(n_chars, 1), n
 
 
 def shifted_views(x, views):
@@ -587,12 +584,7 @@ def as_read(pred, end):
 
 def decode_code(classes, charset):
     """Class indices of one image -> the code: its characters up to the first end symbol."""
-    code = []
-    for i in classes:
-        if i >= len(charset):
-            break
-        code.append(charset[i])
-    return "".join(code)
+    return "".join(charset[i] for i in itertools.takewhile(lambda i: i < len(charset), classes))
 
 
 def fit_calibration(scores, correct):
@@ -605,18 +597,18 @@ def fit_calibration(scores, correct):
     if min(n_right, len(correct) - n_right) < CALIBRATION_MIN:
         return None
     targets = torch.where(correct, (n_right + 1) / (n_right + 2), 1 / (len(correct) - n_right + 2)).double()
-    a, b = torch.ones((), dtype=torch.float64, requires_grad=True), torch.zeros((), dtype=torch.float64,
-                                                                                requires_grad=True)
-    optimizer = torch.optim.LBFGS([a, b], lr=0.5, max_iter=200, line_search_fn="strong_wolfe")
+    ab = torch.tensor([1.0, 0.0], dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([ab], lr=0.5, max_iter=200, line_search_fn="strong_wolfe")
 
     def closure():
         optimizer.zero_grad()
-        loss = F.binary_cross_entropy_with_logits(a * scores + b, targets)
+        loss = F.binary_cross_entropy_with_logits(ab[0] * scores + ab[1], targets)
         loss.backward()
         return loss
 
     optimizer.step(closure)
-    return {"a": a.item(), "b": b.item()} if a.item() > 0 else None   # a <= 0: the scores do not rank the errors
+    a, b = ab.tolist()
+    return {"a": a, "b": b} if a > 0 else None   # a <= 0: the scores do not rank the errors
 
 
 def calibrated(scores, calibration):
@@ -1094,11 +1086,6 @@ def regex_arg(text):
     return regex
 
 
-def augment_strength(text):
-    """--augment: auto (from the training-set size) or 0 (none) to 3 (three times full strength)."""
-    return "auto" if text == "auto" else parse_number(text, float, 0, 3)
-
-
 def auto_augment(n_train, passes=AUGMENT_PASSES):
     """--augment auto: the distortion strength for a training split of n_train images, each seen `passes` times
     in the run (see AUGMENT_FULL and AUGMENT_FEW)."""
@@ -1134,7 +1121,8 @@ def build_parser():
     p.add_argument("--charset", default="auto",
                    help=f"characters a code may hold: auto (those the codes use), one of {', '.join(CHARSETS)}, "
                         "or a literal string, where a-f stands for abcdef; codes with other characters are skipped")
-    p.add_argument("--case-sensitive", action="store_true", help="keep the case of codes (otherwise they are lower-cased)")
+    p.add_argument("--case-sensitive", action="store_true",
+                   help="keep the case of codes (otherwise they are lower-cased)")
     p.add_argument("--length", type=length_arg, default="auto",
                    help=f"characters per code: auto (every length up to {MAX_LENGTH}) or N (other lengths skipped)")
     p.add_argument("--label-regex", type=regex_arg, default=LABEL_REGEX,
@@ -1162,11 +1150,13 @@ def build_parser():
                         "for a few hundred labels (the attention starts fresh where length or size differ, the "
                         "classifier keeps the characters both charsets hold)")
     p.add_argument("--epoch-size", type=lambda text: parse_number(text, int, 0, 10 ** 7), default=EPOCH_SIZE,
-                   metavar="N", help="images per epoch at least (a smaller training split is repeated, augmented afresh)")
-    p.add_argument("--augment", type=augment_strength, default="auto", metavar="X",
+                   metavar="N", help="images per epoch at least (a smaller training split is repeated, augmented "
+                   "afresh)")
+    p.add_argument("--augment", type=lambda text: text if text == "auto" else parse_number(text, float, 0, 3),
+                   default="auto", metavar="X",
                    help=f"strength of the random distortions while training: 0 (none) to 3, or auto: up to "
-                        f"{AUGMENT_MAX:g} under {AUGMENT_FEW} training images, 1 up to {AUGMENT_FULL:,}, less on larger "
-                        f"sets and shorter runs (18,000 images: 0.11 for 5 epochs, 0.29 for 24)")
+                        f"{AUGMENT_MAX:g} under {AUGMENT_FEW} training images, 1 up to {AUGMENT_FULL:,}, less on "
+                        f"larger sets and shorter runs (18,000 images: 0.11 for 5 epochs, 0.29 for 24)")
     add_scale_options(p)
     p.set_defaults(func=cmd_train, train_parser=p)
     p = sub.add_parser("eval", parents=[common, device], help="read captcha images")
