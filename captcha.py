@@ -145,8 +145,6 @@ CALIBRATION_CODES = 100
 
 
 # ---- Data ----
-
-
 def to_input(img, image_size):
     """PIL image -> uint8 3,H,W at the model's input size. Used by prepare and eval alike."""
     h, w = image_size
@@ -208,9 +206,7 @@ def check_code(code, charset, length, case_sensitive):
 def parse_code(name, regex, charset, length, case_sensitive):
     """File name -> (code, None) or (None, reason)."""
     match = regex.match(name)
-    if not match:
-        return None, "no code in the name"
-    return check_code(match.group(1), charset, length, case_sensitive)
+    return check_code(match.group(1), charset, length, case_sensitive) if match else (None, "no code in the name")
 
 
 def group_outside(skipped):
@@ -382,14 +378,11 @@ def length_text(lengths):
 
 def auto_image_size(paths):
     """(IMAGE_HEIGHT, width) with the width from the median aspect ratio of up to ASPECT_SAMPLE images."""
-    step = max(1, len(paths) // ASPECT_SAMPLE)
     ratios = []
-    for p in paths[::step]:
-        try:
+    for p in paths[::max(1, len(paths) // ASPECT_SAMPLE)]:
+        with contextlib.suppress(UserError):   # counted when prepare decodes it
             width, height = load_image(p).size
             ratios.append(width / max(height, 1))
-        except UserError:   # counted when prepare decodes it
-            pass
     ratio = float(np.median(ratios)) if ratios else 2.4
     return IMAGE_HEIGHT, int(np.clip(round(IMAGE_HEIGHT * ratio / 8) * 8, *WIDTH_RANGE))
 
@@ -478,8 +471,6 @@ class CaptchaNet(nn.Module):
 
 
 # ---- Train / evaluate helpers ----
-
-
 def augment(x, generator, strength=1.0):
     """Random distortions of a whole uint8 batch on its device, returned as preprocess() would return the batch:
     affine jitter (shift +-4 px, scale 0.9-1.1, rotation +-5 degrees, shear +-0.15), a smooth elastic warp
@@ -956,32 +947,25 @@ def calibrate_and_test(model, model_path, data_dir, meta, device, batch_size, dt
         raise UserError(f"{model_path} was not written (no epoch ran); raise --epochs")
     best_model = load_model_file(model_path)
     model.load_state_dict(best_model["model"])
-    # P(code right) as a function of the raw confidence, on the whole validation split
     x_val, y_val = (t.to(device) for t in read_split(data_dir, "validating_set", meta))
-    if len(x_val):
-        best_model["calibration"], scores, right, fitted_on = fit_confidence(model, x_val, y_val, device, batch_size,
-                                                                             dtype)
-        best = right.float().mean().item()
-        confident = calibrated(scores, best_model["calibration"]) >= 0.9
-        print(f"validation read in {len(VIEWS)} views as eval does: exact-match {under_one(best, 4):.2%}; " +
-              (f"confidence calibrated on {fitted_on}" if best_model["calibration"] else
-               f"confidence not calibrated (under {CALIBRATION_MIN} wrong or right codes, or scores that do not rank "
-               f"them: eval gives the raw one)") +
-              f": {confident.sum().item()} with confidence >= 0.9" +
-              (f", {under_one(right[confident].float().mean().item(), 3):.1%} of them right" if confident.any()
-               else ""))
+    if len(x_val):   # P(code right) as a function of the raw confidence, on the whole validation split
+        calibration, scores, right, fitted_on = fit_confidence(model, x_val, y_val, device, batch_size, dtype)
+        best_model["calibration"], best = calibration, right.float().mean().item()
+        confident = calibrated(scores, calibration) >= 0.9
+        how = (f"confidence calibrated on {fitted_on}" if calibration else f"confidence not calibrated (under "
+               f"{CALIBRATION_MIN} wrong or right codes, or scores that do not rank them: eval gives the raw one)")
+        sure = f", {under_one(right[confident].float().mean().item(), 3):.1%} of them right" if confident.any() else ""
+        print(f"validation read in {len(VIEWS)} views as eval does: exact-match {under_one(best, 4):.2%}; {how}: "
+              f"{confident.sum().item()} with confidence >= 0.9{sure}")
     save_model(best_model, model_path)
     x_test, y_test = (t.to(device) for t in read_split(data_dir, "testing_set", meta))
     if not len(x_test):
-        shown = f"{under_one(best, 4):.2%}"
-        if not len(x_val):
-            print(f"no validation or test split: exact-match {shown} on the training images themselves says nothing "
-                  f"of new captchas; prepare with a validation share (--split auto)")
-        elif not ranked:   # the last epoch's model: not chosen by this score
-            print(f"no test split: validation exact-match {shown} (the last epoch's model) is the estimate")
-        else:
-            print(f"no test split: validation exact-match {shown} (best model of epoch {best_model['epoch']}) is the "
-                  f"estimate, slightly optimistic as it chose the model")
+        shown = f"{under_one(best, 4):.2%}"   # not ranked: the last epoch's model, not chosen by this score
+        print(f"no validation or test split: exact-match {shown} on the training images themselves says nothing of "
+              f"new captchas; prepare with a validation share (--split auto)" if not len(x_val) else
+              f"no test split: validation exact-match {shown} (the last epoch's model) is the estimate" if not ranked
+              else f"no test split: validation exact-match {shown} (best model of epoch {best_model['epoch']}) is "
+              f"the estimate, slightly optimistic as it chose the model")
         return float("nan")
     pred, _ = read_codes(model, x_test, device, batch_size, dtype, VIEWS)
     correct, is_char = pred == y_test, y_test < len(meta["charset"])   # not the end symbol
