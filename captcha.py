@@ -318,9 +318,9 @@ def read_labels(path, image_dir):
         name, code = (row[i] if len(row) > i else "" for i in columns)
         try:   # nothing outside image_dir is looked at beyond where the name leads
             target = (root / name).resolve()
-            kind = ("file" if target.is_file() else "missing" if not target.exists() else "other"
-                    ) if target.is_relative_to(root) else "outside" if not Path(os.path.normpath(
-                        root / name)).is_relative_to(root) else "link"
+            kind = (("file" if target.is_file() else "other" if target.exists() else "missing")
+                    if target.is_relative_to(root) else   # else the name leads out, or a link it passes does
+                    "link" if Path(os.path.normpath(root / name)).is_relative_to(root) else "outside")
             parts = Path(name).parts
             if kind == "missing" and len(parts) > 1 and parts[0] in (root.name, folder.name):
                 below = (root / Path(*parts[1:])).resolve()   # `images/x.png` with --image-dir images
@@ -447,9 +447,7 @@ class CaptchaNet(nn.Module):
                 layers.append(BasicBlock(c_in, c_out, 2 if stage > 0 and i == 0 else 1))
                 c_in = c_out
         self.layers = nn.Sequential(*layers)
-        h, w = image_size
-        for _ in range(len(widths)):  # stem + 3 strided stages
-            h, w = (h + 1) // 2, (w + 1) // 2
+        h, w = (math.ceil(d / 2 ** len(widths)) for d in image_size)  # the stem and 3 strided stages halve it
         # Head: each code position has a learned query that attends over the feature map's places (plus a
         # learned position code), and ONE classifier reads every position (measured: benchmarks/RESULTS.md).
         self.positions = nn.Parameter(torch.randn(c_in, h * w) * 0.02)
@@ -696,8 +694,7 @@ def predict(net, info, device, args, images, per_position=False):
 # ---- Commands ----
 def cmd_prepare(args):
     image_dir = Path(args.image_dir)
-    regex = args.label_regex
-    if args.labels and regex.pattern != LABEL_REGEX:
+    if args.labels and args.label_regex.pattern != LABEL_REGEX:
         raise UserError("--label-regex reads codes from file names, --labels from a file: pass one of them", 2)
     beside = Path(__file__).resolve().parent / IMAGE_DIR   # where generate.py writes, from any working folder
     if args.image_dir == IMAGE_DIR and not image_dir.is_dir() and beside.is_dir():
@@ -734,7 +731,7 @@ def cmd_prepare(args):
         odd = [p.name for p in entries if p.suffix.lower() in IMAGE_EXTS and not p.is_file()]
         if odd:   # a folder, a FIFO or a dangling link named like an image: said, not passed over
             skipped["not a regular file"] = odd
-        candidates = [(p, *parse_code(p.name, regex, charset, length, args.case_sensitive))
+        candidates = [(p, *parse_code(p.name, args.label_regex, charset, length, args.case_sensitive))
                       if p.suffix.lower() in IMAGE_EXTS else (p, None, "not an image file") for p in files]
     for p, _, reason in candidates:
         if reason:
