@@ -165,9 +165,7 @@ def resolve_charset(name, case_sensitive):
         raise UserError(f"--charset {name!r}: a '-' inside the string joins the two ends of a range (a-f); a literal "
                         "'-' goes first or last", 2)
     chars = CHARSETS.get(name) or re.sub(r"([^-])-([^-])", expand_range, name)
-    if not case_sensitive:
-        chars = chars.lower()
-    chars = "".join(dict.fromkeys(chars))  # unique, order kept
+    chars = "".join(dict.fromkeys(chars if case_sensitive else chars.lower()))  # unique, order kept
     if len(chars) < 2:
         raise UserError(f"--charset {name!r}: needs at least 2 distinct characters", 2)
     return chars
@@ -197,10 +195,8 @@ def check_code(code, charset, length, case_sensitive):
         return None, f"code of length {len(code)}, not {length}"
     if len(code) > MAX_LENGTH:
         return None, f"code longer than {MAX_LENGTH} characters"
-    bad = sorted(set(code) - set(charset)) if charset is not None else []
-    if bad:
-        return None, OUTSIDE + "".join(bad)
-    return code, None
+    bad = "".join(sorted(set(code) - set(charset))) if charset is not None else ""
+    return (None, OUTSIDE + bad) if bad else (code, None)
 
 
 def parse_code(name, regex, charset, length, case_sensitive):
@@ -957,7 +953,7 @@ def calibrate_and_test(model, model_path, data_dir, meta, device, batch_size, dt
     save_model(best_model, model_path)
     x_test, y_test = (t.to(device) for t in read_split(data_dir, "testing_set", meta))
     if not len(x_test):
-        shown = f"{under_one(best, 4):.2%}"   # not ranked: the last epoch's model, not chosen by this score
+        shown = f"{under_one(best, 4):.2%}"
         print(f"no validation or test split: exact-match {shown} on the training images themselves says nothing of "
               f"new captchas; prepare with a validation share (--split auto)" if not len(x_val) else
               f"no test split: validation exact-match {shown} (the last epoch's model) is the estimate" if not ranked
