@@ -51,6 +51,7 @@ import unicodedata
 import urllib.parse
 import warnings
 import zipfile
+from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from functools import cache, partial
@@ -115,70 +116,35 @@ OUTSIDE = "characters outside the charset: "   # a skip reason, followed by the 
 LABEL_HEADERS = {"file", "filename", "file_name", "name", "image", "image_name", "img", "path", "filepath",
                  "file_path", "image_path"}   # the file column of an optional header (lower case, '_' for spaces)
 CODE_HEADERS = {"code", "label", "text", "captcha", "answer", "solution", "value", "truth"}   # its code column
-# Input 40 px high, as wide as the images' median aspect ratio (a multiple of 8): 40x96 for 120x50 captchas,
-# 40x160 for 200x50 ones. The tutorial resized to 24x56 and ran a full ResNet-18 on it at 45 images/s here;
-# 40 px keeps strokes 1-2 px wide, and a stride-2 stem makes the network cheaper than the tutorial's.
+# The measured reasons for the constants below: benchmarks/RESULTS.md, "Why the captcha recipe's constants are what
+# they are". Input 40 px high (strokes stay 1-2 px wide), as wide as the images' median aspect ratio (a multiple of 8)
 IMAGE_HEIGHT = 40
 WIDTH_RANGE = (48, 256)
 ASPECT_SAMPLE = 200       # images whose size decides the width with --image-size auto
 # Split: validation and test each take 10% (at most 1,000 images); a set under 2,000 images keeps no test split
-# (its validation score is the estimate) so that a few hundred labels are not spent on testing.
 SPLIT_FRACTION, SPLIT_MAX, TEST_MIN_SET = 0.1, 1000, 2000
 # train's defaults (--epochs, --patience, --batch-size, --lr): AdamW, one-cycle schedule peaking at LR
 EPOCHS, PATIENCE, BATCH_SIZE, LR = 60, 20, 128, 3e-3
-# An epoch is at least EPOCH_SIZE training images: a small set is repeated (each copy augmented afresh), so the
-# schedule has enough optimizer steps and early stopping still judges whole epochs.
-EPOCH_SIZE = 5000
-# A validation split of under RANK_MIN codes cannot rank epochs (a code is 2 points or more): train then runs the
-# whole schedule and keeps the last epoch's model. Such a split reads all or nearly all codes early, at a high
-# learning rate, and the model it chose was the worse one whenever that came early: on 2,000 held-out captchas, 360
-# labels (40 codes) epoch 17 of 60 (early stop at 37) read 94.50%, the last epoch 98.00%; 225 labels (25 codes),
-# three sets: 94.60%, 95.05%, 95.75% chosen, 95.95%, 94.85%, 95.65% last. Where it chose a late epoch the last one
-# read 0.1 to 0.35 points less (300 labels, 33 codes: 98.90% / 98.60%; 450, 50 codes: 99.30% / 99.15%, 99.55% /
-# 99.20%): from 50 codes on, validation still chooses.
-RANK_MIN = 50
-# --augment auto: full strength up to AUGMENT_FULL training images, then (AUGMENT_FULL / N) ** 0.75 (0.19 at
-# 10,000, 0.11 at 18,000) for a run of AUGMENT_PASSES passes over them, times (passes / AUGMENT_PASSES) ** 0.6
-# (at most 1). Distortions pay where each image is seen many times, not on plentiful data: on 22,000 generated
-# captchas, 2 epochs, strength 1.0 read 18% of validation, 0.3 read 68%, 0 read 77%; on 18,000, 24 epochs,
-# 0.11 ended at 99.5% training / 93.3% validation exact-match, 0.3 at 98.3% / 94.3% (held-out 93.35% -> 93.65%).
+EPOCH_SIZE = 5000         # training images per epoch at least: a smaller set repeats, each copy augmented afresh
+RANK_MIN = 50             # fewer validation codes do not rank epochs: the whole schedule runs, the last model is kept
+# --augment auto: 1 up to AUGMENT_FULL training images, then (AUGMENT_FULL / N) ** 0.75 * (passes / AUGMENT_PASSES)
+# ** 0.6 (at most 1); under AUGMENT_FEW images (AUGMENT_FEW / N) ** 0.6, at most AUGMENT_MAX
 AUGMENT_FULL, AUGMENT_PASSES = 1000, 5
-# Under AUGMENT_FEW training images (seen many times) stronger still: (AUGMENT_FEW / N) ** 0.6, at most AUGMENT_MAX
-# (1.5 from 225 images on). 225 labels of a plain kind: 1.0 read 90.15% of 2,000 tuning captchas, 1.5 95.05%, 2.0
-# 94.75%; 450 labels: 1.0 99.35% and 99.40% (two sets), 1.5 99.00% and 97.90%.
 AUGMENT_FEW, AUGMENT_MAX = 450, 1.5
-# The strength rises linearly over the first AUGMENT_RAMP of the epochs, from 1/ramp of its value: the reader
-# learns to read first, then to read through distortions. 1,000 captchas, 20,000 images seen: constant strength
-# 1.0 read 3.5% of 2,000 held-out captchas, 0.5 read 23.2%.
-AUGMENT_RAMP = 0.25
-# Under this many training images, train suggests --init: a reader first trained on 18,000 generated captchas of
-# another style (Hei, 120x50, 4 characters) read 80.4% of held-out captchas after 14 epochs on 900 labels of the
-# dark 200x50 style, 5-6 characters; the same run from random weights read 63.7% (67.0% after 60 epochs). On one
-# font and 19 characters the quick start's reader gained nothing (450 labels: 99.40% against 99.30%; 225: less).
-FEW_LABELS = 5000
+AUGMENT_RAMP = 0.25       # the strength rises linearly over this share of the epochs, from 1/ramp of its value
+FEW_LABELS = 5000         # under this many training images, train suggests --init (a reader of generated captchas)
 CPU_BF16 = True          # bf16 autocast on CPUs with native bf16 (AVX512-BF16/AMX): 1.7x faster training
 # eval reads each captcha in 5 views, shifted by one pixel each way, and averages the log-probabilities (the
-# confidence is calibrated on the same views). On 2,000 held-out captchas: a reader of 18,000 generated captchas
-# 93.2% -> 94.5% exact-match; readers trained on 900 labels 80.4% -> 83.4%, 83.0% -> 84.9%, on 450 69.1% -> 72.5%.
+# confidence is calibrated on the same views)
 VIEWS = ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1))   # (dx, dy) in pixels of the model's input
 CALIBRATION_MIN = 3      # right and wrong validation codes each that a calibration needs (else: the raw confidence)
-# A validation split read (nearly) all right gives Platt scaling no slope, and the raw confidence is far too low
-# (label smoothing: ~0.6 for a code read right). Its images are then read again under the training distortions at
-# full strength, CALIBRATION_READS reads in all, and the calibration fitted on both. 936 labels of a plain style,
-# 104 validation codes all right: on 2,000 held-out captchas (99.60% read) the raw confidence averaged 0.60 and
-# none reached 0.9 (Brier score 0.157); fitted with 1,976 distorted reads (37 wrong): 0.995, 1,991 codes >= 0.9, of
-# them 99.75% right (Brier 0.0034).
+# A validation split read (nearly) all right, or of under CALIBRATION_CODES codes, is read again under the training
+# distortions at full strength, CALIBRATION_READS reads in all, and the calibration (Platt scaling) fitted on both
 CALIBRATION_READS = 2000
-# So is a split of under CALIBRATION_CODES codes: Platt's targets hold a right code's chance near (n + 1) / (n + 2) of
-# its n right codes. 225 labels, 25 validation codes (5 wrong): on 2,000 held-out captchas (90.7% read) the codes
-# alone gave no code 0.9 (mean 0.79, Brier 0.081); with 1,975 distorted reads 422 codes >= 0.9, 99.8% of them right
-# (mean 0.82, Brier 0.074).
 CALIBRATION_CODES = 100
 
 
 # ---- Data ----
-
-
 def to_input(img, image_size):
     """PIL image -> uint8 3,H,W at the model's input size. Used by prepare and eval alike."""
     h, w = image_size
@@ -199,9 +165,7 @@ def resolve_charset(name, case_sensitive):
         raise UserError(f"--charset {name!r}: a '-' inside the string joins the two ends of a range (a-f); a literal "
                         "'-' goes first or last", 2)
     chars = CHARSETS.get(name) or re.sub(r"([^-])-([^-])", expand_range, name)
-    if not case_sensitive:
-        chars = chars.lower()
-    chars = "".join(dict.fromkeys(chars))  # unique, order kept
+    chars = "".join(dict.fromkeys(chars if case_sensitive else chars.lower()))  # unique, order kept
     if len(chars) < 2:
         raise UserError(f"--charset {name!r}: needs at least 2 distinct characters", 2)
     return chars
@@ -231,18 +195,14 @@ def check_code(code, charset, length, case_sensitive):
         return None, f"code of length {len(code)}, not {length}"
     if len(code) > MAX_LENGTH:
         return None, f"code longer than {MAX_LENGTH} characters"
-    bad = sorted(set(code) - set(charset)) if charset is not None else []
-    if bad:
-        return None, OUTSIDE + "".join(bad)
-    return code, None
+    bad = "".join(sorted(set(code) - set(charset))) if charset is not None else ""
+    return (None, OUTSIDE + bad) if bad else (code, None)
 
 
 def parse_code(name, regex, charset, length, case_sensitive):
     """File name -> (code, None) or (None, reason)."""
     match = regex.match(name)
-    if not match:
-        return None, "no code in the name"
-    return check_code(match.group(1), charset, length, case_sensitive)
+    return check_code(match.group(1), charset, length, case_sensitive) if match else (None, "no code in the name")
 
 
 def group_outside(skipped):
@@ -317,28 +277,25 @@ def read_labels(path, image_dir):
         return text.startswith("#") and (sep not in text if sep else text[1:2] in ("", " "))
 
     first = next((line for line in lines if line.strip() and not comment(line)), "")   # a header, if any
-    words = [w.lower() for w in first.split()]   # a header of the `file code` form sets how many fields a line has
-    fields = len(words) if not any(Path(w).suffix in IMAGE_EXTS for w in words) and (
-        any(w in LABEL_HEADERS for w in words) or any(w in CODE_HEADERS for w in words[1:])) else 2
+    fields = len(first.split()) if header_names(first.split()) else 2   # as many as a `file code` header names
     split = ((lambda line: line.split("\t")) if sep == "\t" else
              (lambda line: next(csv.reader([line], delimiter=sep, skipinitialspace=True), [])) if sep else
              (lambda line: line.split(None, fields - 1)))
-    labels, skipped, mentioned, columns, named = {}, {}, set(), (0, 1), False
+    labels, skipped, mentioned, columns, named = {}, defaultdict(list), set(), (0, 1), False
     folder = Path(image_dir).absolute()   # names as written, for the files counted "not in the labels file"
     for number, line in enumerate(lines, 1):
         if comment(line):
             continue
         if len(line) > MAX_LABEL_LINE:
-            skipped.setdefault(f"line over {MAX_LABEL_LINE} characters", []).append(f"line {number}")
+            skipped[f"line over {MAX_LABEL_LINE} characters"].append(f"line {number}")
             continue
         row = [cell.strip() for cell in split(line)]
         while len(row) > 2 and not row[-1]:   # `file,code,`: a trailing comma is no third field
             row.pop()
         if not any(row):
             continue
-        names = [cell.lower().replace(" ", "_") for cell in row] if line is first else []   # a header's words
-        if (any(n in LABEL_HEADERS for n in names) or any(n in CODE_HEADERS for n in names[1:])) \
-                and not any(Path(cell).suffix.lower() in IMAGE_EXTS or image_in(root, cell) for cell in row):
+        names = line is first and header_names(row, root)
+        if names:
             file_column = next((i for i, n in enumerate(names) if n in LABEL_HEADERS), 0)
             code_column = next((i for i, n in enumerate(names) if i != file_column and n in CODE_HEADERS),
                                1 - file_column if len(row) == 2 else None)
@@ -351,15 +308,15 @@ def read_labels(path, image_dir):
             mentioned.add(os.path.normpath(folder / row[columns[0]]))
         if len(row) > 2 and not named or sep is None and len(row) - 1 == columns[1] and len(row[-1].split()) > 1:
             # file,code,more or `file code more`: which field is the code?
-            skipped.setdefault("line of more than two fields (a header naming the code column says which)",
-                               []).append(f"line {number}")
+            skipped["line of more than two fields (a header naming the code column says which)"].append(
+                f"line {number}")
             continue
         name, code = (row[i] if len(row) > i else "" for i in columns)
         try:   # nothing outside image_dir is looked at beyond where the name leads
             target = (root / name).resolve()
-            kind = ("file" if target.is_file() else "missing" if not target.exists() else "other"
-                    ) if target.is_relative_to(root) else "outside" if not Path(os.path.normpath(
-                        root / name)).is_relative_to(root) else "link"
+            kind = (("file" if target.is_file() else "other" if target.exists() else "missing")
+                    if target.is_relative_to(root) else   # else the name leads out, or a link it passes does
+                    "link" if Path(os.path.normpath(root / name)).is_relative_to(root) else "outside")
             parts = Path(name).parts
             if kind == "missing" and len(parts) > 1 and parts[0] in (root.name, folder.name):
                 below = (root / Path(*parts[1:])).resolve()   # `images/x.png` with --image-dir images
@@ -367,30 +324,38 @@ def read_labels(path, image_dir):
                     kind = "above"
                     mentioned.add(below)
         except (OSError, ValueError, RuntimeError):   # a NUL byte, a name too long, a symlink loop
-            skipped.setdefault("unusable file name", []).append(f"line {number}")
+            skipped["unusable file name"].append(f"line {number}")
             continue
         if name:
             mentioned.add(target)
         if not name or not code:
-            skipped.setdefault("line without a code" if name else "line without a file name" if code else
-                               "line without a file name and a code (tab, comma, semicolon or space separated)",
-                               []).append(f"line {number}")
+            skipped["line without a code" if name else "line without a file name" if code else
+                    "line without a file name and a code (tab, comma, semicolon or space separated)"].append(
+                f"line {number}")
         elif kind == "outside":
-            skipped.setdefault("file outside --image-dir", []).append(name)
+            skipped["file outside --image-dir"].append(name)
         elif kind == "link":
-            skipped.setdefault("a link leading out of --image-dir (links are followed inside it only)", []).append(name)
+            skipped["a link leading out of --image-dir (links are followed inside it only)"].append(name)
         elif kind == "above":
-            skipped.setdefault(f"listed file not found: names are read inside --image-dir, and these begin with its "
-                               f"own name {Path(name).parts[0]!r} (pass the folder above it as --image-dir)",
-                               []).append(name)
+            skipped[f"listed file not found: names are read inside --image-dir, and these begin with its own name "
+                    f"{Path(name).parts[0]!r} (pass the folder above it as --image-dir)"].append(name)
         elif kind != "file":
-            skipped.setdefault("listed file not found" if kind == "missing" else "listed, not a regular file",
-                               []).append(name[:80])
+            skipped["listed file not found" if kind == "missing" else "listed, not a regular file"].append(name[:80])
         elif target in labels:
-            skipped.setdefault("file listed twice (first code kept)", []).append(name)
+            skipped["file listed twice (first code kept)"].append(name)
         else:
             labels[target] = code
-    return labels, skipped, mentioned
+    return labels, dict(skipped), mentioned
+
+
+def header_names(cells, root=None):
+    """A labels file's first line, split -> its words (lower case, '_' for spaces) if they name its columns (a file
+    or code header, and no cell an image name, nor, given root, an image inside it), else None."""
+    names = [cell.lower().replace(" ", "_") for cell in cells]
+    if (any(n in LABEL_HEADERS for n in names) or any(n in CODE_HEADERS for n in names[1:])) and not any(
+            Path(cell).suffix.lower() in IMAGE_EXTS or root and image_in(root, cell) for cell in cells):
+        return names
+    return None
 
 
 def image_in(root, name):
@@ -409,14 +374,11 @@ def length_text(lengths):
 
 def auto_image_size(paths):
     """(IMAGE_HEIGHT, width) with the width from the median aspect ratio of up to ASPECT_SAMPLE images."""
-    step = max(1, len(paths) // ASPECT_SAMPLE)
     ratios = []
-    for p in paths[::step]:
-        try:
+    for p in paths[::max(1, len(paths) // ASPECT_SAMPLE)]:
+        with contextlib.suppress(UserError):   # counted when prepare decodes it
             width, height = load_image(p).size
             ratios.append(width / max(height, 1))
-        except UserError:   # counted when prepare decodes it
-            pass
     ratio = float(np.median(ratios)) if ratios else 2.4
     return IMAGE_HEIGHT, int(np.clip(round(IMAGE_HEIGHT * ratio / 8) * 8, *WIDTH_RANGE))
 
@@ -481,13 +443,9 @@ class CaptchaNet(nn.Module):
                 layers.append(BasicBlock(c_in, c_out, 2 if stage > 0 and i == 0 else 1))
                 c_in = c_out
         self.layers = nn.Sequential(*layers)
-        h, w = image_size
-        for _ in range(len(widths)):  # stem + 3 strided stages
-            h, w = (h + 1) // 2, (w + 1) // 2
+        h, w = (math.ceil(d / 2 ** len(widths)) for d in image_size)  # the stem and 3 strided stages halve it
         # Head: each code position has a learned query that attends over the feature map's places (plus a
-        # learned position code), and ONE classifier reads every position. The tutorial-style head (flatten,
-        # then a linear layer per position) learns each character 4 times over; measured on 4,000 training
-        # captchas, 8 epochs: 20.6% vs 10.0% test exact-match (68.8% vs 55.0% per character), same speed.
+        # learned position code), and ONE classifier reads every position (measured: benchmarks/RESULTS.md).
         self.positions = nn.Parameter(torch.randn(c_in, h * w) * 0.02)
         self.queries = nn.Parameter(torch.randn(length, c_in) * c_in ** -0.5)
         # A learned prior over the places, started as "character i sits in the i-th slice of the width": without
@@ -507,8 +465,6 @@ class CaptchaNet(nn.Module):
 
 
 # ---- Train / evaluate helpers ----
-
-
 def augment(x, generator, strength=1.0):
     """Random distortions of a whole uint8 batch on its device, returned as preprocess() would return the batch:
     affine jitter (shift +-4 px, scale 0.9-1.1, rotation +-5 degrees, shear +-0.15), a smooth elastic warp
@@ -535,7 +491,8 @@ def augment(x, generator, strength=1.0):
     dist = (xs - w / 2 - r[:, 8, None, None] * w / 2) * torch.sin(angle) - (ys - h / 2) * torch.cos(angle)
     line = (dist.abs() < 0.7) & (r[:, 9, None, None] > 0)                      # B,H,W; about half the images
     out = torch.where(line[:, None], r[:, 10, None, None, None], out)
-    out = out + torch.randn(out.shape, generator=generator, device=x.device) * (0.05 * r[:, 11].abs())[:, None, None, None]
+    noise = torch.randn(out.shape, generator=generator, device=x.device)
+    out = out + noise * (0.05 * r[:, 11].abs())[:, None, None, None]
     return out.clamp(-1, 1).contiguous(memory_format=torch.channels_last)
 
 
@@ -548,9 +505,7 @@ def run_epoch(model, x, y, device, batches, dtype, optimizer=None, scheduler=Non
     model.train(train)
     n = sum(len(idx) for idx in batches)
     total_loss = torch.zeros((), device=device)
-    exact = torch.zeros((), device=device, dtype=torch.long)
-    chars = torch.zeros((), device=device, dtype=torch.long)
-    n_chars = torch.zeros((), device=device, dtype=torch.long)
+    counts = torch.zeros(3, device=device, dtype=torch.long)   # codes read right, characters read right, characters
     bar = progress(total=n, unit="img", leave=False, desc="train" if train else "eval")
     with torch.set_grad_enabled(train):
         for idx in batches:
@@ -569,13 +524,11 @@ def run_epoch(model, x, y, device, batches, dtype, optimizer=None, scheduler=Non
             correct = as_read(logits.argmax(-1), logits.shape[-1] - 1) == yb
             is_char = yb < logits.shape[-1] - 1          # not the end symbol
             total_loss += loss.detach() * len(idx)
-            exact += correct.all(1).sum()
-            chars += (correct & is_char).sum()
-            n_chars += is_char.sum()
+            counts += torch.stack([correct.all(1).sum(), (correct & is_char).sum(), is_char.sum()])
             bar.update(len(idx))
     bar.close()
-    m = max(n, 1)
-    return total_loss.item() / m, exact.item() / m, chars.item() / max(n_chars.item(), 1), n
+    m, (exact, chars, n_chars) = max(n, 1), counts.tolist()
+    return total_loss.item() / m, exact / m, chars / max(n_chars, 1), n
 
 
 def shifted_views(x, views):
@@ -616,12 +569,7 @@ def as_read(pred, end):
 
 def decode_code(classes, charset):
     """Class indices of one image -> the code: its characters up to the first end symbol."""
-    code = []
-    for i in classes:
-        if i >= len(charset):
-            break
-        code.append(charset[i])
-    return "".join(code)
+    return "".join(charset[i] for i in itertools.takewhile(lambda i: i < len(charset), classes))
 
 
 def fit_calibration(scores, correct):
@@ -634,18 +582,18 @@ def fit_calibration(scores, correct):
     if min(n_right, len(correct) - n_right) < CALIBRATION_MIN:
         return None
     targets = torch.where(correct, (n_right + 1) / (n_right + 2), 1 / (len(correct) - n_right + 2)).double()
-    a, b = torch.ones((), dtype=torch.float64, requires_grad=True), torch.zeros((), dtype=torch.float64,
-                                                                                requires_grad=True)
-    optimizer = torch.optim.LBFGS([a, b], lr=0.5, max_iter=200, line_search_fn="strong_wolfe")
+    ab = torch.tensor([1.0, 0.0], dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([ab], lr=0.5, max_iter=200, line_search_fn="strong_wolfe")
 
     def closure():
         optimizer.zero_grad()
-        loss = F.binary_cross_entropy_with_logits(a * scores + b, targets)
+        loss = F.binary_cross_entropy_with_logits(ab[0] * scores + ab[1], targets)
         loss.backward()
         return loss
 
     optimizer.step(closure)
-    return {"a": a.item(), "b": b.item()} if a.item() > 0 else None   # a <= 0: the scores do not rank the errors
+    a, b = ab.tolist()
+    return {"a": a, "b": b} if a > 0 else None   # a <= 0: the scores do not rank the errors
 
 
 def calibrated(scores, calibration):
@@ -742,8 +690,7 @@ def predict(net, info, device, args, images, per_position=False):
 # ---- Commands ----
 def cmd_prepare(args):
     image_dir = Path(args.image_dir)
-    regex = args.label_regex
-    if args.labels and regex.pattern != LABEL_REGEX:
+    if args.labels and args.label_regex.pattern != LABEL_REGEX:
         raise UserError("--label-regex reads codes from file names, --labels from a file: pass one of them", 2)
     beside = Path(__file__).resolve().parent / IMAGE_DIR   # where generate.py writes, from any working folder
     if args.image_dir == IMAGE_DIR and not image_dir.is_dir() and beside.is_dir():
@@ -758,50 +705,43 @@ def cmd_prepare(args):
     length = None if args.length == "auto" else args.length
     entries = sorted(p for p in image_dir.iterdir() if not p.name.startswith("."))
     files = [p for p in entries if p.is_file()]
-    skipped = {}  # reason -> list of file names
-    nested = [] if args.labels else [p for p in list_images(image_dir) if p.parent != image_dir]
-    if nested:   # read only when a labels file names them: a train/ test/ layout must not be merged unasked
-        skipped["in a subfolder (pass the subfolder as --image-dir, or a --labels file naming them)"] = [
-            str(p.relative_to(image_dir)) for p in nested]
-    if not files and not args.labels:   # a labels file may name images in subfolders
-        raise UserError(f"{image_dir}: " + (f"no images in the folder itself, {len(nested)} in its subfolders (e.g. "
-                                            f"{nested[0].relative_to(image_dir)}); pass a subfolder as --image-dir"
-                                            if nested else "the folder is empty; put the captchas there or pass "
-                                            "--image-dir"))
-
-    odd = [p.name for p in entries if p.suffix.lower() in IMAGE_EXTS and not p.is_file()]
-    if odd and not args.labels:   # a folder, a FIFO or a dangling link named like an image: said, not passed over
-        skipped["not a regular file"] = odd
-    labelled = []
-    if args.labels:
+    skipped = defaultdict(list)  # reason -> list of file names
+    if args.labels:   # a labels file may name images in subfolders
         listed, refused, mentioned = read_labels(args.labels, image_dir)
         skipped |= refused
         for p in files:   # each file counted once: one the labels name but refused is not "not in the labels file"
             if (p.suffix.lower() in IMAGE_EXTS and p.resolve() not in mentioned
                     and os.path.normpath(p.absolute()) not in mentioned):
-                skipped.setdefault("image not in the labels file", []).append(p.name)
-        candidates = [(p, code, None) for p, code in listed.items()]
+                skipped["image not in the labels file"].append(p.name)
+        candidates = [(p, *check_code(code, charset, length, args.case_sensitive)) for p, code in listed.items()]
     else:
-        candidates = [(p, *parse_code(p.name, regex, charset, length, args.case_sensitive)) for p in files]
-    for p, code, reason in candidates:
-        if args.labels:
-            code, reason = check_code(code, charset, length, args.case_sensitive)
-        elif p.suffix.lower() not in IMAGE_EXTS:
-            reason = "not an image file"
+        nested = [p for p in list_images(image_dir) if p.parent != image_dir]
+        if nested:   # read only when a labels file names them: a train/ test/ layout must not be merged unasked
+            skipped["in a subfolder (pass the subfolder as --image-dir, or a --labels file naming them)"] = [
+                str(p.relative_to(image_dir)) for p in nested]
+        if not files:
+            raise UserError(f"{image_dir}: " + (f"no images in the folder itself, {len(nested)} in its subfolders "
+                                                f"(e.g. {nested[0].relative_to(image_dir)}); pass a subfolder as "
+                                                "--image-dir" if nested else "the folder is empty; put the captchas "
+                                                "there or pass --image-dir"))
+        odd = [p.name for p in entries if p.suffix.lower() in IMAGE_EXTS and not p.is_file()]
+        if odd:   # a folder, a FIFO or a dangling link named like an image: said, not passed over
+            skipped["not a regular file"] = odd
+        candidates = [(p, *parse_code(p.name, args.label_regex, charset, length, args.case_sensitive))
+                      if p.suffix.lower() in IMAGE_EXTS else (p, None, "not an image file") for p in files]
+    for p, _, reason in candidates:
         if reason:
-            skipped.setdefault(reason, []).append(p.name)
-        else:
-            labelled.append((p, code))
-
+            skipped[reason].append(p.name)
+    labelled = [(p, code) for p, code, reason in candidates if not reason]
     paths = [p for p, _ in labelled]
     image_size = auto_image_size(paths) if args.image_size == "auto" else tuple(args.image_size)
-    decode = partial(decode_file, image_size=image_size)
-    results = parallel_map(decode, paths, 1 if len(paths) < 200 else args.workers, "prepare", "img", 256)
+    results = parallel_map(partial(decode_file, image_size=image_size), paths, 1 if len(paths) < 200 else args.workers,
+                           "prepare", "img", 256)
 
     images, codes = [], []
     for (p, code), (array, reason) in zip(labelled, results):
         if reason:
-            skipped.setdefault(reason, []).append(p.name)
+            skipped[reason].append(p.name)
         else:
             images.append(array)
             codes.append(code)
@@ -827,21 +767,16 @@ def cmd_prepare(args):
           f"input {image_size[0]}x{image_size[1]}")
 
     x = torch.from_numpy(np.stack(images))  # N,3,H,W uint8
-    y = torch.full((len(codes), lengths[-1]), end, dtype=torch.long)  # N,L: character indices, then end symbols
-    for i, code in enumerate(codes):
-        y[i, :len(code)] = torch.tensor([charset.index(c) for c in code])
+    y = torch.tensor([[charset.index(c) for c in code] + [end] * (lengths[-1] - len(code)) for code in codes])  # N,L
     sizes = split_sizes(len(x), args.split)
     if not sizes[0]:
         raise UserError(f"--split: no image left for training ({len(x)} kept, {sizes[1]} for validation, {sizes[2]} "
                         f"for test); give training a larger share", 2)
-    splits = {}
-    for name, idx in zip(SPLITS, split_indices(len(x), args.seed, sizes)):
-        idx = torch.tensor(idx, dtype=torch.long)
-        splits[name] = (x[idx], y[idx])
+    splits = {name: (x[idx], y[idx]) for name, idx in
+              zip(SPLITS, (torch.tensor(i, dtype=torch.long) for i in split_indices(len(x), args.seed, sizes)))}
     meta = {"kind": DATA_KIND, "script": SCRIPT, "image_dir": str(image_dir), "image_size": list(image_size),
             "charset": charset, "length": lengths[-1], "lengths": lengths, "case_sensitive": args.case_sensitive,
-            "labels": args.labels, "label_regex": None if args.labels else args.label_regex.pattern,
-            "seed": args.seed,
+            "labels": args.labels, "label_regex": None if args.labels else args.label_regex.pattern, "seed": args.seed,
             "kept": len(x), "skipped": n_skipped, "skipped_by_reason": {k: len(v) for k, v in skipped.items()},
             "counts": {name: len(y) for name, (_, y) in splits.items()}}
     save_prepared(args.data_dir, splits, meta)
@@ -855,11 +790,7 @@ def cmd_prepare(args):
 
 def improves(acc, loss, best, best_loss):
     """Is this epoch's model better than the best so far? Higher validation exact-match; at the same exact-match,
-    once some code is read, lower validation loss. A small validation split (50-100 codes) reaches its best
-    exact-match early, at a high learning rate, and only ties it later: the first model to reach it is rarely the
-    best one (900 labels: held-out 98.40% with the model of epoch 9, 99.35% with the lowest-loss one; 450 labels,
-    98% of 50 from epoch 23: 98.35% early-stopped at epoch 43, 99.30% going on). At 0% the loss of a model that
-    does not learn still moves with its BatchNorm statistics, so there the first model stays."""
+    once some code is read, lower validation loss (why: benchmarks/RESULTS.md)."""
     return acc > best or (acc == best > 0 and loss < best_loss)
 
 
@@ -1009,32 +940,25 @@ def calibrate_and_test(model, model_path, data_dir, meta, device, batch_size, dt
         raise UserError(f"{model_path} was not written (no epoch ran); raise --epochs")
     best_model = load_model_file(model_path)
     model.load_state_dict(best_model["model"])
-    # P(code right) as a function of the raw confidence, on the whole validation split
     x_val, y_val = (t.to(device) for t in read_split(data_dir, "validating_set", meta))
-    if len(x_val):
-        best_model["calibration"], scores, right, fitted_on = fit_confidence(model, x_val, y_val, device, batch_size,
-                                                                             dtype)
-        best = right.float().mean().item()
-        confident = calibrated(scores, best_model["calibration"]) >= 0.9
-        print(f"validation read in {len(VIEWS)} views as eval does: exact-match {under_one(best, 4):.2%}; " +
-              (f"confidence calibrated on {fitted_on}" if best_model["calibration"] else
-               f"confidence not calibrated (under {CALIBRATION_MIN} wrong or right codes, or scores that do not rank "
-               f"them: eval gives the raw one)") +
-              f": {confident.sum().item()} with confidence >= 0.9" +
-              (f", {under_one(right[confident].float().mean().item(), 3):.1%} of them right" if confident.any()
-               else ""))
+    if len(x_val):   # P(code right) as a function of the raw confidence, on the whole validation split
+        calibration, scores, right, fitted_on = fit_confidence(model, x_val, y_val, device, batch_size, dtype)
+        best_model["calibration"], best = calibration, right.float().mean().item()
+        confident = calibrated(scores, calibration) >= 0.9
+        how = (f"confidence calibrated on {fitted_on}" if calibration else f"confidence not calibrated (under "
+               f"{CALIBRATION_MIN} wrong or right codes, or scores that do not rank them: eval gives the raw one)")
+        sure = f", {under_one(right[confident].float().mean().item(), 3):.1%} of them right" if confident.any() else ""
+        print(f"validation read in {len(VIEWS)} views as eval does: exact-match {under_one(best, 4):.2%}; {how}: "
+              f"{confident.sum().item()} with confidence >= 0.9{sure}")
     save_model(best_model, model_path)
     x_test, y_test = (t.to(device) for t in read_split(data_dir, "testing_set", meta))
     if not len(x_test):
         shown = f"{under_one(best, 4):.2%}"
-        if not len(x_val):
-            print(f"no validation or test split: exact-match {shown} on the training images themselves says nothing "
-                  f"of new captchas; prepare with a validation share (--split auto)")
-        elif not ranked:   # the last epoch's model: not chosen by this score
-            print(f"no test split: validation exact-match {shown} (the last epoch's model) is the estimate")
-        else:
-            print(f"no test split: validation exact-match {shown} (best model of epoch {best_model['epoch']}) is the "
-                  f"estimate, slightly optimistic as it chose the model")
+        print(f"no validation or test split: exact-match {shown} on the training images themselves says nothing of "
+              f"new captchas; prepare with a validation share (--split auto)" if not len(x_val) else
+              f"no test split: validation exact-match {shown} (the last epoch's model) is the estimate" if not ranked
+              else f"no test split: validation exact-match {shown} (best model of epoch {best_model['epoch']}) is "
+              f"the estimate, slightly optimistic as it chose the model")
         return float("nan")
     pred, _ = read_codes(model, x_test, device, batch_size, dtype, VIEWS)
     correct, is_char = pred == y_test, y_test < len(meta["charset"])   # not the end symbol
@@ -1139,11 +1063,6 @@ def regex_arg(text):
     return regex
 
 
-def augment_strength(text):
-    """--augment: auto (from the training-set size) or 0 (none) to 3 (three times full strength)."""
-    return "auto" if text == "auto" else parse_number(text, float, 0, 3)
-
-
 def auto_augment(n_train, passes=AUGMENT_PASSES):
     """--augment auto: the distortion strength for a training split of n_train images, each seen `passes` times
     in the run (see AUGMENT_FULL and AUGMENT_FEW)."""
@@ -1179,7 +1098,8 @@ def build_parser():
     p.add_argument("--charset", default="auto",
                    help=f"characters a code may hold: auto (those the codes use), one of {', '.join(CHARSETS)}, "
                         "or a literal string, where a-f stands for abcdef; codes with other characters are skipped")
-    p.add_argument("--case-sensitive", action="store_true", help="keep the case of codes (otherwise they are lower-cased)")
+    p.add_argument("--case-sensitive", action="store_true",
+                   help="keep the case of codes (otherwise they are lower-cased)")
     p.add_argument("--length", type=length_arg, default="auto",
                    help=f"characters per code: auto (every length up to {MAX_LENGTH}) or N (other lengths skipped)")
     p.add_argument("--label-regex", type=regex_arg, default=LABEL_REGEX,
@@ -1207,11 +1127,13 @@ def build_parser():
                         "for a few hundred labels (the attention starts fresh where length or size differ, the "
                         "classifier keeps the characters both charsets hold)")
     p.add_argument("--epoch-size", type=lambda text: parse_number(text, int, 0, 10 ** 7), default=EPOCH_SIZE,
-                   metavar="N", help="images per epoch at least (a smaller training split is repeated, augmented afresh)")
-    p.add_argument("--augment", type=augment_strength, default="auto", metavar="X",
+                   metavar="N", help="images per epoch at least (a smaller training split is repeated, augmented "
+                   "afresh)")
+    p.add_argument("--augment", type=lambda text: text if text == "auto" else parse_number(text, float, 0, 3),
+                   default="auto", metavar="X",
                    help=f"strength of the random distortions while training: 0 (none) to 3, or auto: up to "
-                        f"{AUGMENT_MAX:g} under {AUGMENT_FEW} training images, 1 up to {AUGMENT_FULL:,}, less on larger "
-                        f"sets and shorter runs (18,000 images: 0.11 for 5 epochs, 0.29 for 24)")
+                        f"{AUGMENT_MAX:g} under {AUGMENT_FEW} training images, 1 up to {AUGMENT_FULL:,}, less on "
+                        f"larger sets and shorter runs (18,000 images: 0.11 for 5 epochs, 0.29 for 24)")
     add_scale_options(p)
     p.set_defaults(func=cmd_train, train_parser=p)
     p = sub.add_parser("eval", parents=[common, device], help="read captcha images")
