@@ -1125,7 +1125,7 @@ def cmd_prepare(args):
         raise UserError(f"{args.csv}: {len(names)} usable photos leave none for training or validation; "
                         "prepare needs at least 2")
     shards, entries = prepared_splits(args, kept, names, parts)
-    meta = {"kind": DATA_KIND, "script": f"{SCRIPT}.py", "csv": str(Path(args.csv).resolve()),
+    meta = {"kind": DATA_KIND, "script": SCRIPT, "csv": str(Path(args.csv).resolve()),
             "image_dir": str(image_dir.resolve()), "seed": args.seed, "options": opts, "photos_per_s": photos_per_s,
             "skipped": {k: v[0] for k, v in skipped.items()}, "skipped_examples": {k: v[1] for k, v in skipped.items()},
             **entries}

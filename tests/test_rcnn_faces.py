@@ -89,7 +89,7 @@ def trained(prepared):
 def test_prepare_counts_skips_and_split_by_photo(faces, prepared):
     data, proc = prepared
     meta = json.loads((data / "meta.json").read_text())
-    assert meta["kind"] == "rcnn_faces" and meta["script"] == "rcnn_faces.py"
+    assert meta["kind"] == meta["script"] == "rcnn_faces"   # the stem, as the other scripts store it
     assert meta["skipped"] == {"non-numeric box": 1, "zero-size or inverted box": 2, "box outside photo": 1,
                                "missing photo": 1, "unreadable photo": 2, "Name outside --image-dir": 2,
                                "link out of --image-dir (pass the folder it leads to)": 1,
