@@ -407,7 +407,8 @@ def test_bad_input(faces, tmp_path):
     assert "rcnn_faces.py" in error("train", "--data-dir", tmp_path, "--device", "cpu")
     fresh = tmp_path / "fresh"
     fresh.mkdir()
-    (fresh / "meta.json").write_text((faces.data / "meta.json").read_text())
+    meta = json.loads((faces.data / "meta.json").read_text())   # as a prepare before the stem wrote it: still read
+    (fresh / "meta.json").write_text(json.dumps({**meta, "script": "fast_rcnn_faces.py"}))
     assert "checkpoint.pt not found" in error("train", "--data-dir", fresh, "--resume", "--device", "cpu")
     assert "no training_set shards" in error("train", "--data-dir", fresh, "--device", "cpu")
     assert "WIDTHxHEIGHT" in assert_one_line_error(run(SCRIPT, "prepare", "--size", "384"), 2)   # argparse too

@@ -246,7 +246,8 @@ def test_eval_missing_and_foreign_model(faces, trained, tmp_path):
     assert "prepare" in line
     fresh = tmp_path / "fresh"
     fresh.mkdir()
-    (fresh / "meta.json").write_bytes((trained[0] / "meta.json").read_bytes())
+    meta = json.loads((trained[0] / "meta.json").read_text())   # as a prepare before the stem wrote it: still read
+    (fresh / "meta.json").write_text(json.dumps({**meta, "script": "rcnn_faces.py"}))
     line = assert_one_line_error(run_main(SCRIPT, "train", "--data-dir", fresh, "--resume", "--device", "cpu"), 1)
     assert "checkpoint.pt" in line
     line = assert_one_line_error(run_main(SCRIPT, "eval", photo, "--data-dir", trained[0], "--output",
