@@ -2842,6 +2842,7 @@ def serve_app(args):
                               "itself, not compressed")
         if length is not None and (not length.isdigit() or int(length) > args.max_bytes + 4096):
             return error(413, f"request over the limit of {args.max_bytes:,} bytes (--max-bytes)")
+        name = None   # eval's "image": the multipart field's file name; a bare body has none
         if kind == "multipart/form-data":
             if length is None:
                 return error(411, "a multipart upload needs a Content-Length header")
@@ -2855,6 +2856,7 @@ def serve_app(args):
             if not uploads:
                 return error(400, "the multipart body has no file field")
             data = await uploads[0].read(args.max_bytes + 1)
+            name = uploads[0].filename or None
             if bodies["held"] + len(data) > bodies["limit"]:
                 return busy()
             bodies["held"] += len(data)
@@ -2884,7 +2886,7 @@ def serve_app(args):
             except UserError as e:
                 return error(400, f"cannot read image: {e}")
             try:
-                return await batcher(img)
+                return {"image": name, **await batcher(img)}
             except BrokenModel as e:
                 print(f"error: /predict failed: {e}", file=sys.stderr, flush=True)
                 return error(500, str(e))

@@ -1396,9 +1396,11 @@ def test_serve(trained, generated, tmp_path):
         with urllib.request.urlopen(urllib.request.Request(url + "/info", method="HEAD")) as response:
             assert response.status == 200
         assert http(url + "/info", b"x") == (405, {"error": "Method Not Allowed"})
-        assert http(url + "/predict", png, {"Content-Type": "image/png"}) == (200, expected[str(images[0])])
+        assert http(url + "/predict", png, {"Content-Type": "image/png"}) == (200, {"image": None,
+                                                                                     **expected[str(images[0])]})
         assert http(url + "/health", None, {"Host": "proxy.example:8080"})[0] == 200   # --allowed-host: a proxy
-        assert http(url + "/predict", *multipart("file", images[0].name, png)) == (200, expected[str(images[0])])
+        assert http(url + "/predict", *multipart("file", images[0].name, png)) == (200, {   # eval's "image": its name
+            "image": images[0].name, **expected[str(images[0])]})
         for body, headers, status, words in [
                 (b"not an image", {"Content-Type": "image/png"}, 400, "not an image"),
                 (b"", {"Content-Type": "application/octet-stream"}, 400, "empty"),
@@ -1435,7 +1437,7 @@ def test_serve(trained, generated, tmp_path):
                                     images))
         for path, (status, answer) in zip(images, answers):
             assert status == 200
-            same_answers(answer, expected[str(path)], 2e-4)
+            same_answers(answer, {"image": None, **expected[str(path)]}, 2e-4)
         health = http(url + "/health")[1]
         assert health["images"] == len(images) + 2 and health["batches"] < health["images"] - 10
         time.sleep(max(0.0, opened + 11 - time.time()))

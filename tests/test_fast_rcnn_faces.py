@@ -547,9 +547,9 @@ def test_export_and_serve_onnx(faces, tmp_path):
     with serving(SCRIPT, "--model", onnx, "--data-dir", faces.data, "--threshold", 0.05) as (url, proc):
         body = faces.photos[0].read_bytes()
         status, got = http(url + "/predict", body, {"Content-Type": "image/jpeg"})
-        assert status == 200 and got.keys() == {"boxes"}
+        assert status == 200 and got.keys() == {"image", "boxes"} and got["image"] is None   # a bare body: no name
         same_answers(got["boxes"], answers[0]["boxes"], 1e-4)
-        assert http(url + "/predict", *multipart("file", "photo.jpg", body)) == (200, got)
+        assert http(url + "/predict", *multipart("file", "photo.jpg", body)) == (200, {**got, "image": "photo.jpg"})
         assert http(url + "/info")[1]["size"] == [384, 256]
     out, err = proc.communicate()
     assert proc.returncode == 0 and "Traceback" not in err, err
