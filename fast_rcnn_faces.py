@@ -165,14 +165,14 @@ def letterbox_image(img, size):
     return image_to_tensor(canvas)
 
 
-def selective_search(img, size, side, limit):
-    """Selective search (fast mode) on a copy with longest side `side`; boxes in letterbox pixels. limit 0: none
-    (the dense windows alone, without the search's time)."""
-    if limit == 0:
+def selective_search(img, size, search_side, max_proposals):
+    """Selective search (fast mode) on a copy with longest side `search_side`; boxes in letterbox pixels.
+    max_proposals 0: none (the dense windows alone, without the search's time)."""
+    if max_proposals == 0:
         return torch.zeros(0, 4)
-    scale = side / max(img.width, img.height)
+    scale = search_side / max(img.width, img.height)
     small = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.BILINEAR)
-    boxes = search_regions(np.asarray(small), limit) * torch.tensor([img.width / small.width,
+    boxes = search_regions(np.asarray(small), max_proposals) * torch.tensor([img.width / small.width,
                                                                       img.height / small.height] * 2)
     return to_letterbox(boxes, img.width, img.height, size)
 

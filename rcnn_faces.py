@@ -130,6 +130,7 @@ SHARD_SPEC = ((torch.uint8, (3, None, None)), (torch.int64, ()), (torch.float32,
               (torch.float32, (4,)))
 META_KEYS = {"options.crop_size": lambda v: numbers([v], 1, 1, 256, True), "image_dir": str,   # what train reads
              "options.search_side": lambda v: numbers([v], 1, 1, 4096, True),
+             "options.proposals": lambda v: v is None or numbers([v], 1, 1, MAX_INT, True),   # None: data of before
              "splits.validating": lambda v: isinstance(v, list) and all(isinstance(name, str) for name in v),
              "splits.testing": lambda v: isinstance(v, list) and all(isinstance(name, str) for name in v),
              "boxes": lambda v: isinstance(v, dict) and all(   # photo name -> its true boxes
@@ -138,7 +139,7 @@ MODEL_KEYS = ("model", "model_args", "crop_size", "search_side")       # what ev
 
 
 # ---- Data ----
-def selective_search(img, search_side, max_proposals=MAX_PROPOSALS):
+def selective_search(img, search_side, max_proposals):
     """Selective search (fast mode) on a copy with longest side `search_side`; K,4 xyxy boxes in `img` pixels."""
     rgb = np.ascontiguousarray(img.permute(1, 2, 0).numpy())  # H,W,3
     h, w = rgb.shape[:2]
@@ -196,13 +197,14 @@ def check_model(path, info):
     read: a hand-edited or damaged entry is a UserError, not a traceback, gigabytes allocated or no box at all."""
     args, calibration = info.get("model_args"), info.get("calibration", (1.0, 0.0))
     if not (numbers([info.get("crop_size"), info.get("search_side")], 2, 1, 4096, True) and info["crop_size"] <= 256
+            and numbers([info.get("proposals", MAX_PROPOSALS)], 1, 1, MAX_INT, True)
             and isinstance(args, dict) and {"width", "crop_size"} <= set(args) <= {"width", "crop_size", "regress"}
             and args["crop_size"] == info["crop_size"] and numbers([args["width"]], 1, 1, 256, True)
             and isinstance(args.get("regress", False), bool) and isinstance(calibration, (list, tuple))
             and len(calibration) in (2, 3) and numbers(calibration, len(calibration), -1e6, 1e6)
             and calibration[0] > 0):
-        raise UserError(f"{path}: its crop size, search side, calibration or network arguments are malformed; "
-                        "train it again")
+        raise UserError(f"{path}: its crop size, search side, proposals, calibration or network arguments are "
+                        "malformed; train it again")
     if len(info.get("calibration", ())) == 2:   # (a, b) of before the shift (2026-12-06): 0.5 keeps what the default
         old = 0.2 if args.get("regress") else 0.1   # threshold of then kept (0.1 before the box head)
         info["calibration"] = [*calibration, math.log((1 - old) / old)]
@@ -357,7 +359,8 @@ def train(args, device, out_dir, tb_dir):
         if main_process():   # the epoch is saved before its line is printed
             log_epoch(writer, history[-1], model, args.histogram_every)
             best_model = {"model_args": model_args, "crop_size": model_args["crop_size"], "mean": list(MEAN),
-                          "std": list(STD), "search_side": meta["options"]["search_side"], "epoch": epoch,
+                          "std": list(STD), "search_side": meta["options"]["search_side"],
+                          "proposals": meta["options"].get("proposals") or MAX_PROPOSALS, "epoch": epoch,
                           "val_bacc": va["bacc"]}
             save_epoch(out_dir, args, model, optimizer, scheduler, scaler,
                        {"epoch": epoch, "history": history, "best_score": best, "bad_epochs": bad_epochs,
@@ -410,7 +413,7 @@ def look(img, info):
     proposals; the copy's reduction factor)."""
     copy, factor = working_copy(img, working_size(info))   # a copy's pixel is factor x factor of the photo
     copy = image_to_tensor(copy)
-    return copy, selective_search(copy, info["search_side"]), factor
+    return copy, selective_search(copy, info["search_side"], info.get("proposals", MAX_PROPOSALS)), factor
 
 
 def predict(net, info, device, args, images, looks=None):

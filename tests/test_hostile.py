@@ -549,7 +549,7 @@ GOOD_MODELS = {   # eval's entries of a model file of each script, as train writ
                    "image_size": [40, 96], "calibration": {"a": 1.0, "b": 0.0}},
     "cifar_lenet.py": {"labels": ["a", "b", "c"], "model_args": {"num_classes": 3}, "mean": [0.5] * 3,
                        "std": [0.25] * 3},
-    "rcnn_faces.py": {"crop_size": 32, "search_side": 400, "calibration": [1.0, 0.0, 0.5],
+    "rcnn_faces.py": {"crop_size": 32, "search_side": 400, "proposals": 2000, "calibration": [1.0, 0.0, 0.5],
                       "model_args": {"width": 16, "crop_size": 32, "regress": True}},
     "fast_rcnn_faces.py": {"size": [384, 256], "search_side": 200, "proposals": 300, "calibration": [1.0, 0.0, 0.5],
                            "model_args": {"width": 24, "samples": 1}},
@@ -564,7 +564,8 @@ BAD_ENTRIES = {   # hand-edited entries that ended in a traceback, gigabytes all
                        ("labels", ["", "b", "c"]), ("mean", [0.5]), ("std", [0, 0, 0])],
     "rcnn_faces.py": [("calibration", [float("nan"), 0]), ("calibration", "ab"), ("calibration", []),
                       ("calibration", [-1.0, 0.0]), ("calibration", [1e30, 0.0, 0.0]),
-                      ("search_side", 0), ("search_side", -5), ("crop_size", 100000)],
+                      ("search_side", 0), ("search_side", -5), ("crop_size", 100000), ("proposals", 0),
+                      ("proposals", "ab")],
     "fast_rcnn_faces.py": [("size", [0, 0]), ("size", "ab"), ("size", [100000, 100000]), ("calibration", "ab"),
                            ("calibration", 5), ("calibration", [-1.0, 0.0, 0.0]), ("proposals", -1),
                            ("search_side", 0), ("model_args", {"width": 1})],
@@ -586,7 +587,8 @@ def test_model_entries_checked_before_use(script):
 BAD_META = {   # hand-edited meta.json entries that ended in a traceback (after an epoch, for R-CNN) or a NaN loss
     "cifar_lenet.py": [("mean", [0.5]), ("std", [0, 0, 0])],
     "rcnn_faces.py": [("options", {"crop_size": 100000, "search_side": 400}), ("options", {"crop_size": 32,
-                      "search_side": 0}), ("splits", {"validating": [5], "testing": []}), ("boxes", {"a.jpg": "abc"})],
+                      "search_side": 0}), ("splits", {"validating": [5], "testing": []}), ("boxes", {"a.jpg": "abc"}),
+                      ("options", {"crop_size": 32, "search_side": 400, "proposals": -1})],
     "fast_rcnn_faces.py": [("size", ["a", "b"]), ("search_side", 0), ("proposals", -1)],
 }
 

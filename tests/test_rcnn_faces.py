@@ -224,6 +224,22 @@ def test_eval_json_output_dir_and_bad_image(faces, trained, tmp_path):
     assert "no image path on stdin" in assert_one_line_error(proc, 1)
 
 
+def test_eval_reads_as_many_proposals_as_prepare(faces, trained, tmp_path):
+    """model.pt holds prepare's --proposals and eval searches that many regions (as fast_rcnn_faces.py does); a model
+    of before, without it, reads the default."""
+    state = torch.load(trained[0] / "model.pt", weights_only=True)
+    assert state["proposals"] == json.loads((trained[0] / "meta.json").read_text())["options"]["proposals"] == 2000
+    answers = {}
+    for name, proposals in [("default", 2000), ("one", 1), ("before", None)]:
+        edited = {k: v for k, v in state.items() if k != "proposals"} | ({"proposals": proposals} if proposals else {})
+        torch.save(edited, tmp_path / f"{name}.pt")
+        proc = run(SCRIPT, "eval", faces["img_dir"] / faces["good"][0], "--model", tmp_path / f"{name}.pt", "--json",
+                   "--threshold", 0, "--output-dir", tmp_path / name, "--device", "cpu")
+        assert proc.returncode == 0, proc.stderr
+        answers[name] = json.loads(proc.stdout)["boxes"]
+    assert len(answers["one"]) == 1 < len(answers["default"]) and answers["before"] == answers["default"]
+
+
 def test_model_calibrated_before_the_shift(faces, trained, tmp_path):   # with a box head: its default was 0.2
     check_calibration_before_the_shift(SCRIPT, trained[0] / "model.pt", faces["img_dir"] / faces["good"][0], tmp_path,
                                        math.log(4))
