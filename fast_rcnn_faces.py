@@ -166,15 +166,16 @@ def letterbox_image(img, size):
 
 
 def selective_search(img, size, search_side, max_proposals):
-    """Selective search (fast mode) on a copy with longest side `search_side`; boxes in letterbox pixels.
+    """Selective search (fast mode) on a copy with longest side `search_side` at most; boxes in letterbox pixels.
     max_proposals 0: none (the dense windows alone, without the search's time)."""
     if max_proposals == 0:
         return torch.zeros(0, 4)
-    scale = search_side / max(img.width, img.height)
+    scale = min(1.0, search_side / max(img.width, img.height))
     small = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.BILINEAR)
     boxes = search_regions(np.asarray(small), max_proposals) * torch.tensor([img.width / small.width,
                                                                       img.height / small.height] * 2)
-    return to_letterbox(boxes, img.width, img.height, size)
+    boxes = to_letterbox(boxes, img.width, img.height, size)
+    return boxes[remove_small_boxes(boxes, 4.0)]   # under 4 letterbox px: no face
 
 
 @lru_cache(maxsize=64)
@@ -212,7 +213,7 @@ def prepare_photo(job):
     ss = selective_search(img, size, opts["search_side"], opts["proposals"])
     gt = to_letterbox(gt, img.width, img.height, size)
     return {**answer, "image": letterbox_image(img, size).numpy(), "gt": gt.numpy(),
-            "ss": ss[remove_small_boxes(ss, 4.0)].numpy(), "hw": np.array([img.width, img.height])}
+            "ss": ss.numpy(), "hw": np.array([img.width, img.height])}
 
 
 def pad_stack(tensors):
@@ -267,13 +268,14 @@ def check_model(path, info):
     read: a hand-edited or damaged entry is a UserError, not a traceback, gigabytes allocated or no box at all."""
     args, calibration = info.get("model_args"), info.get("calibration", (1.0, 0.0))
     if not (numbers(info.get("size"), 2, 32, 4096, True) and numbers([info.get("search_side")], 1, 1, 4096, True)
-            and numbers([info.get("proposals")], 1, 0, MAX_INT, True) and isinstance(args, dict)
+            and numbers([info.get("proposals")], 1, 0, MAX_INT, True)
+            and numbers([info.get("nms_iou", NMS_IOU)], 1, 0, 1) and isinstance(args, dict)
             and {"width"} <= set(args) <= {"width", "samples"} and numbers([args["width"]], 1, 2, 256, True)
             and numbers([args.get("samples", 0)], 1, 0, 16, True) and isinstance(calibration, (list, tuple))
             and len(calibration) in (2, 3) and numbers(calibration, len(calibration), -1e6, 1e6)
             and calibration[0] > 0):
-        raise UserError(f"{path}: its size, search side, proposals, calibration or network arguments are malformed; "
-                        "train it again")
+        raise UserError(f"{path}: its size, search side, proposals, NMS IoU, calibration or network arguments are "
+                        "malformed; train it again")
     if len(info.get("calibration", ())) == 2:   # (a, b) of before the shift (2026-12-06): 0.5 keeps what 0.25 kept
         info["calibration"] = [*calibration, math.log(3)]
 
@@ -509,7 +511,8 @@ def train(args, device, out_dir, tb_dir):
         if main_process():   # the epoch is saved before its line is printed
             log_epoch(writer, history[-1], model, args.histogram_every)
             best_model = {"model_args": model_args, "size": meta["size"], "search_side": meta["search_side"],
-                          "proposals": meta["proposals"], "mean": list(MEAN), "std": list(STD), "val_ap50": best}
+                          "proposals": meta["proposals"], "nms_iou": args.nms_iou, "mean": list(MEAN), "std": list(STD),
+                          "val_ap50": best}
             save_epoch(out_dir, args, model, optimizer, scheduler, scaler,
                        {"epoch": epoch, "history": history, "best_score": best, "bad_epochs": bad_epochs,
                         "model_args": model_args}, best_model if improved else None,
@@ -562,7 +565,8 @@ def predict(net, info, device, args, images, looks=None):
     """PIL photos (and their looks, if taken before) -> eval's JSON objects {"boxes": [...]}, in photo pixels,
     best first."""
     x, props, sizes, factors = zip(*(looks or [look(img, info) for img in images]))
-    dets = detect(net, torch.stack(x), list(props), torch.tensor(sizes), device, args.nms_iou,
+    nms_iou = info.get("nms_iou", NMS_IOU) if args.nms_iou is None else args.nms_iou   # train's, unless given
+    dets = detect(net, torch.stack(x), list(props), torch.tensor(sizes), device, nms_iou,
                   regress=not getattr(args, "no_regress", False), calibration=info.get("calibration", (1.0, 0.0)),
                   flip=not getattr(args, "no_flip", False), min_score=min(MIN_SCORE, args.threshold))
     return [{"boxes": found_boxes(clip_boxes_to_image(boxes * f, (img.height, img.width)), scores, args.threshold)}
@@ -1327,11 +1331,14 @@ def face_parser(prepare_help, train_help):
     threshold, eval's inputs and outputs), its export and serve commands, and the prepare, train and eval
     parsers, to which the script adds its own options."""
     parser, sub, common, device, seed = base_parser()
-    detection = argparse.ArgumentParser(add_help=False)
-    detection.add_argument("--threshold", type=probability, default=THRESHOLD,
-                           help="keep boxes with face probability >= X")
-    detection.add_argument("--nms-iou", type=probability, default=NMS_IOU,
-                           help="NMS: drop a box overlapping a better one by IoU > X")
+    detection = {}   # train's, and eval's and serve's (NMS as the model was trained, unless given)
+    for command, nms_iou in (("train", NMS_IOU), ("eval", None)):
+        detection[command] = argparse.ArgumentParser(add_help=False)
+        detection[command].add_argument("--threshold", type=probability, default=THRESHOLD,
+                                        help="keep boxes with face probability >= X")
+        detection[command].add_argument("--nms-iou", type=probability, default=nms_iou, help="NMS: drop a box "
+                                        "overlapping a better one by IoU > X" + ("" if nms_iou else " (default: the "
+                                        "model's, with which train calibrated its scores)"))
     prepare = sub.add_parser("prepare", parents=[common, seed], help=prepare_help)
     prepare.add_argument("--image-dir", default=IMAGE_DIR, help="folder of source photos; photos over "
                          f"{MAX_PIXELS:,} pixels are skipped")
@@ -1343,7 +1350,7 @@ def face_parser(prepare_help, train_help):
     prepare.add_argument("--search-side", "--ss-side", type=side_arg, default=SEARCH_SIDE,
                          help="longest side (px) of the copy searched for regions")
     prepare.set_defaults(func=cmd_prepare)
-    train = sub.add_parser("train", parents=[common, device, seed, detection], help=train_help)
+    train = sub.add_parser("train", parents=[common, device, seed, detection["train"]], help=train_help)
     train.add_argument("--epochs", type=positive_int, default=EPOCHS,
                        help="maximum epochs (the cosine schedule's length)")
     train.add_argument("--patience", type=positive_int, default=20,
@@ -1351,7 +1358,7 @@ def face_parser(prepare_help, train_help):
     train.add_argument("--resume", action="store_true", help="continue from DATA_DIR/checkpoint.pt")
     add_scale_options(train)
     train.set_defaults(func=cmd_train, train_parser=train)
-    evaluate = sub.add_parser("eval", parents=[common, device, detection], help="detect faces in photos")
+    evaluate = sub.add_parser("eval", parents=[common, device, detection["eval"]], help="detect faces in photos")
     evaluate.add_argument("images", nargs="*", metavar="IMAGE", help="image files or folders; none: read paths from "
                           f"stdin; images over {MAX_PIXELS:,} pixels are refused")
     evaluate.add_argument("--model", default=None, help="model.pt or model.onnx (default: DATA_DIR/model.pt)")
@@ -1365,7 +1372,7 @@ def face_parser(prepare_help, train_help):
     evaluate.add_argument("--search-side", type=side_arg, default=None,
                           help="selective search size (default: as in training)")
     evaluate.set_defaults(func=cmd_eval)
-    add_ship_commands(sub, common, [device, detection])
+    add_ship_commands(sub, common, [device, detection["eval"]])
     return parser, prepare, train, evaluate
 
 

@@ -140,7 +140,8 @@ MODEL_KEYS = ("model", "model_args", "crop_size", "search_side")       # what ev
 
 # ---- Data ----
 def selective_search(img, search_side, max_proposals):
-    """Selective search (fast mode) on a copy with longest side `search_side`; K,4 xyxy boxes in `img` pixels."""
+    """Selective search (fast mode) on a copy with longest side `search_side` at most; K,4 xyxy boxes in `img`
+    pixels."""
     rgb = np.ascontiguousarray(img.permute(1, 2, 0).numpy())  # H,W,3
     h, w = rgb.shape[:2]
     scale = min(1.0, search_side / max(h, w))
@@ -198,13 +199,14 @@ def check_model(path, info):
     args, calibration = info.get("model_args"), info.get("calibration", (1.0, 0.0))
     if not (numbers([info.get("crop_size"), info.get("search_side")], 2, 1, 4096, True) and info["crop_size"] <= 256
             and numbers([info.get("proposals", MAX_PROPOSALS)], 1, 1, MAX_INT, True)
+            and numbers([info.get("nms_iou", NMS_IOU)], 1, 0, 1)
             and isinstance(args, dict) and {"width", "crop_size"} <= set(args) <= {"width", "crop_size", "regress"}
             and args["crop_size"] == info["crop_size"] and numbers([args["width"]], 1, 1, 256, True)
             and isinstance(args.get("regress", False), bool) and isinstance(calibration, (list, tuple))
             and len(calibration) in (2, 3) and numbers(calibration, len(calibration), -1e6, 1e6)
             and calibration[0] > 0):
-        raise UserError(f"{path}: its crop size, search side, proposals, calibration or network arguments are "
-                        "malformed; train it again")
+        raise UserError(f"{path}: its crop size, search side, proposals, NMS IoU, calibration or network arguments "
+                        "are malformed; train it again")
     if len(info.get("calibration", ())) == 2:   # (a, b) of before the shift (2026-12-06): 0.5 keeps what the default
         old = 0.2 if args.get("regress") else 0.1   # threshold of then kept (0.1 before the box head)
         info["calibration"] = [*calibration, math.log((1 - old) / old)]
@@ -360,8 +362,8 @@ def train(args, device, out_dir, tb_dir):
             log_epoch(writer, history[-1], model, args.histogram_every)
             best_model = {"model_args": model_args, "crop_size": model_args["crop_size"], "mean": list(MEAN),
                           "std": list(STD), "search_side": meta["options"]["search_side"],
-                          "proposals": meta["options"].get("proposals") or MAX_PROPOSALS, "epoch": epoch,
-                          "val_bacc": va["bacc"]}
+                          "proposals": meta["options"].get("proposals") or MAX_PROPOSALS, "nms_iou": args.nms_iou,
+                          "epoch": epoch, "val_bacc": va["bacc"]}
             save_epoch(out_dir, args, model, optimizer, scheduler, scaler,
                        {"epoch": epoch, "history": history, "best_score": best, "bad_epochs": bad_epochs,
                         "model_args": model_args}, best_model if improved else None, ["train_bacc", "val_bacc"])
@@ -420,7 +422,8 @@ def predict(net, info, device, args, images, looks=None):
     """PIL photos (and their looks, if taken before) -> eval's JSON objects {"boxes": [...]}, in photo pixels,
     best first."""
     looks = looks or [look(img, info) for img in images]
-    dets = [detect(net, x, proposals, info["crop_size"], device, args.nms_iou, info.get("calibration", (1.0, 0.0)))
+    nms_iou = info.get("nms_iou", NMS_IOU) if args.nms_iou is None else args.nms_iou   # train's, unless given
+    dets = [detect(net, x, proposals, info["crop_size"], device, nms_iou, info.get("calibration", (1.0, 0.0)))
             for x, proposals, _ in looks]
     return [{"boxes": found_boxes(clip_boxes_to_image(boxes * f, (img.height, img.width)), scores, args.threshold)}
             for (boxes, scores), (_, _, f), img in zip(dets, looks, images)]
@@ -1178,11 +1181,14 @@ def face_parser(prepare_help, train_help):
     threshold, eval's inputs and outputs), its export and serve commands, and the prepare, train and eval
     parsers, to which the script adds its own options."""
     parser, sub, common, device, seed = base_parser()
-    detection = argparse.ArgumentParser(add_help=False)
-    detection.add_argument("--threshold", type=probability, default=THRESHOLD,
-                           help="keep boxes with face probability >= X")
-    detection.add_argument("--nms-iou", type=probability, default=NMS_IOU,
-                           help="NMS: drop a box overlapping a better one by IoU > X")
+    detection = {}   # train's, and eval's and serve's (NMS as the model was trained, unless given)
+    for command, nms_iou in (("train", NMS_IOU), ("eval", None)):
+        detection[command] = argparse.ArgumentParser(add_help=False)
+        detection[command].add_argument("--threshold", type=probability, default=THRESHOLD,
+                                        help="keep boxes with face probability >= X")
+        detection[command].add_argument("--nms-iou", type=probability, default=nms_iou, help="NMS: drop a box "
+                                        "overlapping a better one by IoU > X" + ("" if nms_iou else " (default: the "
+                                        "model's, with which train calibrated its scores)"))
     prepare = sub.add_parser("prepare", parents=[common, seed], help=prepare_help)
     prepare.add_argument("--image-dir", default=IMAGE_DIR, help="folder of source photos; photos over "
                          f"{MAX_PIXELS:,} pixels are skipped")
@@ -1194,7 +1200,7 @@ def face_parser(prepare_help, train_help):
     prepare.add_argument("--search-side", "--ss-side", type=side_arg, default=SEARCH_SIDE,
                          help="longest side (px) of the copy searched for regions")
     prepare.set_defaults(func=cmd_prepare)
-    train = sub.add_parser("train", parents=[common, device, seed, detection], help=train_help)
+    train = sub.add_parser("train", parents=[common, device, seed, detection["train"]], help=train_help)
     train.add_argument("--epochs", type=positive_int, default=EPOCHS,
                        help="maximum epochs (the cosine schedule's length)")
     train.add_argument("--patience", type=positive_int, default=20,
@@ -1202,7 +1208,7 @@ def face_parser(prepare_help, train_help):
     train.add_argument("--resume", action="store_true", help="continue from DATA_DIR/checkpoint.pt")
     add_scale_options(train)
     train.set_defaults(func=cmd_train, train_parser=train)
-    evaluate = sub.add_parser("eval", parents=[common, device, detection], help="detect faces in photos")
+    evaluate = sub.add_parser("eval", parents=[common, device, detection["eval"]], help="detect faces in photos")
     evaluate.add_argument("images", nargs="*", metavar="IMAGE", help="image files or folders; none: read paths from "
                           f"stdin; images over {MAX_PIXELS:,} pixels are refused")
     evaluate.add_argument("--model", default=None, help="model.pt or model.onnx (default: DATA_DIR/model.pt)")
@@ -1216,7 +1222,7 @@ def face_parser(prepare_help, train_help):
     evaluate.add_argument("--search-side", type=side_arg, default=None,
                           help="selective search size (default: as in training)")
     evaluate.set_defaults(func=cmd_eval)
-    add_ship_commands(sub, common, [device, detection])
+    add_ship_commands(sub, common, [device, detection["eval"]])
     return parser, prepare, train, evaluate
 
 

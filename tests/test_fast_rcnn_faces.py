@@ -308,7 +308,7 @@ def test_train_one_epoch(faces, frc):
     assert len(history) == 2 and "val_ap50" in history[0]
     assert (faces.data / "history.png").stat().st_size > 0
     model = torch.load(faces.data / "model.pt", weights_only=True)
-    assert model["script"] == "fast_rcnn_faces" and model["size"] == [384, 256]
+    assert model["script"] == "fast_rcnn_faces" and model["size"] == [384, 256] and model["nms_iou"] == 0.3
     ckpt = torch.load(faces.data / "checkpoint.pt", weights_only=True)
     assert ckpt["epoch"] == 1 and len(ckpt["history"]) == 1 and ckpt["config"]["epochs"] == 1
     assert all(math.isfinite(float(v)) for v in history[1].split(","))
@@ -564,7 +564,7 @@ def test_selective_search_repeats(frc, shared_datasets):
     assert torch.equal(first, frc.selective_search(frc.load_image(photos[0]), (384, 256), 200, 300))
     rcnn = load_script("rcnn_faces.py")
     img = rcnn.image_to_tensor(rcnn.load_image(photos[0]))
-    assert torch.equal(rcnn.selective_search(img, 200), rcnn.selective_search(img, 200))
+    assert torch.equal(rcnn.selective_search(img, 200, 2000), rcnn.selective_search(img, 200, 2000))
 
 
 def test_no_search_with_proposals_0(frc, shared_datasets, monkeypatch):

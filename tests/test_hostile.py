@@ -565,10 +565,10 @@ BAD_ENTRIES = {   # hand-edited entries that ended in a traceback, gigabytes all
     "rcnn_faces.py": [("calibration", [float("nan"), 0]), ("calibration", "ab"), ("calibration", []),
                       ("calibration", [-1.0, 0.0]), ("calibration", [1e30, 0.0, 0.0]),
                       ("search_side", 0), ("search_side", -5), ("crop_size", 100000), ("proposals", 0),
-                      ("proposals", "ab")],
+                      ("proposals", "ab"), ("nms_iou", 1.5)],
     "fast_rcnn_faces.py": [("size", [0, 0]), ("size", "ab"), ("size", [100000, 100000]), ("calibration", "ab"),
                            ("calibration", 5), ("calibration", [-1.0, 0.0, 0.0]), ("proposals", -1),
-                           ("search_side", 0), ("model_args", {"width": 1})],
+                           ("search_side", 0), ("model_args", {"width": 1}), ("nms_iou", "ab")],
 }
 BAD_ENTRIES["cifar_resnet.py"] = BAD_ENTRIES["cifar_lenet.py"]
 

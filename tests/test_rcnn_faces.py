@@ -224,20 +224,24 @@ def test_eval_json_output_dir_and_bad_image(faces, trained, tmp_path):
     assert "no image path on stdin" in assert_one_line_error(proc, 1)
 
 
-def test_eval_reads_as_many_proposals_as_prepare(faces, trained, tmp_path):
-    """model.pt holds prepare's --proposals and eval searches that many regions (as fast_rcnn_faces.py does); a model
-    of before, without it, reads the default."""
+def test_eval_searches_and_suppresses_as_trained(faces, trained, tmp_path):
+    """model.pt holds prepare's --proposals and train's --nms-iou, and eval uses them (as fast_rcnn_faces.py does:
+    train calibrated the scores under that NMS) unless --nms-iou is given; a model of before, without them, reads
+    the defaults."""
     state = torch.load(trained[0] / "model.pt", weights_only=True)
     assert state["proposals"] == json.loads((trained[0] / "meta.json").read_text())["options"]["proposals"] == 2000
+    assert state["nms_iou"] == 0.3
     answers = {}
-    for name, proposals in [("default", 2000), ("one", 1), ("before", None)]:
-        edited = {k: v for k, v in state.items() if k != "proposals"} | ({"proposals": proposals} if proposals else {})
-        torch.save(edited, tmp_path / f"{name}.pt")
+    for name, entries, given in [("default", {}, []), ("one", {"proposals": 1}, []), ("nms", {"nms_iou": 0.9}, []),
+                                 ("given", {"nms_iou": 0.9}, ["--nms-iou", 0.3]), ("before", None, [])]:
+        edited = {k: v for k, v in state.items() if entries is not None or k not in ("proposals", "nms_iou")}
+        torch.save(edited | (entries or {}), tmp_path / f"{name}.pt")
         proc = run(SCRIPT, "eval", faces["img_dir"] / faces["good"][0], "--model", tmp_path / f"{name}.pt", "--json",
-                   "--threshold", 0, "--output-dir", tmp_path / name, "--device", "cpu")
+                   "--threshold", 0, "--output-dir", tmp_path / name, "--device", "cpu", *given)
         assert proc.returncode == 0, proc.stderr
         answers[name] = json.loads(proc.stdout)["boxes"]
-    assert len(answers["one"]) == 1 < len(answers["default"]) and answers["before"] == answers["default"]
+    assert len(answers["one"]) == 1 < len(answers["default"]) < len(answers["nms"])
+    assert answers["before"] == answers["given"] == answers["default"]
 
 
 def test_model_calibrated_before_the_shift(faces, trained, tmp_path):   # with a box head: its default was 0.2
