@@ -15,7 +15,8 @@ Each photo is letterboxed (black borders) to --size WxH (384x256); proposals are
 of the photo plus a fixed multi-scale grid of square-ish windows (small faces are missed by selective search).
 Result (the defaults: 24 epochs on 1,600 training photos, 18.5 minutes with native bf16, ~44 estimated on a 2-core
 AVX2 CPU): AP@0.5 0.885-0.906, face-count RMSE 1.26-1.51 (boxes >= 0.5) on 200 test photos over four runs. Eval
-looks at likely faces twice (photo and mirror), averaging each face's boxes: 0.10-0.12 s a photo with AVX512.
+looks at likely faces again (on the mirror, and where the box head moved them) and averages each face's boxes:
+0.10-0.12 s a photo with AVX512.
 """
 import argparse
 import asyncio
@@ -512,7 +513,7 @@ def train(args, device, out_dir, tb_dir):
             log_epoch(writer, history[-1], model, args.histogram_every)
             best_model = {"model_args": model_args, "size": meta["size"], "search_side": meta["search_side"],
                           "proposals": meta["proposals"], "nms_iou": args.nms_iou, "mean": list(MEAN), "std": list(STD),
-                          "val_ap50": best}
+                          "epoch": epoch, "val_ap50": best}
             save_epoch(out_dir, args, model, optimizer, scheduler, scaler,
                        {"epoch": epoch, "history": history, "best_score": best, "bad_epochs": bad_epochs,
                         "model_args": model_args}, best_model if improved else None,
@@ -1342,7 +1343,8 @@ def face_parser(prepare_help, train_help):
     prepare = sub.add_parser("prepare", parents=[common, seed], help=prepare_help)
     prepare.add_argument("--image-dir", default=IMAGE_DIR, help="folder of source photos; photos over "
                          f"{MAX_PIXELS:,} pixels are skipped")
-    prepare.add_argument("--csv", default=CSV_PATH, help="face boxes: Name,xmin,ymin,xmax,ymax (one row per face); a "
+    prepare.add_argument("--csv", default=CSV_PATH, help="face boxes: Name,xmin,ymin,xmax,ymax (one row per face; "
+                         "optional width,height: the photo size the boxes were drawn on); a "
                          "Name must lead to a file inside --image-dir (subfolders are fine; '..', absolute paths and "
                          "symlinks out of it are skipped)")
     prepare.add_argument("--workers", type=worker_count, default=os.cpu_count() or 1,

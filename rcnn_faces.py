@@ -1192,7 +1192,8 @@ def face_parser(prepare_help, train_help):
     prepare = sub.add_parser("prepare", parents=[common, seed], help=prepare_help)
     prepare.add_argument("--image-dir", default=IMAGE_DIR, help="folder of source photos; photos over "
                          f"{MAX_PIXELS:,} pixels are skipped")
-    prepare.add_argument("--csv", default=CSV_PATH, help="face boxes: Name,xmin,ymin,xmax,ymax (one row per face); a "
+    prepare.add_argument("--csv", default=CSV_PATH, help="face boxes: Name,xmin,ymin,xmax,ymax (one row per face; "
+                         "optional width,height: the photo size the boxes were drawn on); a "
                          "Name must lead to a file inside --image-dir (subfolders are fine; '..', absolute paths and "
                          "symlinks out of it are skipped)")
     prepare.add_argument("--workers", type=worker_count, default=os.cpu_count() or 1,
