@@ -815,8 +815,10 @@ def train(args, device, out_dir, tb_dir):
     writer = open_tensorboard(tb_dir) if tb_dir else None
     (x_train, y_train), (x_val, y_val) = load_training_splits(data_dir, meta, device)
     n_val, own_val = len(y_val), x_val is not x_train   # an empty validation split is replaced by the training one
-    # else every epoch counts as better and the last one is kept, unless --patience is given: the user's choice
-    ranked = own_val and (n_val >= RANK_MIN or asked_for(args, "patience"))
+    # else every epoch counts as better and the last one is kept, unless --patience is given: the user's choice (a
+    # resumed run ranks as it started: its --patience is not on this command line)
+    resumed_ranked = bool(checkpoint) and load_model_file(checkpoint, CHECKPOINT_KEYS).get("ranked") is True
+    ranked = own_val and (n_val >= RANK_MIN or asked_for(args, "patience") or resumed_ranked)
     x_val, y_val = shard(x_val), shard(y_val)
     # one class per character plus the end symbol
     model_args = {"n_classes": len(meta["charset"]) + 1, "length": meta["length"], "image_size": meta["image_size"]}
@@ -896,7 +898,8 @@ def train(args, device, out_dir, tb_dir):
                           "val_acc": val_acc, "views": [list(v) for v in VIEWS]}   # eval reads in VIEWS
             save_epoch(out_dir, args, model, optimizer, scheduler, scaler,
                        {"epoch": epoch, "history": history, "best_score": best, "bad_epochs": bad_epochs,
-                        "model_args": model_args, "classes": meta["charset"]}, best_model if improved else None,
+                        "model_args": model_args, "classes": meta["charset"], "ranked": ranked},
+                       best_model if improved else None,
                        ["train_acc", "val_acc", "val_char_acc"])
         print(f"epoch {epoch}/{args.epochs}  train loss {train_loss:.4f} acc {train_acc:.2%}  "
               f"val loss {val_loss:.4f} acc {val_acc:.2%} (chars {val_char:.2%})  lr {lr:.5f}  "

@@ -1022,6 +1022,13 @@ def test_small_validation_split_keeps_the_last_epoch(tmp, generated):
     assert "10 validation codes rank the epochs (--patience given)" in proc.stdout and "too few" not in proc.stdout
     assert re.findall(r"^epoch (\d+)/3", proc.stdout, re.M) == ["1", "2"] and "early stop" in proc.stdout
     assert torch.load(data / "model.pt", weights_only=True)["epoch"] == 1
+    # a resumed run ranks as it started, its --patience not given again (it kept each last epoch once)
+    assert run_main("captcha.py", "train", "--data-dir", data, "--epochs", 2, "--patience", 5, *small).returncode == 0
+    proc = run_main("captcha.py", "train", "--data-dir", data, "--epochs", 3, *small, "--resume")
+    assert proc.returncode == 0, proc.stderr
+    assert "10 validation codes rank the epochs" in proc.stdout and "too few" not in proc.stdout
+    assert re.findall(r"^epoch (\d+)/3", proc.stdout, re.M) == ["3"]
+    assert torch.load(data / "model.pt", weights_only=True)["epoch"] == 1
     # no validation split (the training images stand in) ranks nothing either; a test split names the model
     assert run_main("captcha.py", "prepare", "--image-dir", few, "--data-dir", tmp / "rank-test", "--split", "50/0/50",
                     "--workers", 1).returncode == 0
