@@ -99,7 +99,10 @@ SHARD_SIZE = 1000
 SPLITS = ("training_set", "validating_set", "testing_set")
 MAX_PIXELS = 16_000_000                 # bigger images (decompression bombs) are refused before decoding
 SHARD_SPEC = ((torch.uint8, (3, None, None)), (torch.int64, (None,)))   # images, codes (character indices, end)
-META_KEYS = {"charset": str, "image_size": list, "length": int, "case_sensitive": bool}   # what train reads
+META_KEYS = {   # what train reads from meta.json, checked as check_model checks a model's (lengths: None in old data)
+    "charset": lambda v: isinstance(v, str) and 0 < len(v) == len(set(v)), "case_sensitive": bool,
+    "image_size": lambda v: numbers(v, 2, 16, 1024, True), "length": lambda v: numbers([v], 1, 1, MAX_LENGTH, True),
+    "lengths": lambda v: v is None or isinstance(v, list) and bool(v) and numbers(v, len(v), 1, MAX_LENGTH, True)}
 MODEL_KEYS = ("model", "model_args", "charset", "image_size")   # what eval reads from model.pt
 CHARSETS = {  # --charset accepts auto (the characters of the codes), one of these names, or a literal string
     "a-z0-9": "0123456789abcdefghijklmnopqrstuvwxyz",
@@ -2211,7 +2214,7 @@ def numbers(value, n, low, high, whole=False):
     model file's entries before any is used."""
     return isinstance(value, (list, tuple)) and len(value) == n and all(
         isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and low <= v <= high
-        and (not whole or float(v).is_integer()) for v in value)
+        and (not whole or isinstance(v, int)) for v in value)   # 40.0 is no size: PIL and torch refuse it
 
 
 class BrokenModel(UserError):

@@ -96,7 +96,7 @@ IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp"}
 SHARD_SIZE = 1000
 SPLITS = ("training_set", "validating_set", "testing_set")
 IMAGE_DIR = "cifar"
-IMAGE_SIZE = 32          # prepare's images (side, px); a change: prepare and train again (a model keeps its own)
+IMAGE_SIZE = 32          # prepare's images (side >= 16 px); a change: prepare and train again (a model keeps its own)
 MAX_PIXELS = 40_000_000                 # bigger images (decompression bombs) are refused before decoding
 SHARD_SPEC = ((torch.uint8, (3, IMAGE_SIZE, IMAGE_SIZE)), (torch.int64, ()))   # images, label indices
 META_KEYS = {"labels": list, "mean": lambda v: numbers(v, 3, -1e3, 1e3),   # what train reads from meta.json
@@ -118,7 +118,7 @@ CPU_BF16 = True          # bf16 autocast on CPUs with native bf16 (AVX512-BF16/A
 # ---- Model ----
 def build_model(model_args):
     """The tutorial's LeNet: conv5x5 -> pool -> conv5x5 -> pool -> 120 -> 60 -> N, with dropout 0.1; B,3,32,32 in (any
-    IMAGE_SIZE works)."""
+    IMAGE_SIZE from 16 on works)."""
     features = nn.Sequential(nn.Conv2d(3, 16, 5), nn.ReLU(inplace=True), nn.MaxPool2d(2),    # B,16,14,14
                              nn.Conv2d(16, 32, 5), nn.ReLU(inplace=True), nn.MaxPool2d(2),   # B,32,5,5
                              nn.AdaptiveAvgPool2d(5))   # 5x5 from any IMAGE_SIZE (at 32: as it is, no weights)
@@ -193,14 +193,20 @@ def read_label_list(path):
     labels = [nfc(line.strip()) for line in read_text(path).splitlines() if line.strip()]
     if not labels:
         raise UserError(f"{path}: no labels in it (one label per line)")
+    return checked_labels(labels, path)
+
+
+def checked_labels(labels, source):
+    """A label list as read (a labels file, or the class folders' names): none twice (in one Unicode form), none a
+    path or holding a control character."""
     twice = [label for label, n in Counter(labels).items() if n > 1]
     if twice:
-        raise UserError(f"{path}: the label {twice[0]!r} is listed twice")
+        raise UserError(f"{source}: the label {twice[0]!r} is listed twice")
     odd = [label for label in labels
            if label in (".", "..") or "/" in label or "\\" in label
            or any(unicodedata.category(c) in ("Cc", "Cs") for c in label)]   # control characters, lone surrogates
     if odd:   # a label names a class folder or ends a file name: never a path
-        raise UserError(f"{path}: {odd[0]!r} is not a label (one plain name per line)")
+        raise UserError(f"{source}: {odd[0]!r} is not a label (a plain name: no path, no control character)")
     return labels
 
 
@@ -221,7 +227,7 @@ def find_labels(image_dir, labels_file, test_dir=None):
     if not folders:
         raise UserError(f"{image_dir}: no labels.txt and no class folders; add labels.txt (one label per line), "
                         f"put the images in one folder per class, or pass --labels FILE")
-    return folders
+    return checked_labels(folders, f"{image_dir} (its class folders)")
 
 
 def nfc(name):
@@ -315,7 +321,7 @@ def check_model(path, info):
     if not (isinstance(labels, list) and labels and all(isinstance(s, str) for s in labels)
             and all(labels) and len(set(labels)) == len(labels)
             and args == {"num_classes": len(labels)} and numbers(info.get("mean"), 3, -1e3, 1e3)
-            and numbers(info.get("std"), 3, 1e-6, 1e3) and numbers([info.get("image_size", 32)], 1, 8, 1024, True)):
+            and numbers(info.get("std"), 3, 1e-6, 1e3) and numbers([info.get("image_size", 32)], 1, 16, 1024, True)):
         raise UserError(f"{path}: its labels, mean, std, image size or network arguments are malformed; train it again")
 
 
@@ -1696,7 +1702,7 @@ def numbers(value, n, low, high, whole=False):
     model file's entries before any is used."""
     return isinstance(value, (list, tuple)) and len(value) == n and all(
         isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and low <= v <= high
-        and (not whole or float(v).is_integer()) for v in value)
+        and (not whole or isinstance(v, int)) for v in value)   # 40.0 is no size: PIL and torch refuse it
 
 
 class BrokenModel(UserError):

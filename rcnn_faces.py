@@ -2289,7 +2289,7 @@ def numbers(value, n, low, high, whole=False):
     model file's entries before any is used."""
     return isinstance(value, (list, tuple)) and len(value) == n and all(
         isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and low <= v <= high
-        and (not whole or float(v).is_integer()) for v in value)
+        and (not whole or isinstance(v, int)) for v in value)   # 40.0 is no size: PIL and torch refuse it
 
 
 class BrokenModel(UserError):

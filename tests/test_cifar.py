@@ -261,6 +261,22 @@ def test_prepare_reads_labels_as_written(cifar_dir, tmp_path):
     assert "the label 'caf\u00e9' is listed twice" in line
 
 
+def test_class_folder_names_are_checked_as_labels(tmp_path):
+    """Labels from class folders pass the checks of a labels file's: two folders named alike in two Unicode forms
+    (a copy from macOS) are one label twice, a control character is no label (eval would print it raw)."""
+    module = load_script(LENET)
+    for names, said in [(["caf\u00e9", "cafe\u0301"], "the label 'caf\u00e9' is listed twice"),
+                        (["cat", "dog\x1b[2J"], "is not a label")]:
+        root = tmp_path / str(len(said))
+        for name in names:
+            (root / name).mkdir(parents=True)
+        with pytest.raises(module.UserError, match=re.escape(said)):
+            module.find_labels(root, None)
+    for name in ("dog", "caf\u00e9"):
+        (tmp_path / "ok" / name).mkdir(parents=True)
+    assert module.find_labels(tmp_path / "ok", None) == ["caf\u00e9", "dog"]
+
+
 def test_shards_hold_only_their_own_images(tmp_path):
     module = load_script(LENET)
     images = torch.randint(0, 256, (2500, 3, 32, 32), dtype=torch.uint8)

@@ -556,12 +556,13 @@ GOOD_MODELS = {   # eval's entries of a model file of each script, as train writ
 }
 GOOD_MODELS["cifar_resnet.py"] = GOOD_MODELS["cifar_lenet.py"]
 BAD_ENTRIES = {   # hand-edited entries that ended in a traceback, gigabytes allocated, a NaN in the JSON or no box
-    "captcha.py": [("image_size", [4000, 4000]), ("image_size", "ab"), ("charset", 5), ("charset", ""),
+    "captcha.py": [("image_size", [4000, 4000]), ("image_size", "ab"), ("image_size", [40.0, 96.0]), ("charset", 5),
+                   ("charset", ""),
                    ("model_args", {"n_classes": 11, "length": 4, "image_size": [60000, 60000]}),
                    ("model_args", {"n_classes": 11, "length": 4, "image_size": [40, 96], "widths": []}),
                    ("calibration", {"a": float("nan"), "b": 0}), ("calibration", {"a": 1e308, "b": 1e308})],
     "cifar_lenet.py": [("labels", ["a", "b"]), ("labels", 5), ("labels", []), ("labels", ["a", "a", "b"]),
-                       ("labels", ["", "b", "c"]), ("mean", [0.5]), ("std", [0, 0, 0])],
+                       ("labels", ["", "b", "c"]), ("mean", [0.5]), ("std", [0, 0, 0]), ("image_size", 8)],
     "rcnn_faces.py": [("calibration", [float("nan"), 0]), ("calibration", "ab"), ("calibration", []),
                       ("calibration", [-1.0, 0.0]), ("calibration", [1e30, 0.0, 0.0]),
                       ("search_side", 0), ("search_side", -5), ("crop_size", 100000), ("proposals", 0),
@@ -585,6 +586,7 @@ def test_model_entries_checked_before_use(script):
 
 
 BAD_META = {   # hand-edited meta.json entries that ended in a traceback (after an epoch, for R-CNN) or a NaN loss
+    "captcha.py": [("lengths", []), ("lengths", 4), ("image_size", [40.0, 96.0]), ("charset", "aab"), ("length", 0)],
     "cifar_lenet.py": [("mean", [0.5]), ("std", [0, 0, 0])],
     "rcnn_faces.py": [("options", {"crop_size": 100000, "search_side": 400}), ("options", {"crop_size": 32,
                       "search_side": 0}), ("splits", {"validating": [5], "testing": []}), ("boxes", {"a.jpg": "abc"}),
@@ -601,6 +603,7 @@ def test_meta_entries_checked_before_training(script, tmp_path):
         data = tmp_path / f"{key}-{value!r}"
         data.mkdir()
         meta = {"kind": module.DATA_KIND, "labels": ["a"], "mean": [0.5] * 3, "std": [0.25] * 3, "size": [384, 256],
+                "charset": "ab", "image_size": [40, 96], "length": 4, "lengths": [3, 4], "case_sensitive": False,
                 "search_side": 200, "proposals": 300, "image_dir": "x",
                 "options": {"crop_size": 32, "search_side": 400},
                 "splits": {"validating": [], "testing": []}, "boxes": {}}
