@@ -421,9 +421,9 @@ def look(img, info):
 def predict(net, info, device, args, images, looks=None):
     """PIL photos (and their looks, if taken before) -> eval's JSON objects {"boxes": [...]}, in photo pixels,
     best first."""
+    info = as_asked(info, args)
     looks = looks or [look(img, info) for img in images]
-    nms_iou = info.get("nms_iou", NMS_IOU) if args.nms_iou is None else args.nms_iou   # train's, unless given
-    dets = [detect(net, x, proposals, info["crop_size"], device, nms_iou, info.get("calibration", (1.0, 0.0)))
+    dets = [detect(net, x, proposals, info["crop_size"], device, info["nms_iou"], info.get("calibration", (1.0, 0.0)))
             for x, proposals, _ in looks]
     return [{"boxes": found_boxes(clip_boxes_to_image(boxes * f, (img.height, img.width)), scores, args.threshold)}
             for (boxes, scores), (_, _, f), img in zip(dets, looks, images)]
@@ -1145,7 +1145,7 @@ def cmd_eval(args):
     inputs = list(iter_eval_inputs(args.images)) if args.images else []
     outputs = OutputFiles(args, inputs)
     net, info, device = load_network(args.model or Path(args.data_dir) / "model.pt", args.device)
-    info["search_side"] = args.search_side or info["search_side"]
+    info = as_asked(info, args)
     failed = False
     # files and folders: a known count, so a progress bar (shown on a terminal only)
     paths = progress(inputs, unit="img", desc="eval", leave=False) if args.images else iter_eval_inputs(None)
@@ -1176,10 +1176,18 @@ def cmd_eval(args):
     return 1 if failed and not outputs.interactive else 0   # the prompt said each failure as it came
 
 
-def face_parser(prepare_help, train_help):
+def as_asked(info, args):
+    """A model's entries with what eval's or serve's options change of them: the search side, NMS's IoU (train's, with
+    which it calibrated the scores, unless given)."""
+    return {**info, "search_side": args.search_side or info["search_side"],
+            "nms_iou": info.get("nms_iou", NMS_IOU) if args.nms_iou is None else args.nms_iou}
+
+
+def face_parser(prepare_help, train_help, inference_options=()):
     """The face scripts' parser with the options both read alike (the photos and CSV, the schedule, the detection
     threshold, eval's inputs and outputs), its export and serve commands, and the prepare, train and eval
-    parsers, to which the script adds its own options."""
+    parsers, to which the script adds its own options; inference_options: the script's (flags, keywords) of
+    add_argument that eval and serve take besides."""
     parser, sub, common, device, seed = base_parser()
     detection = {}   # train's, and eval's and serve's (NMS as the model was trained, unless given)
     for command, nms_iou in (("train", NMS_IOU), ("eval", None)):
@@ -1189,6 +1197,10 @@ def face_parser(prepare_help, train_help):
         detection[command].add_argument("--nms-iou", type=probability, default=nms_iou, help="NMS: drop a box "
                                         "overlapping a better one by IoU > X" + ("" if nms_iou else " (default: the "
                                         "model's, with which train calibrated its scores)"))
+    detection["eval"].add_argument("--search-side", type=side_arg, default=None,
+                                   help="selective search size (default: as in training)")
+    for flags, keywords in inference_options:
+        detection["eval"].add_argument(*flags, **keywords)
     prepare = sub.add_parser("prepare", parents=[common, seed], help=prepare_help)
     prepare.add_argument("--image-dir", default=IMAGE_DIR, help="folder of source photos; photos over "
                          f"{MAX_PIXELS:,} pixels are skipped")
@@ -1220,8 +1232,6 @@ def face_parser(prepare_help, train_help):
                                "rewrites it for each image)")
     drawn.add_argument("--output-dir", default=None, help="write DIR/<image name>.png per input image instead of "
                           "--output (DIR is created; a second image of the same name gets NAME-2.png)")
-    evaluate.add_argument("--search-side", type=side_arg, default=None,
-                          help="selective search size (default: as in training)")
     evaluate.set_defaults(func=cmd_eval)
     add_ship_commands(sub, common, [device, detection["eval"]])
     return parser, prepare, train, evaluate

@@ -554,6 +554,18 @@ def test_export_and_serve_onnx(faces, tmp_path):
         assert http(url + "/info")[1]["size"] == [384, 256]
     out, err = proc.communicate()
     assert proc.returncode == 0 and "Traceback" not in err, err
+    # serve takes eval's options for predictions, and answers as eval does with them
+    asked = ["--threshold", 0.05, "--no-flip", "--nms-iou", 0.6, "--search-side", 150]
+    proc = run(SCRIPT, "eval", faces.photos[0], "--data-dir", faces.data, "--json", "--output-dir", tmp_path / "asked",
+               "--device", "cpu", *asked)
+    assert proc.returncode == 0, proc.stderr
+    boxes = json.loads(proc.stdout)["boxes"]
+    assert len(boxes) > len(answers[0]["boxes"])   # NMS at 0.6 keeps more of them
+    with serving(SCRIPT, "--data-dir", faces.data, "--device", "cpu", *asked) as (url, proc):
+        status, got = http(url + "/predict", body, {"Content-Type": "image/jpeg"})
+        assert status == 200
+        same_answers(got["boxes"], boxes, 1e-4)
+    proc.communicate()
 
 
 def test_selective_search_repeats(frc, shared_datasets):
