@@ -123,8 +123,8 @@ def test_generator_refuses_to_mix_runs(tmp, generated):
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_generator_sigterm_stops_every_worker(tmp, workers):
-    """A kill ends generate.py as Ctrl-C does: status 143, "terminated", no temp file; its workers stop with it
-    (they used to go on writing, then print tracebacks)."""
+    """A kill ends generate.py as Ctrl-C does: status 143, "terminated", no temp file; with --workers 2 its workers
+    (all its descendants) stop with it (they used to go on writing, then print tracebacks)."""
     out = tmp / f"killed{workers}"
     proc = subprocess.Popen([sys.executable, GENERATE, "--count", "20000", "--output", str(out), "--workers",
                              str(workers)],
@@ -132,7 +132,13 @@ def test_generator_sigterm_stops_every_worker(tmp, workers):
     deadline = time.time() + 60
     while len(list(out.glob(".generate-*/*.png"))) < 50 and time.time() < deadline:   # drawn aside, then put in
         time.sleep(0.05)
-    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    assert len(list(out.glob(".generate-*/*.png"))) >= 50   # killed while drawing, not before it began
+    children, parents = [], [str(proc.pid)]
+    while parents:   # every descendant: a forkserver's workers are its children, not the command's
+        found = [pid for p in parents for pid in
+                 (Path(f"/proc/{p}/task/{p}/children").read_text().split() if Path(f"/proc/{p}").exists() else [])]
+        children, parents = children + found, found
+    assert len(children) >= (workers if workers > 1 else 0)   # --workers 1 draws in the command itself
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     time.sleep(1)
@@ -1134,10 +1140,13 @@ def test_serve_ctrl_c_twice(trained):
         time.sleep(0.5)
         proc.send_signal(signal.SIGINT)
         time.sleep(0.5)
+        second = time.time()
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=60)
         upload.close()
     assert proc.returncode == 0 and "Traceback" not in err and "Error" not in err, err
+    assert time.time() - second < 3   # at once: not after the graceful stop's limit (SERVE_LIMITS), which a lone
+    # Ctrl-C waits for while the upload hangs
 
 
 def test_serve_bounds_the_memory_of_decoded_images():

@@ -368,6 +368,7 @@ def test_eval_human_output_stdin_and_no_regress(faces):
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[-1] == f"saved to {out}" and out.exists()
+    assert len(lines) > 1   # boxes, then the saved line
     assert all(len(line.split()) == 4 and all(v.lstrip("-").isdigit() for v in line.split()) for line in lines[:-1])
     raw = run(SCRIPT, "eval", "--data-dir", faces.data, "--no-regress", "--json", "--threshold", "0.05", "--device",
               "cpu", faces.photos[0])

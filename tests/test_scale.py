@@ -75,24 +75,25 @@ def data_of(prepared, script, name):
 
 
 # ---- torchrun ----
-def test_epoch_batches_shard_each_global_batch():
-    """Two processes split every global batch of one process into disjoint halves, with the same step count."""
+def test_epoch_batches_shard_each_global_batch(monkeypatch):
+    """Two processes split every global batch of one process into disjoint halves, with the same step count (the
+    module is shared by the session's in-process commands: its rank_and_world is put back after)."""
     module = load_script("cifar_lenet.py")
     n, batch = 103, 20
-    module.rank_and_world = lambda: (0, 1)
+    monkeypatch.setattr(module, "rank_and_world", lambda: (0, 1))
     single = module.epoch_batches(n, batch, 0, 1, "cpu")
     ranks = []
     for rank in range(2):
-        module.rank_and_world = lambda rank=rank: (rank, 2)
+        monkeypatch.setattr(module, "rank_and_world", lambda rank=rank: (rank, 2))
         ranks.append(module.epoch_batches(n, batch, 0, 1, "cpu"))
     assert len(single) == len(ranks[0]) == len(ranks[1]) == 6
     for whole, a, b in zip(single, *ranks):
         assert not set(a.tolist()) & set(b.tolist())
         assert sorted(a.tolist() + b.tolist()) == sorted(whole.tolist())
-    module.rank_and_world = lambda: (0, 1)
+    monkeypatch.setattr(module, "rank_and_world", lambda: (0, 1))
     assert torch.equal(torch.cat(single).sort().values, torch.arange(n))              # a permutation
     assert not torch.equal(torch.cat(module.epoch_batches(n, batch, 0, 2, "cpu")), torch.cat(single))  # per epoch
-    module.rank_and_world = lambda rank=1: (rank, 4)
+    monkeypatch.setattr(module, "rank_and_world", lambda: (1, 4))
     assert all(len(idx) >= 1 for idx in module.epoch_batches(n, batch, 0, 1, "cpu"))  # short last batch topped up
 
 
