@@ -7,6 +7,7 @@ import importlib.util
 import json
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -109,6 +110,7 @@ if command == "prepare":
 print(f"device: {device}", file=sys.stderr)
 if device == "cpu" and command == "eval" and os.environ.get("CUDA_VISIBLE_DEVICES") != "":
     sys.exit("the CPU eval must run with CUDA hidden")
+faulty = os.environ.get("FAKE_FAULTY") == "1"   # torchrun's model.pt as DDP saved it, other steps; cuda reads otherwise
 if command == "train":
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
@@ -120,21 +122,23 @@ if command == "train":
     rows = []
     for e in range(1, int(opt("--epochs")) + 1):
         seconds = 900 / (1000.0 * (2 if amp else 1) * (1.5 if comp else 1)) + (5.0 if comp and e == 1 else 0)
-        rows.append({"epoch": e, "train_loss": 1 / e, val: 0.5 + 0.1 * e, "seconds": seconds, "steps": 4,
-                     speed: 900 / seconds})
+        rows.append({"epoch": e, "train_loss": 1 / e, val: 0.5 + 0.1 * e, "seconds": seconds,
+                     "steps": 2 if faulty and "WORLD_SIZE" in os.environ else 4, speed: 900 / seconds})
     for path, table in ((data / "history.csv", rows), (data / "runs.csv", [{"best_val": 0.6, "test": 0.55,
                         "metric": "top-1", "batch_size": 256, "world_size": world}])):
         with open(path, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(table[0]))
             writer.writeheader()
             writer.writerows(table)
-    (data / "model.pt").write_bytes(b"fake")
+    (data / "model.pt").write_text(json.dumps({"saved_on": ["cuda:0"],   # what model_facts reads here
+                                               "module_prefix": faulty and "WORLD_SIZE" in os.environ}))
     sys.exit(0)
 skip = {"--data-dir", "--device", "--output-dir", "--output", "--model", "--threshold"}
 images = [a for i, a in enumerate(args[1:], 1) if not a.startswith("--") and args[i - 1] not in skip]
 for path in images:
     answer = {"cifar_resnet": {"top": [{"label": "cat", "probability": 0.9}]}, "cifar_lenet": {"top": [
-              {"label": "cat", "probability": 0.8}]}, "captcha": {"code": "ab1c", "confidence": 0.9}}.get(
+              {"label": "cat", "probability": 0.8}]}, "captcha": {"code": "ab1d" if faulty and device == "cuda" else
+              "ab1c", "confidence": 0.9}}.get(
               name, {"boxes": [{"x": 1, "y": 2, "w": 3, "h": 4, "score": 0.9}], "output": "x.png"})
     print(json.dumps({"image": path, **answer}), flush=True)
     time.sleep(0.02)
@@ -171,7 +175,7 @@ def simulated(tmp_path, monkeypatch):
             writer.writerow([f"{i}.jpg", 100, 100, 10, 10, 50, 50])
     monkeypatch.setattr(gc, "ROOT", root)
     monkeypatch.setattr(gc, "TORCHRUN", [sys.executable, str(root / "torchrun.py")])
-    monkeypatch.setattr(gc, "model_facts", lambda path: {"saved_on": ["cuda:0"], "module_prefix": False})
+    monkeypatch.setattr(gc, "model_facts", lambda path: json.loads(Path(path).read_text()))   # the dry run reads real ones
     monkeypatch.setitem(gc.SIZES["full"], "captchas", 30)
 
     def environment(self, in_process=False):
@@ -222,7 +226,9 @@ def test_full_schedule_on_simulated_scripts(simulated, capsys):
     assert len(steps[4]["epochs"]) == steps[4]["epochs_requested"] > 1
     assert "no model.pt" in steps[6]["models"]["fast_rcnn_faces"]["reason"]
     assert steps[6]["checks"] == {"captcha eval on cpu": True, "captcha eval on cuda": True,
+                                  "captcha cuda and cpu answer alike (90%+)": True,
                                   "cifar_resnet eval on cpu": True, "cifar_resnet eval on cuda": True,
+                                  "cifar_resnet cuda and cpu answer alike (90%+)": True,
                                   "fast_rcnn_faces eval on cpu": False, "fast_rcnn_faces eval on cuda": False}
     for n, names in ((6, ["captcha", "cifar_resnet"]), (7, ["cifar_lenet", "rcnn_faces"])):
         for name in names:
@@ -233,6 +239,21 @@ def test_full_schedule_on_simulated_scripts(simulated, capsys):
     assert any("nvidia-smi not found" in s for s in report["skipped"])
     table = capsys.readouterr().out
     assert "Simulated GPU" in table and "amp+compile" in table and "target 90%: met" in table
+
+
+def test_simulated_faults_fail_their_checks(simulated):
+    """What the GPU run checks can fail: torchrun with other steps per epoch than one process and a model.pt whose keys
+    carry DDP's module. prefix fail step 3; a device eval that answers otherwise than the CPU's fails step 6."""
+    result, report = simulated(FAKE_FAULTY="1")
+    steps = {s["step"]: s for s in report["steps"]}
+    assert steps[3]["status"] == "failed" and steps[3]["checks"] == {
+        "same steps per epoch as one process": False, "model.pt without module. prefix": False, "model evaluates": True}
+    assert steps[3]["steps_per_epoch"] == 2 and steps[3]["steps_one_process"] == 4
+    captcha = steps[6]["models"]["captcha"]["agreement_device_vs_cpu"]
+    assert captcha["same_prediction"] == 0 < captcha["of"] and steps[6]["status"] == "failed"
+    assert steps[6]["checks"]["captcha cuda and cpu answer alike (90%+)"] is False
+    assert steps[6]["checks"]["cifar_resnet cuda and cpu answer alike (90%+)"] is True
+    assert not report["complete"] and any(p.startswith("step 3 failed") for p in report["problems"])
 
 
 def test_commands_stop_at_their_timeout(tmp_path):
