@@ -1416,12 +1416,17 @@ def read_meta(data_dir):
 
 def refuse_other_data(data_dir):
     """prepare into a DATA_DIR that holds another script's prepared data would replace that data: refused before any
-    work. A meta.json that cannot be read is this script's to replace (read_meta asks for a new prepare)."""
+    work. So is a meta.json that no script of the suite wrote (not JSON, or without "kind"), which the swap would
+    delete, unless prepared shards lie beside it: then it is this script's, damaged (read_meta asks for a prepare)."""
     path = Path(data_dir) / "meta.json"
     try:
-        meta = json.loads(read_text(path)) if path.is_file() else {}
+        meta = json.loads(read_text(path)) if path.is_file() else {"kind": DATA_KIND}
     except (UserError, ValueError, RecursionError):
-        return
+        meta = None
+    ours = any(shard_paths(data_dir, split) for split in ("training_set", "validating_set", "testing_set"))
+    if not (isinstance(meta, dict) and "kind" in meta or ours):
+        raise UserError(f"{path}: not a meta.json of this suite (prepare would replace it); move it, or use another "
+                        "--data-dir")
     if isinstance(meta, dict) and meta.get("kind", DATA_KIND) != DATA_KIND:
         other = str(meta.get("script", "another script")).removesuffix(".py")
         raise UserError(f"{data_dir} holds data prepared by {other}.py, which a prepare of {SCRIPT}.py would "

@@ -959,6 +959,26 @@ def test_prepare_refuses_another_scripts_data(script, prepared_with_model):
     assert tree_bytes(prepared_with_model) == before and not leftovers(prepared_with_model)
 
 
+def test_prepare_keeps_a_meta_json_the_suite_did_not_write(cifar_source, tmp_path):
+    """A meta.json of the user's own in DATA_DIR (notes, a list, not JSON) is refused, every byte kept (the swap
+    deleted it); a damaged meta.json beside prepared shards is this script's, and a prepare replaces it."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for text in ('{"dataset": "my notes"}', "[1, 2]", "// notes"):
+        (data / "meta.json").write_text(text)
+        line = assert_one_line_error(run_main("cifar_lenet.py", "prepare", "--image-dir", cifar_source, "--data-dir",
+                                              data, "--workers", 1), 1)
+        assert "not a meta.json of this suite" in line and (data / "meta.json").read_text() == text
+        assert sorted(p.name for p in data.iterdir()) == ["meta.json"]
+    (data / "meta.json").unlink()
+    assert run_main("cifar_lenet.py", "prepare", "--image-dir", cifar_source, "--data-dir", data,
+                    "--workers", 1).returncode == 0
+    (data / "meta.json").write_text("{damaged")
+    assert run_main("cifar_lenet.py", "prepare", "--image-dir", cifar_source, "--data-dir", data,
+                    "--workers", 1).returncode == 0
+    assert json.loads((data / "meta.json").read_text())["kind"] == "cifar"
+
+
 def test_a_shard_copied_in_by_hand_is_refused(prepared_with_model):
     """A shard beside the prepared ones (left from another prepare, or copied in) is not trained on silently: the
     split no longer holds the count meta.json has (the tutorial read stale batches into the next run)."""
