@@ -711,6 +711,20 @@ def test_epoch_files_are_whole_or_the_run_before(tmp_path, monkeypatch):
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["epoch"] == 1
     [before] = (tmp_path / "previous").iterdir()
     assert {p.name: p.read_bytes() for p in before.iterdir()} == old
+    # a full disk at a later epoch whose model is better: the best model so far comes back beside its checkpoint
+    monkeypatch.setattr(module, "save_history", real_history)
+    state.update(epoch=2, history=state["history"] + [{"epoch": 2, "val_acc": 0.6}], best_score=0.6)
+    epoch1 = {name: (tmp_path / name).read_bytes() for name in ("model.pt", "checkpoint.pt")}
+    monkeypatch.setattr(module, "atomic_torch_save", disk_full_at_the_checkpoint)
+    with pytest.raises(OSError):
+        save()
+    assert {name: (tmp_path / name).read_bytes() for name in epoch1} == epoch1
+    assert not list(tmp_path.glob("*.tmp-*"))   # no copy left behind
+    monkeypatch.setattr(module, "atomic_torch_save", real_save)
+    save()
+    assert torch.load(tmp_path / "model.pt", weights_only=True)["model_args"] == {"num_classes": 3}
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["epoch"] == 2
+    assert not list(tmp_path.glob("*.tmp-*"))
     for sig, raised in ((signal.SIGTERM, module.Terminated), (signal.SIGINT, KeyboardInterrupt)):
         with pytest.raises(raised):   # a signal held while the body fails: the stop wins (130 / 143), not the error
             with module.signals_held():
