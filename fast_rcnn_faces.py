@@ -3366,9 +3366,13 @@ def main(argv=None):
 def run_command(args):
     """args.func under the DATA_DIR lock where it writes; every error ends here in one line and an exit status."""
     try:
-        writes = args.command in ("prepare", "train") or (   # one at a time per DATA_DIR (lock_data_dir); export:
-            args.command == "export" and not args.model and not args.output)   # DATA_DIR/model.onnx from its model
-        with lock_data_dir(args.data_dir, args.command == "prepare") if writes else contextlib.nullcontext():
+        folder = args.data_dir   # one command at a time writes a DATA_DIR (lock_data_dir); export: the folder of
+        if args.command == "export":   # the model when the .onnx goes beside it (a train there may be replacing it)
+            model = Path(args.model or Path(args.data_dir) / "model.pt")
+            beside = Path(args.output or model.with_suffix(".onnx")).parent.resolve() == model.parent.resolve()
+            folder = model.parent if beside else None
+        writes = args.command in ("prepare", "train") or (args.command == "export" and folder is not None)
+        with lock_data_dir(folder, args.command == "prepare") if writes else contextlib.nullcontext():
             if args.command == "prepare":
                 refuse_other_data(args.data_dir)
             return args.func(args)

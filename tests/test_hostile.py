@@ -340,7 +340,9 @@ def test_second_command_on_a_data_dir_fails_at_once(tmp_path):
         for script, args in [("cifar_lenet.py", ["prepare", "--image-dir", tmp_path, "--workers", 1]),
                              ("cifar_resnet.py", ["train", "--epochs", 1, "--device", "cpu"]),
                              ("captcha.py", ["prepare", "--image-dir", tmp_path, "--workers", 1]),
-                             ("cifar_lenet.py", ["export"])]:   # its model.onnx beside a model.pt being replaced
+                             ("cifar_lenet.py", ["export"]),   # its model.onnx beside a model.pt being replaced
+                             ("cifar_lenet.py", ["export", "--model", data / "model.pt"]),   # named: the same
+                             ("cifar_lenet.py", ["export", "--output", data / "other.onnx"])]:
             line = assert_one_line_error(run_main(script, *args, "--data-dir", data), 1)
             assert f"in use by pid {proc.pid} " in line and "cifar_lenet.py train" in line
         assert all(before[name] == data.joinpath(name).read_bytes() for name in before if name.endswith(".pt.gz"))
