@@ -30,11 +30,12 @@ FACES = ROOT.parent / "shared" / "datasets" / "faces"
 SCRIPTS = {"rcnn": "rcnn_faces.py", "fast": "fast_rcnn_faces.py"}
 
 
-def run(script, *args, stdin=None):
+def run(script, *args, stdin=None, expect=0):
+    """`python script args`, its output said if it ends otherwise than `expect`; (the process, seconds)."""
     t0 = time.time()
     proc = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True,
                           input=stdin if stdin is not None else "")
-    if proc.returncode not in (0,):
+    if proc.returncode != expect:
         print(proc.stdout[-2000:], proc.stderr[-2000:], sep="\n", file=sys.stderr)
     return proc, time.time() - t0
 
@@ -130,7 +131,8 @@ def bench(key, args, photos, csv_path, truth):
     meta = json.loads((Path(data) / "meta.json").read_text())
     names = meta["splits"]["validating"][:args.eval_photos]
     images = [Path(meta["image_dir"]) / n for n in names]
-    _, startup = run(script, "eval", "--data-dir", data, "--device", "cpu", "--json", stdin="")
+    # start-up: the model loaded, then no path on stdin (status 1, said in one line)
+    _, startup = run(script, "eval", "--data-dir", data, "--device", "cpu", "--json", stdin="", expect=1)
     proc, sec = run(script, "eval", "--data-dir", data, "--device", "cpu", "--json", "--threshold", "0.05",
                     "--output-dir", Path(args.work) / f"{key}_annotated", *images)
     lines = [json.loads(line) for line in proc.stdout.splitlines()]
