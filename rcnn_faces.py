@@ -1178,9 +1178,9 @@ def cmd_eval(args):
 
 def as_asked(info, args):
     """A model's entries with what eval's or serve's options change of them: the search side, NMS's IoU (train's, with
-    which it calibrated the scores, unless given)."""
+    which it calibrated the scores, unless given; 0.3 for a model saved before train kept it)."""
     return {**info, "search_side": args.search_side or info["search_side"],
-            "nms_iou": info.get("nms_iou", NMS_IOU) if args.nms_iou is None else args.nms_iou}
+            "nms_iou": info.get("nms_iou", 0.3) if args.nms_iou is None else args.nms_iou}
 
 
 def face_parser(prepare_help, train_help, inference_options=()):

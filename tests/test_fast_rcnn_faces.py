@@ -309,7 +309,7 @@ def test_train_one_epoch(faces, frc):
     assert (faces.data / "history.png").stat().st_size > 0
     model = torch.load(faces.data / "model.pt", weights_only=True)
     assert model["script"] == "fast_rcnn_faces" and model["size"] == [384, 256]
-    assert model["nms_iou"] == 0.3 and model["epoch"] == 1   # train's NMS (eval's default), and the model's epoch
+    assert model["nms_iou"] == 0.4 and model["epoch"] == 1   # train's NMS (eval's default), and the model's epoch
     ckpt = torch.load(faces.data / "checkpoint.pt", weights_only=True)
     assert ckpt["epoch"] == 1 and len(ckpt["history"]) == 1 and ckpt["config"]["epochs"] == 1
     assert all(math.isfinite(float(v)) for v in history[1].split(","))
