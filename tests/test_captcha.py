@@ -481,6 +481,8 @@ def test_mixed_lengths_end_to_end(no_prefix):
     charset = json.loads((data / "meta.json").read_text())["charset"]
     assert len(rows) == 40
     assert all(len(r["code"]) <= 6 and set(r["code"]) <= set(charset) and 0 <= r["confidence"] <= 1 for r in rows)
+    model = torch.load(data / "model.pt", weights_only=True)   # 6 positions, each a character or the end symbol
+    assert model["length"] == 6 and model["model_args"]["n_classes"] == len(charset) + 1 == len(model["charset"]) + 1
 
 
 def test_init_from_a_model_of_another_style(tmp, trained, no_prefix):
