@@ -96,7 +96,8 @@ IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp"}
 SHARD_SIZE = 1000
 SPLITS = ("training_set", "validating_set", "testing_set")
 IMAGE_DIR = "cifar"
-IMAGE_SIZE = 32          # prepare's images (side >= 16 px); a change: prepare and train again (a model keeps its own)
+IMAGE_SIZE = 32          # prepare's images (side, px); a change: prepare and train again (a model keeps its own)
+MIN_IMAGE_SIZE = 16      # the smallest IMAGE_SIZE: LeNet's two 5x5 convolutions and pools need 16 px
 MAX_PIXELS = 40_000_000                 # bigger images (decompression bombs) are refused before decoding
 SHARD_SPEC = ((torch.uint8, (3, IMAGE_SIZE, IMAGE_SIZE)), (torch.int64, ()))   # images, label indices
 META_KEYS = {"labels": list, "mean": lambda v: numbers(v, 3, -1e3, 1e3),   # what train reads from meta.json
@@ -321,7 +322,7 @@ def check_model(path, info):
     if not (isinstance(labels, list) and labels and all(isinstance(s, str) for s in labels)
             and all(labels) and len(set(labels)) == len(labels)
             and args == {"num_classes": len(labels)} and numbers(info.get("mean"), 3, -1e3, 1e3)
-            and numbers(info.get("std"), 3, 1e-6, 1e3) and numbers([info.get("image_size", 32)], 1, 16, 1024, True)):
+            and numbers(info.get("std"), 3, 1e-6, 1e3) and numbers([info.get("image_size", 32)], 1, MIN_IMAGE_SIZE, 1024, True)):
         raise UserError(f"{path}: its labels, mean, std, image size or network arguments are malformed; train it again")
 
 
@@ -1398,24 +1399,23 @@ def save_epoch(out_dir, args, model, optimizer, scheduler, scaler, state, best_m
     checkpoint of another epoch."""
     with signals_held():
         keep = keep_previous(out_dir, args.data_dir) if state["epoch"] == 1 else None
-        best, before = out_dir / "model.pt", None   # before: the best model so far, back in place if the epoch fails
+        best, before = out_dir / "model.pt", None   # before: the best model so far, until the checkpoint names the new
         try:
             if best_model is not None:
-                if state["epoch"] > 1 and best.is_file():   # named as remove_stale_temporaries clears them
-                    before = out_dir / f"model.tmp-{os.getpid()}-{secrets.token_hex(4)}.pt"
-                    try:
-                        os.link(best, before)
-                    except OSError:   # no hard links on this file system
-                        shutil.copyfile(best, before)
+                before = held_copy(best) if state["epoch"] > 1 and best.is_file() else None
                 save_model({"script": SCRIPT, "model": model.state_dict(), **best_model}, best)
             config = {k: v for k, v in vars(args).items() if k not in ("func", "train_parser", "argv")}
             atomic_torch_save({"script": SCRIPT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), **state,
                                "config": config, "prepared": prepared_id(args.data_dir)}, out_dir / "checkpoint.pt")
+            if before is not None:   # the checkpoint names this epoch's model now
+                before.unlink()
+                before = None
             save_history(out_dir, state["history"], plot_keys)
         except BaseException:
-            if before is not None:   # the checkpoint and history of the epoch before stay: so does its model
-                os.replace(before, best)
+            if before is not None:   # no checkpoint of this epoch: the model of the epoch before back beside its own
+                os.replace(before, best)   # (two links to one file, when save_model failed: both stay)
+                before.unlink(missing_ok=True)
             if state["epoch"] == 1:   # nothing of this run; the run before, whole, where it was
                 for name in RUN_FILES:
                     if keep is None or not (keep / name).exists():
@@ -1427,8 +1427,21 @@ def save_epoch(out_dir, args, model, optimizer, scheduler, scaler, state, best_m
                 move_run_rows(args.data_dir, keep, out_dir)
                 print(f"the previous run's files: back in {out_dir}", file=sys.stderr, flush=True)
             raise
-        if before is not None:
-            before.unlink()
+
+
+def held_copy(path):
+    """A second name for file `path` (a hard link, else a copy) beside it, named as remove_stale_temporaries clears
+    after a kill: the file as it is, while a write replaces `path`. Nothing is left if it fails (a full disk)."""
+    copy = path.with_name(f"{path.stem}.tmp-{os.getpid()}-{secrets.token_hex(4)}{path.suffix}")
+    try:
+        try:
+            os.link(path, copy)
+        except OSError:   # no hard links on this file system
+            shutil.copyfile(path, copy)
+    except BaseException:
+        copy.unlink(missing_ok=True)
+        raise
+    return copy
 
 
 # ---- Scale out and observe: torchrun, mixed precision, TensorBoard, runs.csv, --grid ----

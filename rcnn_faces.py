@@ -1211,7 +1211,7 @@ def face_parser(prepare_help, train_help, inference_options=()):
     prepare.add_argument("--workers", type=worker_count, default=os.cpu_count() or 1,
                          help="parallel selective-search processes")
     prepare.add_argument("--search-side", "--ss-side", type=side_arg, default=SEARCH_SIDE,
-                         help="longest side (px) of the copy searched for regions")
+                         help="longest side (px) of the copy searched for regions (a smaller photo: as it is)")
     prepare.set_defaults(func=cmd_prepare)
     train = sub.add_parser("train", parents=[common, device, seed, detection["train"]], help=train_help)
     train.add_argument("--epochs", type=positive_int, default=EPOCHS,
@@ -1995,24 +1995,23 @@ def save_epoch(out_dir, args, model, optimizer, scheduler, scaler, state, best_m
     checkpoint of another epoch."""
     with signals_held():
         keep = keep_previous(out_dir, args.data_dir) if state["epoch"] == 1 else None
-        best, before = out_dir / "model.pt", None   # before: the best model so far, back in place if the epoch fails
+        best, before = out_dir / "model.pt", None   # before: the best model so far, until the checkpoint names the new
         try:
             if best_model is not None:
-                if state["epoch"] > 1 and best.is_file():   # named as remove_stale_temporaries clears them
-                    before = out_dir / f"model.tmp-{os.getpid()}-{secrets.token_hex(4)}.pt"
-                    try:
-                        os.link(best, before)
-                    except OSError:   # no hard links on this file system
-                        shutil.copyfile(best, before)
+                before = held_copy(best) if state["epoch"] > 1 and best.is_file() else None
                 save_model({"script": SCRIPT, "model": model.state_dict(), **best_model}, best)
             config = {k: v for k, v in vars(args).items() if k not in ("func", "train_parser", "argv")}
             atomic_torch_save({"script": SCRIPT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), **state,
                                "config": config, "prepared": prepared_id(args.data_dir)}, out_dir / "checkpoint.pt")
+            if before is not None:   # the checkpoint names this epoch's model now
+                before.unlink()
+                before = None
             save_history(out_dir, state["history"], plot_keys)
         except BaseException:
-            if before is not None:   # the checkpoint and history of the epoch before stay: so does its model
-                os.replace(before, best)
+            if before is not None:   # no checkpoint of this epoch: the model of the epoch before back beside its own
+                os.replace(before, best)   # (two links to one file, when save_model failed: both stay)
+                before.unlink(missing_ok=True)
             if state["epoch"] == 1:   # nothing of this run; the run before, whole, where it was
                 for name in RUN_FILES:
                     if keep is None or not (keep / name).exists():
@@ -2024,8 +2023,21 @@ def save_epoch(out_dir, args, model, optimizer, scheduler, scaler, state, best_m
                 move_run_rows(args.data_dir, keep, out_dir)
                 print(f"the previous run's files: back in {out_dir}", file=sys.stderr, flush=True)
             raise
-        if before is not None:
-            before.unlink()
+
+
+def held_copy(path):
+    """A second name for file `path` (a hard link, else a copy) beside it, named as remove_stale_temporaries clears
+    after a kill: the file as it is, while a write replaces `path`. Nothing is left if it fails (a full disk)."""
+    copy = path.with_name(f"{path.stem}.tmp-{os.getpid()}-{secrets.token_hex(4)}{path.suffix}")
+    try:
+        try:
+            os.link(path, copy)
+        except OSError:   # no hard links on this file system
+            shutil.copyfile(path, copy)
+    except BaseException:
+        copy.unlink(missing_ok=True)
+        raise
+    return copy
 
 
 # ---- Scale out and observe: torchrun, mixed precision, TensorBoard, runs.csv, --grid ----

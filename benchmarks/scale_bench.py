@@ -52,7 +52,9 @@ def train(args, prepared, work, nproc, amp):
                                                     f"--nproc_per_node={nproc}"]
     cmd = [*launcher, str(ROOT / args.script), "train", "--data-dir", str(data), "--epochs", str(args.epochs),
            "--batch-size", str(args.batch_size), "--device", args.device, "--patience", str(args.epochs),
-           "--amp" if amp == "on" else "--no-amp", *(["--lr", str(args.lr)] if args.lr else [])]
+           "--amp" if amp == "on" else "--no-amp"]
+    lr = args.lr if args.lr is not None else 0.02 if args.script == "cifar_resnet.py" else None
+    cmd += ["--lr", str(lr)] if lr else []
     shown = ["python", *cmd[1:]] if nproc == 1 else ["torchrun", *cmd[3:]]
     print("$", " ".join(shown).replace(f"{ROOT}/", ""), flush=True)
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
@@ -72,8 +74,9 @@ def main():
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--nproc", default="1,2", help="process counts (torchrun for more than 1)")
     p.add_argument("--amp", default="on", help="comma-separated: on, off")
-    p.add_argument("--lr", type=float, default=0.02, help="train --lr (0: the script's own): speed does not depend on "
-                   "it, and cifar_resnet.py's 0.2 diverges on a 2-epoch schedule of 2,000 images")
+    p.add_argument("--lr", type=float, default=None, help="train --lr (default: 0.02 for cifar_resnet.py, whose 0.2 "
+                   "diverges on a 2-epoch schedule of 2,000 images; the script's own otherwise): speed does not "
+                   "depend on it")
     p.add_argument("--workdir", default=str(ROOT / "benchmarks" / "out" / "scale"))
     args = p.parse_args()
     work = Path(args.workdir)
