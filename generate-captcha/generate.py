@@ -13,6 +13,7 @@ random generator seeded by (seed, index).
 """
 import argparse
 import contextlib
+import ctypes
 import math
 import multiprocessing
 import os
@@ -234,6 +235,11 @@ _JOB = {}
 def init_worker(job):
     signal.signal(signal.SIGINT, signal.SIG_IGN)    # Ctrl-C is the main process's to handle: no worker tracebacks
     signal.signal(signal.SIGTERM, signal.SIG_DFL)   # the pool ends its workers with it
+    if sys.platform.startswith("linux"):   # and a kill -9 of generate.py too (they waited for work forever)
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
+        if job["parent"] is not None and os.getppid() != job["parent"]:   # it ended before that
+            os._exit(1)
     if job["lock"] is not None:   # the --output lock is the main process's: a worker left behind must not hold it
         os.close(job["lock"])
     _JOB.update(job)
@@ -346,7 +352,7 @@ def write_captchas(args, families, out, made):
     lock = None
     try:
         out.mkdir(parents=True, exist_ok=True)
-        if fcntl is not None:   # held until the process ends
+        if fcntl is not None:   # held until the run ends
             lock = os.open(out, os.O_RDONLY)
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         old = [p for p in out.iterdir() if CAPTCHA_NAME.match(p.name)]
@@ -361,6 +367,9 @@ def write_captchas(args, families, out, made):
             with contextlib.suppress(OSError):
                 out.rmdir()   # only if empty
         raise
+    finally:
+        if lock is not None:   # a second run in the same process (main() called again) finds it free
+            os.close(lock)
 
 
 def fill(args, families, out, old, lock):
@@ -392,7 +401,8 @@ def fill(args, families, out, old, lock):
 def draw_all(args, families, out, staged, old, lock=None):
     # a forked worker holds a copy of the lock's descriptor, to close; a spawned one (macOS, Windows) has none
     forked = multiprocessing.get_start_method() == "fork"
-    job = {"lock": lock if forked else None, "seed": args.seed, "length": args.length, "families": families,
+    job = {"lock": lock if forked else None, "parent": os.getpid() if forked else None, "seed": args.seed,
+           "length": args.length, "families": families,
            "output": str(staged), "style": {"size": args.size, "palette": PALETTES[args.palette]},
            "digits": max(5, len(str(args.count - 1)))}
     chunk = 200
@@ -431,8 +441,12 @@ def draw_all(args, families, out, staged, old, lock=None):
             names = sorted(p.name for p in staged.iterdir() if CAPTCHA_NAME.match(p.name))
             for name in names:
                 os.replace(staged / name, out / name)
-            for p in set(old) - {out / name for name in names}:
-                p.unlink(missing_ok=True)
+            new = {out / name for name in names}
+            files = {(s.st_dev, s.st_ino) for s in map(os.stat, new)}
+            for p in set(old) - new:   # on a disk that ignores case an old name can be a new file's (e5m7, e5M7)
+                with contextlib.suppress(FileNotFoundError):
+                    if (p.stat().st_dev, p.stat().st_ino) not in files:
+                        p.unlink()
         except OSError as e:
             raise UserError(f"--output {out}: cannot put all the new captchas in place ({e.strerror or e}); it may "
                             "hold some of each set now: run again with --clean", 1)

@@ -1,5 +1,6 @@
 """captcha pipeline end to end: generate -> prepare -> train -> eval, plus bad input."""
 import asyncio
+import contextlib
 import csv
 import io
 import json
@@ -104,6 +105,40 @@ def test_generator_names_sizes_and_determinism(tmp, generated):
     other = tmp / "other_seed"
     assert run(GENERATE, "--count", 50, "--output", other, "--seed", 4).returncode == 0
     assert {p.name for p in other.iterdir()} != {p.name for p in one.iterdir()}
+
+
+def test_generator_clean_where_the_disk_ignores_case(tmp, monkeypatch):
+    """--clean on a disk that ignores case (macOS, Windows): an old captcha named like a new one but for case is the
+    new file by then, and stays (it was unlinked after the swap: the run said 3 written and left 2). The disk is
+    simulated: an old name that matches a new one but for case becomes a second name of the new file, and removing
+    either name removes both. main() runs twice in one process (the --output lock is let go at the end of a run)."""
+    gen = load_script(GENERATE)
+    probe, out = tmp / "case-probe", tmp / "case-out"
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert gen.main(["--count", "3", "--output", str(probe), "--workers", "1", "--seed", "1"]) == 0
+        assert gen.main(["--count", "3", "--output", str(out), "--workers", "1", "--seed", "0"]) == 0
+    new = sorted(p.name for p in probe.iterdir())
+    [first] = out.glob("00000-*.png")
+    assert new[0][6:10].lower() != new[0][6:10].upper()   # a code with letters
+    first.rename(out / (new[0][:6] + new[0][6:10].swapcase() + ".png"))   # an old captcha: a new name but for case
+    real_replace, real_unlink = os.replace, Path.unlink
+
+    def replace_ignoring_case(src, dst):
+        real_replace(src, dst)
+        for p in Path(dst).parent.iterdir():
+            if p.name != Path(dst).name and p.name.lower() == Path(dst).name.lower():
+                real_unlink(p)
+                os.link(dst, p)
+
+    def unlink_ignoring_case(path, missing_ok=False):
+        for p in [p for p in path.parent.iterdir() if p.name.lower() == path.name.lower()] or [path]:
+            real_unlink(p, missing_ok=missing_ok)
+    monkeypatch.setattr(gen.os, "replace", replace_ignoring_case)
+    monkeypatch.setattr(Path, "unlink", unlink_ignoring_case)
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert gen.main(["--count", "3", "--output", str(out), "--workers", "1", "--seed", "1", "--clean"]) == 0
+    monkeypatch.undo()
+    assert all((out / name).read_bytes() == (probe / name).read_bytes() for name in new)
 
 
 def test_generator_refuses_to_mix_runs(tmp, generated):
