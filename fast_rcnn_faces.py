@@ -14,7 +14,7 @@ they were drawn on; a photo resized since gets its boxes scaled).
 Each photo is letterboxed (black borders) to --size WxH (384x256); proposals are selective search on a small copy
 of the photo plus a fixed multi-scale grid of square-ish windows (small faces are missed by selective search).
 Result (the defaults: 24 epochs on 1,600 training photos, 18.5 minutes with native bf16, ~44 estimated on a 2-core
-AVX2 CPU): AP@0.5 0.885-0.906, face-count RMSE 1.26-1.51 (boxes >= 0.5) on 200 test photos over four runs. Eval
+AVX2 CPU): AP@0.5 0.885-0.906, face-count RMSE 1.26-1.57 (boxes >= 0.5) on 200 test photos over five runs. Eval
 looks at likely faces again (on the mirror, and where the box head moved them) and averages each face's boxes:
 0.10-0.12 s a photo with AVX512.
 """
