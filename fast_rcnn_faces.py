@@ -2156,9 +2156,10 @@ def save_epoch(out_dir, args, model, optimizer, scheduler, scaler, state, best_m
             atomic_torch_save({"script": SCRIPT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), **state,
                                "config": config, "prepared": prepared_id(args.data_dir)}, out_dir / "checkpoint.pt")
-            if before is not None:   # the checkpoint names this epoch's model now
-                before.unlink()
-                before = None
+            if before is not None:   # the checkpoint names this epoch's model now: the copy goes, as it can
+                held, before = before, None
+                with contextlib.suppress(OSError):
+                    held.unlink()
             save_history(out_dir, state["history"], plot_keys)
         except BaseException:
             if before is not None:   # no checkpoint of this epoch: the model of the epoch before back beside its own
@@ -3163,8 +3164,9 @@ def lock_data_dir(data_dir, create):
 def start_worker(parent=None):
     """Start of each process of a prepare pool: one thread (the pool is the parallelism), and Ctrl-C left to the main
     process, which stops the pool: no traceback from every worker. The worker ends when the command (`parent`, its
-    pid) ends, by a SIGKILL too: a worker left behind held DATA_DIR's lock and the terminal's output. Linux kills it
-    (PR_SET_PDEATHSIG); elsewhere a thread waits for the command's process and ends the worker."""
+    pid, when it forked the worker) ends, by a SIGKILL too: a worker left behind held DATA_DIR's lock and the
+    terminal's output. Linux kills a forked one (PR_SET_PDEATHSIG); otherwise (a forkserver's, a spawned one, macOS,
+    Windows) a thread waits for the command's process and ends the worker."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)   # as the pool ends it, not main()'s handler
     if sys.platform.startswith("linux"):
@@ -3172,7 +3174,8 @@ def start_worker(parent=None):
             ctypes.CDLL(None).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
         if parent is not None and os.getppid() != parent:   # the command ended before that
             os._exit(1)
-    elif (command := multiprocessing.parent_process()) is not None:   # macOS, Windows
+    forked_on_linux = sys.platform.startswith("linux") and parent is not None
+    if not forked_on_linux and (command := multiprocessing.parent_process()) is not None:
         threading.Thread(target=lambda: command.join() or os._exit(1), daemon=True).start()
     torch.set_num_threads(1)
 

@@ -23,6 +23,7 @@ import re
 import shutil
 import signal
 import sys
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -240,6 +241,9 @@ def init_worker(job):
             ctypes.CDLL(None).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
         if job["parent"] is not None and os.getppid() != job["parent"]:   # it ended before that
             os._exit(1)
+    forked_on_linux = sys.platform.startswith("linux") and job["parent"] is not None
+    if not forked_on_linux and (command := multiprocessing.parent_process()) is not None:   # a forkserver's, spawned
+        threading.Thread(target=lambda: command.join() or os._exit(1), daemon=True).start()
     if job["lock"] is not None:   # the --output lock is the main process's: a worker left behind must not hold it
         os.close(job["lock"])
     _JOB.update(job)
@@ -441,11 +445,11 @@ def draw_all(args, families, out, staged, old, lock=None):
             names = sorted(p.name for p in staged.iterdir() if CAPTCHA_NAME.match(p.name))
             for name in names:
                 os.replace(staged / name, out / name)
-            new = {out / name for name in names}
-            files = {(s.st_dev, s.st_ino) for s in map(os.stat, new)}
-            for p in set(old) - new:   # on a disk that ignores case an old name can be a new file's (e5m7, e5M7)
+            new = {name.lower(): out / name for name in names}
+            for p in set(old) - set(new.values()):   # on a disk that ignores case an old name can be a new file's
+                twin = new.get(p.name.lower())          # (e5m7, e5M7): that one stays
                 with contextlib.suppress(FileNotFoundError):
-                    if (p.stat().st_dev, p.stat().st_ino) not in files:
+                    if not (twin is not None and os.path.samefile(p, twin)):
                         p.unlink()
         except OSError as e:
             raise UserError(f"--output {out}: cannot put all the new captchas in place ({e.strerror or e}); it may "
