@@ -34,10 +34,14 @@ except ImportError:
     fcntl = None
 from pathlib import Path
 
-import matplotlib
-from matplotlib.ft2font import FT2Font
-from PIL import Image, ImageDraw, ImageFilter, ImageFont, PngImagePlugin
-from tqdm import tqdm
+try:
+    import matplotlib
+    from matplotlib.ft2font import FT2Font
+    from PIL import Image, ImageDraw, ImageFilter, ImageFont, PngImagePlugin
+    from tqdm import tqdm
+except KeyboardInterrupt:   # Ctrl-C while they load (a fraction of a second): one line, as later, no traceback
+    sys.stderr.write("\ninterrupted\n")
+    raise SystemExit(130) from None
 
 # ---- Config ----
 SIZE = (120, 50)

@@ -141,6 +141,21 @@ def test_generator_clean_where_the_disk_ignores_case(tmp, monkeypatch):
     assert all((out / name).read_bytes() == (probe / name).read_bytes() for name in new)
 
 
+def test_generator_ctrl_c_while_it_imports(tmp):
+    """Ctrl-C while generate.py imports its libraries (the first fraction of a second): status 130 and one line, no
+    traceback. The Ctrl-C lands at the import of matplotlib, every time (an import hook raises it there)."""
+    hook = ("import runpy, sys\n"
+            "class Interrupt:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name == 'matplotlib':\n"
+            "            raise KeyboardInterrupt\n"
+            "sys.meta_path.insert(0, Interrupt())\n"
+            f"sys.argv = [{str(ROOT / GENERATE)!r}, '--count', '3', '--output', {str(tmp / 'never')!r}]\n"
+            f"runpy.run_path({str(ROOT / GENERATE)!r}, run_name='__main__')\n")
+    proc = subprocess.run([sys.executable, "-c", hook], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 130 and proc.stderr.strip() == "interrupted" and not (tmp / "never").exists(), proc.stderr
+
+
 def test_generator_refuses_to_mix_runs(tmp, generated):
     out = tmp / "mixed"
     assert run(GENERATE, "--count", 5, "--output", out).returncode == 0
