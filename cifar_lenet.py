@@ -2404,7 +2404,8 @@ def lock_data_dir(data_dir, create):
         f.flush()
         try:
             recover_prepared(data_dir)
-            remove_stale_temporaries(data_dir)
+            for folder in [data_dir, *(data_dir / "grid").glob("*/")]:   # and each --grid run's folder
+                remove_stale_temporaries(folder)
             yield
         finally:
             path.unlink(missing_ok=True)  # still locked here: the next command makes a new file

@@ -1260,6 +1260,8 @@ def test_a_prepare_killed_while_swapping_loses_nothing(tmp_path, capsys):
         data = tmp_path / str(kill_at) / "data"
         assert len(list(data.parent.iterdir())) == 2   # DATA_DIR and the staging folder left by the kill
         (data / f"checkpoint.tmp-{proc.pid}-a1b2c3d4.pt").write_text("killed")   # a killed write's temporary file
+        (data / "grid" / "lr=0.1").mkdir(parents=True)   # and one of a --grid run's
+        (data / "grid" / "lr=0.1" / f"model.tmp-{proc.pid}-a1b2c3d4.pt").write_text("killed")
         nested = data / "data.prepare-1-abcdef12"   # a staging folder of another DATA_DIR named data, inside this one
         (nested / "previous").mkdir(parents=True)
         (nested / mod.STAGING_MARK).write_text("beside")   # beside data/data
@@ -1269,6 +1271,7 @@ def test_a_prepare_killed_while_swapping_loses_nothing(tmp_path, capsys):
         message = capsys.readouterr().err
         assert sorted(p.name for p in data.glob("*.tmp-*")) == ["model.tmp-{}-0123abcd.pt".format(os.getpid()),
                                                                  "notes.tmp-1-2.txt"]
+        assert not list((data / "grid").glob("*/*.tmp-*"))
         meta = json.loads((data / "meta.json").read_text())
         assert [p.name for p in data.parent.iterdir()] == ["data"] and (data / "model.pt").read_bytes() == b"a model"
         assert (nested / "previous" / "validating_set.0.pt.gz").exists()   # not ours: left as it is
