@@ -1920,9 +1920,9 @@ def save_epoch(out_dir, args, model, optimizer, scheduler, scaler, state, best_m
                                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), **state,
                                "config": config, "prepared": prepared_id(args.data_dir)}, out_dir / "checkpoint.pt")
             if before is not None:   # the checkpoint names this epoch's model now: the copy goes, as it can
-                held, before = before, None
                 with contextlib.suppress(OSError):
-                    held.unlink()
+                    before.unlink()
+                before = None
             save_history(out_dir, state["history"], plot_keys)
         except BaseException:
             if before is not None:   # no checkpoint of this epoch: the model of the epoch before back beside its own
