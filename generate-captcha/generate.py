@@ -102,14 +102,19 @@ def font_pool(fonts_dir=None):
         for p in extra:
             why = font_problem(str(p))
             if why:
-                print(f"skipping font {p}: {why}", file=sys.stderr)
+                print(f"skipping font {shown(p)}: {why}", file=sys.stderr)
             else:
                 usable.append(p)
         if not usable:
-            print(f"--fonts {fonts_dir}: no usable .ttf font in it (subfolders and .otf are not read); the "
+            print(f"--fonts {shown(fonts_dir)}: no usable .ttf font in it (subfolders and .otf are not read); the "
                   f"built-in fonts alone", file=sys.stderr)
         pool += [(str(p), None, None, None) for p in usable]
     return pool
+
+
+def shown(text):
+    """Text as printed: the bytes of a name that is not UTF-8 escaped (a strict UTF-8 stdout raises on them)."""
+    return "".join(repr(c)[1:-1] if "\udc80" <= c <= "\udcff" else c for c in str(text))
 
 
 def font_problem(path):
@@ -459,7 +464,7 @@ def draw_all(args, families, out, staged, old, lock=None):
             raise UserError(f"--output {out}: cannot put all the new captchas in place ({e.strerror or e}); it may "
                             "hold some of each set now: run again with --clean", 1)
     seconds = time.perf_counter() - start
-    print(f"wrote {args.count} captchas to {out} in {seconds:.1f}s ({args.count / seconds:.0f} images/s)")
+    print(f"wrote {args.count} captchas to {shown(out)} in {seconds:.1f}s ({args.count / seconds:.0f} images/s)")
     return 0
 
 
@@ -488,7 +493,7 @@ def main(argv=None):
     try:
         return run(args)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {shown(e)}", file=sys.stderr)
         return e.status
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
