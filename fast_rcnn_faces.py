@@ -2811,7 +2811,8 @@ def serve_app(args):
     batcher = Batcher(lambda images: predict(net, info, device, args, images), args.max_batch,
                       args.max_wait_ms / 1000)
     about = {"script": SCRIPT, "model": str(path), "format": "onnx" if isinstance(net, OnnxNetwork) else "torch",
-             "torch": torch.__version__, **json_ready({k: v for k, v in info.items() if k not in ("model", "input")})}
+             "torch": torch.__version__, **json_ready({k: v for k, v in info.items() if k not in ("model", "input")}),
+             "options": {k: getattr(args, k) for k in args.predicting}}   # serve's, for predictions (None: the model's)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -2999,7 +3000,8 @@ def add_ship_commands(sub, common, serve_parents):
     p.add_argument("--max-wait-ms", type=wait_ms, default=5, help="how long a batch waits for more requests")
     p.add_argument("--workers", type=worker_count, default=1, help="server processes on the port, each with its "
                    "own copy of the model and a share of the CPU's cores")
-    p.set_defaults(func=cmd_serve)
+    predicting = {k for parent in serve_parents for k in vars(parent.parse_args([]))}   # shown by /info
+    p.set_defaults(func=cmd_serve, predicting=sorted(predicting))
 
 
 # ---- Options, DATA_DIR lock, train command, eval input, main ----
@@ -3099,14 +3101,15 @@ def worker_count(text):
 
 
 @contextlib.contextmanager
-def lock_data_dir(data_dir, create):
+def lock_data_dir(data_dir, create, named="--data-dir"):
     """Hold DATA_DIR for one command (prepare, train): an exclusive fcntl.flock on DATA_DIR/.lock, which names its
     holder (pid and command line), so a second command on the same folder fails at once with one line naming it.
     The file goes when the command ends (a command that opened it just before checks that it locked the file still
     there). DATA_DIR must be a writable folder, checked here before any work; `create` makes it, else a missing one
     is left to the command to report. Under torchrun rank 0 holds it for all ranks (they meet rank 0 in
-    init_process_group before reading anything). Without fcntl (Windows) nothing is locked."""
-    data_dir = Path(data_dir)
+    init_process_group before reading anything). Without fcntl (Windows) nothing is locked. named: the folder in
+    messages (export's: the model's folder, where its --output goes)."""
+    data_dir, other = Path(data_dir), "another --data-dir" if named == "--data-dir" else "--output in another folder"
     if data_dir.exists() and not data_dir.is_dir():
         raise UserError(f"--data-dir {data_dir}: a file, not a folder; pass a folder", 2)
     made = create and not data_dir.exists()   # removed again if the command leaves it empty (an error)
@@ -3129,16 +3132,15 @@ def lock_data_dir(data_dir, create):
                 raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
             f = open(os.open(path, os.O_RDWR | os.O_CREAT, 0o644), "r+", encoding="utf-8", errors="replace")
         except OSError as e:
-            raise UserError(f"--data-dir {data_dir}: not writable ({e.strerror or e}); pass a folder you can write "
-                            f"to", 2)
+            raise UserError(f"{named} {data_dir}: not writable ({e.strerror or e}); pass {other}", 2)
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
             holder = (f.read().strip().splitlines() or ["another process"])[0][:300]
             f.close()
             if isinstance(e, BlockingIOError):
-                raise UserError(f"{data_dir} is in use by {holder}; wait until it ends or pass another --data-dir")
-            raise UserError(f"--data-dir {data_dir}: cannot lock {path} ({e.strerror or e})")
+                raise UserError(f"{data_dir} is in use by {holder}; wait until it ends or pass {other}")
+            raise UserError(f"{named} {data_dir}: cannot lock {path} ({e.strerror or e})")
         try:
             ours = os.path.samestat(os.stat(path), os.fstat(f.fileno()))
         except OSError:
@@ -3389,7 +3391,8 @@ def run_command(args):
             beside = Path(args.output or model.with_suffix(".onnx")).parent.resolve() == model.parent.resolve()
             folder = model.parent if beside else None
         writes = args.command in ("prepare", "train") or (args.command == "export" and folder is not None)
-        with lock_data_dir(folder, args.command == "prepare") if writes else contextlib.nullcontext():
+        named = "--data-dir" if args.command != "export" else "the model's folder"
+        with lock_data_dir(folder, args.command == "prepare", named) if writes else contextlib.nullcontext():
             if args.command == "prepare":
                 refuse_other_data(args.data_dir)
             return args.func(args)

@@ -355,8 +355,9 @@ def test_prepare_counts_skips_and_meta(prepared):
 
 
 def test_file_names_that_are_not_utf8(tmp, generated):
-    """A name in another encoding (a zip made on Windows): prepare quotes it escaped, eval prints it escaped, where
-    a strict UTF-8 stdout (the usual locale; the tests' too) raised UnicodeEncodeError with a traceback."""
+    """A name in another encoding (a zip made on Windows): prepare quotes it escaped, eval and generate.py print it
+    escaped, where a strict UTF-8 stdout (the usual locale; the tests' too) raised UnicodeEncodeError with a
+    traceback."""
     folder = tmp / "not_utf8"
     folder.mkdir()
     for p in sorted(generated.iterdir())[:3]:
@@ -370,6 +371,9 @@ def test_file_names_that_are_not_utf8(tmp, generated):
     assert "not a regular file (e.g. dir-abcd.png, gone-abcd.png)" in proc.stdout
     line = assert_one_line_error(run("captcha.py", "prepare", "--image-dir", folder, "--data-dir", folder), 2)
     assert "is the image folder" in line   # its plots and models would come back as captchas
+    odd = os.fsdecode(os.fsencode(tmp) + b"/generated\xff")   # generate.py names it escaped
+    proc = run("generate-captcha/generate.py", "--count", 2, "--output", odd)
+    assert proc.returncode == 0 and "generated\\udcff in" in proc.stdout, proc.stderr
 
 
 def test_prepare_storage_is_uint8_chw_in_batches_of_1000(prepared):
@@ -1455,6 +1459,7 @@ def test_serve(trained, generated, tmp_path):
         idle, opened = socket.create_connection(("127.0.0.1", port)), time.time()   # sends nothing: closed in 10 s
         status, info = http(url + "/info")
         assert status == 200 and info["script"] == "captcha" and info["format"] == "torch"
+        assert info["options"] == {"device": "cpu"}
         assert info["charset"] == torch.load(data / "model.pt", weights_only=True)["charset"]
         status, page = http(url + "/")
         assert status == 200 and 'type="file"' in page and 'fetch("predict"' in page and "http" not in page

@@ -566,6 +566,9 @@ def test_export_and_serve_onnx(faces, tmp_path):
         status, got = http(url + "/predict", body, {"Content-Type": "image/jpeg"})
         assert status == 200
         same_answers(got["boxes"], boxes, 1e-4)
+        info = http(url + "/info")[1]   # the model's entries, and the options serve predicts with
+        assert info["options"] == {"device": "cpu", "threshold": 0.05, "nms_iou": 0.6, "search_side": 150,
+                                   "no_flip": True, "no_regress": False} and info["nms_iou"] == 0.4
     proc.communicate()
 
 

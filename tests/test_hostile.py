@@ -345,6 +345,7 @@ def test_second_command_on_a_data_dir_fails_at_once(tmp_path):
                              ("cifar_lenet.py", ["export", "--output", data / "other.onnx"])]:
             line = assert_one_line_error(run_main(script, *args, "--data-dir", data), 1)
             assert f"in use by pid {proc.pid} " in line and "cifar_lenet.py train" in line
+            assert ("--output in another folder" in line) == (args[0] == "export")   # what export can change
         assert all(before[name] == data.joinpath(name).read_bytes() for name in before if name.endswith(".pt.gz"))
         proc.send_signal(signal.SIGTERM)   # a kill ends train as Ctrl-C does (Ctrl-C: test_captcha's resume test)
         out, err = proc.communicate(timeout=60)
