@@ -704,6 +704,9 @@ def cmd_prepare(args):
                         "captchas with `python generate-captcha/generate.py` or pass --image-dir)")
     if Path(args.data_dir).resolve() == image_dir.resolve():   # its plots would come back as captchas
         raise UserError(f"--data-dir {args.data_dir} is the image folder; choose another data folder", 2)
+    if os.path.lexists(image_dir / ".generate-swap"):   # generate.py's mark while it swaps a new set in
+        raise UserError(f"{image_dir}: a generate.py run was killed while it put its captchas there, and the folder "
+                        f"holds some of each set; run generate.py with the same --output again (it finishes that)")
     charset = resolve_charset(args.charset, args.case_sensitive)
     length = None if args.length == "auto" else args.length
     entries = sorted(p for p in image_dir.iterdir() if not p.name.startswith("."))
@@ -1310,6 +1313,34 @@ def remove_stale_temporaries(folder):
             pass
 
 
+def restore_held_model(folder):
+    """A train killed between its new model.pt and the checkpoint that names it (SIGKILL) left the best model before
+    as save_epoch's held copy: it goes back in place where model.pt is not the best model of checkpoint.pt (the
+    checkpoint's epoch minus its epochs without a better one), and is removed where it is. lock_data_dir calls it."""
+    for held in Path(folder).glob("model.held-*-*.pt"):
+        pid = held.name.split("-")[1]
+        try:
+            if not pid.isdigit() or os.kill(int(pid), 0) is None:   # not a held copy, or its train still runs
+                continue
+        except ProcessLookupError:   # no such process: the train was killed
+            pass
+        except (OSError, OverflowError):
+            continue
+        try:
+            state = load_model_file(Path(folder) / "checkpoint.pt", CHECKPOINT_KEYS)
+            best = state["epoch"] - state["bad_epochs"]
+            current = load_model_file(Path(folder) / "model.pt").get("epoch") if (Path(folder) / "model.pt").exists() \
+                else None
+        except (UserError, OSError, TypeError):   # nothing to decide with: the copy stays
+            continue
+        if current == best:
+            held.unlink()
+        else:
+            os.replace(held, Path(folder) / "model.pt")
+            print(f"{folder}: a train was killed while it saved an epoch; model.pt is its checkpoint's best model "
+                  f"again (epoch {best})", file=sys.stderr)
+
+
 def atomic_torch_save(obj, path):
     with atomic_path(path) as tmp:
         try:
@@ -1505,15 +1536,19 @@ def file_mark(path):
 
 def recover_prepared(data_dir):
     """The earlier prepared data back in DATA_DIR after a prepare killed while it swapped its data in (SIGKILL, the
-    out-of-memory killer: swap_prepared's undo never ran), from the staging folder's previous/, the new files placed
-    by then removed (its "placing" names them with their file_mark); a staging folder of a swap that was done is
-    removed. Called by lock_data_dir with DATA_DIR's lock held, so no prepare is using those folders. A file that
-    is not one it placed (another file_mark: the earlier one its undo put back, the user's) is never removed; a file
-    where the earlier data would go back (DATA_DIR changed since) is a UserError, DATA_DIR left as it is: every
-    command stops until the user has sorted it out, so no later prepare has old files put back beside its own."""
+    out-of-memory killer: swap_prepared's undo never ran), from the staging folder's previous/, the new files placed by
+    then removed (its "placing" names them with their file_mark); a staging folder of a swap that was done, or of a
+    prepare killed before its swap, is removed. Called by lock_data_dir with DATA_DIR's lock held, so no prepare is
+    using those folders. A file that is not one it placed (another file_mark: the earlier one its undo put back, the
+    user's) is never removed; a file where the earlier data would go back (DATA_DIR changed since) is a UserError,
+    DATA_DIR left as it is: every command stops until the user has sorted it out, so no later prepare has old files put
+    back beside its own."""
     shown, data_dir = data_dir, Path(os.path.realpath(data_dir))
     for staged, ours in staging_folders(data_dir):
         previous, placing, removed = staged / "previous", staged / "placing", 0
+        if ours and not os.path.lexists(previous):   # killed before its swap began: new files only, none placed
+            shutil.rmtree(staged, ignore_errors=True)
+            continue
         if not ours or not previous.is_dir():
             continue
         try:
@@ -1784,6 +1819,9 @@ def resume_options(args, parser, path, given):
         if dest in RESUME_OWN or dest not in config or config[dest] == getattr(args, dest, None):
             continue
         value = config[dest]
+        if dest in given and dest in (state.get("model_args") or {}):   # the network's shape: the checkpoint's
+            raise UserError(f"{shown(action, getattr(args, dest))}: the run resumed has {shown(action, value, True)} "
+                            "and a resumed run keeps its network; drop the option, or train without --resume", 2)
         if dest in given:
             changed.append(f"{shown(action, getattr(args, dest))} (the run's: {shown(action, value, bare=True)})")
             continue
@@ -1839,6 +1877,7 @@ def asked_for(args, dest, named=None):
 
 
 KEEP_NOTE = 5   # keep_previous: from this many earlier runs in previous/ on, each new one says what they take
+KEEP_MARK = ".moving"   # in previous/TIME/ while keep_previous moves a run there
 
 
 RUN_FILES = ("model.pt", "model.onnx", "checkpoint.pt", "history.csv", "history.png", "confusion.png")
@@ -1860,6 +1899,7 @@ def keep_previous(out_dir, data_dir, names=RUN_FILES):
     keep.mkdir(parents=True)
     moved = []
     try:
+        (keep / KEEP_MARK).touch()   # until the run has moved whole: a kill before is undone by restore_kept_run
         for p in old:
             os.replace(p, keep / p.name)
             moved.append(p)
@@ -1868,6 +1908,7 @@ def keep_previous(out_dir, data_dir, names=RUN_FILES):
             with contextlib.suppress(OSError):
                 os.replace(keep / done.name, done)
         with contextlib.suppress(OSError):
+            (keep / KEEP_MARK).unlink(missing_ok=True)
             keep.rmdir()
         raise UserError(f"{p}: cannot move it to {keep} ({e.strerror or e}); close what holds it open and train again")
     print(f"the previous {'run' if data_dir else 'model'}'s {', '.join(p.name for p in old)}: moved to {keep}",
@@ -1879,7 +1920,24 @@ def keep_previous(out_dir, data_dir, names=RUN_FILES):
               f"longer need", flush=True)
     if data_dir is not None:
         move_run_rows(data_dir, out_dir, keep)
+    (keep / KEEP_MARK).unlink()
     return keep
+
+
+def restore_kept_run(out_dir, data_dir):
+    """A keep_previous cut short by a kill (its KEEP_MARK still there): the files it had moved go back beside the
+    others, the run whole again as before the command, and its runs.csv rows with them. lock_data_dir calls it."""
+    for mark in Path(out_dir).glob(f"previous/*/{KEEP_MARK}"):
+        keep = mark.parent
+        for path in keep.iterdir():
+            if path != mark and not os.path.lexists(Path(out_dir) / path.name):
+                os.replace(path, Path(out_dir) / path.name)
+        move_run_rows(data_dir, keep, out_dir)
+        mark.unlink()
+        with contextlib.suppress(OSError):
+            keep.rmdir()
+        print(f"{out_dir}: the run before, which a killed command had begun to move to {keep}, is back in place",
+              file=sys.stderr)
 
 
 def move_run_rows(data_dir, old, new):
@@ -1942,9 +2000,9 @@ def save_epoch(out_dir, args, model, optimizer, scheduler, scaler, state, best_m
 
 
 def held_copy(path):
-    """A second name for file `path` (a hard link, else a copy) beside it, named as remove_stale_temporaries clears
-    after a kill: the file as it is, while a write replaces `path`. Nothing is left if it fails (a full disk)."""
-    copy = path.with_name(f"{path.stem}.tmp-{os.getpid()}-{secrets.token_hex(4)}{path.suffix}")
+    """A second name for file `path` (a hard link, else a copy) beside it, NAME.held-PID-RANDOM.EXT: the file as it
+    is, while a write replaces `path` (after a kill, restore_held_model decides). Nothing is left if it fails."""
+    copy = path.with_name(f"{path.stem}.held-{os.getpid()}-{secrets.token_hex(4)}{path.suffix}")
     try:
         try:
             os.link(path, copy)
@@ -2134,8 +2192,9 @@ def append_run(data_dir, row):
     write_runs(path, rows + [row])
 
 
-def grid_runs(args, parser):
-    """[(name, args)] for every combination of the --grid KEY=V1,V2 options (one unnamed run without --grid)."""
+def grid_runs(args, parser, named=()):
+    """[(name, args)] for every combination of the --grid KEY=V1,V2 options (one unnamed run without --grid);
+    named: the options the command line gives, which no --grid may set too."""
     axes = []
     for item in args.grid or []:
         key, _, values = item.partition("=")
@@ -2150,6 +2209,8 @@ def grid_runs(args, parser):
             raise UserError(f"--grid {item}: not a valid value for --{key} ({e})", 2)
         if action.choices and any(v not in action.choices for v in converted):
             raise UserError(f"--grid {item}: --{key} takes one of {', '.join(map(str, action.choices))}", 2)
+        if action.dest in named:   # the grid's values would silently replace the one given
+            raise UserError(f"--grid {item}: --{key} is given on its own too; list its value in the --grid", 2)
         if any(axis[0][1] == action.dest for axis in axes):   # two axes of one option: the last one's value wins
             raise UserError(f"--grid {item}: --{key} has a --grid already; list all its values in one", 2)
         axes.append([(key, action.dest, text, value) for text, value in zip(values.split(","), converted)])
@@ -2309,10 +2370,14 @@ def cmd_export(args):
     if out.suffix.lower() != ".onnx":   # and never the model itself, nor its checkpoint
         raise UserError(f"--output {out}: name it NAME.onnx (eval and serve tell a model's format by its name)", 2)
     model, info, device = load_network(path, "cpu")   # a missing model is said first, whatever --output is
+    if out.is_dir():
+        raise UserError(f"--output {out}: a folder; name the file to write (NAME.onnx)", 2)
     if os.path.lexists(out) and not args.force:   # a link to nowhere is the user's too
         raise UserError(f"{out} exists; pass --force to replace it, or --output FILE", 2)
     if not out.parent.is_dir():
         raise UserError(f"--output {out}: no folder {out.parent}; create it first", 2)
+    if not os.access(out.parent, os.W_OK | os.X_OK):   # a read-only place: said before the export's work
+        raise UserError(f"--output {out}: cannot write in {out.parent}; pass another --output", 2)
     inputs, input_names, output_names, dynamic, about = export_example(info)
     meta = json.dumps({**json_ready({k: v for k, v in info.items() if k != "model"}), "input": about})
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings(), signals_held():  # progress lines
@@ -2833,9 +2898,15 @@ def seed_int(text):
 
 
 def folder_arg(text):
-    """A folder to write into (--tensorboard): one that exists as a file is refused before any work."""
+    """A folder to write into (--tensorboard): one that exists as a file, or a place where it cannot be made or
+    written (read-only), is refused before any work."""
     if os.path.exists(text) and not os.path.isdir(text):
         raise argparse.ArgumentTypeError(f"{text!r} is not a folder")
+    near = Path(os.path.abspath(text))
+    while not os.path.lexists(near):   # the folder, or the nearest of its parents that exists
+        near = near.parent
+    if not near.is_dir() or not os.access(near, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"{text!r}: cannot write there ({near} is not a writable folder)")
     return text
 
 
@@ -2912,12 +2983,17 @@ def lock_data_dir(data_dir, create, named="--data-dir"):
             f.close()
             f = None
     with f:
-        f.truncate()
-        f.write(f"pid {os.getpid()} ({shlex.join(sys.argv)})\n")
-        f.flush()
         try:
+            try:   # unbuffered: a full disk fails here, with nothing left to write when the file closes
+                os.ftruncate(f.fileno(), 0)
+                os.write(f.fileno(), f"pid {os.getpid()} ({shlex.join(sys.argv)})\n".encode("utf-8", "replace"))
+            except OSError as e:
+                raise UserError(f"{named} {data_dir}: cannot write its lock file {path.name} ({e.strerror or e}); "
+                                f"free some space there or pass {other}")
             recover_prepared(data_dir)
             for folder in [data_dir, *(data_dir / "grid").glob("*/")]:   # and each --grid run's folder
+                restore_kept_run(folder, data_dir)
+                restore_held_model(folder)
                 remove_stale_temporaries(folder)
             yield
         finally:
@@ -2997,8 +3073,8 @@ def base_parser():
 
 def cmd_train(args):
     """Train once, or once per --grid combination (each in DATA_DIR/grid/NAME/); one runs.csv row per run."""
-    runs = grid_runs(args, args.train_parser)
     named = given_options(args.train_parser, args.argv[args.argv.index("train") + 1:])
+    runs = grid_runs(args, args.train_parser, named)
     if asked_for(args, "histogram_every", named) and not args.tensorboard and any(
             r.histogram_every for _, r in runs):   # 0 (never) needs no TensorBoard
         raise UserError("--histogram-every sets how often TensorBoard gets weight histograms; pass --tensorboard DIR "
@@ -3140,6 +3216,9 @@ def main(argv=None):
             signal.signal(signal.SIGTERM, on_sigterm)
     try:
         return run_command(args)
+    except (KeyboardInterrupt, Terminated) as e:   # just as run_command returned: one line, as inside it
+        print("\nterminated" if isinstance(e, Terminated) else "\ninterrupted", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
     finally:
         with contextlib.suppress(ValueError, TypeError):
             signal.signal(signal.SIGTERM, before)

@@ -277,6 +277,7 @@ MARK = "generate-captcha/generate.py"   # each PNG's Software text: what --clean
 PNG_INFO = PngImagePlugin.PngInfo()
 PNG_INFO.add_text("Software", MARK)
 CAPTCHA_NAME = re.compile(r"^\d{5,}-[0-9A-Za-z]+\.png$")
+SWAP_MARK = ".generate-swap"   # in --output while a run swaps its captchas in: its staging folder and the new names
 
 
 def length_range(text):
@@ -388,6 +389,11 @@ def write_captchas(args, families, out, made):
 def fill(args, families, out, old, lock):
     """write_captchas' work with --output locked: check what it holds, draw aside, swap."""
     foreign = [p.name for p in old if not ours(p)]
+    with contextlib.suppress(OSError):
+        (out / f"{SWAP_MARK}.tmp").unlink(missing_ok=True)   # a mark being written when its run was killed
+    if os.path.lexists(out / SWAP_MARK):   # a run killed in its swap: the folder holds some of each set
+        old = finish_swap(out)
+        foreign = [p.name for p in old if not ours(p)]
     if foreign:   # named like captchas, but not of a run of this generator: a user's own, never removed
         raise UserError(f"{out} holds {len(foreign)} files named like captchas that no earlier run wrote there (e.g. "
                         f"{foreign[0]}: a user's own, or from a version of generate.py before its mark); move them, "
@@ -409,6 +415,40 @@ def fill(args, families, out, old, lock):
         return draw_all(args, families, out, staged, old, lock)
     finally:   # done, failed or interrupted: the staging folder goes; the old captchas stay unless replaced
         shutil.rmtree(staged, ignore_errors=True)
+
+
+def swap_in(out, staged, names, old):
+    """The new captchas `names` from `staged` into `out` (same names replaced at once), then the `old` rest out."""
+    for name in names:
+        with contextlib.suppress(FileNotFoundError):   # moved already (a swap finished after a kill)
+            os.replace(staged / name, out / name)
+    new = {name.lower(): out / name for name in names}
+    for p in set(old) - set(new.values()):   # on a disk that ignores case an old name can be a new file's
+        twin = new.get(p.name.lower())          # (e5m7, e5M7): that one stays
+        with contextlib.suppress(FileNotFoundError):
+            if not (twin is not None and os.path.samefile(p, twin)):
+                p.unlink()
+
+
+def finish_swap(out):
+    """The swap of a run killed in it (SWAP_MARK still in `out`) done, as that run asked (its new set in place of the
+    old one); returns the captchas `out` holds then."""
+    lines = (out / SWAP_MARK).read_text(encoding="utf-8", errors="replace").splitlines()
+    staged = out / lines[0] if lines and re.fullmatch(r"\.generate-\d+", lines[0]) else None
+    names = [name for name in lines[1:] if CAPTCHA_NAME.match(name)]
+    if staged is None or not names:
+        raise UserError(f"--output {out}: {SWAP_MARK} is not one generate.py wrote; remove it and check the folder")
+    captchas = [p for p in out.iterdir() if CAPTCHA_NAME.match(p.name)]
+    try:   # the old set: those not named in the mark that a run of ours wrote (a user's own stay)
+        swap_in(out, staged, names, [p for p in captchas if p.name not in names and ours(p)])
+    except OSError as e:
+        raise UserError(f"--output {out}: a run killed while it swapped its captchas in left some of each set, and "
+                        f"they cannot be sorted out ({e.strerror or e}); run again with --clean", 1)
+    shutil.rmtree(staged, ignore_errors=True)
+    (out / SWAP_MARK).unlink()
+    print(f"--output {shown(out)}: a run killed while it swapped its captchas in: its {len(names)} captchas put in "
+          f"place", file=sys.stderr)
+    return [p for p in out.iterdir() if CAPTCHA_NAME.match(p.name)]
 
 
 def draw_all(args, families, out, staged, old, lock=None):
@@ -452,14 +492,10 @@ def draw_all(args, families, out, staged, old, lock=None):
     with signals_held():   # the swap whole: the new set in (same names replaced at once), then the old rest out
         try:
             names = sorted(p.name for p in staged.iterdir() if CAPTCHA_NAME.match(p.name))
-            for name in names:
-                os.replace(staged / name, out / name)
-            new = {name.lower(): out / name for name in names}
-            for p in set(old) - set(new.values()):   # on a disk that ignores case an old name can be a new file's
-                twin = new.get(p.name.lower())          # (e5m7, e5M7): that one stays
-                with contextlib.suppress(FileNotFoundError):
-                    if not (twin is not None and os.path.samefile(p, twin)):
-                        p.unlink()
+            (out / f"{SWAP_MARK}.tmp").write_text("\n".join([staged.name, *names]) + "\n", encoding="utf-8")
+            os.replace(out / f"{SWAP_MARK}.tmp", out / SWAP_MARK)   # a kill from here on: the next run finishes it
+            swap_in(out, staged, names, old)
+            (out / SWAP_MARK).unlink()
         except OSError as e:
             raise UserError(f"--output {out}: cannot put all the new captchas in place ({e.strerror or e}); it may "
                             "hold some of each set now: run again with --clean", 1)

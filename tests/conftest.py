@@ -286,6 +286,15 @@ def check_onnx(script, model, images, tmp_path, *eval_args):
     nowhere = tmp_path / "no-such-folder" / "model.onnx"
     line = assert_one_line_error(run_main(script, "export", "--model", model, "--output", nowhere), 2)
     assert "no folder" in line and not nowhere.parent.exists()
+    folder = tmp_path / "folder.onnx"   # said before the export's work, not as its write failed after it
+    folder.mkdir()
+    line = assert_one_line_error(run_main(script, "export", "--model", model, "--output", folder, "--force"), 2)
+    assert "a folder; name the file" in line and not any(folder.iterdir())
+    if os.geteuid() != 0:   # root writes in a folder without write permission
+        folder.chmod(0o555)
+        line = assert_one_line_error(run_main(script, "export", "--model", model, "--output", folder / "m.onnx"), 2)
+        assert "cannot write in" in line
+        folder.chmod(0o755)
     answers = []
     out = (lambda name: ["--output-dir", tmp_path / name]) if "faces" in script else (lambda name: [])
     for i, m in enumerate((model, onnx)):

@@ -291,6 +291,28 @@ def test_generator_swap_is_never_cut(tmp):
     assert len(new) == 5 and not new & old and all(len(name.split("-")[1]) == 9 for name in new)   # CODE.png
 
 
+def test_generator_killed_in_its_swap(tmp):
+    """A SIGKILL during the swap of a --clean run left some of each set (prepare trained on the mix): prepare refuses
+    the folder, and the next generate.py run on it finishes the swap the killed one began (the new set whole)."""
+    out = tmp / "killed-swap"
+    assert run(GENERATE, "--count", 8, "--output", out, "--workers", 1).returncode == 0
+    old = {p.name for p in out.iterdir()}
+    env = dict(os.environ, SIGTERM_AT_RENAME="8")   # 5 as the captchas are drawn, the swap's mark, 1 captcha in
+    killing = SIGTERM_AT_RENAME.replace("SIGTERM)", "SIGKILL)")
+    proc = subprocess.run([sys.executable, "-c", killing, str(ROOT / GENERATE), "--count", "5", "--length", "5",
+                           "--seed", "3", "--output", str(out), "--workers", "1", "--clean"],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert proc.returncode == -signal.SIGKILL
+    mixed = {p.name for p in out.glob("*.png")}
+    assert len(mixed & old) == 8 and len(mixed - old) == 1
+    line = assert_one_line_error(run("captcha.py", "prepare", "--image-dir", out, "--data-dir", tmp / "swap-data"), 1)
+    assert "holds some of each set" in line and not (tmp / "swap-data").exists()
+    proc = run(GENERATE, "--count", 3, "--output", out, "--workers", 1)   # without --clean: it stops after that
+    assert "its 5 captchas put in place" in proc.stderr and "already holds 5 captchas" in proc.stderr
+    new = {p.name for p in out.iterdir()}
+    assert len(new) == 5 and not new & old and all(len(name.split("-")[1]) == 9 for name in new)
+
+
 @pytest.mark.parametrize("args", [["--count", "0"], ["--length", "0"], ["--fonts", "/nonexistent/fonts"],
                                   ["--workers", "100000"], ["--length", "4-"], ["--output", ""]])
 def test_generator_bad_options(tmp, args):

@@ -320,6 +320,10 @@ def test_resume(faces, tmp_path):
     peak after 1 of 2), and the first epoch's history stays as it was."""
     data = tmp_path / "data"
     shutil.copytree(faces.data, data)
+    before = tree_bytes(data)   # another --width: refused (it was said as changed, the checkpoint's network trained)
+    proc = run_main(SCRIPT, "train", "--data-dir", data, "--epochs", 2, "--device", "cpu", "--resume", "--width", 8)
+    assert "--width 8: the run resumed has 24 and a resumed run keeps its network" in assert_one_line_error(proc, 2)
+    assert tree_bytes(data) == before
     proc = run(SCRIPT, "train", "--data-dir", data, "--epochs", 2, "--device", "cpu", "--resume", "--batch-size", 4)
     assert proc.returncode == 0, proc.stderr
     assert "checkpoint.pt after epoch 1 (" in proc.stdout and "epoch 2/2  train loss" in proc.stdout

@@ -262,6 +262,8 @@ def test_numeric_options_out_of_range(script, tmp_path, monkeypatch):
     data = ["train", "--data-dir", tmp_path / "data"]   # a wrong --grid or --tag is said before any run trains
     line = assert_one_line_error(run_main(script, *data, "--grid", "lr=0.1,0.2", "--grid", "lr=0.3"), 2)
     assert "--lr has a --grid already" in line   # both runs trained at 0.3, named 0.1 and 0.2
+    line = assert_one_line_error(run_main(script, *data, "--grid", "lr=0.01,0.02", "--lr", 0.03), 2)
+    assert "--lr is given on its own too" in line   # the grid's values silently replaced it
     line = assert_one_line_error(run_main(script, *data, "--grid", "seed=" + ",".join(map(str, range(100))),
                                           "--grid", "patience=" + ",".join(map(str, range(1, 101)))), 2)
     assert "10,000 combinations, more than 1,000" in line
@@ -279,6 +281,8 @@ def test_numeric_options_out_of_range(script, tmp_path, monkeypatch):
     (tmp_path / "a-file").write_text("not a folder")
     line = assert_one_line_error(run_main(script, *data, "--tensorboard", tmp_path / "a-file"), 2)
     assert "--tensorboard" in line and "not a folder" in line
+    line = assert_one_line_error(run_main(script, *data, "--tensorboard", tmp_path / "a-file" / "tb"), 2)
+    assert "--tensorboard" in line and "cannot write there" in line   # a place no folder can be made: said at once
     for asked in (["--histogram-every", 2], ["--grid", "histogram-every=1,2"]):   # were silently ignored
         line = assert_one_line_error(run_main(script, *data, *asked), 2)
         assert "--histogram-every" in line and "pass --tensorboard DIR too" in line
@@ -1305,6 +1309,89 @@ def prepared_files(mod, data):
                        + mod.shard_paths(data, "testing_set")}
 
 
+def test_a_prepare_killed_before_its_swap_leaves_nothing(tmp_path):
+    """A prepare killed while it built its new data (before the swap) left its staging folder, as large as the data,
+    until a later prepare: the next command that locks DATA_DIR removes it; a folder of an earlier version (no mark)
+    stays."""
+    mod, data = load_script("rcnn_faces.py"), tmp_path / "data"
+    data.mkdir()
+    staged, older = tmp_path / "data.prepare-999999-abcdef12", tmp_path / "data.prepare-999998-abcdef13"
+    for folder in (staged, older):
+        folder.mkdir()
+        (folder / "training_set.0.pt.gz").write_bytes(b"half written")
+    (staged / mod.STAGING_MARK).write_text("beside")
+    with mod.lock_data_dir(data, False):
+        pass
+    assert not staged.exists() and (older / "training_set.0.pt.gz").exists()
+
+
+def test_a_train_killed_between_its_model_and_checkpoint(tmp_path, capsys):
+    """SIGKILL between a new model.pt and the checkpoint that names it: the next command that locks DATA_DIR puts
+    the best model of the checkpoint back from save_epoch's held copy (it was removed as a stale temporary file, and
+    model.pt stayed one epoch ahead of the checkpoint); killed after the checkpoint, the copy goes; a live train's
+    copy stays."""
+    mod = load_script("cifar_lenet.py")
+    model = lambda epoch: {**{key: [] for key in mod.MODEL_KEYS}, "script": mod.SCRIPT, "model": {}, "epoch": epoch}
+    ours = f"model.held-{os.getpid()}-abcdef12.pt"
+    for epoch, bad_epochs, best in ((1, 0, 1), (2, 0, 2), (3, 2, 1)):
+        data = tmp_path / f"{epoch}-{bad_epochs}"
+        data.mkdir()
+        torch.save({**{key: {} for key in mod.CHECKPOINT_KEYS}, "script": mod.SCRIPT, "epoch": epoch,
+                    "bad_epochs": bad_epochs}, data / "checkpoint.pt")
+        torch.save(model(2), data / "model.pt")   # written, then the kill (or the checkpoint of epoch 2, then it)
+        torch.save(model(1), data / "model.held-999999-abcdef12.pt")
+        torch.save(model(1), data / ours)
+        with mod.lock_data_dir(data, False):
+            pass
+        assert torch.load(data / "model.pt", weights_only=True)["epoch"] == (1 if best == 1 else 2)
+        assert [p.name for p in data.glob("model.held-*")] == [ours]
+        assert ("checkpoint's best model again (epoch 1)" in capsys.readouterr().err) == (best == 1)
+
+
+def test_a_fresh_train_killed_as_it_moved_the_run_before_aside(tmp_path, monkeypatch, capsys):
+    """SIGKILL while keep_previous moved the run before into previous/TIME/ (a file at a time; its runs.csv rows
+    after): the next command that locks DATA_DIR puts the files back beside the others and the rows with them (the run
+    was split, model.pt aside and the checkpoint in place: resume and eval failed)."""
+    mod = load_script("cifar_lenet.py")
+    for cut in (2, None):   # killed after 2 files moved; after every file and the rows, before the mark went
+        data = tmp_path / str(cut)
+        data.mkdir()
+        files = {name: f"the run before's {name}" for name in ("model.pt", "checkpoint.pt", "history.csv")}
+        for name, text in files.items():
+            (data / name).write_text(text)
+        mod.write_runs(data / "runs.csv", [{"run_dir": os.path.abspath(data), "test": "0.5"}])
+        if cut:
+            moved, replace = [], os.replace
+            def cutting(src, dst):
+                if len(moved) == cut:
+                    raise KeyboardInterrupt   # as a kill: no undo runs
+                moved.append(dst)
+                return replace(src, dst)
+            with monkeypatch.context() as patch:
+                patch.setattr(os, "replace", cutting)
+                with pytest.raises(KeyboardInterrupt):
+                    mod.keep_previous(data, data)
+        else:
+            keep = mod.keep_previous(data, data)
+            (keep / mod.KEEP_MARK).touch()
+            assert mod.read_runs(data / "runs.csv")[0]["run_dir"] == os.path.abspath(keep)
+        with mod.lock_data_dir(data, False):
+            pass
+        assert {name: (data / name).read_text() for name in files} == files
+        assert mod.read_runs(data / "runs.csv")[0]["run_dir"] == os.path.abspath(data)
+        assert not any((data / "previous").iterdir()) and "is back in place" in capsys.readouterr().err
+
+
+def test_a_signal_just_as_the_command_ends(monkeypatch, capsys):
+    """SIGTERM or Ctrl-C after run_command returned, before main() restored the handlers: one line and 143 or 130
+    (it was a traceback and status 1)."""
+    mod = load_script("cifar_lenet.py")
+    for error, status, word in ((mod.Terminated(), 143, "terminated"), (KeyboardInterrupt(), 130, "interrupted")):
+        monkeypatch.setattr(mod, "run_command", lambda args, e=error: (_ for _ in ()).throw(e))
+        assert mod.main(["eval", "--data-dir", "nowhere"]) == status
+        assert capsys.readouterr().err == f"\n{word}\n"
+
+
 def test_a_prepare_killed_while_undoing_or_recovering_loses_nothing(tmp_path, monkeypatch):
     """A kill during swap_prepared's undo (a placement failed: the earlier shards it had put back were removed as
     if they were new ones), and a recovery cut short (a Ctrl-C) while it removed the staging folder of a swap that
@@ -1334,6 +1421,20 @@ def test_a_prepare_killed_while_undoing_or_recovering_loses_nothing(tmp_path, mo
     with mod.staging_dir(data):   # the folder left: the next prepare removes it
         pass
     assert os.listdir(data.parent) == ["data"]
+
+
+def test_lock_file_on_a_full_disk(tmp_path, monkeypatch):
+    """A full disk as DATA_DIR's lock file is written: one line naming the folder and what to do (it was the bare
+    "No space left on device"), and neither the lock file nor a folder made for the command is left."""
+    mod, write = load_script("captcha.py"), os.write
+    monkeypatch.setattr(os, "write", lambda fd, data: write(fd, data) if not data.startswith(b"pid ")
+                        else (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device")))
+    for data, create in ((tmp_path / "new" / "data", True), (tmp_path, False)):
+        with pytest.raises(mod.UserError, match=r"--data-dir .*: cannot write its lock file \.lock \(No space left "
+                                                r"on device\); free some space there or pass another --data-dir"):
+            with mod.lock_data_dir(data, create):
+                pass
+        assert not (tmp_path / "new" / "data").exists() and not (tmp_path / ".lock").exists()
 
 
 def test_a_recovery_keeps_what_is_not_its_own(tmp_path, capsys):

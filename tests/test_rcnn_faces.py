@@ -431,8 +431,9 @@ def test_eval_output_refusals(faces, trained, tmp_path):
     assert "not allowed with argument --output" in assert_one_line_error(both, 2)   # --output was left unwritten
     line = assert_one_line_error(run_main(SCRIPT, "eval", tmp_path, "--data-dir", trained[0]), 1)
     assert "no images" in line
-    line = assert_one_line_error(run_main(SCRIPT, "eval", photos[0], "--model", trained[0] / "checkpoint.pt"), 1)
-    assert "checkpoint" in line
+    line = assert_one_line_error(run_main(SCRIPT, "eval", photos[0], "--model", trained[0] / "checkpoint.pt",
+                                          "--output-dir", tmp_path / "new" / "deep"), 1)
+    assert "checkpoint" in line and not (tmp_path / "new").exists()   # the folders it made for nothing: removed
     proc = run_main(SCRIPT, "eval", "--output", out, "--json", "--data-dir", trained[0], "--device", "cpu",
                     stdin=f"{photos[0]}\n{photos[1]}\n")
     line = assert_one_line_error(proc, 2)   # the second photo stops the run: the options' mistake, said once
