@@ -1421,9 +1421,9 @@ def load_image(path):
     decode to gigabytes), refused from its header before decoding."""
     try:
         if not isinstance(path, bytes) and not os.path.isfile(path):
-            raise UserError("no such file" if not os.path.lexists(path) else
-                            f"a folder with no images ({', '.join(sorted(IMAGE_EXTS))})" if os.path.isdir(path) else
-                            "not a file")
+            raise UserError("no such file" if not os.path.lexists(path) else "not a file" if not os.path.isdir(path)
+                            else "a folder that cannot be read" if not os.access(path, os.R_OK | os.X_OK) else
+                            f"a folder with no images ({', '.join(sorted(IMAGE_EXTS))})")
         with warnings.catch_warnings():  # PIL's own bomb warning becomes an error here; its others (a damaged EXIF
             warnings.simplefilter("ignore")   # block) are no lines on stderr: the image is read as stored
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -1600,17 +1600,17 @@ def atomic_write_text(path, text):
         tmp.write_text(text, encoding="utf-8")
 
 
-def list_images(folder):
+def list_images(folder, unreadable=None):
     """Image files below `folder` (recursive; links to folders not followed), sorted, by extension; hidden files and
     folders (.ipynb_checkpoints, .Trash) left out. A folder that cannot be read is a UserError: its images would be
-    left out unsaid (Path.rglob passes over it in silence)."""
-    images, unreadable = [], []
-    for root, folders, files in os.walk(folder, onerror=unreadable.append):
+    left out unsaid (Path.rglob passes over it in silence); given a list `unreadable`, its OSError goes there."""
+    images, errors = [], [] if unreadable is None else unreadable
+    for root, folders, files in os.walk(folder, onerror=errors.append):
         folders[:] = [name for name in folders if not name.startswith(".")]
         images += [path for path in (Path(root, name) for name in files if not name.startswith("."))
                    if path.suffix.lower() in IMAGE_EXTS and path.is_file()]
-    if unreadable:
-        raise UserError(f"{unreadable[0].filename}: cannot read this folder ({unreadable[0].strerror}); make it "
+    if errors and unreadable is None:
+        raise UserError(f"{errors[0].filename}: cannot read this folder ({errors[0].strerror}); make it "
                         f"readable, or move it out of {folder}")
     return sorted(images, key=Path.as_posix)   # Windows compares paths without case: the same split everywhere
 
@@ -2859,6 +2859,15 @@ def serve_protocol_class():
             self.deadline(None, arm=False)   # no timer keeps a closed connection for HEADER_SECONDS
             super().connection_lost(exc)
 
+        def send_400_response(self, msg):   # a request h11 cannot parse: {"error"} as every refusal (was text)
+            h11, body = importlib.import_module("h11"), json.dumps({"error": "not a valid HTTP request"}).encode()
+            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                       (b"connection", b"close")]
+            for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"), h11.Data(data=body),
+                          h11.EndOfMessage()):
+                self.transport.write(self.conn.send(event))
+            self.transport.close()
+
         def deadline(self, cycle=None, arm=True):
             # complete headers start a new cycle: the connection is closed only when none has started since
             if getattr(self, "header_timer", None):
@@ -2891,9 +2900,11 @@ def serve_app(args):
     @contextlib.asynccontextmanager
     async def lifespan(app):
         task = asyncio.create_task(batcher.run())
-        # a second Ctrl-C skips the lifespan's end, then cancels it: starlette reports that as a traceback (text)
-        logging.getLogger("uvicorn.error").addFilter(
-            lambda record: not record.getMessage().rstrip().endswith("asyncio.exceptions.CancelledError"))
+        # a second Ctrl-C skips the lifespan's end, then cancels it: starlette reports that as a traceback (text);
+        # a malformed request or multipart body is answered (400), not logged: a client would fill the log
+        logging.getLogger("uvicorn.error").addFilter(lambda record: not record.getMessage().rstrip().endswith(
+            ("asyncio.exceptions.CancelledError", "Invalid HTTP request received.")))
+        logging.getLogger("python_multipart").setLevel(logging.ERROR)
         yield
         task.cancel()
 
@@ -3375,12 +3386,13 @@ def iter_eval_inputs(paths):
     """Yield image paths: from arguments, else piped stdin, else the interactive prompt; a folder stands for its
     images. A folder without images is a UserError when it is the only argument (nothing to do is a mistake, not a
     success); among others, or from stdin, it is yielded itself, and answered as an image that cannot be read, so
-    the others are still read."""
+    the others are still read. So is a folder inside that cannot be read, after the images that can."""
     def expand(p, alone=False):
-        images = list_images(p) if os.path.isdir(p) else None
-        if images == [] and alone:
+        unreadable = []
+        images = list_images(p, unreadable) if os.path.isdir(p) else None
+        if images == [] and alone and not unreadable:
             raise UserError(f"{p}: no images in this folder (extensions {', '.join(sorted(IMAGE_EXTS))})")
-        return [str(q) for q in images] if images else [p]
+        return [str(q) for q in images or []] + [str(e.filename) for e in unreadable] if images or unreadable else [p]
 
     if paths:
         for p in paths:

@@ -1423,6 +1423,32 @@ def test_a_prepare_killed_while_undoing_or_recovering_loses_nothing(tmp_path, mo
     assert os.listdir(data.parent) == ["data"]
 
 
+def test_eval_goes_on_past_a_folder_it_cannot_read(tmp_path, monkeypatch):
+    """A folder inside an input folder that cannot be read (permissions, /proc): the images that can be read, then
+    the folder, answered as an error (the run stopped there, nothing said of the inputs after it); others go on."""
+    mod, album = load_script("cifar_lenet.py"), tmp_path / "album"
+    (album / "private").mkdir(parents=True)
+    for path in (album / "a.png", tmp_path / "b.png"):
+        Image.new("RGB", (32, 32)).save(path)
+    walk = os.walk
+
+    def walking(top, onerror=None, **options):   # as os.walk meets a folder without read permission
+        for root, folders, files in walk(top, onerror=onerror, **options):
+            if "private" in folders:
+                folders.remove("private")
+                onerror(PermissionError(errno.EACCES, "Permission denied", str(Path(root) / "private")))
+            yield root, folders, files
+    monkeypatch.setattr(os, "walk", walking)
+    inputs = [str(tmp_path / "b.png"), str(album), str(tmp_path / "b.png")]
+    assert list(mod.iter_eval_inputs(inputs)) == [inputs[0], str(album / "a.png"), str(album / "private"), inputs[0]]
+    assert list(mod.iter_eval_inputs([str(album)])) == [str(album / "a.png"), str(album / "private")]
+    with pytest.raises(mod.UserError, match="cannot read this folder"):   # prepare: said, never passed over
+        mod.list_images(album)
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    with pytest.raises(mod.UserError, match="^a folder that cannot be read$"):
+        mod.load_image(str(album / "private"))
+
+
 def test_lock_file_on_a_full_disk(tmp_path, monkeypatch):
     """A full disk as DATA_DIR's lock file is written: one line naming the folder and what to do (it was the bare
     "No space left on device"), and neither the lock file nor a folder made for the command is left."""
