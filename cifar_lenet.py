@@ -802,16 +802,9 @@ def remove_stale_temporaries(folder):
 def restore_held_model(folder):
     """A train killed between its new model.pt and the checkpoint that names it (SIGKILL) left the best model before
     as save_epoch's held copy: it goes back in place where model.pt is not the best model of checkpoint.pt (the
-    checkpoint's epoch minus its epochs without a better one), and is removed where it is. lock_data_dir calls it."""
+    checkpoint's epoch minus its epochs without a better one), and is removed where it is. lock_data_dir calls it,
+    the lock held: no train that made a copy still runs (whatever process its pid names now)."""
     for held in Path(folder).glob("model.held-*-*.pt"):
-        pid = held.name.split("-")[1]
-        try:
-            if not pid.isdigit() or os.kill(int(pid), 0) is None:   # not a held copy, or its train still runs
-                continue
-        except ProcessLookupError:   # no such process: the train was killed
-            pass
-        except (OSError, OverflowError):
-            continue
         try:
             state = load_model_file(Path(folder) / "checkpoint.pt", CHECKPOINT_KEYS)
             best = state["epoch"] - state["bad_epochs"]

@@ -394,6 +394,11 @@ def fill(args, families, out, old, lock):
     if os.path.lexists(out / SWAP_MARK):   # a run killed in its swap: the folder holds some of each set
         old = finish_swap(out)
         foreign = [p.name for p in old if not ours(p)]
+    for stale in out.glob(".generate-*"):   # left by a run killed outright: with the lock held, none is in use
+        with contextlib.suppress(OSError):   # unreadable: left as it is
+            if re.fullmatch(r"\.generate-\d+", stale.name) and stale.is_dir() and not stale.is_symlink() and all(
+                    CAPTCHA_NAME.match(f.name.removeprefix(".").removesuffix(".tmp")) for f in stale.iterdir()):
+                shutil.rmtree(stale, ignore_errors=True)   # only a staging folder of ours: a user's .generate-x stays
     if foreign:   # named like captchas, but not of a run of this generator: a user's own, never removed
         raise UserError(f"{out} holds {len(foreign)} files named like captchas that no earlier run wrote there (e.g. "
                         f"{foreign[0]}: a user's own, or from a version of generate.py before its mark); move them, "
@@ -401,11 +406,6 @@ def fill(args, families, out, old, lock):
     if old and not args.clean:
         raise UserError(f"{out} already holds {len(old)} captchas of an earlier run; pass --clean to replace them "
                         "or choose another --output")
-    for stale in out.glob(".generate-*"):   # left by a run killed outright: with the lock held, none is in use
-        with contextlib.suppress(OSError):   # unreadable: left as it is
-            if re.fullmatch(r"\.generate-\d+", stale.name) and stale.is_dir() and not stale.is_symlink() and all(
-                    CAPTCHA_NAME.match(f.name.removeprefix(".").removesuffix(".tmp")) for f in stale.iterdir()):
-                shutil.rmtree(stale, ignore_errors=True)   # only a staging folder of ours: a user's .generate-x stays
     staged = out / f".generate-{os.getpid()}"   # the new captchas are drawn here, then replace the old ones at once
     try:
         staged.mkdir()

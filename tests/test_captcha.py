@@ -309,7 +309,7 @@ def test_generator_killed_in_its_swap(tmp):
     assert "holds some of each set" in line and not (tmp / "swap-data").exists()
     proc = run(GENERATE, "--count", 3, "--output", out, "--workers", 1)   # without --clean: it stops after that
     assert "its 5 captchas put in place" in proc.stderr and "already holds 5 captchas" in proc.stderr
-    new = {p.name for p in out.iterdir()}
+    new = {p.name for p in out.iterdir()}   # no mark, no staging folder left
     assert len(new) == 5 and not new & old and all(len(name.split("-")[1]) == 9 for name in new)
 
 
