@@ -1410,19 +1410,24 @@ def remove_stale_temporaries(folder):
 def restore_held_model(folder):
     """A train killed between its new model.pt and the checkpoint that names it (SIGKILL) left the best model before
     as save_epoch's held copy: it goes back in place where model.pt is not the best model of checkpoint.pt (the
-    checkpoint's epoch minus its epochs without a better one), and is removed where it is. lock_data_dir calls it,
-    the lock held: no train that made a copy still runs (whatever process its pid names now)."""
+    checkpoint's epoch minus its epochs without a better one) and the copy is, and is removed where model.pt is.
+    lock_data_dir calls it, the lock held: no train that made a copy still runs (whatever process its pid names now).
+    A file of another name, or one that is neither, stays."""
     for held in Path(folder).glob("model.held-*-*.pt"):
+        pid, _, token = held.name.removeprefix("model.held-").removesuffix(".pt").partition("-")
+        if not (pid.isascii() and pid.isdigit() and len(token) == 8 and not token.strip("0123456789abcdef")):
+            continue   # not a name held_copy makes
         try:
             state = load_model_file(Path(folder) / "checkpoint.pt", CHECKPOINT_KEYS)
             best = state["epoch"] - state["bad_epochs"]
             current = load_model_file(Path(folder) / "model.pt").get("epoch") if (Path(folder) / "model.pt").exists() \
                 else None
+            copy = load_model_file(held).get("epoch")
         except (UserError, OSError, TypeError):   # nothing to decide with: the copy stays
             continue
         if current == best:
             held.unlink()
-        else:
+        elif copy == best:
             os.replace(held, Path(folder) / "model.pt")
             print(f"{folder}: a train was killed while it saved an epoch; model.pt is its checkpoint's best model "
                   f"again (epoch {best})", file=sys.stderr)
@@ -1984,9 +1989,9 @@ def keep_previous(out_dir, data_dir, names=RUN_FILES):
         n += 1
         keep = out_dir / "previous" / f"{stamp}-{n}"
     keep.mkdir(parents=True)
-    moved = []
+    moved, p = [], keep / KEEP_MARK
     try:
-        (keep / KEEP_MARK).touch()   # until the run has moved whole: a kill before is undone by restore_kept_run
+        p.touch()   # until the run has moved whole: a kill before is undone by restore_kept_run
         for p in old:
             os.replace(p, keep / p.name)
             moved.append(p)
@@ -1997,7 +2002,8 @@ def keep_previous(out_dir, data_dir, names=RUN_FILES):
         with contextlib.suppress(OSError):
             (keep / KEEP_MARK).unlink(missing_ok=True)
             keep.rmdir()
-        raise UserError(f"{p}: cannot move it to {keep} ({e.strerror or e}); close what holds it open and train again")
+        what = f"cannot write {p}" if p.name == KEEP_MARK else f"{p}: cannot move it to {keep}"
+        raise UserError(f"{what} ({e.strerror or e}); close what holds it open and train again")
     print(f"the previous {'run' if data_dir else 'model'}'s {', '.join(p.name for p in old)}: moved to {keep}",
           flush=True)
     kept = [path for path in (out_dir / "previous").iterdir() if path.is_dir()]
@@ -3089,9 +3095,11 @@ def lock_data_dir(data_dir, create, named="--data-dir"):
                 raise UserError(f"{named} {data_dir}: cannot write its lock file {path.name} ({e.strerror or e}); "
                                 f"free some space there or pass {other}")
             recover_prepared(data_dir)
-            for folder in [data_dir, *(data_dir / "grid").glob("*/")]:   # and each --grid run's folder
-                restore_kept_run(folder, data_dir)
-                restore_held_model(folder)
+            grid_run = Path(os.path.abspath(data_dir)).parent.name == "grid"   # locked alone (export): the train of
+            for folder in [data_dir, *(data_dir / "grid").glob("*/")]:   # its DATA_DIR may be saving in it; and
+                if not (grid_run and folder == data_dir):                 # each --grid run's folder
+                    restore_kept_run(folder, data_dir)
+                    restore_held_model(folder)
                 remove_stale_temporaries(folder)
             yield
         finally:

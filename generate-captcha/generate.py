@@ -392,10 +392,10 @@ def fill(args, families, out, old, lock):
     with contextlib.suppress(OSError):
         (out / f"{SWAP_MARK}.tmp").unlink(missing_ok=True)   # a mark being written when its run was killed
     if os.path.lexists(out / SWAP_MARK):   # a run killed in its swap: the folder holds some of each set
-        old = finish_swap(out)
+        old = finish_swap(out, args.clean)
         foreign = [p.name for p in old if not ours(p)]
-    for stale in out.glob(".generate-*"):   # left by a run killed outright: with the lock held, none is in use
-        with contextlib.suppress(OSError):   # unreadable: left as it is
+    for stale in out.glob(".generate-*") if fcntl is not None or args.clean else []:   # left by a run killed
+        with contextlib.suppress(OSError):   # outright: with the lock held, none is in use (unreadable: left)
             if re.fullmatch(r"\.generate-\d+", stale.name) and stale.is_dir() and not stale.is_symlink() and all(
                     CAPTCHA_NAME.match(f.name.removeprefix(".").removesuffix(".tmp")) for f in stale.iterdir()):
                 shutil.rmtree(stale, ignore_errors=True)   # only a staging folder of ours: a user's .generate-x stays
@@ -413,8 +413,9 @@ def fill(args, families, out, old, lock):
         raise UserError(f"--output {out}: {e.strerror or e}")
     try:
         return draw_all(args, families, out, staged, old, lock)
-    finally:   # done, failed or interrupted: the staging folder goes; the old captchas stay unless replaced
-        shutil.rmtree(staged, ignore_errors=True)
+    finally:   # done, failed or interrupted: the staging folder goes (not while a failed swap's mark names it: the
+        if not os.path.lexists(out / SWAP_MARK):   # next run finishes it); the old captchas stay unless replaced
+            shutil.rmtree(staged, ignore_errors=True)
 
 
 def swap_in(out, staged, names, old):
@@ -430,23 +431,41 @@ def swap_in(out, staged, names, old):
                 p.unlink()
 
 
-def finish_swap(out):
-    """The swap of a run killed in it (SWAP_MARK still in `out`) done, as that run asked (its new set in place of the
-    old one); returns the captchas `out` holds then."""
-    lines = (out / SWAP_MARK).read_text(encoding="utf-8", errors="replace").splitlines()
+def finish_swap(out, clean):
+    """The swap of a run killed or failed in it (SWAP_MARK still in `out`) done as that run asked, its new set in place
+    of the old one, once every new captcha is in `out`; returns the captchas `out` holds then. New captchas missing
+    (their staging folder gone): the old set stays, and only a --clean run goes on (it replaces both)."""
+    mark = out / SWAP_MARK
+    try:
+        if mark.is_symlink() or not mark.is_file() or mark.stat().st_size > 64 << 20:
+            raise ValueError("not a file of this size")
+        lines = mark.read_text(encoding="utf-8", errors="replace").splitlines()
+    except (OSError, ValueError):
+        lines = []
     staged = out / lines[0] if lines and re.fullmatch(r"\.generate-\d+", lines[0]) else None
-    names = [name for name in lines[1:] if CAPTCHA_NAME.match(name)]
+    names = sorted({name for name in lines[1:] if CAPTCHA_NAME.match(name)})
     if staged is None or not names:
-        raise UserError(f"--output {out}: {SWAP_MARK} is not one generate.py wrote; remove it and check the folder")
+        raise UserError(f"--output {out}: {SWAP_MARK} is not a file generate.py wrote; remove it and check the folder")
+    for name in names:   # the new captchas still in the staging folder go in
+        try:
+            os.replace(staged / name, out / name)
+        except FileNotFoundError:   # in place already
+            pass
+        except OSError as e:
+            raise UserError(f"--output {out}: a run stopped in its swap left some of each set, and they cannot be "
+                            f"sorted out ({e.strerror or e}); run again with --clean", 1)
     captchas = [p for p in out.iterdir() if CAPTCHA_NAME.match(p.name)]
-    try:   # the old set: those not named in the mark that a run of ours wrote (a user's own stay)
-        swap_in(out, staged, names, [p for p in captchas if p.name not in names and ours(p)])
-    except OSError as e:
-        raise UserError(f"--output {out}: a run killed while it swapped its captchas in left some of each set, and "
-                        f"they cannot be sorted out ({e.strerror or e}); run again with --clean", 1)
+    if missing := [name for name in names if not os.path.lexists(out / name)]:
+        if not clean:
+            raise UserError(f"--output {out}: a run stopped in its swap left some of each set, and {len(missing)} of "
+                            f"its new captchas are gone; run again with --clean (it replaces both)")
+        mark.unlink(missing_ok=True)
+        shutil.rmtree(staged, ignore_errors=True)
+        return captchas
+    swap_in(out, staged, names, [p for p in captchas if p.name not in set(names) and ours(p)])   # a user's own stay
     shutil.rmtree(staged, ignore_errors=True)
-    (out / SWAP_MARK).unlink()
-    print(f"--output {shown(out)}: a run killed while it swapped its captchas in: its {len(names)} captchas put in "
+    mark.unlink(missing_ok=True)
+    print(f"--output {shown(out)}: a run stopped while it swapped its captchas in: its {len(names)} captchas put in "
           f"place", file=sys.stderr)
     return [p for p in out.iterdir() if CAPTCHA_NAME.match(p.name)]
 
@@ -495,10 +514,10 @@ def draw_all(args, families, out, staged, old, lock=None):
             (out / f"{SWAP_MARK}.tmp").write_text("\n".join([staged.name, *names]) + "\n", encoding="utf-8")
             os.replace(out / f"{SWAP_MARK}.tmp", out / SWAP_MARK)   # a kill from here on: the next run finishes it
             swap_in(out, staged, names, old)
-            (out / SWAP_MARK).unlink()
+            (out / SWAP_MARK).unlink(missing_ok=True)
         except OSError as e:
-            raise UserError(f"--output {out}: cannot put all the new captchas in place ({e.strerror or e}); it may "
-                            "hold some of each set now: run again with --clean", 1)
+            raise UserError(f"--output {out}: cannot put all the new captchas in place ({e.strerror or e}); the next "
+                            "run on this folder finishes the swap", 1)
     seconds = time.perf_counter() - start
     print(f"wrote {args.count} captchas to {shown(out)} in {seconds:.1f}s ({args.count / seconds:.0f} images/s)")
     return 0

@@ -311,6 +311,34 @@ def test_generator_killed_in_its_swap(tmp):
     assert "its 5 captchas put in place" in proc.stderr and "already holds 5 captchas" in proc.stderr
     new = {p.name for p in out.iterdir()}   # no mark, no staging folder left
     assert len(new) == 5 and not new & old and all(len(name.split("-")[1]) == 9 for name in new)
+    (out / ".generate-swap").mkdir()   # not a mark it wrote: one line (it was a traceback)
+    line = assert_one_line_error(run(GENERATE, "--count", 3, "--output", out, "--workers", 1, "--clean"), 2)
+    assert ".generate-swap is not a file generate.py wrote" in line
+    (out / ".generate-swap").rmdir()   # a mark whose staging folder is gone: the old set is never removed for it
+    (out / ".generate-swap").write_text(".generate-77777\n00099-abcde.png\n")
+    line = assert_one_line_error(run(GENERATE, "--count", 3, "--output", out, "--workers", 1), 2)
+    assert "1 of its new captchas are gone; run again with --clean" in line
+    assert {p.name for p in out.glob("*.png")} == new
+    assert run(GENERATE, "--count", 3, "--output", out, "--workers", 1, "--clean").returncode == 0
+    assert len(list(out.iterdir())) == 3 and not list(out.glob(".*"))
+
+
+def test_generator_swap_that_fails_is_finished_next_time(tmp):
+    """A rename that fails in the swap (an I/O error): one line, and the staging folder stays with the mark, so the
+    next run puts the new set in place (the staging folder went and the next run removed the old set for nothing)."""
+    out = tmp / "failed-swap"
+    assert run(GENERATE, "--count", 8, "--output", out, "--workers", 1).returncode == 0
+    old = {p.name for p in out.iterdir()}
+    failing = SIGTERM_AT_RENAME.replace("os.kill(os.getpid(), signal.SIGTERM)", "raise OSError(5, 'I/O error')")
+    proc = subprocess.run([sys.executable, "-c", failing, str(ROOT / GENERATE), "--count", "5", "--length", "5",
+                           "--seed", "3", "--output", str(out), "--workers", "1", "--clean"], capture_output=True,
+                          text=True, env=dict(os.environ, SIGTERM_AT_RENAME="8"), cwd=ROOT, timeout=120)
+    assert "the next run on this folder finishes the swap" in assert_one_line_error(proc, 1)
+    assert len(list(out.glob(".generate-*/*.png"))) == 4 and (out / ".generate-swap").is_file()
+    proc = run(GENERATE, "--count", 3, "--output", out, "--workers", 1)
+    assert "its 5 captchas put in place" in proc.stderr
+    new = {p.name for p in out.iterdir()}
+    assert len(new) == 5 and not new & old
 
 
 @pytest.mark.parametrize("args", [["--count", "0"], ["--length", "0"], ["--fonts", "/nonexistent/fonts"],

@@ -1339,11 +1339,24 @@ def test_a_train_killed_between_its_model_and_checkpoint(tmp_path, capsys):
                     "bad_epochs": bad_epochs}, data / "checkpoint.pt")
         torch.save(model(2), data / "model.pt")   # written, then the kill (or the checkpoint of epoch 2, then it)
         torch.save(model(1), data / f"model.held-{os.getpid()}-abcdef12.pt")   # a pid alive now
+        (data / "model.held-out-set.pt").write_text("the user's")   # not a name held_copy makes: never touched
         with mod.lock_data_dir(data, False):
             pass
         assert torch.load(data / "model.pt", weights_only=True)["epoch"] == (1 if best == 1 else 2)
-        assert not list(data.glob("model.held-*"))
+        assert [p.name for p in data.glob("model.held-*")] == ["model.held-out-set.pt"]
         assert ("checkpoint's best model again (epoch 1)" in capsys.readouterr().err) == (best == 1)
+    run = tmp_path / "data" / "grid" / "lr=0.1"   # a --grid run's folder, locked alone (export beside its model):
+    run.mkdir(parents=True)                        # its train holds DATA_DIR and may be between the two files
+    torch.save({**{key: {} for key in mod.CHECKPOINT_KEYS}, "script": mod.SCRIPT, "epoch": 1, "bad_epochs": 0},
+               run / "checkpoint.pt")
+    torch.save(model(2), run / "model.pt")
+    torch.save(model(1), run / "model.held-1-abcdef12.pt")
+    with mod.lock_data_dir(run, False):
+        pass
+    assert torch.load(run / "model.pt", weights_only=True)["epoch"] == 2 and (run / "model.held-1-abcdef12.pt").exists()
+    with mod.lock_data_dir(tmp_path / "data", False):   # DATA_DIR's lock: no train runs in its grid
+        pass
+    assert torch.load(run / "model.pt", weights_only=True)["epoch"] == 1 and not list(run.glob("model.held-*"))
 
 
 def test_a_fresh_train_killed_as_it_moved_the_run_before_aside(tmp_path, monkeypatch, capsys):
@@ -1378,6 +1391,18 @@ def test_a_fresh_train_killed_as_it_moved_the_run_before_aside(tmp_path, monkeyp
         assert {name: (data / name).read_text() for name in files} == files
         assert mod.read_runs(data / "runs.csv")[0]["run_dir"] == os.path.abspath(data)
         assert not any((data / "previous").iterdir()) and "is back in place" in capsys.readouterr().err
+
+
+def test_keep_previous_cannot_write_its_mark(tmp_path, monkeypatch):
+    """No room for keep_previous's mark (no inodes left, a quota): one line, the run before where it was (an
+    UnboundLocalError traceback)."""
+    mod, data = load_script("cifar_lenet.py"), tmp_path / "data"
+    data.mkdir()
+    (data / "model.pt").write_text("the run before's")
+    monkeypatch.setattr(Path, "touch", lambda self, *a, **k: (_ for _ in ()).throw(OSError(errno.EDQUOT, "Quota")))
+    with pytest.raises(mod.UserError, match=r"^cannot write .*\.moving \(Quota\)"):
+        mod.keep_previous(data, data)
+    assert (data / "model.pt").read_text() == "the run before's" and not any((data / "previous").iterdir())
 
 
 def test_a_signal_just_as_the_command_ends(monkeypatch, capsys):
