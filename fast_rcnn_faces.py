@@ -1574,12 +1574,17 @@ def restore_held_model(folder):
             best = state["epoch"] - state["bad_epochs"]
             current = load_model_file(Path(folder) / "model.pt").get("epoch") if (Path(folder) / "model.pt").exists() \
                 else None
-            copy = load_model_file(held).get("epoch")
         except (UserError, OSError, TypeError):   # nothing to decide with: the copy stays
             continue
         if current == best:
-            held.unlink()
-        elif copy == best:
+            held.unlink()   # damaged too (a copy cut short): model.pt is the one
+            continue
+        try:
+            copy = load_model_file(held).get("epoch")
+        except (UserError, OSError, TypeError):
+            continue
+        if copy == best:   # a model.onnx exported from the model.pt replaced goes aside first, as save_model does
+            keep_previous(Path(folder), None, ("model.onnx",))
             os.replace(held, Path(folder) / "model.pt")
             print(f"{folder}: a train was killed while it saved an epoch; model.pt is its checkpoint's best model "
                   f"again (epoch {best})", file=sys.stderr)
@@ -3247,9 +3252,10 @@ def lock_data_dir(data_dir, create, named="--data-dir"):
                 raise UserError(f"{named} {data_dir}: cannot write its lock file {path.name} ({e.strerror or e}); "
                                 f"free some space there or pass {other}")
             recover_prepared(data_dir)
-            grid_run = Path(os.path.abspath(data_dir)).parent.name == "grid"   # locked alone (export): the train of
-            for folder in [data_dir, *(data_dir / "grid").glob("*/")]:   # its DATA_DIR may be saving in it; and
-                if not (grid_run and folder == data_dir):                 # each --grid run's folder
+            real = Path(os.path.realpath(data_dir))   # a --grid run's folder locked alone (export beside its model):
+            grid_run = real.parent.name.lower() == "grid" and (real.parent.parent / "meta.json").exists()   # the
+            for folder in [data_dir, *(data_dir / "grid").glob("*/")]:   # train of its DATA_DIR may be saving in it;
+                if not (grid_run and folder == data_dir):                 # and each --grid run's folder
                     restore_kept_run(folder, data_dir)
                     restore_held_model(folder)
                 remove_stale_temporaries(folder)

@@ -452,19 +452,26 @@ def finish_swap(out, clean):
         except FileNotFoundError:   # in place already
             pass
         except OSError as e:
-            raise UserError(f"--output {out}: a run stopped in its swap left some of each set, and they cannot be "
-                            f"sorted out ({e.strerror or e}); run again with --clean", 1)
+            raise UserError(f"--output {out}: a run stopped in its swap left some of each set, and {name} cannot go "
+                            f"in place ({e.strerror or e}); make the folder writable and run again", 1)
     captchas = [p for p in out.iterdir() if CAPTCHA_NAME.match(p.name)]
     if missing := [name for name in names if not os.path.lexists(out / name)]:
         if not clean:
             raise UserError(f"--output {out}: a run stopped in its swap left some of each set, and {len(missing)} of "
                             f"its new captchas are gone; run again with --clean (it replaces both)")
-        mark.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):   # left: the next --clean run says it again
+            mark.unlink(missing_ok=True)
         shutil.rmtree(staged, ignore_errors=True)
         return captchas
-    swap_in(out, staged, names, [p for p in captchas if p.name not in set(names) and ours(p)])   # a user's own stay
+    new = set(names)
+    try:
+        swap_in(out, staged, names, [p for p in captchas if p.name not in new and ours(p)])   # a user's own stay
+        mark.unlink(missing_ok=True)
+    except OSError as e:   # an old captcha that cannot go (held open on Windows, read-only)
+        raise UserError(f"--output {out}: a run stopped in its swap left some of each set, and the old ones cannot "
+                        f"all go ({e.filename and Path(e.filename).name}: {e.strerror or e}); make the folder "
+                        f"writable and run again", 1)
     shutil.rmtree(staged, ignore_errors=True)
-    mark.unlink(missing_ok=True)
     print(f"--output {shown(out)}: a run stopped while it swapped its captchas in: its {len(names)} captchas put in "
           f"place", file=sys.stderr)
     return [p for p in out.iterdir() if CAPTCHA_NAME.match(p.name)]
@@ -516,8 +523,9 @@ def draw_all(args, families, out, staged, old, lock=None):
             swap_in(out, staged, names, old)
             (out / SWAP_MARK).unlink(missing_ok=True)
         except OSError as e:
-            raise UserError(f"--output {out}: cannot put all the new captchas in place ({e.strerror or e}); the next "
-                            "run on this folder finishes the swap", 1)
+            then = ("the next run on this folder finishes the swap" if os.path.lexists(out / SWAP_MARK) else
+                    "nothing was replaced")
+            raise UserError(f"--output {out}: cannot put all the new captchas in place ({e.strerror or e}); {then}", 1)
     seconds = time.perf_counter() - start
     print(f"wrote {args.count} captchas to {shown(out)} in {seconds:.1f}s ({args.count / seconds:.0f} images/s)")
     return 0

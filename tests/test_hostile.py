@@ -1333,20 +1333,25 @@ def test_a_train_killed_between_its_model_and_checkpoint(tmp_path, capsys):
     mod = load_script("cifar_lenet.py")
     model = lambda epoch: {**{key: [] for key in mod.MODEL_KEYS}, "script": mod.SCRIPT, "model": {}, "epoch": epoch}
     for epoch, bad_epochs, best in ((1, 0, 1), (2, 0, 2), (3, 2, 1)):
-        data = tmp_path / f"{epoch}-{bad_epochs}"
-        data.mkdir()
+        data = tmp_path / "grid" / f"{epoch}-{bad_epochs}"   # a folder named grid, of no --grid run: recovered
+        data.mkdir(parents=True)
         torch.save({**{key: {} for key in mod.CHECKPOINT_KEYS}, "script": mod.SCRIPT, "epoch": epoch,
                     "bad_epochs": bad_epochs}, data / "checkpoint.pt")
         torch.save(model(2), data / "model.pt")   # written, then the kill (or the checkpoint of epoch 2, then it)
         torch.save(model(1), data / f"model.held-{os.getpid()}-abcdef12.pt")   # a pid alive now
         (data / "model.held-out-set.pt").write_text("the user's")   # not a name held_copy makes: never touched
+        (data / "model.held-7-0badc0de.pt").write_bytes(b"cut short")   # a copy killed half-written
+        (data / "model.onnx").write_text("exported from model.pt")
         with mod.lock_data_dir(data, False):
             pass
         assert torch.load(data / "model.pt", weights_only=True)["epoch"] == (1 if best == 1 else 2)
-        assert [p.name for p in data.glob("model.held-*")] == ["model.held-out-set.pt"]
+        assert (data / "model.onnx").exists() == (best == 2)   # an export of the model put back aside goes with it
+        assert sorted(p.name for p in data.glob("model.held-*")) == (["model.held-7-0badc0de.pt"] if best == 1 else
+                                                                     []) + ["model.held-out-set.pt"]
         assert ("checkpoint's best model again (epoch 1)" in capsys.readouterr().err) == (best == 1)
     run = tmp_path / "data" / "grid" / "lr=0.1"   # a --grid run's folder, locked alone (export beside its model):
     run.mkdir(parents=True)                        # its train holds DATA_DIR and may be between the two files
+    (tmp_path / "data" / "meta.json").write_text("{}")   # DATA_DIR's prepared data
     torch.save({**{key: {} for key in mod.CHECKPOINT_KEYS}, "script": mod.SCRIPT, "epoch": 1, "bad_epochs": 0},
                run / "checkpoint.pt")
     torch.save(model(2), run / "model.pt")
