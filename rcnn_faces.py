@@ -1438,6 +1438,21 @@ def restore_held_model(folder):
                   f"again (epoch {best})", file=sys.stderr)
 
 
+def restore_history(folder):
+    """A train killed between checkpoint.pt and its history (SIGKILL) left history.csv and .png an epoch behind, or
+    none (older than the checkpoint, which is written first): both written again from the checkpoint's history.
+    lock_data_dir calls it; a checkpoint of before plot_keys is left as it is."""
+    checkpoint, table = Path(folder) / "checkpoint.pt", Path(folder) / "history.csv"
+    try:
+        if not checkpoint.is_file() or table.exists() and table.stat().st_mtime_ns >= checkpoint.stat().st_mtime_ns:
+            return
+        state = load_model_file(checkpoint, CHECKPOINT_KEYS)
+        if isinstance(state.get("plot_keys"), list) and isinstance(state["history"], list) and state["history"]:
+            save_history(folder, state["history"], state["plot_keys"])
+    except (UserError, OSError, TypeError, ValueError):   # nothing to write it from: left as it is
+        pass
+
+
 def atomic_torch_save(obj, path):
     with atomic_path(path) as tmp:
         try:
@@ -2074,7 +2089,8 @@ def save_epoch(out_dir, args, model, optimizer, scheduler, scaler, state, best_m
             config = {k: v for k, v in vars(args).items() if k not in ("func", "train_parser", "argv")}
             atomic_torch_save({"script": SCRIPT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), **state,
-                               "config": config, "prepared": prepared_id(args.data_dir)}, out_dir / "checkpoint.pt")
+                               "config": config, "prepared": prepared_id(args.data_dir), "plot_keys": list(plot_keys)},
+                              out_dir / "checkpoint.pt")
             if before is not None:   # the checkpoint names this epoch's model now: the copy goes, as it can
                 with contextlib.suppress(OSError):
                     before.unlink()
@@ -3106,6 +3122,7 @@ def lock_data_dir(data_dir, create, named="--data-dir"):
                 if not (grid_run and folder == data_dir):                 # and each --grid run's folder
                     restore_kept_run(folder, data_dir)
                     restore_held_model(folder)
+                    restore_history(folder)
                 remove_stale_temporaries(folder)
             yield
         finally:

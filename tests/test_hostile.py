@@ -1364,6 +1364,25 @@ def test_a_train_killed_between_its_model_and_checkpoint(tmp_path, capsys):
     assert torch.load(run / "model.pt", weights_only=True)["epoch"] == 1 and not list(run.glob("model.held-*"))
 
 
+def test_a_train_killed_before_its_history_was_written(tmp_path):
+    """SIGKILL between checkpoint.pt and history.csv: the next command that locks DATA_DIR writes the history again
+    from the checkpoint (it stayed an epoch behind, or missing after a first epoch, until a train --resume)."""
+    mod, data = load_script("cifar_lenet.py"), tmp_path / "data"
+    data.mkdir()
+    rows = [{"epoch": 1, "val_acc": 0.5}, {"epoch": 2, "val_acc": 0.6}]
+    mod.save_history(data, rows[:1], ["val_acc"])
+    torch.save({**{key: {} for key in mod.CHECKPOINT_KEYS}, "script": mod.SCRIPT, "epoch": 2, "bad_epochs": 0,
+                "history": rows, "plot_keys": ["val_acc"]}, data / "checkpoint.pt")
+    os.utime(data / "history.csv", ns=(1, 1))   # written before the checkpoint
+    with mod.lock_data_dir(data, False):
+        pass
+    assert (data / "history.csv").read_text().splitlines() == ["epoch,val_acc", "1,0.5", "2,0.6"]
+    before = (data / "history.png").stat().st_mtime_ns
+    with mod.lock_data_dir(data, False):   # up to date now: not written again
+        pass
+    assert (data / "history.png").stat().st_mtime_ns == before
+
+
 def test_a_fresh_train_killed_as_it_moved_the_run_before_aside(tmp_path, monkeypatch, capsys):
     """SIGKILL while keep_previous moved the run before into previous/TIME/ (a file at a time; its runs.csv rows
     after): the next command that locks DATA_DIR puts the files back beside the others and the rows with them (the run
