@@ -1565,15 +1565,15 @@ def restore_held_model(folder):
     checkpoint's epoch minus its epochs without a better one) and the copy is, and is removed where model.pt is.
     lock_data_dir calls it, the lock held: no train that made a copy still runs (whatever process its pid names now).
     A file of another name, or one that is neither, stays."""
-    for held in Path(folder).glob("model.held-*-*.pt"):
+    folder = Path(folder)
+    for held in folder.glob("model.held-*-*.pt"):
         pid, _, token = held.name.removeprefix("model.held-").removesuffix(".pt").partition("-")
         if not (pid.isascii() and pid.isdigit() and len(token) == 8 and not token.strip("0123456789abcdef")):
             continue   # not a name held_copy makes
         try:
-            state = load_model_file(Path(folder) / "checkpoint.pt", CHECKPOINT_KEYS)
+            state = load_model_file(folder / "checkpoint.pt", CHECKPOINT_KEYS)
             best = state["epoch"] - state["bad_epochs"]
-            current = load_model_file(Path(folder) / "model.pt").get("epoch") if (Path(folder) / "model.pt").exists() \
-                else None
+            current = load_model_file(folder / "model.pt").get("epoch") if (folder / "model.pt").exists() else None
         except (UserError, OSError, TypeError):   # nothing to decide with: the copy stays
             continue
         if current == best:
@@ -1584,8 +1584,8 @@ def restore_held_model(folder):
         except (UserError, OSError, TypeError):
             continue
         if copy == best:   # a model.onnx exported from the model.pt replaced goes aside first, as save_model does
-            keep_previous(Path(folder), None, ("model.onnx",))
-            os.replace(held, Path(folder) / "model.pt")
+            keep_previous(folder, None, ("model.onnx",))
+            os.replace(held, folder / "model.pt")
             print(f"{folder}: a train was killed while it saved an epoch; model.pt is its checkpoint's best model "
                   f"again (epoch {best})", file=sys.stderr)
 
@@ -3416,7 +3416,9 @@ def iter_eval_inputs(paths):
         images = list_images(p, unreadable) if os.path.isdir(p) else None
         if images == [] and alone and not unreadable:
             raise UserError(f"{p}: no images in this folder (extensions {', '.join(sorted(IMAGE_EXTS))})")
-        return [str(q) for q in images or []] + [str(e.filename) for e in unreadable] if images or unreadable else [p]
+        if not (images or unreadable):   # a file, or a folder without images among other inputs
+            return [p]
+        return [str(q) for q in images] + [str(e.filename) for e in unreadable]
 
     if paths:
         for p in paths:

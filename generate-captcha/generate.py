@@ -421,8 +421,12 @@ def fill(args, families, out, old, lock):
 def swap_in(out, staged, names, old):
     """The new captchas `names` from `staged` into `out` (same names replaced at once), then the `old` rest out."""
     for name in names:
-        with contextlib.suppress(FileNotFoundError):   # moved already (a swap finished after a kill)
-            os.replace(staged / name, out / name)
+        os.replace(staged / name, out / name)
+    remove_old(out, names, old)
+
+
+def remove_old(out, names, old):
+    """The `old` captchas out of `out`, where the new ones `names` are now."""
     new = {name.lower(): out / name for name in names}
     for p in set(old) - set(new.values()):   # on a disk that ignores case an old name can be a new file's
         twin = new.get(p.name.lower())          # (e5m7, e5M7): that one stays
@@ -465,7 +469,7 @@ def finish_swap(out, clean):
         return captchas
     new = set(names)
     try:
-        swap_in(out, staged, names, [p for p in captchas if p.name not in new and ours(p)])   # a user's own stay
+        remove_old(out, names, [p for p in captchas if p.name not in new and ours(p)])   # a user's own stay
         mark.unlink(missing_ok=True)
     except OSError as e:   # an old captcha that cannot go (held open on Windows, read-only)
         raise UserError(f"--output {out}: a run stopped in its swap left some of each set, and the old ones cannot "
